@@ -1,0 +1,20 @@
+# The two commands a fresh machine needs: `make run` (the offline default study) and `make test`.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: setup data run test bench
+
+setup:
+	$(PIP) install -q -e '.[dev]'
+
+# Fashion-MNIST IDX files from Debian (skipped where apt is absent; pass --data PATH instead).
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+run: setup data
+	lesionbench run demo --out runs/demo
+
+test: setup data
+	$(PYTHON) -m pytest -q

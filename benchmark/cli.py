@@ -1,0 +1,160 @@
+"""The ``lesionbench`` command: argument parsing, exit codes and progress; the logic lives elsewhere.
+
+Exit codes: 0 success, 1 a regression found by ``compare``, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from benchmark.errors import LesionbenchError
+from benchmark.registry import KINDS, SINGULAR, get_registry
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesionbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a study (default: the offline 'demo' preset)")
+    run.add_argument("study", nargs="?", default="demo", help="preset name or path to a study TOML file")
+    run.add_argument("--out", type=Path, help="run directory (default: runs/<study name>)")
+    run.add_argument("--resume", type=Path, metavar="DIR", help="finish the cells missing from an earlier run")
+    run.add_argument("--data", help="dataset path (overrides the study)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+    run.add_argument("--models", type=_names, help="comma-separated model references")
+    run.add_argument("--layers", type=_names, help="comma-separated layer names or aliases")
+    run.add_argument("--perturbations", type=_names, help="comma-separated perturbation names")
+    run.add_argument("--levels", type=_floats, help="comma-separated levels for every perturbation")
+    run.add_argument("--draws", type=int, help="random draws per layer and level")
+    run.add_argument("--n-images", type=int, help="size of the evaluation subset")
+    run.add_argument("--seed", type=int, help="study seed")
+    run.add_argument("--batch-size", type=int, help="evaluation batch size")
+    run.add_argument("--debug", action="store_true", help="verify the model checksum after every cell")
+
+    lst = sub.add_parser("list", help="list models, perturbations, datasets or studies")
+    lst.add_argument("kind", choices=sorted(KINDS))
+
+    sub.add_parser("plugins", help="list loaded plugins and what each contributes")
+
+    train = sub.add_parser("train", help="train a model from scratch and save its weights")
+    train.add_argument("model", help="model reference, e.g. fashion_alexnet")
+    train.add_argument("--dataset", default="fashion_mnist")
+    train.add_argument("--data", help="dataset path")
+    train.add_argument("--epochs", type=int, default=8)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=Path, help="weights file (default: models/weights/<model>.pt)")
+    return parser
+
+
+def cmd_list(args) -> int:
+    registry = get_registry()
+    items = registry.contributions(args.kind)
+    table = Table(title=f"lesionbench {args.kind}")
+    table.add_column("name")
+    table.add_column("plugin")
+    table.add_column("description")
+    for name in sorted(items):
+        c = items[name]
+        if args.kind == "models":  # a source: its own names first, then what its prefix reaches
+            for arch in c.obj.examples():
+                ref = arch if c.obj.claims(arch) else f"{name}:{arch}"
+                table.add_row(ref, c.plugin, c.description if c.obj.claims(arch) else "example")
+            table.add_row(f"{name}:<name>", c.plugin, c.description)
+        else:
+            table.add_row(name, c.plugin, c.description)
+    console.print(table)
+    _report_failures(registry)
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    registry = get_registry()
+    contributed: dict[str, list[str]] = {name: [] for name in registry.plugin_names()}
+    for kind in KINDS:
+        for name, c in registry.contributions(kind).items():
+            contributed.setdefault(c.plugin, []).append(f"{SINGULAR[kind]} {name}")
+    table = Table(title="lesionbench plugins")
+    table.add_column("plugin")
+    table.add_column("module")
+    table.add_column("contributes")
+    for name in sorted(contributed):
+        plugin = registry.pm.get_plugin(name)
+        module = getattr(plugin, "__name__", type(plugin).__name__) if plugin is not None else "-"
+        table.add_row(name, module, ", ".join(sorted(contributed[name])) or "(nothing)")
+    for failure in registry.failures:
+        table.add_row(failure.plugin, "[red]failed[/red]", f"{failure.stage}: {failure.message}")
+    console.print(table)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from benchmark.train import TrainConfig, train
+    from models.default import weights_path
+
+    out = args.out or weights_path(args.model.split(":")[-1])
+    config = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        data=args.data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    record = train(config, get_registry(), out, log=console.print)
+    console.print(f"wrote {out} — test top-1 {record['test_top1']:.4f}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from benchmark.runner import run_from_cli
+
+    return run_from_cli(args, console)
+
+
+def _report_failures(registry) -> None:
+    for failure in registry.failures:
+        err_console.print(f"[yellow]warning:[/yellow] {failure}")
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["run", *(argv or [])])
+    try:
+        return COMMANDS[args.command](args)
+    except LesionbenchError as exc:
+        err_console.print(f"lesionbench: error: {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("lesionbench: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

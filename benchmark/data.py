@@ -1,0 +1,116 @@
+"""Datasets as plugins, the seeded class-stratified evaluation subset, and decode-once tensors.
+
+A dataset source only knows how to list labels and decode image i; which images form the
+evaluation set (identical for every model of a study) and how they are preprocessed (each
+model's own way) is decided here, once, and cached by the preprocessing key.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from benchmark.errors import LesionbenchError
+
+
+@dataclass
+class RawDataset:
+    """Labels plus a decoder; nothing is decoded until the harness asks."""
+
+    name: str
+    path: str
+    labels: np.ndarray  # int64, one per image
+    num_classes: int
+    decode: Callable[[int], Any]  # index -> PIL image
+    class_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@runtime_checkable
+class DatasetSource(Protocol):
+    name: str
+    description: str
+    default_path: str | None
+
+    def load(self, path: str | None, split: str) -> RawDataset:
+        """Open the dataset at ``path`` (or the default) and return its labels and decoder."""
+
+
+@dataclass
+class EvalSet:
+    """Preprocessed images and labels, ready for every cell of a study."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: np.ndarray  # positions in the raw dataset
+    skipped: int = 0  # unreadable files left out
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """``n`` indices balanced over classes, chosen by ``seed``; the same for the same inputs.
+
+    Each class's images are shuffled, then classes are taken in turn (round robin), so any N
+    has as equal a class balance as the data allows. Returned sorted, for sequential reads.
+    """
+    labels = np.asarray(labels)
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    if n <= 0:
+        raise LesionbenchError(f"n_images must be positive, got {n}")
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = []
+    depth = 0
+    while len(order) < n:
+        for members in per_class:
+            if depth < len(members):
+                order.append(members[depth])
+        depth += 1
+    return np.sort(np.asarray(order[:n], dtype=np.int64))
+
+
+def build_eval_set(raw: RawDataset, indices: np.ndarray, preprocess: Callable[[Any], torch.Tensor]) -> EvalSet:
+    """Decode and preprocess the chosen images once; unreadable files are skipped and counted."""
+    images, kept = [], []
+    skipped = 0
+    for i in indices:
+        try:
+            img = raw.decode(int(i))
+        except (OSError, ValueError, SyntaxError) as exc:
+            skipped += 1
+            warnings.warn(f"skipping unreadable image {i} of {raw.name}: {exc}", stacklevel=2)
+            continue
+        images.append(preprocess(img))
+        kept.append(int(i))
+    if not images:
+        raise LesionbenchError(f"dataset {raw.name!r} at {raw.path!r} yielded no readable images")
+    kept_arr = np.asarray(kept, dtype=np.int64)
+    return EvalSet(
+        images=torch.stack(images),
+        labels=torch.as_tensor(raw.labels[kept_arr], dtype=torch.long),
+        indices=kept_arr,
+        skipped=skipped,
+    )
+
+
+class EvalSetCache:
+    """Decoded evaluation sets keyed by (dataset, subset, preprocessing): decode once per study."""
+
+    def __init__(self) -> None:
+        self._sets: dict[tuple, EvalSet] = {}
+
+    def get(self, raw: RawDataset, indices: np.ndarray, preprocess, preprocess_key: str) -> EvalSet:
+        key = (raw.name, raw.path, indices.tobytes(), preprocess_key)
+        if key not in self._sets:
+            self._sets[key] = build_eval_set(raw, indices, preprocess)
+        return self._sets[key]

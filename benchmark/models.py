@@ -1,0 +1,141 @@
+"""Model sources and the single door through which a study gets a model: :func:`create_model`.
+
+A model reference is ``source:name`` (``timm:resnet18``, ``torchvision:alexnet``) or a bare name
+that some source claims (``fashion_alexnet``). A source returns the module together with the
+preprocessing its weights expect, so every model sees the same images prepared its own way.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from benchmark.errors import LesionbenchError, unknown_name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a study asks for: a reference plus optional weights, checkpoint and builder options."""
+
+    ref: str
+    weights: str | None = None  # e.g. "IMAGENET1K_V1", "pretrained", or a weights file for timm
+    checkpoint: str | None = None  # a local state dict
+    options: Mapping[str, Any] = field(default_factory=dict)  # e.g. num_classes, in_chans
+
+    @property
+    def source(self) -> str | None:
+        return self.ref.split(":", 1)[0] if ":" in self.ref else None
+
+    @property
+    def arch(self) -> str:
+        return self.ref.split(":", 1)[1] if ":" in self.ref else self.ref
+
+
+@dataclass
+class LoadedModel:
+    """A built model in eval mode with what the harness needs to feed and name it."""
+
+    name: str
+    module: nn.Module
+    num_classes: int
+    input_size: tuple[int, int, int]  # C, H, W
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> CHW float tensor
+    preprocess_key: str  # equal keys mean equal tensors, so evaluation sets can be shared
+    aliases: dict[str, str] = field(default_factory=dict)  # module path -> paper name
+
+
+@runtime_checkable
+class ModelSource(Protocol):
+    name: str  # the prefix in "name:arch"
+    description: str
+
+    def claims(self, arch: str) -> bool:
+        """Whether a bare name (no prefix) belongs to this source."""
+
+    def examples(self) -> list[str]:
+        """A few names this source builds, for listings."""
+
+    def build(self, spec: ModelSpec) -> LoadedModel:
+        """Build the model ``spec`` describes, weights loaded, in eval mode."""
+
+
+def create_model(spec: ModelSpec | str, sources: Mapping[str, ModelSource]) -> LoadedModel:
+    """Resolve ``spec`` to a source and build it."""
+    if isinstance(spec, str):
+        spec = ModelSpec(spec)
+    if spec.source is not None:
+        if spec.source not in sources:
+            raise unknown_name("model source", spec.source, sources)
+        source = sources[spec.source]
+    else:
+        claiming = [s for s in sources.values() if s.claims(spec.arch)]
+        if not claiming:
+            known = [n for s in sources.values() for n in s.examples()]
+            raise unknown_name("model", spec.ref, known + [f"{p}:<name>" for p in sources])
+        source = claiming[0]
+    loaded = source.build(spec)
+    loaded.module.eval()
+    return loaded
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict with ``weights_only=True``; refuse anything else with a clear reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise LesionbenchError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LesionbenchError(
+            f"checkpoint {str(path)!r} carries pickled objects that weights_only=True refuses to load "
+            f"({first}); save a plain state dict instead"
+        ) from None
+    except Exception as exc:  # corrupt bytes surface as RuntimeError, EOFError, KeyError, IndexError, struct.error...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LesionbenchError(f"checkpoint {str(path)!r} is unreadable or truncated: {first}") from None
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise LesionbenchError(f"checkpoint {str(path)!r} is not a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def load_checkpoint_into(module: nn.Module, path: str | Path) -> None:
+    """Load a state dict file into ``module`` strictly, naming the mismatch if there is one."""
+    state = load_state_dict(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # strict=False still raises on shape mismatches
+        lines = [l.strip() for l in str(exc).splitlines() if l.strip().startswith("size mismatch")]
+        detail = lines[0] if lines else str(exc).strip().splitlines()[0]
+        raise LesionbenchError(f"checkpoint {str(path)!r} does not fit the model: {detail}") from None
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {len(result.missing_keys)} keys (e.g. {result.missing_keys[0]!r})")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[0]!r})")
+    if problems:
+        raise LesionbenchError(f"checkpoint {str(path)!r} does not fit the model: " + "; ".join(problems))
+
+
+def num_classes_of(module: nn.Module) -> int:
+    """Output units of the last Linear (or 1×1 conv classifier) layer."""
+    last = None
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            last = m
+    if last is None:
+        raise LesionbenchError("model has no Conv or Linear layer")
+    return int(last.weight.shape[0])

@@ -1,0 +1,122 @@
+"""What a perturbation is, how it is applied in place and undone, and how each cell is seeded.
+
+A perturbation changes one layer's tensors in place; :func:`perturbed` snapshots only the tensors
+of the modules it may touch (the layer and the BatchNorm it feeds), so a study never deep-copies
+a model, and puts them back bit for bit however the block exits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from benchmark.errors import LesionbenchError
+from benchmark.layers import Layer
+
+
+@runtime_checkable
+class Perturbation(Protocol):
+    """The interface a perturbation plugin implements."""
+
+    name: str
+    description: str
+    default_levels: tuple[float, ...]
+    level_range: tuple[float, float]
+    identity_level: float | None  # the level that leaves a layer untouched, if any
+
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        """Damage ``layer`` in place at ``level``, drawing all randomness from ``generator``."""
+
+
+@dataclass(frozen=True)
+class BasePerturbation:
+    """Convenience base: fields and level checking; subclasses write :meth:`apply`."""
+
+    name: str
+    description: str
+    default_levels: tuple[float, ...]
+    level_range: tuple[float, float]
+    identity_level: float | None = 0.0
+
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        raise NotImplementedError
+
+
+def check_levels(perturbation: Perturbation, levels: Sequence[float]) -> tuple[float, ...]:
+    """Levels as floats, or an error naming the first one outside the perturbation's range."""
+    lo, hi = perturbation.level_range
+    out = []
+    for level in levels:
+        if not isinstance(level, (int, float)) or isinstance(level, bool) or not math.isfinite(level):
+            raise LesionbenchError(f"level {level!r} for {perturbation.name!r} is not a finite number")
+        if not lo <= level <= hi:
+            raise LesionbenchError(
+                f"level {level} is outside the range [{lo}, {hi}] of perturbation {perturbation.name!r}"
+            )
+        out.append(float(level))
+    return tuple(out)
+
+
+def cell_seed(study_seed: int, model: str, layer: str, perturbation: str, level: float, draw: int) -> int:
+    """A seed that depends only on what the cell is, so results do not depend on run order."""
+    key = f"{study_seed}|{model}|{layer}|{perturbation}|{float(level)!r}|{draw}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def generator_for(seed: int) -> torch.Generator:
+    """A CPU generator: masks and noise are drawn on the CPU so any device gives the same draws."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    return g
+
+
+def count_for(fraction: float, size: int) -> int:
+    """floor(fraction·size), immune to float round-off such as 0.7·10 = 7.000000000000001."""
+    return int(math.floor(round(fraction * size, 9)))
+
+
+@contextmanager
+def perturbed(
+    layer: Layer, perturbation: Perturbation, level: float, generator: torch.Generator
+) -> Iterator[None]:
+    """Apply ``perturbation`` to ``layer`` for the duration of the block, then restore it exactly."""
+    saved = [_snapshot(m) for m in layer.modules()]
+    try:
+        with torch.no_grad():
+            perturbation.apply(layer, level, generator)
+        yield
+    finally:
+        for module, snapshot in zip(layer.modules(), saved):
+            _restore(module, snapshot)
+
+
+def _snapshot(module: nn.Module) -> dict:
+    return {
+        kind: {k: (t, t.detach().clone()) for k, t in getattr(module, kind).items() if t is not None}
+        for kind in ("_parameters", "_buffers")
+    }
+
+
+def _restore(module: nn.Module, snapshot: dict) -> None:
+    with torch.no_grad():
+        for kind, entries in snapshot.items():
+            store = getattr(module, kind)
+            for key, (original, copy) in entries.items():
+                store[key] = original  # undo a plugin that swapped the tensor object
+                original.copy_(copy)
+
+
+def model_checksum(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, for proving restoration is exact."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict(keep_vars=False).items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

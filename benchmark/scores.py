@@ -1,0 +1,124 @@
+"""Layer-robustness scores: pure functions from a results table to numbers.
+
+For each model × layer × perturbation the mean over draws of the score metric gives a curve
+acc(p). Its retention r(p) = clip((acc(p) − chance) / (acc(0) − chance), 0, 1) rescales it so that
+1 is the clean model and 0 is chance; the **layer-robustness score** is the area under r over the
+level range divided by that range. The **critical level** p½ is where r first falls to 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from benchmark.store import CLEAN
+
+GROUP = ["model", "dataset", "layer", "layer_index", "relative_depth", "perturbation"]
+TOPK = {"top1": 1, "top5": 5}
+
+
+def chance_level(metric: str, num_classes: int) -> float:
+    """Accuracy of guessing: k/classes for top-k."""
+    return min(1.0, TOPK[metric] / num_classes)
+
+
+def curves(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
+    """Mean, std, count and 95% t-interval over draws per layer × perturbation × level, with the
+    relative drop (acc(p) − acc(0)) / acc(0) and the retention r(p)."""
+    cells = df[(df["perturbation"] != CLEAN) & (df["error"].fillna("") == "")]
+    g = cells.groupby(GROUP + ["level"], sort=True)[metric]
+    out = g.agg(mean="mean", std="std", n="count").reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    t = np.where(out["n"] > 1, stats.t.ppf(0.975, np.maximum(out["n"] - 1, 1)), 0.0)
+    half = t * out["std"] / np.sqrt(out["n"])
+    out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+    clean = clean_accuracy(df, metric)
+    out = out.merge(clean, on=["model", "dataset"], how="left")
+    out["relative_drop"] = (out["mean"] - out["clean"]) / out["clean"]
+    out["retention"] = retention(out["mean"], out["clean"], out["chance"])
+    return out
+
+
+def clean_accuracy(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
+    """Per model and dataset: clean accuracy and chance, from the clean row."""
+    clean = df[df["perturbation"] == CLEAN]
+    cols = ["model", "dataset", metric, "num_classes"]
+    out = clean[cols].drop_duplicates(["model", "dataset"]).rename(columns={metric: "clean"})
+    out["chance"] = [chance_level(metric, int(n)) for n in out["num_classes"]]
+    return out.drop(columns="num_classes")
+
+
+def retention(acc, clean, chance):
+    """clip((acc − chance) / (clean − chance), 0, 1); 0 where the clean model is itself at chance."""
+    acc, clean, chance = (np.asarray(x, dtype=float) for x in (acc, clean, chance))
+    denom = clean - chance
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(denom > 0, (acc - chance) / denom, 0.0)
+    return np.clip(np.nan_to_num(r, nan=0.0), 0.0, 1.0)
+
+
+def area_score(levels, r) -> float:
+    """Area under r over the level range, divided by the range (trapezoids)."""
+    levels, r = np.asarray(levels, dtype=float), np.asarray(r, dtype=float)
+    order = np.argsort(levels)
+    levels, r = levels[order], r[order]
+    if len(levels) == 1 or levels[-1] == levels[0]:
+        return float(r.mean())
+    return float(np.trapezoid(r, levels) / (levels[-1] - levels[0]))
+
+
+def critical_level(levels, r, threshold: float = 0.5) -> float:
+    """First level where r falls to ``threshold`` (linear interpolation); inf when it never does."""
+    levels, r = np.asarray(levels, dtype=float), np.asarray(r, dtype=float)
+    order = np.argsort(levels)
+    levels, r = levels[order], r[order]
+    for i, value in enumerate(r):
+        if value <= threshold:
+            if i == 0:
+                return float(levels[0])
+            x0, x1, y0, y1 = levels[i - 1], levels[i], r[i - 1], r[i]
+            return float(x0 + (y0 - threshold) * (x1 - x0) / (y0 - y1))
+    return math.inf
+
+
+def layer_scores(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
+    """One row per model × layer × perturbation: score, critical level and verdict."""
+    c = curves(df, metric)
+    rows = []
+    for key, g in c.groupby(GROUP, sort=False):
+        score = area_score(g["level"], g["retention"])
+        rows.append(
+            dict(
+                zip(GROUP, key),
+                score=score,
+                critical_level=critical_level(g["level"], g["retention"]),
+                max_level=float(g["level"].max()),
+                verdict="critical" if score < 0.5 else "robust",
+            )
+        )
+    out = pd.DataFrame(rows, columns=GROUP + ["score", "critical_level", "max_level", "verdict"])
+    return out.sort_values(["model", "perturbation", "layer_index"], ignore_index=True)
+
+
+def model_summary(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per model × perturbation: mean layer score, weakest layer, first- and last-layer scores."""
+    rows = []
+    for (model, dataset, pert), g in scores.groupby(["model", "dataset", "perturbation"], sort=True):
+        g = g.sort_values("layer_index")
+        weakest = g.loc[g["score"].idxmin()]
+        rows.append(
+            dict(
+                model=model,
+                dataset=dataset,
+                perturbation=pert,
+                mean_score=float(g["score"].mean()),
+                weakest_layer=weakest["layer"],
+                weakest_score=float(weakest["score"]),
+                first_layer_score=float(g["score"].iloc[0]),
+                last_layer_score=float(g["score"].iloc[-1]),
+            )
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,154 @@
+"""The run directory: a manifest, and results appended one whole row at a time.
+
+Each row is written with a single ``write`` of a complete line, flushed and fsynced, so a crash
+loses at most the cell in flight; a torn last line is cut off when the run is resumed.
+``results.csv`` is the only source of truth; scores, plots and leaderboards are derived from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import benchmark
+from benchmark.errors import LesionbenchError
+from benchmark.study import Study
+
+COLUMNS = [
+    "model", "dataset", "layer", "layer_index", "relative_depth", "perturbation", "level", "draw",
+    "seed", "top1", "top5", "loss", "n_images", "seconds", "images_per_s", "device", "num_classes", "error",
+]  # fmt: skip
+CLEAN = "clean"  # the perturbation name of the one unperturbed evaluation per model
+RESULTS = "results.csv"
+MANIFEST = "manifest.json"
+
+CellKey = tuple[str, str, str, float, int]
+
+
+def cell_key(model: str, layer: str, perturbation: str, level: float, draw: int) -> CellKey:
+    return (model, layer, perturbation, float(level), int(draw))
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / RESULTS
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @classmethod
+    def create(cls, path: Path, study: Study) -> RunDir:
+        """A fresh run directory; refuses one that already holds results."""
+        run = cls(Path(path))
+        if run.results_path.exists():
+            raise LesionbenchError(
+                f"{str(run.path)!r} already holds results; resume with --resume {run.path} or choose another --out"
+            )
+        run.path.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "study": study.to_dict(),
+            "fingerprint": study.fingerprint(),
+            "lesionbench": benchmark.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _write_atomic(run.manifest_path, json.dumps(manifest, indent=2) + "\n")
+        _write_atomic(run.results_path, ",".join(COLUMNS) + "\n")
+        return run
+
+    @classmethod
+    def open_existing(cls, path: Path, study: Study | None = None) -> RunDir:
+        """An earlier run to resume; refuses one made by a different study."""
+        run = cls(Path(path))
+        if not run.manifest_path.is_file() or not run.results_path.is_file():
+            raise LesionbenchError(f"{str(run.path)!r} is not a lesionbench run directory (no {MANIFEST})")
+        if study is not None and run.manifest()["fingerprint"] != study.fingerprint():
+            raise LesionbenchError(
+                f"{str(run.path)!r} was made by a different study (fingerprint "
+                f"{run.manifest()['fingerprint']} ≠ {study.fingerprint()}); refusing to mix results"
+            )
+        run._repair_tail()
+        return run
+
+    def manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text())
+
+    def _repair_tail(self) -> None:
+        """Cut a torn last line left by a crash mid-write."""
+        with open(self.results_path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def append(self, row: dict) -> None:
+        """Write one complete row and make it durable before returning."""
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in COLUMNS])
+        with open(self.results_path, "a", encoding="utf-8") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def frame(self) -> pd.DataFrame:
+        return read_results(self.results_path)
+
+    def completed(self) -> set[CellKey]:
+        df = self.frame()
+        return {
+            cell_key(r.model, r.layer, r.perturbation, r.level, r.draw)
+            for r in df[["model", "layer", "perturbation", "level", "draw"]].itertuples(index=False)
+        }
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_results(paths: Path | str | Iterable[Path | str]) -> pd.DataFrame:
+    """One results table from one or more ``results.csv`` files (or run directories)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    frames = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            p = p / RESULTS
+        if not p.is_file():
+            raise LesionbenchError(f"results file {str(p)!r} does not exist")
+        try:
+            df = pd.read_csv(p, keep_default_na=False, na_values=[""], dtype={"layer": str, "error": str})
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+            raise LesionbenchError(f"results file {str(p)!r} is not a readable CSV: {exc}") from None
+        missing = [c for c in COLUMNS if c not in df.columns and c != "error"]
+        if missing:
+            raise LesionbenchError(f"results file {str(p)!r} lacks columns: {', '.join(missing)}")
+        if "error" not in df.columns:
+            df["error"] = ""
+        df["layer"] = df["layer"].fillna("")
+        df["error"] = df["error"].fillna("")
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]

@@ -1,0 +1,77 @@
+"""timm's model zoo: any ``timm:NAME`` through ``timm.create_model``.
+
+``weights="pretrained"`` downloads from the hub when online; ``weights=PATH`` loads a local file
+through timm's own pretrained path (``pretrained_cfg_overlay=dict(file=PATH)``), so offline
+machines use the very same code. Preprocessing comes from timm's ``resolve_data_config``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+from timm.data import create_transform, resolve_data_config
+
+from benchmark.errors import LesionbenchError
+from benchmark.hookspecs import hookimpl
+from benchmark.models import LoadedModel, ModelSpec, load_checkpoint_into, load_state_dict, num_classes_of
+from models.torchvision_models import rgb
+
+
+def timm_preprocess(module, in_chans: int):
+    """timm's eval transform for ``module`` and a key that identifies it."""
+    config = resolve_data_config({}, model=module)
+    transform = create_transform(**config, is_training=False)
+    key = "timm:" + ",".join(f"{k}={config[k]}" for k in sorted(config))
+    return (rgb(transform) if in_chans == 3 else transform), key, tuple(config["input_size"])
+
+
+class TimmModels:
+    name = "timm"
+    description = "timm.create_model by name; weights='pretrained' (hub) or a local weights file."
+
+    def claims(self, arch: str) -> bool:
+        return False
+
+    def examples(self) -> list[str]:
+        return ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "vgg11"]
+
+    def build(self, spec: ModelSpec) -> LoadedModel:
+        if not timm.is_model(spec.arch):
+            from benchmark.errors import unknown_name
+
+            raise unknown_name("timm model", spec.arch, timm.list_models(f"*{spec.arch[:4]}*")[:20])
+        kwargs = dict(spec.options)
+        if spec.weights in (None, "none"):
+            module = timm.create_model(spec.arch, pretrained=False, **kwargs)
+        elif spec.weights == "pretrained":
+            try:
+                module = timm.create_model(spec.arch, pretrained=True, **kwargs)
+            except Exception as exc:  # hub unreachable, gated, ...
+                raise LesionbenchError(
+                    f"could not fetch pretrained weights for timm:{spec.arch} "
+                    f"(offline? pass weights='PATH' to a local file): {str(exc).splitlines()[0]}"
+                ) from None
+        else:
+            path = Path(spec.weights)
+            load_state_dict(path)  # refuse pickles and non-state-dicts with our own message first
+            module = timm.create_model(
+                spec.arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
+            )
+        if spec.checkpoint:
+            load_checkpoint_into(module, spec.checkpoint)
+        in_chans = int(kwargs.get("in_chans", 3))
+        preprocess, key, input_size = timm_preprocess(module, in_chans)
+        return LoadedModel(
+            name=spec.ref,
+            module=module.eval(),
+            num_classes=num_classes_of(module),
+            input_size=input_size,
+            preprocess=preprocess,
+            preprocess_key=key,
+        )
+
+
+@hookimpl
+def lesionbench_models():
+    return [TimmModels()]

@@ -1,0 +1,43 @@
+"""Synapse knockout (Cheney et al. 2017): zero a random fraction of a layer's weights.
+
+Level p zeroes floor(p·W.numel()) entries of W chosen uniformly at random and, drawn
+independently, floor(p·b.numel()) entries of the bias.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmark.hookspecs import hookimpl
+from benchmark.layers import Layer
+from benchmark.perturbation import BasePerturbation, count_for
+
+LEVELS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def zero_random_entries(tensor: torch.Tensor, fraction: float, generator: torch.Generator) -> None:
+    """Zero floor(fraction·numel) uniformly chosen entries of ``tensor`` in place."""
+    k = count_for(fraction, tensor.numel())
+    if k == 0:
+        return
+    idx = torch.randperm(tensor.numel(), generator=generator)[:k].to(tensor.device)
+    tensor.view(-1)[idx] = 0
+
+
+class SynapseKnockout(BasePerturbation):
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        zero_random_entries(layer.module.weight, level, generator)
+        if layer.module.bias is not None:
+            zero_random_entries(layer.module.bias, level, generator)
+
+
+@hookimpl
+def lesionbench_perturbations():
+    return [
+        SynapseKnockout(
+            name="synapse_knockout",
+            description="Zero a random fraction p of the layer's weights, and independently of its biases.",
+            default_levels=LEVELS,
+            level_range=(0.0, 1.0),
+        )
+    ]

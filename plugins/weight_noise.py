@@ -1,0 +1,44 @@
+"""Weight noise (Cheney et al. 2017): add Gaussian noise scaled to each tensor's own spread.
+
+Level p adds N(0, (p·std(W))²) to every weight and, separately, N(0, (p·std(b))²) to every
+bias; std is taken over the unperturbed tensor. A one-element bias has no spread and is left
+as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmark.hookspecs import hookimpl
+from benchmark.layers import Layer
+from benchmark.perturbation import BasePerturbation
+
+LEVELS = tuple(round(0.2 * i, 1) for i in range(11))
+
+
+def add_scaled_noise(tensor: torch.Tensor, level: float, generator: torch.Generator) -> None:
+    """tensor += N(0, (level·std(tensor))²), drawn on the CPU from ``generator``."""
+    if tensor.numel() < 2 or level == 0:
+        return
+    std = tensor.detach().float().std().item()
+    noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * (level * std)
+    tensor.add_(noise.to(device=tensor.device, dtype=tensor.dtype))
+
+
+class WeightNoise(BasePerturbation):
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        add_scaled_noise(layer.module.weight, level, generator)
+        if layer.module.bias is not None:
+            add_scaled_noise(layer.module.bias, level, generator)
+
+
+@hookimpl
+def lesionbench_perturbations():
+    return [
+        WeightNoise(
+            name="weight_noise",
+            description="Add Gaussian noise with std p·std(W) to the weights and p·std(b) to the biases.",
+            default_levels=LEVELS,
+            level_range=(0.0, 2.0),
+        )
+    ]

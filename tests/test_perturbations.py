@@ -1,0 +1,251 @@
+"""The paper's three perturbations, checked against their definitions, and exact restoration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from benchmark.errors import LesionbenchError
+from benchmark.layers import discover_layers
+from benchmark.perturbation import (
+    cell_seed,
+    check_levels,
+    count_for,
+    generator_for,
+    model_checksum,
+    perturbed,
+)
+from benchmark.registry import create_registry
+
+
+@pytest.fixture(scope="module")
+def perts():
+    registry = create_registry()
+    return {name: c.obj for name, c in registry.contributions("perturbations").items()}
+
+
+class ConvBNNet(nn.Module):
+    """conv (feeds a BatchNorm) -> conv -> linear; nothing is zero to begin with."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 20)
+        with torch.no_grad():
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(0.5, 1.0)  # a non-zero shift: a silenced unit must not emit it
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+        self.eval()
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.flatten(1))
+
+
+def layers_of(model):
+    return {l.name: l for l in discover_layers(model, torch.zeros(1, 3, 4, 4))}
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def changed_entries(before, model):
+    return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_count_for_is_floor_without_round_off():
+    assert count_for(0.7, 10) == 7
+    assert count_for(0.29, 100) == 29
+    assert count_for(0.1, 9) == 0
+    assert count_for(1.0, 1234) == 1234
+    assert count_for(0.55, 11) == 6  # floor(6.05)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3, 0.7, 1.0])
+def test_synapse_knockout_zeroes_floor_p_size_of_w_and_of_b(perts, p):
+    model = ConvBNNet()
+    layer = layers_of(model)["conv"]
+    w0, b0 = layer.module.weight.clone(), layer.module.bias.clone()
+    assert (w0 != 0).all() and (b0 != 0).all()
+    before = snapshot(model)
+    with perturbed(layer, perts["synapse_knockout"], p, generator_for(1)):
+        w, b = layer.module.weight, layer.module.bias
+        assert int((w == 0).sum()) == math.floor(p * w.numel())
+        assert int((b == 0).sum()) == math.floor(p * b.numel())
+        # survivors keep their exact values
+        assert torch.equal(w[w != 0], w0[w != 0])
+        assert changed_entries(before, model) <= {"conv.weight", "conv.bias"}
+    assert changed_entries(before, model) == set()
+
+
+def test_synapse_knockout_bias_mask_is_independent_of_weight_mask(perts):
+    """Over many draws, whether b[0] is zeroed tells nothing about whether W[0] is."""
+    layer = nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.bias.fill_(1.0)
+    (target,) = discover_layers(layer, torch.zeros(1, 2))
+    both = w_only = b_only = 0
+    n = 2000
+    for seed in range(n):
+        with perturbed(target, perts["synapse_knockout"], 0.5, generator_for(seed)):
+            w_zero = bool(layer.weight.view(-1)[0] == 0)
+            b_zero = bool(layer.bias[0] == 0)
+        both += w_zero and b_zero
+        w_only += w_zero and not b_zero
+        b_only += b_zero and not w_zero
+    # P(W0 zero) = 1/2 and P(b0 zero) = 1/2; independence gives P(both) = 1/4 (sd ≈ 0.0097 here).
+    assert abs(both / n - 0.25) < 0.04
+    assert abs((both + w_only) / n - 0.5) < 0.05
+    assert abs((both + b_only) / n - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5, 1.0])
+def test_node_knockout_conv_silences_whole_filters_and_their_normalised_output(perts, p):
+    model = ConvBNNet()
+    layer = layers_of(model)["conv"]
+    assert layer.norm is model.bn
+    k = math.floor(p * 16)
+    x = torch.randn(4, 3, 4, 4)
+    w0 = layer.module.weight.clone()
+    before = snapshot(model)
+    with perturbed(layer, perts["node_knockout"], p, generator_for(3)):
+        w, b = layer.module.weight, layer.module.bias
+        dead = [c for c in range(16) if (w[c] == 0).all()]
+        assert len(dead) == k
+        assert all(b[c] == 0 for c in dead)
+        alive = [c for c in range(16) if c not in dead]
+        assert torch.equal(w[alive], w0[alive])
+        with torch.inference_mode():
+            out = model.bn(model.conv(x))
+        assert (out[:, dead] == 0).all(), "silenced units must stay silent after BatchNorm"
+        if alive:
+            assert (out[:, alive] != 0).any()
+        assert changed_entries(before, model) <= {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean"}
+        assert "conv2.weight" not in changed_entries(before, model)
+    assert changed_entries(before, model) == set()
+
+
+def test_node_knockout_linear_zeroes_rows_and_bias(perts):
+    model = ConvBNNet()
+    layer = layers_of(model)["fc"]
+    with perturbed(layer, perts["node_knockout"], 0.5, generator_for(7)):
+        w, b = layer.module.weight, layer.module.bias
+        dead_rows = [r for r in range(20) if (w[r] == 0).all()]
+        assert len(dead_rows) == 10
+        assert (b[dead_rows] == 0).all()
+        assert int((w == 0).sum()) == 10 * w.shape[1]  # whole rows, nothing else
+        logits = model(torch.randn(2, 3, 4, 4))
+        assert (logits[:, dead_rows] == 0).all()
+
+
+@pytest.mark.parametrize("p", [0.5, 2.0])
+def test_weight_noise_has_std_p_times_tensor_std(perts, p):
+    layer_module = nn.Linear(1000, 500)
+    with torch.no_grad():
+        layer_module.bias.normal_(0.0, 3.0)  # a bias spread unlike the weights'
+    (layer,) = discover_layers(layer_module, torch.zeros(1, 1000))
+    w0, b0 = layer_module.weight.clone(), layer_module.bias.clone()
+    with perturbed(layer, perts["weight_noise"], p, generator_for(11)):
+        dw = layer_module.weight - w0
+        db = layer_module.bias - b0
+        # 500k samples: relative sampling error of the std ≈ 0.1%; bias (500) ≈ 3%
+        assert dw.std().item() == pytest.approx(p * w0.std().item(), rel=0.01)
+        assert abs(dw.mean().item()) < 0.01 * p * w0.std().item()
+        assert db.std().item() == pytest.approx(p * b0.std().item(), rel=0.12)
+        assert int((dw == 0).sum()) <= 5  # every entry gets noise (a rare draw rounds away)
+    assert torch.equal(layer_module.weight, w0) and torch.equal(layer_module.bias, b0)
+
+
+def test_weight_noise_leaves_other_layers_untouched(perts):
+    model = ConvBNNet()
+    before = snapshot(model)
+    with perturbed(layers_of(model)["conv2"], perts["weight_noise"], 1.0, generator_for(0)):
+        assert changed_entries(before, model) == {"conv2.weight", "conv2.bias"}
+
+
+def test_restoration_is_bit_exact_even_when_evaluation_raises(perts):
+    model = ConvBNNet()
+    reference = model_checksum(model)
+    for name in ("synapse_knockout", "node_knockout", "weight_noise"):
+        for layer in layers_of(model).values():
+            with pytest.raises(RuntimeError, match="boom"):
+                with perturbed(layer, perts[name], 0.9, generator_for(5)):
+                    assert model_checksum(model) != reference
+                    raise RuntimeError("boom")
+            assert model_checksum(model) == reference
+
+
+def test_restoration_undoes_a_plugin_that_swaps_the_parameter_object():
+    from benchmark.perturbation import BasePerturbation
+
+    class Swapper(BasePerturbation):
+        def apply(self, layer, level, generator):
+            layer.module.weight = nn.Parameter(torch.zeros_like(layer.module.weight))
+
+    model = ConvBNNet()
+    original = model.conv.weight
+    reference = model_checksum(model)
+    swapper = Swapper("swap", "test", (1.0,), (0.0, 1.0))
+    with perturbed(layers_of(model)["conv"], swapper, 1.0, generator_for(0)):
+        assert model.conv.weight is not original
+    assert model.conv.weight is original
+    assert model_checksum(model) == reference
+
+
+def test_same_seed_same_mask_different_draw_different_mask(perts):
+    model = ConvBNNet()
+    layer = layers_of(model)["conv2"]
+
+    def mask(draw):
+        seed = cell_seed(0, "m", "conv2", "synapse_knockout", 0.5, draw)
+        with perturbed(layer, perts["synapse_knockout"], 0.5, generator_for(seed)):
+            return layer.module.weight == 0
+
+    assert torch.equal(mask(0), mask(0))
+    assert not torch.equal(mask(0), mask(1))
+
+
+def test_cell_seed_is_stable_and_depends_on_every_field():
+    base = cell_seed(0, "model", "conv1", "weight_noise", 0.4, 2)
+    assert base == cell_seed(0, "model", "conv1", "weight_noise", 0.4, 2)
+    variants = [
+        cell_seed(1, "model", "conv1", "weight_noise", 0.4, 2),
+        cell_seed(0, "other", "conv1", "weight_noise", 0.4, 2),
+        cell_seed(0, "model", "conv2", "weight_noise", 0.4, 2),
+        cell_seed(0, "model", "conv1", "node_knockout", 0.4, 2),
+        cell_seed(0, "model", "conv1", "weight_noise", 0.6, 2),
+        cell_seed(0, "model", "conv1", "weight_noise", 0.4, 3),
+    ]
+    assert base not in variants and len(set(variants)) == len(variants)
+    # A fixed value: the hash must not change between releases or processes (PYTHONHASHSEED).
+    import subprocess
+    import sys
+
+    code = "from benchmark.perturbation import cell_seed; print(cell_seed(0,'model','conv1','weight_noise',0.4,2))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": "123", "PATH": ""})
+    assert int(out.stdout) == base
+
+
+def test_default_levels_match_the_paper(perts):
+    assert perts["synapse_knockout"].default_levels == tuple(round(0.1 * i, 1) for i in range(11))
+    assert perts["node_knockout"].default_levels == perts["synapse_knockout"].default_levels
+    assert perts["weight_noise"].default_levels == tuple(round(0.2 * i, 1) for i in range(11))
+    assert perts["weight_noise"].level_range == (0.0, 2.0)
+
+
+def test_levels_outside_the_range_are_refused(perts):
+    with pytest.raises(LesionbenchError, match="outside the range"):
+        check_levels(perts["synapse_knockout"], [0.5, 1.5])
+    with pytest.raises(LesionbenchError, match="finite"):
+        check_levels(perts["weight_noise"], [float("nan")])
+    assert check_levels(perts["weight_noise"], [0, 2]) == (0.0, 2.0)

@@ -1,0 +1,89 @@
+"""Scores are pure functions of a results table: checked on hand-made tables."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmark.scores import area_score, chance_level, critical_level, curves, layer_scores, model_summary, retention
+
+
+def table(curves_by_layer: dict[str, list[tuple[float, list[float]]]], clean=0.9, classes=10, metric="top1"):
+    """A results table: clean row + per layer (level, [acc per draw])."""
+    rows = [dict(model="m", dataset="d", layer="", layer_index=-1, relative_depth=np.nan, perturbation="clean",
+                 level=0.0, draw=0, top1=clean, top5=clean, num_classes=classes, error="")]  # fmt: skip
+    for i, (layer, points) in enumerate(curves_by_layer.items()):
+        for level, accs in points:
+            for d, a in enumerate(accs):
+                rows.append(dict(model="m", dataset="d", layer=layer, layer_index=i,
+                                 relative_depth=i / max(1, len(curves_by_layer) - 1), perturbation="p",
+                                 level=level, draw=d, top1=a, top5=a, num_classes=classes, error=""))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_chance_is_k_over_classes():
+    assert chance_level("top1", 10) == 0.1
+    assert chance_level("top5", 1000) == 0.005
+    assert chance_level("top5", 3) == 1.0
+
+
+def test_retention_rescales_clean_to_one_and_chance_to_zero_and_clips():
+    r = retention([0.9, 0.5, 0.1, 0.05, 0.95], 0.9, 0.1)
+    assert r.tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0, 1.0])
+
+
+def test_area_score_is_normalised_area():
+    assert area_score([0, 1], [1, 1]) == 1.0
+    assert area_score([0, 1], [1, 0]) == 0.5
+    assert area_score([0, 0.5, 1], [1, 0, 0]) == pytest.approx(0.25)
+    assert area_score([0, 1, 2], [1, 1, 0]) == pytest.approx(0.75)  # divided by the range, 2
+
+
+def test_critical_level_interpolates_and_is_inf_when_never_reached():
+    assert critical_level([0, 0.5, 1.0], [1.0, 0.8, 0.2]) == pytest.approx(0.5 + 0.5 * (0.3 / 0.6))
+    assert critical_level([0, 1], [1, 0.6]) == math.inf
+    assert critical_level([0, 1], [1, 0.5]) == 1.0
+
+
+def test_layer_scores_on_a_hand_made_table():
+    df = table(
+        {
+            "conv1": [(0.0, [0.9]), (0.5, [0.1, 0.1]), (1.0, [0.1, 0.1])],  # chance at once
+            "fc8": [(0.0, [0.9]), (0.5, [0.9, 0.9]), (1.0, [0.5, 0.5])],  # halfway at the end
+        }
+    )
+    s = layer_scores(df).set_index("layer")
+    assert s.loc["conv1", "score"] == pytest.approx(0.25)
+    assert s.loc["conv1", "critical_level"] == pytest.approx(0.25)
+    assert s.loc["conv1", "verdict"] == "critical"
+    assert s.loc["fc8", "score"] == pytest.approx((1 + 1) / 2 * 0.5 + (1 + 0.5) / 2 * 0.5)
+    assert s.loc["fc8", "critical_level"] == 1.0
+    assert s.loc["fc8", "verdict"] == "robust"
+    summary = model_summary(layer_scores(df)).iloc[0]
+    assert summary.weakest_layer == "conv1"
+    assert summary.first_layer_score == pytest.approx(0.25)
+    assert summary.last_layer_score == pytest.approx(0.875)
+    assert summary.mean_score == pytest.approx((0.25 + 0.875) / 2)
+
+
+def test_curves_give_relative_drop_and_a_t_interval():
+    df = table({"conv1": [(0.0, [0.8]), (1.0, [0.3, 0.5, 0.4])]}, clean=0.8)
+    c = curves(df).set_index("level")
+    assert c.loc[1.0, "mean"] == pytest.approx(0.4)
+    assert c.loc[1.0, "relative_drop"] == pytest.approx((0.4 - 0.8) / 0.8)
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) · s / √n
+    assert c.loc[1.0, "ci_low"] == pytest.approx(0.4 - half)
+    assert c.loc[1.0, "ci_high"] == pytest.approx(0.4 + half)
+    assert c.loc[0.0, "ci_low"] == c.loc[0.0, "ci_high"] == pytest.approx(0.8)
+
+
+def test_failed_cells_are_left_out_of_scores():
+    df = table({"conv1": [(0.0, [0.9]), (1.0, [0.9, 0.9])]})
+    bad = df.iloc[-1].copy()
+    bad["top1"], bad["error"] = 0.0, "RuntimeError: boom"
+    df = pd.concat([df, bad.to_frame().T], ignore_index=True)
+    df["top1"] = df["top1"].astype(float)
+    assert layer_scores(df).iloc[0]["score"] == pytest.approx(1.0)
