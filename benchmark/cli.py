@@ -55,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="list loaded plugins and what each contributes")
 
+    board = sub.add_parser("leaderboard", help="render the Markdown leaderboard (and plots) from result files")
+    board.add_argument("results", nargs="+", type=Path, help="results.csv files or directories holding them")
+    board.add_argument("--out", type=Path, default=Path("leaderboard/LEADERBOARD.md"))
+    board.add_argument("--plots", type=Path, help="plot directory (default: plots/ beside --out)")
+    board.add_argument("--no-plots", action="store_true", help="only the Markdown")
+    board.add_argument("--metric", choices=["top1", "top5"], help="override the metric recorded in manifests")
+    board.add_argument("--title", default="lesionbench leaderboard")
+
+    cmp = sub.add_parser("compare", help="CI gate: exit 1 when a layer score or clean accuracy drops")
+    cmp.add_argument("new", type=Path, help="new results.csv or run directory")
+    cmp.add_argument("baseline", type=Path, help="baseline results.csv or run directory")
+    cmp.add_argument("--max-drop", type=float, default=0.05, help="largest tolerated drop (absolute)")
+    cmp.add_argument("--metric", choices=["top1", "top5"], help="default: the new run's study metric")
+    cmp.add_argument("--all", action="store_true", help="show unchanged quantities too")
+
     train = sub.add_parser("train", help="train a model from scratch and save its weights")
     train.add_argument("model", help="model reference, e.g. fashion_alexnet")
     train.add_argument("--dataset", default="fashion_mnist")
@@ -127,6 +142,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_leaderboard(args) -> int:
+    from benchmark.publish import publish
+
+    out = publish(args.results, args.out, args.plots, draw=not args.no_plots, title=args.title, metric=args.metric)
+    console.print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from benchmark.compare import compare, to_markdown
+    from benchmark.leaderboard import metric_of
+    from benchmark.publish import resolve_results
+    from benchmark.store import read_results
+
+    new_files, base_files = resolve_results([args.new]), resolve_results([args.baseline])
+    metric = args.metric or metric_of(new_files[0])
+    result = compare(read_results(new_files), read_results(base_files), args.max_drop, metric)
+    print(to_markdown(result, args.max_drop, show_all=args.all))
+    return 1 if len(result.regressions) else 0
+
+
 def cmd_run(args) -> int:
     from benchmark.runner import run_from_cli
 
@@ -138,7 +174,14 @@ def _report_failures(registry) -> None:
         err_console.print(f"[yellow]warning:[/yellow] {failure}")
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "train": cmd_train}
+COMMANDS = {
+    "run": cmd_run,
+    "list": cmd_list,
+    "plugins": cmd_plugins,
+    "train": cmd_train,
+    "leaderboard": cmd_leaderboard,
+    "compare": cmd_compare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

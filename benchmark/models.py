@@ -76,7 +76,7 @@ def create_model(spec: ModelSpec | str, sources: Mapping[str, ModelSource]) -> L
     else:
         claiming = [s for s in sources.values() if s.claims(spec.arch)]
         if not claiming:
-            known = [n for s in sources.values() for n in s.examples()]
+            known = [n if s.claims(n) else f"{p}:{n}" for p, s in sources.items() for n in s.examples()]
             raise unknown_name("model", spec.ref, known + [f"{p}:<name>" for p in sources])
         source = claiming[0]
     loaded = source.build(spec)

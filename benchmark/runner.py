@@ -94,7 +94,9 @@ def prepare(study: Study, registry: Registry) -> Plan:
         if spec.ref in seen:
             raise LesionbenchError(f"model {spec.ref!r} appears twice in the study")
         seen.add(spec.ref)
-        loaded = create_model(spec, sources)
+        with torch.random.fork_rng(devices=[]):  # weights not loaded from a file depend only on the study seed
+            torch.manual_seed(cell_seed(study.seed, spec.ref, "", "init", 0.0, 0))
+            loaded = create_model(spec, sources)
         max_label = int(raw.labels[indices].max())
         if max_label >= loaded.num_classes:
             raise LesionbenchError(
@@ -241,10 +243,12 @@ def run_from_cli(args, console) -> int:
     )  # fmt: skip
     run = run_study(study, registry, out, resume=args.resume is not None,
                     progress_factory=lambda total: rich_progress(console, total), debug=args.debug)  # fmt: skip
-    console.print(f"results: {run.results_path}")
+    from benchmark.publish import publish
     from benchmark.report import print_summary
 
     print_summary(run.frame(), study, console)
+    board = publish([run.results_path], run.path / "LEADERBOARD.md", title=f"lesionbench: {study.name}")
+    console.print(f"results: {run.results_path}\nleaderboard: {board}\nplots: {run.path / 'plots'}")
     return 0
 
 

@@ -28,6 +28,8 @@ COLUMNS = [
     "model", "dataset", "layer", "layer_index", "relative_depth", "perturbation", "level", "draw",
     "seed", "top1", "top5", "loss", "n_images", "seconds", "images_per_s", "device", "num_classes", "error",
 ]  # fmt: skip
+NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
+           "seconds", "images_per_s", "num_classes"]  # fmt: skip
 CLEAN = "clean"  # the perturbation name of the one unperturbed evaluation per model
 RESULTS = "results.csv"
 MANIFEST = "manifest.json"
@@ -140,7 +142,12 @@ def read_results(paths: Path | str | Iterable[Path | str]) -> pd.DataFrame:
         if not p.is_file():
             raise LesionbenchError(f"results file {str(p)!r} does not exist")
         try:
-            df = pd.read_csv(p, keep_default_na=False, na_values=[""], dtype={"layer": str, "error": str})
+            df = pd.read_csv(
+                p,
+                keep_default_na=False,  # a layer may be called "NA"; only numeric columns have NaN
+                na_values={c: ["", "nan", "NaN"] for c in NUMERIC},
+                dtype={"model": str, "dataset": str, "layer": str, "perturbation": str, "device": str, "error": str},
+            )
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
             raise LesionbenchError(f"results file {str(p)!r} is not a readable CSV: {exc}") from None
         missing = [c for c in COLUMNS if c not in df.columns and c != "error"]

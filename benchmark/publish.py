@@ -1,0 +1,68 @@
+"""From result files to the published artefacts: plots next to the results and the leaderboard.
+
+This is the only place that writes the leaderboard; ``lesionbench leaderboard`` and the end of
+``lesionbench run`` both come through here, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmark.errors import LesionbenchError
+from benchmark.leaderboard import metric_of, relative_link, render
+from benchmark.store import RESULTS, read_results
+
+
+def resolve_results(paths: Sequence[Path | str]) -> list[Path]:
+    """Result files from files or run directories (searched recursively for results.csv)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob(RESULTS))
+            if not found:
+                raise LesionbenchError(f"no {RESULTS} under {str(p)!r}")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise LesionbenchError(f"results path {str(p)!r} does not exist")
+    return out
+
+
+def publish(
+    results: Sequence[Path | str],
+    out_md: Path,
+    plots_dir: Path | None = None,
+    draw: bool = True,
+    title: str = "lesionbench leaderboard",
+    metric: str | None = None,
+) -> Path:
+    """Write plots (into ``plots_dir``, default beside ``out_md``) and the Markdown leaderboard."""
+    files = resolve_results(results)
+    df = read_results(files)
+    metrics: dict[str, str] = {}
+    for f in files:
+        for dataset in read_results(f)["dataset"].unique():
+            metrics[dataset] = metric or metric_of(f)
+    out_md = Path(out_md)
+    plots_dir = Path(plots_dir) if plots_dir is not None else out_md.parent / "plots"
+    links = {}
+    if draw:
+        from benchmark.plots import write_all
+
+        drawn = write_all(df, metrics, plots_dir)
+    else:
+        from benchmark.plots import planned_paths
+
+        drawn = planned_paths(df, plots_dir)
+    for model, items in drawn.items():
+        links[model] = [(label, relative_link(path, out_md.parent)) for label, path in items]
+    sources = [relative_link(f, out_md.parent) for f in files]
+    text = render(df, metrics, links, title=title, sources=sources)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_md.with_name(out_md.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out_md)
+    return out_md
