@@ -118,11 +118,11 @@ def create_registry(extra_plugins: Iterable[tuple[str, object]] = (), entry_poin
     pm.add_hookspecs(hookspecs)
     registry = Registry(pm)
     if entry_points:
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if ep.name in seen:  # the same distribution visible twice on sys.path
+            if (ep.name, ep.value) in seen:  # the same distribution visible twice on sys.path
                 continue
-            seen.add(ep.name)
+            seen.add((ep.name, ep.value))
             try:
                 plugin = ep.load()
                 pm.register(plugin, name=ep.name)

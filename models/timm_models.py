@@ -7,6 +7,7 @@ machines use the very same code. Preprocessing comes from timm's ``resolve_data_
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import timm
@@ -26,6 +27,17 @@ def timm_preprocess(module, in_chans: int):
     return (rgb(transform) if in_chans == 3 else transform), key, tuple(config["input_size"])
 
 
+def _file_num_classes(arch: str, state) -> int | None:
+    """Output units of the classifier in a weights file, by the classifier name timm's config gives."""
+    cfg = timm.get_pretrained_cfg(arch)
+    names = getattr(cfg, "classifier", None) or ()
+    for name in (names,) if isinstance(names, str) else names:
+        for key in (f"{name}.weight", f"module.{name}.weight"):
+            if key in state:
+                return int(state[key].shape[0])
+    return None
+
+
 class TimmModels:
     name = "timm"
     description = "timm.create_model by name; weights='pretrained' (hub) or a local weights file."
@@ -40,7 +52,8 @@ class TimmModels:
         if not timm.is_model(spec.arch):
             from benchmark.errors import unknown_name
 
-            raise unknown_name("timm model", spec.arch, timm.list_models(f"*{spec.arch[:4]}*")[:20])
+            nearest = difflib.get_close_matches(spec.arch, timm.list_models(), n=20, cutoff=0.0)
+            raise unknown_name("timm model", spec.arch, nearest)
         kwargs = dict(spec.options)
         if spec.weights in (None, "none"):
             module = timm.create_model(spec.arch, pretrained=False, **kwargs)
@@ -54,10 +67,18 @@ class TimmModels:
                 ) from None
         else:
             path = Path(spec.weights)
-            load_state_dict(path)  # refuse pickles and non-state-dicts with our own message first
-            module = timm.create_model(
-                spec.arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
-            )
+            state = load_state_dict(path)  # refuse pickles and non-state-dicts with our own message first
+            overlay = dict(file=str(path))
+            classes = _file_num_classes(spec.arch, state)
+            if classes is not None:  # else timm drops a classifier whose size differs from its hub weights'
+                overlay["num_classes"] = classes
+            try:
+                module = timm.create_model(spec.arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            except RuntimeError as exc:  # keys or shapes of another architecture
+                lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+                raise LesionbenchError(
+                    f"weights file {str(path)!r} does not fit timm:{spec.arch}: {' '.join(lines[:2])[:300]}"
+                ) from None
         if spec.checkpoint:
             load_checkpoint_into(module, spec.checkpoint)
         in_chans = int(kwargs.get("in_chans", 3))

@@ -7,6 +7,8 @@ paper's names conv1…conv5, fc6…fc8.
 
 from __future__ import annotations
 
+import pickle
+
 import torchvision
 from torchvision import transforms
 
@@ -68,7 +70,7 @@ class TorchvisionModels:
                 raise unknown_name(f"weights for torchvision:{spec.arch}", spec.weights, enum.__members__) from None
         try:
             module = torchvision.models.get_model(spec.arch, weights=weights_enum, **dict(spec.options))
-        except (OSError, RuntimeError) as exc:  # no network and no cached file
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # offline, or a corrupt cached file
             raise LesionbenchError(
                 f"could not load {spec.weights} weights for torchvision:{spec.arch} "
                 f"(offline? place {weights_enum.url.rsplit('/', 1)[-1]} in $TORCH_HOME/hub/checkpoints): "

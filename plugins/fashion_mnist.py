@@ -20,11 +20,16 @@ FILES = {"train": "train", "test": "t10k"}
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzipped or not) into an array of its declared shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # a cut-off or corrupt .gz
+        raise LesionbenchError(f"{path} is unreadable or truncated: {exc}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise LesionbenchError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise LesionbenchError(f"{path} is truncated: its header is cut off")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):

@@ -1,0 +1,399 @@
+"""The ``lesionbench`` command end to end on a tiny Fashion-MNIST made here: the rows a study
+yields, determinism, exact restoration, resume after a crash, and bad input (exit 2, one line on
+stderr, nothing created).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import struct
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from rich.console import Console
+
+import benchmark.cli as cli
+from benchmark.cli import main
+from benchmark.perturbation import model_checksum
+from benchmark.registry import create_registry
+from benchmark.runner import execute, prepare
+from benchmark.store import COLUMNS, RunDir, read_results
+from benchmark.study import load_study
+
+LAYERS = ["conv1", "fc8"]
+PERTURBATIONS = ["synapse_knockout", "weight_noise"]
+LEVELS = {"synapse_knockout": [0.0, 0.5, 1.0], "weight_noise": [0.0, 1.0]}
+DRAWS = 2
+KEY = ["model", "layer", "perturbation", "level", "draw"]
+TIMING = ["seconds", "images_per_s"]
+
+
+def write_fashion(root: Path, n: int = 60, labels: np.ndarray | None = None) -> Path:
+    """The two IDX files the ``test`` split reads: random pixels, classes 0..9 in turn."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    if labels is None:
+        labels = np.arange(n) % 10
+    labels = np.asarray(labels, dtype=np.uint8)
+    with gzip.open(root / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">iii", n, 28, 28) + images.tobytes())
+    with gzip.open(root / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + struct.pack(">i", n) + labels.tobytes())
+    return root
+
+
+def study_text(data: Path, model: str = '{ref = "fashion_alexnet", weights = "none"}', **extra: str) -> str:
+    top = {
+        "name": '"tiny"',
+        "models": f"[{model}]",
+        "perturbations": "[" + ", ".join(f'"{p}"' for p in PERTURBATIONS) + "]",
+        "layers": "[" + ", ".join(f'"{l}"' for l in LAYERS) + "]",
+        "draws": str(DRAWS),
+        "seed": "0",
+        "device": '"cpu"',
+        "batch_size": "32",
+    }
+    top.update(extra)
+    lines = [f"{k} = {v}" for k, v in top.items()]
+    lines.append("[levels]")
+    lines += [f"{p} = {v}" for p, v in LEVELS.items()]
+    lines += ["[dataset]", 'name = "fashion_mnist"', f'path = "{data}"', "n_images = 40"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory) -> Path:
+    return write_fashion(tmp_path_factory.mktemp("data") / "fashion")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, fashion) -> Path:
+    path = tmp_path_factory.mktemp("study") / "tiny.toml"
+    path.write_text(study_text(fashion))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """Tables wide enough that no name is folded or cut."""
+    monkeypatch.setattr(cli, "console", Console(width=250))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, study) -> tuple[Path, pd.DataFrame]:
+    """One uninterrupted run of the tiny study, shared by the tests that compare against it."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert main(["run", str(study), "--out", str(out)]) == 0
+    return out, read(out)
+
+
+def read(out: Path) -> pd.DataFrame:
+    return read_results(out / "results.csv")
+
+
+def ordered(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=TIMING).sort_values(KEY).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- a run end to end
+
+
+def test_run_writes_the_expected_rows(reference):
+    out, df = reference
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert header.split(",") == COLUMNS
+    assert (out / "manifest.json").is_file()
+
+    clean = df[df["perturbation"] == "clean"]
+    assert len(clean) == 1
+    clean = clean.iloc[0]
+    assert clean["model"] == "fashion_alexnet" and clean["layer"] == "" and clean["n_images"] == 40
+
+    cells = df[df["perturbation"] != "clean"]
+    assert (cells["error"] == "").all()
+    assert (cells["n_images"] == 40).all()
+    expected = len(LAYERS) * sum(1 + DRAWS * (len(v) - 1) for v in LEVELS.values())
+    assert len(cells) == expected and len(df) == expected + 1
+    assert not df.duplicated(KEY).any()
+    for layer in LAYERS:
+        for pert, levels in LEVELS.items():
+            g = cells[(cells["layer"] == layer) & (cells["perturbation"] == pert)]
+            for level in levels:
+                at = g[g["level"] == level]
+                if level == 0.0:
+                    assert list(at["draw"]) == [0]
+                    # the identity level is the clean model
+                    for col in ("top1", "top5", "loss"):
+                        assert at[col].iloc[0] == clean[col]
+                else:
+                    assert sorted(at["draw"]) == list(range(DRAWS))
+    # layers keep their forward-order index and depth
+    assert set(zip(cells["layer"], cells["layer_index"])) == {("conv1", 0), ("fc8", 7)}
+    assert set(cells["relative_depth"]) == {0.0, 1.0}
+    # knocking out every weight of fc8 leaves only its bias: all images get the same logits
+    full = cells[(cells["layer"] == "fc8") & (cells["perturbation"] == "synapse_knockout") & (cells["level"] == 1.0)]
+    assert (full["loss"] != clean["loss"]).all()
+    assert full["seed"].nunique() == DRAWS
+
+
+def test_runs_are_deterministic_and_seed_dependent(reference, study, tmp_path):
+    _, first = reference
+    again = tmp_path / "again"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12345)  # whatever the global generator holds must not matter
+        torch.rand(1000)
+        assert main(["run", str(study), "--out", str(again)]) == 0
+    cols = KEY + ["seed", "top1", "top5", "loss"]
+    pd.testing.assert_frame_equal(ordered(first)[cols], ordered(read(again))[cols])
+
+    other = tmp_path / "other"
+    assert main(["run", str(study), "--out", str(other), "--seed", "7"]) == 0
+    a, b = ordered(first), ordered(read(other))
+    assert list(a[KEY].itertuples(index=False)) == list(b[KEY].itertuples(index=False))
+    cells = a["perturbation"] != "clean"
+    assert (a.loc[cells, "seed"] != b.loc[cells, "seed"]).all()
+    assert (b.loc[~cells, "seed"] == 7).all()
+
+
+def test_model_is_bit_identical_after_a_run(study, tmp_path):
+    registry = create_registry()
+    plan = prepare(load_study(str(study), {}), registry)
+    module = plan.models[0].loaded.module
+    before = model_checksum(module)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    execute(plan, RunDir.create(tmp_path / "run", plan.study), debug=True)
+    assert model_checksum(module) == before
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # the perturbations did change something while they were applied
+    df = read(tmp_path / "run")
+    assert df["loss"].nunique() > 1
+
+
+def test_debug_run_is_clean(study, tmp_path):
+    out = tmp_path / "dbg"
+    assert main(["run", str(study), "--out", str(out), "--debug", "--perturbations", "node_knockout",
+                 "--levels", "0,0.5"]) == 0  # fmt: skip
+    df = read(out)
+    assert set(df["perturbation"]) == {"clean", "node_knockout"}
+    assert len(df) == 1 + len(LAYERS) * (1 + DRAWS)
+    assert (df["error"] == "").all()
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(reference, study, tmp_path):
+    ref_dir, ref = reference
+    out = tmp_path / "crashed"
+    assert main(["run", str(study), "--out", str(out)]) == 0
+    lines = (out / "results.csv").read_text().splitlines(keepends=True)
+    torn = lines[5][: len(lines[5]) // 2]
+    (out / "results.csv").write_text("".join(lines[:5]) + torn)  # header, 4 rows, half a row
+
+    assert main(["run", "--resume", str(out)]) == 0
+    resumed = read(out)
+    assert len(resumed) == len(ref)
+    pd.testing.assert_frame_equal(ordered(resumed), ordered(ref))
+    # the four surviving rows were kept as written, not evaluated again
+    assert (out / "results.csv").read_text().splitlines(keepends=True)[:5] == lines[:5]
+
+
+def test_resume_with_a_different_study_is_refused(reference, tmp_path, capsys):
+    ref_dir, _ = reference
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("manifest.json", "results.csv"):
+        (copy / name).write_bytes((ref_dir / name).read_bytes())
+    before = (copy / "results.csv").read_bytes()
+    capsys.readouterr()
+    assert main(["run", "--resume", str(copy), "--draws", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lesionbench: error:") and "different study" in err and "\n" not in err
+    assert (copy / "results.csv").read_bytes() == before
+
+
+def test_resume_of_a_non_run_directory_is_refused(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "not a lesionbench run directory" in capsys.readouterr().err
+
+
+def test_run_into_a_directory_with_results_is_refused(reference, study, capsys):
+    ref_dir, _ = reference
+    before = (ref_dir / "results.csv").read_bytes()
+    capsys.readouterr()
+    assert main(["run", str(study), "--out", str(ref_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lesionbench: error:") and "already holds results" in err and "\n" not in err
+    assert (ref_dir / "results.csv").read_bytes() == before
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def expect_bad(args: list[str], out: Path, capsys, *needles: str) -> str:
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("lesionbench: error: "), err
+    assert "\n" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.exists(), "bad input must leave no run directory behind"
+    return err
+
+
+def test_unknown_model(study, tmp_path, capsys):
+    err = expect_bad(["run", str(study), "--models", "fashion_alexnett"], tmp_path / "o", capsys,
+                     "unknown model 'fashion_alexnett'", "Did you mean 'fashion_alexnet'?")  # fmt: skip
+    # every name offered is one the harness accepts
+    valid = err.split("Valid: ", 1)[1].split(", ")
+    assert "fashion_alexnet" in valid and "timm:<name>" in valid and "torchvision:<name>" in valid
+    assert all(":" in name or name == "fashion_alexnet" for name in valid), valid
+
+
+def test_unknown_model_source(study, tmp_path, capsys):
+    expect_bad(["run", str(study), "--models", "timmm:resnet18"], tmp_path / "o", capsys,
+               "unknown model source 'timmm'", "Did you mean 'timm'?")  # fmt: skip
+
+
+def test_unknown_layer(study, tmp_path, capsys):
+    expect_bad(["run", str(study), "--layers", "conv1,conv9"], tmp_path / "o", capsys,
+               "unknown layer 'conv9'", "fc8")  # fmt: skip
+
+
+def test_unknown_perturbation(study, tmp_path, capsys):
+    err = expect_bad(["run", str(study), "--perturbations", "synapse_knockot"], tmp_path / "o", capsys,
+                     "unknown perturbation 'synapse_knockot'", "Did you mean 'synapse_knockout'?")  # fmt: skip
+    for name in ("node_knockout", "synapse_knockout", "weight_noise"):
+        assert name in err.split("Valid:", 1)[1]
+
+
+def test_unknown_dataset(fashion, tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text(study_text(fashion).replace('name = "fashion_mnist"', 'name = "fashion_mnst"'))
+    expect_bad(["run", str(path)], tmp_path / "o", capsys,
+               "unknown dataset 'fashion_mnst'", "Did you mean 'fashion_mnist'?", "image_folder")  # fmt: skip
+
+
+def test_unknown_study_preset(tmp_path, capsys):
+    expect_bad(["run", "dem"], tmp_path / "o", capsys, "unknown study 'dem'", "Did you mean 'demo'?")
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--levels", "0,1.5", "--perturbations", "synapse_knockout"], ["level 1.5", "[0.0, 1.0]", "synapse_knockout"]),
+        (["--levels", "-0.1", "--perturbations", "weight_noise"], ["level -0.1", "weight_noise"]),
+        (["--levels", "0,2.5"], ["level 2.5", "[0.0, 1.0]"]),
+    ],
+)
+def test_level_outside_range(study, tmp_path, capsys, args, needles):
+    expect_bad(["run", str(study), *args], tmp_path / "o", capsys, "outside the range", *needles)
+
+
+def test_missing_data_path(study, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    expect_bad(["run", str(study), "--data", str(missing)], tmp_path / "o", capsys, str(missing))
+
+
+def test_missing_study_file(tmp_path, capsys):
+    expect_bad(["run", str(tmp_path / "absent.toml")], tmp_path / "o", capsys, "does not exist")
+
+
+def test_study_with_unknown_key(fashion, tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text(study_text(fashion, drawz="3"))
+    expect_bad(["run", str(path)], tmp_path / "o", capsys, "unknown key 'drawz'")
+
+
+def test_study_with_unknown_dataset_key(fashion, tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text(study_text(fashion) + "n_imgs = 3\n")
+    expect_bad(["run", str(path)], tmp_path / "o", capsys, "unknown key dataset.'n_imgs'")
+
+
+def test_study_with_wrong_type(fashion, tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text(study_text(fashion, draws='"five"'))
+    expect_bad(["run", str(path)], tmp_path / "o", capsys, "'draws'", "int", "five")
+
+
+def test_study_with_invalid_toml(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text("models = [\n")
+    expect_bad(["run", str(path)], tmp_path / "o", capsys, "not valid TOML")
+
+
+def test_labels_beyond_the_model_classes(tmp_path, capsys):
+    labels = np.arange(60) % 10
+    labels[3] = 12
+    data = write_fashion(tmp_path / "fashion12", labels=labels)
+    path = tmp_path / "s.toml"
+    path.write_text(study_text(data, model='{ref = "fashion_alexnet", weights = "none", options = {num_classes = 10}}'))
+    expect_bad(["run", str(path)], tmp_path / "o", capsys, "label 12", "10 classes", "fashion_alexnet")
+    # and with enough output units the same data runs
+    path.write_text(study_text(data, model='{ref = "fashion_alexnet", weights = "none", options = {num_classes = 13}}'))
+    assert main(["run", str(path), "--out", str(tmp_path / "ok"), "--layers", "fc8",
+                 "--perturbations", "node_knockout", "--levels", "0,1", "--draws", "1"]) == 0  # fmt: skip
+
+
+def test_checkpoint_carrying_a_pickled_object(tmp_path, fashion, capsys):
+    ckpt = tmp_path / "evil.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "extra": argparse.Namespace(x=1)}, ckpt)
+    path = tmp_path / "s.toml"
+    path.write_text(study_text(fashion, model='{ref = "fashion_alexnet", checkpoint = "evil.pt"}'))
+    expect_bad(["run", str(path)], tmp_path / "o", capsys, "evil.pt", "weights_only")
+
+
+def test_checkpoint_of_another_model(tmp_path, fashion, capsys):
+    ckpt = tmp_path / "other.pt"
+    torch.save({"conv1.weight": torch.zeros(32, 1, 3, 3)}, ckpt)
+    path = tmp_path / "s.toml"
+    path.write_text(study_text(fashion, model='{ref = "fashion_alexnet", checkpoint = "other.pt"}'))
+    expect_bad(["run", str(path)], tmp_path / "o", capsys, "other.pt", "does not fit", "missing")
+
+
+# ---------------------------------------------------------------- listings
+
+
+@pytest.mark.parametrize(
+    "kind, names",
+    [
+        ("models", ["fashion_alexnet", "timm:<name>", "torchvision:<name>", "timm:resnet18", "torchvision:alexnet"]),
+        ("perturbations", ["synapse_knockout", "node_knockout", "weight_noise"]),
+        ("datasets", ["fashion_mnist", "image_folder"]),
+        ("studies", ["demo", "alexnet-baseline", "timm-cnns"]),
+    ],
+)
+def test_list(kind, names, capsys):
+    assert main(["list", kind]) == 0
+    out = capsys.readouterr().out
+    for name in names:
+        assert name in out, (name, out)
+
+
+def test_list_unknown_kind_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["list", "optimizers"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_plugins_lists_every_builtin_with_its_contributions(capsys):
+    assert main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def row(plugin: str) -> str:
+        return next(l for l in lines if l.strip("│┃ ").startswith(plugin + " "))
+
+    assert "perturbation synapse_knockout" in row("synapse_knockout")
+    assert "dataset fashion_mnist" in row("fashion_mnist")
+    assert "study demo" in row("studies") and "study timm-cnns" in row("studies")
+    assert "model lesionbench" in row("default_models")
+    assert "model timm" in row("timm") and "model torchvision" in row("torchvision")
+    assert "failed" not in "\n".join(lines)

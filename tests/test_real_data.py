@@ -1,0 +1,49 @@
+"""Checks on real data that a developer machine or CI may have; each skips cleanly when absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmark.data import build_eval_set
+from benchmark.evaluate import evaluate
+from benchmark.models import create_model
+from benchmark.registry import create_registry
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+SHARED = Path(os.environ.get("LESIONBENCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+IMAGENET_SAMPLE = SHARED / "imagenet-sample"
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return create_registry()
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_shipped_default_model_reaches_its_recorded_accuracy(registry):
+    """The committed weights give the test accuracy their JSON record states (≥ 90%)."""
+    from models.default import training_record
+
+    sources = {k: c.obj for k, c in registry.contributions("models").items()}
+    model = create_model("fashion_alexnet", sources)
+    raw = registry.get("datasets", "fashion_mnist").load(None, "test")
+    data = build_eval_set(raw, np.arange(len(raw)), model.preprocess)
+    result = evaluate(model.module, data.images, data.labels, batch_size=1000, device="cpu")
+    record = training_record("fashion_alexnet")
+    assert result.n_images == 10_000
+    assert result.top1 >= 0.90
+    assert result.top1 == pytest.approx(record["test_top1"], abs=2e-4)
+
+
+@pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason="shared ImageNet sample not present")
+def test_flat_imagenet_sample_gets_imagenet_class_indices(registry):
+    raw = registry.get("datasets", "image_folder").load(str(IMAGENET_SAMPLE), "val")
+    assert len(raw) == 1000 and raw.num_classes == 1000
+    names = sorted(p.name for p in IMAGENET_SAMPLE.iterdir())
+    assert sorted(raw.labels.tolist()) == list(range(1000))  # one image per class
+    first = raw.decode(int(np.flatnonzero(raw.labels == 0)[0]))
+    assert first.size[0] > 0 and names[0].startswith("n01440764")
