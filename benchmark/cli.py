@@ -125,7 +125,7 @@ def cmd_plugins(args) -> int:
 
 def cmd_train(args) -> int:
     from benchmark.train import TrainConfig, train
-    from models.default import weights_path
+    from models.fashion import weights_path
 
     out = args.out or weights_path(args.model.split(":")[-1])
     config = TrainConfig(

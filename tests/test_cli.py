@@ -394,6 +394,6 @@ def test_plugins_lists_every_builtin_with_its_contributions(capsys):
     assert "perturbation synapse_knockout" in row("synapse_knockout")
     assert "dataset fashion_mnist" in row("fashion_mnist")
     assert "study demo" in row("studies") and "study timm-cnns" in row("studies")
-    assert "model lesionbench" in row("default_models")
+    assert "model fashion" in row("fashion")
     assert "model timm" in row("timm") and "model torchvision" in row("torchvision")
     assert "failed" not in "\n".join(lines)

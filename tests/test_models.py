@@ -16,8 +16,8 @@ from benchmark.errors import LesionbenchError
 from benchmark.layers import discover_layers
 from benchmark.models import ModelSpec, create_model, load_checkpoint_into, load_state_dict, num_classes_of
 from benchmark.registry import create_registry
-from models import default as default_models
-from models.default import FashionAlexNet
+from models import fashion as default_models
+from models.fashion import FashionAlexNet
 
 ALEXNET_FILE = Path(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url).name
 PAPER_NAMES = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
@@ -324,7 +324,7 @@ def test_fashion_alexnet_checkpoint_loads_and_file_is_untouched(tmp_path, source
 
 
 def test_fashion_alexnet_by_prefix_and_without_weights(sources):
-    loaded = create_model(ModelSpec("lesionbench:fashion_alexnet", weights="none"), sources)
+    loaded = create_model(ModelSpec("fashion:fashion_alexnet", weights="none"), sources)
     assert isinstance(loaded.module, FashionAlexNet)
     assert num_classes_of(loaded.module) == 10
 

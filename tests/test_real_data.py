@@ -26,7 +26,7 @@ def registry():
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_shipped_default_model_reaches_its_recorded_accuracy(registry):
     """The committed weights give the test accuracy their JSON record states (≥ 90%)."""
-    from models.default import training_record
+    from models.fashion import training_record
 
     sources = {k: c.obj for k, c in registry.contributions("models").items()}
     model = create_model("fashion_alexnet", sources)

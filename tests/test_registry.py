@@ -31,7 +31,7 @@ BUILTIN_PLUGINS = {
     "fashion_mnist",
     "image_folder",
     "studies",
-    "default_models",
+    "fashion",
     "torchvision",
     "timm",
 }

@@ -1,9 +1,13 @@
-"""The offline default model: an AlexNet-shaped network for 28×28 grey images (Fashion-MNIST).
+"""The Fashion-MNIST family: small networks for 28×28 grey images, with shipped weights.
 
-Five conv and three fully connected layers named ``conv1``…``fc8`` as in AlexNet, so the default
-study reads like the paper's. Its weights ship in ``models/weights/`` and are reproduced by
-``lesionbench train fashion_alexnet`` (the exact command and test accuracy are in the JSON
-beside them).
+- ``fashion_alexnet`` — the offline default: AlexNet's plan (5 conv + 3 fc named ``conv1``…``fc8``)
+  at 28×28, so the default study reads like the paper's;
+- ``fashion_vgg`` — a VGG-style stack of 3×3 convs with BatchNorm;
+- ``fashion_resnet`` — timm's ``test_resnet`` (a scaled-down ResNet with residual blocks);
+- ``fashion_mobilenetv3`` — timm's ``mobilenetv3_small_050`` (depthwise-separable, squeeze-excite).
+
+Weights ship in ``models/weights/`` and are reproduced by ``lesionbench train NAME``; the exact
+command, seed and measured test accuracy are in the JSON beside each file.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torchvision import transforms
 
 from benchmark.errors import LesionbenchError
 from benchmark.hookspecs import hookimpl
-from benchmark.models import LoadedModel, ModelSpec, load_checkpoint_into
+from benchmark.models import LoadedModel, ModelSpec, load_checkpoint_into, num_classes_of
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -63,7 +67,51 @@ def grey_28_preprocess() -> transforms.Compose:
     )
 
 
-ARCHITECTURES = {"fashion_alexnet": FashionAlexNet}
+class FashionVGG(nn.Module):
+    """VGG's plan (stacks of 3×3 convs, BatchNorm, max-pooling, two fc layers) at 28×28."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *block(in_chans, 32), *block(32, 32), nn.MaxPool2d(2),  # 14×14
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),  # 7×7
+            *block(64, 128), nn.MaxPool2d(2),  # 3×3
+        )  # fmt: skip
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(128 * 9, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def _timm(arch: str):
+    def build(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
+        import timm
+
+        return timm.create_model(arch, num_classes=num_classes, in_chans=in_chans)
+
+    build.__doc__ = f"timm's {arch} for 28×28 grey input."
+    return build
+
+
+ARCHITECTURES = {
+    "fashion_alexnet": FashionAlexNet,
+    "fashion_vgg": FashionVGG,
+    "fashion_resnet": _timm("test_resnet"),
+    "fashion_mobilenetv3": _timm("mobilenetv3_small_050"),
+}
+
+
+# Paper-style names for the VGG-style net, so its layers line up with AlexNet's in the leaderboard.
+ALIASES = {
+    "fashion_vgg": {
+        "features.0": "conv1", "features.3": "conv2", "features.7": "conv3", "features.10": "conv4",
+        "features.14": "conv5", "classifier.1": "fc6", "classifier.4": "fc7",
+    },
+}  # fmt: skip
 
 
 def weights_path(arch: str) -> Path:
@@ -76,9 +124,9 @@ def training_record(arch: str) -> dict | None:
     return json.loads(meta.read_text()) if meta.is_file() else None
 
 
-class DefaultModels:
-    name = "lesionbench"
-    description = "Small networks for 28×28 grey images shipped with lesionbench (weights trained by `lesionbench train`)."
+class FashionModels:
+    name = "fashion"
+    description = "Small networks for 28×28 grey images (Fashion-MNIST) with shipped weights from `lesionbench train`."
 
     def claims(self, arch: str) -> bool:
         return arch in ARCHITECTURES
@@ -107,13 +155,14 @@ class DefaultModels:
         return LoadedModel(
             name=spec.ref,
             module=module.eval(),
-            num_classes=module.fc8.out_features,
-            input_size=(module.conv1.in_channels, 28, 28),
+            num_classes=num_classes_of(module),
+            input_size=(int(options.get("in_chans", 1)), 28, 28),
             preprocess=grey_28_preprocess(),
             preprocess_key=f"grey28:{FASHION_MEAN}:{FASHION_STD}",
+            aliases=dict(ALIASES.get(spec.arch, {})),
         )
 
 
 @hookimpl
 def lesionbench_models():
-    return [DefaultModels()]
+    return [FashionModels()]
