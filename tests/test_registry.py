@@ -102,7 +102,7 @@ def test_builtins_are_loaded_through_entry_points():
     assert {"synapse_knockout", "node_knockout", "weight_noise"} <= set(perts)
     assert perts["synapse_knockout"].plugin == "synapse_knockout"
     assert {"fashion_mnist", "image_folder"} <= set(registry.contributions("datasets"))
-    assert {"lesionbench", "torchvision", "timm"} <= set(registry.contributions("models"))
+    assert {"fashion", "torchvision", "timm", "efficientnet_lite"} <= set(registry.contributions("models"))
     assert {"demo", "alexnet-baseline", "timm-cnns"} <= set(registry.contributions("studies"))
     # every built-in arrives by the entry-point door: without it, nothing is there
     bare = create_registry(entry_points=False)
