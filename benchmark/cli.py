@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-images", type=int, help="size of the evaluation subset")
     run.add_argument("--seed", type=int, help="study seed")
     run.add_argument("--batch-size", type=int, help="evaluation batch size")
+    run.add_argument("--engine", choices=["fast", "naive"], help="fast: evaluate only what a perturbation changes (default); naive: full passes")
     run.add_argument("--debug", action="store_true", help="verify the model checksum after every cell")
 
     lst = sub.add_parser("list", help="list models, perturbations, datasets or studies")

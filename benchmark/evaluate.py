@@ -1,13 +1,16 @@
-"""One pass of a model over an evaluation set: top-1, top-5, mean cross-entropy, timing.
+"""Scoring passes over an evaluation set: top-1, top-5, mean cross-entropy, timing.
 
 Runs in eval mode under ``torch.inference_mode()``. On CUDA the images travel from pinned memory
 with non-blocking copies and the pass is timed with CUDA events; on the CPU with perf_counter.
+:func:`evaluate_batches` scores any per-batch forward function, so the fast engine (which runs
+only the part of a network downstream of a perturbed layer) is scored by the same code.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,18 +36,11 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def evaluate(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
+def evaluate_batches(
+    forward: Callable[[int], torch.Tensor], labels: Sequence[torch.Tensor], device: torch.device
 ) -> EvalResult:
-    """Accuracy and loss of ``model`` on ``images``; the model must already be on ``device``."""
-    device = resolve_device(str(device) if device is not None else None)
-    model.eval()
-    n = len(labels)
-    k = 5
+    """Score ``forward(i)`` (the logits of batch i) against ``labels[i]`` for every batch."""
+    n = sum(len(y) for y in labels)
     correct1 = correct5 = 0
     loss_sum = 0.0
     cuda = device.type == "cuda"
@@ -53,12 +49,10 @@ def evaluate(
         start_evt.record()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for b in range(0, n, batch_size):
-            x = images[b : b + batch_size].to(device, non_blocking=True)
-            y = labels[b : b + batch_size].to(device, non_blocking=True)
-            logits = model(x).float()
-            kk = min(k, logits.shape[1])
-            top = logits.topk(kk, dim=1).indices
+        for i, y in enumerate(labels):
+            y = y.to(device, non_blocking=True)
+            logits = forward(i).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == y[:, None]
             correct1 += int(hit[:, 0].sum())
             correct5 += int(hit.any(dim=1).sum())
@@ -78,3 +72,23 @@ def evaluate(
         images_per_s=n / seconds if seconds > 0 else float("inf"),
         device=str(device),
     )
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> EvalResult:
+    """Accuracy and loss of ``model`` on ``images``; the model must already be on ``device``."""
+    device = resolve_device(str(device) if device is not None else None)
+    model.eval()
+    starts = range(0, len(labels), batch_size)
+    label_batches = [labels[b : b + batch_size] for b in starts]
+
+    def forward(i: int) -> torch.Tensor:
+        b = starts[i]
+        return model(images[b : b + batch_size].to(device, non_blocking=True))
+
+    return evaluate_batches(forward, label_batches, device)

@@ -17,7 +17,8 @@ import torch
 
 from benchmark.data import EvalSetCache, RawDataset, stratified_subset
 from benchmark.errors import LesionbenchError
-from benchmark.evaluate import EvalResult, evaluate, resolve_device
+from benchmark.engine import create_engine
+from benchmark.evaluate import EvalResult, resolve_device
 from benchmark.layers import Layer, discover_layers, select_layers
 from benchmark.models import LoadedModel, create_model
 from benchmark.perturbation import Perturbation, cell_seed, check_levels, generator_for, model_checksum, perturbed
@@ -149,7 +150,7 @@ def execute(
         loaded = prepared.loaded
         name = loaded.name
         cells = plan.cells(prepared)
-        todo = [c for c in cells if cell_key(name, c.layer.display, c.perturbation.name, c.level, c.draw) not in done]
+        todo = [c for c in cells if _key(name, c) not in done]
         clean_key = cell_key(name, "", CLEAN, 0.0, 0)
         if not todo and clean_key in done:
             for _ in range(len(cells) + 1):
@@ -161,42 +162,57 @@ def execute(
         images = eval_set.images.pin_memory() if device.type == "cuda" else eval_set.images
         module = loaded.module.to(device)
         reference = model_checksum(module) if debug else None
+        engine = create_engine(study.engine, module, images, eval_set.labels, study.batch_size, device)
 
-        def run_eval() -> EvalResult:
-            return evaluate(module, images, eval_set.labels, study.batch_size, device)
-
-        clean = run_eval()
+        clean = engine.full()
         if clean_key not in done:
             run.append(_row(plan, name, None, None, clean))
         tick(f"{name}: clean")
-        for cell in cells:
-            key = cell_key(name, cell.layer.display, cell.perturbation.name, cell.level, cell.draw)
-            label = f"{name} · {cell.layer.display} · {cell.perturbation.name} {cell.level:g} #{cell.draw}"
-            if key in done:
-                tick(label)
+        for layer in prepared.layers:
+            mine = [c for c in cells if c.layer is layer]
+            if all(_key(name, c) in done for c in mine):
+                for c in mine:
+                    tick(f"{name} · {layer.display}: done earlier")
                 continue
-            seed = cell_seed(study.seed, name, cell.layer.name, cell.perturbation.name, cell.level, cell.draw)
-            if cell.is_identity:
-                run.append(_row(plan, name, cell, seed, clean))
-                tick(label)
-                continue
-            error = ""
-            result = None
-            try:
-                with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed)):
-                    result = run_eval()
-            except (LesionbenchError, KeyboardInterrupt):
-                raise
-            except Exception as exc:  # a faulty plugin fails its own cell, not the study
-                error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                log.warning("%s failed: %s", label, error)
-            if result is not None and not math.isfinite(result.loss):
-                error = error or "non-finite logits"
-            if debug and model_checksum(module) != reference:
-                raise LesionbenchError(f"model {name!r} was not restored exactly after {label}")
-            run.append(_row(plan, name, cell, seed, result, error))
-            tick(label)
+            with engine.for_layer(layer) as run_eval:
+                for cell in mine:
+                    _run_cell(plan, run, name, cell, clean, run_eval, done, tick)
+                    if debug and model_checksum(module) != reference:
+                        raise LesionbenchError(f"model {name!r} was not restored exactly after {cell}")
+        for note in getattr(engine, "notes", []):
+            run.note(f"{name}: {note}")
         loaded.module.to("cpu")
+
+
+def _key(model: str, cell: Cell):
+    return cell_key(model, cell.layer.display, cell.perturbation.name, cell.level, cell.draw)
+
+
+def _run_cell(plan: Plan, run: RunDir, name: str, cell: Cell, clean: EvalResult, run_eval, done, tick) -> None:
+    """Perturb, evaluate, restore and record one cell (skipped when an earlier run recorded it)."""
+    label = f"{name} · {cell.layer.display} · {cell.perturbation.name} {cell.level:g} #{cell.draw}"
+    if _key(name, cell) in done:
+        tick(label)
+        return
+    seed = cell_seed(plan.study.seed, name, cell.layer.name, cell.perturbation.name, cell.level, cell.draw)
+    if cell.is_identity:
+        run.append(_row(plan, name, cell, seed, clean))
+        tick(label)
+        return
+    error = ""
+    result = None
+    try:
+        with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed)):
+            result = run_eval()
+    except (LesionbenchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a faulty plugin fails its own cell, not the study
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        log.warning("%s failed: %s", label, error)
+    if result is not None and not math.isfinite(result.loss):
+        error = error or "non-finite logits"
+    run.append(_row(plan, name, cell, seed, result, error))
+    tick(label)
 
 
 def run_study(
@@ -239,7 +255,7 @@ def run_from_cli(args, console) -> int:
         study,
         models=args.models, layers=args.layers, perturbations=args.perturbations, levels=args.levels,
         draws=args.draws, n_images=args.n_images, seed=args.seed, data=args.data, device=args.device,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, engine=args.engine,
     )  # fmt: skip
     run = run_study(study, registry, out, resume=args.resume is not None,
                     progress_factory=lambda total: rich_progress(console, total), debug=args.debug)  # fmt: skip

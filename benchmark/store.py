@@ -88,6 +88,11 @@ class RunDir:
         run._repair_tail()
         return run
 
+    def note(self, text: str) -> None:
+        """A line in the run's log (engine fallbacks and the like)."""
+        with open(self.path / "run.log", "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+
     def manifest(self) -> dict:
         return json.loads(self.manifest_path.read_text())
 

@@ -41,6 +41,7 @@ class Study:
     device: str = "auto"
     batch_size: int = 256
     metric: str = "top1"  # what scores are computed from: top1 or top5
+    engine: str = "fast"  # "fast" (only what a perturbation changes) or "naive" (full passes)
     description: str = ""
 
     def fingerprint(self) -> str:
@@ -85,6 +86,7 @@ _TOP_KEYS = {
     "device": str,
     "batch_size": int,
     "metric": str,
+    "engine": str,
 }
 _DATASET_KEYS = {"name": str, "path": str, "split": str, "n_images": int}
 _MODEL_KEYS = {"ref": str, "weights": str, "checkpoint": str, "options": dict}
@@ -151,6 +153,7 @@ def parse_study(data: dict[str, Any], default_name: str = "study", base_dir: Pat
         device=data.get("device", "auto"),
         batch_size=data.get("batch_size", 256),
         metric=data.get("metric", "top1"),
+        engine=data.get("engine", "fast"),
     )
     validate_scalars(study)
     return study
@@ -166,6 +169,8 @@ def validate_scalars(study: Study) -> None:
         raise LesionbenchError(f"study key 'dataset.n_images' must be at least 1, got {study.dataset.n_images}")
     if study.metric not in ("top1", "top5"):
         raise LesionbenchError(f"study key 'metric' must be 'top1' or 'top5', got {study.metric!r}")
+    if study.engine not in ("fast", "naive"):
+        raise LesionbenchError(f"study key 'engine' must be 'fast' or 'naive', got {study.engine!r}")
     if not study.perturbations:
         raise LesionbenchError("study needs at least one entry in 'perturbations'")
 

@@ -24,6 +24,7 @@ from benchmark.registry import create_registry
 from benchmark.runner import execute, prepare
 from benchmark.store import COLUMNS, RunDir, read_results
 from benchmark.study import load_study
+from conftest import write_fashion
 
 LAYERS = ["conv1", "fc8"]
 PERTURBATIONS = ["synapse_knockout", "weight_noise"]
@@ -31,21 +32,6 @@ LEVELS = {"synapse_knockout": [0.0, 0.5, 1.0], "weight_noise": [0.0, 1.0]}
 DRAWS = 2
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 TIMING = ["seconds", "images_per_s"]
-
-
-def write_fashion(root: Path, n: int = 60, labels: np.ndarray | None = None) -> Path:
-    """The two IDX files the ``test`` split reads: random pixels, classes 0..9 in turn."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    if labels is None:
-        labels = np.arange(n) % 10
-    labels = np.asarray(labels, dtype=np.uint8)
-    with gzip.open(root / "t10k-images-idx3-ubyte.gz", "wb") as f:
-        f.write(bytes([0, 0, 8, 3]) + struct.pack(">iii", n, 28, 28) + images.tobytes())
-    with gzip.open(root / "t10k-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(bytes([0, 0, 8, 1]) + struct.pack(">i", n) + labels.tobytes())
-    return root
 
 
 def study_text(data: Path, model: str = '{ref = "fashion_alexnet", weights = "none"}', **extra: str) -> str:

@@ -1,0 +1,185 @@
+"""How cells are evaluated: the naive full pass, or only the part of the network a layer changes.
+
+When layer L is perturbed, every value in the network that does not depend on L is the same as in
+the clean pass. :class:`SuffixEngine` traces the model once with torch.fx, and for each layer
+splits the graph into a *prefix* (everything that does not depend on L) and a *suffix* (L and
+everything downstream of it). The values that cross from prefix to suffix — L's input, but also
+skip connections around L in a ResNet or EfficientNet — are computed once per layer and kept;
+each cell then runs only the suffix. Models that cannot be traced, or layers whose cached values
+would exceed the memory budget, fall back to full passes (logged).
+
+:class:`NaiveEngine` is the reference: one full forward pass per cell (``--engine naive``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import fx, nn
+
+from benchmark.evaluate import EvalResult, evaluate, evaluate_batches
+from benchmark.layers import PERTURBABLE, Layer
+
+log = logging.getLogger("lesionbench")
+
+ENGINES = ("fast", "naive")
+DEFAULT_BUDGET_BYTES = 2 * 1024**3
+
+
+class NaiveEngine:
+    """One full pass over the evaluation set per cell."""
+
+    name = "naive"
+
+    def __init__(self, module: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device):
+        self.module, self.images, self.labels = module, images, labels
+        self.batch_size, self.device = batch_size, device
+
+    def full(self) -> EvalResult:
+        return evaluate(self.module, self.images, self.labels, self.batch_size, self.device)
+
+    @contextmanager
+    def for_layer(self, layer: Layer) -> Iterator[Callable[[], EvalResult]]:
+        yield self.full
+
+
+def _timm_trace_helpers() -> tuple[tuple[type, ...], tuple]:
+    """timm's own lists of modules to keep whole and functions to leave untraced (TF "SAME" padding…)."""
+    try:
+        from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm absent or reorganised: plain tracing only
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+class _Tracer(fx.Tracer):
+    """Keeps every perturbable layer (and timm's untraceable modules) as one call_module node."""
+
+    def __init__(self) -> None:
+        leaves, functions = _timm_trace_helpers()
+        super().__init__(autowrap_functions=functions)
+        self._leaves = PERTURBABLE + leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+
+def trace(module: nn.Module) -> fx.GraphModule | None:
+    """An fx graph of ``module`` sharing its parameters, or None when it cannot be traced."""
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as exc:  # data-dependent control flow, unsupported ops, ...
+        log.info("torch.fx cannot trace %s (%s): full passes", type(module).__name__, str(exc).splitlines()[0])
+        return None
+    return fx.GraphModule(module, graph)
+
+
+def split_at(gm: fx.GraphModule, layer_name: str) -> tuple[fx.GraphModule, fx.GraphModule, int] | None:
+    """(prefix, suffix, n_boundary) for the layer, or None when no graph node runs it.
+
+    The prefix maps the model's input to the boundary values; the suffix maps the boundary values
+    to the model's output. A layer inside a module kept whole is split at that module.
+    """
+    graph = gm.graph
+    starts = [
+        n for n in graph.nodes
+        if n.op == "call_module" and (n.target == layer_name or layer_name.startswith(f"{n.target}."))
+    ]  # fmt: skip
+    if not starts:
+        return None
+    downstream: set[fx.Node] = set()
+    for node in graph.nodes:  # topological order: a node is downstream if any input is
+        if node in starts or any(a in downstream for a in node.all_input_nodes):
+            downstream.add(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    consumers = [n for n in graph.nodes if n in downstream or n is output]
+    boundary: list[fx.Node] = []
+    for node in consumers:
+        for a in node.all_input_nodes:
+            if a not in downstream and a.op != "get_attr" and a not in boundary:
+                boundary.append(a)
+
+    prefix_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node in downstream or node.op == "output":
+            continue
+        env[node] = prefix_graph.node_copy(node, lambda a: env[a])
+    prefix_graph.output(tuple(env[b] for b in boundary))
+
+    suffix_graph = fx.Graph()
+    senv: dict[fx.Node, fx.Node] = {b: suffix_graph.placeholder(f"boundary_{i}") for i, b in enumerate(boundary)}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            senv[node] = suffix_graph.node_copy(node, lambda a: senv[a])
+        elif node in downstream or node.op == "output":
+            senv[node] = suffix_graph.node_copy(node, lambda a: senv[a])
+    prefix, suffix = fx.GraphModule(gm, prefix_graph), fx.GraphModule(gm, suffix_graph)
+    for part in (prefix, suffix):
+        part.graph.eliminate_dead_code()
+        part.recompile()
+    return prefix, suffix, len(boundary)
+
+
+class SuffixEngine(NaiveEngine):
+    """Caches what crosses into a layer's downstream part once per layer; runs only that part per cell."""
+
+    name = "fast"
+
+    def __init__(self, module, images, labels, batch_size, device, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+        super().__init__(module, images, labels, batch_size, device)
+        self.budget_bytes = budget_bytes
+        self.graph = trace(module)
+        self.notes: list[str] = []
+        if self.graph is None:
+            self.notes.append(f"{type(module).__name__} cannot be traced by torch.fx: every cell is a full pass")
+
+    @contextmanager
+    def for_layer(self, layer: Layer) -> Iterator[Callable[[], EvalResult]]:
+        parts = split_at(self.graph, layer.name) if self.graph is not None else None
+        if parts is None:
+            if self.graph is not None:
+                self.notes.append(f"{layer.name}: no graph node runs it: full passes")
+            yield self.full
+            return
+        prefix, suffix, _ = parts
+        cached = self._boundary_values(prefix)
+        if cached is None:
+            self.notes.append(f"{layer.name}: cached activations exceed {self.budget_bytes} bytes: full passes")
+            yield self.full
+            return
+        labels = [self.labels[b : b + self.batch_size] for b in range(0, len(self.labels), self.batch_size)]
+        suffix.eval()
+        try:
+            yield lambda: evaluate_batches(lambda i: suffix(*cached[i]), labels, self.device)
+        finally:
+            del cached
+
+    def _boundary_values(self, prefix: fx.GraphModule) -> list[tuple[torch.Tensor, ...]] | None:
+        """The prefix's outputs for every batch, kept on the device; None past the budget."""
+        out: list[tuple[torch.Tensor, ...]] = []
+        used = 0
+        prefix.eval()
+        with torch.inference_mode():
+            for b in range(0, len(self.labels), self.batch_size):
+                x = self.images[b : b + self.batch_size].to(self.device, non_blocking=True)
+                values = tuple(prefix(x))
+                used += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+                if used > self.budget_bytes:
+                    return None
+                out.append(values)
+        return out
+
+
+def create_engine(name: str, module, images, labels, batch_size, device, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+    """The single door to an engine by name."""
+    if name == "naive":
+        return NaiveEngine(module, images, labels, batch_size, device)
+    if name == "fast":
+        return SuffixEngine(module, images, labels, batch_size, device, budget_bytes)
+    from benchmark.errors import unknown_name
+
+    raise unknown_name("engine", name, ENGINES)

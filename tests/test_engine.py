@@ -1,0 +1,133 @@
+"""The fast engine gives the naive loop's numbers: on a chain, a ResNet and EfficientNet-style nets."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import timm
+import torch
+from torch import nn
+
+from benchmark.cli import main
+from benchmark.engine import SuffixEngine, split_at, trace
+from benchmark.layers import discover_layers
+from benchmark.store import read_results
+from conftest import write_fashion
+from models.fashion import ARCHITECTURES
+
+NUMBERS = ["top1", "top5", "loss", "seed", "n_images"]
+KEY = ["model", "layer", "perturbation", "level", "draw"]
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (ARCHITECTURES["fashion_alexnet"], (1, 28, 28)),
+        (ARCHITECTURES["fashion_resnet"], (1, 28, 28)),
+        (ARCHITECTURES["fashion_mobilenetv3"], (1, 28, 28)),
+        (lambda: timm.create_model("tf_efficientnet_lite0"), (3, 64, 64)),  # TF "SAME" padding
+    ],
+    ids=["chain", "resnet", "mobilenetv3", "efficientnet_lite0"],
+)
+def test_prefix_then_suffix_equals_the_whole_network_for_every_layer(build, shape):
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(3, *shape)
+    gm = trace(model)
+    assert gm is not None
+    with torch.inference_mode():
+        reference = model(x)
+        layers = discover_layers(model, x[:1])
+        for layer in layers if len(layers) <= 16 else layers[::6] + layers[-1:]:  # a spread of depths
+            prefix, suffix, _ = split_at(gm, layer.name)
+            assert torch.equal(suffix(*prefix(x)), reference), layer.name
+
+
+def test_skip_connections_cross_the_boundary():
+    """In a residual block the shortcut is cached alongside the layer's input."""
+    model = ARCHITECTURES["fashion_resnet"]().eval()
+    gm = trace(model)
+    _, _, n_chain = split_at(gm, "conv1.0")
+    _, _, n_block = split_at(gm, "layer1.0.conv2")
+    assert n_chain == 1 and n_block == 2
+
+
+def test_suffix_sees_the_perturbation():
+    """The split graphs share the model's parameters, so damage to the layer reaches the suffix."""
+    model = ARCHITECTURES["fashion_alexnet"]().eval()
+    x = torch.randn(2, 1, 28, 28)
+    prefix, suffix, _ = split_at(trace(model), "conv3")
+    with torch.no_grad():
+        cached = prefix(x)
+        model.conv3.weight.zero_()
+        model.conv3.bias.zero_()
+        assert torch.equal(suffix(*cached), model(x))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 26 * 26, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            x = x * 1.0
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_untraceable_model_falls_back_to_full_passes_with_a_note():
+    model = Untraceable().eval()
+    images, labels = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    engine = SuffixEngine(model, images, labels, 4, torch.device("cpu"))
+    assert engine.graph is None and "cannot be traced" in engine.notes[0]
+    layer = discover_layers(model, images[:1])[0]
+    with engine.for_layer(layer) as run:
+        assert run == engine.full  # the full pass itself
+        assert run().loss == pytest.approx(engine.full().loss)
+
+
+def test_over_budget_layers_fall_back_and_say_so():
+    model = ARCHITECTURES["fashion_alexnet"]().eval()
+    images, labels = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    engine = SuffixEngine(model, images, labels, 4, torch.device("cpu"), budget_bytes=100)
+    layer = discover_layers(model, images[:1])[2]
+    with engine.for_layer(layer) as run:
+        assert run == engine.full
+    assert any("exceed" in n for n in engine.notes)
+    roomy = SuffixEngine(model, images, labels, 4, torch.device("cpu"))
+    with roomy.for_layer(layer) as run:
+        assert run != roomy.full and run().loss == pytest.approx(roomy.full().loss, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_fashion(tmp_path_factory.mktemp("fmnist") / "fashion", n=40)
+
+
+LAYERS = {
+    "fashion_alexnet": [],  # all eight
+    "fashion_resnet": ["conv1.0", "layer1.0.conv2", "layer3.0.downsample.1", "fc"],
+    "fashion_mobilenetv3": ["conv_stem", "blocks.2.1.conv_dw", "blocks.2.1.se.conv_reduce", "classifier"],
+}
+
+
+@pytest.mark.parametrize("model", sorted(LAYERS))
+def test_fast_and_naive_engines_write_the_same_results(model, data, tmp_path):
+    study = tmp_path / "s.toml"
+    layers = ", ".join(f'"{l}"' for l in LAYERS[model])
+    study.write_text(
+        f'name = "eq"\nmodels = [{{ref = "{model}", weights = "none"}}]\nlayers = [{layers}]\ndraws = 2\nseed = 3\n'
+        'batch_size = 16\ndevice = "cpu"\n'
+        "[levels]\nsynapse_knockout = [0.0, 0.5]\nnode_knockout = [0.0, 0.5]\nweight_noise = [0.0, 1.0]\n"
+        f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\nn_images = 40\n'
+    )
+    frames = {}
+    for engine in ("fast", "naive"):
+        out = tmp_path / engine
+        assert main(["run", str(study), "--out", str(out), "--engine", engine]) == 0
+        frames[engine] = read_results(out).sort_values(KEY, ignore_index=True)
+    fast, naive = frames["fast"], frames["naive"]
+    assert len(fast) == len(naive) > 0
+    pd.testing.assert_frame_equal(fast[KEY], naive[KEY])
+    pd.testing.assert_frame_equal(fast[NUMBERS], naive[NUMBERS], rtol=1e-6, atol=1e-7)
