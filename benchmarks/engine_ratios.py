@@ -1,0 +1,154 @@
+"""Fast engine vs the naive loop, measured in one run; prints a Markdown table of ratios.
+
+    python benchmarks/engine_ratios.py [--device cpu|cuda] [--images N] [--draws K] [--levels L]
+
+Two workloads, every layer × the paper's three perturbations:
+- ``default``: the demo's AlexNet-shaped Fashion-MNIST net (shipped weights; random if the
+  Fashion-MNIST files are absent, timing is the same);
+- ``alexnet224``: torchvision AlexNet at 224×224 with random weights.
+
+Compared per workload: the fast engine (:class:`benchmark.engine.SuffixEngine`); (a) the naive loop
+with the evaluation set already in memory; (b) the naive loop with a fresh DataLoader per cell,
+decoding image files each time; and the lower bound, forward passes over only the downstream
+layers of each cell with nothing else (no perturbation, no restore, no scoring). Peak resident
+memory of the process is reported after each workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from benchmark.engine import NaiveEngine, SuffixEngine, split_at, trace
+from benchmark.evaluate import evaluate_batches, resolve_device
+from benchmark.layers import discover_layers
+from benchmark.perturbation import cell_seed, generator_for, perturbed
+from benchmark.registry import create_registry
+
+
+def cells(layers, perts, levels, draws):
+    return [(l, p, lv, d) for l in layers for p in perts for lv in levels for d in range(draws)]
+
+
+def run_engine(engine, layers, perts, levels, draws) -> float:
+    t0 = time.perf_counter()
+    for layer in layers:
+        with engine.for_layer(layer) as run:
+            for _, p, lv, d in cells([layer], perts, levels, draws):
+                with perturbed(layer, p, lv, generator_for(cell_seed(0, "m", layer.name, p.name, lv, d))):
+                    run()
+    return time.perf_counter() - t0
+
+
+def run_dataloader(module, folder: Path, transform, layers, perts, levels, draws, batch, device) -> float:
+    dataset = torchvision.datasets.ImageFolder(str(folder), transform=transform)
+    t0 = time.perf_counter()
+    for layer, p, lv, d in cells(layers, perts, levels, draws):
+        loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
+        with perturbed(layer, p, lv, generator_for(cell_seed(0, "m", layer.name, p.name, lv, d))):
+            batches = list(loader)
+            evaluate_batches(lambda i: module(batches[i][0].to(device)), [y for _, y in batches], device)
+    return time.perf_counter() - t0
+
+
+def lower_bound(module, images, batch, layers, perts, levels, draws, device) -> float:
+    """Only the downstream forward passes each cell needs, inputs already cached."""
+    gm = trace(module)
+    total = 0.0
+    with torch.inference_mode():
+        for layer in layers:
+            prefix, suffix, _ = split_at(gm, layer.name)
+            cached = [prefix(images[b : b + batch].to(device)) for b in range(0, len(images), batch)]
+            n_cells = len(cells([layer], perts, levels, draws))
+            t0 = time.perf_counter()
+            for _ in range(n_cells):
+                for c in cached:
+                    suffix(*c)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            total += time.perf_counter() - t0
+    return total
+
+
+def write_images(root: Path, images: np.ndarray) -> Path:
+    """PNG files in ImageFolder layout (two classes) for the fresh-DataLoader baseline."""
+    for i, img in enumerate(images):
+        d = root / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:05d}.png")
+    return root
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def workload(name, module, images_u8, transform, args, perts, device):
+    module = module.eval().to(device)
+    images = torch.stack([transform(Image.fromarray(a)) for a in images_u8])
+    labels = torch.arange(len(images)) % 2
+    layers = discover_layers(module, images[:1].to(device))
+    levels = args.levels
+    common = (layers, perts, levels, args.draws)
+    timings = {}
+    timings["fast"] = run_engine(SuffixEngine(module, images, labels, args.batch, device), *common)
+    timings["naive_memory"] = run_engine(NaiveEngine(module, images, labels, args.batch, device), *common)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_images(Path(tmp), images_u8)
+        timings["naive_dataloader"] = run_dataloader(module, folder, transform, *common, args.batch, device)
+    timings["lower_bound"] = lower_bound(module, images, args.batch, *common, device)
+    n = len(cells(*common))
+    return name, n, len(images), timings, peak_rss_mb()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--draws", type=int, default=2)
+    parser.add_argument("--levels", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0])
+    parser.add_argument("--only", choices=["default", "alexnet224"])
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    registry = create_registry()
+    perts = [registry.get("perturbations", n) for n in ("synapse_knockout", "node_knockout", "weight_noise")]
+    rng = np.random.default_rng(0)
+    results = []
+    if args.only in (None, "default"):
+        from models.fashion import FashionAlexNet, grey_28_preprocess, weights_path
+
+        model = FashionAlexNet()
+        if weights_path("fashion_alexnet").is_file():
+            model.load_state_dict(torch.load(weights_path("fashion_alexnet"), weights_only=True))
+        imgs = rng.integers(0, 256, (args.images * 8, 28, 28), dtype=np.uint8)  # small images: use more
+        results.append(workload("default (fashion_alexnet, 28×28)", model, imgs, grey_28_preprocess(), args, perts, device))
+    if args.only in (None, "alexnet224"):
+        model = torchvision.models.alexnet()
+        imgs = rng.integers(0, 256, (args.images, 224, 224, 3), dtype=np.uint8)
+        t = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        results.append(workload("AlexNet 224×224 (random weights)", model, imgs, t, args, perts, device))
+    print(f"\ndevice: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"levels {args.levels}, {args.draws} draws, batch {args.batch}\n")  # fmt: skip
+    print("| workload | cells × images | fast vs naive (memory) | fast vs naive (fresh DataLoader) | fast / lower bound | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    for name, n, n_img, t, rss in results:
+        print(
+            f"| {name} | {n} × {n_img} | {t['naive_memory'] / t['fast']:.2f}× faster | "
+            f"{t['naive_dataloader'] / t['fast']:.2f}× faster | {t['fast'] / t['lower_bound']:.2f} | {rss:,.0f} MB |"
+        )
+
+
+if __name__ == "__main__":
+    main()
