@@ -159,6 +159,7 @@ def execute(
         eval_set = cache.get(plan.raw, plan.indices, loaded.preprocess, loaded.preprocess_key)
         if eval_set.skipped:
             log.warning("%s: %d unreadable images skipped", name, eval_set.skipped)
+            run.note(f"{name}: {eval_set.skipped} unreadable images skipped; evaluated on {len(eval_set)}")
         images = eval_set.images.pin_memory() if device.type == "cuda" else eval_set.images
         module = loaded.module.to(device)
         reference = model_checksum(module) if debug else None

@@ -1,0 +1,93 @@
+"""Failures inside a study stay inside their cell: a raising perturbation, NaN logits, Ctrl-C."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmark.perturbation import BasePerturbation, generator_for, model_checksum, perturbed
+from benchmark.registry import create_registry
+from benchmark.runner import execute, prepare
+from benchmark.store import RunDir
+from benchmark.study import parse_study
+from conftest import write_fashion
+
+
+class Exploding(BasePerturbation):
+    """Raises on every non-identity level, after damaging the layer."""
+
+    def apply(self, layer, level, generator):
+        layer.module.weight.mul_(0)
+        raise RuntimeError("plugin bug")
+
+
+class Poisoning(BasePerturbation):
+    """Makes the layer emit NaN."""
+
+    def apply(self, layer, level, generator):
+        layer.module.weight.fill_(float("nan"))
+
+
+class Plugin:
+    from benchmark.hookspecs import hookimpl
+
+    @hookimpl
+    def lesionbench_perturbations(self):
+        return [
+            Exploding("exploding", "raises", (0.0, 1.0), (0.0, 1.0)),
+            Poisoning("poisoning", "NaN weights", (0.0, 1.0), (0.0, 1.0)),
+        ]
+
+
+@pytest.fixture
+def plan(tmp_path):
+    registry = create_registry()
+    registry.register(Plugin(), name="faulty")
+    data = write_fashion(tmp_path / "fashion", n=20)
+    study = parse_study(
+        {
+            "name": "faulty",
+            "models": [{"ref": "fashion_alexnet", "weights": "none"}],
+            "layers": ["conv2", "fc7"],
+            "perturbations": ["exploding", "poisoning", "weight_noise"],
+            "levels": {"weight_noise": [0.0, 1.0]},
+            "draws": 2,
+            "device": "cpu",
+            "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 20},
+        }
+    )
+    return prepare(study, registry)
+
+
+@pytest.mark.parametrize("engine", ["fast", "naive"])
+def test_a_raising_perturbation_fails_its_own_cells_and_the_study_goes_on(plan, tmp_path, engine):
+    from dataclasses import replace
+
+    plan.study = replace(plan.study, engine=engine)
+    module = plan.models[0].loaded.module
+    before = model_checksum(module)
+    run = RunDir.create(tmp_path / "run", plan.study)
+    execute(plan, run, debug=True)  # debug: checksum verified after every cell
+    df = run.frame()
+    exploding = df[(df["perturbation"] == "exploding") & (df["level"] == 1.0)]
+    assert len(exploding) == 4 and (exploding["error"] == "RuntimeError: plugin bug").all()
+    assert exploding["top1"].isna().all()
+    poisoned = df[(df["perturbation"] == "poisoning") & (df["level"] == 1.0)]
+    assert len(poisoned) == 4 and (poisoned["error"] == "non-finite logits").all()
+    assert poisoned["loss"].isna().all()
+    noise = df[(df["perturbation"] == "weight_noise") & (df["level"] == 1.0)]
+    assert len(noise) == 4 and (noise["error"] == "").all() and noise["top1"].notna().all()
+    assert model_checksum(module) == before
+
+
+def test_ctrl_c_inside_a_perturbation_still_restores_the_layer(plan):
+    layer = plan.models[0].layers[0]
+    module = plan.models[0].loaded.module
+    before = model_checksum(module)
+    noise = create_registry().get("perturbations", "weight_noise")
+    with pytest.raises(KeyboardInterrupt):
+        with perturbed(layer, noise, 2.0, generator_for(0)):
+            assert model_checksum(module) != before
+            raise KeyboardInterrupt
+    assert model_checksum(module) == before
+    assert torch.isfinite(layer.module.weight).all()
