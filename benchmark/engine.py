@@ -156,7 +156,7 @@ class SuffixEngine(NaiveEngine):
         try:
             yield lambda: evaluate_batches(lambda i: suffix(*cached[i]), labels, self.device)
         finally:
-            del cached
+            cached.clear()  # free the activations before the next layer
 
     def _boundary_values(self, prefix: fx.GraphModule) -> list[tuple[torch.Tensor, ...]] | None:
         """The prefix's outputs for every batch, kept on the device; None past the budget."""

@@ -13,7 +13,7 @@ import re
 
 from benchmark.errors import LesionbenchError, unknown_name
 from benchmark.hookspecs import hookimpl
-from benchmark.models import LoadedModel, ModelSpec, load_checkpoint_into, load_state_dict, num_classes_of
+from benchmark.models import LoadedModel, ModelSpec, load_checkpoint_into, load_state_dict
 
 ARCH = "efficientnet_lite0"
 TIMM_ARCH = "tf_efficientnet_lite0"
@@ -76,7 +76,7 @@ class EfficientNetLite:
     def build(self, spec: ModelSpec) -> LoadedModel:
         import timm
 
-        from models.timm_models import timm_preprocess
+        from models.timm_models import loaded_timm_model
 
         if spec.arch != ARCH:
             raise unknown_name("model", spec.arch, [ARCH])
@@ -92,15 +92,7 @@ class EfficientNetLite:
                     f"EfficientNet-Lite0 weights {path!r} do not fit timm's {TIMM_ARCH}: "
                     f"missing {result.missing_keys[:2]}, unexpected {result.unexpected_keys[:2]}"
                 )
-        preprocess, key, input_size = timm_preprocess(module, 3)
-        return LoadedModel(
-            name=spec.ref,
-            module=module.eval(),
-            num_classes=num_classes_of(module),
-            input_size=input_size,
-            preprocess=preprocess,
-            preprocess_key=key,
-        )
+        return loaded_timm_model(spec.ref, module, 3)
 
 
 @hookimpl

@@ -38,6 +38,19 @@ def _file_num_classes(arch: str, state) -> int | None:
     return None
 
 
+def loaded_timm_model(name: str, module, in_chans: int) -> LoadedModel:
+    """A timm module with timm's own eval preprocessing, ready for a study."""
+    preprocess, key, input_size = timm_preprocess(module, in_chans)
+    return LoadedModel(
+        name=name,
+        module=module.eval(),
+        num_classes=num_classes_of(module),
+        input_size=input_size,
+        preprocess=preprocess,
+        preprocess_key=key,
+    )
+
+
 class TimmModels:
     name = "timm"
     description = "timm.create_model by name; weights='pretrained' (hub) or a local weights file."
@@ -81,16 +94,7 @@ class TimmModels:
                 ) from None
         if spec.checkpoint:
             load_checkpoint_into(module, spec.checkpoint)
-        in_chans = int(kwargs.get("in_chans", 3))
-        preprocess, key, input_size = timm_preprocess(module, in_chans)
-        return LoadedModel(
-            name=spec.ref,
-            module=module.eval(),
-            num_classes=num_classes_of(module),
-            input_size=input_size,
-            preprocess=preprocess,
-            preprocess_key=key,
-        )
+        return loaded_timm_model(spec.ref, module, int(kwargs.get("in_chans", 3)))
 
 
 @hookimpl

@@ -6,9 +6,6 @@ stderr, nothing created).
 from __future__ import annotations
 
 import argparse
-import gzip
-import struct
-import textwrap
 from pathlib import Path
 
 import numpy as np
