@@ -91,3 +91,21 @@ def test_ctrl_c_inside_a_perturbation_still_restores_the_layer(plan):
             raise KeyboardInterrupt
     assert model_checksum(module) == before
     assert torch.isfinite(layer.module.weight).all()
+
+
+def test_results_do_not_depend_on_the_order_cells_run_in(plan, tmp_path):
+    """Each cell's randomness comes from what the cell is, not from what ran before it."""
+    key = ["layer", "perturbation", "level", "draw"]
+    numbers = ["top1", "top5", "loss", "seed"]
+    plan.perturbations = {k: v for k, v in plan.perturbations.items() if k == "weight_noise"}
+    plan.perturbations["synapse_knockout"] = (create_registry().get("perturbations", "synapse_knockout"), (0.0, 0.5))
+    first = RunDir.create(tmp_path / "forward", plan.study)
+    execute(plan, first)
+    plan.models[0].layers.reverse()
+    plan.perturbations = dict(reversed(plan.perturbations.items()))
+    second = RunDir.create(tmp_path / "reversed", plan.study)
+    execute(plan, second)
+    a = first.frame().sort_values(key, ignore_index=True)
+    b = second.frame().sort_values(key, ignore_index=True)
+    assert list(first.frame()["layer"][1:3]) != list(second.frame()["layer"][1:3])  # really another order
+    assert a[key + numbers].equals(b[key + numbers])
