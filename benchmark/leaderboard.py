@@ -35,13 +35,13 @@ def _crit(value: float, max_level: float) -> str:
 
 
 def model_facts(df: pd.DataFrame) -> pd.DataFrame:
-    """Per model × dataset: clean top-1/top-5, throughput, device and total evaluation time."""
+    """Per model × dataset: clean top-1/top-5, full-pass throughput and device (from the clean
+    evaluation), and the study's total evaluation time."""
     clean1 = clean_accuracy(df, "top1").rename(columns={"clean": "clean_top1"}).drop(columns="chance")
     clean5 = clean_accuracy(df, "top5").rename(columns={"clean": "clean_top5"}).drop(columns="chance")
-    timed = df[df["error"].fillna("") == ""].groupby(["model", "dataset"]).agg(
-        images_per_s=("images_per_s", "median"), study_seconds=("seconds", "sum"), device=("device", "first")
-    )
-    return clean1.merge(clean5, on=["model", "dataset"]).merge(timed.reset_index(), on=["model", "dataset"])
+    clean = df[df["perturbation"] == CLEAN].drop_duplicates(["model", "dataset"])[["model", "dataset", "images_per_s", "device"]]
+    total = df[df["error"].fillna("") == ""].groupby(["model", "dataset"], as_index=False).agg(study_seconds=("seconds", "sum"))
+    return clean1.merge(clean5, on=["model", "dataset"]).merge(clean, on=["model", "dataset"]).merge(total, on=["model", "dataset"])
 
 
 def render(
@@ -92,7 +92,12 @@ def render(
                 f"{f.study_seconds:,.0f} s",
             ]
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", "Columns per perturbation: mean layer score. First / last layer: mean over perturbations.", ""]
+        lines += [
+            "",
+            "Columns per perturbation: mean layer score. First / last layer: mean over perturbations. "
+            "images/s: a full clean pass; study time: all evaluations of the study.",
+            "",
+        ]
         for model in overall.index:
             lines += _model_section(model, scores[scores["model"] == model], perts, plot_links.get(model, ()))
     return "\n".join(lines).rstrip() + "\n"
