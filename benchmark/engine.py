@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import fx, nn
 
-from benchmark.evaluate import EvalResult, evaluate, evaluate_batches
+from benchmark.evaluate import EvalResult, autocast_context, evaluate, evaluate_batches
 from benchmark.layers import PERTURBABLE, Layer
 
 log = logging.getLogger("lesionbench")
@@ -34,12 +34,13 @@ class NaiveEngine:
 
     name = "naive"
 
-    def __init__(self, module: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device):
+    def __init__(self, module: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 device: torch.device, autocast: bool = False):  # fmt: skip
         self.module, self.images, self.labels = module, images, labels
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.autocast = batch_size, device, autocast
 
     def full(self) -> EvalResult:
-        return evaluate(self.module, self.images, self.labels, self.batch_size, self.device)
+        return evaluate(self.module, self.images, self.labels, self.batch_size, self.device, self.autocast)
 
     @contextmanager
     def for_layer(self, layer: Layer) -> Iterator[Callable[[], EvalResult]]:
@@ -129,8 +130,9 @@ class SuffixEngine(NaiveEngine):
 
     name = "fast"
 
-    def __init__(self, module, images, labels, batch_size, device, budget_bytes: int = DEFAULT_BUDGET_BYTES):
-        super().__init__(module, images, labels, batch_size, device)
+    def __init__(self, module, images, labels, batch_size, device, autocast: bool = False,
+                 budget_bytes: int = DEFAULT_BUDGET_BYTES):  # fmt: skip
+        super().__init__(module, images, labels, batch_size, device, autocast)
         self.budget_bytes = budget_bytes
         self.graph = trace(module)
         self.notes: list[str] = []
@@ -154,7 +156,7 @@ class SuffixEngine(NaiveEngine):
         labels = [self.labels[b : b + self.batch_size] for b in range(0, len(self.labels), self.batch_size)]
         suffix.eval()
         try:
-            yield lambda: evaluate_batches(lambda i: suffix(*cached[i]), labels, self.device)
+            yield lambda: evaluate_batches(lambda i: suffix(*cached[i]), labels, self.device, self.autocast)
         finally:
             cached.clear()  # free the activations before the next layer
 
@@ -163,7 +165,7 @@ class SuffixEngine(NaiveEngine):
         out: list[tuple[torch.Tensor, ...]] = []
         used = 0
         prefix.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_context(self.device, self.autocast):
             for b in range(0, len(self.labels), self.batch_size):
                 x = self.images[b : b + self.batch_size].to(self.device, non_blocking=True)
                 values = tuple(prefix(x))
@@ -174,12 +176,13 @@ class SuffixEngine(NaiveEngine):
         return out
 
 
-def create_engine(name: str, module, images, labels, batch_size, device, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+def create_engine(name: str, module, images, labels, batch_size, device, autocast: bool = False,
+                  budget_bytes: int = DEFAULT_BUDGET_BYTES):  # fmt: skip
     """The single door to an engine by name."""
     if name == "naive":
-        return NaiveEngine(module, images, labels, batch_size, device)
+        return NaiveEngine(module, images, labels, batch_size, device, autocast)
     if name == "fast":
-        return SuffixEngine(module, images, labels, batch_size, device, budget_bytes)
+        return SuffixEngine(module, images, labels, batch_size, device, autocast, budget_bytes)
     from benchmark.errors import unknown_name
 
     raise unknown_name("engine", name, ENGINES)

@@ -36,8 +36,17 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def autocast_context(device: torch.device, enabled: bool):
+    """Mixed precision when asked for: float16 on CUDA, bfloat16 on the CPU."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
 def evaluate_batches(
-    forward: Callable[[int], torch.Tensor], labels: Sequence[torch.Tensor], device: torch.device
+    forward: Callable[[int], torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    device: torch.device,
+    autocast: bool = False,
 ) -> EvalResult:
     """Score ``forward(i)`` (the logits of batch i) against ``labels[i]`` for every batch."""
     n = sum(len(y) for y in labels)
@@ -51,7 +60,9 @@ def evaluate_batches(
     with torch.inference_mode():
         for i, y in enumerate(labels):
             y = y.to(device, non_blocking=True)
-            logits = forward(i).float()
+            with autocast_context(device, autocast):
+                logits = forward(i)
+            logits = logits.float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == y[:, None]
             correct1 += int(hit[:, 0].sum())
@@ -80,6 +91,7 @@ def evaluate(
     labels: torch.Tensor,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    autocast: bool = False,
 ) -> EvalResult:
     """Accuracy and loss of ``model`` on ``images``; the model must already be on ``device``."""
     device = resolve_device(str(device) if device is not None else None)
@@ -91,4 +103,4 @@ def evaluate(
         b = starts[i]
         return model(images[b : b + batch_size].to(device, non_blocking=True))
 
-    return evaluate_batches(forward, label_batches, device)
+    return evaluate_batches(forward, label_batches, device, autocast)

@@ -160,10 +160,15 @@ def execute(
         if eval_set.skipped:
             log.warning("%s: %d unreadable images skipped", name, eval_set.skipped)
             run.note(f"{name}: {eval_set.skipped} unreadable images skipped; evaluated on {len(eval_set)}")
-        images = eval_set.images.pin_memory() if device.type == "cuda" else eval_set.images
+        images = eval_set.images
         module = loaded.module.to(device)
+        if study.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+            module = module.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            images = images.pin_memory()
         reference = model_checksum(module) if debug else None
-        engine = create_engine(study.engine, module, images, eval_set.labels, study.batch_size, device)
+        engine = create_engine(study.engine, module, images, eval_set.labels, study.batch_size, device, study.autocast)
 
         clean = engine.full()
         if clean_key not in done:
@@ -256,7 +261,7 @@ def run_from_cli(args, console) -> int:
         study,
         models=args.models, layers=args.layers, perturbations=args.perturbations, levels=args.levels,
         draws=args.draws, n_images=args.n_images, seed=args.seed, data=args.data, device=args.device,
-        batch_size=args.batch_size, engine=args.engine,
+        batch_size=args.batch_size, engine=args.engine, autocast=args.autocast, channels_last=args.channels_last,
     )  # fmt: skip
     run = run_study(study, registry, out, resume=args.resume is not None,
                     progress_factory=lambda total: rich_progress(console, total), debug=args.debug)  # fmt: skip

@@ -42,6 +42,8 @@ class Study:
     batch_size: int = 256
     metric: str = "top1"  # what scores are computed from: top1 or top5
     engine: str = "fast"  # "fast" (only what a perturbation changes) or "naive" (full passes)
+    autocast: bool = False  # mixed precision (float16 on CUDA, bfloat16 on CPU)
+    channels_last: bool = False  # NHWC memory layout for models and images
     description: str = ""
 
     def fingerprint(self) -> str:
@@ -55,6 +57,9 @@ class Study:
             "draws": self.draws,
             "seed": self.seed,
         }
+        # Options that change the arithmetic join the fingerprint only when on, so that runs made
+        # before they existed keep their fingerprint.
+        payload |= {k: True for k in ("autocast", "channels_last") if getattr(self, k)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +92,8 @@ _TOP_KEYS = {
     "batch_size": int,
     "metric": str,
     "engine": str,
+    "autocast": bool,
+    "channels_last": bool,
 }
 _DATASET_KEYS = {"name": str, "path": str, "split": str, "n_images": int}
 _MODEL_KEYS = {"ref": str, "weights": str, "checkpoint": str, "options": dict}
@@ -154,6 +161,8 @@ def parse_study(data: dict[str, Any], default_name: str = "study", base_dir: Pat
         batch_size=data.get("batch_size", 256),
         metric=data.get("metric", "top1"),
         engine=data.get("engine", "fast"),
+        autocast=data.get("autocast", False),
+        channels_last=data.get("channels_last", False),
     )
     validate_scalars(study)
     return study

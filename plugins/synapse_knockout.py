@@ -20,8 +20,11 @@ def zero_random_entries(tensor: torch.Tensor, fraction: float, generator: torch.
     k = count_for(fraction, tensor.numel())
     if k == 0:
         return
-    idx = torch.randperm(tensor.numel(), generator=generator)[:k].to(tensor.device)
-    tensor.view(-1)[idx] = 0
+    # Indices are positions in the tensor's logical (row-major) order, so the same draw zeroes the
+    # same weights whatever the memory layout (e.g. channels_last).
+    mask = torch.zeros(tensor.numel(), dtype=torch.bool)
+    mask[torch.randperm(tensor.numel(), generator=generator)[:k]] = True
+    tensor.masked_fill_(mask.view(tensor.shape).to(tensor.device), 0)
 
 
 class SynapseKnockout(BasePerturbation):

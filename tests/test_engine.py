@@ -131,3 +131,27 @@ def test_fast_and_naive_engines_write_the_same_results(model, data, tmp_path):
     assert len(fast) == len(naive) > 0
     pd.testing.assert_frame_equal(fast[KEY], naive[KEY])
     pd.testing.assert_frame_equal(fast[NUMBERS], naive[NUMBERS], rtol=1e-6, atol=1e-7)
+
+
+def test_channels_last_and_autocast_are_study_options(data, tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text(
+        'name = "opts"\nmodels = [{ref = "fashion_alexnet", weights = "none"}]\nlayers = ["conv2", "fc7"]\n'
+        'draws = 1\ndevice = "cpu"\nbatch_size = 16\n'
+        "[levels]\nsynapse_knockout = [0.0, 0.5]\nnode_knockout = [0.0, 0.5]\nweight_noise = [0.0, 1.0]\n"
+        f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\nn_images = 40\n'
+    )
+    runs = {}
+    for name, flags in {"plain": [], "nhwc": ["--channels-last"], "amp": ["--autocast"]}.items():
+        out = tmp_path / name
+        assert main(["run", str(study), "--out", str(out), *flags]) == 0
+        runs[name] = read_results(out).sort_values(KEY, ignore_index=True)
+    plain, nhwc, amp = runs["plain"], runs["nhwc"], runs["amp"]
+    pd.testing.assert_frame_equal(plain[NUMBERS], nhwc[NUMBERS], rtol=1e-4, atol=1e-5)
+    assert (amp["seed"] == plain["seed"]).all()
+    assert not amp["loss"].equals(plain["loss"])  # bfloat16 arithmetic really ran
+    assert (amp["loss"] - plain["loss"]).abs().max() < 0.05
+    import json
+
+    fingerprints = {n: json.loads((tmp_path / n / "manifest.json").read_text())["fingerprint"] for n in runs}
+    assert len(set(fingerprints.values())) == 3
