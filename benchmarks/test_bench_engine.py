@@ -1,0 +1,47 @@
+"""pytest-benchmark timings of one layer × perturbation block: fast engine vs naive loop.
+
+Run with ``python -m pytest benchmarks/ --benchmark-only`` (not part of ``make test``); compare
+the two rows of the table it prints. ``benchmarks/engine_ratios.py`` gives whole-study ratios.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmark.engine import NaiveEngine, SuffixEngine
+from benchmark.layers import discover_layers
+from benchmark.perturbation import generator_for, perturbed
+from benchmark.registry import create_registry
+from models.fashion import FashionAlexNet
+
+LEVELS = (0.25, 0.5, 0.75, 1.0)
+DRAWS = 3
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = FashionAlexNet().eval()
+    images, labels = torch.randn(512, 1, 28, 28), torch.arange(512) % 10
+    layers = {l.display: l for l in discover_layers(model, images[:1])}
+    perturbation = create_registry().get("perturbations", "synapse_knockout")
+    return model, images, labels, layers, perturbation
+
+
+def block(engine, layer, perturbation):
+    """All levels × draws of one layer, as a study evaluates them."""
+    with engine.for_layer(layer) as run:
+        for level in LEVELS:
+            for draw in range(DRAWS):
+                with perturbed(layer, perturbation, level, generator_for(draw)):
+                    run()
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv4", "fc7"])
+@pytest.mark.parametrize("engine_cls", [NaiveEngine, SuffixEngine], ids=["naive", "fast"])
+def test_block(benchmark, setup, engine_cls, layer):
+    model, images, labels, layers, perturbation = setup
+    engine = engine_cls(model, images, labels, 256, torch.device("cpu"))
+    benchmark.group = f"synapse_knockout on {layer}"
+    benchmark.pedantic(block, args=(engine, layers[layer], perturbation), rounds=3, iterations=1)
