@@ -26,24 +26,35 @@ def safe_name(text: str) -> str:
     return cleaned or "unnamed"
 
 
+MAX_LEGEND_LAYERS = 12  # beyond this a depth colour bar replaces the per-layer legend
+
+
 def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str, out: Path) -> Path:
     c = curves(df[df["model"] == model], metric)
     c = c[c["perturbation"] == perturbation]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     cmap = plt.get_cmap("viridis")
     layers = c.drop_duplicates("layer").sort_values("layer_index")
-    for i, (_, layer) in enumerate(layers.iterrows()):
+    many = len(layers) > MAX_LEGEND_LAYERS
+    for _, layer in layers.iterrows():
         g = c[c["layer"] == layer["layer"]].sort_values("level")
-        colour = cmap(i / max(1, len(layers) - 1))
-        ax.plot(g["level"], g["mean"], marker="o", ms=3, color=colour, label=layer["layer"])
-        ax.fill_between(g["level"], g["ci_low"].clip(0, 1), g["ci_high"].clip(0, 1), color=colour, alpha=0.15, lw=0)
+        colour = cmap(float(layer["relative_depth"]))
+        ax.plot(g["level"], g["mean"], marker="o", ms=2 if many else 3, lw=1 if many else 1.5, color=colour,
+                label=None if many else layer["layer"])  # fmt: skip
+        ax.fill_between(g["level"], g["ci_low"].clip(0, 1), g["ci_high"].clip(0, 1), color=colour,
+                        alpha=0.04 if many else 0.15, lw=0)  # fmt: skip
     chance = c["chance"].iloc[0]
     ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
     ax.set_xlabel(f"{perturbation} level p")
     ax.set_ylabel(f"{metric} accuracy")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"{model}: {perturbation}")
-    ax.legend(fontsize=7, ncol=2 if len(layers) > 8 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(f"{model}: {perturbation}", fontsize=10)
+    if many:
+        bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1)), ax=ax)
+        bar.set_label(f"layer depth (0 = first, 1 = last; {len(layers)} layers)")
+        ax.legend(fontsize=7, loc="lower left")
+    else:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, out)
 
 
