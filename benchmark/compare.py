@@ -6,6 +6,7 @@ that drops by more than ``max_drop`` (absolute) is a regression.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -29,8 +30,8 @@ class Comparison:
 
 
 def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, metric: str = "top1") -> Comparison:
-    if max_drop < 0:
-        raise LesionbenchError(f"--max-drop must be non-negative, got {max_drop}")
+    if not math.isfinite(max_drop) or max_drop < 0:
+        raise LesionbenchError(f"--max-drop must be a non-negative number, got {max_drop}")
     ns, bs = layer_scores(new, metric), layer_scores(baseline, metric)
     merged = ns.merge(bs, on=KEYS, suffixes=("_new", "_base"), how="outer", indicator=True)
     both = merged[merged["_merge"] == "both"]

@@ -14,8 +14,10 @@ would exceed the memory budget, fall back to full passes (logged).
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -78,11 +80,52 @@ def trace(module: nn.Module) -> fx.GraphModule | None:
     return fx.GraphModule(module, graph)
 
 
-def split_at(gm: fx.GraphModule, layer_name: str) -> tuple[fx.GraphModule, fx.GraphModule, int] | None:
-    """(prefix, suffix, n_boundary) for the layer, or None when no graph node runs it.
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
+
+
+def _is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` may write into one of its inputs (``x.add_()``, ``inplace=True``, ``+=``)."""
+    if node.kwargs.get("inplace") or "out" in node.kwargs:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    return False
+
+
+def _touches(gm: fx.GraphModule, node: fx.Node, tensor_ids: set[int]) -> bool:
+    """Whether ``node`` reads one of the given parameters or buffers."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return any(id(t) in tensor_ids for t in [*module.parameters(), *module.buffers()])
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part, None)
+        return id(obj) in tensor_ids
+    return False
+
+
+@dataclass
+class Split:
+    """A model cut at one layer: ``suffix(*prefix(x)) == model(x)``."""
+
+    prefix: fx.GraphModule
+    suffix: fx.GraphModule
+    n_boundary: int
+    mutates_boundary: bool  # the suffix writes into a boundary value: feed it copies
+
+
+def split_at(gm: fx.GraphModule, layer_name: str, tensors=()) -> Split | None:
+    """The prefix/suffix split at a layer, or None when the cut would be wrong or impossible.
 
     The prefix maps the model's input to the boundary values; the suffix maps the boundary values
-    to the model's output. A layer inside a module kept whole is split at that module.
+    to the model's output. A layer inside a module kept whole is split at that module. ``tensors``
+    are the parameters and buffers a perturbation of the layer may change: if anything upstream
+    also reads one (tied weights, a reused module), no cut can cache it and None is returned.
     """
     graph = gm.graph
     starts = [
@@ -95,6 +138,9 @@ def split_at(gm: fx.GraphModule, layer_name: str) -> tuple[fx.GraphModule, fx.Gr
     for node in graph.nodes:  # topological order: a node is downstream if any input is
         if node in starts or any(a in downstream for a in node.all_input_nodes):
             downstream.add(node)
+    tensor_ids = {id(t) for t in tensors}
+    if any(_touches(gm, n, tensor_ids) for n in graph.nodes if n not in downstream):
+        return None
     output = next(n for n in graph.nodes if n.op == "output")
     consumers = [n for n in graph.nodes if n in downstream or n is output]
     boundary: list[fx.Node] = []
@@ -122,7 +168,9 @@ def split_at(gm: fx.GraphModule, layer_name: str) -> tuple[fx.GraphModule, fx.Gr
     for part in (prefix, suffix):
         part.graph.eliminate_dead_code()
         part.recompile()
-    return prefix, suffix, len(boundary)
+    placeholders = {n for n in suffix.graph.nodes if n.op == "placeholder"}
+    mutates = any(_is_inplace(suffix, n) and placeholders & set(n.all_input_nodes) for n in suffix.graph.nodes)
+    return Split(prefix, suffix, len(boundary), mutates)
 
 
 class SuffixEngine(NaiveEngine):
@@ -141,14 +189,15 @@ class SuffixEngine(NaiveEngine):
 
     @contextmanager
     def for_layer(self, layer: Layer) -> Iterator[Callable[[], EvalResult]]:
-        parts = split_at(self.graph, layer.name) if self.graph is not None else None
+        tensors = [t for m in layer.modules() for t in [*m.parameters(), *m.buffers()]]
+        parts = split_at(self.graph, layer.name, tensors) if self.graph is not None else None
         if parts is None:
             if self.graph is not None:
-                self.notes.append(f"{layer.name}: no graph node runs it: full passes")
+                self.notes.append(f"{layer.name}: no clean cut (not a graph node, or its tensors are read upstream): full passes")
             yield self.full
             return
-        prefix, suffix, _ = parts
-        cached = self._boundary_values(prefix)
+        suffix = parts.suffix
+        cached = self._boundary_values(parts.prefix)
         if cached is None:
             self.notes.append(f"{layer.name}: cached activations exceed {self.budget_bytes} bytes: full passes")
             yield self.full
@@ -156,7 +205,11 @@ class SuffixEngine(NaiveEngine):
         labels = [self.labels[b : b + self.batch_size] for b in range(0, len(self.labels), self.batch_size)]
         suffix.eval()
         try:
-            yield lambda: evaluate_batches(lambda i: suffix(*cached[i]), labels, self.device, self.autocast)
+            if parts.mutates_boundary:  # an in-place op would corrupt the cache for the next cell
+                forward = lambda i: suffix(*(v.clone() for v in cached[i]))  # noqa: E731
+            else:
+                forward = lambda i: suffix(*cached[i])  # noqa: E731
+            yield lambda: evaluate_batches(forward, labels, self.device, self.autocast)
         finally:
             cached.clear()  # free the activations before the next layer
 

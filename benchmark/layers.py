@@ -15,7 +15,7 @@ from torch import nn
 
 from benchmark.errors import unknown_name
 
-PERTURBABLE = (nn.modules.conv._ConvNd, nn.Linear)
+PERTURBABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # not transposed convs: their weight is (in, out, …)
 NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -89,7 +89,7 @@ def discover_layers(
                 display=aliases.get(name, name),
                 index=i,
                 relative_depth=i / (n - 1) if n > 1 else 0.0,
-                kind="conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear",
+                kind="linear" if isinstance(module, nn.Linear) else "conv",
                 module=module,
                 norm=norm,
                 norm_name=names.get(norm) if norm is not None else None,

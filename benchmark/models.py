@@ -79,7 +79,11 @@ def create_model(spec: ModelSpec | str, sources: Mapping[str, ModelSource]) -> L
             known = [n if s.claims(n) else f"{p}:{n}" for p, s in sources.items() for n in s.examples()]
             raise unknown_name("model", spec.ref, known + [f"{p}:<name>" for p in sources])
         source = claiming[0]
-    loaded = source.build(spec)
+    try:
+        loaded = source.build(spec)
+    except (TypeError, ValueError) as exc:  # options the builder does not take, or of the wrong type
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LesionbenchError(f"model {spec.ref!r} could not be built with options {dict(spec.options)}: {first}") from None
     loaded.module.eval()
     return loaded
 

@@ -60,6 +60,8 @@ def check_levels(perturbation: Perturbation, levels: Sequence[float]) -> tuple[f
             raise LesionbenchError(
                 f"level {level} is outside the range [{lo}, {hi}] of perturbation {perturbation.name!r}"
             )
+        if float(level) in out:
+            raise LesionbenchError(f"level {level} is given twice for perturbation {perturbation.name!r}")
         out.append(float(level))
     return tuple(out)
 

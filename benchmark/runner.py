@@ -23,7 +23,7 @@ from benchmark.layers import Layer, discover_layers, select_layers
 from benchmark.models import LoadedModel, create_model
 from benchmark.perturbation import Perturbation, cell_seed, check_levels, generator_for, model_checksum, perturbed
 from benchmark.registry import Registry
-from benchmark.store import CLEAN, RunDir, cell_key
+from benchmark.store import CLEAN, NONFINITE, RunDir, cell_key
 from benchmark.study import Study
 
 log = logging.getLogger("lesionbench")
@@ -73,8 +73,25 @@ class Plan:
         return sum(len(self.cells(m)) + 1 for m in self.models)
 
 
+def check_device(name: str) -> torch.device:
+    """The study's device, or a clear error for a name torch does not know or a GPU that is absent."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError as exc:
+        raise LesionbenchError(f"unknown device {name!r}: {str(exc).splitlines()[0]}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LesionbenchError(f"device {name!r} asked for, but CUDA is not available here (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LesionbenchError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise LesionbenchError(f"device {name!r} is not supported (cpu, cuda, cuda:N or auto)")
+    return device
+
+
 def prepare(study: Study, registry: Registry) -> Plan:
     """Resolve and check everything the study names; raises LesionbenchError on the first problem."""
+    check_device(study.device)
     perturbations = {}
     for name in study.perturbations:
         p = registry.get("perturbations", name)
@@ -216,7 +233,7 @@ def _run_cell(plan: Plan, run: RunDir, name: str, cell: Cell, clean: EvalResult,
         error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.warning("%s failed: %s", label, error)
     if result is not None and not math.isfinite(result.loss):
-        error = error or "non-finite logits"
+        error = error or NONFINITE
     run.append(_row(plan, name, cell, seed, result, error))
     tick(label)
 

@@ -14,9 +14,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from benchmark.store import CLEAN
+from benchmark.errors import LesionbenchError
+from benchmark.store import CLEAN, NONFINITE  # NONFINITE cells are scored as chance, not dropped
 
 GROUP = ["model", "dataset", "layer", "layer_index", "relative_depth", "perturbation"]
+
 TOPK = {"top1": 1, "top5": 5}
 
 
@@ -28,7 +30,10 @@ def chance_level(metric: str, num_classes: int) -> float:
 def curves(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     """Mean, std, count and 95% t-interval over draws per layer × perturbation × level, with the
     relative drop (acc(p) − acc(0)) / acc(0) and the retention r(p)."""
-    cells = df[(df["perturbation"] != CLEAN) & (df["error"].fillna("") == "")]
+    error = df["error"].fillna("")
+    cells = df[(df["perturbation"] != CLEAN) & ((error == "") | (error == NONFINITE))].copy()
+    broken = cells["error"] == NONFINITE
+    cells.loc[broken, metric] = [chance_level(metric, int(n)) for n in cells.loc[broken, "num_classes"]]
     g = cells.groupby(GROUP + ["level"], sort=True)[metric]
     out = g.agg(mean="mean", std="std", n="count").reset_index()
     out["std"] = out["std"].fillna(0.0)
@@ -45,6 +50,9 @@ def curves(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
 def clean_accuracy(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     """Per model and dataset: clean accuracy and chance, from the clean row."""
     clean = df[df["perturbation"] == CLEAN]
+    missing = set(df.loc[df["perturbation"] != CLEAN, "model"]) - set(clean["model"])
+    if missing:
+        raise LesionbenchError(f"results for model(s) {', '.join(sorted(missing))} have no clean row; cannot score")
     cols = ["model", "dataset", metric, "num_classes"]
     out = clean[cols].drop_duplicates(["model", "dataset"]).rename(columns={metric: "clean"})
     out["chance"] = [chance_level(metric, int(n)) for n in out["num_classes"]]

@@ -30,7 +30,8 @@ COLUMNS = [
 ]  # fmt: skip
 NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
            "seconds", "images_per_s", "num_classes"]  # fmt: skip
-CLEAN = "clean"  # the perturbation name of the one unperturbed evaluation per model
+CLEAN = "clean"
+NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf  # the perturbation name of the one unperturbed evaluation per model
 RESULTS = "results.csv"
 MANIFEST = "manifest.json"
 
@@ -57,6 +58,8 @@ class RunDir:
     def create(cls, path: Path, study: Study) -> RunDir:
         """A fresh run directory; refuses one that already holds results."""
         run = cls(Path(path))
+        if run.path.exists() and not run.path.is_dir():
+            raise LesionbenchError(f"{str(run.path)!r} exists and is not a directory")
         if run.results_path.exists():
             raise LesionbenchError(
                 f"{str(run.path)!r} already holds results; resume with --resume {run.path} or choose another --out"
@@ -94,7 +97,12 @@ class RunDir:
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
 
     def manifest(self) -> dict:
-        return json.loads(self.manifest_path.read_text())
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+            manifest["study"], manifest["fingerprint"]
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise LesionbenchError(f"{str(self.manifest_path)!r} is unreadable or damaged ({exc})") from None
+        return manifest
 
     def _repair_tail(self) -> None:
         """Cut a torn last line left by a crash mid-write."""

@@ -172,6 +172,8 @@ def validate_scalars(study: Study) -> None:
     """Checks that need no plugin: counts positive, metric known."""
     if study.draws < 1:
         raise LesionbenchError(f"study key 'draws' must be at least 1, got {study.draws}")
+    if study.seed < 0:
+        raise LesionbenchError(f"study key 'seed' must be a non-negative integer, got {study.seed}")
     if study.batch_size < 1:
         raise LesionbenchError(f"study key 'batch_size' must be at least 1, got {study.batch_size}")
     if study.dataset.n_images is not None and study.dataset.n_images < 1:

@@ -67,7 +67,8 @@ def lower_bound(module, images, batch, layers, perts, levels, draws, device) -> 
     total = 0.0
     with torch.inference_mode():
         for layer in layers:
-            prefix, suffix, _ = split_at(gm, layer.name)
+            cut = split_at(gm, layer.name)
+            prefix, suffix = cut.prefix, cut.suffix
             cached = [prefix(images[b : b + batch].to(device)) for b in range(0, len(images), batch)]
             n_cells = len(cells([layer], perts, levels, draws))
             t0 = time.perf_counter()

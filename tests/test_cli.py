@@ -384,3 +384,41 @@ def test_plugins_lists_every_builtin_with_its_contributions(capsys):
     assert "model fashion" in row("fashion")
     assert "model timm" in row("timm") and "model torchvision" in row("torchvision")
     assert "failed" not in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--device", "bogus"], ["unknown device 'bogus'"]),
+        (["--seed", "-1"], ["'seed' must be a non-negative integer"]),
+        (["--levels", "0,0.5,0.5"], ["level 0.5 is given twice"]),
+    ],
+    ids=["device", "seed", "duplicate-level"],
+)
+def test_more_bad_input(study, tmp_path, capsys, args, needles):
+    expect_bad(["run", str(study), *args], tmp_path / "o", capsys, *needles)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(study, tmp_path, capsys):
+    expect_bad(["run", str(study), "--device", "cuda"], tmp_path / "o", capsys, "CUDA is not available")
+
+
+def test_model_options_the_builder_rejects(fashion, tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text(study_text(fashion, model='{ref = "fashion_alexnet", weights = "none", options = {bogus = 1}}'))
+    expect_bad(["run", str(path)], tmp_path / "o", capsys, "could not be built with options")
+
+
+def test_out_that_is_a_file_and_a_damaged_manifest(study, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["run", str(study), "--out", str(afile)]) == 2
+    assert afile.read_text() == "mine"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text("{not json")
+    (run / "results.csv").write_text(",".join(COLUMNS) + "\n")
+    assert main(["run", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory" in err and "unreadable or damaged" in err

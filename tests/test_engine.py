@@ -39,29 +39,85 @@ def test_prefix_then_suffix_equals_the_whole_network_for_every_layer(build, shap
         reference = model(x)
         layers = discover_layers(model, x[:1])
         for layer in layers if len(layers) <= 16 else layers[::6] + layers[-1:]:  # a spread of depths
-            prefix, suffix, _ = split_at(gm, layer.name)
-            assert torch.equal(suffix(*prefix(x)), reference), layer.name
+            cut = split_at(gm, layer.name)
+            assert torch.equal(cut.suffix(*cut.prefix(x)), reference), layer.name
 
 
 def test_skip_connections_cross_the_boundary():
     """In a residual block the shortcut is cached alongside the layer's input."""
     model = ARCHITECTURES["fashion_resnet"]().eval()
     gm = trace(model)
-    _, _, n_chain = split_at(gm, "conv1.0")
-    _, _, n_block = split_at(gm, "layer1.0.conv2")
-    assert n_chain == 1 and n_block == 2
+    assert split_at(gm, "conv1.0").n_boundary == 1
+    assert split_at(gm, "layer1.0.conv2").n_boundary == 2
 
 
 def test_suffix_sees_the_perturbation():
     """The split graphs share the model's parameters, so damage to the layer reaches the suffix."""
     model = ARCHITECTURES["fashion_alexnet"]().eval()
     x = torch.randn(2, 1, 28, 28)
-    prefix, suffix, _ = split_at(trace(model), "conv3")
+    cut = split_at(trace(model), "conv3")
     with torch.no_grad():
-        cached = prefix(x)
+        cached = cut.prefix(x)
         model.conv3.weight.zero_()
         model.conv3.bias.zero_()
-        assert torch.equal(suffix(*cached), model(x))
+        assert torch.equal(cut.suffix(*cached), model(x))
+
+
+class TiedWeights(nn.Module):
+    """The output layer shares its weight with a layer upstream of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
+        self.out.weight = self.inp.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.mid(torch.relu(self.inp(x)))))
+
+
+class InPlaceOnBoundary(nn.Module):
+    """The suffix adds into a value computed upstream (``h.add_``): the cache must not change."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.head(h.add_(self.b(h)))
+
+
+def _fast_equals_naive(model, layer_name, draws=3):
+    from benchmark.engine import NaiveEngine
+    from benchmark.perturbation import generator_for, perturbed
+
+    from benchmark.registry import create_registry
+
+    noise = create_registry().get("perturbations", "weight_noise")
+    images, labels = torch.randn(16, 8), torch.arange(16) % 8
+    layer = next(l for l in discover_layers(model, images[:1]) if l.name == layer_name)
+    fast = SuffixEngine(model, images, labels, 8, torch.device("cpu"))
+    naive = NaiveEngine(model, images, labels, 8, torch.device("cpu"))
+    with fast.for_layer(layer) as run_fast:
+        for draw in range(draws):
+            with perturbed(layer, noise, 2.0, generator_for(draw)):
+                assert run_fast().loss == pytest.approx(naive.full().loss, rel=1e-6), draw
+    return fast
+
+
+def test_tied_weights_are_not_cached_upstream():
+    model = TiedWeights().eval()
+    assert split_at(trace(model), "out", list(model.out.parameters())) is None
+    fast = _fast_equals_naive(model, "out")
+    assert any("no clean cut" in n for n in fast.notes)
+
+
+def test_in_place_ops_do_not_corrupt_the_cache_between_cells():
+    model = InPlaceOnBoundary().eval()
+    assert split_at(trace(model), "b").mutates_boundary
+    _fast_equals_naive(model, "b")
 
 
 class Untraceable(nn.Module):

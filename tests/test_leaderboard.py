@@ -139,3 +139,22 @@ def test_leaderboard_cli_writes_markdown_and_plots(tmp_path):
         "d__m__heatmap.png", "d__m__p.png", "score_vs_depth.png",
     ]  # fmt: skip
     assert main(["leaderboard", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_results_without_a_clean_row_and_a_nan_threshold_are_refused(tmp_path):
+    no_clean = write(results().query("perturbation != 'clean'"), tmp_path / "nc.csv")
+    base = write(results(), tmp_path / "base.csv")
+    assert main(["leaderboard", str(no_clean), "--out", str(tmp_path / "x.md"), "--no-plots"]) == 2
+    assert main(["compare", str(no_clean), str(base)]) == 2
+    assert main(["compare", str(base), str(base), "--max-drop", "nan"]) == 2
+
+
+def test_non_finite_cells_count_as_chance_not_as_missing():
+    from benchmark.scores import layer_scores
+
+    df = results(layers={"conv1": [0.9, 0.9, 0.9]})
+    broken = (df["layer"] == "conv1") & (df["level"] == 1.0)
+    df.loc[broken, "error"] = "non-finite logits"
+    df.loc[broken, "loss"] = np.nan
+    score = layer_scores(df).iloc[0]["score"]
+    assert score == pytest.approx(0.75)  # r = 1, 1, 0 — not 1.0 from dropping the level
