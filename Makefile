@@ -13,7 +13,9 @@ data:
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+# runs/demo is this target's own output: each `make run` starts it afresh.
 run: setup data
+	rm -rf runs/demo
 	lesionbench run demo --out runs/demo
 
 test: setup data
