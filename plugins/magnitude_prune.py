@@ -1,0 +1,45 @@
+"""Magnitude pruning: zero the smallest-magnitude fraction of a layer's weights.
+
+Level p zeroes the floor(p·W.numel()) entries of W with the smallest |w| (ties broken by position,
+so the result is fully determined); the bias is left alone, as in pruning practice. It is the
+informed baseline against which random synapse knockout is compared: the same number of zeros,
+chosen to do the least harm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmark.hookspecs import hookimpl
+from benchmark.layers import Layer
+from benchmark.perturbation import BasePerturbation, count_for
+from plugins.synapse_knockout import LEVELS
+
+
+def prune_smallest(tensor: torch.Tensor, fraction: float) -> None:
+    """Zero the floor(fraction·numel) entries of smallest magnitude, in place."""
+    n = tensor.numel()
+    k = count_for(fraction, n)
+    if k == 0:
+        return
+    order = torch.sort(tensor.detach().abs().reshape(-1).cpu(), stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[:k]] = True
+    tensor.masked_fill_(mask.view(tensor.shape).to(tensor.device), 0)
+
+
+class MagnitudePrune(BasePerturbation):
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        prune_smallest(layer.module.weight, level)
+
+
+@hookimpl
+def lesionbench_perturbations():
+    return [
+        MagnitudePrune(
+            name="magnitude_prune",
+            description="Zero the fraction p of the weights with the smallest |w| (biases untouched).",
+            default_levels=LEVELS,
+            level_range=(0.0, 1.0),
+        )
+    ]

@@ -1,0 +1,84 @@
+"""Perturbations beyond the paper's three, each checked against its docstring's definition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from benchmark.layers import discover_layers
+from benchmark.perturbation import generator_for, model_checksum, perturbed
+from benchmark.registry import create_registry
+
+
+@pytest.fixture(scope="module")
+def perts():
+    return {name: c.obj for name, c in create_registry().contributions("perturbations").items()}
+
+
+def linear_layer(out=64, inp=50):
+    torch.manual_seed(0)
+    module = nn.Linear(inp, out)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(out, inp))  # distinct, non-zero values
+        module.bias.copy_(torch.randn(out) + 10)  # a bias distribution unlike the weights'
+    (layer,) = discover_layers(module, torch.zeros(1, inp))
+    return module, layer
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 1.0])
+def test_weight_draw_replaces_floor_p_size_entries_with_values_of_the_same_tensor(perts, p):
+    module, layer = linear_layer()
+    w0, b0 = module.weight.clone(), module.bias.clone()
+    with perturbed(layer, perts["weight_draw"], p, generator_for(4)):
+        w, b = module.weight, module.bias
+        changed = w != w0
+        k = math.floor(p * w.numel())
+        # replaced entries are k (a draw can land on its own value, rarely: allow a few)
+        assert k - 5 <= int(changed.sum()) <= k
+        assert torch.isin(w, w0).all(), "every weight is a value W had before"
+        assert torch.isin(b, b0).all() and not torch.isin(b, w0).any(), "biases drawn from b, not W"
+        assert int((b != b0).sum()) <= math.floor(p * b.numel())
+    assert torch.equal(module.weight, w0) and torch.equal(module.bias, b0)
+
+
+def test_weight_draw_is_reproducible_and_differs_between_draws(perts):
+    module, layer = linear_layer()
+
+    def draw(seed):
+        with perturbed(layer, perts["weight_draw"], 0.5, generator_for(seed)):
+            return module.weight.clone()
+
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.75, 1.0])
+def test_magnitude_prune_zeroes_exactly_the_smallest_weights_and_keeps_the_bias(perts, p):
+    module, layer = linear_layer()
+    w0, b0 = module.weight.clone(), module.bias.clone()
+    before = model_checksum(module)
+    with perturbed(layer, perts["magnitude_prune"], p, generator_for(0)):
+        w = module.weight
+        k = math.floor(p * w.numel())
+        zeroed = w == 0
+        assert int(zeroed.sum()) == k
+        if 0 < k < w.numel():
+            assert w0.abs()[zeroed].max() <= w0.abs()[~zeroed].min()
+        assert torch.equal(w[~zeroed], w0[~zeroed])
+        assert torch.equal(module.bias, b0)
+    assert model_checksum(module) == before
+
+
+def test_magnitude_prune_is_kinder_than_random_knockout(perts):
+    """Same number of zeros, chosen by size: the output moves less (the reason it is the baseline)."""
+    module, layer = linear_layer(out=200, inp=200)
+    x = torch.randn(64, 200)
+    with torch.no_grad():
+        clean = module(x)
+        with perturbed(layer, perts["magnitude_prune"], 0.5, generator_for(0)):
+            pruned = (module(x) - clean).norm()
+        with perturbed(layer, perts["synapse_knockout"], 0.5, generator_for(0)):
+            knocked = (module(x) - clean).norm()
+    assert pruned < 0.5 * knocked
