@@ -82,3 +82,52 @@ def test_magnitude_prune_is_kinder_than_random_knockout(perts):
         with perturbed(layer, perts["synapse_knockout"], 0.5, generator_for(0)):
             knocked = (module(x) - clean).norm()
     assert pruned < 0.5 * knocked
+
+
+def bit_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per element, the XOR of the two tensors' bit patterns (as int64)."""
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    return (a.reshape(-1).view(view).to(torch.int64) ^ b.reshape(-1).view(view).to(torch.int64)) & ((1 << (8 * a.element_size())) - 1)
+
+
+def popcount(x: torch.Tensor) -> int:
+    return sum(bin(int(v)).count("1") for v in x[x != 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
+def test_bit_flip_flips_the_expected_number_of_bits_in_the_tensors_own_dtype(dtype):
+    from plugins.bit_flip import flip_bits
+
+    torch.manual_seed(0)
+    t = (torch.randn(20_000) * 10).to(dtype)
+    original = t.clone()
+    rate = 1e-3
+    n_bits = t.numel() * t.element_size() * 8
+    flipped = flip_bits(t, rate, generator_for(3))
+    assert popcount(bit_diff(t, original)) == flipped
+    mean, sd = n_bits * rate, math.sqrt(n_bits * rate)
+    assert abs(flipped - mean) < 5 * sd
+
+
+@pytest.mark.parametrize("field, keeps", [("sign", "magnitude"), ("exponent", "sign+mantissa"), ("mantissa", "sign+exponent")])
+def test_bit_flip_fields_touch_only_their_bits(field, keeps):
+    from plugins.bit_flip import FIELDS, flip_bits
+
+    t = torch.randn(50_000)
+    original = t.clone()
+    assert flip_bits(t, 1e-2, generator_for(1), field) > 0
+    diff = bit_diff(t, original)
+    allowed = sum(1 << b for b in FIELDS[torch.float32][("sign", "exponent", "mantissa").index(field)])
+    assert int((diff & ~allowed).abs().sum()) == 0
+    assert int((diff != 0).sum()) > 0
+
+
+def test_bit_flip_perturbation_is_restored_and_reproducible(perts):
+    module, layer = linear_layer()
+    before = model_checksum(module)
+    outs = []
+    for _ in range(2):
+        with perturbed(layer, perts["bit_flip_exponent"], 1e-2, generator_for(9)):
+            outs.append(module.weight.clone())
+        assert model_checksum(module) == before
+    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))

@@ -1,0 +1,95 @@
+"""Bit flips: soft errors in the stored weights, at a given bit error rate.
+
+Level p is the probability that each bit of the layer's stored weights and biases flips,
+independently, in the tensor's own dtype (float32, float16, bfloat16 or an integer type such as a
+quantised int8 copy). The number of flipped bits is drawn from Binomial(bits, p) and that many
+distinct bit positions are chosen uniformly — the same distribution as one coin per bit, without
+materialising one. Variants restrict flips to the sign, exponent or mantissa bits of a float.
+Levels are a log scale of error rates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmark.hookspecs import hookimpl
+from benchmark.layers import Layer
+from benchmark.perturbation import BasePerturbation
+
+LEVELS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
+# (sign, exponent, mantissa) bit positions, least significant bit = 0
+FIELDS = {
+    torch.float32: ((31,), tuple(range(23, 31)), tuple(range(0, 23))),
+    torch.float16: ((15,), tuple(range(10, 15)), tuple(range(0, 10))),
+    torch.bfloat16: ((15,), tuple(range(7, 15)), tuple(range(0, 7))),
+}
+INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def eligible_bits(dtype: torch.dtype, field: str) -> tuple[int, ...]:
+    """The bit positions a flip may hit in ``dtype`` for ``field`` (all, sign, exponent, mantissa)."""
+    width = torch.empty((), dtype=dtype).element_size() * 8
+    if field == "all":
+        return tuple(range(width))
+    if dtype not in FIELDS:
+        raise ValueError(f"bit field {field!r} needs a floating-point tensor, not {dtype}")
+    return FIELDS[dtype][("sign", "exponent", "mantissa").index(field)]
+
+
+def flip_bits(tensor: torch.Tensor, rate: float, generator: torch.Generator, field: str = "all") -> int:
+    """Flip each eligible bit of ``tensor`` with probability ``rate``, in place; returns the count."""
+    bits = eligible_bits(tensor.dtype, field)
+    total = tensor.numel() * len(bits)
+    if rate == 0 or total == 0:
+        return 0
+    count = int(torch.binomial(torch.tensor(float(total)), torch.tensor(float(rate)), generator=generator))
+    if count == 0:
+        return 0
+    chosen = torch.randperm(total, generator=generator)[:count] if count > total // 8 else _distinct(total, count, generator)
+    element, which = chosen // len(bits), torch.tensor(bits, dtype=torch.int64)[chosen % len(bits)]
+    view_dtype = INT_VIEW[tensor.element_size()]
+    flat = tensor.detach().reshape(-1).cpu().view(view_dtype).clone()
+    masks = torch.zeros(tensor.numel(), dtype=torch.int64)
+    masks.index_put_((element,), torch.ones_like(which) << which, accumulate=True)  # distinct bits: sum = or
+    flat ^= masks.to(view_dtype)
+    tensor.copy_(flat.view(tensor.dtype).view(tensor.shape).to(tensor.device))
+    return count
+
+
+def _distinct(total: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` distinct positions in range(total), uniformly, for count ≪ total."""
+    chosen = torch.empty(0, dtype=torch.int64)
+    while len(chosen) < count:
+        more = torch.randint(0, total, (count - len(chosen),), generator=generator)
+        chosen = torch.cat([chosen, more]).unique(sorted=False)
+    return chosen[:count]
+
+
+class BitFlip(BasePerturbation):
+    field: str = "all"
+
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        flip_bits(layer.module.weight, level, generator, self.field)
+        if layer.module.bias is not None:
+            flip_bits(layer.module.bias, level, generator, self.field)
+
+
+def _variant(field: str) -> type[BitFlip]:
+    return type(f"BitFlip_{field}", (BitFlip,), {"field": field})
+
+
+@hookimpl
+def lesionbench_perturbations():
+    out = []
+    for field in ("all", "sign", "exponent", "mantissa"):
+        name = "bit_flip" if field == "all" else f"bit_flip_{field}"
+        which = "every bit" if field == "all" else f"each {field} bit"
+        out.append(
+            _variant(field)(
+                name=name,
+                description=f"Flip {which} of the stored weights and biases with probability p (bit error rate).",
+                default_levels=LEVELS,
+                level_range=(0.0, 1.0),
+            )
+        )
+    return out
