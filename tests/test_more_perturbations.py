@@ -131,3 +131,27 @@ def test_bit_flip_perturbation_is_restored_and_reproducible(perts):
             outs.append(module.weight.clone())
         assert model_checksum(module) == before
     assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
+
+
+@pytest.mark.parametrize("p", [0.2, 1.0])
+def test_stuck_at_one_sets_exactly_one_bit_in_floor_p_size_entries(perts, p):
+    module, layer = linear_layer()
+    w0 = module.weight.clone()
+    before = model_checksum(module)
+    with perturbed(layer, perts["stuck_at_one"], p, generator_for(2)):
+        diff = bit_diff(module.weight.detach(), w0)
+        original_bits = w0.reshape(-1).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        assert int(((diff & original_bits) != 0).sum()) == 0, "only 0 bits become 1"
+        changed = diff != 0
+        assert all(bin(int(v)).count("1") == 1 for v in diff[changed])
+        # an entry whose chosen bit was already 1 does not change: at most floor(p·n), most of them
+        k = math.floor(p * w0.numel())
+        assert 0.3 * k <= int(changed.sum()) <= k
+    assert model_checksum(module) == before
+
+
+def test_stuck_at_zero_matches_synapse_knockout_counts(perts):
+    module, layer = linear_layer()
+    with perturbed(layer, perts["stuck_at_zero"], 0.4, generator_for(5)):
+        assert int((module.weight == 0).sum()) == math.floor(0.4 * module.weight.numel())
+        assert int((module.bias == 0).sum()) == math.floor(0.4 * module.bias.numel())

@@ -1,0 +1,67 @@
+"""Stuck-at faults: a random fraction of a layer's stored weights stuck at a fixed bit pattern.
+
+- ``stuck_at_zero``: floor(p·numel) weights (and, drawn independently, biases) read as 0 — in
+  distribution the same as synapse knockout, named here in the fault-model vocabulary;
+- ``stuck_at_one``: floor(p·numel) weights (and biases) each get one uniformly chosen bit of their
+  stored pattern forced to 1 (in the tensor's own dtype), the classic stuck-at-1 memory fault; a
+  forced exponent bit can turn a weight into a huge value or NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmark.hookspecs import hookimpl
+from benchmark.layers import Layer
+from benchmark.perturbation import BasePerturbation, count_for
+from plugins.bit_flip import INT_VIEW
+from plugins.synapse_knockout import LEVELS, zero_random_entries
+
+
+def force_one_bit(tensor: torch.Tensor, fraction: float, generator: torch.Generator) -> None:
+    """For floor(fraction·numel) random entries, set one random bit of the stored pattern to 1."""
+    n = tensor.numel()
+    k = count_for(fraction, n)
+    if k == 0:
+        return
+    width = tensor.element_size() * 8
+    entries = torch.randperm(n, generator=generator)[:k]
+    bits = torch.randint(0, width, (k,), generator=generator)
+    view_dtype = INT_VIEW[tensor.element_size()]
+    flat = tensor.detach().reshape(-1).cpu().view(view_dtype).clone()
+    masks = torch.zeros(n, dtype=torch.int64)
+    masks[entries] = torch.ones(k, dtype=torch.int64) << bits
+    flat |= masks.to(view_dtype)
+    tensor.copy_(flat.view(tensor.dtype).view(tensor.shape).to(tensor.device))
+
+
+class StuckAtZero(BasePerturbation):
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        zero_random_entries(layer.module.weight, level, generator)
+        if layer.module.bias is not None:
+            zero_random_entries(layer.module.bias, level, generator)
+
+
+class StuckAtOne(BasePerturbation):
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        force_one_bit(layer.module.weight, level, generator)
+        if layer.module.bias is not None:
+            force_one_bit(layer.module.bias, level, generator)
+
+
+@hookimpl
+def lesionbench_perturbations():
+    return [
+        StuckAtZero(
+            name="stuck_at_zero",
+            description="A random fraction p of the stored weights and biases stuck at 0.",
+            default_levels=LEVELS,
+            level_range=(0.0, 1.0),
+        ),
+        StuckAtOne(
+            name="stuck_at_one",
+            description="A random fraction p of the stored weights and biases with one random bit stuck at 1.",
+            default_levels=LEVELS,
+            level_range=(0.0, 1.0),
+        ),
+    ]
