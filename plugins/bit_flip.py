@@ -47,13 +47,19 @@ def flip_bits(tensor: torch.Tensor, rate: float, generator: torch.Generator, fie
         return 0
     chosen = torch.randperm(total, generator=generator)[:count] if count > total // 8 else _distinct(total, count, generator)
     element, which = chosen // len(bits), torch.tensor(bits, dtype=torch.int64)[chosen % len(bits)]
-    view_dtype = INT_VIEW[tensor.element_size()]
-    flat = tensor.detach().reshape(-1).cpu().view(view_dtype).clone()
     masks = torch.zeros(tensor.numel(), dtype=torch.int64)
     masks.index_put_((element,), torch.ones_like(which) << which, accumulate=True)  # distinct bits: sum = or
-    flat ^= masks.to(view_dtype)
-    tensor.copy_(flat.view(tensor.dtype).view(tensor.shape).to(tensor.device))
+    apply_bit_masks(tensor, masks, "xor")
     return count
+
+
+def apply_bit_masks(tensor: torch.Tensor, masks: torch.Tensor, op: str) -> None:
+    """XOR (``"xor"``) or OR (``"or"``) one int64 mask per element into the tensor's stored bits."""
+    view_dtype = INT_VIEW[tensor.element_size()]
+    flat = tensor.detach().reshape(-1).cpu().view(view_dtype).clone()
+    masks = masks.to(view_dtype)
+    flat = flat ^ masks if op == "xor" else flat | masks
+    tensor.copy_(flat.view(tensor.dtype).view(tensor.shape).to(tensor.device))
 
 
 def _distinct(total: int, count: int, generator: torch.Generator) -> torch.Tensor:

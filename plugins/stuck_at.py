@@ -14,7 +14,7 @@ import torch
 from benchmark.hookspecs import hookimpl
 from benchmark.layers import Layer
 from benchmark.perturbation import BasePerturbation, count_for
-from plugins.bit_flip import INT_VIEW
+from plugins.bit_flip import apply_bit_masks
 from plugins.synapse_knockout import LEVELS, zero_random_entries
 
 
@@ -27,12 +27,9 @@ def force_one_bit(tensor: torch.Tensor, fraction: float, generator: torch.Genera
     width = tensor.element_size() * 8
     entries = torch.randperm(n, generator=generator)[:k]
     bits = torch.randint(0, width, (k,), generator=generator)
-    view_dtype = INT_VIEW[tensor.element_size()]
-    flat = tensor.detach().reshape(-1).cpu().view(view_dtype).clone()
     masks = torch.zeros(n, dtype=torch.int64)
     masks[entries] = torch.ones(k, dtype=torch.int64) << bits
-    flat |= masks.to(view_dtype)
-    tensor.copy_(flat.view(tensor.dtype).view(tensor.shape).to(tensor.device))
+    apply_bit_masks(tensor, masks, "or")
 
 
 class StuckAtZero(BasePerturbation):
