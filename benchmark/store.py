@@ -83,10 +83,16 @@ class RunDir:
         run = cls(Path(path))
         if not run.manifest_path.is_file() or not run.results_path.is_file():
             raise LesionbenchError(f"{str(run.path)!r} is not a lesionbench run directory (no {MANIFEST})")
-        if study is not None and run.manifest()["fingerprint"] != study.fingerprint():
+        manifest = run.manifest()
+        if study is not None and manifest["fingerprint"] != study.fingerprint():
             raise LesionbenchError(
                 f"{str(run.path)!r} was made by a different study (fingerprint "
-                f"{run.manifest()['fingerprint']} ≠ {study.fingerprint()}); refusing to mix results"
+                f"{manifest['fingerprint']} ≠ {study.fingerprint()}); refusing to mix results"
+            )
+        if manifest.get("torch", torch.__version__) != torch.__version__:
+            raise LesionbenchError(
+                f"{str(run.path)!r} was started with torch {manifest['torch']} but this is torch "
+                f"{torch.__version__}; its random draws may differ, so the run cannot be resumed here"
             )
         run._repair_tail()
         return run

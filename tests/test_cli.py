@@ -422,3 +422,19 @@ def test_out_that_is_a_file_and_a_damaged_manifest(study, tmp_path, capsys):
     assert main(["run", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "is not a directory" in err and "unreadable or damaged" in err
+
+
+def test_resume_under_another_torch_version_is_refused(reference, tmp_path, capsys):
+    import json
+    import shutil
+
+    out, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["torch"] = "0.0.1"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    before = (copy / "results.csv").read_bytes()
+    assert main(["run", "--resume", str(copy)]) == 2
+    assert "torch 0.0.1" in capsys.readouterr().err
+    assert (copy / "results.csv").read_bytes() == before
