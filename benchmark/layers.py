@@ -37,6 +37,11 @@ class Layer:
         """Output units: filters of a conv, rows of a linear layer."""
         return int(self.module.weight.shape[0])
 
+    def weight_and_bias(self) -> list[torch.Tensor]:
+        """The layer's weight, then its bias if it has one: the order perturbations draw in."""
+        bias = self.module.bias
+        return [self.module.weight] + ([bias] if bias is not None else [])
+
     def modules(self) -> list[nn.Module]:
         """The modules a perturbation of this layer may change (the layer and the norm it feeds)."""
         return [self.module] + ([self.norm] if self.norm is not None else [])

@@ -30,7 +30,8 @@ def _fmt(x: float, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _crit(value: float, max_level: float) -> str:
+def format_critical(value: float, max_level: float) -> str:
+    """A critical level p½, or "> max" when retention never fell to one half."""
     return f"> {max_level:g}" if math.isinf(value) else f"{value:.2f}"
 
 
@@ -126,7 +127,7 @@ def _model_section(model: str, scores: pd.DataFrame, perts: list[str], links) ->
             else:
                 r = r.iloc[0]
                 mark = "**" if r.verdict == "critical" else ""
-                cells.append(f"{mark}{r.score:.2f}{mark} ({_crit(r.critical_level, r.max_level)})")
+                cells.append(f"{mark}{r.score:.2f}{mark} ({format_critical(r.critical_level, r.max_level)})")
         lines.append(f"| {md(layer)} | {lg['relative_depth'].iloc[0]:.2f} | " + " | ".join(cells) + " |")
     lines.append("")
     if links:
@@ -150,6 +151,3 @@ def metric_of(results_path: Path, default: str = "top1") -> str:
 def relative_link(target: Path, start: Path) -> str:
     return Path(os.path.relpath(target, start)).as_posix()
 
-
-def has_results(df: pd.DataFrame) -> bool:
-    return not df[df["perturbation"] != CLEAN].empty

@@ -84,6 +84,17 @@ def count_for(fraction: float, size: int) -> int:
     return int(math.floor(round(fraction * size, 9)))
 
 
+def positions_mask(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A boolean mask shaped like ``tensor`` (on its device), True at the given flat positions.
+
+    Positions count in the tensor's logical (row-major) order, so the same draw hits the same
+    entries whatever the memory layout (e.g. channels_last).
+    """
+    mask = torch.zeros(tensor.numel(), dtype=torch.bool)
+    mask[positions] = True
+    return mask.view(tensor.shape).to(tensor.device)
+
+
 @contextmanager
 def perturbed(
     layer: Layer, perturbation: Perturbation, level: float, generator: torch.Generator

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from benchmark.leaderboard import format_critical
 from benchmark.scores import layer_scores
 from benchmark.study import Study
-
-
-def format_level(value: float, max_level: float) -> str:
-    return f"> {max_level:g}" if math.isinf(value) else f"{value:.2f}"
 
 
 def print_summary(df: pd.DataFrame, study: Study, console: Console) -> None:
@@ -33,7 +28,7 @@ def print_summary(df: pd.DataFrame, study: Study, console: Console) -> None:
                     continue
                 r = r.iloc[0]
                 style = "red" if r.verdict == "critical" else "green"
-                cells.append(f"[{style}]{r.score:.2f}[/{style}] / {format_level(r.critical_level, r.max_level)}")
+                cells.append(f"[{style}]{r.score:.2f}[/{style}] / {format_critical(r.critical_level, r.max_level)}")
             table.add_row(layer[1], *cells)
         console.print(table)
         for p in perts:

@@ -75,9 +75,8 @@ class BitFlip(BasePerturbation):
     field: str = "all"
 
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
-        flip_bits(layer.module.weight, level, generator, self.field)
-        if layer.module.bias is not None:
-            flip_bits(layer.module.bias, level, generator, self.field)
+        for tensor in layer.weight_and_bias():
+            flip_bits(tensor, level, generator, self.field)
 
 
 def _variant(field: str) -> type[BitFlip]:

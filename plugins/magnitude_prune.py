@@ -12,7 +12,7 @@ import torch
 
 from benchmark.hookspecs import hookimpl
 from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for
+from benchmark.perturbation import BasePerturbation, count_for, positions_mask
 from plugins.synapse_knockout import LEVELS
 
 
@@ -23,9 +23,7 @@ def prune_smallest(tensor: torch.Tensor, fraction: float) -> None:
     if k == 0:
         return
     order = torch.sort(tensor.detach().abs().reshape(-1).cpu(), stable=True).indices
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[:k]] = True
-    tensor.masked_fill_(mask.view(tensor.shape).to(tensor.device), 0)
+    tensor.masked_fill_(positions_mask(tensor, order[:k]), 0)
 
 
 class MagnitudePrune(BasePerturbation):

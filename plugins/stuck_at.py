@@ -34,16 +34,14 @@ def force_one_bit(tensor: torch.Tensor, fraction: float, generator: torch.Genera
 
 class StuckAtZero(BasePerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
-        zero_random_entries(layer.module.weight, level, generator)
-        if layer.module.bias is not None:
-            zero_random_entries(layer.module.bias, level, generator)
+        for tensor in layer.weight_and_bias():
+            zero_random_entries(tensor, level, generator)
 
 
 class StuckAtOne(BasePerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
-        force_one_bit(layer.module.weight, level, generator)
-        if layer.module.bias is not None:
-            force_one_bit(layer.module.bias, level, generator)
+        for tensor in layer.weight_and_bias():
+            force_one_bit(tensor, level, generator)
 
 
 @hookimpl

@@ -10,7 +10,7 @@ import torch
 
 from benchmark.hookspecs import hookimpl
 from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for
+from benchmark.perturbation import BasePerturbation, count_for, positions_mask
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -20,18 +20,13 @@ def zero_random_entries(tensor: torch.Tensor, fraction: float, generator: torch.
     k = count_for(fraction, tensor.numel())
     if k == 0:
         return
-    # Indices are positions in the tensor's logical (row-major) order, so the same draw zeroes the
-    # same weights whatever the memory layout (e.g. channels_last).
-    mask = torch.zeros(tensor.numel(), dtype=torch.bool)
-    mask[torch.randperm(tensor.numel(), generator=generator)[:k]] = True
-    tensor.masked_fill_(mask.view(tensor.shape).to(tensor.device), 0)
+    tensor.masked_fill_(positions_mask(tensor, torch.randperm(tensor.numel(), generator=generator)[:k]), 0)
 
 
 class SynapseKnockout(BasePerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
-        zero_random_entries(layer.module.weight, level, generator)
-        if layer.module.bias is not None:
-            zero_random_entries(layer.module.bias, level, generator)
+        for tensor in layer.weight_and_bias():
+            zero_random_entries(tensor, level, generator)
 
 
 @hookimpl

@@ -12,7 +12,7 @@ import torch
 
 from benchmark.hookspecs import hookimpl
 from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for
+from benchmark.perturbation import BasePerturbation, count_for, positions_mask
 from plugins.synapse_knockout import LEVELS
 
 
@@ -25,19 +25,15 @@ def redraw_entries(tensor: torch.Tensor, fraction: float, generator: torch.Gener
     values = tensor.detach().reshape(-1).cpu()  # a copy when not contiguous; the original values
     positions = torch.randperm(n, generator=generator)[:k]
     sources = torch.randint(0, n, (k,), generator=generator)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[positions] = True
     replacement = torch.zeros(n, dtype=tensor.dtype)
     replacement[positions] = values[sources].to(tensor.dtype)
-    shape = tensor.shape
-    tensor.copy_(torch.where(mask.view(shape).to(tensor.device), replacement.view(shape).to(tensor.device), tensor))
+    tensor.copy_(torch.where(positions_mask(tensor, positions), replacement.view(tensor.shape).to(tensor.device), tensor))
 
 
 class WeightDraw(BasePerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
-        redraw_entries(layer.module.weight, level, generator)
-        if layer.module.bias is not None:
-            redraw_entries(layer.module.bias, level, generator)
+        for tensor in layer.weight_and_bias():
+            redraw_entries(tensor, level, generator)
 
 
 @hookimpl

@@ -27,9 +27,8 @@ def add_scaled_noise(tensor: torch.Tensor, level: float, generator: torch.Genera
 
 class WeightNoise(BasePerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
-        add_scaled_noise(layer.module.weight, level, generator)
-        if layer.module.bias is not None:
-            add_scaled_noise(layer.module.bias, level, generator)
+        for tensor in layer.weight_and_bias():
+            add_scaled_noise(tensor, level, generator)
 
 
 @hookimpl
