@@ -10,6 +10,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from benchmark.errors import LesionbenchError
 from benchmark.leaderboard import metric_of, relative_link, render
 from benchmark.store import RESULTS, read_results
@@ -41,11 +43,9 @@ def publish(
 ) -> Path:
     """Write plots (into ``plots_dir``, default beside ``out_md``) and the Markdown leaderboard."""
     files = resolve_results(results)
-    df = read_results(files)
-    metrics: dict[str, str] = {}
-    for f in files:
-        for dataset in read_results(f)["dataset"].unique():
-            metrics[dataset] = metric or metric_of(f)
+    tables = [read_results(f) for f in files]  # each file read once
+    df = pd.concat(tables, ignore_index=True)
+    metrics = {dataset: metric or metric_of(f) for f, t in zip(files, tables) for dataset in t["dataset"].unique()}
     out_md = Path(out_md)
     plots_dir = Path(plots_dir) if plots_dir is not None else out_md.parent / "plots"
     links = {}
