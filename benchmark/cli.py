@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=["fast", "naive"], help="fast: evaluate only what a perturbation changes (default); naive: full passes")
     run.add_argument("--autocast", action="store_true", default=None, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     run.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
+    run.add_argument("--bn-recalibrate", action="store_true", default=None,
+                     help="re-estimate BatchNorm statistics on a calibration subset after each perturbation")
     run.add_argument("--debug", action="store_true", help="verify the model checksum after every cell")
 
     lst = sub.add_parser("list", help="list models, perturbations, datasets or studies")

@@ -31,6 +31,8 @@ class Layer:
     module: nn.Module = field(compare=False, repr=False)
     norm: nn.Module | None = field(default=None, compare=False, repr=False)
     norm_name: str | None = None
+    # The layer's own tensors at initialisation (keys as in module.state_dict()), when known.
+    initial: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def out_units(self) -> int:

@@ -27,6 +27,7 @@ class ModelSpec:
     weights: str | None = None  # e.g. "IMAGENET1K_V1", "pretrained", or a weights file for timm
     checkpoint: str | None = None  # a local state dict
     options: Mapping[str, Any] = field(default_factory=dict)  # e.g. num_classes, in_chans
+    init_checkpoint: str | None = None  # the weights at initialisation, for the reinit perturbation
 
     @property
     def source(self) -> str | None:
@@ -48,6 +49,8 @@ class LoadedModel:
     preprocess: Callable[[Any], torch.Tensor]  # PIL image -> CHW float tensor
     preprocess_key: str  # equal keys mean equal tensors, so evaluation sets can be shared
     aliases: dict[str, str] = field(default_factory=dict)  # module path -> paper name
+    # The whole model's state at initialisation, when the source (or the user) knows it.
+    initial_state: Callable[[], Mapping[str, torch.Tensor]] | None = None
 
 
 @runtime_checkable
@@ -85,6 +88,17 @@ def create_model(spec: ModelSpec | str, sources: Mapping[str, ModelSource]) -> L
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LesionbenchError(f"model {spec.ref!r} could not be built with options {dict(spec.options)}: {first}") from None
     loaded.module.eval()
+    if spec.init_checkpoint:
+        initial = load_state_dict(spec.init_checkpoint)
+        initial = {k.removeprefix("module."): v for k, v in initial.items()}
+        expected = loaded.module.state_dict()
+        wrong = [k for k, v in expected.items() if k not in initial or initial[k].shape != v.shape]
+        if wrong:
+            raise LesionbenchError(
+                f"init_checkpoint {spec.init_checkpoint!r} does not fit model {spec.ref!r} "
+                f"({len(wrong)} tensors missing or of another shape, e.g. {wrong[0]!r})"
+            )
+        loaded.initial_state = lambda: initial
     return loaded
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -31,8 +31,17 @@ class Perturbation(Protocol):
     level_range: tuple[float, float]
     identity_level: float | None  # the level that leaves a layer untouched, if any
 
-    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
-        """Damage ``layer`` in place at ``level``, drawing all randomness from ``generator``."""
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> Callable[[], None] | None:
+        """Damage ``layer`` in place at ``level``, drawing all randomness from ``generator``.
+
+        A perturbation that acts through forward hooks (activation damage, block removal) returns
+        a callable that removes them; :func:`perturbed` calls it on exit.
+        """
+
+    # Optional, read with getattr by the harness:
+    #   targets(model, layers) -> list[Layer]   what the layer axis is (default: the study's layers)
+    #   level_scale: "linear" | "log"            how scores space the levels (default linear)
+    #   damage_grows_with_level: bool            False when lower levels do more harm (quantize bits)
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,7 @@ class BasePerturbation:
     level_range: tuple[float, float]
     identity_level: float | None = 0.0
 
-    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> Callable[[], None] | None:
         raise NotImplementedError
 
 
@@ -97,17 +106,40 @@ def positions_mask(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tenso
 
 @contextmanager
 def perturbed(
-    layer: Layer, perturbation: Perturbation, level: float, generator: torch.Generator
+    layer: Layer,
+    perturbation: Perturbation,
+    level: float,
+    generator: torch.Generator,
+    also: Sequence[nn.Module] = (),
 ) -> Iterator[None]:
-    """Apply ``perturbation`` to ``layer`` for the duration of the block, then restore it exactly."""
-    saved = [_snapshot(m) for m in layer.modules()]
+    """Apply ``perturbation`` to ``layer`` for the duration of the block, then restore it exactly.
+
+    ``also`` names further modules whose tensors the block may change (BatchNorm layers whose
+    statistics are re-estimated); they are restored too. Hooks the perturbation installed are
+    removed first.
+    """
+    modules = list(dict.fromkeys([*layer.modules(), *also]))
+    saved = [_snapshot(m) for m in modules]
+    undo = None
     try:
         with torch.no_grad():
-            perturbation.apply(layer, level, generator)
+            undo = perturbation.apply(layer, level, generator)
         yield
     finally:
-        for module, snapshot in zip(layer.modules(), saved):
+        if callable(undo):
+            undo()
+        for module, snapshot in zip(modules, saved):
             _restore(module, snapshot)
+
+
+def nonfinite_count(layer: Layer) -> int:
+    """How many entries of the layer's tensors are NaN or ±Inf (bit flips into the exponent…)."""
+    return sum(
+        int((~torch.isfinite(t)).sum())
+        for m in layer.modules()
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        if t.is_floating_point()
+    )
 
 
 def _snapshot(module: nn.Module) -> dict:

@@ -10,18 +10,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
-from benchmark.data import EvalSetCache, RawDataset, stratified_subset
+from benchmark.data import EvalSet, EvalSetCache, RawDataset, stratified_subset
 from benchmark.errors import LesionbenchError
 from benchmark.engine import create_engine
 from benchmark.evaluate import EvalResult, resolve_device
-from benchmark.layers import Layer, discover_layers, select_layers
+from benchmark.layers import NORMS, Layer, discover_layers, select_layers
 from benchmark.models import LoadedModel, create_model
-from benchmark.perturbation import Perturbation, cell_seed, check_levels, generator_for, model_checksum, perturbed
+from benchmark.perturbation import (
+    Perturbation, cell_seed, check_levels, generator_for, model_checksum, nonfinite_count, perturbed,
+)  # fmt: skip
 from benchmark.registry import Registry
 from benchmark.store import CLEAN, NONFINITE, RunDir, cell_key
 from benchmark.study import Study
@@ -43,10 +48,27 @@ class Cell:
         return self.level == self.perturbation.identity_level
 
 
+@dataclass(frozen=True)
+class Block:
+    """The unit of work: one model × layer × perturbation, all its levels and draws.
+
+    A worker builds the model and the layer's cached activations once and evaluates the whole
+    block; executors (local, Ray) schedule blocks.
+    """
+
+    model: str
+    layer: str  # the layer's display name
+    perturbation: str
+
+
 @dataclass
 class PreparedModel:
     loaded: LoadedModel
     layers: list[Layer]
+    targets: dict[str, list[Layer]]  # perturbations with a layer axis of their own (e.g. stages)
+
+    def targets_of(self, perturbation: str) -> list[Layer]:
+        return self.targets.get(perturbation, self.layers)
 
 
 @dataclass
@@ -58,19 +80,44 @@ class Plan:
     raw: RawDataset
     indices: object
     models: list[PreparedModel]
+    calibration: object = None  # indices of the BatchNorm calibration subset (bn_recalibrate)
+
+    def blocks(self, prepared: PreparedModel) -> list[Block]:
+        """A model's blocks, layer by layer in forward order."""
+        out = []
+        for name in self.perturbations:
+            out.extend(Block(prepared.loaded.name, t.display, name) for t in prepared.targets_of(name))
+        order = {layer.display: i for i, layer in enumerate(prepared.layers)}
+        return sorted(out, key=lambda b: (order.get(b.layer, len(order)), b.layer))
+
+    def block_cells(self, prepared: PreparedModel, block: Block) -> list[Cell]:
+        """The cells of one block; the identity level is evaluated once (draw 0), as the clean model."""
+        perturbation, levels = self.perturbations[block.perturbation]
+        layer = next(t for t in prepared.targets_of(block.perturbation) if t.display == block.layer)
+        out = []
+        for level in levels:
+            draws = 1 if level == perturbation.identity_level else self.study.draws
+            out.extend(Cell(layer, perturbation, level, d) for d in range(draws))
+        return out
 
     def cells(self, prepared: PreparedModel) -> list[Cell]:
-        """All cells of one model; the identity level is evaluated once (draw 0), as the clean model."""
-        out = []
-        for layer in prepared.layers:
-            for perturbation, levels in self.perturbations.values():
-                for level in levels:
-                    draws = 1 if level == perturbation.identity_level else self.study.draws
-                    out.extend(Cell(layer, perturbation, level, d) for d in range(draws))
-        return out
+        return [c for b in self.blocks(prepared) for c in self.block_cells(prepared, b)]
 
     def total(self) -> int:
         return sum(len(self.cells(m)) + 1 for m in self.models)
+
+    def model(self, name: str) -> PreparedModel:
+        return next(m for m in self.models if m.loaded.name == name)
+
+    def label(self, name: str, cell: Cell) -> str:
+        return f"{name} · {cell.layer.display} · {self.row_name(cell.perturbation)} {cell.level:g} #{cell.draw}"
+
+    def row_name(self, perturbation: Perturbation) -> str:
+        """The perturbation column of a row: recalibrated runs are a condition of their own."""
+        return perturbation.name + (BN_SUFFIX if self.study.bn_recalibrate else "")
+
+
+BN_SUFFIX = "+bn_recalibrate"
 
 
 def check_device(name: str) -> torch.device:
@@ -105,6 +152,7 @@ def prepare(study: Study, registry: Registry) -> Plan:
     if len(raw) == 0:
         raise LesionbenchError(f"dataset {study.dataset.name!r} is empty")
     indices = stratified_subset(raw.labels, study.dataset.n_images, study.seed)
+    calibration = calibration_subset(raw.labels, indices, study) if study.bn_recalibrate else None
     sources = {k: c.obj for k, c in registry.contributions("models").items()}
     models = []
     seen = set()
@@ -125,23 +173,56 @@ def prepare(study: Study, registry: Registry) -> Plan:
         layers = select_layers(discover_layers(loaded.module, example, loaded.aliases), study.layers)
         if not layers:
             raise LesionbenchError(f"model {spec.ref!r} has no Conv or Linear layer to perturb")
-        models.append(PreparedModel(loaded, layers))
-    return Plan(study, perturbations, raw, indices, models)
+        layers = _with_initial(layers, loaded)
+        targets = {}
+        for name, (p, _levels) in perturbations.items():
+            if hasattr(p, "targets"):
+                targets[name] = list(p.targets(loaded.module, layers))
+                if not targets[name]:
+                    raise LesionbenchError(f"perturbation {name!r} finds nothing to perturb in model {spec.ref!r}")
+        models.append(PreparedModel(loaded, layers, targets))
+    return Plan(study, perturbations, raw, indices, models, calibration)
 
 
-def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: EvalResult | None, error: str = "") -> dict:
+def calibration_subset(labels, eval_indices, study: Study):
+    """A seeded, class-stratified subset disjoint from the evaluation images, for BatchNorm statistics."""
+    rest = np.setdiff1d(np.arange(len(labels)), eval_indices)
+    if len(rest) < study.calibration_images:
+        raise LesionbenchError(
+            f"bn_recalibrate needs {study.calibration_images} images besides the {len(eval_indices)} evaluated, "
+            f"but the dataset has only {len(rest)} more; lower calibration_images or dataset.n_images"
+        )
+    return rest[stratified_subset(labels[rest], study.calibration_images, study.seed + 1)]
+
+
+def _with_initial(layers: list[Layer], loaded: LoadedModel) -> list[Layer]:
+    """Attach each layer's tensors at initialisation, when the model knows them."""
+    if loaded.initial_state is None:
+        return layers
+    state = loaded.initial_state()
+    out = []
+    for layer in layers:
+        prefix = f"{layer.name}."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        out.append(replace(layer, initial=own or None))
+    return out
+
+
+def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: EvalResult | None,
+         error: str = "", nonfinite: int | None = None) -> dict:  # fmt: skip
     row = {
         "model": model,
         "dataset": plan.study.dataset.name,
         "layer": cell.layer.display if cell else "",
         "layer_index": cell.layer.index if cell else -1,
         "relative_depth": cell.layer.relative_depth if cell else float("nan"),
-        "perturbation": cell.perturbation.name if cell else CLEAN,
+        "perturbation": plan.row_name(cell.perturbation) if cell else CLEAN,
         "level": float(cell.level) if cell else 0.0,
         "draw": cell.draw if cell else 0,
         "seed": seed if seed is not None else plan.study.seed,
         "num_classes": plan.raw.num_classes,
         "error": error,
+        "nonfinite_weights": nonfinite if nonfinite is not None else (0 if cell else None),
     }
     if result is not None:
         row.update(
@@ -151,91 +232,173 @@ def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: Ev
     return row
 
 
+class ModelRunner:
+    """One model on one device: its evaluation set, engine and clean result; evaluates blocks.
+
+    Both executors use it: the local one in-process, the Ray one inside each worker.
+    """
+
+    def __init__(self, plan: Plan, prepared: PreparedModel, eval_set: EvalSet, calibration: EvalSet | None = None,
+                 debug: bool = False, note: Callable[[str], None] = lambda _t: None):  # fmt: skip
+        study = plan.study
+        self.plan, self.prepared, self.debug = plan, prepared, debug
+        self.name = prepared.loaded.name
+        self.device = resolve_device(study.device)
+        if eval_set.skipped:
+            log.warning("%s: %d unreadable images skipped", self.name, eval_set.skipped)
+            note(f"{self.name}: {eval_set.skipped} unreadable images skipped; evaluated on {len(eval_set)}")
+        images = eval_set.images
+        module = prepared.loaded.module.to(self.device)
+        if study.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+            module = module.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            images = images.pin_memory()
+        self.module = module
+        self.calibration = calibration.images if calibration is not None else None
+        self.order = forward_order(module, torch.zeros(1, *prepared.loaded.input_size, device=self.device))
+        self.reference = model_checksum(module) if debug else None
+        self.engine = create_engine(study.engine, module, images, eval_set.labels, study.batch_size, self.device,
+                                    study.autocast)  # fmt: skip
+        self.clean = self.engine.full()
+
+    def clean_row(self) -> dict:
+        return _row(self.plan, self.name, None, None, self.clean)
+
+    def block_rows(self, block: Block, done: set = frozenset()) -> Iterator[tuple[dict | None, str]]:
+        """Evaluate a block's cells not in ``done``: yields (row, label), row None for a cell done earlier."""
+        cells = self.plan.block_cells(self.prepared, block)
+        if all(self.key(c) in done for c in cells):
+            for c in cells:
+                yield None, self.plan.label(self.name, c)
+            return
+        layer = cells[0].layer
+        with self.engine.for_layer(layer) as run_eval:
+            for cell in cells:
+                label = self.plan.label(self.name, cell)
+                yield (None if self.key(cell) in done else self._cell_row(cell, run_eval)), label
+                if self.debug and model_checksum(self.module) != self.reference:
+                    raise LesionbenchError(f"model {self.name!r} was not restored exactly after {label}")
+
+    def key(self, cell: Cell):
+        return cell_key(self.name, cell.layer.display, self.plan.row_name(cell.perturbation), cell.level, cell.draw)
+
+    def notes(self) -> list[str]:
+        return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", [])]
+
+    def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult]) -> dict:
+        """Perturb, (recalibrate,) evaluate, restore: one row."""
+        plan = self.plan
+        seed = cell_seed(plan.study.seed, self.name, cell.layer.name, cell.perturbation.name, cell.level, cell.draw)
+        if cell.is_identity:
+            return _row(plan, self.name, cell, seed, self.clean)
+        norms = self._norms_after(cell.layer) if self.calibration is not None else []
+        error, result, nonfinite = "", None, None
+        try:
+            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed), also=norms):
+                nonfinite = nonfinite_count(cell.layer)
+                if norms:
+                    recalibrate(self.module, norms, self.calibration, plan.study.batch_size, self.device)
+                result = run_eval()
+        except (LesionbenchError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a faulty plugin fails its own cell, not the study
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.warning("%s failed: %s", plan.label(self.name, cell), error)
+        if result is not None and not math.isfinite(result.loss):
+            error = error or NONFINITE
+        return _row(plan, self.name, cell, seed, result, error, nonfinite)
+
+    def _norms_after(self, layer: Layer) -> list[nn.Module]:
+        """The BatchNorm layers that run after ``layer`` starts: the ones whose inputs it changes."""
+        start = self.order.get(layer.module, -1)
+        return [m for m, i in self.order.items() if isinstance(m, NORMS) and i >= start]
+
+    def close(self) -> None:
+        self.prepared.loaded.module.to("cpu")
+
+
+def forward_order(module: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
+    """Each submodule's position in the order modules start running, from one forward pass."""
+    order: dict[nn.Module, int] = {}
+
+    def seen(m: nn.Module, _inputs) -> None:  # a pre-hook that returns something replaces the input
+        order.setdefault(m, len(order))
+
+    hooks = [m.register_forward_pre_hook(seen) for m in module.modules()]
+    try:
+        with torch.inference_mode():
+            module(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def recalibrate(module: nn.Module, norms: list[nn.Module], images: torch.Tensor, batch_size: int,
+                device: torch.device) -> None:  # fmt: skip
+    """Re-estimate the running statistics of ``norms`` on ``images`` (a cumulative average), the
+    rest of the network staying in eval mode; the caller restores the old statistics."""
+    saved = [(m, m.momentum) for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            for b in range(0, len(images), batch_size):
+                module(images[b : b + batch_size].to(device, non_blocking=True))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+            m.eval()
+
+
+def eval_sets(plan: Plan, cache: EvalSetCache, prepared: PreparedModel) -> tuple[EvalSet, EvalSet | None]:
+    """The model's evaluation set (and calibration set), decoded once per preprocessing."""
+    loaded = prepared.loaded
+    eval_set = cache.get(plan.raw, plan.indices, loaded.preprocess, loaded.preprocess_key)
+    calibration = None
+    if plan.calibration is not None:
+        calibration = cache.get(plan.raw, plan.calibration, loaded.preprocess, loaded.preprocess_key + "|calibration")
+    return eval_set, calibration
+
+
 def execute(
     plan: Plan,
     run: RunDir,
     progress: Callable[[str], None] | None = None,
     debug: bool = False,
 ) -> None:
-    """Evaluate every cell of ``plan`` not already in ``run``, appending a row per cell."""
-    study = plan.study
-    device = resolve_device(study.device)
+    """Evaluate every cell of ``plan`` not already in ``run``, appending a row per cell (local executor)."""
     done = run.completed()
     cache = EvalSetCache()
     tick = progress or (lambda _desc: None)
     for prepared in plan.models:
-        loaded = prepared.loaded
-        name = loaded.name
-        cells = plan.cells(prepared)
-        todo = [c for c in cells if _key(name, c) not in done]
+        name = prepared.loaded.name
         clean_key = cell_key(name, "", CLEAN, 0.0, 0)
-        if not todo and clean_key in done:
-            for _ in range(len(cells) + 1):
+        blocks = plan.blocks(prepared)
+        if clean_key in done and all(k in done for k in model_keys(plan, prepared)):
+            for _ in range(len(plan.cells(prepared)) + 1):
                 tick(f"{name}: done earlier")
             continue
-        eval_set = cache.get(plan.raw, plan.indices, loaded.preprocess, loaded.preprocess_key)
-        if eval_set.skipped:
-            log.warning("%s: %d unreadable images skipped", name, eval_set.skipped)
-            run.note(f"{name}: {eval_set.skipped} unreadable images skipped; evaluated on {len(eval_set)}")
-        images = eval_set.images
-        module = loaded.module.to(device)
-        if study.channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-            module = module.to(memory_format=torch.channels_last)
-        if device.type == "cuda":
-            images = images.pin_memory()
-        reference = model_checksum(module) if debug else None
-        engine = create_engine(study.engine, module, images, eval_set.labels, study.batch_size, device, study.autocast)
-
-        clean = engine.full()
+        runner = ModelRunner(plan, prepared, *eval_sets(plan, cache, prepared), debug=debug, note=run.note)
         if clean_key not in done:
-            run.append(_row(plan, name, None, None, clean))
+            run.append(runner.clean_row())
         tick(f"{name}: clean")
-        for layer in prepared.layers:
-            mine = [c for c in cells if c.layer is layer]
-            if all(_key(name, c) in done for c in mine):
-                for c in mine:
-                    tick(f"{name} · {layer.display}: done earlier")
-                continue
-            with engine.for_layer(layer) as run_eval:
-                for cell in mine:
-                    _run_cell(plan, run, name, cell, clean, run_eval, done, tick)
-                    if debug and model_checksum(module) != reference:
-                        raise LesionbenchError(f"model {name!r} was not restored exactly after {cell}")
-        for note in getattr(engine, "notes", []):
-            run.note(f"{name}: {note}")
-        loaded.module.to("cpu")
+        for block in blocks:
+            for row, label in runner.block_rows(block, done):
+                if row is not None:
+                    run.append(row)
+                tick(label)
+        for note in runner.notes():
+            run.note(note)
+        runner.close()
 
 
-def _key(model: str, cell: Cell):
-    return cell_key(model, cell.layer.display, cell.perturbation.name, cell.level, cell.draw)
-
-
-def _run_cell(plan: Plan, run: RunDir, name: str, cell: Cell, clean: EvalResult, run_eval, done, tick) -> None:
-    """Perturb, evaluate, restore and record one cell (skipped when an earlier run recorded it)."""
-    label = f"{name} · {cell.layer.display} · {cell.perturbation.name} {cell.level:g} #{cell.draw}"
-    if _key(name, cell) in done:
-        tick(label)
-        return
-    seed = cell_seed(plan.study.seed, name, cell.layer.name, cell.perturbation.name, cell.level, cell.draw)
-    if cell.is_identity:
-        run.append(_row(plan, name, cell, seed, clean))
-        tick(label)
-        return
-    error = ""
-    result = None
-    try:
-        with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed)):
-            result = run_eval()
-    except (LesionbenchError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # a faulty plugin fails its own cell, not the study
-        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        log.warning("%s failed: %s", label, error)
-    if result is not None and not math.isfinite(result.loss):
-        error = error or NONFINITE
-    run.append(_row(plan, name, cell, seed, result, error))
-    tick(label)
+def model_keys(plan: Plan, prepared: PreparedModel) -> list:
+    name = prepared.loaded.name
+    return [cell_key(name, c.layer.display, plan.row_name(c.perturbation), c.level, c.draw) for c in plan.cells(prepared)]
 
 
 def run_study(
@@ -279,6 +442,7 @@ def run_from_cli(args, console) -> int:
         models=args.models, layers=args.layers, perturbations=args.perturbations, levels=args.levels,
         draws=args.draws, n_images=args.n_images, seed=args.seed, data=args.data, device=args.device,
         batch_size=args.batch_size, engine=args.engine, autocast=args.autocast, channels_last=args.channels_last,
+        bn_recalibrate=args.bn_recalibrate,
     )  # fmt: skip
     run = run_study(study, registry, out, resume=args.resume is not None,
                     progress_factory=lambda total: rich_progress(console, total), debug=args.debug)  # fmt: skip

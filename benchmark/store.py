@@ -27,9 +27,11 @@ from benchmark.study import Study
 COLUMNS = [
     "model", "dataset", "layer", "layer_index", "relative_depth", "perturbation", "level", "draw",
     "seed", "top1", "top5", "loss", "n_images", "seconds", "images_per_s", "device", "num_classes", "error",
+    "nonfinite_weights",
 ]  # fmt: skip
+OPTIONAL = {"error": "", "nonfinite_weights": float("nan")}  # columns older result files may lack
 NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
-           "seconds", "images_per_s", "num_classes"]  # fmt: skip
+           "seconds", "images_per_s", "num_classes", "nonfinite_weights"]  # fmt: skip
 CLEAN = "clean"
 NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf  # the perturbation name of the one unperturbed evaluation per model
 RESULTS = "results.csv"
@@ -117,10 +119,17 @@ class RunDir:
             if data and not data.endswith(b"\n"):
                 f.truncate(data.rfind(b"\n") + 1)
 
+    def columns(self) -> list[str]:
+        """The header of this run's results file: rows appended on resume keep its layout."""
+        with open(self.results_path, encoding="utf-8") as f:
+            return next(csv.reader([f.readline()]))
+
     def append(self, row: dict) -> None:
         """Write one complete row and make it durable before returning."""
+        if not hasattr(self, "_columns"):
+            self._columns = self.columns()
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in COLUMNS])
+        csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in self._columns])
         with open(self.results_path, "a", encoding="utf-8") as f:
             f.write(buf.getvalue())
             f.flush()
@@ -169,11 +178,12 @@ def read_results(paths: Path | str | Iterable[Path | str]) -> pd.DataFrame:
             )
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
             raise LesionbenchError(f"results file {str(p)!r} is not a readable CSV: {exc}") from None
-        missing = [c for c in COLUMNS if c not in df.columns and c != "error"]
+        missing = [c for c in COLUMNS if c not in df.columns and c not in OPTIONAL]
         if missing:
             raise LesionbenchError(f"results file {str(p)!r} lacks columns: {', '.join(missing)}")
-        if "error" not in df.columns:
-            df["error"] = ""
+        for column, default in OPTIONAL.items():
+            if column not in df.columns:
+                df[column] = default
         df["layer"] = df["layer"].fillna("")
         df["error"] = df["error"].fillna("")
         frames.append(df)

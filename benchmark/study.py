@@ -44,12 +44,14 @@ class Study:
     engine: str = "fast"  # "fast" (only what a perturbation changes) or "naive" (full passes)
     autocast: bool = False  # mixed precision (float16 on CUDA, bfloat16 on CPU)
     channels_last: bool = False  # NHWC memory layout for models and images
+    bn_recalibrate: bool = False  # re-estimate BatchNorm statistics after each perturbation
+    calibration_images: int = 200  # the separate subset they are re-estimated on
     description: str = ""
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the numbers (not name, device or batch size)."""
         payload = {
-            "models": [asdict(m) | {"options": dict(m.options)} for m in self.models],
+            "models": [_model_fingerprint(m) for m in self.models],
             "dataset": asdict(self.dataset),
             "perturbations": list(self.perturbations),
             "levels": {k: list(v) for k, v in sorted(self.levels.items())},
@@ -60,6 +62,8 @@ class Study:
         # Options that change the arithmetic join the fingerprint only when on, so that runs made
         # before they existed keep their fingerprint.
         payload |= {k: True for k in ("autocast", "channels_last") if getattr(self, k)}
+        if self.bn_recalibrate:
+            payload["bn_recalibrate"] = self.calibration_images
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +71,13 @@ class Study:
         d["models"] = [asdict(m) | {"options": dict(m.options)} for m in self.models]
         d["levels"] = {k: list(v) for k, v in self.levels.items()}
         return d
+
+
+def _model_fingerprint(m: ModelSpec) -> dict:
+    d = asdict(m) | {"options": dict(m.options)}
+    if d["init_checkpoint"] is None:  # absent from fingerprints made before the field existed
+        del d["init_checkpoint"]
+    return d
 
 
 @dataclass(frozen=True)
@@ -94,9 +105,11 @@ _TOP_KEYS = {
     "engine": str,
     "autocast": bool,
     "channels_last": bool,
+    "bn_recalibrate": bool,
+    "calibration_images": int,
 }
 _DATASET_KEYS = {"name": str, "path": str, "split": str, "n_images": int}
-_MODEL_KEYS = {"ref": str, "weights": str, "checkpoint": str, "options": dict}
+_MODEL_KEYS = {"ref": str, "weights": str, "checkpoint": str, "options": dict, "init_checkpoint": str}
 
 
 def _check_table(table: dict, schema: dict, where: str) -> None:
@@ -118,7 +131,8 @@ def _model_spec(item: Any, i: int) -> ModelSpec:
         _check_table(item, _MODEL_KEYS, f"models[{i}].")
         if "ref" not in item:
             raise LesionbenchError(f"study key models[{i}] needs a 'ref' (e.g. 'timm:resnet18')")
-        return ModelSpec(item["ref"], item.get("weights"), item.get("checkpoint"), dict(item.get("options", {})))
+        return ModelSpec(item["ref"], item.get("weights"), item.get("checkpoint"), dict(item.get("options", {})),
+                         item.get("init_checkpoint"))  # fmt: skip
     raise LesionbenchError(f"study key models[{i}] must be a string or a table, got {type(item).__name__}")
 
 
@@ -129,12 +143,11 @@ def parse_study(data: dict[str, Any], default_name: str = "study", base_dir: Pat
         raise LesionbenchError("study needs at least one entry in 'models'")
     models = tuple(_model_spec(m, i) for i, m in enumerate(data["models"]))
     if base_dir is not None:  # checkpoints relative to the study file
-        models = tuple(
-            replace(m, checkpoint=str((base_dir / m.checkpoint)))
-            if m.checkpoint and not Path(m.checkpoint).is_absolute()
-            else m
-            for m in models
-        )
+        def relative(p: str | None) -> str | None:
+            return str(base_dir / p) if p and not Path(p).is_absolute() else p
+
+        models = tuple(replace(m, checkpoint=relative(m.checkpoint), init_checkpoint=relative(m.init_checkpoint))
+                       for m in models)  # fmt: skip
     dataset_table = dict(data.get("dataset", {}))
     _check_table(dataset_table, _DATASET_KEYS, "dataset.")
     dataset = DatasetSpec(**dataset_table)
@@ -163,6 +176,8 @@ def parse_study(data: dict[str, Any], default_name: str = "study", base_dir: Pat
         engine=data.get("engine", "fast"),
         autocast=data.get("autocast", False),
         channels_last=data.get("channels_last", False),
+        bn_recalibrate=data.get("bn_recalibrate", False),
+        calibration_images=data.get("calibration_images", 200),
     )
     validate_scalars(study)
     return study
@@ -182,6 +197,8 @@ def validate_scalars(study: Study) -> None:
         raise LesionbenchError(f"study key 'metric' must be 'top1' or 'top5', got {study.metric!r}")
     if study.engine not in ("fast", "naive"):
         raise LesionbenchError(f"study key 'engine' must be 'fast' or 'naive', got {study.engine!r}")
+    if study.calibration_images < 1:
+        raise LesionbenchError(f"study key 'calibration_images' must be at least 1, got {study.calibration_images}")
     if not study.perturbations:
         raise LesionbenchError("study needs at least one entry in 'perturbations'")
 
