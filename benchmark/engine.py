@@ -29,6 +29,31 @@ log = logging.getLogger("lesionbench")
 
 ENGINES = ("fast", "naive")
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
+VARIANT_BUDGET_BYTES = 1024**3  # stacked perturbed copies of one layer, per pass
+MAX_IMAGES_PER_PASS = 4096  # variants × batch size: bounds the activations of a batched pass
+
+
+@dataclass
+class LayerEval:
+    """How the cells of one layer are evaluated: one at a time, or several in one pass.
+
+    ``many`` (fast engine only) takes several perturbed copies of the layer's tensors, keyed by
+    their names in the model, and evaluates them together with ``torch.func.vmap`` over
+    ``functional_call``: one pass for all the draws instead of one each.
+    """
+
+    one: Callable[[], EvalResult]
+    many: Callable[[list[dict[str, torch.Tensor]]], list[EvalResult]] | None = None
+    batch_size: int = 1
+
+    def __call__(self) -> EvalResult:
+        return self.one()
+
+    def capacity(self, bytes_per_variant: int) -> int:
+        """How many copies of a layer one batched pass may take, within both memory bounds."""
+        if self.many is None:
+            return 1
+        return max(1, min(MAX_IMAGES_PER_PASS // self.batch_size, VARIANT_BUDGET_BYTES // max(1, bytes_per_variant)))
 
 
 class NaiveEngine:
@@ -45,8 +70,8 @@ class NaiveEngine:
         return evaluate(self.module, self.images, self.labels, self.batch_size, self.device, self.autocast)
 
     @contextmanager
-    def for_layer(self, layer: Layer) -> Iterator[Callable[[], EvalResult]]:
-        yield self.full
+    def for_layer(self, layer: Layer) -> Iterator[LayerEval]:
+        yield LayerEval(self.full)
 
 
 def _timm_trace_helpers() -> tuple[tuple[type, ...], tuple]:
@@ -188,19 +213,19 @@ class SuffixEngine(NaiveEngine):
             self.notes.append(f"{type(module).__name__} cannot be traced by torch.fx: every cell is a full pass")
 
     @contextmanager
-    def for_layer(self, layer: Layer) -> Iterator[Callable[[], EvalResult]]:
+    def for_layer(self, layer: Layer) -> Iterator[LayerEval]:
         tensors = [t for m in layer.modules() for t in [*m.parameters(), *m.buffers()]]
         parts = split_at(self.graph, layer.name, tensors) if self.graph is not None else None
         if parts is None:
             if self.graph is not None:
                 self.notes.append(f"{layer.name}: no clean cut (not a graph node, or its tensors are read upstream): full passes")
-            yield self.full
+            yield LayerEval(self.full)
             return
         suffix = parts.suffix
         cached = self._boundary_values(parts.prefix)
         if cached is None:
             self.notes.append(f"{layer.name}: cached activations exceed {self.budget_bytes} bytes: full passes")
-            yield self.full
+            yield LayerEval(self.full)
             return
         labels = [self.labels[b : b + self.batch_size] for b in range(0, len(self.labels), self.batch_size)]
         suffix.eval()
@@ -209,7 +234,21 @@ class SuffixEngine(NaiveEngine):
                 forward = lambda i: suffix(*(v.clone() for v in cached[i]))  # noqa: E731
             else:
                 forward = lambda i: suffix(*cached[i])  # noqa: E731
-            yield lambda: evaluate_batches(forward, labels, self.device, self.autocast)
+
+            def many(variants: list[dict[str, torch.Tensor]]) -> list[EvalResult]:
+                stacked = {k: torch.stack([v[k] for v in variants]).to(self.device) for k in variants[0]}
+                batched = torch.func.vmap(
+                    lambda params, *xs: torch.func.functional_call(suffix, params, xs),
+                    in_dims=(0,) + (None,) * parts.n_boundary,
+                )
+                return evaluate_batches(lambda i: batched(stacked, *cached[i]), labels, self.device, self.autocast,
+                                        variants=len(variants))  # fmt: skip
+
+            yield LayerEval(
+                lambda: evaluate_batches(forward, labels, self.device, self.autocast),
+                None if parts.mutates_boundary else many,
+                self.batch_size,
+            )
         finally:
             cached.clear()  # free the activations before the next layer
 

@@ -47,11 +47,19 @@ def evaluate_batches(
     labels: Sequence[torch.Tensor],
     device: torch.device,
     autocast: bool = False,
-) -> EvalResult:
-    """Score ``forward(i)`` (the logits of batch i) against ``labels[i]`` for every batch."""
+    variants: int | None = None,
+) -> EvalResult | list[EvalResult]:
+    """Score ``forward(i)`` (the logits of batch i) against ``labels[i]`` for every batch.
+
+    With ``variants=D``, ``forward(i)`` returns D stacked logits ``[D, batch, classes]`` — several
+    perturbed copies of a network evaluated in one pass — and one result per copy is returned,
+    each charged an equal share of the time.
+    """
+    d = variants or 1
     n = sum(len(y) for y in labels)
-    correct1 = correct5 = 0
-    loss_sum = 0.0
+    correct1 = torch.zeros(d, dtype=torch.int64)
+    correct5 = torch.zeros(d, dtype=torch.int64)
+    loss_sum = torch.zeros(d, dtype=torch.float64)
     cuda = device.type == "cuda"
     if cuda:
         start_evt, end_evt = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -62,27 +70,33 @@ def evaluate_batches(
             y = y.to(device, non_blocking=True)
             with autocast_context(device, autocast):
                 logits = forward(i)
-            logits = logits.float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hit = top == y[:, None]
-            correct1 += int(hit[:, 0].sum())
-            correct5 += int(hit.any(dim=1).sum())
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            logits = logits.float().reshape(d, len(y), -1)
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            hit = top == y[None, :, None]
+            correct1 += hit[..., 0].sum(dim=1).cpu()
+            correct5 += hit.any(dim=-1).sum(dim=1).cpu()
+            loss = F.cross_entropy(logits.reshape(d * len(y), -1), y.repeat(d), reduction="none")
+            loss_sum += loss.reshape(d, len(y)).sum(dim=1).double().cpu()
     if cuda:
         end_evt.record()
         torch.cuda.synchronize(device)
         seconds = start_evt.elapsed_time(end_evt) / 1000.0
     else:
         seconds = time.perf_counter() - t0
-    return EvalResult(
-        top1=correct1 / n,
-        top5=correct5 / n,
-        loss=loss_sum / n if math.isfinite(loss_sum) else float("nan"),
-        n_images=n,
-        seconds=seconds,
-        images_per_s=n / seconds if seconds > 0 else float("inf"),
-        device=str(device),
-    )
+    seconds /= d
+    results = [
+        EvalResult(
+            top1=int(correct1[j]) / n,
+            top5=int(correct5[j]) / n,
+            loss=float(loss_sum[j]) / n if math.isfinite(float(loss_sum[j])) else float("nan"),
+            n_images=n,
+            seconds=seconds,
+            images_per_s=n / seconds if seconds > 0 else float("inf"),
+            device=str(device),
+        )
+        for j in range(d)
+    ]
+    return results if variants is not None else results[0]
 
 
 def evaluate(

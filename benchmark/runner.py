@@ -266,19 +266,89 @@ class ModelRunner:
         return _row(self.plan, self.name, None, None, self.clean)
 
     def block_rows(self, block: Block, done: set = frozenset()) -> Iterator[tuple[dict | None, str]]:
-        """Evaluate a block's cells not in ``done``: yields (row, label), row None for a cell done earlier."""
+        """Evaluate a block's cells not in ``done``: yields (row, label), row None for a cell done earlier.
+
+        With the fast engine, the draws and levels of a block are perturbed one after another,
+        their damaged tensors copied, and evaluated together in batched passes (see
+        :class:`benchmark.engine.LayerEval`); rows come out once their pass is done.
+        """
         cells = self.plan.block_cells(self.prepared, block)
         if all(self.key(c) in done for c in cells):
             for c in cells:
                 yield None, self.plan.label(self.name, c)
             return
-        layer = cells[0].layer
-        with self.engine.for_layer(layer) as run_eval:
+        with self.engine.for_layer(cells[0].layer) as run_eval:
+            batchable = (
+                run_eval.many is not None and self.plan.study.batch_draws and self.calibration is None
+                and sum(not c.is_identity and self.key(c) not in done for c in cells) > 1
+            )  # fmt: skip
+            pending: list[tuple[Cell, int, dict[str, torch.Tensor], int]] = []
             for cell in cells:
                 label = self.plan.label(self.name, cell)
-                yield (None if self.key(cell) in done else self._cell_row(cell, run_eval)), label
-                if self.debug and model_checksum(self.module) != self.reference:
-                    raise LesionbenchError(f"model {self.name!r} was not restored exactly after {label}")
+                if self.key(cell) in done:
+                    yield None, label
+                    continue
+                if not batchable or cell.is_identity:
+                    yield self._cell_row(cell, run_eval), label
+                else:
+                    captured = self._capture(cell)
+                    if captured is None:  # hooks, or the plugin failed: this cell alone, the rest one by one too
+                        batchable = False
+                        yield from self._flush(pending, run_eval)
+                        yield self._cell_row(cell, run_eval), label
+                        continue
+                    pending.append(captured)
+                    if len(pending) >= run_eval.capacity(sum(t.numel() * t.element_size() for t in captured[2].values())):
+                        yield from self._flush(pending, run_eval)
+                self._check_restored(label)
+            yield from self._flush(pending, run_eval)
+
+    def _capture(self, cell: Cell) -> tuple[Cell, int, dict[str, torch.Tensor], int] | None:
+        """Apply one cell's perturbation, copy the layer's damaged tensors, restore; None if not possible."""
+        seed = self._seed(cell)
+        tensors = _named_tensors(cell.layer)
+        try:
+            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed)) as hooked:
+                if hooked:
+                    return None
+                nonfinite = nonfinite_count(cell.layer)
+                copies = {k: t.detach().clone() for k, t in _named_tensors(cell.layer).items()}
+        except (LesionbenchError, KeyboardInterrupt):
+            raise
+        except Exception:  # recorded as the cell's error by the one-at-a-time path
+            return None
+        if copies.keys() != tensors.keys():
+            return None
+        return cell, seed, copies, nonfinite
+
+    def _flush(self, pending: list, run_eval) -> Iterator[tuple[dict, str]]:
+        """Evaluate the captured cells in one batched pass (one by one if the pass fails)."""
+        if not pending:
+            return
+        batch = list(pending)
+        pending.clear()
+        current = _named_tensors(batch[0][0].layer)  # restored: the clean tensors
+        changed = [k for k, t in current.items() if any(not torch.equal(c[k], t) for _c, _s, c, _n in batch)]
+        keys = changed or [next(iter(current))]  # vmap needs one batched input even if nothing changed
+        try:
+            results = run_eval.many([{k: copies[k] for k in keys} for _cell, _seed, copies, _n in batch])
+        except (LesionbenchError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # an op vmap cannot batch: the cells are evaluated one at a time
+            self.engine.notes.append(f"{batch[0][0].layer.name}: draws evaluated one at a time ({type(exc).__name__})")
+            for cell, *_rest in batch:
+                yield self._cell_row(cell, run_eval), self.plan.label(self.name, cell)
+            return
+        for (cell, seed, _copies, nonfinite), result in zip(batch, results):
+            error = NONFINITE if not math.isfinite(result.loss) else ""
+            yield _row(self.plan, self.name, cell, seed, result, error, nonfinite), self.plan.label(self.name, cell)
+
+    def _check_restored(self, label: str) -> None:
+        if self.debug and model_checksum(self.module) != self.reference:
+            raise LesionbenchError(f"model {self.name!r} was not restored exactly after {label}")
+
+    def _seed(self, cell: Cell) -> int:
+        return cell_seed(self.plan.study.seed, self.name, cell.layer.name, cell.perturbation.name, cell.level, cell.draw)
 
     def key(self, cell: Cell):
         return cell_key(self.name, cell.layer.display, self.plan.row_name(cell.perturbation), cell.level, cell.draw)
@@ -289,7 +359,7 @@ class ModelRunner:
     def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult]) -> dict:
         """Perturb, (recalibrate,) evaluate, restore: one row."""
         plan = self.plan
-        seed = cell_seed(plan.study.seed, self.name, cell.layer.name, cell.perturbation.name, cell.level, cell.draw)
+        seed = self._seed(cell)
         if cell.is_identity:
             return _row(plan, self.name, cell, seed, self.clean)
         norms = self._norms_after(cell.layer) if self.calibration is not None else []
@@ -316,6 +386,16 @@ class ModelRunner:
 
     def close(self) -> None:
         self.prepared.loaded.module.to("cpu")
+
+
+def _named_tensors(layer: Layer) -> dict[str, torch.Tensor]:
+    """The layer's (and its norm's) parameters and buffers under their names in the model."""
+    out = {}
+    for prefix, module in [(layer.name, layer.module), (layer.norm_name, layer.norm)]:
+        if module is not None and prefix is not None:
+            for kind in (module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+                out.update({f"{prefix}.{k}": t for k, t in kind})
+    return out
 
 
 def forward_order(module: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:

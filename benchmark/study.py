@@ -42,6 +42,7 @@ class Study:
     batch_size: int = 256
     metric: str = "top1"  # what scores are computed from: top1 or top5
     engine: str = "fast"  # "fast" (only what a perturbation changes) or "naive" (full passes)
+    batch_draws: bool = True  # fast engine: evaluate several draws of a layer in one vmapped pass
     autocast: bool = False  # mixed precision (float16 on CUDA, bfloat16 on CPU)
     channels_last: bool = False  # NHWC memory layout for models and images
     bn_recalibrate: bool = False  # re-estimate BatchNorm statistics after each perturbation
@@ -103,6 +104,7 @@ _TOP_KEYS = {
     "batch_size": int,
     "metric": str,
     "engine": str,
+    "batch_draws": bool,
     "autocast": bool,
     "channels_last": bool,
     "bn_recalibrate": bool,
@@ -174,6 +176,7 @@ def parse_study(data: dict[str, Any], default_name: str = "study", base_dir: Pat
         batch_size=data.get("batch_size", 256),
         metric=data.get("metric", "top1"),
         engine=data.get("engine", "fast"),
+        batch_draws=data.get("batch_draws", True),
         autocast=data.get("autocast", False),
         channels_last=data.get("channels_last", False),
         bn_recalibrate=data.get("bn_recalibrate", False),

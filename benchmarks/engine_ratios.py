@@ -7,11 +7,14 @@ Two workloads, every layer × the paper's three perturbations:
   Fashion-MNIST files are absent, timing is the same);
 - ``alexnet224``: torchvision AlexNet at 224×224 with random weights.
 
-Compared per workload: the fast engine (:class:`benchmark.engine.SuffixEngine`); (a) the naive loop
-with the evaluation set already in memory; (b) the naive loop with a fresh DataLoader per cell,
-decoding image files each time; and the lower bound, forward passes over only the downstream
-layers of each cell with nothing else (no perturbation, no restore, no scoring). Peak resident
-memory of the process is reported after each workload.
+Compared per workload, each through the harness's own block loop
+(:meth:`benchmark.runner.ModelRunner.block_rows`): the fast engine with the draws and levels of a
+block batched into vmapped passes (the default), the fast engine one pass per cell
+(``batch_draws = false``), and (a) the naive loop with the evaluation set already in memory;
+(b) the naive loop with a fresh DataLoader per cell, decoding image files each time; and the lower
+bound, one forward pass over only the downstream layers per cell with nothing else (no
+perturbation, no restore, no scoring) — batching can beat it. Peak resident memory of the process
+is reported after each workload.
 """
 
 from __future__ import annotations
@@ -29,25 +32,39 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from benchmark.engine import NaiveEngine, SuffixEngine, split_at, trace
+from benchmark.data import EvalSet
+from benchmark.engine import split_at, trace
 from benchmark.evaluate import evaluate_batches, resolve_device
 from benchmark.layers import discover_layers
+from benchmark.models import LoadedModel, ModelSpec
 from benchmark.perturbation import cell_seed, generator_for, perturbed
 from benchmark.registry import create_registry
+from benchmark.runner import ModelRunner, Plan, PreparedModel
+from benchmark.study import Study
 
 
 def cells(layers, perts, levels, draws):
     return [(l, p, lv, d) for l in layers for p in perts for lv in levels for d in range(draws)]
 
 
-def run_engine(engine, layers, perts, levels, draws) -> float:
+def run_harness(module, images, labels, layers, perts, levels, draws, batch, device, engine, batch_draws=True) -> float:
+    """Every block of the study through ModelRunner.block_rows, as ``lesionbench run`` does it."""
+    names = tuple(p.name for p in perts)
+    study = Study(name="bench", models=(ModelSpec("m"),), perturbations=names, levels={n: tuple(levels) for n in names},
+                  draws=draws, batch_size=batch, device=str(device), engine=engine, batch_draws=batch_draws)  # fmt: skip
+    loaded = LoadedModel("m", module, 1000, tuple(images.shape[1:]), lambda x: x, "")
+    prepared = PreparedModel(loaded, layers, {})
+    plan = Plan(study, {p.name: (p, tuple(levels)) for p in perts}, _Raw(), None, [prepared])
+    runner = ModelRunner(plan, prepared, EvalSet(images, labels, np.arange(len(labels))))
     t0 = time.perf_counter()
-    for layer in layers:
-        with engine.for_layer(layer) as run:
-            for _, p, lv, d in cells([layer], perts, levels, draws):
-                with perturbed(layer, p, lv, generator_for(cell_seed(0, "m", layer.name, p.name, lv, d))):
-                    run()
+    for block in plan.blocks(prepared):
+        for _row in runner.block_rows(block):
+            pass
     return time.perf_counter() - t0
+
+
+class _Raw:
+    num_classes = 2
 
 
 def run_dataloader(module, folder: Path, transform, layers, perts, levels, draws, batch, device) -> float:
@@ -102,8 +119,10 @@ def workload(name, module, images_u8, transform, args, perts, device):
     levels = args.levels
     common = (layers, perts, levels, args.draws)
     timings = {}
-    timings["fast"] = run_engine(SuffixEngine(module, images, labels, args.batch, device), *common)
-    timings["naive_memory"] = run_engine(NaiveEngine(module, images, labels, args.batch, device), *common)
+    harness = (module, images, labels, *common, args.batch, device)
+    timings["fast"] = run_harness(*harness, "fast")
+    timings["fast_one_by_one"] = run_harness(*harness, "fast", batch_draws=False)
+    timings["naive_memory"] = run_harness(*harness, "naive")
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_images(Path(tmp), images_u8)
         timings["naive_dataloader"] = run_dataloader(module, folder, transform, *common, args.batch, device)
@@ -142,12 +161,14 @@ def main() -> None:
         results.append(workload("AlexNet 224×224 (random weights)", model, imgs, t, args, perts, device))
     print(f"\ndevice: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"levels {args.levels}, {args.draws} draws, batch {args.batch}\n")  # fmt: skip
-    print("| workload | cells × images | fast vs naive (memory) | fast vs naive (fresh DataLoader) | fast / lower bound | peak RSS |")
-    print("|---|---|---|---|---|---|")
+    print("| workload | cells × images | fast vs naive (memory) | fast vs naive (fresh DataLoader) "
+          "| fast / lower bound | batched draws vs one pass each | peak RSS |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for name, n, n_img, t, rss in results:
         print(
             f"| {name} | {n} × {n_img} | {t['naive_memory'] / t['fast']:.2f}× faster | "
-            f"{t['naive_dataloader'] / t['fast']:.2f}× faster | {t['fast'] / t['lower_bound']:.2f} | {rss:,.0f} MB |"
+            f"{t['naive_dataloader'] / t['fast']:.2f}× faster | {t['fast'] / t['lower_bound']:.2f} | "
+            f"{t['fast_one_by_one'] / t['fast']:.2f}× faster | {rss:,.0f} MB |"
         )
 
 

@@ -38,10 +38,22 @@ def block(engine, layer, perturbation):
                     run()
 
 
+def block_batched(engine, layer, perturbation):
+    """The same cells, their damaged weights evaluated together in one vmapped pass per level."""
+    with engine.for_layer(layer) as run:
+        for level in LEVELS:
+            variants = []
+            for draw in range(DRAWS):
+                with perturbed(layer, perturbation, level, generator_for(draw)):
+                    variants.append({f"{layer.name}.{k}": t.clone() for k, t in layer.module.named_parameters()})
+            run.many(variants)
+
+
 @pytest.mark.parametrize("layer", ["conv1", "conv4", "fc7"])
-@pytest.mark.parametrize("engine_cls", [NaiveEngine, SuffixEngine], ids=["naive", "fast"])
+@pytest.mark.parametrize("engine_cls", [NaiveEngine, SuffixEngine, "batched"], ids=["naive", "fast", "fast-batched"])
 def test_block(benchmark, setup, engine_cls, layer):
     model, images, labels, layers, perturbation = setup
-    engine = engine_cls(model, images, labels, 256, torch.device("cpu"))
+    engine = (SuffixEngine if engine_cls == "batched" else engine_cls)(model, images, labels, 256, torch.device("cpu"))
     benchmark.group = f"synapse_knockout on {layer}"
-    benchmark.pedantic(block, args=(engine, layers[layer], perturbation), rounds=3, iterations=1)
+    run = block_batched if engine_cls == "batched" else block
+    benchmark.pedantic(run, args=(engine, layers[layer], perturbation), rounds=3, iterations=1)

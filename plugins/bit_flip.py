@@ -14,7 +14,7 @@ import torch
 
 from benchmark.hookspecs import hookimpl
 from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation
+from benchmark.perturbation import BasePerturbation, distinct_positions
 
 LEVELS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 # (sign, exponent, mantissa) bit positions, least significant bit = 0
@@ -45,7 +45,7 @@ def flip_bits(tensor: torch.Tensor, rate: float, generator: torch.Generator, fie
     count = int(torch.binomial(torch.tensor(float(total)), torch.tensor(float(rate)), generator=generator))
     if count == 0:
         return 0
-    chosen = torch.randperm(total, generator=generator)[:count] if count > total // 8 else _distinct(total, count, generator)
+    chosen = torch.randperm(total, generator=generator)[:count] if count > total // 8 else distinct_positions(total, count, generator)
     element, which = chosen // len(bits), torch.tensor(bits, dtype=torch.int64)[chosen % len(bits)]
     masks = torch.zeros(tensor.numel(), dtype=torch.int64)
     masks.index_put_((element,), torch.ones_like(which) << which, accumulate=True)  # distinct bits: sum = or
@@ -60,15 +60,6 @@ def apply_bit_masks(tensor: torch.Tensor, masks: torch.Tensor, op: str) -> None:
     masks = masks.to(view_dtype)
     flat = flat ^ masks if op == "xor" else flat | masks
     tensor.copy_(flat.view(tensor.dtype).view(tensor.shape).to(tensor.device))
-
-
-def _distinct(total: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` distinct positions in range(total), uniformly, for count ≪ total."""
-    chosen = torch.empty(0, dtype=torch.int64)
-    while len(chosen) < count:
-        more = torch.randint(0, total, (count - len(chosen),), generator=generator)
-        chosen = torch.cat([chosen, more]).unique(sorted=False)
-    return chosen[:count]
 
 
 class BitFlip(BasePerturbation):

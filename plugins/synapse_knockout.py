@@ -10,7 +10,7 @@ import torch
 
 from benchmark.hookspecs import hookimpl
 from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for, positions_mask
+from benchmark.perturbation import BasePerturbation, count_for, random_subset_mask
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -20,7 +20,8 @@ def zero_random_entries(tensor: torch.Tensor, fraction: float, generator: torch.
     k = count_for(fraction, tensor.numel())
     if k == 0:
         return
-    tensor.masked_fill_(positions_mask(tensor, torch.randperm(tensor.numel(), generator=generator)[:k]), 0)
+    mask = random_subset_mask(tensor.numel(), k, generator)  # in logical order, whatever the memory layout
+    tensor.masked_fill_(mask.view(tensor.shape).to(tensor.device), 0)
 
 
 class SynapseKnockout(BasePerturbation):

@@ -139,7 +139,7 @@ def test_untraceable_model_falls_back_to_full_passes_with_a_note():
     assert engine.graph is None and "cannot be traced" in engine.notes[0]
     layer = discover_layers(model, images[:1])[0]
     with engine.for_layer(layer) as run:
-        assert run == engine.full  # the full pass itself
+        assert run.one == engine.full and run.many is None  # the full pass itself, one cell at a time
         assert run().loss == pytest.approx(engine.full().loss)
 
 
@@ -149,11 +149,11 @@ def test_over_budget_layers_fall_back_and_say_so():
     engine = SuffixEngine(model, images, labels, 4, torch.device("cpu"), budget_bytes=100)
     layer = discover_layers(model, images[:1])[2]
     with engine.for_layer(layer) as run:
-        assert run == engine.full
+        assert run.one == engine.full
     assert any("exceed" in n for n in engine.notes)
     roomy = SuffixEngine(model, images, labels, 4, torch.device("cpu"))
     with roomy.for_layer(layer) as run:
-        assert run != roomy.full and run().loss == pytest.approx(roomy.full().loss, rel=1e-6)
+        assert run.one != roomy.full and run().loss == pytest.approx(roomy.full().loss, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +211,70 @@ def test_channels_last_and_autocast_are_study_options(data, tmp_path):
 
     fingerprints = {n: json.loads((tmp_path / n / "manifest.json").read_text())["fingerprint"] for n in runs}
     assert len(set(fingerprints.values())) == 3
+
+
+@pytest.mark.parametrize("arch, layer_name", [("fashion_alexnet", "conv3"), ("fashion_resnet", "layer1.0.conv1"),
+                                              ("fashion_mobilenetv3", "blocks.2.1.conv_dw")])  # fmt: skip
+def test_batched_draws_equal_one_pass_each(arch, layer_name):
+    """``many`` (vmap over stacked perturbed copies) gives each copy's own numbers."""
+    from benchmark.perturbation import generator_for, perturbed
+
+    from benchmark.models import load_checkpoint_into
+    from models.fashion import weights_path
+
+    torch.manual_seed(0)
+    model = ARCHITECTURES[arch]().eval()
+    load_checkpoint_into(model, weights_path(arch))  # trained: random timm resnets start with silent blocks
+    images, labels = torch.randn(24, 1, 28, 28), torch.arange(24) % 10
+    engine = SuffixEngine(model, images, labels, 8, torch.device("cpu"))
+    layer = next(l for l in discover_layers(model, images[:1]) if l.name == layer_name)
+    from benchmark.registry import create_registry
+
+    noise = create_registry().get("perturbations", "node_knockout")  # touches the BatchNorm too, if any
+    one, variants = [], []
+    with engine.for_layer(layer) as run:
+        assert run.many is not None and run.capacity(10**6) > 1
+        for seed in range(3):
+            with perturbed(layer, noise, 0.5, generator_for(seed)):
+                one.append(run())
+                variants.append({f"{layer.name}.{k}": t.clone() for k, t in layer.module.named_parameters()}
+                                | {f"{layer.norm_name}.{k}": t.clone() for k, t in
+                                   (layer.norm.named_parameters() if layer.norm is not None else [])})  # fmt: skip
+        many = run.many(variants)
+    assert len({r.loss for r in one}) == 3  # three really different draws
+    for a, b in zip(one, many):
+        assert a.top1 == b.top1 and a.top5 == b.top5 and a.loss == pytest.approx(b.loss, rel=1e-5)
+
+
+class HookNoise:
+    """A perturbation acting through a forward hook, as activation damage does."""
+
+    name, description, default_levels, level_range, identity_level = "hook_noise", "", (0.0, 1.0), (0.0, 1.0), 0.0
+
+    def apply(self, layer, level, generator):
+        noise = torch.randn(1, generator=generator).item() * level
+        return layer.module.register_forward_hook(lambda m, i, out: out + noise).remove
+
+
+def test_hooked_perturbations_are_not_batched_and_match_the_naive_engine(tmp_path):
+    from benchmark.registry import create_registry as make
+    from benchmark.runner import execute, prepare
+    from benchmark.store import RunDir
+    from benchmark.study import parse_study
+
+    data = write_fashion(tmp_path / "fashion", n=30)
+    from types import SimpleNamespace
+
+    from benchmark.hookspecs import hookimpl
+
+    registry = make([("hook-test", SimpleNamespace(lesionbench_perturbations=hookimpl(lambda: [HookNoise()])))])
+    frames = {}
+    for engine in ("fast", "naive"):
+        study = parse_study({"name": "h", "models": [{"ref": "fashion_alexnet", "weights": "none"}], "layers": ["conv2"],
+                             "perturbations": ["hook_noise"], "draws": 3, "engine": engine, "device": "cpu",
+                             "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 30}})  # fmt: skip
+        run = RunDir.create(tmp_path / engine, study)
+        execute(prepare(study, registry), run)
+        frames[engine] = run.frame().sort_values(KEY, ignore_index=True)
+    assert frames["fast"]["loss"].nunique() > 2  # the hook really changed the outputs, draw by draw
+    pd.testing.assert_frame_equal(frames["fast"][NUMBERS], frames["naive"][NUMBERS], rtol=1e-6, atol=1e-7)

@@ -249,3 +249,32 @@ def test_levels_outside_the_range_are_refused(perts):
     with pytest.raises(LesionbenchError, match="finite"):
         check_levels(perts["weight_noise"], [float("nan")])
     assert check_levels(perts["weight_noise"], [0, 2]) == (0.0, 2.0)
+
+
+def test_random_subset_mask_is_exact_and_uniform_on_both_paths(monkeypatch):
+    """Exactly k entries, every k-subset equally likely: the permutation path and the coin-and-fix
+    path used for tensors of 4M entries and more."""
+    from collections import Counter
+    from itertools import combinations
+
+    from scipy import stats
+
+    import benchmark.perturbation as P
+
+    big = P.random_subset_mask(P.PERMUTE_BELOW + 12345, 3_000_000, generator_for(3))
+    assert int(big.sum()) == 3_000_000
+    for below in (10**9, 0):  # permutation path, then coin-and-fix path
+        monkeypatch.setattr(P, "PERMUTE_BELOW", below)
+        g = generator_for(1)
+        counts = Counter(tuple(P.random_subset_mask(5, 2, g).nonzero().squeeze(1).tolist()) for _ in range(20_000))
+        assert set(counts) == set(combinations(range(5), 2))
+        assert stats.chisquare(list(counts.values())).pvalue > 1e-3
+
+
+def test_small_tensors_keep_the_permutation_draws_of_earlier_versions():
+    """Below the threshold the mask is the first k of randperm, so earlier results reproduce."""
+    from benchmark.perturbation import random_subset_mask
+
+    expected = torch.zeros(1000, dtype=torch.bool)
+    expected[torch.randperm(1000, generator=generator_for(7))[:300]] = True
+    assert torch.equal(random_subset_mask(1000, 300, generator_for(7)), expected)
