@@ -18,6 +18,7 @@ import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -204,9 +205,10 @@ class SuffixEngine(NaiveEngine):
     name = "fast"
 
     def __init__(self, module, images, labels, batch_size, device, autocast: bool = False,
-                 budget_bytes: int = DEFAULT_BUDGET_BYTES):  # fmt: skip
+                 budget_bytes: int = DEFAULT_BUDGET_BYTES, spill: bool = True):  # fmt: skip
         super().__init__(module, images, labels, batch_size, device, autocast)
         self.budget_bytes = budget_bytes
+        self.spill = spill
         self.graph = trace(module)
         self.notes: list[str] = []
         if self.graph is None:
@@ -222,9 +224,9 @@ class SuffixEngine(NaiveEngine):
             yield LayerEval(self.full)
             return
         suffix = parts.suffix
-        cached = self._boundary_values(parts.prefix)
+        cached = self._boundary_values(parts.prefix, layer.name)
         if cached is None:
-            self.notes.append(f"{layer.name}: cached activations exceed {self.budget_bytes} bytes: full passes")
+            self.notes.append(f"{layer.name}: cached activations exceed {self.budget_bytes} bytes and cannot be spilled: full passes")
             yield LayerEval(self.full)
             return
         labels = [self.labels[b : b + self.batch_size] for b in range(0, len(self.labels), self.batch_size)]
@@ -252,9 +254,10 @@ class SuffixEngine(NaiveEngine):
         finally:
             cached.clear()  # free the activations before the next layer
 
-    def _boundary_values(self, prefix: fx.GraphModule) -> list[tuple[torch.Tensor, ...]] | None:
-        """The prefix's outputs for every batch, kept on the device; None past the budget."""
-        out: list[tuple[torch.Tensor, ...]] = []
+    def _boundary_values(self, prefix: fx.GraphModule, layer_name: str) -> list[tuple[torch.Tensor, ...]] | None:
+        """The prefix's outputs for every batch: on the device within the budget, past it spilled to
+        memory-mapped files (read back page by page); None when spilling is off or the disk is full."""
+        out: list[tuple[torch.Tensor, ...]] | SpilledBatches = []
         used = 0
         prefix.eval()
         with torch.inference_mode(), autocast_context(self.device, self.autocast):
@@ -262,10 +265,73 @@ class SuffixEngine(NaiveEngine):
                 x = self.images[b : b + self.batch_size].to(self.device, non_blocking=True)
                 values = tuple(prefix(x))
                 used += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
-                if used > self.budget_bytes:
+                if used > self.budget_bytes and isinstance(out, list):
+                    if not self.spill:
+                        return None
+                    spilled = SpilledBatches(self.device)
+                    try:
+                        for earlier in out:
+                            spilled.append(earlier)
+                    except OSError:
+                        spilled.clear()
+                        return None
+                    out = spilled
+                    self.notes.append(f"{layer_name}: cached activations exceed {self.budget_bytes} bytes: spilled to {spilled.dir}")
+                try:
+                    out.append(values)
+                except OSError:  # disk full: give up on caching this layer
+                    out.clear()
                     return None
-                out.append(values)
         return out
+
+
+class SpilledBatches:
+    """Cached boundary values kept in memory-mapped files instead of memory, one file per tensor.
+
+    Reading a batch maps its files (``torch.from_file``), so only the pages a suffix pass touches
+    are read; :meth:`clear` deletes the files. The folder is under ``$LESIONBENCH_SPILL_DIR`` or the
+    system's temporary directory.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        import os
+        import tempfile
+
+        self.device = device
+        self.dir = Path(tempfile.mkdtemp(prefix="lesionbench-spill-", dir=os.environ.get("LESIONBENCH_SPILL_DIR")))
+        self._batches: list[list[tuple[str, torch.dtype, torch.Size] | object]] = []
+
+    def append(self, values: tuple) -> None:
+        entries = []
+        for j, v in enumerate(values):
+            if isinstance(v, torch.Tensor):
+                path = self.dir / f"{len(self._batches)}_{j}.bin"
+                v.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tofile(path)
+                entries.append((str(path), v.dtype, v.shape))
+            else:
+                entries.append(v)
+        self._batches.append(entries)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, i: int) -> tuple:
+        out = []
+        for e in self._batches[i]:
+            if isinstance(e, tuple) and len(e) == 3 and isinstance(e[1], torch.dtype):
+                path, dtype, shape = e
+                nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                t = torch.from_file(path, shared=False, size=nbytes, dtype=torch.uint8).view(dtype).view(shape)
+                out.append(t.to(self.device, non_blocking=True))
+            else:
+                out.append(e)
+        return tuple(out)
+
+    def clear(self) -> None:
+        import shutil
+
+        self._batches.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def create_engine(name: str, module, images, labels, batch_size, device, autocast: bool = False,

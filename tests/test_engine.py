@@ -143,17 +143,25 @@ def test_untraceable_model_falls_back_to_full_passes_with_a_note():
         assert run().loss == pytest.approx(engine.full().loss)
 
 
-def test_over_budget_layers_fall_back_and_say_so():
+def test_over_budget_layers_spill_to_disk_or_fall_back_and_say_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("LESIONBENCH_SPILL_DIR", str(tmp_path))
     model = ARCHITECTURES["fashion_alexnet"]().eval()
     images, labels = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
-    engine = SuffixEngine(model, images, labels, 4, torch.device("cpu"), budget_bytes=100)
     layer = discover_layers(model, images[:1])[2]
-    with engine.for_layer(layer) as run:
-        assert run.one == engine.full
-    assert any("exceed" in n for n in engine.notes)
     roomy = SuffixEngine(model, images, labels, 4, torch.device("cpu"))
     with roomy.for_layer(layer) as run:
-        assert run.one != roomy.full and run().loss == pytest.approx(roomy.full().loss, rel=1e-6)
+        expected = run()
+    spilling = SuffixEngine(model, images, labels, 4, torch.device("cpu"), budget_bytes=100)
+    with spilling.for_layer(layer) as run:
+        assert run.one != spilling.full and any(tmp_path.glob("lesionbench-spill-*/*.bin"))  # memory-mapped files
+        got = run()
+        assert (got.top1, got.top5, got.loss) == (expected.top1, expected.top5, expected.loss)
+    assert not any(tmp_path.glob("lesionbench-spill-*/*.bin"))  # removed after the layer
+    assert any("spilled" in n for n in spilling.notes)
+    no_spill = SuffixEngine(model, images, labels, 4, torch.device("cpu"), budget_bytes=100, spill=False)
+    with no_spill.for_layer(layer) as run:
+        assert run.one == no_spill.full
+    assert any("exceed" in n and "full passes" in n for n in no_spill.notes)
 
 
 @pytest.fixture(scope="module")
