@@ -30,9 +30,11 @@ def _fmt(x: float, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def format_critical(value: float, max_level: float) -> str:
-    """A critical level p½, or "> max" when retention never fell to one half."""
-    return f"> {max_level:g}" if math.isinf(value) else f"{value:.2f}"
+def format_critical(value: float, max_level: float, axis: str = "linear") -> str:
+    """A critical level p½, or "> max" ("< min" for bits) when retention never fell to one half."""
+    if math.isinf(value):
+        return f"< {max_level:g}" if axis == "descending" else f"> {max_level:g}"
+    return f"{value:.2g}" if abs(value) < 0.01 and value != 0 else f"{value:.2f}"
 
 
 def model_facts(df: pd.DataFrame) -> pd.DataFrame:
@@ -127,7 +129,7 @@ def _model_section(model: str, scores: pd.DataFrame, perts: list[str], links) ->
             else:
                 r = r.iloc[0]
                 mark = "**" if r.verdict == "critical" else ""
-                cells.append(f"{mark}{r.score:.2f}{mark} ({format_critical(r.critical_level, r.max_level)})")
+                cells.append(f"{mark}{r.score:.2f}{mark} ({format_critical(r.critical_level, r.max_level, r.level_axis)})")
         lines.append(f"| {md(layer)} | {lg['relative_depth'].iloc[0]:.2f} | " + " | ".join(cells) + " |")
     lines.append("")
     if links:

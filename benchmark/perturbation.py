@@ -42,6 +42,8 @@ class Perturbation(Protocol):
     #   targets(model, layers) -> list[Layer]   what the layer axis is (default: the study's layers)
     #   level_scale: "linear" | "log"            how scores space the levels (default linear)
     #   damage_grows_with_level: bool            False when lower levels do more harm (quantize bits)
+    #   deterministic: bool                      True when every draw is the same: one draw per level
+    #   check_level(level) -> None               raise LesionbenchError for a level it cannot take
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,17 @@ class BasePerturbation:
 
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> Callable[[], None] | None:
         raise NotImplementedError
+
+
+LEVEL_AXES = ("linear", "log", "descending")
+
+
+def level_axis(perturbation: Perturbation) -> str:
+    """How scores read this perturbation's levels: ``linear`` (damage grows with the level),
+    ``log`` (error rates spanning decades) or ``descending`` (damage grows as the level falls, e.g. bits)."""
+    if getattr(perturbation, "level_scale", "linear") == "log":
+        return "log"
+    return "linear" if getattr(perturbation, "damage_grows_with_level", True) else "descending"
 
 
 def check_levels(perturbation: Perturbation, levels: Sequence[float]) -> tuple[float, ...]:

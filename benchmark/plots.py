@@ -32,7 +32,14 @@ MAX_LEGEND_LAYERS = 12  # beyond this a depth colour bar replaces the per-layer 
 def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str, out: Path) -> Path:
     c = curves(df[df["model"] == model], metric)
     c = c[c["perturbation"] == perturbation]
+    axis = c["level_axis"].iloc[0] if len(c) else "linear"
+    if axis == "log":
+        c = c[c["level"] > 0]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    if axis == "log":
+        ax.set_xscale("log")
+    elif axis == "descending":
+        ax.invert_xaxis()  # damage grows to the right, as on every other plot
     cmap = plt.get_cmap("viridis")
     layers = c.drop_duplicates("layer").sort_values("layer_index")
     many = len(layers) > MAX_LEGEND_LAYERS

@@ -28,7 +28,7 @@ def print_summary(df: pd.DataFrame, study: Study, console: Console) -> None:
                     continue
                 r = r.iloc[0]
                 style = "red" if r.verdict == "critical" else "green"
-                cells.append(f"[{style}]{r.score:.2f}[/{style}] / {format_critical(r.critical_level, r.max_level)}")
+                cells.append(f"[{style}]{r.score:.2f}[/{style}] / {format_critical(r.critical_level, r.max_level, r.level_axis)}")
             table.add_row(layer[1], *cells)
         console.print(table)
         for p in perts:

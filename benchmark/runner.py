@@ -25,7 +25,7 @@ from benchmark.evaluate import EvalResult, resolve_device
 from benchmark.layers import NORMS, Layer, discover_layers, select_layers
 from benchmark.models import LoadedModel, create_model
 from benchmark.perturbation import (
-    Perturbation, cell_seed, check_levels, generator_for, model_checksum, nonfinite_count, perturbed,
+    Perturbation, cell_seed, check_levels, generator_for, level_axis, model_checksum, nonfinite_count, perturbed,
 )  # fmt: skip
 from benchmark.registry import Registry
 from benchmark.store import CLEAN, NONFINITE, RunDir, cell_key
@@ -96,7 +96,8 @@ class Plan:
         layer = next(t for t in prepared.targets_of(block.perturbation) if t.display == block.layer)
         out = []
         for level in levels:
-            draws = 1 if level == perturbation.identity_level else self.study.draws
+            same_every_draw = level == perturbation.identity_level or getattr(perturbation, "deterministic", False)
+            draws = 1 if same_every_draw else self.study.draws
             out.extend(Cell(layer, perturbation, level, d) for d in range(draws))
         return out
 
@@ -143,6 +144,8 @@ def prepare(study: Study, registry: Registry) -> Plan:
     for name in study.perturbations:
         p = registry.get("perturbations", name)
         levels = check_levels(p, study.levels.get(name, p.default_levels))
+        for level in levels if hasattr(p, "check_level") else ():
+            p.check_level(level)  # a plugin's own rule (whole bits…), before anything runs
         perturbations[name] = (p, levels)
     unknown_levels = set(study.levels) - set(study.perturbations)
     if unknown_levels:
@@ -176,11 +179,12 @@ def prepare(study: Study, registry: Registry) -> Plan:
         layers = _with_initial(layers, loaded)
         targets = {}
         for name, (p, _levels) in perturbations.items():
-            if hasattr(p, "targets"):
+            if hasattr(p, "targets"):  # e.g. residual stages: a model without any has no such blocks
                 targets[name] = list(p.targets(loaded.module, layers))
-                if not targets[name]:
-                    raise LesionbenchError(f"perturbation {name!r} finds nothing to perturb in model {spec.ref!r}")
         models.append(PreparedModel(loaded, layers, targets))
+    for name in perturbations:
+        if not any(m.targets_of(name) for m in models):
+            raise LesionbenchError(f"perturbation {name!r} finds nothing to perturb in any model of the study")
     return Plan(study, perturbations, raw, indices, models, calibration)
 
 
@@ -223,6 +227,7 @@ def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: Ev
         "num_classes": plan.raw.num_classes,
         "error": error,
         "nonfinite_weights": nonfinite if nonfinite is not None else (0 if cell else None),
+        "level_axis": level_axis(cell.perturbation) if cell else "linear",
     }
     if result is not None:
         row.update(

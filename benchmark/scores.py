@@ -4,6 +4,10 @@ For each model × layer × perturbation the mean over draws of the score metric 
 acc(p). Its retention r(p) = clip((acc(p) − chance) / (acc(0) − chance), 0, 1) rescales it so that
 1 is the clean model and 0 is chance; the **layer-robustness score** is the area under r over the
 level range divided by that range. The **critical level** p½ is where r first falls to 0.5.
+
+Levels are read on the axis each row's ``level_axis`` names: ``linear``; ``log`` (bit error rates
+from 1e-7 to 1e-3: area over log10 p, so each decade counts the same, level 0 left out);
+``descending`` (quantisation bits: damage grows as the level falls, so the axis runs 8 → 2).
 """
 
 from __future__ import annotations
@@ -34,8 +38,11 @@ def curves(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     cells = df[(df["perturbation"] != CLEAN) & ((error == "") | (error == NONFINITE))].copy()
     broken = cells["error"] == NONFINITE
     cells.loc[broken, metric] = [chance_level(metric, int(n)) for n in cells.loc[broken, "num_classes"]]
-    g = cells.groupby(GROUP + ["level"], sort=True)[metric]
-    out = g.agg(mean="mean", std="std", n="count").reset_index()
+    if "level_axis" not in cells.columns:
+        cells["level_axis"] = "linear"
+    g = cells.groupby(GROUP + ["level"], sort=True)
+    out = g[metric].agg(mean="mean", std="std", n="count").reset_index()
+    out["level_axis"] = g["level_axis"].first().to_numpy()
     out["std"] = out["std"].fillna(0.0)
     t = np.where(out["n"] > 1, stats.t.ppf(0.975, np.maximum(out["n"] - 1, 1)), 0.0)
     half = t * out["std"] / np.sqrt(out["n"])
@@ -92,22 +99,46 @@ def critical_level(levels, r, threshold: float = 0.5) -> float:
     return math.inf
 
 
+def to_axis(levels, axis: str) -> np.ndarray:
+    """Positions on the scoring axis, where damage grows from left to right."""
+    levels = np.asarray(levels, dtype=float)
+    if axis == "log":
+        with np.errstate(divide="ignore"):
+            return np.log10(levels)
+    return -levels if axis == "descending" else levels
+
+
+def from_axis(x: float, axis: str) -> float:
+    if not math.isfinite(x):
+        return x
+    return float(10**x) if axis == "log" else (-x if axis == "descending" else x)
+
+
 def layer_scores(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
-    """One row per model × layer × perturbation: score, critical level and verdict."""
+    """One row per model × layer × perturbation: score, critical level and verdict.
+
+    ``max_level`` is the most damaging level studied (the largest, or the fewest bits)."""
     c = curves(df, metric)
     rows = []
     for key, g in c.groupby(GROUP, sort=False):
-        score = area_score(g["level"], g["retention"])
+        axis = g["level_axis"].iloc[0]
+        if axis == "log":
+            g = g[g["level"] > 0]
+        if g.empty:
+            continue
+        x = to_axis(g["level"], axis)
+        score = area_score(x, g["retention"])
         rows.append(
             dict(
                 zip(GROUP, key),
                 score=score,
-                critical_level=critical_level(g["level"], g["retention"]),
-                max_level=float(g["level"].max()),
+                critical_level=from_axis(critical_level(x, g["retention"]), axis),
+                max_level=from_axis(float(x.max()), axis),
+                level_axis=axis,
                 verdict="critical" if score < 0.5 else "robust",
             )
         )
-    out = pd.DataFrame(rows, columns=GROUP + ["score", "critical_level", "max_level", "verdict"])
+    out = pd.DataFrame(rows, columns=GROUP + ["score", "critical_level", "max_level", "level_axis", "verdict"])
     return out.sort_values(["model", "perturbation", "layer_index"], ignore_index=True)
 
 

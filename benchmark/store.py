@@ -27,9 +27,10 @@ from benchmark.study import Study
 COLUMNS = [
     "model", "dataset", "layer", "layer_index", "relative_depth", "perturbation", "level", "draw",
     "seed", "top1", "top5", "loss", "n_images", "seconds", "images_per_s", "device", "num_classes", "error",
-    "nonfinite_weights",
+    "nonfinite_weights", "level_axis",
 ]  # fmt: skip
-OPTIONAL = {"error": "", "nonfinite_weights": float("nan")}  # columns older result files may lack
+# Columns older result files may lack, with what they meant then.
+OPTIONAL = {"error": "", "nonfinite_weights": float("nan"), "level_axis": "linear"}
 NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
            "seconds", "images_per_s", "num_classes", "nonfinite_weights"]  # fmt: skip
 CLEAN = "clean"
@@ -174,7 +175,8 @@ def read_results(paths: Path | str | Iterable[Path | str]) -> pd.DataFrame:
                 p,
                 keep_default_na=False,  # a layer may be called "NA"; only numeric columns have NaN
                 na_values={c: ["", "nan", "NaN"] for c in NUMERIC},
-                dtype={"model": str, "dataset": str, "layer": str, "perturbation": str, "device": str, "error": str},
+                dtype={"model": str, "dataset": str, "layer": str, "perturbation": str, "device": str, "error": str,
+                       "level_axis": str},  # fmt: skip
             )
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
             raise LesionbenchError(f"results file {str(p)!r} is not a readable CSV: {exc}") from None
@@ -186,5 +188,6 @@ def read_results(paths: Path | str | Iterable[Path | str]) -> pd.DataFrame:
                 df[column] = default
         df["layer"] = df["layer"].fillna("")
         df["error"] = df["error"].fillna("")
+        df["level_axis"] = df["level_axis"].replace("", "linear").fillna("linear")
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]

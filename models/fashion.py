@@ -7,14 +7,17 @@
 - ``fashion_mobilenetv3`` — timm's ``mobilenetv3_small_050`` (depthwise-separable, squeeze-excite).
 
 Weights ship in ``models/weights/`` and are reproduced by ``lesionbench train NAME``; the exact
-command, seed and measured test accuracy are in the JSON beside each file.
+command, seed and measured test accuracy are in the JSON beside each file. The seed also gives the
+weights training started from (``LoadedModel.initial_state``, for the ``reinit`` perturbation).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
 from torch import nn
 from torchvision import transforms
 
@@ -124,6 +127,26 @@ def training_record(arch: str) -> dict | None:
     return json.loads(meta.read_text()) if meta.is_file() else None
 
 
+def shipped_initial_state(arch: str) -> Callable[[], Mapping[str, torch.Tensor]] | None:
+    """The weights training of the shipped file started from, rebuilt from its recorded seed.
+
+    ``lesionbench train`` seeds torch and then builds the model on the CPU, so seeding the CPU
+    generator and building again gives the same tensors; done under ``fork_rng`` so the caller's
+    random state is left as it was. None when the record names no seed.
+    """
+    record = training_record(arch)
+    if not record or record.get("model") != arch or not isinstance(record.get("seed"), int):
+        return None
+    seed, options = record["seed"], dict(record.get("options") or {})
+
+    def initial_state() -> Mapping[str, torch.Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return ARCHITECTURES[arch](**options).state_dict()
+
+    return initial_state
+
+
 class FashionModels:
     name = "fashion"
     description = "Small networks for 28×28 grey images (Fashion-MNIST) with shipped weights from `lesionbench train`."
@@ -141,6 +164,7 @@ class FashionModels:
             raise unknown_name("model", spec.arch, ARCHITECTURES)
         options = dict(spec.options)
         module = ARCHITECTURES[spec.arch](**options)
+        initial_state = None  # known only for the shipped weights
         if spec.checkpoint:
             load_checkpoint_into(module, spec.checkpoint)
         elif spec.weights in (None, "default"):
@@ -150,6 +174,7 @@ class FashionModels:
                     f"no shipped weights for {spec.arch!r} at {path}; run `lesionbench train {spec.arch}`"
                 )
             load_checkpoint_into(module, path)
+            initial_state = shipped_initial_state(spec.arch)
         elif spec.weights != "none":
             load_checkpoint_into(module, spec.weights)
         return LoadedModel(
@@ -160,6 +185,7 @@ class FashionModels:
             preprocess=grey_28_preprocess(),
             preprocess_key=f"grey28:{FASHION_MEAN}:{FASHION_STD}",
             aliases=dict(ALIASES.get(spec.arch, {})),
+            initial_state=initial_state,
         )
 
 

@@ -64,6 +64,7 @@ def apply_bit_masks(tensor: torch.Tensor, masks: torch.Tensor, op: str) -> None:
 
 class BitFlip(BasePerturbation):
     field: str = "all"
+    level_scale = "log"  # error rates spanning decades: scored over log10 p
 
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         for tensor in layer.weight_and_bias():

@@ -87,3 +87,31 @@ def test_failed_cells_are_left_out_of_scores():
     df = pd.concat([df, bad.to_frame().T], ignore_index=True)
     df["top1"] = df["top1"].astype(float)
     assert layer_scores(df).iloc[0]["score"] == pytest.approx(1.0)
+
+
+def test_log_levels_count_every_decade_the_same_and_leave_out_level_zero():
+    """Bit error rates 1e-7…1e-3: a collapse in the last decade costs a quarter of the score, not
+    (as on a linear axis) almost nothing."""
+    points = [(0.0, [0.9]), (1e-7, [0.9]), (1e-6, [0.9]), (1e-5, [0.9]), (1e-4, [0.9]), (1e-3, [0.1])]
+    df = table({"conv1": points})
+    linear = layer_scores(df).iloc[0]
+    df["level_axis"] = "log"
+    log = layer_scores(df).iloc[0]
+    assert log["score"] == pytest.approx(7 / 8)  # trapezoids over 4 decades, the last one half lost
+    assert linear["score"] == pytest.approx(0.55)  # the last decade is 90% of the linear range
+    assert log["critical_level"] == pytest.approx(10**-3.5)  # halfway through the last decade
+    assert log["max_level"] == pytest.approx(1e-3)
+
+
+def test_descending_levels_read_bits_from_many_to_few():
+    """Quantisation: 8 bits is mild, 2 bits is the most damage; p½ is found going down in bits."""
+    points = [(8.0, [0.9]), (6.0, [0.9]), (4.0, [0.5]), (2.0, [0.1])]
+    df = table({"conv1": points, "fc": [(8.0, [0.9]), (2.0, [0.9])]})
+    df["level_axis"] = "descending"
+    s = layer_scores(df).set_index("layer")
+    assert s.loc["conv1", "critical_level"] == pytest.approx(4.0)
+    assert s.loc["conv1", "score"] == pytest.approx((2 * 1 + 2 * 0.75 + 2 * 0.25) / 6)
+    assert math.isinf(s.loc["fc", "critical_level"]) and s.loc["fc", "max_level"] == 2.0
+    from benchmark.leaderboard import format_critical
+
+    assert format_critical(s.loc["fc", "critical_level"], 2.0, "descending") == "< 2"

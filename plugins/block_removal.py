@@ -1,0 +1,115 @@
+"""Block removal (Veit, Wilber & Belongie 2016): delete whole residual blocks, keeping the shortcut.
+
+A residual block computes x + f(x); removing it leaves x, its identity shortcut. The layer axis is
+the *stage* — the module whose children are a network's residual blocks (timm/torchvision ResNet
+``layer1``, EfficientNet/MobileNet ``blocks.3``) — and level p removes floor(p·n) of the stage's n
+*removable* blocks, chosen at random. A removed block's output is replaced by its input through a
+forward hook (the block still runs; its result is discarded); ``apply`` returns the hooks' remover.
+
+Which blocks are residual, and removable (identity shortcut, so output shape = input shape):
+
+- a module with a boolean ``has_skip`` (timm's EfficientNet/MobileNet family: DepthwiseSeparableConv,
+  InvertedResidual, EdgeResidual, …): removable when ``has_skip`` is True;
+- a ResNet-style block, by class name (BasicBlock, Bottleneck, PreActBasic, PreActBottleneck,
+  Bottle2neck, ResNestBottleneck — timm's and torchvision's) with a ``downsample`` attribute:
+  removable when ``downsample`` is None or nn.Identity (no projection);
+- a ConvNeXtBlock with a ``shortcut``: removable when the shortcut is nn.Identity.
+
+Attributes alone are not trusted for other classes (a Swin stage also has ``downsample``); a
+removed block whose output shape differs from its input is refused at the first forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from benchmark.errors import LesionbenchError
+from benchmark.hookspecs import hookimpl
+from benchmark.layers import Layer
+from benchmark.perturbation import BasePerturbation, count_for
+from plugins.synapse_knockout import LEVELS
+
+DOWNSAMPLE_BLOCKS = {"BasicBlock", "Bottleneck", "PreActBasic", "PreActBottleneck", "Bottle2neck", "ResNestBottleneck"}
+SHORTCUT_BLOCKS = {"ConvNeXtBlock"}
+
+
+def residual(module: nn.Module) -> bool | None:
+    """True for a residual block with an identity shortcut, False for one that projects, None otherwise."""
+    has_skip = getattr(module, "has_skip", None)
+    if isinstance(has_skip, bool):
+        return has_skip
+    kind = type(module).__name__
+    if kind in DOWNSAMPLE_BLOCKS and hasattr(module, "downsample"):
+        return module.downsample is None or isinstance(module.downsample, nn.Identity)
+    if kind in SHORTCUT_BLOCKS and hasattr(module, "shortcut"):
+        return isinstance(module.shortcut, nn.Identity)
+    return None
+
+
+def removable_blocks(stage: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The stage's direct children that are residual blocks with an identity shortcut, in order."""
+    return [(name, child) for name, child in stage.named_children() if residual(child) is True]
+
+
+def stages(model: nn.Module, layers: Sequence[Layer]) -> list[Layer]:
+    """One Layer per stage holding a removable block and one of ``layers``, in ``layers``' order."""
+    first: dict[str, tuple[int, nn.Module]] = {}
+    for path, module in model.named_modules():
+        if not path or not removable_blocks(module):
+            continue
+        inside = {id(m) for m in module.modules()}
+        hits = [l.index for l in layers if id(l.module) in inside]
+        if hits:
+            first[path] = (min(hits), module)
+    ordered = sorted(first.items(), key=lambda item: item[1][0])
+    n = len(ordered)
+    return [
+        Layer(name=path, display=path, index=i, relative_depth=i / (n - 1) if n > 1 else 0.0, kind="stage", module=module)
+        for i, (path, (_, module)) in enumerate(ordered)
+    ]
+
+
+def skip_hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
+    def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        if not isinstance(output, torch.Tensor) or output.shape != x.shape:
+            raise LesionbenchError(
+                f"block_removal: block {name!r} does not keep its input's shape, so it has no identity shortcut"
+            )
+        return x
+
+    return hook
+
+
+class BlockRemoval(BasePerturbation):
+    def targets(self, model: nn.Module, layers: Sequence[Layer]) -> list[Layer]:
+        return stages(model, layers)
+
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> Callable[[], None] | None:
+        blocks = removable_blocks(layer.module)
+        k = count_for(level, len(blocks))
+        if k == 0:
+            return None
+        chosen = torch.randperm(len(blocks), generator=generator)[:k].tolist()
+        handles = [blocks[i][1].register_forward_hook(skip_hook(f"{layer.name}.{blocks[i][0]}")) for i in sorted(chosen)]
+
+        def remove() -> None:
+            for handle in handles:
+                handle.remove()
+
+        return remove
+
+
+@hookimpl
+def lesionbench_perturbations():
+    return [
+        BlockRemoval(
+            name="block_removal",
+            description="Replace a random fraction p of a stage's identity-shortcut residual blocks by their shortcut.",
+            default_levels=LEVELS,
+            level_range=(0.0, 1.0),
+        )
+    ]

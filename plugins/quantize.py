@@ -1,0 +1,70 @@
+"""Weight quantization: round a layer's weights to k bits, as low-precision inference would.
+
+Level k rounds W symmetrically to k bits: scale = max|w| / (2^(k-1) − 1) and
+w ← round(w / scale)·scale, so W takes at most 2^k − 1 values, the largest |w| is kept exactly and
+no weight moves by more than scale/2. ``quantize`` uses one scale for the whole tensor,
+``quantize_per_channel`` one per output channel (dim 0: a conv filter, a linear row), as
+deployment toolchains do. The bias is left in full precision (it is kept in 32 bits in practice).
+A channel that is all zeros has scale 0 and stays zero. Levels are bit widths, and damage grows as
+the level *decreases*; the draws are all equal (no randomness).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmark.errors import LesionbenchError
+from benchmark.hookspecs import hookimpl
+from benchmark.layers import Layer
+from benchmark.perturbation import BasePerturbation
+
+LEVELS = (8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0)
+
+
+def quantize_(tensor: torch.Tensor, bits: int, per_channel: bool = False) -> None:
+    """Round ``tensor`` in place to ``bits``-bit symmetric levels, per tensor or per dim-0 channel."""
+    w = tensor.detach().float()
+    qmax = 2 ** (bits - 1) - 1
+    if per_channel and w.dim() > 1:
+        amax = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
+    else:
+        amax = w.abs().amax()
+    scale = amax / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero channel: 0/1 = 0, not NaN
+    tensor.copy_(torch.round(w / scale) * scale)
+
+
+class Quantize(BasePerturbation):
+    per_channel: bool = False
+    damage_grows_with_level: bool = False  # fewer bits, more harm
+    deterministic = True  # no randomness: the harness evaluates one draw per level
+
+    def check_level(self, level: float) -> None:
+        """Checked for every level before a study starts."""
+        if level != int(level):
+            raise LesionbenchError(f"{self.name} takes a whole number of bits, not {level}")
+
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        self.check_level(level)
+        quantize_(layer.module.weight, int(level), self.per_channel)
+
+
+class QuantizePerChannel(Quantize):
+    per_channel = True
+
+
+@hookimpl
+def lesionbench_perturbations():
+    common = dict(default_levels=LEVELS, level_range=(2.0, 16.0), identity_level=None)
+    return [
+        Quantize(
+            name="quantize",
+            description="Round the weights to k bits, symmetric, one scale per tensor (bias kept in full precision).",
+            **common,
+        ),
+        QuantizePerChannel(
+            name="quantize_per_channel",
+            description="Round the weights to k bits, symmetric, one scale per output channel (bias in full precision).",
+            **common,
+        ),
+    ]
