@@ -39,6 +39,8 @@ class StuckAtZero(BasePerturbation):
 
 
 class StuckAtOne(BasePerturbation):
+    level_scale = "log"  # an exponent bit stuck at 1 is catastrophic: the interesting fractions span decades
+
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         for tensor in layer.weight_and_bias():
             force_one_bit(tensor, level, generator)
@@ -56,7 +58,7 @@ def lesionbench_perturbations():
         StuckAtOne(
             name="stuck_at_one",
             description="A random fraction p of the stored weights and biases with one random bit stuck at 1.",
-            default_levels=LEVELS,
+            default_levels=(0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
             level_range=(0.0, 1.0),
         ),
     ]
