@@ -66,9 +66,19 @@ class NaiveEngine:
                  device: torch.device, autocast: bool = False):  # fmt: skip
         self.module, self.images, self.labels = module, images, labels
         self.batch_size, self.device, self.autocast = batch_size, device, autocast
+        self.notes: list[str] = []
 
     def full(self) -> EvalResult:
-        return evaluate(self.module, self.images, self.labels, self.batch_size, self.device, self.autocast)
+        """A full pass; on a GPU out of memory, the batch size is halved until it fits (and kept)."""
+        while True:
+            try:
+                return evaluate(self.module, self.images, self.labels, self.batch_size, self.device, self.autocast)
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.batch_size //= 2
+                self.notes.append(f"out of GPU memory: batch size lowered to {self.batch_size}")
 
     @contextmanager
     def for_layer(self, layer: Layer) -> Iterator[LayerEval]:
@@ -210,7 +220,6 @@ class SuffixEngine(NaiveEngine):
         self.budget_bytes = budget_bytes
         self.spill = spill
         self.graph = trace(module)
-        self.notes: list[str] = []
         if self.graph is None:
             self.notes.append(f"{type(module).__name__} cannot be traced by torch.fx: every cell is a full pass")
 

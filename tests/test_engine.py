@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from benchmark.cli import main
-from benchmark.engine import SuffixEngine, split_at, trace
+from benchmark.engine import NaiveEngine, SuffixEngine, split_at, trace
 from benchmark.layers import discover_layers
 from benchmark.store import read_results
 from conftest import write_fashion
@@ -286,3 +286,29 @@ def test_hooked_perturbations_are_not_batched_and_match_the_naive_engine(tmp_pat
         frames[engine] = run.frame().sort_values(KEY, ignore_index=True)
     assert frames["fast"]["loss"].nunique() > 2  # the hook really changed the outputs, draw by draw
     pd.testing.assert_frame_equal(frames["fast"][NUMBERS], frames["naive"][NUMBERS], rtol=1e-6, atol=1e-7)
+
+
+class NeedsSmallBatches(nn.Module):
+    """Raises CUDA's out-of-memory error for batches above 3 images, as a small GPU would."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        if len(x) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("engine_cls", [SuffixEngine, NaiveEngine], ids=["fast", "naive"])
+def test_batch_size_is_halved_until_the_pass_fits(engine_cls):
+    torch.manual_seed(0)
+    model = NeedsSmallBatches().eval()
+    images, labels = torch.randn(10, 4), torch.arange(10)
+    engine = engine_cls(model, images, labels, 16, torch.device("cpu"))
+    result = engine.full()
+    assert engine.batch_size == 2 and any("batch size lowered to 2" in n for n in engine.notes)
+    with torch.no_grad():
+        expected = (model.fc(images).argmax(1) == labels).float().mean().item()
+    assert result.top1 == pytest.approx(expected) and result.n_images == 10
