@@ -55,20 +55,21 @@ def removable_blocks(stage: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def stages(model: nn.Module, layers: Sequence[Layer]) -> list[Layer]:
-    """One Layer per stage holding a removable block and one of ``layers``, in ``layers``' order."""
+    """One Layer per stage holding a removable block and one of ``layers``, in forward order; its
+    index and depth are those of the first of ``layers`` inside it."""
     first: dict[str, tuple[int, nn.Module]] = {}
     for path, module in model.named_modules():
         if not path or not removable_blocks(module):
             continue
         inside = {id(m) for m in module.modules()}
-        hits = [l.index for l in layers if id(l.module) in inside]
+        hits = [l for l in layers if id(l.module) in inside]
         if hits:
-            first[path] = (min(hits), module)
-    ordered = sorted(first.items(), key=lambda item: item[1][0])
-    n = len(ordered)
+            first[path] = (min(hits, key=lambda l: l.index), module)
+    ordered = sorted(first.items(), key=lambda item: item[1][0].index)
+    # A stage sits where its first studied layer sits, so tables and depth plots put it in place.
     return [
-        Layer(name=path, display=path, index=i, relative_depth=i / (n - 1) if n > 1 else 0.0, kind="stage", module=module)
-        for i, (path, (_, module)) in enumerate(ordered)
+        Layer(name=path, display=path, index=layer.index, relative_depth=layer.relative_depth, kind="stage", module=module)
+        for path, (layer, module) in ordered
     ]
 
 

@@ -376,7 +376,15 @@ def test_plugins_lists_every_builtin_with_its_contributions(capsys):
     lines = capsys.readouterr().out.splitlines()
 
     def row(plugin: str) -> str:
-        return next(l for l in lines if l.strip("│┃ ").startswith(plugin + " "))
+        """The table row of a plugin, with the lines its wrapped cells continue on."""
+        i = next(i for i, l in enumerate(lines) if l.strip("│┃ ").startswith(plugin + " "))
+        out = [lines[i]]
+        for line in lines[i + 1 :]:
+            cells = line.split("│")
+            if len(cells) < 3 or cells[1].strip():  # a border, or the next plugin's row
+                break
+            out.append(line)
+        return " ".join(c.strip() for l in out for c in l.split("│")[3:4])  + " " + out[0]
 
     assert "perturbation synapse_knockout" in row("synapse_knockout")
     assert "dataset fashion_mnist" in row("fashion_mnist")
