@@ -52,6 +52,21 @@ def test_render_ranks_models_and_names_the_most_fragile_layer():
     assert "| fc8 | 1.00 | 0.88 (1.00) |" in text
 
 
+def test_overall_ranks_on_shared_perturbations_and_each_perturbation_says_where_fragility_is():
+    """A model studied under more perturbations is ranked only on those every model has; the
+    by-perturbation table locates the fragile layers (early vs late) for each."""
+    a = results("a", perts=("p", "extra"), layers={"conv1": [0.9, 0.1, 0.1], "mid": [0.9, 0.9, 0.9], "fc8": [0.9, 0.9, 0.9]})
+    b = results("b", perts=("p",), layers={"conv1": [0.9, 0.8, 0.8], "fc8": [0.9, 0.9, 0.5]})
+    text = render(pd.concat([a, b], ignore_index=True))
+    header = next(l for l in text.splitlines() if l.startswith("| # "))
+    assert "| p |" in header and "extra" not in header
+    first = next(l for l in text.splitlines() if l.startswith("| 1 "))
+    assert "[b]" in first  # b's p scores beat a's; a's "extra" column does not count
+    rows = {l.split(" | ")[0]: l for l in text.splitlines() if l.startswith("| extra |") or l.startswith("| p |")}
+    assert rows["| extra"].startswith("| extra | 1 | 0.25 | 1.00 | 1.00 | a: conv1 (0.25) |")
+    assert rows["| p"].startswith("| p | 2 |")
+
+
 def test_one_table_per_track():
     text = render(pd.concat([results("a", "fashion"), results("b", "imagenet")], ignore_index=True),
                   metrics={"imagenet": "top5"})  # fmt: skip
