@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bn-recalibrate", action="store_true", default=None,
                      help="re-estimate BatchNorm statistics on a calibration subset after each perturbation")
     run.add_argument("--debug", action="store_true", help="verify the model checksum after every cell")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local: evaluate here (default); ray: one task per block on a Ray cluster (pip install lesionbench[ray])")
+    run.add_argument("--ray-address", metavar="ADDRESS",
+                     help="Ray cluster for --executor ray: auto (this node's cluster) or ray://host:10001 (default: start a local one)")
 
     lst = sub.add_parser("list", help="list models, perturbations, datasets or studies")
     lst.add_argument("kind", choices=sorted(KINDS))
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LesionbenchError as exc:
-        err_console.print(f"lesionbench: error: {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"lesionbench: error: {exc}", highlight=False, markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("lesionbench: interrupted")

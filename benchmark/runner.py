@@ -284,7 +284,8 @@ class ModelRunner:
             return
         with self.engine.for_layer(cells[0].layer) as run_eval:
             batchable = (
-                run_eval.many is not None and self.plan.study.batch_draws and self.calibration is None
+                run_eval.many is not None and self.calibration is None
+                and (self.plan.study.batch_draws if self.plan.study.batch_draws is not None else self.device.type == "cuda")
                 and sum(not c.is_identity and self.key(c) not in done for c in cells) > 1
             )  # fmt: skip
             pending: list[tuple[Cell, int, dict[str, torch.Tensor], int]] = []
@@ -493,8 +494,34 @@ def run_study(
     resume: bool = False,
     progress_factory=None,
     debug: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> RunDir:
-    """Prepare (all checks), then create or reopen the run directory, then execute."""
+    """Prepare (all checks), then create or reopen the run directory, then execute.
+
+    ``executor="ray"`` runs the blocks on a Ray cluster (``ray_address``: None starts a local one,
+    ``auto`` joins this node's cluster, ``ray://host:10001`` a remote one); see benchmark/executors.py.
+    """
+    if executor == "ray":
+        from contextlib import nullcontext
+
+        from benchmark import executors
+
+        executors.require_ray()  # before anything else: one line, nothing written
+        plan = prepare(executors.driver_study(study), registry)
+        if resume:
+            RunDir.open_existing(out, study)  # a different study is refused before connecting
+        with executors.ray_cluster(ray_address) as cluster:
+            worker_study = replace(study, device=cluster.device_for(study))
+            executors.probe(cluster, worker_study, registry)  # a plugin missing on workers: nothing written
+            run = RunDir.open_existing(out, study) if resume else RunDir.create(out, study)
+            with (progress_factory or (lambda _total: nullcontext()))(plan.total()) as tick:
+                executors.execute_ray(cluster, plan, run, registry, tick, debug, worker_study)
+        return run
+    if executor != "local":
+        raise LesionbenchError(f"unknown executor {executor!r} (local or ray)")
+    if ray_address is not None:
+        raise LesionbenchError("--ray-address is for --executor ray")
     plan = prepare(study, registry)
     run = RunDir.open_existing(out, study) if resume else RunDir.create(out, study)
     if progress_factory is None:
@@ -530,7 +557,8 @@ def run_from_cli(args, console) -> int:
         bn_recalibrate=args.bn_recalibrate,
     )  # fmt: skip
     run = run_study(study, registry, out, resume=args.resume is not None,
-                    progress_factory=lambda total: rich_progress(console, total), debug=args.debug)  # fmt: skip
+                    progress_factory=lambda total: rich_progress(console, total), debug=args.debug,
+                    executor=getattr(args, "executor", "local"), ray_address=getattr(args, "ray_address", None))  # fmt: skip
     from benchmark.publish import publish
     from benchmark.report import print_summary
 
@@ -542,7 +570,7 @@ def run_from_cli(args, console) -> int:
 
 def _manifest_study(d: dict) -> dict:
     """The study mapping stored in a manifest, back in study-file form."""
-    d = dict(d)
+    d = {k: v for k, v in d.items() if v is not None}  # unset options (batch_draws: automatic)
     d["models"] = [{k: v for k, v in m.items() if v not in (None, {})} for m in d["models"]]
     d["dataset"] = {k: v for k, v in d["dataset"].items() if v is not None}
     d["layers"] = list(d["layers"])

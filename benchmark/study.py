@@ -42,7 +42,9 @@ class Study:
     batch_size: int = 256
     metric: str = "top1"  # what scores are computed from: top1 or top5
     engine: str = "fast"  # "fast" (only what a perturbation changes) or "naive" (full passes)
-    batch_draws: bool = True  # fast engine: evaluate several draws of a layer in one vmapped pass
+    # Fast engine: several draws of a layer in one vmapped pass. None = on CUDA only: on the CPU the
+    # batched (grouped) convolutions measured slower than one pass per draw.
+    batch_draws: bool | None = None
     autocast: bool = False  # mixed precision (float16 on CUDA, bfloat16 on CPU)
     channels_last: bool = False  # NHWC memory layout for models and images
     bn_recalibrate: bool = False  # re-estimate BatchNorm statistics after each perturbation
@@ -176,7 +178,7 @@ def parse_study(data: dict[str, Any], default_name: str = "study", base_dir: Pat
         batch_size=data.get("batch_size", 256),
         metric=data.get("metric", "top1"),
         engine=data.get("engine", "fast"),
-        batch_draws=data.get("batch_draws", True),
+        batch_draws=data.get("batch_draws"),
         autocast=data.get("autocast", False),
         channels_last=data.get("channels_last", False),
         bn_recalibrate=data.get("bn_recalibrate", False),

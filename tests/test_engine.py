@@ -182,7 +182,7 @@ def test_fast_and_naive_engines_write_the_same_results(model, data, tmp_path):
     layers = ", ".join(f'"{l}"' for l in LAYERS[model])
     study.write_text(
         f'name = "eq"\nmodels = [{{ref = "{model}", weights = "none"}}]\nlayers = [{layers}]\ndraws = 2\nseed = 3\n'
-        'batch_size = 16\ndevice = "cpu"\n'
+        'batch_size = 16\ndevice = "cpu"\nbatch_draws = true\n'
         "[levels]\nsynapse_knockout = [0.0, 0.5]\nnode_knockout = [0.0, 0.5]\nweight_noise = [0.0, 1.0]\n"
         f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\nn_images = 40\n'
     )
@@ -279,7 +279,7 @@ def test_hooked_perturbations_are_not_batched_and_match_the_naive_engine(tmp_pat
     frames = {}
     for engine in ("fast", "naive"):
         study = parse_study({"name": "h", "models": [{"ref": "fashion_alexnet", "weights": "none"}], "layers": ["conv2"],
-                             "perturbations": ["hook_noise"], "draws": 3, "engine": engine, "device": "cpu",
+                             "perturbations": ["hook_noise"], "draws": 3, "engine": engine, "device": "cpu", "batch_draws": True,
                              "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 30}})  # fmt: skip
         run = RunDir.create(tmp_path / engine, study)
         execute(prepare(study, registry), run)
