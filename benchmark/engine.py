@@ -294,6 +294,15 @@ class SuffixEngine(NaiveEngine):
         return out
 
 
+@dataclass(frozen=True)
+class _OnDisk:
+    """A spilled tensor: where its bytes are and how to read them back."""
+
+    path: str
+    dtype: torch.dtype
+    shape: torch.Size
+
+
 class SpilledBatches:
     """Cached boundary values kept in memory-mapped files instead of memory, one file per tensor.
 
@@ -308,7 +317,7 @@ class SpilledBatches:
 
         self.device = device
         self.dir = Path(tempfile.mkdtemp(prefix="lesionbench-spill-", dir=os.environ.get("LESIONBENCH_SPILL_DIR")))
-        self._batches: list[list[tuple[str, torch.dtype, torch.Size] | object]] = []
+        self._batches: list[list[_OnDisk | object]] = []
 
     def append(self, values: tuple) -> None:
         entries = []
@@ -316,7 +325,7 @@ class SpilledBatches:
             if isinstance(v, torch.Tensor):
                 path = self.dir / f"{len(self._batches)}_{j}.bin"
                 v.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tofile(path)
-                entries.append((str(path), v.dtype, v.shape))
+                entries.append(_OnDisk(str(path), v.dtype, v.shape))
             else:
                 entries.append(v)
         self._batches.append(entries)
@@ -327,10 +336,9 @@ class SpilledBatches:
     def __getitem__(self, i: int) -> tuple:
         out = []
         for e in self._batches[i]:
-            if isinstance(e, tuple) and len(e) == 3 and isinstance(e[1], torch.dtype):
-                path, dtype, shape = e
-                nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-                t = torch.from_file(path, shared=False, size=nbytes, dtype=torch.uint8).view(dtype).view(shape)
+            if isinstance(e, _OnDisk):
+                nbytes = e.shape.numel() * torch.empty((), dtype=e.dtype).element_size()
+                t = torch.from_file(e.path, shared=False, size=nbytes, dtype=torch.uint8).view(e.dtype).view(e.shape)
                 out.append(t.to(self.device, non_blocking=True))
             else:
                 out.append(e)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from benchmark.errors import LesionbenchError
-from benchmark.store import CLEAN, RunDir, cell_key
+from benchmark.store import RunDir
 from benchmark.study import Study
 
 log = logging.getLogger("lesionbench")
@@ -195,15 +195,14 @@ def execute_ray(
     try:
         for prepared in plan.models:
             name = prepared.loaded.name
-            clean_key = cell_key(name, "", CLEAN, 0.0, 0)
-            if clean_key in done:
+            if plan.key(name) in done:
                 tick(f"{name}: clean (done earlier)")
             else:
                 clean_needed.add(name)
             todo = []
             for block in plan.blocks(prepared):
                 cells = plan.block_cells(prepared, block)
-                keys = [cell_key(name, c.layer.display, plan.row_name(c.perturbation), c.level, c.draw) for c in cells]
+                keys = [plan.key(name, c) for c in cells]
                 labels = [plan.label(name, c) for c in cells]
                 if all(k in done for k in keys):
                     for label in labels:

@@ -44,6 +44,7 @@ class Perturbation(Protocol):
     #   damage_grows_with_level: bool            False when lower levels do more harm (quantize bits)
     #   deterministic: bool                      True when every draw is the same: one draw per level
     #   check_level(level) -> None               raise LesionbenchError for a level it cannot take
+    #   check_layer(layer) -> None               raise LesionbenchError for a layer it cannot perturb
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,6 @@ class BasePerturbation:
 
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> Callable[[], None] | None:
         raise NotImplementedError
-
-
-LEVEL_AXES = ("linear", "log", "descending")
 
 
 def level_axis(perturbation: Perturbation) -> str:

@@ -113,6 +113,12 @@ class Plan:
     def label(self, name: str, cell: Cell) -> str:
         return f"{name} · {cell.layer.display} · {self.row_name(cell.perturbation)} {cell.level:g} #{cell.draw}"
 
+    def key(self, name: str, cell: Cell | None = None):
+        """The results key of a model's cell (of its clean row when ``cell`` is None)."""
+        if cell is None:
+            return cell_key(name, "", CLEAN, 0.0, 0)
+        return cell_key(name, cell.layer.display, self.row_name(cell.perturbation), cell.level, cell.draw)
+
     def row_name(self, perturbation: Perturbation) -> str:
         """The perturbation column of a row: recalibrated runs are a condition of their own."""
         return perturbation.name + (BN_SUFFIX if self.study.bn_recalibrate else "")
@@ -182,9 +188,11 @@ def prepare(study: Study, registry: Registry) -> Plan:
             if hasattr(p, "targets"):  # e.g. residual stages: a model without any has no such blocks
                 targets[name] = list(p.targets(loaded.module, layers))
         models.append(PreparedModel(loaded, layers, targets))
-    for name in perturbations:
+    for name, (p, _levels) in perturbations.items():
         if not any(m.targets_of(name) for m in models):
             raise LesionbenchError(f"perturbation {name!r} finds nothing to perturb in any model of the study")
+        for layer in (t for m in models for t in m.targets_of(name)) if hasattr(p, "check_layer") else ():
+            p.check_layer(layer)  # a plugin's own precondition (initial weights known…), before anything runs
     return Plan(study, perturbations, raw, indices, models, calibration)
 
 
@@ -261,7 +269,8 @@ class ModelRunner:
             images = images.pin_memory()
         self.module = module
         self.calibration = calibration.images if calibration is not None else None
-        self.order = forward_order(module, torch.zeros(1, *prepared.loaded.input_size, device=self.device))
+        example = torch.zeros(1, *prepared.loaded.input_size, device=self.device)
+        self.order = forward_order(module, example) if calibration is not None else {}  # for bn_recalibrate only
         self.reference = model_checksum(module) if debug else None
         self.engine = create_engine(study.engine, module, images, eval_set.labels, study.batch_size, self.device,
                                     study.autocast)  # fmt: skip
@@ -357,7 +366,7 @@ class ModelRunner:
         return cell_seed(self.plan.study.seed, self.name, cell.layer.name, cell.perturbation.name, cell.level, cell.draw)
 
     def key(self, cell: Cell):
-        return cell_key(self.name, cell.layer.display, self.plan.row_name(cell.perturbation), cell.level, cell.draw)
+        return self.plan.key(self.name, cell)
 
     def notes(self) -> list[str]:
         return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", [])]
@@ -462,9 +471,9 @@ def execute(
     tick = progress or (lambda _desc: None)
     for prepared in plan.models:
         name = prepared.loaded.name
-        clean_key = cell_key(name, "", CLEAN, 0.0, 0)
+        clean_key = plan.key(name)
         blocks = plan.blocks(prepared)
-        if clean_key in done and all(k in done for k in model_keys(plan, prepared)):
+        if clean_key in done and all(plan.key(name, c) in done for c in plan.cells(prepared)):
             for _ in range(len(plan.cells(prepared)) + 1):
                 tick(f"{name}: done earlier")
             continue
@@ -480,11 +489,6 @@ def execute(
         for note in runner.notes():
             run.note(note)
         runner.close()
-
-
-def model_keys(plan: Plan, prepared: PreparedModel) -> list:
-    name = prepared.loaded.name
-    return [cell_key(name, c.layer.display, plan.row_name(c.perturbation), c.level, c.draw) for c in plan.cells(prepared)]
 
 
 def run_study(

@@ -56,12 +56,16 @@ def fresh_init(layer: Layer, generator: torch.Generator) -> dict[str, torch.Tens
 
 
 class Reinit(BasePerturbation):
-    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+    def check_layer(self, layer: Layer) -> None:
+        """Checked for every layer before a study starts."""
         if layer.initial is None:
             raise LesionbenchError(
                 f"{self.name}: model layer {layer.display!r} does not know its initial weights; give the model an "
                 "init_checkpoint (a state dict saved before training) or use rerandomize"
             )
+
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        self.check_layer(layer)
         interpolate_(layer, layer.initial, level)
 
 

@@ -111,6 +111,16 @@ def test_a_plugins_own_level_rule_is_checked_before_anything_is_written(data, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_reinit_without_initial_weights_stops_before_anything_is_written(data, tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'models = [{{ref = "fashion_alexnet", weights = "none"}}]\nperturbations = ["reinit"]\n'
+                    f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\n')  # fmt: skip
+    assert main(["run", str(spec), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not know its initial weights" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_init_checkpoint_gives_reinit_its_initial_weights(data, tmp_path, capsys):
     from models.fashion import ARCHITECTURES
 
