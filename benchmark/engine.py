@@ -14,6 +14,7 @@ would exceed the memory budget, fall back to full passes (logged).
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -84,6 +85,9 @@ class NaiveEngine:
     def for_layer(self, layer: Layer) -> Iterator[LayerEval]:
         yield LayerEval(self.full)
 
+    def close(self) -> None:
+        """Nothing is cached."""
+
 
 def _timm_trace_helpers() -> tuple[tuple[type, ...], tuple]:
     """timm's own lists of modules to keep whole and functions to leave untraced (TF "SAME" padding…)."""
@@ -151,8 +155,12 @@ class Split:
 
     prefix: fx.GraphModule
     suffix: fx.GraphModule
-    n_boundary: int
+    boundary: tuple[str, ...]  # names of the graph nodes whose values cross the cut, in argument order
     mutates_boundary: bool  # the suffix writes into a boundary value: feed it copies
+
+    @property
+    def n_boundary(self) -> int:
+        return len(self.boundary)
 
 
 def split_at(gm: fx.GraphModule, layer_name: str, tensors=()) -> Split | None:
@@ -206,11 +214,66 @@ def split_at(gm: fx.GraphModule, layer_name: str, tensors=()) -> Split | None:
         part.recompile()
     placeholders = {n for n in suffix.graph.nodes if n.op == "placeholder"}
     mutates = any(_is_inplace(suffix, n) and placeholders & set(n.all_input_nodes) for n in suffix.graph.nodes)
-    return Split(prefix, suffix, len(boundary), mutates)
+    return Split(prefix, suffix, tuple(b.name for b in boundary), mutates)
+
+
+def transition(gm: fx.GraphModule, start: tuple[str, ...], end: tuple[str, ...]) -> fx.GraphModule | None:
+    """A graph computing the boundary values ``end`` from the boundary values ``start``, or None.
+
+    Moving from one layer's cut to the next, the next layer's cached values mostly lie downstream
+    of the previous one's: computing them from the previous cache runs only the segment between the
+    two cuts instead of the whole prefix again (one forward pass in all for a chain). None when an
+    ``end`` value needs the model's input (the next cut is not downstream of this one, or a skip
+    connection reaches around it) or when the segment would write into a ``start`` value.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    starts = [nodes[name] for name in start]
+    needed: set[fx.Node] = set()
+    stack = [nodes[name] for name in end]
+    while stack:
+        node = stack.pop()
+        if node in needed or node in starts:
+            continue
+        if node.op == "placeholder":
+            return None
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {n: graph.placeholder(f"boundary_{i}") for i, n in enumerate(starts)}
+    for node in gm.graph.nodes:
+        if node in needed:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(tuple(env[nodes[name]] for name in end))
+    step = fx.GraphModule(gm, graph)
+    step.graph.eliminate_dead_code()
+    step.recompile()
+    placeholders = {n for n in step.graph.nodes if n.op == "placeholder"}
+    if any(_is_inplace(step, n) and placeholders & set(n.all_input_nodes) for n in step.graph.nodes):
+        return None
+    return step
+
+
+@dataclass
+class _Cache:
+    """One layer's cut and the clean boundary values of every batch."""
+
+    layer: str
+    split: Split
+    values: list | SpilledBatches
+    batch_size: int  # the batches the values were cut into (a GPU out of memory may lower it later)
+
+    def clear(self) -> None:
+        self.values.clear()
 
 
 class SuffixEngine(NaiveEngine):
-    """Caches what crosses into a layer's downstream part once per layer; runs only that part per cell."""
+    """Caches what crosses into a layer's downstream part once per layer; runs only that part per cell.
+
+    The cache outlives the block that filled it: the next block of the same layer (another
+    perturbation) reuses it, and the next layer's cache is computed from it by running only the
+    segment between the two cuts (:func:`transition`), so a study in forward order pays about one
+    forward pass for all its caches. :meth:`close` frees it.
+    """
 
     name = "fast"
 
@@ -220,59 +283,92 @@ class SuffixEngine(NaiveEngine):
         self.budget_bytes = budget_bytes
         self.spill = spill
         self.graph = trace(module)
+        self._cache: _Cache | None = None
         if self.graph is None:
             self.notes.append(f"{type(module).__name__} cannot be traced by torch.fx: every cell is a full pass")
 
     @contextmanager
     def for_layer(self, layer: Layer) -> Iterator[LayerEval]:
+        cache = self._cache_for(layer)
+        if cache is None:
+            yield LayerEval(self.full)
+            return
+        parts, cached = cache.split, cache.values
+        suffix = parts.suffix
+        labels = [self.labels[b : b + self.batch_size] for b in range(0, len(self.labels), self.batch_size)]
+        suffix.eval()
+        if parts.mutates_boundary:  # an in-place op would corrupt the cache for the next cell
+            forward = lambda i: suffix(*(v.clone() for v in cached[i]))  # noqa: E731
+        else:
+            forward = lambda i: suffix(*cached[i])  # noqa: E731
+
+        def many(variants: list[dict[str, torch.Tensor]]) -> list[EvalResult]:
+            stacked = {k: torch.stack([v[k] for v in variants]).to(self.device) for k in variants[0]}
+            batched = torch.func.vmap(
+                lambda params, *xs: torch.func.functional_call(suffix, params, xs),
+                in_dims=(0,) + (None,) * parts.n_boundary,
+            )
+            return evaluate_batches(lambda i: batched(stacked, *cached[i]), labels, self.device, self.autocast,
+                                    variants=len(variants))  # fmt: skip
+
+        yield LayerEval(
+            lambda: evaluate_batches(forward, labels, self.device, self.autocast),
+            None if parts.mutates_boundary else many,
+            self.batch_size,
+        )
+
+    def close(self) -> None:
+        """Free the cached activations (and delete spilled files)."""
+        if self._cache is not None:
+            self._cache.clear()
+            self._cache = None
+
+    def _cache_for(self, layer: Layer) -> _Cache | None:
+        """The layer's cut and cached values: kept from the last block, stepped from the previous
+        layer's cache, or computed by the prefix; None (with a note) when the layer gets full passes."""
+        if self._cache is not None and self._cache.batch_size != self.batch_size:
+            self.close()
+        if self._cache is not None and self._cache.layer == layer.name:
+            return self._cache
+        previous, self._cache = self._cache, None
         tensors = [t for m in layer.modules() for t in [*m.parameters(), *m.buffers()]]
         parts = split_at(self.graph, layer.name, tensors) if self.graph is not None else None
         if parts is None:
+            if previous is not None:
+                previous.clear()
             if self.graph is not None:
                 self.notes.append(f"{layer.name}: no clean cut (not a graph node, or its tensors are read upstream): full passes")
-            yield LayerEval(self.full)
-            return
-        suffix = parts.suffix
-        cached = self._boundary_values(parts.prefix, layer.name)
-        if cached is None:
+            return None
+        step = transition(self.graph, previous.split.boundary, parts.boundary) if previous is not None else None
+        if step is not None:
+            values = self._boundary_values(step, layer.name, lambda i: previous.values[i], consume=previous.values)
+        else:
+            values = self._boundary_values(parts.prefix, layer.name, self._images)
+        if previous is not None:
+            previous.clear()
+        if values is None:
             self.notes.append(f"{layer.name}: cached activations exceed {self.budget_bytes} bytes and cannot be spilled: full passes")
-            yield LayerEval(self.full)
-            return
-        labels = [self.labels[b : b + self.batch_size] for b in range(0, len(self.labels), self.batch_size)]
-        suffix.eval()
-        try:
-            if parts.mutates_boundary:  # an in-place op would corrupt the cache for the next cell
-                forward = lambda i: suffix(*(v.clone() for v in cached[i]))  # noqa: E731
-            else:
-                forward = lambda i: suffix(*cached[i])  # noqa: E731
+            return None
+        self._cache = _Cache(layer.name, parts, values, self.batch_size)
+        return self._cache
 
-            def many(variants: list[dict[str, torch.Tensor]]) -> list[EvalResult]:
-                stacked = {k: torch.stack([v[k] for v in variants]).to(self.device) for k in variants[0]}
-                batched = torch.func.vmap(
-                    lambda params, *xs: torch.func.functional_call(suffix, params, xs),
-                    in_dims=(0,) + (None,) * parts.n_boundary,
-                )
-                return evaluate_batches(lambda i: batched(stacked, *cached[i]), labels, self.device, self.autocast,
-                                        variants=len(variants))  # fmt: skip
+    def _images(self, i: int) -> tuple[torch.Tensor]:
+        b = i * self.batch_size
+        return (self.images[b : b + self.batch_size].to(self.device, non_blocking=True),)
 
-            yield LayerEval(
-                lambda: evaluate_batches(forward, labels, self.device, self.autocast),
-                None if parts.mutates_boundary else many,
-                self.batch_size,
-            )
-        finally:
-            cached.clear()  # free the activations before the next layer
-
-    def _boundary_values(self, prefix: fx.GraphModule, layer_name: str) -> list[tuple[torch.Tensor, ...]] | None:
-        """The prefix's outputs for every batch: on the device within the budget, past it spilled to
-        memory-mapped files (read back page by page); None when spilling is off or the disk is full."""
+    def _boundary_values(self, step: fx.GraphModule, layer_name: str, inputs: Callable[[int], tuple],
+                         consume: list | None = None) -> list[tuple[torch.Tensor, ...]] | SpilledBatches | None:  # fmt: skip
+        """``step``'s outputs for every batch of ``inputs``: on the device within the budget, past it
+        spilled to memory-mapped files (read back page by page); None when spilling is off or the disk
+        is full. Batches of a ``consume`` list are dropped as soon as they are used."""
         out: list[tuple[torch.Tensor, ...]] | SpilledBatches = []
         used = 0
-        prefix.eval()
+        step.eval()
         with torch.inference_mode(), autocast_context(self.device, self.autocast):
-            for b in range(0, len(self.labels), self.batch_size):
-                x = self.images[b : b + self.batch_size].to(self.device, non_blocking=True)
-                values = tuple(prefix(x))
+            for i in range(math.ceil(len(self.labels) / self.batch_size)):
+                values = tuple(step(*inputs(i)))
+                if isinstance(consume, list):
+                    consume[i] = None
                 used += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
                 if used > self.budget_bytes and isinstance(out, list):
                     if not self.spill:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,27 +116,42 @@ def positions_mask(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tenso
     return mask.view(tensor.shape).to(tensor.device)
 
 
-PERMUTE_BELOW = 1 << 22  # entries; see random_subset_mask
+PERMUTE_BELOW = 1 << 21  # entries (2.1M: above every committed result's tensors); see random_subset_mask
 
 
 def random_subset_mask(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """A flat boolean mask with exactly ``k`` of ``n`` entries True, every k-subset equally likely.
 
-    Below 4M entries: the first k of a random permutation. Above, a permutation costs seconds (1.9 s
-    for the 37.7M weights of AlexNet's fc6), so instead one coin per entry with probability k/n,
-    then the surplus or shortfall (about √n entries) removed or added at random positions. The
-    result does not change in distribution when positions are permuted and always has k entries,
-    so it is uniform over k-subsets, as the permutation is.
+    Below 2M entries: the first k of a random permutation. Above, a permutation costs seconds (1.9 s
+    for the 37.7M weights of AlexNet's fc6), so instead one coin per entry with probability about
+    k/n (8 random bits each, 7 coins per 64-bit draw: a fifth of the generator calls of
+    ``torch.rand``), then the surplus or shortfall removed or added at random positions. The result
+    does not change in distribution when positions are permuted and always has k entries, so it is
+    uniform over k-subsets, as the permutation is.
     """
+    if k <= 0 or k >= n:
+        return torch.full((n,), k > 0, dtype=torch.bool)
     if n < PERMUTE_BELOW:
         mask = torch.zeros(n, dtype=torch.bool)
         mask[torch.randperm(n, generator=generator)[:k]] = True
         return mask
-    mask = torch.rand(n, generator=generator) < k / n
-    have = int(mask.sum())
+    threshold = round(256 * k / n)
+    if threshold in (0, 256):  # every coin would land the same way: all the work is in the fix below
+        mask = torch.full((n,), threshold == 256, dtype=torch.bool)
+    else:
+        words = torch.empty((n + 6) // 7, dtype=torch.int64).random_(generator=generator)  # 63 random bits each
+        low = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the seven full bytes
+        coins = words.view(torch.uint8).view(-1, 8)[:, low].reshape(-1)[:n]
+        mask = coins < threshold
+    have = int(torch.count_nonzero(mask))
     if have != k:
-        wrong = (mask if have > k else ~mask).nonzero().squeeze(1)
-        mask[wrong[distinct_positions(len(wrong), abs(have - k), generator)]] = have < k
+        wrong = have > k  # the value of the entries to flip
+        need, pool = abs(have - k), have if wrong else n - have
+        picked = torch.empty(0, dtype=torch.int64)
+        while len(picked) < need:  # distinct positions holding the wrong value, by rejection
+            draws = torch.randint(0, n, (int(1.25 * (need - len(picked)) * n / pool) + 64,), generator=generator)
+            picked = torch.cat([picked, draws[mask[draws] == wrong]]).unique()
+        mask[picked[torch.randperm(len(picked), generator=generator)[:need]]] = not wrong
     return mask
 
 
@@ -148,6 +164,27 @@ def distinct_positions(total: int, count: int, generator: torch.Generator) -> to
     return chosen[:count]
 
 
+class Snapshot:
+    """Clean copies of the tensors a perturbation of ``layer`` may change (and of ``also``).
+
+    Taken once per block and reused by every cell of it: the clean values are the same for all of
+    them, and copying a large layer each cell costs more than damaging it (fc6 of AlexNet: 151 MB).
+    """
+
+    def __init__(self, layer: Layer, also: Sequence[nn.Module] = ()) -> None:
+        self.layer = layer
+        self.modules = list(dict.fromkeys([*layer.modules(), *also]))
+        self._saved = [_snapshot(m) for m in self.modules]
+
+    def covers(self, layer: Layer, also: Sequence[nn.Module]) -> bool:
+        return self.layer is layer and all(m in self.modules for m in also)
+
+    def restore(self) -> None:
+        """Put every tensor object and value back, bit for bit."""
+        for module, snapshot in zip(self.modules, self._saved):
+            _restore(module, snapshot)
+
+
 @contextmanager
 def perturbed(
     layer: Layer,
@@ -155,16 +192,18 @@ def perturbed(
     level: float,
     generator: torch.Generator,
     also: Sequence[nn.Module] = (),
+    saved: Snapshot | None = None,
 ) -> Iterator[bool]:
     """Apply ``perturbation`` to ``layer`` for the duration of the block, then restore it exactly.
 
     Yields whether the perturbation installed hooks (then the damage is not in the tensors alone).
     ``also`` names further modules whose tensors the block may change (BatchNorm layers whose
     statistics are re-estimated); they are restored too. Hooks the perturbation installed are
-    removed first.
+    removed first. ``saved``, a :class:`Snapshot` of the clean layer taken earlier, saves copying
+    it again.
     """
-    modules = list(dict.fromkeys([*layer.modules(), *also]))
-    saved = [_snapshot(m) for m in modules]
+    if saved is None or not saved.covers(layer, also):
+        saved = Snapshot(layer, also)
     undo = None
     try:
         with torch.no_grad():
@@ -173,18 +212,25 @@ def perturbed(
     finally:
         if callable(undo):
             undo()
-        for module, snapshot in zip(modules, saved):
-            _restore(module, snapshot)
+        saved.restore()
 
 
 def nonfinite_count(layer: Layer) -> int:
     """How many entries of the layer's tensors are NaN or ±Inf (bit flips into the exponent…)."""
     return sum(
-        int((~torch.isfinite(t)).sum())
+        _nonfinite(t)
         for m in layer.modules()
         for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
         if t.is_floating_point()
     )
+
+
+def _nonfinite(tensor: torch.Tensor) -> int:
+    """A finite sum proves there is no NaN or Inf (and costs a fiftieth of counting them);
+    otherwise count (the sum of large finite values may also overflow)."""
+    if bool(torch.isfinite(tensor.detach().sum())):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
 
 
 def _snapshot(module: nn.Module) -> dict:

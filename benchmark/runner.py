@@ -25,7 +25,8 @@ from benchmark.evaluate import EvalResult, resolve_device
 from benchmark.layers import NORMS, Layer, discover_layers, select_layers
 from benchmark.models import LoadedModel, create_model
 from benchmark.perturbation import (
-    Perturbation, cell_seed, check_levels, generator_for, level_axis, model_checksum, nonfinite_count, perturbed,
+    Perturbation, Snapshot, cell_seed, check_levels, generator_for, level_axis, model_checksum, nonfinite_count,
+    perturbed,
 )  # fmt: skip
 from benchmark.registry import Registry
 from benchmark.store import CLEAN, NONFINITE, RunDir, cell_key
@@ -291,7 +292,9 @@ class ModelRunner:
             for c in cells:
                 yield None, self.plan.label(self.name, c)
             return
-        with self.engine.for_layer(cells[0].layer) as run_eval:
+        layer = cells[0].layer
+        saved = Snapshot(layer, self._norms_after(layer) if self.calibration is not None else ())
+        with self.engine.for_layer(layer) as run_eval:
             batchable = (
                 run_eval.many is not None and self.calibration is None
                 and (self.plan.study.batch_draws if self.plan.study.batch_draws is not None else self.device.type == "cuda")
@@ -304,26 +307,26 @@ class ModelRunner:
                     yield None, label
                     continue
                 if not batchable or cell.is_identity:
-                    yield self._cell_row(cell, run_eval), label
+                    yield self._cell_row(cell, run_eval, saved), label
                 else:
-                    captured = self._capture(cell)
+                    captured = self._capture(cell, saved)
                     if captured is None:  # hooks, or the plugin failed: this cell alone, the rest one by one too
                         batchable = False
-                        yield from self._flush(pending, run_eval)
-                        yield self._cell_row(cell, run_eval), label
+                        yield from self._flush(pending, run_eval, saved)
+                        yield self._cell_row(cell, run_eval, saved), label
                         continue
                     pending.append(captured)
                     if len(pending) >= run_eval.capacity(sum(t.numel() * t.element_size() for t in captured[2].values())):
-                        yield from self._flush(pending, run_eval)
+                        yield from self._flush(pending, run_eval, saved)
                 self._check_restored(label)
-            yield from self._flush(pending, run_eval)
+            yield from self._flush(pending, run_eval, saved)
 
-    def _capture(self, cell: Cell) -> tuple[Cell, int, dict[str, torch.Tensor], int] | None:
+    def _capture(self, cell: Cell, saved: Snapshot | None = None) -> tuple[Cell, int, dict[str, torch.Tensor], int] | None:
         """Apply one cell's perturbation, copy the layer's damaged tensors, restore; None if not possible."""
         seed = self._seed(cell)
         tensors = _named_tensors(cell.layer)
         try:
-            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed)) as hooked:
+            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed), saved=saved) as hooked:
                 if hooked:
                     return None
                 nonfinite = nonfinite_count(cell.layer)
@@ -336,7 +339,7 @@ class ModelRunner:
             return None
         return cell, seed, copies, nonfinite
 
-    def _flush(self, pending: list, run_eval) -> Iterator[tuple[dict, str]]:
+    def _flush(self, pending: list, run_eval, saved: Snapshot | None = None) -> Iterator[tuple[dict, str]]:
         """Evaluate the captured cells in one batched pass (one by one if the pass fails)."""
         if not pending:
             return
@@ -352,7 +355,7 @@ class ModelRunner:
         except Exception as exc:  # an op vmap cannot batch: the cells are evaluated one at a time
             self.engine.notes.append(f"{batch[0][0].layer.name}: draws evaluated one at a time ({type(exc).__name__})")
             for cell, *_rest in batch:
-                yield self._cell_row(cell, run_eval), self.plan.label(self.name, cell)
+                yield self._cell_row(cell, run_eval, saved), self.plan.label(self.name, cell)
             return
         for (cell, seed, _copies, nonfinite), result in zip(batch, results):
             error = NONFINITE if not math.isfinite(result.loss) else ""
@@ -371,7 +374,7 @@ class ModelRunner:
     def notes(self) -> list[str]:
         return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", [])]
 
-    def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult]) -> dict:
+    def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult], saved: Snapshot | None = None) -> dict:
         """Perturb, (recalibrate,) evaluate, restore: one row."""
         plan = self.plan
         seed = self._seed(cell)
@@ -380,7 +383,7 @@ class ModelRunner:
         norms = self._norms_after(cell.layer) if self.calibration is not None else []
         error, result, nonfinite = "", None, None
         try:
-            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed), also=norms):
+            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed), also=norms, saved=saved):
                 nonfinite = nonfinite_count(cell.layer)
                 if norms:
                     recalibrate(self.module, norms, self.calibration, plan.study.batch_size, self.device)
@@ -400,6 +403,7 @@ class ModelRunner:
         return [m for m, i in self.order.items() if isinstance(m, NORMS) and i >= start]
 
     def close(self) -> None:
+        self.engine.close()
         self.prepared.loaded.module.to("cpu")
 
 

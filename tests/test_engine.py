@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from benchmark.cli import main
-from benchmark.engine import NaiveEngine, SuffixEngine, split_at, trace
+from benchmark.engine import NaiveEngine, SuffixEngine, split_at, trace, transition
 from benchmark.layers import discover_layers
 from benchmark.store import read_results
 from conftest import write_fashion
@@ -41,6 +41,39 @@ def test_prefix_then_suffix_equals_the_whole_network_for_every_layer(build, shap
         for layer in layers if len(layers) <= 16 else layers[::6] + layers[-1:]:  # a spread of depths
             cut = split_at(gm, layer.name)
             assert torch.equal(cut.suffix(*cut.prefix(x)), reference), layer.name
+
+
+@pytest.mark.parametrize("arch", ["fashion_alexnet", "fashion_resnet", "fashion_mobilenetv3"])
+def test_caches_step_from_layer_to_layer_in_one_forward_pass(arch):
+    """Going through the layers in forward order, each layer's cache is computed from the previous
+    one's (the first layer of the network runs once per batch in all, not once per layer) and
+    equals what the layer's own prefix gives; a second block of the same layer recomputes nothing."""
+    torch.manual_seed(0)
+    model = ARCHITECTURES[arch]().eval()
+    images, labels = torch.randn(20, 1, 28, 28), torch.arange(20) % 10
+    layers = discover_layers(model, images[:1])
+    engine = SuffixEngine(model, images, labels, 8, torch.device("cpu"))
+    calls = []
+    layers[0].module.register_forward_hook(lambda *_: calls.append(1))
+    by_engine = 0
+    with torch.inference_mode():
+        for layer in layers:
+            for block in range(2):  # a second block of the layer recomputes nothing
+                before = len(calls)
+                with engine.for_layer(layer):
+                    pass
+                by_engine += len(calls) - before
+            prefix = split_at(engine.graph, layer.name).prefix
+            for b, values in zip(range(0, 20, 8), engine._cache.values):
+                expected = prefix(images[b : b + 8])
+                assert len(values) == len(expected) and all(torch.equal(v, e) for v, e in zip(values, expected))
+    # Three batches, one pass: every later cache stepped from the one before. Except in the ResNet,
+    # whose downsampling shortcut (avgpool → conv) starts upstream of the previous cut: it needs
+    # its own prefix pass.
+    restarts = sum("downsample" in layer.name for layer in layers)
+    assert by_engine == 3 * (1 + restarts) and restarts == (3 if arch == "fashion_resnet" else 0)
+    engine.close()
+    assert engine._cache is None
 
 
 def test_skip_connections_cross_the_boundary():
@@ -116,7 +149,11 @@ def test_tied_weights_are_not_cached_upstream():
 
 def test_in_place_ops_do_not_corrupt_the_cache_between_cells():
     model = InPlaceOnBoundary().eval()
-    assert split_at(trace(model), "b").mutates_boundary
+    gm = trace(model)
+    assert split_at(gm, "b").mutates_boundary
+    # nor does stepping to the next layer's cache write into this one's: that layer runs its own prefix
+    assert transition(gm, split_at(gm, "b").boundary, split_at(gm, "head").boundary) is None
+    assert transition(gm, split_at(gm, "a").boundary, split_at(gm, "b").boundary) is not None
     _fast_equals_naive(model, "b")
 
 
@@ -156,7 +193,14 @@ def test_over_budget_layers_spill_to_disk_or_fall_back_and_say_so(tmp_path, monk
         assert run.one != spilling.full and any(tmp_path.glob("lesionbench-spill-*/*.bin"))  # memory-mapped files
         got = run()
         assert (got.top1, got.top5, got.loss) == (expected.top1, expected.top5, expected.loss)
-    assert not any(tmp_path.glob("lesionbench-spill-*/*.bin"))  # removed after the layer
+    first = set(tmp_path.glob("lesionbench-spill-*/*.bin"))  # kept for the layer's next block
+    with spilling.for_layer(discover_layers(model, images[:1])[3]) as run:
+        after = run()
+    assert first.isdisjoint(tmp_path.glob("lesionbench-spill-*/*.bin"))  # the previous layer's files removed
+    with roomy.for_layer(discover_layers(model, images[:1])[3]) as run:
+        assert after.loss == run().loss  # the next layer's spilled cache, stepped from the spilled one, is right
+    spilling.close()
+    assert not any(tmp_path.glob("lesionbench-spill-*/*.bin"))  # and closing removes the rest
     assert any("spilled" in n for n in spilling.notes)
     no_spill = SuffixEngine(model, images, labels, 4, torch.device("cpu"), budget_bytes=100, spill=False)
     with no_spill.for_layer(layer) as run:

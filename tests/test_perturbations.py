@@ -202,6 +202,42 @@ def test_restoration_undoes_a_plugin_that_swaps_the_parameter_object():
     assert model_checksum(model) == reference
 
 
+def test_one_snapshot_serves_every_cell_of_a_block(perts):
+    """A snapshot taken once restores the layer after each of many cells (a swapping plugin too);
+    one taken of another layer is not trusted."""
+    from benchmark.perturbation import BasePerturbation, Snapshot
+
+    class Swapper(BasePerturbation):
+        def apply(self, layer, level, generator):
+            layer.module.weight = nn.Parameter(torch.randn_like(layer.module.weight))
+
+    model = ConvBNNet()
+    reference, original = model_checksum(model), model.conv.weight
+    layers = layers_of(model)
+    saved = Snapshot(layers["conv"])
+    cells = [perts["synapse_knockout"], perts["weight_noise"], Swapper("swap", "t", (1.0,), (0.0, 1.0))] * 2
+    for seed, perturbation in enumerate(cells):
+        with perturbed(layers["conv"], perturbation, 0.5, generator_for(seed), saved=saved):
+            assert model_checksum(model) != reference
+        assert model_checksum(model) == reference and model.conv.weight is original
+    other = next(l for name, l in layers.items() if name != "conv")
+    with perturbed(other, perts["weight_noise"], 1.0, generator_for(0), saved=saved):
+        pass
+    assert model_checksum(model) == reference
+
+
+def test_nonfinite_count_is_exact_even_when_a_sum_overflows():
+    from benchmark.perturbation import nonfinite_count
+
+    lin = nn.Linear(4, 2)
+    (layer,) = discover_layers(nn.Sequential(lin), torch.zeros(1, 4))
+    with torch.no_grad():
+        lin.weight.fill_(3e38)  # finite, but their sum is not
+        assert nonfinite_count(layer) == 0
+        lin.weight[0, 0], lin.weight[1, 1], lin.bias[0] = float("nan"), float("inf"), float("-inf")
+        assert nonfinite_count(layer) == 3
+
+
 def test_same_seed_same_mask_different_draw_different_mask(perts):
     model = ConvBNNet()
     layer = layers_of(model)["conv2"]
@@ -253,7 +289,7 @@ def test_levels_outside_the_range_are_refused(perts):
 
 def test_random_subset_mask_is_exact_and_uniform_on_both_paths(monkeypatch):
     """Exactly k entries, every k-subset equally likely: the permutation path and the coin-and-fix
-    path used for tensors of 4M entries and more."""
+    path used for tensors of 2M entries and more."""
     from collections import Counter
     from itertools import combinations
 
@@ -261,14 +297,16 @@ def test_random_subset_mask_is_exact_and_uniform_on_both_paths(monkeypatch):
 
     import benchmark.perturbation as P
 
-    big = P.random_subset_mask(P.PERMUTE_BELOW + 12345, 3_000_000, generator_for(3))
-    assert int(big.sum()) == 3_000_000
+    n = P.PERMUTE_BELOW + 12345
+    for k in (0, 1, 1000, n // 3, n // 2, n - 7, n):  # coins all off, some, all on; exact k each time
+        assert int(P.random_subset_mask(n, k, generator_for(k)).sum()) == k
     for below in (10**9, 0):  # permutation path, then coin-and-fix path
         monkeypatch.setattr(P, "PERMUTE_BELOW", below)
         g = generator_for(1)
-        counts = Counter(tuple(P.random_subset_mask(5, 2, g).nonzero().squeeze(1).tolist()) for _ in range(20_000))
-        assert set(counts) == set(combinations(range(5), 2))
-        assert stats.chisquare(list(counts.values())).pvalue > 1e-3
+        for k in (1, 2, 4):
+            counts = Counter(tuple(P.random_subset_mask(5, k, g).nonzero().squeeze(1).tolist()) for _ in range(10_000))
+            assert set(counts) == set(combinations(range(5), k))
+            assert stats.chisquare(list(counts.values())).pvalue > 1e-3, (below, k)
 
 
 def test_small_tensors_keep_the_permutation_draws_of_earlier_versions():
@@ -278,3 +316,15 @@ def test_small_tensors_keep_the_permutation_draws_of_earlier_versions():
     expected = torch.zeros(1000, dtype=torch.bool)
     expected[torch.randperm(1000, generator=generator_for(7))[:300]] = True
     assert torch.equal(random_subset_mask(1000, 300, generator_for(7)), expected)
+
+
+def test_coin_path_has_no_position_pattern():
+    """Coins come 7 to a 64-bit draw: every position class (mod 7, mod 8) is hit at the same rate,
+    so no byte of the draw (e.g. the top one, whose high bit is always 0) leaks into the mask."""
+    import benchmark.perturbation as P
+
+    n = P.PERMUTE_BELOW + 12345
+    mask = P.random_subset_mask(n, n // 4, generator_for(11))
+    for period in (7, 8, 56):
+        rates = torch.stack([mask[r::period].float().mean() for r in range(period)])
+        assert torch.allclose(rates, torch.full_like(rates, 0.25), atol=0.01), (period, rates)
