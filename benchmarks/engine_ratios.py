@@ -1,6 +1,7 @@
 """Fast engine vs the naive loop, measured in one run; prints a Markdown table of ratios.
 
-    python benchmarks/engine_ratios.py [--device cpu|cuda] [--images N] [--draws K] [--levels L]
+    python benchmarks/engine_ratios.py [--device cpu|cuda] [--images N] [--draws K]
+                                       [--levels 0.5,1.0 | --levels paper] [--skip dataloader,batched]
 
 Two workloads, every layer × the paper's three perturbations:
 - ``default``: the demo's AlexNet-shaped Fashion-MNIST net (shipped weights; random if the
@@ -14,16 +15,21 @@ levels of a block batched into vmapped passes (``batch_draws = true``; a speed b
 batching is slower), and (a) the naive loop with the evaluation set already in memory;
 (b) the naive loop with a fresh DataLoader per cell, decoding image files each time; and the lower
 bound, one forward pass over only the downstream layers per cell with nothing else (no
-perturbation, no restore, no scoring) — batching can beat it. Peak resident memory of the process
-is reported after each workload.
+perturbation, no restore, no scoring) — batching can beat it. ``--levels paper`` gives each
+perturbation the paper's levels (its default levels: 0…1 by 0.1, noise 0…2 by 0.2).
+
+Each measurement runs in a process of its own, started afresh, so the peak memory reported for
+it (resident set, and on CUDA the peak allocated by torch) is that engine's alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +51,17 @@ from benchmark.study import Study
 
 
 def cells(layers, perts, levels, draws):
-    return [(l, p, lv, d) for l in layers for p in perts for lv in levels for d in range(draws)]
+    return [(l, p, lv, d) for l in layers for p in perts for lv in levels[p.name] for d in range(draws)]
 
 
 def run_harness(module, images, labels, layers, perts, levels, draws, batch, device, engine, batch_draws=None) -> float:
     """Every block of the study through ModelRunner.block_rows, as ``lesionbench run`` does it."""
     names = tuple(p.name for p in perts)
-    study = Study(name="bench", models=(ModelSpec("m"),), perturbations=names, levels={n: tuple(levels) for n in names},
+    study = Study(name="bench", models=(ModelSpec("m"),), perturbations=names, levels=levels,
                   draws=draws, batch_size=batch, device=str(device), engine=engine, batch_draws=batch_draws)  # fmt: skip
     loaded = LoadedModel("m", module, 1000, tuple(images.shape[1:]), lambda x: x, "")
     prepared = PreparedModel(loaded, layers, {})
-    plan = Plan(study, {p.name: (p, tuple(levels)) for p in perts}, _Raw(), None, [prepared])
+    plan = Plan(study, {p.name: (p, levels[p.name]) for p in perts}, _Raw(), None, [prepared])
     runner = ModelRunner(plan, prepared, EvalSet(images, labels, np.arange(len(labels))))
     t0 = time.perf_counter()
     for block in plan.blocks(prepared):
@@ -72,6 +78,8 @@ def run_dataloader(module, folder: Path, transform, layers, perts, levels, draws
     dataset = torchvision.datasets.ImageFolder(str(folder), transform=transform)
     t0 = time.perf_counter()
     for layer, p, lv, d in cells(layers, perts, levels, draws):
+        if lv == p.identity_level:
+            continue  # the harness scores the identity level once, as the clean model
         loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
         with perturbed(layer, p, lv, generator_for(cell_seed(0, "m", layer.name, p.name, lv, d))):
             batches = list(loader)
@@ -88,7 +96,7 @@ def lower_bound(module, images, batch, layers, perts, levels, draws, device) -> 
             cut = split_at(gm, layer.name)
             prefix, suffix = cut.prefix, cut.suffix
             cached = [prefix(images[b : b + batch].to(device)) for b in range(0, len(images), batch)]
-            n_cells = len(cells([layer], perts, levels, draws))
+            n_cells = sum(lv != p.identity_level for _l, p, lv, _d in cells([layer], perts, levels, draws))
             t0 = time.perf_counter()
             for _ in range(n_cells):
                 for c in cached:
@@ -108,29 +116,80 @@ def write_images(root: Path, images: np.ndarray) -> Path:
     return root
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_memory_mb(device) -> tuple[float, float | None]:
+    """This process's peak resident set, and on CUDA the peak memory torch allocated."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rss, (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
 
 
-def workload(name, module, images_u8, transform, args, perts, device):
+def build(name: str, args):
+    """A workload's model, raw images and preprocessing; the same in every process (seeded)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    if name == "default":
+        from models.fashion import FashionAlexNet, grey_28_preprocess, weights_path
+
+        model = FashionAlexNet()
+        if weights_path("fashion_alexnet").is_file():
+            model.load_state_dict(torch.load(weights_path("fashion_alexnet"), weights_only=True))
+        imgs = rng.integers(0, 256, (args.images * 8, 28, 28), dtype=np.uint8)  # small images: use more
+        return "default (fashion_alexnet, 28×28)", model, imgs, grey_28_preprocess()
+    model = torchvision.models.alexnet()
+    imgs = rng.integers(0, 256, (args.images, 224, 224, 3), dtype=np.uint8)
+    t = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    return "AlexNet 224×224 (random weights)", model, imgs, t
+
+
+def measure(name: str, kind: str, args) -> tuple[float, int, int, float, float | None]:
+    """One engine on one workload, in this (fresh) process: seconds, cells, images, peak memory."""
+    device = resolve_device(args.device)
+    torch.set_num_threads(args.threads)
+    registry = create_registry()
+    perts = [registry.get("perturbations", n) for n in ("synapse_knockout", "node_knockout", "weight_noise")]
+    levels = {p.name: tuple(p.default_levels) if args.levels == "paper" else tuple(args.levels) for p in perts}
+    _title, module, images_u8, transform = build(name, args)
     module = module.eval().to(device)
     images = torch.stack([transform(Image.fromarray(a)) for a in images_u8])
     labels = torch.arange(len(images)) % 2
     layers = discover_layers(module, images[:1].to(device))
-    levels = args.levels
     common = (layers, perts, levels, args.draws)
-    timings = {}
     harness = (module, images, labels, *common, args.batch, device)
-    timings["fast"] = run_harness(*harness, "fast")  # the default for this device
-    timings["fast_batched"] = run_harness(*harness, "fast", batch_draws=True)
-    timings["fast_one_by_one"] = run_harness(*harness, "fast", batch_draws=False)
-    timings["naive_memory"] = run_harness(*harness, "naive")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_images(Path(tmp), images_u8)
-        timings["naive_dataloader"] = run_dataloader(module, folder, transform, *common, args.batch, device)
-    timings["lower_bound"] = lower_bound(module, images, args.batch, *common, device)
-    n = len(cells(*common))
-    return name, n, len(images), timings, peak_rss_mb()
+    if kind == "fast":  # the default for this device
+        seconds = run_harness(*harness, "fast")
+    elif kind == "fast_batched":
+        seconds = run_harness(*harness, "fast", batch_draws=True)
+    elif kind == "fast_one_by_one":
+        seconds = run_harness(*harness, "fast", batch_draws=False)
+    elif kind == "naive_memory":
+        seconds = run_harness(*harness, "naive")
+    elif kind == "naive_dataloader":
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_images(Path(tmp), images_u8)
+            seconds = run_dataloader(module, folder, transform, *common, args.batch, device)
+    else:
+        seconds = lower_bound(module, images, args.batch, *common, device)
+    n = sum(lv != p.identity_level for _l, p, lv, _d in cells(*common))
+    return (seconds, n, len(images), *peak_memory_mb(device))
+
+
+def workload(name: str, args) -> tuple[str, int, int, dict, dict]:
+    """Every measurement of a workload, each in a fresh process, one after another."""
+    kinds = ["fast", "naive_memory", "lower_bound"]
+    if "batched" not in args.skip:
+        kinds.append("fast_batched")
+        if resolve_device(args.device).type == "cuda":  # on the CPU the default is one pass per cell already
+            kinds.append("fast_one_by_one")
+    if "dataloader" not in args.skip:
+        kinds.append("naive_dataloader")
+    timings, memory = {}, {}
+    context = multiprocessing.get_context("spawn")
+    for kind in kinds:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            seconds, n, n_img, rss, cuda = pool.submit(measure, name, kind, args).result()
+        timings[kind], memory[kind] = seconds, (rss, cuda)
+        print(f"  {name} {kind}: {seconds:.1f} s, peak RSS {rss:,.0f} MB", flush=True)
+    timings.setdefault("fast_one_by_one", timings["fast"])
+    return build(name, args)[0], n, n_img, timings, memory
 
 
 def main() -> None:
@@ -139,39 +198,31 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--draws", type=int, default=2)
-    parser.add_argument("--levels", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0])
+    parser.add_argument("--levels", type=lambda s: s if s == "paper" else [float(x) for x in s.split(",")],
+                        default=[0.5, 1.0])  # fmt: skip
     parser.add_argument("--only", choices=["default", "alexnet224"])
+    parser.add_argument("--skip", type=lambda s: set(s.split(",")), default=set(), help="dataloader,batched")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     device = resolve_device(args.device)
-    torch.manual_seed(0)
-    registry = create_registry()
-    perts = [registry.get("perturbations", n) for n in ("synapse_knockout", "node_knockout", "weight_noise")]
-    rng = np.random.default_rng(0)
-    results = []
-    if args.only in (None, "default"):
-        from models.fashion import FashionAlexNet, grey_28_preprocess, weights_path
-
-        model = FashionAlexNet()
-        if weights_path("fashion_alexnet").is_file():
-            model.load_state_dict(torch.load(weights_path("fashion_alexnet"), weights_only=True))
-        imgs = rng.integers(0, 256, (args.images * 8, 28, 28), dtype=np.uint8)  # small images: use more
-        results.append(workload("default (fashion_alexnet, 28×28)", model, imgs, grey_28_preprocess(), args, perts, device))
-    if args.only in (None, "alexnet224"):
-        model = torchvision.models.alexnet()
-        imgs = rng.integers(0, 256, (args.images, 224, 224, 3), dtype=np.uint8)
-        t = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-        results.append(workload("AlexNet 224×224 (random weights)", model, imgs, t, args, perts, device))
-    print(f"\ndevice: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"levels {args.levels}, {args.draws} draws, batch {args.batch}\n")  # fmt: skip
+    results = [workload(name, args) for name in ("default", "alexnet224") if args.only in (None, name)]
+    levels = "the paper's (each perturbation's defaults)" if args.levels == "paper" else args.levels
+    print(f"\ndevice: {device}, torch {torch.__version__}, {args.threads} threads; "
+          f"levels {levels}, {args.draws} draws, batch {args.batch}\n")  # fmt: skip
+    gpu = device.type == "cuda"
     print("| workload | cells × images | fast vs naive (memory) | fast vs naive (fresh DataLoader) "
-          "| fast / lower bound | batched draws: speed vs one pass each | peak RSS |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for name, n, n_img, t, rss in results:
-        print(
-            f"| {name} | {n} × {n_img} | {t['naive_memory'] / t['fast']:.2f}× faster | "
-            f"{t['naive_dataloader'] / t['fast']:.2f}× faster | {t['fast'] / t['lower_bound']:.2f} | "
-            f"{t['fast_one_by_one'] / t['fast_batched']:.2f}× | {rss:,.0f} MB |"
-        )
+          "| fast / lower bound | batched draws: speed vs one pass each | peak RSS: fast / naive "
+          + ("| peak GPU memory: fast / naive " if gpu else "") + "|")  # fmt: skip
+    print("|---" * (8 if gpu else 7) + "|")
+    for name, n, n_img, t, mem in results:
+        loader = f"{t['naive_dataloader'] / t['fast']:.2f}× faster" if "naive_dataloader" in t else "—"
+        batched = f"{t['fast_one_by_one'] / t['fast_batched']:.2f}×" if "fast_batched" in t else "—"
+        row = (f"| {name} | {n} × {n_img} | {t['naive_memory'] / t['fast']:.2f}× faster | {loader} | "
+               f"{t['fast'] / t['lower_bound']:.2f} | {batched} | "
+               f"{mem['fast'][0]:,.0f} / {mem['naive_memory'][0]:,.0f} MB |")  # fmt: skip
+        if gpu:
+            row += f" {mem['fast'][1]:,.0f} / {mem['naive_memory'][1]:,.0f} MB |"
+        print(row)
 
 
 if __name__ == "__main__":
