@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import shutil
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -339,13 +341,17 @@ class SuffixEngine(NaiveEngine):
             if self.graph is not None:
                 self.notes.append(f"{layer.name}: no clean cut (not a graph node, or its tensors are read upstream): full passes")
             return None
-        step = transition(self.graph, previous.split.boundary, parts.boundary) if previous is not None else None
-        if step is not None:
-            values = self._boundary_values(step, layer.name, lambda i: previous.values[i], consume=previous.values)
-        else:
-            values = self._boundary_values(parts.prefix, layer.name, self._images)
-        if previous is not None:
-            previous.clear()
+        try:
+            step = transition(self.graph, previous.split.boundary, parts.boundary) if previous is not None else None
+            if step is not None:
+                values = self._boundary_values(step, layer.name, lambda i: previous.values[i], consume=previous.values)
+            else:
+                if previous is not None:  # free it first: never two caches' worth of memory at once
+                    previous.clear()
+                values = self._boundary_values(parts.prefix, layer.name, self._images)
+        finally:
+            if previous is not None:
+                previous.clear()
         if values is None:
             self.notes.append(f"{layer.name}: cached activations exceed {self.budget_bytes} bytes and cannot be spilled: full passes")
             return None
@@ -364,29 +370,33 @@ class SuffixEngine(NaiveEngine):
         out: list[tuple[torch.Tensor, ...]] | SpilledBatches = []
         used = 0
         step.eval()
-        with torch.inference_mode(), autocast_context(self.device, self.autocast):
-            for i in range(math.ceil(len(self.labels) / self.batch_size)):
-                values = tuple(step(*inputs(i)))
-                if isinstance(consume, list):
-                    consume[i] = None
-                used += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
-                if used > self.budget_bytes and isinstance(out, list):
-                    if not self.spill:
-                        return None
-                    spilled = SpilledBatches(self.device)
+        try:
+            with torch.inference_mode(), autocast_context(self.device, self.autocast):
+                for i in range(math.ceil(len(self.labels) / self.batch_size)):
+                    values = tuple(step(*inputs(i)))
+                    if isinstance(consume, list):
+                        consume[i] = None
+                    used += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+                    if used > self.budget_bytes and isinstance(out, list):
+                        if not self.spill:
+                            return None
+                        spilled = SpilledBatches(self.device)
+                        try:
+                            for earlier in out:
+                                spilled.append(earlier)
+                        except OSError:
+                            spilled.clear()
+                            return None
+                        out = spilled
+                        self.notes.append(f"{layer_name}: cached activations exceed {self.budget_bytes} bytes: spilled to {spilled.dir}")
                     try:
-                        for earlier in out:
-                            spilled.append(earlier)
-                    except OSError:
-                        spilled.clear()
+                        out.append(values)
+                    except OSError:  # disk full: give up on caching this layer
+                        out.clear()
                         return None
-                    out = spilled
-                    self.notes.append(f"{layer_name}: cached activations exceed {self.budget_bytes} bytes: spilled to {spilled.dir}")
-                try:
-                    out.append(values)
-                except OSError:  # disk full: give up on caching this layer
-                    out.clear()
-                    return None
+        except BaseException:  # an error or Ctrl-C midway: no half-filled cache, no files left behind
+            out.clear()
+            raise
         return out
 
 
@@ -397,6 +407,7 @@ class _OnDisk:
     path: str
     dtype: torch.dtype
     shape: torch.Size
+    channels_last: bool  # written contiguous: the layout is restored on reading
 
 
 class SpilledBatches:
@@ -414,6 +425,8 @@ class SpilledBatches:
         self.device = device
         self.dir = Path(tempfile.mkdtemp(prefix="lesionbench-spill-", dir=os.environ.get("LESIONBENCH_SPILL_DIR")))
         self._batches: list[list[_OnDisk | object]] = []
+        # the files go with this object even if nobody calls clear() (an error, a worker let go)
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
 
     def append(self, values: tuple) -> None:
         entries = []
@@ -421,7 +434,8 @@ class SpilledBatches:
             if isinstance(v, torch.Tensor):
                 path = self.dir / f"{len(self._batches)}_{j}.bin"
                 v.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tofile(path)
-                entries.append(_OnDisk(str(path), v.dtype, v.shape))
+                channels_last = v.dim() == 4 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last)
+                entries.append(_OnDisk(str(path), v.dtype, v.shape, channels_last))
             else:
                 entries.append(v)
         self._batches.append(entries)
@@ -435,16 +449,16 @@ class SpilledBatches:
             if isinstance(e, _OnDisk):
                 nbytes = e.shape.numel() * torch.empty((), dtype=e.dtype).element_size()
                 t = torch.from_file(e.path, shared=False, size=nbytes, dtype=torch.uint8).view(e.dtype).view(e.shape)
+                if e.channels_last:
+                    t = t.contiguous(memory_format=torch.channels_last)
                 out.append(t.to(self.device, non_blocking=True))
             else:
                 out.append(e)
         return tuple(out)
 
     def clear(self) -> None:
-        import shutil
-
         self._batches.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._finalizer()  # deletes the folder, once
 
 
 def create_engine(name: str, module, images, labels, batch_size, device, autocast: bool = False,

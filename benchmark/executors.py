@@ -379,6 +379,9 @@ def run_block(study_dict: dict, key: str, plugins: dict[str, str], model: str, b
     torch.set_num_threads(threads)
     plan = worker_plan(study_dict, key, plugins)
     runner = _runner(plan, key, model, eval_ref, calibration_ref, debug)
-    rows = [] if block is None else [row for row, _label in runner.block_rows(block, done) if row is not None]
+    try:
+        rows = [] if block is None else [row for row, _label in runner.block_rows(block, done) if row is not None]
+    finally:  # blocks are spread over workers: a cache kept here would outlive the study, so it goes now
+        runner.engine.close()
     notes = _notes.get((key, model), []) + runner.notes()
     return {"clean": runner.clean_row(), "rows": rows, "notes": notes}

@@ -482,17 +482,19 @@ def execute(
                 tick(f"{name}: done earlier")
             continue
         runner = ModelRunner(plan, prepared, *eval_sets(plan, cache, prepared), debug=debug, note=run.note)
-        if clean_key not in done:
-            run.append(runner.clean_row())
-        tick(f"{name}: clean")
-        for block in blocks:
-            for row, label in runner.block_rows(block, done):
-                if row is not None:
-                    run.append(row)
-                tick(label)
-        for note in runner.notes():
-            run.note(note)
-        runner.close()
+        try:
+            if clean_key not in done:
+                run.append(runner.clean_row())
+            tick(f"{name}: clean")
+            for block in blocks:
+                for row, label in runner.block_rows(block, done):
+                    if row is not None:
+                        run.append(row)
+                    tick(label)
+            for note in runner.notes():
+                run.note(note)
+        finally:  # cached activations (and spilled files) go, however the run ends
+            runner.close()
 
 
 def run_study(

@@ -208,6 +208,38 @@ def test_over_budget_layers_spill_to_disk_or_fall_back_and_say_so(tmp_path, monk
     assert any("exceed" in n and "full passes" in n for n in no_spill.notes)
 
 
+def test_spilled_files_go_after_an_error_midway_or_with_their_owner(tmp_path, monkeypatch):
+    import gc
+
+    from benchmark.engine import SpilledBatches
+
+    monkeypatch.setenv("LESIONBENCH_SPILL_DIR", str(tmp_path))
+    model = ARCHITECTURES["fashion_alexnet"]().eval()
+    images, labels = torch.randn(12, 1, 28, 28), torch.arange(12) % 10
+    engine = SuffixEngine(model, images, labels, 4, torch.device("cpu"), budget_bytes=100)
+    prefix = split_at(engine.graph, "conv3").prefix
+
+    def inputs(i):  # the third batch fails, after two were spilled
+        if i == 2:
+            raise KeyboardInterrupt
+        return engine._images(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        engine._boundary_values(prefix, "conv3", inputs)
+    assert not any(tmp_path.glob("lesionbench-spill-*"))
+    with engine.for_layer(discover_layers(model, images[:1])[2]):
+        assert any(tmp_path.glob("lesionbench-spill-*/*.bin"))
+    del engine  # never closed: the files still go with the object
+    gc.collect()
+    assert not any(tmp_path.glob("lesionbench-spill-*"))
+    spilled = SpilledBatches(torch.device("cpu"))
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    spilled.append((x, 7))
+    back, seven = spilled[0]
+    assert torch.equal(back, x) and back.is_contiguous(memory_format=torch.channels_last) and seven == 7
+    spilled.clear()
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_fashion(tmp_path_factory.mktemp("fmnist") / "fashion", n=40)
