@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import os
 import shutil
+import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -210,13 +212,22 @@ def split_at(gm: fx.GraphModule, layer_name: str, tensors=()) -> Split | None:
             senv[node] = suffix_graph.node_copy(node, lambda a: senv[a])
         elif node in downstream or node.op == "output":
             senv[node] = suffix_graph.node_copy(node, lambda a: senv[a])
-    prefix, suffix = fx.GraphModule(gm, prefix_graph), fx.GraphModule(gm, suffix_graph)
-    for part in (prefix, suffix):
-        part.graph.eliminate_dead_code()
-        part.recompile()
-    placeholders = {n for n in suffix.graph.nodes if n.op == "placeholder"}
-    mutates = any(_is_inplace(suffix, n) and placeholders & set(n.all_input_nodes) for n in suffix.graph.nodes)
-    return Split(prefix, suffix, tuple(b.name for b in boundary), mutates)
+    suffix = _module(gm, suffix_graph)
+    return Split(_module(gm, prefix_graph), suffix, tuple(b.name for b in boundary), _writes_into_inputs(suffix))
+
+
+def _module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A part of ``gm``'s graph as a module sharing its parameters, dead code removed."""
+    part = fx.GraphModule(gm, graph)
+    part.graph.eliminate_dead_code()
+    part.recompile()
+    return part
+
+
+def _writes_into_inputs(part: fx.GraphModule) -> bool:
+    """Whether some op of ``part`` writes in place into one of its inputs (placeholders)."""
+    placeholders = {n for n in part.graph.nodes if n.op == "placeholder"}
+    return any(_is_inplace(part, n) and placeholders & set(n.all_input_nodes) for n in part.graph.nodes)
 
 
 def transition(gm: fx.GraphModule, start: tuple[str, ...], end: tuple[str, ...]) -> fx.GraphModule | None:
@@ -246,13 +257,8 @@ def transition(gm: fx.GraphModule, start: tuple[str, ...], end: tuple[str, ...])
         if node in needed:
             env[node] = graph.node_copy(node, lambda a: env[a])
     graph.output(tuple(env[nodes[name]] for name in end))
-    step = fx.GraphModule(gm, graph)
-    step.graph.eliminate_dead_code()
-    step.recompile()
-    placeholders = {n for n in step.graph.nodes if n.op == "placeholder"}
-    if any(_is_inplace(step, n) and placeholders & set(n.all_input_nodes) for n in step.graph.nodes):
-        return None
-    return step
+    step = _module(gm, graph)
+    return None if _writes_into_inputs(step) else step
 
 
 @dataclass
@@ -333,15 +339,13 @@ class SuffixEngine(NaiveEngine):
         if self._cache is not None and self._cache.layer == layer.name:
             return self._cache
         previous, self._cache = self._cache, None
-        tensors = [t for m in layer.modules() for t in [*m.parameters(), *m.buffers()]]
-        parts = split_at(self.graph, layer.name, tensors) if self.graph is not None else None
-        if parts is None:
-            if previous is not None:
-                previous.clear()
-            if self.graph is not None:
-                self.notes.append(f"{layer.name}: no clean cut (not a graph node, or its tensors are read upstream): full passes")
-            return None
         try:
+            tensors = [t for m in layer.modules() for t in [*m.parameters(), *m.buffers()]]
+            parts = split_at(self.graph, layer.name, tensors) if self.graph is not None else None
+            if parts is None:
+                if self.graph is not None:
+                    self.notes.append(f"{layer.name}: no clean cut (not a graph node, or its tensors are read upstream): full passes")
+                return None
             step = transition(self.graph, previous.split.boundary, parts.boundary) if previous is not None else None
             if step is not None:
                 values = self._boundary_values(step, layer.name, lambda i: previous.values[i], consume=previous.values)
@@ -349,7 +353,7 @@ class SuffixEngine(NaiveEngine):
                 if previous is not None:  # free it first: never two caches' worth of memory at once
                     previous.clear()
                 values = self._boundary_values(parts.prefix, layer.name, self._images)
-        finally:
+        finally:  # the previous layer's cache goes however this ends
             if previous is not None:
                 previous.clear()
         if values is None:
@@ -419,9 +423,6 @@ class SpilledBatches:
     """
 
     def __init__(self, device: torch.device) -> None:
-        import os
-        import tempfile
-
         self.device = device
         self.dir = Path(tempfile.mkdtemp(prefix="lesionbench-spill-", dir=os.environ.get("LESIONBENCH_SPILL_DIR")))
         self._batches: list[list[_OnDisk | object]] = []

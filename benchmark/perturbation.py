@@ -172,7 +172,7 @@ class Snapshot:
     """
 
     def __init__(self, layer: Layer, also: Sequence[nn.Module] = ()) -> None:
-        self.layer = layer
+        self.layer, self.also = layer, list(also)
         self.modules = list(dict.fromkeys([*layer.modules(), *also]))
         self._saved = [_snapshot(m) for m in self.modules]
 

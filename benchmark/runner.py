@@ -321,7 +321,7 @@ class ModelRunner:
                 self._check_restored(label)
             yield from self._flush(pending, run_eval, saved)
 
-    def _capture(self, cell: Cell, saved: Snapshot | None = None) -> tuple[Cell, int, dict[str, torch.Tensor], int] | None:
+    def _capture(self, cell: Cell, saved: Snapshot) -> tuple[Cell, int, dict[str, torch.Tensor], int] | None:
         """Apply one cell's perturbation, copy the layer's damaged tensors, restore; None if not possible."""
         seed = self._seed(cell)
         tensors = _named_tensors(cell.layer)
@@ -339,7 +339,7 @@ class ModelRunner:
             return None
         return cell, seed, copies, nonfinite
 
-    def _flush(self, pending: list, run_eval, saved: Snapshot | None = None) -> Iterator[tuple[dict, str]]:
+    def _flush(self, pending: list, run_eval, saved: Snapshot) -> Iterator[tuple[dict, str]]:
         """Evaluate the captured cells in one batched pass (one by one if the pass fails)."""
         if not pending:
             return
@@ -374,13 +374,13 @@ class ModelRunner:
     def notes(self) -> list[str]:
         return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", [])]
 
-    def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult], saved: Snapshot | None = None) -> dict:
+    def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult], saved: Snapshot) -> dict:
         """Perturb, (recalibrate,) evaluate, restore: one row."""
         plan = self.plan
         seed = self._seed(cell)
         if cell.is_identity:
             return _row(plan, self.name, cell, seed, self.clean)
-        norms = self._norms_after(cell.layer) if self.calibration is not None else []
+        norms = saved.also  # the BatchNorms to re-estimate (bn_recalibrate), found once per block
         error, result, nonfinite = "", None, None
         try:
             with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed), also=norms, saved=saved):

@@ -51,7 +51,9 @@ from benchmark.study import Study
 
 
 def cells(layers, perts, levels, draws):
-    return [(l, p, lv, d) for l in layers for p in perts for lv in levels[p.name] for d in range(draws)]
+    """The cells evaluated: the harness scores the identity level once, as the clean model."""
+    return [(l, p, lv, d) for l in layers for p in perts for lv in levels[p.name] if lv != p.identity_level
+            for d in range(draws)]  # fmt: skip
 
 
 def run_harness(module, images, labels, layers, perts, levels, draws, batch, device, engine, batch_draws=None) -> float:
@@ -78,8 +80,6 @@ def run_dataloader(module, folder: Path, transform, layers, perts, levels, draws
     dataset = torchvision.datasets.ImageFolder(str(folder), transform=transform)
     t0 = time.perf_counter()
     for layer, p, lv, d in cells(layers, perts, levels, draws):
-        if lv == p.identity_level:
-            continue  # the harness scores the identity level once, as the clean model
         loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
         with perturbed(layer, p, lv, generator_for(cell_seed(0, "m", layer.name, p.name, lv, d))):
             batches = list(loader)
@@ -96,7 +96,7 @@ def lower_bound(module, images, batch, layers, perts, levels, draws, device) -> 
             cut = split_at(gm, layer.name)
             prefix, suffix = cut.prefix, cut.suffix
             cached = [prefix(images[b : b + batch].to(device)) for b in range(0, len(images), batch)]
-            n_cells = sum(lv != p.identity_level for _l, p, lv, _d in cells([layer], perts, levels, draws))
+            n_cells = len(cells([layer], perts, levels, draws))
             t0 = time.perf_counter()
             for _ in range(n_cells):
                 for c in cached:
@@ -122,6 +122,9 @@ def peak_memory_mb(device) -> tuple[float, float | None]:
     return rss, (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
 
 
+TITLES = {"default": "default (fashion_alexnet, 28×28)", "alexnet224": "AlexNet 224×224 (random weights)"}
+
+
 def build(name: str, args):
     """A workload's model, raw images and preprocessing; the same in every process (seeded)."""
     torch.manual_seed(0)
@@ -133,11 +136,11 @@ def build(name: str, args):
         if weights_path("fashion_alexnet").is_file():
             model.load_state_dict(torch.load(weights_path("fashion_alexnet"), weights_only=True))
         imgs = rng.integers(0, 256, (args.images * 8, 28, 28), dtype=np.uint8)  # small images: use more
-        return "default (fashion_alexnet, 28×28)", model, imgs, grey_28_preprocess()
+        return model, imgs, grey_28_preprocess()
     model = torchvision.models.alexnet()
     imgs = rng.integers(0, 256, (args.images, 224, 224, 3), dtype=np.uint8)
     t = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    return "AlexNet 224×224 (random weights)", model, imgs, t
+    return model, imgs, t
 
 
 def measure(name: str, kind: str, args) -> tuple[float, int, int, float, float | None]:
@@ -147,7 +150,7 @@ def measure(name: str, kind: str, args) -> tuple[float, int, int, float, float |
     registry = create_registry()
     perts = [registry.get("perturbations", n) for n in ("synapse_knockout", "node_knockout", "weight_noise")]
     levels = {p.name: tuple(p.default_levels) if args.levels == "paper" else tuple(args.levels) for p in perts}
-    _title, module, images_u8, transform = build(name, args)
+    module, images_u8, transform = build(name, args)
     module = module.eval().to(device)
     images = torch.stack([transform(Image.fromarray(a)) for a in images_u8])
     labels = torch.arange(len(images)) % 2
@@ -168,8 +171,7 @@ def measure(name: str, kind: str, args) -> tuple[float, int, int, float, float |
             seconds = run_dataloader(module, folder, transform, *common, args.batch, device)
     else:
         seconds = lower_bound(module, images, args.batch, *common, device)
-    n = sum(lv != p.identity_level for _l, p, lv, _d in cells(*common))
-    return (seconds, n, len(images), *peak_memory_mb(device))
+    return (seconds, len(cells(*common)), len(images), *peak_memory_mb(device))
 
 
 def workload(name: str, args) -> tuple[str, int, int, dict, dict]:
@@ -189,7 +191,7 @@ def workload(name: str, args) -> tuple[str, int, int, dict, dict]:
         timings[kind], memory[kind] = seconds, (rss, cuda)
         print(f"  {name} {kind}: {seconds:.1f} s, peak RSS {rss:,.0f} MB", flush=True)
     timings.setdefault("fast_one_by_one", timings["fast"])
-    return build(name, args)[0], n, n_img, timings, memory
+    return TITLES[name], n, n_img, timings, memory
 
 
 def main() -> None:

@@ -101,24 +101,25 @@ def test_deterministic_perturbations_get_one_draw_per_level(data, tmp_path):
     assert set(df.loc[df["perturbation"] == "quantize", "level_axis"]) == {"descending"}
 
 
-def test_a_plugins_own_level_rule_is_checked_before_anything_is_written(data, tmp_path, capsys):
+def refused_before_writing(spec_text: str, data, tmp_path, capsys) -> str:
+    """Run a study on the test data: it must exit 2 with one line, leaving no run directory."""
     spec = tmp_path / "s.toml"
-    spec.write_text(f'models = ["fashion_alexnet"]\nperturbations = ["quantize"]\n[levels]\nquantize = [8, 2.5]\n'
-                    f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\n')  # fmt: skip
+    spec.write_text(f'{spec_text}[dataset]\nname = "fashion_mnist"\npath = "{data}"\n')
     assert main(["run", str(spec), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "whole number of bits" in err and len(err.splitlines()) == 1
+    assert len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+    return err
+
+
+def test_a_plugins_own_level_rule_is_checked_before_anything_is_written(data, tmp_path, capsys):
+    spec = 'models = ["fashion_alexnet"]\nperturbations = ["quantize"]\n[levels]\nquantize = [8, 2.5]\n'
+    assert "whole number of bits" in refused_before_writing(spec, data, tmp_path, capsys)
 
 
 def test_reinit_without_initial_weights_stops_before_anything_is_written(data, tmp_path, capsys):
-    spec = tmp_path / "s.toml"
-    spec.write_text(f'models = [{{ref = "fashion_alexnet", weights = "none"}}]\nperturbations = ["reinit"]\n'
-                    f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\n')  # fmt: skip
-    assert main(["run", str(spec), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "does not know its initial weights" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "out").exists()
+    spec = 'models = [{ref = "fashion_alexnet", weights = "none"}]\nperturbations = ["reinit"]\n'
+    assert "does not know its initial weights" in refused_before_writing(spec, data, tmp_path, capsys)
 
 
 def test_init_checkpoint_gives_reinit_its_initial_weights(data, tmp_path, capsys):
