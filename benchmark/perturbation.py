@@ -122,7 +122,7 @@ PERMUTE_BELOW = 1 << 21  # entries (2.1M: above every committed result's tensors
 def random_subset_mask(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """A flat boolean mask with exactly ``k`` of ``n`` entries True, every k-subset equally likely.
 
-    Below 2M entries: the first k of a random permutation. Above, a permutation costs seconds (1.9 s
+    Below 2M entries: the first k of a random permutation. Above, a permutation costs seconds (1.5 s
     for the 37.7M weights of AlexNet's fc6), so instead one coin per entry with probability about
     k/n (8 random bits each, 7 coins per 64-bit draw: a fifth of the generator calls of
     ``torch.rand``), then the surplus or shortfall removed or added at random positions. The result
