@@ -1,3 +1,69 @@
-"""lesionbench: how trained networks withstand damage to their own weights, layer by layer."""
+"""lesionbench: how trained networks withstand damage to their own weights, layer by layer.
 
-__version__ = "0.1.0"
+This module is the public surface: what a plugin or a notebook may import. Everything else in
+the package may change between releases. Names load on first use, so that ``import lesionbench``
+(and ``lesionbench --help``) does not import torch.
+
+For plugin authors — implement hooks with :data:`hookimpl` and contribute:
+
+* perturbations: subclasses of :class:`WeightPerturbation` (in-place damage to a layer's tensors)
+  or :class:`HookPerturbation` (damage to what a layer computes), with a :class:`LevelAxis`;
+  helpers :func:`count_for`, :func:`random_subset_mask`, :func:`positions_mask`;
+  each damages a :class:`Layer`;
+* models: :class:`ModelSource` objects building a :class:`LoadedModel` from a :class:`ModelSpec`;
+* datasets: :class:`DatasetSource` objects returning a :class:`RawDataset`;
+* study presets: :class:`StudyPreset`.
+
+Raise :class:`LesionbenchError` for anything a user must fix (one line, exit code 2).
+
+For scripts and notebooks: :func:`run`, :func:`lesioned`, :func:`load_results` and the score
+functions :func:`layer_scores`, :func:`curves`, :func:`model_summary`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "hookimpl": "lesionbench.hookspecs",
+    "LesionbenchError": "lesionbench.errors",
+    "Perturbation": "lesionbench.perturbation",
+    "WeightPerturbation": "lesionbench.perturbation",
+    "HookPerturbation": "lesionbench.perturbation",
+    "LevelAxis": "lesionbench.perturbation",
+    "count_for": "lesionbench.perturbation",
+    "random_subset_mask": "lesionbench.perturbation",
+    "positions_mask": "lesionbench.perturbation",
+    "Layer": "lesionbench.layers",
+    "ModelSource": "lesionbench.model_sources",
+    "ModelSpec": "lesionbench.model_sources",
+    "LoadedModel": "lesionbench.model_sources",
+    "load_checkpoint_into": "lesionbench.model_sources",
+    "DatasetSource": "lesionbench.data",
+    "RawDataset": "lesionbench.data",
+    "StudyPreset": "lesionbench.study",
+    "Study": "lesionbench.study",
+    "run": "lesionbench.api",
+    "lesioned": "lesionbench.api",
+    "load_results": "lesionbench.api",
+    "layer_scores": "lesionbench.scores",
+    "curves": "lesionbench.scores",
+    "model_summary": "lesionbench.scores",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lesionbench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

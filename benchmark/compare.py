@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from benchmark.errors import LesionbenchError
-from benchmark.leaderboard import md
-from benchmark.scores import clean_accuracy, layer_scores
+from lesionbench.errors import LesionbenchError
+from lesionbench.leaderboard import md
+from lesionbench.scores import clean_accuracy, layer_scores
 
 KEYS = ["model", "dataset", "layer", "perturbation"]
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from benchmark.errors import LesionbenchError
+from lesionbench.errors import LesionbenchError
 
 
 @dataclass
@@ -35,6 +35,13 @@ class RawDataset:
 
 @runtime_checkable
 class DatasetSource(Protocol):
+    """What a dataset plugin contributes: ``load(path, split)`` → :class:`RawDataset`.
+
+    ``name`` is what a study's ``[dataset] name`` takes, ``default_path`` where it looks when the
+    study gives no path (None: a path is required). ``load`` raises LesionbenchError for a missing
+    or unreadable path, naming it.
+    """
+
     name: str
     description: str
     default_path: str | None

@@ -1,9 +1,9 @@
 """How cells are evaluated: the naive full pass, or only the part of the network a layer changes.
 
 When layer L is perturbed, every value in the network that does not depend on L is the same as in
-the clean pass. :class:`SuffixEngine` traces the model once with torch.fx, and for each layer
-splits the graph into a *prefix* (everything that does not depend on L) and a *suffix* (L and
-everything downstream of it). The values that cross from prefix to suffix — L's input, but also
+the clean pass. :class:`SuffixEngine` asks the model's graph (:mod:`lesionbench.graph`, traced
+once) to split it at each layer into a *prefix* (everything that does not depend on L) and a
+*suffix* (L and everything downstream of it). The values that cross from prefix to suffix — L's input, but also
 skip connections around L in a ResNet or EfficientNet — are computed once per layer and kept;
 each cell then runs only the suffix. Models that cannot be traced, or layers whose cached values
 would exceed the memory budget, fall back to full passes (logged).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 import os
 import shutil
 import tempfile
@@ -28,8 +27,9 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from benchmark.evaluate import EvalResult, autocast_context, evaluate, evaluate_batches
-from benchmark.layers import PERTURBABLE, Layer
+from lesionbench.evaluate import EvalResult, autocast_context, evaluate, evaluate_batches
+from lesionbench.graph import ModelGraph, Split, transition
+from lesionbench.layers import Layer
 
 log = logging.getLogger("lesionbench")
 
@@ -67,9 +67,9 @@ class NaiveEngine:
 
     name = "naive"
 
-    def __init__(self, module: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+    def __init__(self, graph: ModelGraph, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  device: torch.device, autocast: bool = False):  # fmt: skip
-        self.module, self.images, self.labels = module, images, labels
+        self.graph, self.module, self.images, self.labels = graph, graph.module, images, labels
         self.batch_size, self.device, self.autocast = batch_size, device, autocast
         self.notes: list[str] = []
 
@@ -91,174 +91,6 @@ class NaiveEngine:
 
     def close(self) -> None:
         """Nothing is cached."""
-
-
-def _timm_trace_helpers() -> tuple[tuple[type, ...], tuple]:
-    """timm's own lists of modules to keep whole and functions to leave untraced (TF "SAME" padding…)."""
-    try:
-        from timm.models._features_fx import get_notrace_functions, get_notrace_modules
-    except ImportError:  # timm absent or reorganised: plain tracing only
-        return (), ()
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
-
-
-class _Tracer(fx.Tracer):
-    """Keeps every perturbable layer (and timm's untraceable modules) as one call_module node."""
-
-    def __init__(self) -> None:
-        leaves, functions = _timm_trace_helpers()
-        super().__init__(autowrap_functions=functions)
-        self._leaves = PERTURBABLE + leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
-
-
-def trace(module: nn.Module) -> fx.GraphModule | None:
-    """An fx graph of ``module`` sharing its parameters, or None when it cannot be traced."""
-    try:
-        graph = _Tracer().trace(module)
-    except Exception as exc:  # data-dependent control flow, unsupported ops, ...
-        log.info("torch.fx cannot trace %s (%s): full passes", type(module).__name__, str(exc).splitlines()[0])
-        return None
-    return fx.GraphModule(module, graph)
-
-
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
-
-
-def _is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether ``node`` may write into one of its inputs (``x.add_()``, ``inplace=True``, ``+=``)."""
-    if node.kwargs.get("inplace") or "out" in node.kwargs:
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        return node.target in _INPLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    return False
-
-
-def _touches(gm: fx.GraphModule, node: fx.Node, tensor_ids: set[int]) -> bool:
-    """Whether ``node`` reads one of the given parameters or buffers."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        return any(id(t) in tensor_ids for t in [*module.parameters(), *module.buffers()])
-    if node.op == "get_attr":
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part, None)
-        return id(obj) in tensor_ids
-    return False
-
-
-@dataclass
-class Split:
-    """A model cut at one layer: ``suffix(*prefix(x)) == model(x)``."""
-
-    prefix: fx.GraphModule
-    suffix: fx.GraphModule
-    boundary: tuple[str, ...]  # names of the graph nodes whose values cross the cut, in argument order
-    mutates_boundary: bool  # the suffix writes into a boundary value: feed it copies
-
-    @property
-    def n_boundary(self) -> int:
-        return len(self.boundary)
-
-
-def split_at(gm: fx.GraphModule, layer_name: str, tensors=()) -> Split | None:
-    """The prefix/suffix split at a layer, or None when the cut would be wrong or impossible.
-
-    The prefix maps the model's input to the boundary values; the suffix maps the boundary values
-    to the model's output. A layer inside a module kept whole is split at that module. ``tensors``
-    are the parameters and buffers a perturbation of the layer may change: if anything upstream
-    also reads one (tied weights, a reused module), no cut can cache it and None is returned.
-    """
-    graph = gm.graph
-    starts = [
-        n for n in graph.nodes
-        if n.op == "call_module" and (n.target == layer_name or layer_name.startswith(f"{n.target}."))
-    ]  # fmt: skip
-    if not starts:
-        return None
-    downstream: set[fx.Node] = set()
-    for node in graph.nodes:  # topological order: a node is downstream if any input is
-        if node in starts or any(a in downstream for a in node.all_input_nodes):
-            downstream.add(node)
-    tensor_ids = {id(t) for t in tensors}
-    if any(_touches(gm, n, tensor_ids) for n in graph.nodes if n not in downstream):
-        return None
-    output = next(n for n in graph.nodes if n.op == "output")
-    consumers = [n for n in graph.nodes if n in downstream or n is output]
-    boundary: list[fx.Node] = []
-    for node in consumers:
-        for a in node.all_input_nodes:
-            if a not in downstream and a.op != "get_attr" and a not in boundary:
-                boundary.append(a)
-
-    prefix_graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in graph.nodes:
-        if node in downstream or node.op == "output":
-            continue
-        env[node] = prefix_graph.node_copy(node, lambda a: env[a])
-    prefix_graph.output(tuple(env[b] for b in boundary))
-
-    suffix_graph = fx.Graph()
-    senv: dict[fx.Node, fx.Node] = {b: suffix_graph.placeholder(f"boundary_{i}") for i, b in enumerate(boundary)}
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            senv[node] = suffix_graph.node_copy(node, lambda a: senv[a])
-        elif node in downstream or node.op == "output":
-            senv[node] = suffix_graph.node_copy(node, lambda a: senv[a])
-    suffix = _module(gm, suffix_graph)
-    return Split(_module(gm, prefix_graph), suffix, tuple(b.name for b in boundary), _writes_into_inputs(suffix))
-
-
-def _module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
-    """A part of ``gm``'s graph as a module sharing its parameters, dead code removed."""
-    part = fx.GraphModule(gm, graph)
-    part.graph.eliminate_dead_code()
-    part.recompile()
-    return part
-
-
-def _writes_into_inputs(part: fx.GraphModule) -> bool:
-    """Whether some op of ``part`` writes in place into one of its inputs (placeholders)."""
-    placeholders = {n for n in part.graph.nodes if n.op == "placeholder"}
-    return any(_is_inplace(part, n) and placeholders & set(n.all_input_nodes) for n in part.graph.nodes)
-
-
-def transition(gm: fx.GraphModule, start: tuple[str, ...], end: tuple[str, ...]) -> fx.GraphModule | None:
-    """A graph computing the boundary values ``end`` from the boundary values ``start``, or None.
-
-    Moving from one layer's cut to the next, the next layer's cached values mostly lie downstream
-    of the previous one's: computing them from the previous cache runs only the segment between the
-    two cuts instead of the whole prefix again (one forward pass in all for a chain). None when an
-    ``end`` value needs the model's input (the next cut is not downstream of this one, or a skip
-    connection reaches around it) or when the segment would write into a ``start`` value.
-    """
-    nodes = {n.name: n for n in gm.graph.nodes}
-    starts = [nodes[name] for name in start]
-    needed: set[fx.Node] = set()
-    stack = [nodes[name] for name in end]
-    while stack:
-        node = stack.pop()
-        if node in needed or node in starts:
-            continue
-        if node.op == "placeholder":
-            return None
-        needed.add(node)
-        stack.extend(node.all_input_nodes)
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {n: graph.placeholder(f"boundary_{i}") for i, n in enumerate(starts)}
-    for node in gm.graph.nodes:
-        if node in needed:
-            env[node] = graph.node_copy(node, lambda a: env[a])
-    graph.output(tuple(env[nodes[name]] for name in end))
-    step = _module(gm, graph)
-    return None if _writes_into_inputs(step) else step
 
 
 @dataclass
@@ -285,15 +117,14 @@ class SuffixEngine(NaiveEngine):
 
     name = "fast"
 
-    def __init__(self, module, images, labels, batch_size, device, autocast: bool = False,
+    def __init__(self, graph: ModelGraph, images, labels, batch_size, device, autocast: bool = False,
                  budget_bytes: int = DEFAULT_BUDGET_BYTES, spill: bool = True):  # fmt: skip
-        super().__init__(module, images, labels, batch_size, device, autocast)
+        super().__init__(graph, images, labels, batch_size, device, autocast)
         self.budget_bytes = budget_bytes
         self.spill = spill
-        self.graph = trace(module)
         self._cache: _Cache | None = None
-        if self.graph is None:
-            self.notes.append(f"{type(module).__name__} cannot be traced by torch.fx: every cell is a full pass")
+        if graph.fx is None:
+            self.notes.append(f"{type(self.module).__name__}: {graph.untraceable}: every cell is a full pass")
 
     @contextmanager
     def for_layer(self, layer: Layer) -> Iterator[LayerEval]:
@@ -340,13 +171,12 @@ class SuffixEngine(NaiveEngine):
             return self._cache
         previous, self._cache = self._cache, None
         try:
-            tensors = [t for m in layer.modules() for t in [*m.parameters(), *m.buffers()]]
-            parts = split_at(self.graph, layer.name, tensors) if self.graph is not None else None
+            parts = self.graph.split(layer)
             if parts is None:
-                if self.graph is not None:
+                if self.graph.fx is not None:
                     self.notes.append(f"{layer.name}: no clean cut (not a graph node, or its tensors are read upstream): full passes")
                 return None
-            step = transition(self.graph, previous.split.boundary, parts.boundary) if previous is not None else None
+            step = transition(self.graph.fx, previous.split.boundary, parts.boundary) if previous is not None else None
             if step is not None:
                 values = self._boundary_values(step, layer.name, lambda i: previous.values[i], consume=previous.values)
             else:
@@ -462,13 +292,13 @@ class SpilledBatches:
         self._finalizer()  # deletes the folder, once
 
 
-def create_engine(name: str, module, images, labels, batch_size, device, autocast: bool = False,
+def create_engine(name: str, graph: ModelGraph, images, labels, batch_size, device, autocast: bool = False,
                   budget_bytes: int = DEFAULT_BUDGET_BYTES):  # fmt: skip
     """The single door to an engine by name."""
     if name == "naive":
-        return NaiveEngine(module, images, labels, batch_size, device, autocast)
+        return NaiveEngine(graph, images, labels, batch_size, device, autocast)
     if name == "fast":
-        return SuffixEngine(module, images, labels, batch_size, device, autocast, budget_bytes)
-    from benchmark.errors import unknown_name
+        return SuffixEngine(graph, images, labels, batch_size, device, autocast, budget_bytes)
+    from lesionbench.errors import unknown_name
 
     raise unknown_name("engine", name, ENGINES)

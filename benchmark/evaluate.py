@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lesionbench.errors import LesionbenchError
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,26 @@ class EvalResult:
     seconds: float
     images_per_s: float
     device: str
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The class scores in what a model returns: a tensor; the first element of a tuple or list;
+    the ``logits`` entry of a mapping or attribute of an output object (Hugging Face style).
+
+    Raises LesionbenchError when none of these is a tensor.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    raise LesionbenchError(
+        f"the model returns {type(output).__name__}, not class scores: lesionbench takes a tensor, the first "
+        "element of a tuple/list, or the 'logits' entry of a mapping"
+    )
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -69,7 +92,7 @@ def evaluate_batches(
         for i, y in enumerate(labels):
             y = y.to(device, non_blocking=True)
             with autocast_context(device, autocast):
-                logits = forward(i)
+                logits = logits_of(forward(i))
             logits = logits.float().reshape(d, len(y), -1)
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             hit = top == y[None, :, None]

@@ -1,19 +1,41 @@
 """The hooks a lesionbench plugin may implement.
 
-Every built-in model, perturbation, dataset and study preset is contributed through these
-hooks, from modules registered under the ``lesionbench`` entry-point group — the same door a
-third-party package uses. A plugin is a plain module with ``@hookimpl`` functions::
+Every built-in model, perturbation, dataset and study preset is contributed through these hooks,
+from modules named in :data:`lesionbench.registry.BUILTIN_PLUGINS`; a third-party package adds its
+own under the ``lesionbench`` entry-point group in its ``pyproject.toml``::
 
-    from benchmark.hookspecs import hookimpl
+    [project.entry-points.lesionbench]
+    my_plugin = "my_package.my_plugin"
+
+A plugin is a plain module with ``@hookimpl`` functions::
+
+    from lesionbench import WeightPerturbation, hookimpl
 
     @hookimpl
     def lesionbench_perturbations():
-        return [MyPerturbation()]
+        return [MyPerturbation(name="my_damage", ...)]
+
+Each hook is called once per process, when its kind is first needed, with no arguments. A
+function named like a hook but not defined here (``lesionbench_perturbation``) is refused when
+the plugin loads, and reported by plugin name. What a hook returns is checked against its kind's
+contract as it is collected: a missing or ill-typed field stops the command with one line naming
+the plugin and the field (exit code 2). If the hook itself raises, that plugin's contributions of
+that kind are left out and the failure is reported by name (``lesionbench plugins``); the other
+plugins are unaffected.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import pluggy
+
+if TYPE_CHECKING:
+    from lesionbench.data import DatasetSource
+    from lesionbench.model_sources import ModelSource
+    from lesionbench.perturbation import Perturbation
+    from lesionbench.study import StudyPreset
 
 PROJECT = "lesionbench"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -21,34 +43,44 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def lesionbench_perturbations() -> list:
-    """Return perturbations, each an object satisfying :class:`benchmark.perturbation.Perturbation`.
+def lesionbench_perturbations() -> Sequence[Perturbation]:
+    """Return the perturbations this plugin contributes.
 
-    Names must be unique across all loaded plugins; a clash is reported naming both plugins.
+    Each is a :class:`lesionbench.WeightPerturbation` (``apply(layer, level, generator)`` damages
+    the layer's tensors in place) or a :class:`lesionbench.HookPerturbation` (``hooks(layer, level,
+    generator)`` installs forward hooks), with a unique ``name``, a ``description``, its
+    ``default_levels`` inside ``level_range`` and a :class:`lesionbench.LevelAxis`. The harness
+    restores the layer bit for bit after every cell. An exception raised by ``apply``/``hooks``
+    fails that cell only: its row records the error and the study goes on.
     """
 
 
 @hookspec
-def lesionbench_models() -> list:
-    """Return model sources, each a :class:`benchmark.models.ModelSource`.
+def lesionbench_models() -> Sequence[ModelSource]:
+    """Return the model sources this plugin contributes.
 
     A source owns a prefix (``timm`` in ``timm:resnet18``) and may also claim bare names
-    (``fashion_alexnet``); it builds an ``nn.Module`` plus the preprocessing its weights expect.
+    (``fashion_alexnet``); ``build(spec)`` returns a :class:`lesionbench.LoadedModel` (the module in
+    eval mode plus the preprocessing its weights expect). A :class:`lesionbench.LesionbenchError`
+    from ``build`` stops the study before anything is written, with its message.
     """
 
 
 @hookspec
-def lesionbench_datasets() -> list:
-    """Return dataset sources, each a :class:`benchmark.data.DatasetSource`.
+def lesionbench_datasets() -> Sequence[DatasetSource]:
+    """Return the dataset sources this plugin contributes.
 
-    A source turns a path into labelled raw images; the harness picks the evaluation subset and
-    applies each model's own preprocessing.
+    ``load(path, split)`` returns a :class:`lesionbench.RawDataset`: labels and a decoder. The
+    harness picks the evaluation subset and applies each model's own preprocessing. A
+    :class:`lesionbench.LesionbenchError` from ``load`` (a missing path…) stops the study before
+    anything is written.
     """
 
 
 @hookspec
-def lesionbench_studies() -> list:
-    """Return study presets, each a :class:`benchmark.study.StudyPreset` (name, description, TOML).
+def lesionbench_studies() -> Sequence[StudyPreset]:
+    """Return study presets, each a :class:`lesionbench.StudyPreset` (name, description, TOML text).
 
-    Presets are what ``lesionbench run NAME`` accepts besides a path to a study file.
+    Presets are what ``lesionbench run NAME`` accepts besides a path to a study file; their TOML
+    is validated when a study uses them.
     """

@@ -1,8 +1,7 @@
-"""Finding the perturbable layers of a model: every Conv/Linear layer in forward order.
+"""What a perturbable layer is: a Conv/Linear module, where it sits, and the BatchNorms it feeds.
 
-Order comes from one forward pass with hooks rather than from ``named_modules()``, because the
-order modules are declared in need not be the order data flows through them. The same pass
-notes which BatchNorm a layer feeds directly, so that silencing a unit can silence it downstream.
+Layers are found by :class:`lesionbench.graph.ModelGraph` (forward order, the norms each feeds);
+this module only describes them and picks the ones a study names.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from benchmark.errors import unknown_name
+from lesionbench.errors import unknown_name
 
 PERTURBABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # not transposed convs: their weight is (in, out, …)
 NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -29,8 +28,10 @@ class Layer:
     relative_depth: float  # 0 = first layer, 1 = last
     kind: str  # "conv" or "linear"
     module: nn.Module = field(compare=False, repr=False)
-    norm: nn.Module | None = field(default=None, compare=False, repr=False)
-    norm_name: str | None = None
+    # The BatchNorms whose channels are this layer's output units (through elementwise activations;
+    # one per use of a module called more than once): silencing a unit must silence them too.
+    norms: tuple[nn.Module, ...] = field(default=(), compare=False, repr=False)
+    norm_names: tuple[str, ...] = ()
     # The layer's own tensors at initialisation (keys as in module.state_dict()), when known.
     initial: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
@@ -45,64 +46,16 @@ class Layer:
         return [self.module.weight] + ([bias] if bias is not None else [])
 
     def modules(self) -> list[nn.Module]:
-        """The modules a perturbation of this layer may change (the layer and the norm it feeds)."""
-        return [self.module] + ([self.norm] if self.norm is not None else [])
+        """The modules a perturbation of this layer may change (the layer and the norms it feeds)."""
+        return [self.module, *self.norms]
 
-
-def discover_layers(
-    model: nn.Module, example: torch.Tensor, aliases: Mapping[str, str] | None = None
-) -> list[Layer]:
-    """Run ``example`` through ``model`` once and return its Conv/Linear layers in forward order."""
-    aliases = dict(aliases or {})
-    names = {m: n for n, m in model.named_modules()}
-    order: list[nn.Module] = []
-    last_output: dict[nn.Module, torch.Tensor] = {}
-    feeds: dict[nn.Module, nn.Module] = {}
-
-    def after_layer(module, _inputs, output):
-        if module not in last_output:
-            order.append(module)
-        last_output[module] = output
-
-    def before_norm(norm, inputs):
-        for layer, out in last_output.items():
-            if inputs and inputs[0] is out and layer not in feeds:
-                feeds[layer] = norm
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, PERTURBABLE):
-            handles.append(module.register_forward_hook(after_layer))
-        elif isinstance(module, NORMS):
-            handles.append(module.register_forward_pre_hook(before_norm))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.inference_mode():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
-    n = len(order)
-    layers = []
-    for i, module in enumerate(order):
-        name = names[module]
-        norm = feeds.get(module)
-        layers.append(
-            Layer(
-                name=name,
-                display=aliases.get(name, name),
-                index=i,
-                relative_depth=i / (n - 1) if n > 1 else 0.0,
-                kind="linear" if isinstance(module, nn.Linear) else "conv",
-                module=module,
-                norm=norm,
-                norm_name=names.get(norm) if norm is not None else None,
-            )
-        )
-    return layers
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's and its norms' parameters and buffers, under their names in the model."""
+        out = {}
+        for prefix, module in [(self.name, self.module), *zip(self.norm_names, self.norms)]:
+            for kind in (module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+                out.update({f"{prefix}.{k}": t for k, t in kind})
+        return out
 
 
 def select_layers(layers: Sequence[Layer], wanted: Sequence[str] | None) -> list[Layer]:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmark.scores import clean_accuracy, layer_scores, model_summary
-from benchmark.store import CLEAN
+from lesionbench.scores import clean_accuracy, layer_scores, model_summary
+from lesionbench.store import CLEAN
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
 

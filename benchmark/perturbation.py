@@ -13,61 +13,119 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from benchmark.errors import LesionbenchError
-from benchmark.layers import Layer
-
-
-@runtime_checkable
-class Perturbation(Protocol):
-    """The interface a perturbation plugin implements."""
-
-    name: str
-    description: str
-    default_levels: tuple[float, ...]
-    level_range: tuple[float, float]
-    identity_level: float | None  # the level that leaves a layer untouched, if any
-
-    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> Callable[[], None] | None:
-        """Damage ``layer`` in place at ``level``, drawing all randomness from ``generator``.
-
-        A perturbation that acts through forward hooks (activation damage, block removal) returns
-        a callable that removes them; :func:`perturbed` calls it on exit.
-        """
-
-    # Optional, read with getattr by the harness:
-    #   targets(model, layers) -> list[Layer]   what the layer axis is (default: the study's layers)
-    #   level_scale: "linear" | "log"            how scores space the levels (default linear)
-    #   damage_grows_with_level: bool            False when lower levels do more harm (quantize bits)
-    #   deterministic: bool                      True when every draw is the same: one draw per level
-    #   check_level(level) -> None               raise LesionbenchError for a level it cannot take
-    #   check_layer(layer) -> None               raise LesionbenchError for a layer it cannot perturb
+from lesionbench.errors import LesionbenchError
+from lesionbench.layers import Layer
 
 
 @dataclass(frozen=True)
-class BasePerturbation:
-    """Convenience base: fields and level checking; subclasses write :meth:`apply`."""
+class LevelAxis:
+    """How a perturbation's levels are read: declared once, used by scores, plot axes and tables.
+
+    ``label`` names the level with its unit (``"fraction p of weights zeroed"``, ``"bit error
+    rate"``, ``"σ multiple"``, ``"bits k"``); ``scale`` is ``"linear"`` or ``"log"`` (error rates
+    spanning decades, scored over log10 p so every decade weighs the same); ``damage_grows`` is
+    False when fewer is worse (bit widths: the axis then runs from many bits to few).
+    """
+
+    label: str = "fraction p"
+    scale: str = "linear"
+    damage_grows: bool = True
+
+    @property
+    def kind(self) -> str:
+        """What results record in ``level_axis``: ``linear``, ``log`` or ``descending``."""
+        if self.scale == "log":
+            return "log"
+        return "linear" if self.damage_grows else "descending"
+
+
+FRACTION = LevelAxis("fraction p")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """What every perturbation declares; subclass :class:`WeightPerturbation` or :class:`HookPerturbation`.
+
+    ``default_levels`` are used unless a study gives its own; every level must lie in
+    ``level_range``. ``identity_level`` is the level that leaves a layer untouched (evaluated
+    once, as the clean model), None if there is none. ``deterministic`` perturbations draw no
+    random numbers, so the harness evaluates one draw per level. ``axis`` says how to read levels.
+    """
 
     name: str
     description: str
     default_levels: tuple[float, ...]
     level_range: tuple[float, float]
     identity_level: float | None = 0.0
+    axis: LevelAxis = FRACTION
+    deterministic: bool = False
 
-    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> Callable[[], None] | None:
+    kind: ClassVar[str] = ""  # "weights" or "hooks": how the damage is done, set by the two bases
+
+    def check_level(self, level: float) -> None:
+        """Raise :class:`LesionbenchError` for a level this perturbation cannot take (called for
+        every level before a study starts; the range is checked by the harness)."""
+
+    def check_layer(self, layer: Layer) -> None:
+        """Raise :class:`LesionbenchError` for a layer this perturbation cannot damage (called for
+        every layer before a study starts)."""
+
+    def targets(self, model: nn.Module, layers: Sequence[Layer]) -> Sequence[Layer] | None:
+        """The layer axis, when it is not the study's layers (e.g. residual stages); None: the layers."""
+        return None
+
+
+class WeightPerturbation(Perturbation):
+    """Damage done to the layer's stored tensors, in place; the harness restores them bit for bit."""
+
+    kind: ClassVar[str] = "weights"
+
+    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
+        """Damage ``layer``'s tensors in place at ``level``, drawing all randomness from ``generator``.
+
+        May change the layer's parameters and buffers and those of ``layer.norms``; nothing else.
+        An exception fails this cell only (its row records the error).
+        """
         raise NotImplementedError
 
 
-def level_axis(perturbation: Perturbation) -> str:
-    """How scores read this perturbation's levels: ``linear`` (damage grows with the level),
-    ``log`` (error rates spanning decades) or ``descending`` (damage grows as the level falls, e.g. bits)."""
-    if getattr(perturbation, "level_scale", "linear") == "log":
-        return "log"
-    return "linear" if getattr(perturbation, "damage_grows_with_level", True) else "descending"
+class HookPerturbation(Perturbation):
+    """Damage done to what a layer computes, through forward hooks; weights are left untouched."""
+
+    kind: ClassVar[str] = "hooks"
+
+    def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
+        """Install the hooks that damage ``layer``'s computation at ``level``; return their handles.
+
+        The harness removes them after the cell. Randomness comes from ``generator``, drawn at
+        every forward call (so a cell depends on the order of its batches, which is fixed).
+        """
+        raise NotImplementedError
+
+
+def contract_problem(obj: object) -> str:
+    """What keeps ``obj`` from being a perturbation the harness can run, in one phrase ("" if nothing)."""
+    kind = getattr(obj, "kind", None)
+    if kind not in ("weights", "hooks"):
+        return "it must be a lesionbench.WeightPerturbation or lesionbench.HookPerturbation (field 'kind' is missing)"
+    method = "apply" if kind == "weights" else "hooks"
+    if not callable(getattr(obj, method, None)):
+        return f"a {kind} perturbation needs a method {method!r}"
+    axis = getattr(obj, "axis", None)
+    if not isinstance(axis, LevelAxis) or axis.scale not in ("linear", "log"):
+        return f"field 'axis' must be a lesionbench.LevelAxis with scale 'linear' or 'log', got {axis!r}"
+    if not isinstance(getattr(obj, "deterministic", None), bool):
+        return f"field 'deterministic' must be a bool, got {getattr(obj, 'deterministic', None)!r}"
+    for name in ("check_level", "check_layer", "targets"):
+        if not callable(getattr(obj, name, None)):
+            return f"field {name!r} must be a method"
+    return ""
 
 
 def check_levels(perturbation: Perturbation, levels: Sequence[float]) -> tuple[float, ...]:
@@ -196,22 +254,24 @@ def perturbed(
 ) -> Iterator[bool]:
     """Apply ``perturbation`` to ``layer`` for the duration of the block, then restore it exactly.
 
-    Yields whether the perturbation installed hooks (then the damage is not in the tensors alone).
-    ``also`` names further modules whose tensors the block may change (BatchNorm layers whose
-    statistics are re-estimated); they are restored too. Hooks the perturbation installed are
-    removed first. ``saved``, a :class:`Snapshot` of the clean layer taken earlier, saves copying
-    it again.
+    Yields whether the damage is done by hooks (then it is not in the tensors alone). ``also``
+    names further modules whose tensors the block may change (BatchNorm layers whose statistics
+    are re-estimated); they are restored too. Hooks are removed first. ``saved``, a
+    :class:`Snapshot` of the clean layer taken earlier, saves copying it again.
     """
     if saved is None or not saved.covers(layer, also):
         saved = Snapshot(layer, also)
-    undo = None
+    handles: list[RemovableHandle] = []
     try:
         with torch.no_grad():
-            undo = perturbation.apply(layer, level, generator)
-        yield callable(undo)
+            if perturbation.kind == "hooks":
+                handles = list(perturbation.hooks(layer, level, generator) or [])
+            else:
+                perturbation.apply(layer, level, generator)
+        yield perturbation.kind == "hooks"
     finally:
-        if callable(undo):
-            undo()
+        for handle in handles:
+            handle.remove()
         saved.restore()
 
 

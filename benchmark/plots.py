@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmark.scores import curves, layer_scores  # noqa: E402
+from lesionbench.scores import curves, layer_scores  # noqa: E402
 
 
 def safe_name(text: str) -> str:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.errors import LesionbenchError
-from benchmark.leaderboard import metric_of, relative_link, render
-from benchmark.store import RESULTS, read_results
+from lesionbench.errors import LesionbenchError
+from lesionbench.leaderboard import metric_of, relative_link, render
+from lesionbench.store import RESULTS, read_results
 
 
 def resolve_results(paths: Sequence[Path | str]) -> list[Path]:
@@ -50,11 +50,11 @@ def publish(
     plots_dir = Path(plots_dir) if plots_dir is not None else out_md.parent / "plots"
     links = {}
     if draw:
-        from benchmark.plots import write_all
+        from lesionbench.plots import write_all
 
         drawn = write_all(df, metrics, plots_dir)
     else:
-        from benchmark.plots import planned_paths
+        from lesionbench.plots import planned_paths
 
         drawn = planned_paths(df, plots_dir)
     for model, items in drawn.items():

@@ -1,23 +1,53 @@
-"""The plugin manager: loads every ``lesionbench`` entry point and collects contributions by name.
+"""The plugin manager: built-ins from an import list, third parties from entry points.
 
-Each plugin is loaded, and each of its hooks called, on its own, so that one broken plugin is
-reported by name without hiding the others. Names must be unique per kind.
+As in pytest, the built-in plugins are plain modules named in :data:`BUILTIN_PLUGINS` and
+registered first; third-party packages add theirs under the ``lesionbench`` entry-point group.
+Each plugin is loaded, and each of its hooks called, on its own, so that one plugin that fails to
+import or whose hook raises is reported by name without hiding the others. A plugin that
+implements a hook lesionbench does not define (a misspelling such as ``lesionbench_perturbation``)
+is refused by pluggy's own ``check_pending`` and reported by name; a contribution that breaks its
+kind's contract (a missing or ill-typed field) stops the command with one line naming the plugin
+and the field, because running with it would fail later with a traceback.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import pluggy
 
-from benchmark import hookspecs
-from benchmark.errors import PluginError, unknown_name
+from lesionbench import __version__, hookspecs
+from lesionbench.errors import PluginError, unknown_name
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
+
+# Plugin name -> module: lesionbench's own plugins, registered before any third party's.
+BUILTIN_PLUGINS = {
+    "synapse_knockout": "lesionbench.plugins.synapse_knockout",
+    "node_knockout": "lesionbench.plugins.node_knockout",
+    "weight_noise": "lesionbench.plugins.weight_noise",
+    "weight_draw": "lesionbench.plugins.weight_draw",
+    "magnitude_prune": "lesionbench.plugins.magnitude_prune",
+    "bit_flip": "lesionbench.plugins.bit_flip",
+    "stuck_at": "lesionbench.plugins.stuck_at",
+    "quantize": "lesionbench.plugins.quantize",
+    "reinit": "lesionbench.plugins.reinit",
+    "activation_damage": "lesionbench.plugins.activation_damage",
+    "block_removal": "lesionbench.plugins.block_removal",
+    "fashion_mnist": "lesionbench.plugins.fashion_mnist",
+    "image_folder": "lesionbench.plugins.image_folder",
+    "studies": "lesionbench.plugins.studies",
+    "fashion": "lesionbench.models.fashion",
+    "torchvision": "lesionbench.models.torchvision_models",
+    "timm": "lesionbench.models.timm_models",
+    "efficientnet_lite": "lesionbench.models.efficientnet_lite",
+}
 
 # kind -> hook name; the kind is what `lesionbench list KIND` takes.
 KINDS = {
@@ -55,17 +85,36 @@ class PluginFailure:
         return f"plugin {self.plugin!r} failed during {self.stage}: {self.message}"
 
 
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a loaded plugin comes from: its module and the distribution that installed it."""
+
+    name: str
+    module: str
+    distribution: str  # "-" for a plugin registered directly (tests, notebooks)
+    version: str
+
+
 @dataclass
 class Registry:
     pm: pluggy.PluginManager
     failures: list[PluginFailure] = field(default_factory=list)
+    infos: dict[str, PluginInfo] = field(default_factory=dict)
     _cache: dict[str, dict[str, Contribution]] = field(default_factory=dict)
 
     def plugin_names(self) -> list[str]:
         return sorted(name for name, _ in self.pm.list_name_plugin())
 
+    def info(self, name: str) -> PluginInfo:
+        """Module, distribution and version of a loaded plugin."""
+        if name in self.infos:
+            return self.infos[name]
+        plugin = self.pm.get_plugin(name)
+        module = getattr(plugin, "__name__", type(plugin).__module__)
+        return PluginInfo(name, module, "-", "-")
+
     def contributions(self, kind: str) -> dict[str, Contribution]:
-        """All contributions of one kind, by name; raises PluginError on a clash."""
+        """All contributions of one kind, by name; raises PluginError on a clash or a broken contract."""
         if kind not in KINDS:
             raise unknown_name("kind", kind, KINDS)
         if kind not in self._cache:
@@ -82,12 +131,13 @@ class Registry:
                 self.failures.append(PluginFailure(impl.plugin_name, KINDS[kind], _describe(exc)))
                 continue
             for obj in items:
-                name = getattr(obj, "name", None)
-                if not isinstance(name, str) or not name:
-                    self.failures.append(
-                        PluginFailure(impl.plugin_name, KINDS[kind], f"contributed {obj!r} without a name")
+                problem = contract_problem(kind, obj)
+                if problem:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} contributed a {SINGULAR[kind]} "
+                        f"{_label(obj)}that breaks the contract: {problem}"
                     )
-                    continue
+                name = obj.name
                 if name in found:
                     raise PluginError(
                         f"duplicate {SINGULAR[kind]} name {name!r}: contributed by plugin "
@@ -104,7 +154,7 @@ class Registry:
 
     def register(self, plugin: ModuleType | object, name: str | None = None) -> None:
         """Register a plugin object directly (tests, notebooks); entry points are the usual way."""
-        self.pm.register(plugin, name=name)
+        _register(self, plugin, name or _default_name(plugin), PluginInfo(name or "-", _module_of(plugin), "-", "-"))
         self._cache.clear()
 
 
@@ -112,11 +162,137 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def create_registry(extra_plugins: Iterable[tuple[str, object]] = (), entry_points: bool = True) -> Registry:
-    """Build a registry from the ``lesionbench`` entry points plus any plugins given directly."""
+def _label(obj: object) -> str:
+    name = getattr(obj, "name", None)
+    return f"{name!r} " if isinstance(name, str) and name else ""
+
+
+def _module_of(plugin: object) -> str:
+    return getattr(plugin, "__name__", type(plugin).__module__)
+
+
+def _default_name(plugin: object) -> str:
+    return _module_of(plugin) if isinstance(plugin, ModuleType) else str(id(plugin))
+
+
+# ------------------------------------------------------------------------------------ contracts
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _levels_ok(obj: Any) -> str:
+    levels, span = obj.default_levels, obj.level_range
+    if not (isinstance(span, (tuple, list)) and len(span) == 2 and all(map(_is_number, span)) and span[0] <= span[1]):
+        return f"field 'level_range' must be a pair (low, high) of numbers, got {span!r}"
+    if not (isinstance(levels, (tuple, list)) and levels and all(map(_is_number, levels))):
+        return f"field 'default_levels' must be a non-empty sequence of numbers, got {levels!r}"
+    outside = [x for x in levels if not span[0] <= x <= span[1]]
+    if outside:
+        return f"default level {outside[0]} is outside its level_range {tuple(span)}"
+    identity = obj.identity_level
+    if identity is not None and not _is_number(identity):
+        return f"field 'identity_level' must be a number or None, got {identity!r}"
+    return ""
+
+
+# kind -> [(field, check, what it must be)]; a callable check gets the value
+_FIELDS: dict[str, list[tuple[str, Callable[[Any], bool], str]]] = {
+    "perturbations": [
+        ("name", _is_str, "a non-empty string"),
+        ("description", _is_str, "a non-empty string"),
+        ("default_levels", lambda v: True, ""),
+        ("level_range", lambda v: True, ""),
+        ("identity_level", lambda v: True, ""),
+    ],
+    "models": [
+        ("name", _is_str, "a non-empty string"),
+        ("description", _is_str, "a non-empty string"),
+        ("claims", callable, "a method"),
+        ("examples", callable, "a method"),
+        ("build", callable, "a method"),
+    ],
+    "datasets": [
+        ("name", _is_str, "a non-empty string"),
+        ("description", _is_str, "a non-empty string"),
+        ("default_path", lambda v: v is None or isinstance(v, str), "a string or None"),
+        ("load", callable, "a method"),
+    ],
+    "studies": [
+        ("name", _is_str, "a non-empty string"),
+        ("description", lambda v: isinstance(v, str), "a string"),
+        ("toml", lambda v: isinstance(v, str), "a string"),
+    ],
+}
+
+
+def contract_problem(kind: str, obj: Any) -> str:
+    """What is wrong with a contribution of ``kind``, in one phrase; "" when it fits the contract."""
+    _missing = object()
+    for name, check, what in _FIELDS[kind]:
+        value = getattr(obj, name, _missing)
+        if value is _missing:
+            return f"it has no field {name!r}"
+        if not check(value):
+            return f"field {name!r} must be {what}, got {value!r}"
+    if kind == "perturbations":
+        from lesionbench.perturbation import contract_problem as perturbation_problem
+
+        return _levels_ok(obj) or perturbation_problem(obj)
+    return ""
+
+
+# ------------------------------------------------------------------------------------ loading
+
+def _register(registry: Registry, plugin: object, name: str, info: PluginInfo) -> bool:
+    """Register one plugin, then let pluggy check it implements only hooks lesionbench defines."""
+    try:
+        registry.pm.register(plugin, name=name)
+    except Exception as exc:
+        registry.failures.append(PluginFailure(name, "load", _describe(exc)))
+        return False
+    try:
+        registry.pm.check_pending()  # every plugin before this one passed: a failure is this one's
+    except pluggy.PluginValidationError as exc:
+        registry.pm.unregister(name=name)
+        registry.failures.append(PluginFailure(name, "load", _unknown_hook(str(exc))))
+        return False
+    registry.infos[name] = info
+    return True
+
+
+def _unknown_hook(message: str) -> str:
+    """pluggy's message for an unknown hook, with the closest real hook name."""
+    import difflib
+    import re
+
+    found = re.search(r"unknown hook '([^']+)'", message)
+    if not found:
+        return message
+    close = difflib.get_close_matches(found.group(1), KINDS.values(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"implements unknown hook {found.group(1)!r}{hint} (the hooks are {', '.join(KINDS.values())})"
+
+
+def create_registry(
+    extra_plugins: Iterable[tuple[str, object]] = (), entry_points: bool = True, builtins: bool = True
+) -> Registry:
+    """Build a registry: the built-ins, then the ``lesionbench`` entry points, then ``extra_plugins``."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     registry = Registry(pm)
+    if builtins:
+        for name, module in BUILTIN_PLUGINS.items():
+            try:
+                plugin = importlib.import_module(module)
+            except Exception as exc:  # a model family whose optional dependency is missing, say
+                registry.failures.append(PluginFailure(name, "load", _describe(exc)))
+                continue
+            _register(registry, plugin, name, PluginInfo(name, module, "lesionbench", __version__))
     if entry_points:
         seen: set[tuple[str, str]] = set()
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
@@ -125,14 +301,14 @@ def create_registry(extra_plugins: Iterable[tuple[str, object]] = (), entry_poin
             seen.add((ep.name, ep.value))
             try:
                 plugin = ep.load()
-                pm.register(plugin, name=ep.name)
             except Exception as exc:
                 registry.failures.append(PluginFailure(ep.name, "load", _describe(exc)))
+                continue
+            dist = ep.dist
+            info = PluginInfo(ep.name, ep.value, dist.name if dist else "-", dist.version if dist else "-")
+            _register(registry, plugin, ep.name, info)
     for name, plugin in extra_plugins:
-        try:
-            pm.register(plugin, name=name)
-        except Exception as exc:
-            registry.failures.append(PluginFailure(name, "load", _describe(exc)))
+        _register(registry, plugin, name, PluginInfo(name, _module_of(plugin), "-", "-"))
     return registry
 
 
@@ -140,7 +316,7 @@ _default: Registry | None = None
 
 
 def get_registry() -> Registry:
-    """The process-wide registry built from installed entry points (created on first use)."""
+    """The process-wide registry: built-ins and installed entry points (created on first use)."""
     global _default
     if _default is None:
         _default = create_registry()

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from benchmark.errors import LesionbenchError
-from benchmark.store import CLEAN, NONFINITE  # NONFINITE cells are scored as chance, not dropped
+from lesionbench.errors import LesionbenchError
+from lesionbench.store import CLEAN, NONFINITE  # NONFINITE cells are scored as chance, not dropped
 
 GROUP = ["model", "dataset", "layer", "layer_index", "relative_depth", "perturbation"]
 

@@ -14,29 +14,31 @@ import os
 import platform
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
 
-import benchmark
-from benchmark.errors import LesionbenchError
-from benchmark.study import Study
+import lesionbench
+from lesionbench.errors import LesionbenchError
 
 COLUMNS = [
     "model", "dataset", "layer", "layer_index", "relative_depth", "perturbation", "level", "draw",
     "seed", "top1", "top5", "loss", "n_images", "seconds", "images_per_s", "device", "num_classes", "error",
-    "nonfinite_weights", "level_axis",
+    "nonfinite_weights", "level_axis", "level_unit",
 ]  # fmt: skip
 # Columns older result files may lack, with what they meant then.
-OPTIONAL = {"error": "", "nonfinite_weights": float("nan"), "level_axis": "linear"}
+OPTIONAL = {"error": "", "nonfinite_weights": float("nan"), "level_axis": "linear", "level_unit": ""}
 NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
            "seconds", "images_per_s", "num_classes", "nonfinite_weights"]  # fmt: skip
 CLEAN = "clean"
 NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf  # the perturbation name of the one unperturbed evaluation per model
 RESULTS = "results.csv"
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 
 CellKey = tuple[str, str, str, float, int]
 
@@ -45,9 +47,51 @@ def cell_key(model: str, layer: str, perturbation: str, level: float, draw: int)
     return (model, layer, perturbation, float(level), int(draw))
 
 
+class Store(Protocol):
+    """Where an executor puts rows: a run directory on disk, or a table in memory (the Python API)."""
+
+    def append(self, row: dict) -> None: ...
+
+    def completed(self) -> set[CellKey]: ...
+
+    def note(self, text: str) -> None: ...
+
+    def frame(self) -> pd.DataFrame: ...
+
+
+@dataclass
+class MemoryStore:
+    """Rows kept in memory: ``lesionbench.run(study)`` with no output directory."""
+
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def append(self, row: dict) -> None:
+        self.rows.append({c: row.get(c) for c in COLUMNS})
+
+    def completed(self) -> set[CellKey]:
+        return {cell_key(r["model"], r["layer"], r["perturbation"], r["level"], r["draw"]) for r in self.rows}
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows, columns=COLUMNS)
+        df["error"] = df["error"].fillna("")
+        return df.astype({c: float for c in NUMERIC})
+
+
 @dataclass
 class RunDir:
+    """A run directory: manifest.json, results.csv, run.log, held under a lock while a run writes.
+
+    The lock (``.lock``, through :mod:`filelock`) is taken by :meth:`create` and
+    :meth:`open_existing` and kept until :meth:`close`: a second process writing to the same
+    directory (a job resubmitted while the first still runs) is refused instead of interleaving rows.
+    """
+
     path: Path
+    _lock: FileLock | None = field(default=None, repr=False)
 
     @property
     def results_path(self) -> Path:
@@ -57,9 +101,35 @@ class RunDir:
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
 
+    def _acquire(self) -> None:
+        lock = FileLock(str(self.path / LOCK))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise LesionbenchError(
+                f"another lesionbench run is writing to {str(self.path)!r} (it holds {LOCK}); wait for it to finish"
+            ) from None
+        self._lock = lock
+
+    def close(self) -> None:
+        """Release the lock (the directory stays as it is)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @classmethod
-    def create(cls, path: Path, study: Study) -> RunDir:
-        """A fresh run directory; refuses one that already holds results."""
+    def create(cls, path: Path, study: dict, fingerprint: str, plugins: dict | None = None) -> RunDir:
+        """A fresh run directory, locked; refuses one that already holds results.
+
+        ``study`` is the study as a mapping, ``fingerprint`` the plan's, ``plugins`` each loaded
+        plugin's distribution and version: all go into the manifest.
+        """
         run = cls(Path(path))
         if run.path.exists() and not run.path.is_dir():
             raise LesionbenchError(f"{str(run.path)!r} exists and is not a directory")
@@ -68,35 +138,42 @@ class RunDir:
                 f"{str(run.path)!r} already holds results; resume with --resume {run.path} or choose another --out"
             )
         run.path.mkdir(parents=True, exist_ok=True)
+        run._acquire()
         manifest = {
-            "study": study.to_dict(),
-            "fingerprint": study.fingerprint(),
-            "lesionbench": benchmark.__version__,
+            "study": study,
+            "fingerprint": fingerprint,
+            "lesionbench": lesionbench.__version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "plugins": plugins or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_atomic(run.manifest_path, json.dumps(manifest, indent=2) + "\n")
-        _write_atomic(run.results_path, ",".join(COLUMNS) + "\n")
+        try:
+            _write_atomic(run.manifest_path, json.dumps(manifest, indent=2) + "\n")
+            _write_atomic(run.results_path, ",".join(COLUMNS) + "\n")
+        except OSError as exc:
+            run.close()
+            raise LesionbenchError(f"cannot write the run directory {str(run.path)!r}: {exc.strerror or exc}") from None
         return run
 
     @classmethod
-    def open_existing(cls, path: Path, study: Study | None = None) -> RunDir:
-        """An earlier run to resume; refuses one made by a different study."""
+    def open_existing(cls, path: Path, fingerprint: str | None = None) -> RunDir:
+        """An earlier run to resume, locked; refuses one made by a different study."""
         run = cls(Path(path))
         if not run.manifest_path.is_file() or not run.results_path.is_file():
             raise LesionbenchError(f"{str(run.path)!r} is not a lesionbench run directory (no {MANIFEST})")
         manifest = run.manifest()
-        if study is not None and manifest["fingerprint"] != study.fingerprint():
+        if fingerprint is not None and manifest["fingerprint"] != fingerprint:
             raise LesionbenchError(
                 f"{str(run.path)!r} was made by a different study (fingerprint "
-                f"{manifest['fingerprint']} ≠ {study.fingerprint()}); refusing to mix results"
+                f"{manifest['fingerprint']} ≠ {fingerprint}); refusing to mix results"
             )
         if manifest.get("torch", torch.__version__) != torch.__version__:
             raise LesionbenchError(
                 f"{str(run.path)!r} was started with torch {manifest['torch']} but this is torch "
                 f"{torch.__version__}; its random draws may differ, so the run cannot be resumed here"
             )
+        run._acquire()
         run._repair_tail()
         return run
 
@@ -176,7 +253,7 @@ def read_results(paths: Path | str | Iterable[Path | str]) -> pd.DataFrame:
                 keep_default_na=False,  # a layer may be called "NA"; only numeric columns have NaN
                 na_values={c: ["", "nan", "NaN"] for c in NUMERIC},
                 dtype={"model": str, "dataset": str, "layer": str, "perturbation": str, "device": str, "error": str,
-                       "level_axis": str},  # fmt: skip
+                       "level_axis": str, "level_unit": str},  # fmt: skip
             )
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
             raise LesionbenchError(f"results file {str(p)!r} is not a readable CSV: {exc}") from None
@@ -189,5 +266,6 @@ def read_results(paths: Path | str | Iterable[Path | str]) -> pd.DataFrame:
         df["layer"] = df["layer"].fillna("")
         df["error"] = df["error"].fillna("")
         df["level_axis"] = df["level_axis"].replace("", "linear").fillna("linear")
+        df["level_unit"] = df["level_unit"].fillna("")
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]

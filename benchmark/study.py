@@ -1,86 +1,102 @@
-"""The study: what to run, parsed and validated from TOML, and presets contributed by plugins.
+"""The study: what to run, as one dataclass from which its TOML schema, checks and flags derive.
 
 A study names models, a dataset and its subset, layers, perturbations with their levels, draws,
-seed and device. Everything that changes the numbers is part of its fingerprint, which a run
-directory records so that ``--resume`` refuses to mix two different studies.
+seed and device. Each scalar option is declared once, with :func:`option`: its default, its help
+text (which the command line shows for its flag), whether it changes the numbers (then it is part
+of the plan's fingerprint) and its bounds. TOML keys, their types, the ``--flag`` of each option
+and the manifest's copy of the study all come from these declarations.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from benchmark.errors import LesionbenchError
-from benchmark.models import ModelSpec
+from lesionbench.errors import LesionbenchError, unknown_name
+from lesionbench.model_sources import ModelSpec
 
 DEFAULT_PERTURBATIONS = ("synapse_knockout", "node_knockout", "weight_noise")
 
 
+def option(default: Any, help: str, *, numbers: bool | str = False, flag: bool = True, minimum: float | None = None,
+           choices: tuple[str, ...] | None = None) -> Any:  # fmt: skip
+    """A study option. ``numbers``: True when it changes the numbers (always in the fingerprint),
+    ``"when_on"`` when only its non-default values do (so runs made before it existed keep their
+    fingerprint); ``flag``: the command line gets ``--name``. A dict default is copied per study."""
+    meta = dict(help=help, numbers=numbers, flag=flag, minimum=minimum, choices=choices)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    name: str = "fashion_mnist"
-    path: str | None = None
-    split: str = "test"
-    n_images: int | None = 1000
+    name: str = option("fashion_mnist", "dataset plugin", numbers=True, flag=False)
+    path: str | None = option(None, "dataset path (overrides the study's)", numbers=True, flag=False)
+    split: str = option("test", "split of the dataset to evaluate on", numbers=True, flag=False)
+    n_images: int | None = option(1000, "size of the seeded, class-stratified evaluation subset", numbers=True,
+                                  flag=False, minimum=1)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Study:
-    name: str
-    models: tuple[ModelSpec, ...]
-    dataset: DatasetSpec = DatasetSpec()
-    perturbations: tuple[str, ...] = DEFAULT_PERTURBATIONS
-    levels: dict[str, tuple[float, ...]] = field(default_factory=dict)  # overrides of default levels
-    layers: tuple[str, ...] = ()  # empty: every Conv/Linear layer
-    draws: int = 5
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int = 256
-    metric: str = "top1"  # what scores are computed from: top1 or top5
-    engine: str = "fast"  # "fast" (only what a perturbation changes) or "naive" (full passes)
-    # Fast engine: several draws of a layer in one vmapped pass. None = on CUDA only: on the CPU the
-    # batched (grouped) convolutions measured slower than one pass per draw.
-    batch_draws: bool | None = None
-    autocast: bool = False  # mixed precision (float16 on CUDA, bfloat16 on CPU)
-    channels_last: bool = False  # NHWC memory layout for models and images
-    bn_recalibrate: bool = False  # re-estimate BatchNorm statistics after each perturbation
-    calibration_images: int = 200  # the separate subset they are re-estimated on
-    description: str = ""
+    name: str = option("study", "the study's name (the default run directory is runs/<name>)", flag=False)
+    description: str = option("", "what the study is for", flag=False)
+    models: tuple[ModelSpec, ...] = option((), "model references", numbers=True, flag=False)
+    dataset: DatasetSpec = option(DatasetSpec(), "the dataset", numbers=True, flag=False)
+    perturbations: tuple[str, ...] = option(DEFAULT_PERTURBATIONS, "perturbation names", numbers=True, flag=False)
+    levels: dict[str, tuple[float, ...]] = option({}, "levels per perturbation (default: each one's own)",
+                                                  numbers=True, flag=False)  # fmt: skip
+    layers: tuple[str, ...] = option((), "layer names or aliases (empty: every Conv/Linear layer)", numbers=True,
+                                     flag=False)  # fmt: skip
+    draws: int = option(5, "random draws per layer and level", numbers=True, minimum=1)
+    seed: int = option(0, "study seed (cells, subset, random initialisations)", numbers=True, minimum=0)
+    device: str = option("auto", "cpu, cuda, cuda:1 or auto (cuda when available)")
+    batch_size: int = option(256, "evaluation batch size", minimum=1)
+    metric: str = option("top1", "what scores are computed from", choices=("top1", "top5"))
+    engine: str = option("fast", "fast: evaluate only what a perturbation changes; naive: full passes",
+                         choices=("fast", "naive"))  # fmt: skip
+    # None = on CUDA only: on the CPU the batched (grouped) convolutions measured slower than one pass per draw.
+    batch_draws: bool | None = option(None, "evaluate a layer's draws in one vmapped pass (default: on CUDA only)",
+                                      flag=False)  # fmt: skip
+    autocast: bool = option(False, "mixed precision (float16 on CUDA, bfloat16 on CPU)", numbers="when_on")
+    channels_last: bool = option(False, "NHWC memory layout for models and images", numbers="when_on")
+    bn_recalibrate: bool = option(False, "re-estimate BatchNorm statistics on a calibration subset after each "
+                                  "perturbation", numbers="when_on")  # fmt: skip
+    calibration_images: int = option(200, "images of that calibration subset (with bn_recalibrate)", minimum=1)
 
-    def fingerprint(self) -> str:
-        """Hash of everything that determines the numbers (not name, device or batch size)."""
-        payload = {
-            "models": [_model_fingerprint(m) for m in self.models],
-            "dataset": asdict(self.dataset),
-            "perturbations": list(self.perturbations),
-            "levels": {k: list(v) for k, v in sorted(self.levels.items())},
-            "layers": list(self.layers),
-            "draws": self.draws,
-            "seed": self.seed,
-        }
-        # Options that change the arithmetic join the fingerprint only when on, so that runs made
-        # before they existed keep their fingerprint.
-        payload |= {k: True for k in ("autocast", "channels_last") if getattr(self, k)}
+    def numbers(self) -> dict[str, Any]:
+        """Everything in the study that determines the numbers (not name, device or batch size)."""
+        payload: dict[str, Any] = {}
+        for f in fields(self):
+            value, mode = getattr(self, f.name), f.metadata["numbers"]
+            if mode is True or (mode == "when_on" and value != default_of(f.name)):
+                payload[f.name] = _plain(value)
         if self.bn_recalibrate:
-            payload["bn_recalibrate"] = self.calibration_images
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+            payload["calibration_images"] = self.calibration_images
+        return payload
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["models"] = [asdict(m) | {"options": dict(m.options)} for m in self.models]
-        d["levels"] = {k: list(v) for k, v in self.levels.items()}
-        return d
+        """The study as a TOML-shaped mapping (what a manifest stores; :func:`parse_study` reads it back)."""
+        out = {k: _plain(v) for k, v in asdict(self).items() if v is not None}
+        out["models"] = [{k: v for k, v in m.items() if v not in (None, {})} for m in out["models"]]
+        out["dataset"] = {k: v for k, v in out["dataset"].items() if v is not None}
+        return out
 
 
-def _model_fingerprint(m: ModelSpec) -> dict:
-    d = asdict(m) | {"options": dict(m.options)}
-    if d["init_checkpoint"] is None:  # absent from fingerprints made before the field existed
-        del d["init_checkpoint"]
-    return d
+def _plain(value: Any) -> Any:
+    """JSON/TOML-shaped: tuples as lists, dataclasses as mappings."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
@@ -92,40 +108,42 @@ class StudyPreset:
     toml: str
 
 
-_TOP_KEYS = {
-    "name": str,
-    "description": str,
-    "models": list,
-    "dataset": dict,
-    "perturbations": list,
-    "levels": dict,
-    "layers": list,
-    "draws": int,
-    "seed": int,
-    "device": str,
-    "batch_size": int,
-    "metric": str,
-    "engine": str,
-    "batch_draws": bool,
-    "autocast": bool,
-    "channels_last": bool,
-    "bn_recalibrate": bool,
-    "calibration_images": int,
-}
-_DATASET_KEYS = {"name": str, "path": str, "split": str, "n_images": int}
+# ------------------------------------------------------------------------------------ parsing
+
+
+def _scalar_type(hint: Any) -> type | None:
+    """int/float/str/bool of a field's hint (``X | None`` gives X); None for structured fields."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    found = [a for a in args if a in (int, float, str, bool)]
+    return found[0] if len(found) == 1 else None
+
+
+_HINTS = typing.get_type_hints(Study)
+_DATASET_HINTS = typing.get_type_hints(DatasetSpec)
 _MODEL_KEYS = {"ref": str, "weights": str, "checkpoint": str, "options": dict, "init_checkpoint": str}
 
 
-def _check_table(table: dict, schema: dict, where: str) -> None:
+def option_fields(cls: type = Study) -> list:
+    """The options of ``cls`` with their metadata, in declaration order."""
+    return list(fields(cls))
+
+
+def _check_value(where: str, key: str, value: Any, expected: type) -> None:
+    ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise LesionbenchError(
+            f"study key {where}{key!r} must be {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+
+
+def _check_table(table: dict, schema: dict[str, type], where: str) -> None:
     for key, value in table.items():
         if key not in schema:
             raise LesionbenchError(f"unknown key {where}{key!r} in study (valid: {', '.join(schema)})")
-        expected = schema[key]
-        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        if not ok:
-            raise LesionbenchError(
-                f"study key {where}{key!r} must be {expected.__name__}, got {type(value).__name__} {value!r}"
-            )
+        if value is not None:  # None: not set (a manifest written by an older version)
+            _check_value(where, key, value, schema[key])
 
 
 def _model_spec(item: Any, i: int) -> ModelSpec:
@@ -140,70 +158,79 @@ def _model_spec(item: Any, i: int) -> ModelSpec:
     raise LesionbenchError(f"study key models[{i}] must be a string or a table, got {type(item).__name__}")
 
 
+def _string_list(data: dict, key: str) -> tuple[str, ...]:
+    values = data[key]
+    if not isinstance(values, list):
+        raise LesionbenchError(f"study key {key!r} must be a list, got {type(values).__name__} {values!r}")
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise LesionbenchError(f"study key {key}[{i}] must be str, got {type(v).__name__} {v!r}")
+    return tuple(values)
+
+
 def parse_study(data: dict[str, Any], default_name: str = "study", base_dir: Path | None = None) -> Study:
-    """Validate a study mapping (from TOML); the first bad key is named in the error."""
-    _check_table(data, _TOP_KEYS, "")
-    if not data.get("models"):
+    """Validate a study mapping (from TOML, a manifest or Python); the first bad key is named."""
+    if not isinstance(data, dict):
+        raise LesionbenchError(f"a study must be a mapping, got {type(data).__name__}")
+    valid = [f.name for f in fields(Study)]
+    for key in data:
+        if key not in valid:
+            raise unknown_name("key", key, valid)
+    values: dict[str, Any] = {"name": default_name}
+    for f in fields(Study):
+        if f.name not in data:
+            continue
+        value, kind = data[f.name], _scalar_type(_HINTS[f.name])
+        if value is None:  # not set (a manifest written by an older version)
+            continue
+        if kind is not None:
+            _check_value("", f.name, value, kind)
+            values[f.name] = value
+        elif f.name == "models":
+            if not isinstance(value, list):
+                raise LesionbenchError(f"study key 'models' must be a list, got {type(value).__name__}")
+            values["models"] = tuple(_model_spec(m, i) for i, m in enumerate(value))
+        elif f.name == "dataset":
+            if not isinstance(value, dict):
+                raise LesionbenchError(f"study key 'dataset' must be a table, got {type(value).__name__}")
+            _check_table(value, {k: _scalar_type(h) for k, h in _DATASET_HINTS.items()}, "dataset.")
+            values["dataset"] = DatasetSpec(**{k: v for k, v in value.items() if v is not None})
+        elif f.name == "levels":
+            if not isinstance(value, dict):
+                raise LesionbenchError(f"study key 'levels' must be a table, got {type(value).__name__}")
+            levels = {}
+            for pert, given in value.items():
+                if not isinstance(given, list) or not given:
+                    raise LesionbenchError(f"study key levels.{pert!r} must be a non-empty list of numbers")
+                levels[pert] = tuple(given)
+            values["levels"] = levels
+        else:  # perturbations, layers
+            values[f.name] = _string_list(data, f.name)
+    if not values.get("models"):
         raise LesionbenchError("study needs at least one entry in 'models'")
-    models = tuple(_model_spec(m, i) for i, m in enumerate(data["models"]))
+    study = Study(**values)
     if base_dir is not None:  # checkpoints relative to the study file
         def relative(p: str | None) -> str | None:
             return str(base_dir / p) if p and not Path(p).is_absolute() else p
 
         models = tuple(replace(m, checkpoint=relative(m.checkpoint), init_checkpoint=relative(m.init_checkpoint))
-                       for m in models)  # fmt: skip
-    dataset_table = dict(data.get("dataset", {}))
-    _check_table(dataset_table, _DATASET_KEYS, "dataset.")
-    dataset = DatasetSpec(**dataset_table)
-    for key in ("perturbations", "layers"):
-        for i, v in enumerate(data.get(key, [])):
-            if not isinstance(v, str):
-                raise LesionbenchError(f"study key {key}[{i}] must be str, got {type(v).__name__} {v!r}")
-    levels = {}
-    for pert, values in data.get("levels", {}).items():
-        if not isinstance(values, list) or not values:
-            raise LesionbenchError(f"study key levels.{pert!r} must be a non-empty list of numbers")
-        levels[pert] = tuple(values)
-    study = Study(
-        name=data.get("name", default_name),
-        description=data.get("description", ""),
-        models=models,
-        dataset=dataset,
-        perturbations=tuple(data.get("perturbations", DEFAULT_PERTURBATIONS)),
-        levels=levels,
-        layers=tuple(data.get("layers", ())),
-        draws=data.get("draws", 5),
-        seed=data.get("seed", 0),
-        device=data.get("device", "auto"),
-        batch_size=data.get("batch_size", 256),
-        metric=data.get("metric", "top1"),
-        engine=data.get("engine", "fast"),
-        batch_draws=data.get("batch_draws"),
-        autocast=data.get("autocast", False),
-        channels_last=data.get("channels_last", False),
-        bn_recalibrate=data.get("bn_recalibrate", False),
-        calibration_images=data.get("calibration_images", 200),
-    )
+                       for m in study.models)  # fmt: skip
+        study = replace(study, models=models)
     validate_scalars(study)
     return study
 
 
 def validate_scalars(study: Study) -> None:
-    """Checks that need no plugin: counts positive, metric known."""
-    if study.draws < 1:
-        raise LesionbenchError(f"study key 'draws' must be at least 1, got {study.draws}")
-    if study.seed < 0:
-        raise LesionbenchError(f"study key 'seed' must be a non-negative integer, got {study.seed}")
-    if study.batch_size < 1:
-        raise LesionbenchError(f"study key 'batch_size' must be at least 1, got {study.batch_size}")
-    if study.dataset.n_images is not None and study.dataset.n_images < 1:
-        raise LesionbenchError(f"study key 'dataset.n_images' must be at least 1, got {study.dataset.n_images}")
-    if study.metric not in ("top1", "top5"):
-        raise LesionbenchError(f"study key 'metric' must be 'top1' or 'top5', got {study.metric!r}")
-    if study.engine not in ("fast", "naive"):
-        raise LesionbenchError(f"study key 'engine' must be 'fast' or 'naive', got {study.engine!r}")
-    if study.calibration_images < 1:
-        raise LesionbenchError(f"study key 'calibration_images' must be at least 1, got {study.calibration_images}")
+    """Checks that need no plugin: bounds and choices declared with each option."""
+    for spec, where in ((study, ""), (study.dataset, "dataset.")):
+        for f in fields(spec):
+            value, meta = getattr(spec, f.name), f.metadata
+            if meta.get("minimum") is not None and value is not None and value < meta["minimum"]:
+                word = "a non-negative integer" if meta["minimum"] == 0 else f"at least {meta['minimum']}"
+                raise LesionbenchError(f"study key '{where}{f.name}' must be {word}, got {value}")
+            if meta.get("choices") and value not in meta["choices"]:
+                listing = " or ".join(repr(c) for c in meta["choices"])
+                raise LesionbenchError(f"study key '{where}{f.name}' must be {listing}, got {value!r}")
     if not study.perturbations:
         raise LesionbenchError("study needs at least one entry in 'perturbations'")
 
@@ -224,33 +251,48 @@ def load_study(name_or_path: str, presets: dict[str, StudyPreset]) -> Study:
             raise LesionbenchError(f"study file {name_or_path!r} does not exist")
         return parse_toml(path.read_text(), default_name=path.stem, base_dir=path.parent)
     if name_or_path not in presets:
-        from benchmark.errors import unknown_name
-
         raise unknown_name("study", name_or_path, presets)
     return parse_toml(presets[name_or_path].toml, default_name=name_or_path)
 
 
 def with_overrides(study: Study, **overrides: Any) -> Study:
-    """Apply command-line overrides (None means: keep the study's value)."""
+    """Apply command-line overrides (None means: keep the study's value).
+
+    ``models``, ``layers``, ``perturbations`` take lists; ``levels`` one list for every
+    perturbation; ``data``, ``dataset`` and ``n_images`` change the dataset; any other key is a
+    study option by name.
+    """
     changes: dict[str, Any] = {}
     dataset_changes: dict[str, Any] = {}
+    options = {f.name for f in fields(Study)}
     for key, value in overrides.items():
         if value is None:
             continue
         if key == "models":
             changes["models"] = tuple(ModelSpec(m) for m in value)
-        elif key == "data":
-            dataset_changes["path"] = value
-        elif key == "n_images":
-            dataset_changes["n_images"] = value
+        elif key in ("data", "dataset", "n_images"):
+            dataset_changes[{"data": "path", "dataset": "name"}.get(key, key)] = value
         elif key == "levels":
             changes["levels"] = {p: tuple(value) for p in overrides.get("perturbations") or study.perturbations}
         elif key in ("layers", "perturbations"):
             changes[key] = tuple(value)
-        else:
+        elif key in options:
             changes[key] = value
+        else:
+            raise LesionbenchError(f"unknown study option {key!r}")
+    if "perturbations" in changes and "levels" not in changes:  # levels of perturbations left out go too
+        changes["levels"] = {p: v for p, v in study.levels.items() if p in changes["perturbations"]}
     if dataset_changes:
+        if "name" in dataset_changes and dataset_changes["name"] != study.dataset.name:
+            dataset_changes.setdefault("path", None)  # another dataset: the study's path was for its own
+            dataset_changes.setdefault("split", "val" if dataset_changes["name"] == "image_folder" else "test")
         changes["dataset"] = replace(study.dataset, **dataset_changes)
     out = replace(study, **changes)
     validate_scalars(out)
     return out
+
+
+def default_of(name: str) -> Any:
+    """The default of a study option."""
+    f = next(f for f in fields(Study) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmark.data import build_eval_set
-from benchmark.evaluate import evaluate
-from benchmark.models import ModelSpec, create_model
-from benchmark.registry import Registry
+from lesionbench.data import build_eval_set
+from lesionbench.evaluate import evaluate
+from lesionbench.model_sources import ModelSpec, create_model
+from lesionbench.registry import Registry
 
 
 @dataclass

@@ -39,15 +39,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from benchmark.data import EvalSet
-from benchmark.engine import split_at, trace
-from benchmark.evaluate import evaluate_batches, resolve_device
-from benchmark.layers import discover_layers
-from benchmark.models import LoadedModel, ModelSpec
-from benchmark.perturbation import cell_seed, generator_for, perturbed
-from benchmark.registry import create_registry
-from benchmark.runner import ModelRunner, Plan, PreparedModel
-from benchmark.study import Study
+from lesionbench.data import EvalSet
+from lesionbench.engine import split_at, trace
+from lesionbench.evaluate import evaluate_batches, resolve_device
+from lesionbench.graph import discover_layers
+from lesionbench.model_sources import LoadedModel, ModelSpec
+from lesionbench.perturbation import cell_seed, generator_for, perturbed
+from lesionbench.registry import create_registry
+from lesionbench.cells import ModelRunner
+from lesionbench.plan import Plan, PreparedModel
+from lesionbench.study import Study
 
 
 def cells(layers, perts, levels, draws):
@@ -130,7 +131,7 @@ def build(name: str, args):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     if name == "default":
-        from models.fashion import FashionAlexNet, grey_28_preprocess, weights_path
+        from lesionbench.models.fashion import FashionAlexNet, grey_28_preprocess, weights_path
 
         model = FashionAlexNet()
         if weights_path("fashion_alexnet").is_file():

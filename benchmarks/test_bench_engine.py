@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.engine import NaiveEngine, SuffixEngine
-from benchmark.layers import discover_layers
-from benchmark.perturbation import generator_for, perturbed
-from benchmark.registry import create_registry
-from models.fashion import FashionAlexNet
+from lesionbench.engine import NaiveEngine, SuffixEngine
+from lesionbench.graph import discover_layers
+from lesionbench.perturbation import generator_for, perturbed
+from lesionbench.registry import create_registry
+from lesionbench.models.fashion import FashionAlexNet
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 DRAWS = 3

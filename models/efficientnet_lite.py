@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 
-from benchmark.errors import LesionbenchError, unknown_name
-from benchmark.hookspecs import hookimpl
-from benchmark.models import LoadedModel, ModelSpec, load_checkpoint_into, load_state_dict
+from lesionbench.errors import LesionbenchError, unknown_name
+from lesionbench.hookspecs import hookimpl
+from lesionbench.model_sources import LoadedModel, ModelSpec, load_checkpoint_into, load_state_dict
 
 ARCH = "efficientnet_lite0"
 TIMM_ARCH = "tf_efficientnet_lite0"
@@ -76,7 +76,7 @@ class EfficientNetLite:
     def build(self, spec: ModelSpec) -> LoadedModel:
         import timm
 
-        from models.timm_models import loaded_timm_model
+        from lesionbench.models.timm_models import loaded_timm_model
 
         if spec.arch != ARCH:
             raise unknown_name("model", spec.arch, [ARCH])

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from benchmark.errors import LesionbenchError
-from benchmark.hookspecs import hookimpl
-from benchmark.models import LoadedModel, ModelSpec, load_checkpoint_into, num_classes_of
+from lesionbench.errors import LesionbenchError
+from lesionbench.hookspecs import hookimpl
+from lesionbench.model_sources import LoadedModel, ModelSpec, load_checkpoint_into
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -159,7 +159,7 @@ class FashionModels:
 
     def build(self, spec: ModelSpec) -> LoadedModel:
         if spec.arch not in ARCHITECTURES:
-            from benchmark.errors import unknown_name
+            from lesionbench.errors import unknown_name
 
             raise unknown_name("model", spec.arch, ARCHITECTURES)
         options = dict(spec.options)
@@ -180,7 +180,6 @@ class FashionModels:
         return LoadedModel(
             name=spec.ref,
             module=module.eval(),
-            num_classes=num_classes_of(module),
             input_size=(int(options.get("in_chans", 1)), 28, 28),
             preprocess=grey_28_preprocess(),
             preprocess_key=f"grey28:{FASHION_MEAN}:{FASHION_STD}",

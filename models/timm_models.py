@@ -13,10 +13,10 @@ from pathlib import Path
 import timm
 from timm.data import create_transform, resolve_data_config
 
-from benchmark.errors import LesionbenchError
-from benchmark.hookspecs import hookimpl
-from benchmark.models import LoadedModel, ModelSpec, load_checkpoint_into, load_state_dict, num_classes_of
-from models.torchvision_models import rgb
+from lesionbench.errors import LesionbenchError
+from lesionbench.hookspecs import hookimpl
+from lesionbench.model_sources import LoadedModel, ModelSpec, load_checkpoint_into, load_state_dict
+from lesionbench.models.torchvision_models import rgb
 
 
 def timm_preprocess(module, in_chans: int):
@@ -44,7 +44,6 @@ def loaded_timm_model(name: str, module, in_chans: int) -> LoadedModel:
     return LoadedModel(
         name=name,
         module=module.eval(),
-        num_classes=num_classes_of(module),
         input_size=input_size,
         preprocess=preprocess,
         preprocess_key=key,
@@ -63,7 +62,7 @@ class TimmModels:
 
     def build(self, spec: ModelSpec) -> LoadedModel:
         if not timm.is_model(spec.arch):
-            from benchmark.errors import unknown_name
+            from lesionbench.errors import unknown_name
 
             nearest = difflib.get_close_matches(spec.arch, timm.list_models(), n=20, cutoff=0.0)
             raise unknown_name("timm model", spec.arch, nearest)

@@ -12,9 +12,9 @@ import pickle
 import torchvision
 from torchvision import transforms
 
-from benchmark.errors import LesionbenchError, unknown_name
-from benchmark.hookspecs import hookimpl
-from benchmark.models import LoadedModel, ModelSpec, load_checkpoint_into, num_classes_of
+from lesionbench.errors import LesionbenchError, unknown_name
+from lesionbench.hookspecs import hookimpl
+from lesionbench.model_sources import LoadedModel, ModelSpec, load_checkpoint_into
 
 ALEXNET_ALIASES = {
     "features.0": "conv1",
@@ -88,7 +88,6 @@ class TorchvisionModels:
         return LoadedModel(
             name=spec.ref,
             module=module.eval(),
-            num_classes=num_classes_of(module),
             input_size=(3, size, size),
             preprocess=rgb(preprocess),
             preprocess_key=key,

@@ -1,7 +1,6 @@
 """Activation damage: perturb what a layer computes rather than what it stores.
 
-Both act through a forward hook on the layer and leave its weights untouched; ``apply`` returns
-the hook's remover. A *unit* is an output channel of a conv (dim 1 of [N, C, ...]) or an output
+Both act through a forward hook on the layer and leave its weights untouched. A *unit* is an output channel of a conv (dim 1 of [N, C, ...]) or an output
 feature of a linear layer (the last dim).
 
 - ``activation_knockout``: for each image independently, zero floor(p·units) units chosen
@@ -21,12 +20,13 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for
-from plugins.synapse_knockout import LEVELS as FRACTIONS
-from plugins.weight_noise import LEVELS as NOISE_LEVELS
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import HookPerturbation, LevelAxis, count_for
+from lesionbench.plugins.synapse_knockout import LEVELS as FRACTIONS
+from lesionbench.plugins.weight_noise import LEVELS as NOISE_LEVELS
 
 Hook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
 
@@ -63,18 +63,18 @@ def noise_hook(level: float, generator: torch.Generator) -> Hook:
     return hook
 
 
-class ActivationKnockout(BasePerturbation):
-    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> Callable[[], None] | None:
+class ActivationKnockout(HookPerturbation):
+    def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
         if level == 0:
-            return None
-        return layer.module.register_forward_hook(knockout_hook(layer, level, generator)).remove
+            return []
+        return [layer.module.register_forward_hook(knockout_hook(layer, level, generator))]
 
 
-class ActivationNoise(BasePerturbation):
-    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> Callable[[], None] | None:
+class ActivationNoise(HookPerturbation):
+    def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
         if level == 0:
-            return None
-        return layer.module.register_forward_hook(noise_hook(level, generator)).remove
+            return []
+        return [layer.module.register_forward_hook(noise_hook(level, generator))]
 
 
 @hookimpl
@@ -85,11 +85,13 @@ def lesionbench_perturbations():
             description="Zero a random fraction p of the layer's output units, afresh for each image (weights untouched).",
             default_levels=FRACTIONS,
             level_range=(0.0, 1.0),
+            axis=LevelAxis("fraction p of output units zeroed per image"),
         ),
         ActivationNoise(
             name="activation_noise",
             description="Add Gaussian noise of std p·σ to the layer's output, σ its std over the batch (weights untouched).",
             default_levels=NOISE_LEVELS,
             level_range=(0.0, 2.0),
+            axis=LevelAxis("noise std p (× std of the output)"),
         ),
     ]

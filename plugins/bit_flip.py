@@ -10,11 +10,13 @@ Levels are a log scale of error rates.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, distinct_positions
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import LevelAxis, WeightPerturbation, distinct_positions
 
 LEVELS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 # (sign, exponent, mantissa) bit positions, least significant bit = 0
@@ -62,9 +64,8 @@ def apply_bit_masks(tensor: torch.Tensor, masks: torch.Tensor, op: str) -> None:
     tensor.copy_(flat.view(tensor.dtype).view(tensor.shape).to(tensor.device))
 
 
-class BitFlip(BasePerturbation):
-    field: str = "all"
-    level_scale = "log"  # error rates spanning decades: scored over log10 p
+class BitFlip(WeightPerturbation):
+    field: ClassVar[str] = "all"
 
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         for tensor in layer.weight_and_bias():
@@ -87,6 +88,7 @@ def lesionbench_perturbations():
                 description=f"Flip {which} of the stored weights and biases with probability p (bit error rate).",
                 default_levels=LEVELS,
                 level_range=(0.0, 1.0),
+                axis=LevelAxis("bit error rate p", scale="log"),  # decades: scored over log10 p
             )
         )
     return out

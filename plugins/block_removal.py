@@ -4,7 +4,7 @@ A residual block computes x + f(x); removing it leaves x, its identity shortcut.
 the *stage* — the module whose children are a network's residual blocks (timm/torchvision ResNet
 ``layer1``, EfficientNet/MobileNet ``blocks.3``) — and level p removes floor(p·n) of the stage's n
 *removable* blocks, chosen at random. A removed block's output is replaced by its input through a
-forward hook (the block still runs; its result is discarded); ``apply`` returns the hooks' remover.
+forward hook (the block still runs; its result is discarded).
 
 Which blocks are residual, and removable (identity shortcut, so output shape = input shape):
 
@@ -25,12 +25,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from benchmark.errors import LesionbenchError
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for
-from plugins.synapse_knockout import LEVELS
+from lesionbench.errors import LesionbenchError
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import HookPerturbation, LevelAxis, count_for
+from lesionbench.plugins.synapse_knockout import LEVELS
 
 DOWNSAMPLE_BLOCKS = {"BasicBlock", "Bottleneck", "PreActBasic", "PreActBottleneck", "Bottle2neck", "ResNestBottleneck"}
 SHORTCUT_BLOCKS = {"ConvNeXtBlock"}
@@ -85,23 +86,17 @@ def skip_hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Ten
     return hook
 
 
-class BlockRemoval(BasePerturbation):
+class BlockRemoval(HookPerturbation):
     def targets(self, model: nn.Module, layers: Sequence[Layer]) -> list[Layer]:
         return stages(model, layers)
 
-    def apply(self, layer: Layer, level: float, generator: torch.Generator) -> Callable[[], None] | None:
+    def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
         blocks = removable_blocks(layer.module)
         k = count_for(level, len(blocks))
         if k == 0:
-            return None
+            return []
         chosen = torch.randperm(len(blocks), generator=generator)[:k].tolist()
-        handles = [blocks[i][1].register_forward_hook(skip_hook(f"{layer.name}.{blocks[i][0]}")) for i in sorted(chosen)]
-
-        def remove() -> None:
-            for handle in handles:
-                handle.remove()
-
-        return remove
+        return [blocks[i][1].register_forward_hook(skip_hook(f"{layer.name}.{blocks[i][0]}")) for i in sorted(chosen)]
 
 
 @hookimpl
@@ -112,5 +107,6 @@ def lesionbench_perturbations():
             description="Replace a random fraction p of a stage's identity-shortcut residual blocks by their shortcut.",
             default_levels=LEVELS,
             level_range=(0.0, 1.0),
+            axis=LevelAxis("fraction p of residual blocks removed"),
         )
     ]

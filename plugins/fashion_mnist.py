@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmark.data import RawDataset
-from benchmark.errors import LesionbenchError
-from benchmark.hookspecs import hookimpl
+from lesionbench.data import RawDataset
+from lesionbench.errors import LesionbenchError
+from lesionbench.hookspecs import hookimpl
 
 DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

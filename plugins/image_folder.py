@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader
 
-from benchmark.data import RawDataset
-from benchmark.errors import LesionbenchError
-from benchmark.hookspecs import hookimpl
+from lesionbench.data import RawDataset
+from lesionbench.errors import LesionbenchError
+from lesionbench.hookspecs import hookimpl
 
 WNID = re.compile(r"^(n\d{8})")
 

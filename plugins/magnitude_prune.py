@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for, positions_mask
-from plugins.synapse_knockout import LEVELS
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for, positions_mask
+from lesionbench.plugins.synapse_knockout import LEVELS
 
 
 def prune_smallest(tensor: torch.Tensor, fraction: float) -> None:
@@ -26,7 +26,7 @@ def prune_smallest(tensor: torch.Tensor, fraction: float) -> None:
     tensor.masked_fill_(positions_mask(tensor, order[:k]), 0)
 
 
-class MagnitudePrune(BasePerturbation):
+class MagnitudePrune(WeightPerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         prune_smallest(layer.module.weight, level)
 
@@ -39,5 +39,6 @@ def lesionbench_perturbations():
             description="Zero the fraction p of the weights with the smallest |w| (biases untouched).",
             default_levels=LEVELS,
             level_range=(0.0, 1.0),
+            axis=LevelAxis("fraction p of weights pruned (smallest |w|)"),
         )
     ]

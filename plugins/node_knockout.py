@@ -1,7 +1,8 @@
 """Node knockout (Cheney et al. 2017): silence a random fraction of a layer's output units.
 
 Level p silences floor(p·n_out) units: for a conv layer the whole filter and its bias, for a
-linear layer the unit's weight row and bias. When the layer feeds a BatchNorm, that channel's
+linear layer the unit's weight row and bias. When the layer feeds a BatchNorm (directly or
+through elementwise activations; every one, for a module used more than once), that channel's
 scale and shift (and running mean) are zeroed too, so the unit stays silent after
 normalisation instead of emitting the BatchNorm's shift.
 """
@@ -10,27 +11,26 @@ from __future__ import annotations
 
 import torch
 
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for
-from plugins.synapse_knockout import LEVELS
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for
+from lesionbench.plugins.synapse_knockout import LEVELS
 
 
 def silence_units(layer: Layer, units: torch.Tensor) -> None:
-    """Make the given output units of ``layer`` emit zero, through its BatchNorm if it has one."""
+    """Make the given output units of ``layer`` emit zero, through every BatchNorm they feed."""
     units = units.to(layer.module.weight.device)
     layer.module.weight[units] = 0
     if layer.module.bias is not None:
         layer.module.bias[units] = 0
-    norm = layer.norm
-    if norm is not None:
+    for norm in layer.norms:
         for name in ("weight", "bias", "running_mean"):
             tensor = getattr(norm, name, None)
             if tensor is not None:
                 tensor[units] = 0
 
 
-class NodeKnockout(BasePerturbation):
+class NodeKnockout(WeightPerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         n = layer.out_units
         k = count_for(level, n)
@@ -46,5 +46,6 @@ def lesionbench_perturbations():
             description="Silence a random fraction p of the layer's output units (whole filters / rows and their bias).",
             default_levels=LEVELS,
             level_range=(0.0, 1.0),
+            axis=LevelAxis("fraction p of units silenced"),
         )
     ]

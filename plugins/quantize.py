@@ -11,12 +11,14 @@ the level *decreases*; the draws are all equal (no randomness).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from benchmark.errors import LesionbenchError
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation
+from lesionbench.errors import LesionbenchError
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import LevelAxis, WeightPerturbation
 
 LEVELS = (8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0)
 
@@ -34,10 +36,8 @@ def quantize_(tensor: torch.Tensor, bits: int, per_channel: bool = False) -> Non
     tensor.copy_(torch.round(w / scale) * scale)
 
 
-class Quantize(BasePerturbation):
-    per_channel: bool = False
-    damage_grows_with_level: bool = False  # fewer bits, more harm
-    deterministic = True  # no randomness: the harness evaluates one draw per level
+class Quantize(WeightPerturbation):
+    per_channel: ClassVar[bool] = False
 
     def check_level(self, level: float) -> None:
         """Checked for every level before a study starts."""
@@ -50,12 +50,14 @@ class Quantize(BasePerturbation):
 
 
 class QuantizePerChannel(Quantize):
-    per_channel = True
+    per_channel: ClassVar[bool] = True
 
 
 @hookimpl
 def lesionbench_perturbations():
-    common = dict(default_levels=LEVELS, level_range=(2.0, 16.0), identity_level=None)
+    # fewer bits, more harm; no randomness, so the harness evaluates one draw per level
+    common = dict(default_levels=LEVELS, level_range=(2.0, 16.0), identity_level=None, deterministic=True,
+                  axis=LevelAxis("bit width k", damage_grows=False))
     return [
         Quantize(
             name="quantize",

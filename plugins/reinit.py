@@ -20,11 +20,11 @@ from collections.abc import Mapping
 
 import torch
 
-from benchmark.errors import LesionbenchError
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation
-from plugins.synapse_knockout import LEVELS
+from lesionbench.errors import LesionbenchError
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import LevelAxis, WeightPerturbation
+from lesionbench.plugins.synapse_knockout import LEVELS
 
 
 def interpolate_(layer: Layer, initial: Mapping[str, torch.Tensor], alpha: float) -> None:
@@ -55,7 +55,7 @@ def fresh_init(layer: Layer, generator: torch.Generator) -> dict[str, torch.Tens
     return {k: v.detach() for k, v in fresh.state_dict().items()}
 
 
-class Reinit(BasePerturbation):
+class Reinit(WeightPerturbation):
     def check_layer(self, layer: Layer) -> None:
         """Checked for every layer before a study starts."""
         if layer.initial is None:
@@ -69,14 +69,14 @@ class Reinit(BasePerturbation):
         interpolate_(layer, layer.initial, level)
 
 
-class Rerandomize(BasePerturbation):
+class Rerandomize(WeightPerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         interpolate_(layer, fresh_init(layer, generator), level)
 
 
 @hookimpl
 def lesionbench_perturbations():
-    common = dict(default_levels=LEVELS, level_range=(0.0, 1.0))
+    common = dict(default_levels=LEVELS, level_range=(0.0, 1.0), axis=LevelAxis("α (share of the initialisation)"))
     return [
         Reinit(
             name="reinit",

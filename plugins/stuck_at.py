@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for
-from plugins.bit_flip import apply_bit_masks
-from plugins.synapse_knockout import LEVELS, zero_random_entries
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for
+from lesionbench.plugins.bit_flip import apply_bit_masks
+from lesionbench.plugins.synapse_knockout import LEVELS, zero_random_entries
 
 
 def force_one_bit(tensor: torch.Tensor, fraction: float, generator: torch.Generator) -> None:
@@ -32,15 +32,13 @@ def force_one_bit(tensor: torch.Tensor, fraction: float, generator: torch.Genera
     apply_bit_masks(tensor, masks, "or")
 
 
-class StuckAtZero(BasePerturbation):
+class StuckAtZero(WeightPerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         for tensor in layer.weight_and_bias():
             zero_random_entries(tensor, level, generator)
 
 
-class StuckAtOne(BasePerturbation):
-    level_scale = "log"  # an exponent bit stuck at 1 is catastrophic: the interesting fractions span decades
-
+class StuckAtOne(WeightPerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         for tensor in layer.weight_and_bias():
             force_one_bit(tensor, level, generator)
@@ -54,11 +52,14 @@ def lesionbench_perturbations():
             description="A random fraction p of the stored weights and biases stuck at 0.",
             default_levels=LEVELS,
             level_range=(0.0, 1.0),
+            axis=LevelAxis("fraction p of weights stuck at 0"),
         ),
         StuckAtOne(
             name="stuck_at_one",
             description="A random fraction p of the stored weights and biases with one random bit stuck at 1.",
             default_levels=(0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
             level_range=(0.0, 1.0),
+            # an exponent bit stuck at 1 is catastrophic: the interesting fractions span decades
+            axis=LevelAxis("fraction p of weights with a bit stuck at 1", scale="log"),
         ),
     ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from benchmark.hookspecs import hookimpl
-from benchmark.study import StudyPreset
+from lesionbench.hookspecs import hookimpl
+from lesionbench.study import StudyPreset
 
 PRESETS = Path(__file__).parent / "presets"
 

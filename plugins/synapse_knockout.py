@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for, random_subset_mask
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for, random_subset_mask
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -24,7 +24,7 @@ def zero_random_entries(tensor: torch.Tensor, fraction: float, generator: torch.
     tensor.masked_fill_(mask.view(tensor.shape).to(tensor.device), 0)
 
 
-class SynapseKnockout(BasePerturbation):
+class SynapseKnockout(WeightPerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         for tensor in layer.weight_and_bias():
             zero_random_entries(tensor, level, generator)
@@ -38,5 +38,6 @@ def lesionbench_perturbations():
             description="Zero a random fraction p of the layer's weights, and independently of its biases.",
             default_levels=LEVELS,
             level_range=(0.0, 1.0),
+            axis=LevelAxis("fraction p of weights zeroed"),
         )
     ]

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation, count_for, positions_mask
-from plugins.synapse_knockout import LEVELS
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for, positions_mask
+from lesionbench.plugins.synapse_knockout import LEVELS
 
 
 def redraw_entries(tensor: torch.Tensor, fraction: float, generator: torch.Generator) -> None:
@@ -30,7 +30,7 @@ def redraw_entries(tensor: torch.Tensor, fraction: float, generator: torch.Gener
     tensor.copy_(torch.where(positions_mask(tensor, positions), replacement.view(tensor.shape).to(tensor.device), tensor))
 
 
-class WeightDraw(BasePerturbation):
+class WeightDraw(WeightPerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         for tensor in layer.weight_and_bias():
             redraw_entries(tensor, level, generator)
@@ -44,5 +44,6 @@ def lesionbench_perturbations():
             description="Replace a random fraction p of the weights (and biases) by values drawn from the same tensor.",
             default_levels=LEVELS,
             level_range=(0.0, 1.0),
+            axis=LevelAxis("fraction p of weights redrawn"),
         )
     ]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from benchmark.hookspecs import hookimpl
-from benchmark.layers import Layer
-from benchmark.perturbation import BasePerturbation
+from lesionbench.hookspecs import hookimpl
+from lesionbench.layers import Layer
+from lesionbench.perturbation import LevelAxis, WeightPerturbation
 
 LEVELS = tuple(round(0.2 * i, 1) for i in range(11))
 
@@ -25,7 +25,7 @@ def add_scaled_noise(tensor: torch.Tensor, level: float, generator: torch.Genera
     tensor.add_(noise.to(device=tensor.device, dtype=tensor.dtype))  # second 151 MB buffer for AlexNet's fc6
 
 
-class WeightNoise(BasePerturbation):
+class WeightNoise(WeightPerturbation):
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         for tensor in layer.weight_and_bias():
             add_scaled_noise(tensor, level, generator)
@@ -39,5 +39,6 @@ def lesionbench_perturbations():
             description="Add Gaussian noise with std p·std(W) to the weights and p·std(b) to the biases.",
             default_levels=LEVELS,
             level_range=(0.0, 2.0),
+            axis=LevelAxis("noise std p (× std of W)"),
         )
     ]

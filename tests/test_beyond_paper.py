@@ -13,12 +13,12 @@ import timm
 import torch
 from torch import nn
 
-from benchmark.cli import main
-from benchmark.errors import LesionbenchError
-from benchmark.layers import discover_layers
-from benchmark.models import ModelSpec, create_model
-from benchmark.perturbation import generator_for, model_checksum, perturbed
-from benchmark.registry import create_registry
+from lesionbench.cli import main
+from lesionbench.errors import LesionbenchError
+from lesionbench.graph import discover_layers
+from lesionbench.model_sources import ModelSpec, create_model
+from lesionbench.perturbation import generator_for, model_checksum, perturbed
+from lesionbench.registry import create_registry
 
 NEW = ["quantize", "quantize_per_channel", "reinit", "rerandomize", "activation_knockout", "activation_noise", "block_removal"]
 
@@ -130,7 +130,7 @@ def test_quantize_damage_grows_as_bits_fall_and_refuses_fractional_bits(perts):
     assert errors == sorted(errors) and errors[0] < 1e-3 * float(clean.norm())
     for name in ("quantize", "quantize_per_channel"):
         p = perts[name]
-        assert getattr(p, "damage_grows_with_level", True) is False and p.identity_level is None
+        assert p.axis.damage_grows is False and p.identity_level is None
         assert min(p.default_levels) == 2 and max(p.default_levels) == 8
     with pytest.raises(LesionbenchError, match="whole number of bits"):
         with perturbed(layer, perts["quantize"], 4.5, generator_for(0)):
@@ -201,8 +201,8 @@ def test_rerandomize_draws_the_layers_own_initialiser_seeded_by_the_generator(pe
 
 def test_fashion_models_know_the_weights_their_training_started_from(sources, tmp_path):
     """Training seeds torch then builds the model: the rebuilt init is what train() started from."""
-    import benchmark.train as train_mod
-    from models.fashion import ARCHITECTURES, training_record
+    import lesionbench.train as train_mod
+    from lesionbench.models.fashion import ARCHITECTURES, training_record
 
     class Started(Exception):
         pass

@@ -14,13 +14,14 @@ import pytest
 import torch
 from rich.console import Console
 
-import benchmark.cli as cli
-from benchmark.cli import main
-from benchmark.perturbation import model_checksum
-from benchmark.registry import create_registry
-from benchmark.runner import execute, prepare
-from benchmark.store import COLUMNS, RunDir, read_results
-from benchmark.study import load_study
+import lesionbench.cli as cli
+from lesionbench.cli import main
+from lesionbench.perturbation import model_checksum
+from lesionbench.registry import create_registry
+from lesionbench.executors.local import execute
+from lesionbench.plan import prepare
+from lesionbench.store import COLUMNS, RunDir, read_results
+from lesionbench.study import load_study
 from conftest import write_fashion
 
 LAYERS = ["conv1", "fc8"]
@@ -150,7 +151,7 @@ def test_model_is_bit_identical_after_a_run(study, tmp_path):
     module = plan.models[0].loaded.module
     before = model_checksum(module)
     state = {k: v.clone() for k, v in module.state_dict().items()}
-    execute(plan, RunDir.create(tmp_path / "run", plan.study), debug=True)
+    execute(plan, RunDir.create(tmp_path / "run", plan.study.to_dict(), plan.fingerprint()), debug=True)
     assert model_checksum(module) == before
     for k, v in module.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -236,7 +237,7 @@ def test_unknown_model(study, tmp_path, capsys):
     # every name offered is one the harness accepts
     valid = err.split("Valid: ", 1)[1].split(", ")
     assert "fashion_alexnet" in valid and "timm:<name>" in valid and "torchvision:<name>" in valid
-    from benchmark.registry import create_registry
+    from lesionbench.registry import create_registry
 
     sources = [c.obj for c in create_registry().contributions("models").values()]
     bare = [name for name in valid if ":" not in name]
@@ -384,7 +385,7 @@ def test_plugins_lists_every_builtin_with_its_contributions(capsys):
             if len(cells) < 3 or cells[1].strip():  # a border, or the next plugin's row
                 break
             out.append(line)
-        return " ".join(c.strip() for l in out for c in l.split("│")[3:4])  + " " + out[0]
+        return " ".join(c.strip() for l in out for c in l.split("│")[4:5]) + " " + out[0]
 
     assert "perturbation synapse_knockout" in row("synapse_knockout")
     assert "dataset fashion_mnist" in row("fashion_mnist")
@@ -392,6 +393,9 @@ def test_plugins_lists_every_builtin_with_its_contributions(capsys):
     assert "model fashion" in row("fashion")
     assert "model timm" in row("timm") and "model torchvision" in row("torchvision")
     assert "failed" not in "\n".join(lines)
+    import lesionbench
+
+    assert f"lesionbench {lesionbench.__version__}" in row("synapse_knockout")  # distribution and version
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from benchmark.data import EvalSetCache, RawDataset, build_eval_set, stratified_subset
-from benchmark.errors import LesionbenchError
-from plugins.fashion_mnist import CLASSES, FashionMNIST, read_idx
-from plugins.image_folder import ImageFolderSource
+from lesionbench.data import EvalSetCache, RawDataset, build_eval_set, stratified_subset
+from lesionbench.errors import LesionbenchError
+from lesionbench.plugins.fashion_mnist import CLASSES, FashionMNIST, read_idx
+from lesionbench.plugins.image_folder import ImageFolderSource
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX)
 

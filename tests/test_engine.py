@@ -8,15 +8,21 @@ import timm
 import torch
 from torch import nn
 
-from benchmark.cli import main
-from benchmark.engine import NaiveEngine, SuffixEngine, split_at, trace, transition
-from benchmark.layers import discover_layers
-from benchmark.store import read_results
+from lesionbench.cli import main
+from lesionbench.engine import NaiveEngine, SuffixEngine
+from lesionbench.graph import ModelGraph, discover_layers, split_at, transition
+from lesionbench.perturbation import HookPerturbation
+from lesionbench.store import read_results
 from conftest import write_fashion
-from models.fashion import ARCHITECTURES
+from lesionbench.models.fashion import ARCHITECTURES
 
 NUMBERS = ["top1", "top5", "loss", "seed", "n_images"]
 KEY = ["model", "layer", "perturbation", "level", "draw"]
+
+
+def fx_of(model, example):
+    """The model's traced graph, as the harness builds it (in-place writes made explicit)."""
+    return ModelGraph.of(model, example[:1]).fx
 
 
 @pytest.mark.parametrize(
@@ -33,7 +39,7 @@ def test_prefix_then_suffix_equals_the_whole_network_for_every_layer(build, shap
     torch.manual_seed(0)
     model = build().eval()
     x = torch.randn(3, *shape)
-    gm = trace(model)
+    gm = fx_of(model, x)
     assert gm is not None
     with torch.inference_mode():
         reference = model(x)
@@ -52,7 +58,7 @@ def test_caches_step_from_layer_to_layer_in_one_forward_pass(arch):
     model = ARCHITECTURES[arch]().eval()
     images, labels = torch.randn(20, 1, 28, 28), torch.arange(20) % 10
     layers = discover_layers(model, images[:1])
-    engine = SuffixEngine(model, images, labels, 8, torch.device("cpu"))
+    engine = SuffixEngine(ModelGraph.of(model, images[:1]), images, labels, 8, torch.device("cpu"))
     calls = []
     layers[0].module.register_forward_hook(lambda *_: calls.append(1))
     by_engine = 0
@@ -63,7 +69,7 @@ def test_caches_step_from_layer_to_layer_in_one_forward_pass(arch):
                 with engine.for_layer(layer):
                     pass
                 by_engine += len(calls) - before
-            prefix = split_at(engine.graph, layer.name).prefix
+            prefix = split_at(engine.graph.fx, layer.name).prefix
             for b, values in zip(range(0, 20, 8), engine._cache.values):
                 expected = prefix(images[b : b + 8])
                 assert len(values) == len(expected) and all(torch.equal(v, e) for v, e in zip(values, expected))
@@ -79,7 +85,7 @@ def test_caches_step_from_layer_to_layer_in_one_forward_pass(arch):
 def test_skip_connections_cross_the_boundary():
     """In a residual block the shortcut is cached alongside the layer's input."""
     model = ARCHITECTURES["fashion_resnet"]().eval()
-    gm = trace(model)
+    gm = fx_of(model, torch.zeros(1, 1, 28, 28))
     assert split_at(gm, "conv1.0").n_boundary == 1
     assert split_at(gm, "layer1.0.conv2").n_boundary == 2
 
@@ -88,7 +94,7 @@ def test_suffix_sees_the_perturbation():
     """The split graphs share the model's parameters, so damage to the layer reaches the suffix."""
     model = ARCHITECTURES["fashion_alexnet"]().eval()
     x = torch.randn(2, 1, 28, 28)
-    cut = split_at(trace(model), "conv3")
+    cut = split_at(fx_of(model, x), "conv3")
     with torch.no_grad():
         cached = cut.prefix(x)
         model.conv3.weight.zero_()
@@ -123,16 +129,16 @@ class InPlaceOnBoundary(nn.Module):
 
 
 def _fast_equals_naive(model, layer_name, draws=3):
-    from benchmark.engine import NaiveEngine
-    from benchmark.perturbation import generator_for, perturbed
+    from lesionbench.engine import NaiveEngine
+    from lesionbench.perturbation import generator_for, perturbed
 
-    from benchmark.registry import create_registry
+    from lesionbench.registry import create_registry
 
     noise = create_registry().get("perturbations", "weight_noise")
     images, labels = torch.randn(16, 8), torch.arange(16) % 8
     layer = next(l for l in discover_layers(model, images[:1]) if l.name == layer_name)
-    fast = SuffixEngine(model, images, labels, 8, torch.device("cpu"))
-    naive = NaiveEngine(model, images, labels, 8, torch.device("cpu"))
+    fast = SuffixEngine(ModelGraph.of(model, images[:1]), images, labels, 8, torch.device("cpu"))
+    naive = NaiveEngine(ModelGraph.of(model, images[:1]), images, labels, 8, torch.device("cpu"))
     with fast.for_layer(layer) as run_fast:
         for draw in range(draws):
             with perturbed(layer, noise, 2.0, generator_for(draw)):
@@ -142,14 +148,14 @@ def _fast_equals_naive(model, layer_name, draws=3):
 
 def test_tied_weights_are_not_cached_upstream():
     model = TiedWeights().eval()
-    assert split_at(trace(model), "out", list(model.out.parameters())) is None
+    assert split_at(fx_of(model, torch.zeros(1, 8)), "out", list(model.out.parameters())) is None
     fast = _fast_equals_naive(model, "out")
     assert any("no clean cut" in n for n in fast.notes)
 
 
 def test_in_place_ops_do_not_corrupt_the_cache_between_cells():
     model = InPlaceOnBoundary().eval()
-    gm = trace(model)
+    gm = fx_of(model, torch.zeros(1, 8))
     assert split_at(gm, "b").mutates_boundary
     # nor does stepping to the next layer's cache write into this one's: that layer runs its own prefix
     assert transition(gm, split_at(gm, "b").boundary, split_at(gm, "head").boundary) is None
@@ -172,8 +178,8 @@ class Untraceable(nn.Module):
 def test_untraceable_model_falls_back_to_full_passes_with_a_note():
     model = Untraceable().eval()
     images, labels = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
-    engine = SuffixEngine(model, images, labels, 4, torch.device("cpu"))
-    assert engine.graph is None and "cannot be traced" in engine.notes[0]
+    engine = SuffixEngine(ModelGraph.of(model, images[:1]), images, labels, 4, torch.device("cpu"))
+    assert engine.graph.fx is None and "cannot trace" in engine.notes[0]
     layer = discover_layers(model, images[:1])[0]
     with engine.for_layer(layer) as run:
         assert run.one == engine.full and run.many is None  # the full pass itself, one cell at a time
@@ -185,10 +191,10 @@ def test_over_budget_layers_spill_to_disk_or_fall_back_and_say_so(tmp_path, monk
     model = ARCHITECTURES["fashion_alexnet"]().eval()
     images, labels = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
     layer = discover_layers(model, images[:1])[2]
-    roomy = SuffixEngine(model, images, labels, 4, torch.device("cpu"))
+    roomy = SuffixEngine(ModelGraph.of(model, images[:1]), images, labels, 4, torch.device("cpu"))
     with roomy.for_layer(layer) as run:
         expected = run()
-    spilling = SuffixEngine(model, images, labels, 4, torch.device("cpu"), budget_bytes=100)
+    spilling = SuffixEngine(ModelGraph.of(model, images[:1]), images, labels, 4, torch.device("cpu"), budget_bytes=100)
     with spilling.for_layer(layer) as run:
         assert run.one != spilling.full and any(tmp_path.glob("lesionbench-spill-*/*.bin"))  # memory-mapped files
         got = run()
@@ -202,7 +208,7 @@ def test_over_budget_layers_spill_to_disk_or_fall_back_and_say_so(tmp_path, monk
     spilling.close()
     assert not any(tmp_path.glob("lesionbench-spill-*/*.bin"))  # and closing removes the rest
     assert any("spilled" in n for n in spilling.notes)
-    no_spill = SuffixEngine(model, images, labels, 4, torch.device("cpu"), budget_bytes=100, spill=False)
+    no_spill = SuffixEngine(ModelGraph.of(model, images[:1]), images, labels, 4, torch.device("cpu"), budget_bytes=100, spill=False)
     with no_spill.for_layer(layer) as run:
         assert run.one == no_spill.full
     assert any("exceed" in n and "full passes" in n for n in no_spill.notes)
@@ -211,13 +217,13 @@ def test_over_budget_layers_spill_to_disk_or_fall_back_and_say_so(tmp_path, monk
 def test_spilled_files_go_after_an_error_midway_or_with_their_owner(tmp_path, monkeypatch):
     import gc
 
-    from benchmark.engine import SpilledBatches
+    from lesionbench.engine import SpilledBatches
 
     monkeypatch.setenv("LESIONBENCH_SPILL_DIR", str(tmp_path))
     model = ARCHITECTURES["fashion_alexnet"]().eval()
     images, labels = torch.randn(12, 1, 28, 28), torch.arange(12) % 10
-    engine = SuffixEngine(model, images, labels, 4, torch.device("cpu"), budget_bytes=100)
-    prefix = split_at(engine.graph, "conv3").prefix
+    engine = SuffixEngine(ModelGraph.of(model, images[:1]), images, labels, 4, torch.device("cpu"), budget_bytes=100)
+    prefix = split_at(engine.graph.fx, "conv3").prefix
 
     def inputs(i):  # the third batch fails, after two were spilled
         if i == 2:
@@ -301,18 +307,18 @@ def test_channels_last_and_autocast_are_study_options(data, tmp_path):
                                               ("fashion_mobilenetv3", "blocks.2.1.conv_dw")])  # fmt: skip
 def test_batched_draws_equal_one_pass_each(arch, layer_name):
     """``many`` (vmap over stacked perturbed copies) gives each copy's own numbers."""
-    from benchmark.perturbation import generator_for, perturbed
+    from lesionbench.perturbation import generator_for, perturbed
 
-    from benchmark.models import load_checkpoint_into
-    from models.fashion import weights_path
+    from lesionbench.model_sources import load_checkpoint_into
+    from lesionbench.models.fashion import weights_path
 
     torch.manual_seed(0)
     model = ARCHITECTURES[arch]().eval()
     load_checkpoint_into(model, weights_path(arch))  # trained: random timm resnets start with silent blocks
     images, labels = torch.randn(24, 1, 28, 28), torch.arange(24) % 10
-    engine = SuffixEngine(model, images, labels, 8, torch.device("cpu"))
+    engine = SuffixEngine(ModelGraph.of(model, images[:1]), images, labels, 8, torch.device("cpu"))
     layer = next(l for l in discover_layers(model, images[:1]) if l.name == layer_name)
-    from benchmark.registry import create_registry
+    from lesionbench.registry import create_registry
 
     noise = create_registry().get("perturbations", "node_knockout")  # touches the BatchNorm too, if any
     one, variants = [], []
@@ -321,44 +327,42 @@ def test_batched_draws_equal_one_pass_each(arch, layer_name):
         for seed in range(3):
             with perturbed(layer, noise, 0.5, generator_for(seed)):
                 one.append(run())
-                variants.append({f"{layer.name}.{k}": t.clone() for k, t in layer.module.named_parameters()}
-                                | {f"{layer.norm_name}.{k}": t.clone() for k, t in
-                                   (layer.norm.named_parameters() if layer.norm is not None else [])})  # fmt: skip
+                variants.append({k: t.clone() for k, t in layer.named_tensors().items()})
         many = run.many(variants)
     assert len({r.loss for r in one}) == 3  # three really different draws
     for a, b in zip(one, many):
         assert a.top1 == b.top1 and a.top5 == b.top5 and a.loss == pytest.approx(b.loss, rel=1e-5)
 
 
-class HookNoise:
+class HookNoise(HookPerturbation):
     """A perturbation acting through a forward hook, as activation damage does."""
 
-    name, description, default_levels, level_range, identity_level = "hook_noise", "", (0.0, 1.0), (0.0, 1.0), 0.0
-
-    def apply(self, layer, level, generator):
+    def hooks(self, layer, level, generator):
         noise = torch.randn(1, generator=generator).item() * level
-        return layer.module.register_forward_hook(lambda m, i, out: out + noise).remove
+        return [layer.module.register_forward_hook(lambda m, i, out: out + noise)]
 
 
 def test_hooked_perturbations_are_not_batched_and_match_the_naive_engine(tmp_path):
-    from benchmark.registry import create_registry as make
-    from benchmark.runner import execute, prepare
-    from benchmark.store import RunDir
-    from benchmark.study import parse_study
+    from lesionbench.registry import create_registry as make
+    from lesionbench.executors.local import execute
+    from lesionbench.plan import prepare
+    from lesionbench.store import RunDir
+    from lesionbench.study import parse_study
 
     data = write_fashion(tmp_path / "fashion", n=30)
     from types import SimpleNamespace
 
-    from benchmark.hookspecs import hookimpl
+    from lesionbench.hookspecs import hookimpl
 
-    registry = make([("hook-test", SimpleNamespace(lesionbench_perturbations=hookimpl(lambda: [HookNoise()])))])
+    registry = make([("hook-test", SimpleNamespace(lesionbench_perturbations=hookimpl(lambda: [HookNoise("hook_noise", "noise added by a hook", (0.0, 1.0), (0.0, 1.0))])))])
     frames = {}
     for engine in ("fast", "naive"):
         study = parse_study({"name": "h", "models": [{"ref": "fashion_alexnet", "weights": "none"}], "layers": ["conv2"],
                              "perturbations": ["hook_noise"], "draws": 3, "engine": engine, "device": "cpu", "batch_draws": True,
                              "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 30}})  # fmt: skip
-        run = RunDir.create(tmp_path / engine, study)
-        execute(prepare(study, registry), run)
+        plan = prepare(study, registry)
+        run = RunDir.create(tmp_path / engine, study.to_dict(), plan.fingerprint())
+        execute(plan, run)
         frames[engine] = run.frame().sort_values(KEY, ignore_index=True)
     assert frames["fast"]["loss"].nunique() > 2  # the hook really changed the outputs, draw by draw
     pd.testing.assert_frame_equal(frames["fast"][NUMBERS], frames["naive"][NUMBERS], rtol=1e-6, atol=1e-7)
@@ -382,7 +386,7 @@ def test_batch_size_is_halved_until_the_pass_fits(engine_cls):
     torch.manual_seed(0)
     model = NeedsSmallBatches().eval()
     images, labels = torch.randn(10, 4), torch.arange(10)
-    engine = engine_cls(model, images, labels, 16, torch.device("cpu"))
+    engine = engine_cls(ModelGraph.of(model, images[:1]), images, labels, 16, torch.device("cpu"))
     result = engine.full()
     assert engine.batch_size == 2 and any("batch size lowered to 2" in n for n in engine.notes)
     with torch.no_grad():

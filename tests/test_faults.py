@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.store import read_results
+from lesionbench.store import read_results
 from conftest import write_fashion
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
@@ -33,7 +33,7 @@ def study(tmp_path: Path) -> Path:
 
 def cli(*args: str) -> subprocess.Popen:
     env = dict(os.environ, COLUMNS="200")
-    return subprocess.Popen([sys.executable, "-m", "benchmark.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "lesionbench.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.perturbation import BasePerturbation, generator_for, model_checksum, perturbed
-from benchmark.registry import create_registry
-from benchmark.runner import execute, prepare
-from benchmark.store import RunDir
-from benchmark.study import parse_study
+from lesionbench.perturbation import WeightPerturbation, generator_for, model_checksum, perturbed
+from lesionbench.registry import create_registry
+from lesionbench.executors.local import execute
+from lesionbench.plan import prepare
+from lesionbench.store import RunDir
+from lesionbench.study import parse_study
 from conftest import write_fashion
 
 
-class Exploding(BasePerturbation):
+class Exploding(WeightPerturbation):
     """Raises on every non-identity level, after damaging the layer."""
 
     def apply(self, layer, level, generator):
@@ -21,7 +22,7 @@ class Exploding(BasePerturbation):
         raise RuntimeError("plugin bug")
 
 
-class Poisoning(BasePerturbation):
+class Poisoning(WeightPerturbation):
     """Makes the layer emit NaN."""
 
     def apply(self, layer, level, generator):
@@ -29,7 +30,7 @@ class Poisoning(BasePerturbation):
 
 
 class Plugin:
-    from benchmark.hookspecs import hookimpl
+    from lesionbench.hookspecs import hookimpl
 
     @hookimpl
     def lesionbench_perturbations(self):
@@ -66,7 +67,7 @@ def test_a_raising_perturbation_fails_its_own_cells_and_the_study_goes_on(plan, 
     plan.study = replace(plan.study, engine=engine)
     module = plan.models[0].loaded.module
     before = model_checksum(module)
-    run = RunDir.create(tmp_path / "run", plan.study)
+    run = RunDir.create(tmp_path / "run", plan.study.to_dict(), plan.fingerprint())
     execute(plan, run, debug=True)  # debug: checksum verified after every cell
     df = run.frame()
     exploding = df[(df["perturbation"] == "exploding") & (df["level"] == 1.0)]
@@ -99,11 +100,11 @@ def test_results_do_not_depend_on_the_order_cells_run_in(plan, tmp_path):
     numbers = ["top1", "top5", "loss", "seed"]
     plan.perturbations = {k: v for k, v in plan.perturbations.items() if k == "weight_noise"}
     plan.perturbations["synapse_knockout"] = (create_registry().get("perturbations", "synapse_knockout"), (0.0, 0.5))
-    first = RunDir.create(tmp_path / "forward", plan.study)
+    first = RunDir.create(tmp_path / "forward", plan.study.to_dict(), plan.fingerprint())
     execute(plan, first)
     plan.models[0].layers.reverse()
     plan.perturbations = dict(reversed(plan.perturbations.items()))
-    second = RunDir.create(tmp_path / "reversed", plan.study)
+    second = RunDir.create(tmp_path / "reversed", plan.study.to_dict(), plan.fingerprint())
     execute(plan, second)
     a = first.frame().sort_values(key, ignore_index=True)
     b = second.frame().sort_values(key, ignore_index=True)

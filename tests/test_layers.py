@@ -7,8 +7,9 @@ import timm
 import torch
 from torch import nn
 
-from benchmark.errors import LesionbenchError
-from benchmark.layers import discover_layers, select_layers
+from lesionbench.errors import LesionbenchError
+from lesionbench.graph import discover_layers
+from lesionbench.layers import select_layers
 
 
 class Reordered(nn.Module):
@@ -91,12 +92,12 @@ def test_aliases_become_display_names():
 def test_norm_detection_in_timm_resnet18():
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
     layers = {l.name: l for l in discover_layers(model, torch.zeros(1, 3, 32, 32))}
-    assert layers["conv1"].norm_name == "bn1"
-    assert layers["conv1"].norm is model.bn1
+    assert layers["conv1"].norm_names == ("bn1",)
+    assert layers["conv1"].norms == (model.bn1,)
     assert layers["conv1"].modules() == [model.conv1, model.bn1]
-    assert layers["layer1.0.conv2"].norm_name == "layer1.0.bn2"
-    assert layers["layer2.0.downsample.0"].norm_name == "layer2.0.downsample.1"
-    assert layers["fc"].norm is None and layers["fc"].norm_name is None
+    assert layers["layer1.0.conv2"].norm_names == ("layer1.0.bn2",)
+    assert layers["layer2.0.downsample.0"].norm_names == ("layer2.0.downsample.1",)
+    assert layers["fc"].norms == () and layers["fc"].norm_names == ()
     assert layers["fc"].modules() == [model.fc]
     assert list(layers)[0] == "conv1" and list(layers)[-1] == "fc"
     assert layers["fc"].kind == "linear" and layers["fc"].out_units == 10
@@ -106,8 +107,8 @@ def test_norm_only_for_the_conv_that_feeds_it():
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3))
     layers = discover_layers(model, torch.zeros(1, 1, 8, 8))
     assert [l.name for l in layers] == ["0", "3"]
-    assert layers[0].norm is model[1] and layers[0].norm_name == "1"
-    assert layers[1].norm is None and layers[1].norm_name is None
+    assert layers[0].norms == (model[1],) and layers[0].norm_names == ("1",)
+    assert layers[1].norms == () and layers[1].norm_names == ()
 
 
 def test_select_layers_by_alias_and_path_in_forward_order():

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark.cli import main
-from benchmark.compare import compare, to_markdown
-from benchmark.leaderboard import md, render
-from benchmark.plots import safe_name, write_all
-from benchmark.publish import publish
-from benchmark.store import COLUMNS
+from lesionbench.cli import main
+from lesionbench.compare import compare, to_markdown
+from lesionbench.leaderboard import md, render
+from lesionbench.plots import safe_name, write_all
+from lesionbench.publish import publish
+from lesionbench.store import COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def results(model="m", dataset="d", clean=0.9, layers=None, perts=("p",), classe
     layers = layers or {"conv1": [0.9, 0.1, 0.1], "fc8": [0.9, 0.9, 0.5]}
     base = dict(model=model, dataset=dataset, seed=0, loss=1.0, n_images=100, seconds=1.0,
                 images_per_s=images_per_s, device="cpu", num_classes=classes, error="", nonfinite_weights=0,
-                level_axis="linear")  # fmt: skip
+                level_axis="linear", level_unit="fraction p")  # fmt: skip
     rows = [base | dict(layer="", layer_index=-1, relative_depth=np.nan, perturbation="clean", level=0.0, draw=0, top1=clean, top5=1.0)]
     for i, (layer, accs) in enumerate(layers.items()):
         for p in perts:
@@ -166,7 +166,7 @@ def test_results_without_a_clean_row_and_a_nan_threshold_are_refused(tmp_path):
 
 
 def test_non_finite_cells_count_as_chance_not_as_missing():
-    from benchmark.scores import layer_scores
+    from lesionbench.scores import layer_scores
 
     df = results(layers={"conv1": [0.9, 0.9, 0.9]})
     broken = (df["layer"] == "conv1") & (df["level"] == 1.0)

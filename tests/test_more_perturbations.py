@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark.layers import discover_layers
-from benchmark.perturbation import generator_for, model_checksum, perturbed
-from benchmark.registry import create_registry
+from lesionbench.graph import discover_layers
+from lesionbench.perturbation import generator_for, model_checksum, perturbed
+from lesionbench.registry import create_registry
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def popcount(x: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 def test_bit_flip_flips_the_expected_number_of_bits_in_the_tensors_own_dtype(dtype):
-    from plugins.bit_flip import flip_bits
+    from lesionbench.plugins.bit_flip import flip_bits
 
     torch.manual_seed(0)
     t = (torch.randn(20_000) * 10).to(dtype)
@@ -111,7 +111,7 @@ def test_bit_flip_flips_the_expected_number_of_bits_in_the_tensors_own_dtype(dty
 
 @pytest.mark.parametrize("field, keeps", [("sign", "magnitude"), ("exponent", "sign+mantissa"), ("mantissa", "sign+exponent")])
 def test_bit_flip_fields_touch_only_their_bits(field, keeps):
-    from plugins.bit_flip import FIELDS, flip_bits
+    from lesionbench.plugins.bit_flip import FIELDS, flip_bits
 
     t = torch.randn(50_000)
     original = t.clone()

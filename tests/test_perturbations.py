@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark.errors import LesionbenchError
-from benchmark.layers import discover_layers
-from benchmark.perturbation import (
+from lesionbench.errors import LesionbenchError
+from lesionbench.graph import discover_layers
+from lesionbench.perturbation import (
     cell_seed,
     check_levels,
     count_for,
@@ -18,7 +18,7 @@ from benchmark.perturbation import (
     model_checksum,
     perturbed,
 )
-from benchmark.registry import create_registry
+from lesionbench.registry import create_registry
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_synapse_knockout_bias_mask_is_independent_of_weight_mask(perts):
 def test_node_knockout_conv_silences_whole_filters_and_their_normalised_output(perts, p):
     model = ConvBNNet()
     layer = layers_of(model)["conv"]
-    assert layer.norm is model.bn
+    assert layer.norms == (model.bn,)
     k = math.floor(p * 16)
     x = torch.randn(4, 3, 4, 4)
     w0 = layer.module.weight.clone()
@@ -186,9 +186,9 @@ def test_restoration_is_bit_exact_even_when_evaluation_raises(perts):
 
 
 def test_restoration_undoes_a_plugin_that_swaps_the_parameter_object():
-    from benchmark.perturbation import BasePerturbation
+    from lesionbench.perturbation import WeightPerturbation
 
-    class Swapper(BasePerturbation):
+    class Swapper(WeightPerturbation):
         def apply(self, layer, level, generator):
             layer.module.weight = nn.Parameter(torch.zeros_like(layer.module.weight))
 
@@ -205,9 +205,9 @@ def test_restoration_undoes_a_plugin_that_swaps_the_parameter_object():
 def test_one_snapshot_serves_every_cell_of_a_block(perts):
     """A snapshot taken once restores the layer after each of many cells (a swapping plugin too);
     one taken of another layer is not trusted."""
-    from benchmark.perturbation import BasePerturbation, Snapshot
+    from lesionbench.perturbation import WeightPerturbation, Snapshot
 
-    class Swapper(BasePerturbation):
+    class Swapper(WeightPerturbation):
         def apply(self, layer, level, generator):
             layer.module.weight = nn.Parameter(torch.randn_like(layer.module.weight))
 
@@ -227,7 +227,7 @@ def test_one_snapshot_serves_every_cell_of_a_block(perts):
 
 
 def test_nonfinite_count_is_exact_even_when_a_sum_overflows():
-    from benchmark.perturbation import nonfinite_count
+    from lesionbench.perturbation import nonfinite_count
 
     lin = nn.Linear(4, 2)
     (layer,) = discover_layers(nn.Sequential(lin), torch.zeros(1, 4))
@@ -267,7 +267,7 @@ def test_cell_seed_is_stable_and_depends_on_every_field():
     import subprocess
     import sys
 
-    code = "from benchmark.perturbation import cell_seed; print(cell_seed(0,'model','conv1','weight_noise',0.4,2))"
+    code = "from lesionbench.perturbation import cell_seed; print(cell_seed(0,'model','conv1','weight_noise',0.4,2))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert int(out.stdout) == base
 
@@ -295,7 +295,7 @@ def test_random_subset_mask_is_exact_and_uniform_on_both_paths(monkeypatch):
 
     from scipy import stats
 
-    import benchmark.perturbation as P
+    import lesionbench.perturbation as P
 
     n = P.PERMUTE_BELOW + 12345
     for k in (0, 1, 1000, n // 3, n // 2, n - 7, n):  # coins all off, some, all on; exact k each time
@@ -311,7 +311,7 @@ def test_random_subset_mask_is_exact_and_uniform_on_both_paths(monkeypatch):
 
 def test_small_tensors_keep_the_permutation_draws_of_earlier_versions():
     """Below the threshold the mask is the first k of randperm, so earlier results reproduce."""
-    from benchmark.perturbation import random_subset_mask
+    from lesionbench.perturbation import random_subset_mask
 
     expected = torch.zeros(1000, dtype=torch.bool)
     expected[torch.randperm(1000, generator=generator_for(7))[:300]] = True
@@ -321,7 +321,7 @@ def test_small_tensors_keep_the_permutation_draws_of_earlier_versions():
 def test_coin_path_has_no_position_pattern():
     """Coins come 7 to a 64-bit draw: every position class (mod 7, mod 8) is hit at the same rate,
     so no byte of the draw (e.g. the top one, whose high bit is always 0) leaks into the mask."""
-    import benchmark.perturbation as P
+    import lesionbench.perturbation as P
 
     n = P.PERMUTE_BELOW + 12345
     mask = P.random_subset_mask(n, n // 4, generator_for(11))

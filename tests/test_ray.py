@@ -21,13 +21,13 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-import benchmark.cli as cli
-import benchmark.registry
-from benchmark.cli import main
-from benchmark.registry import get_registry
-from benchmark.runner import run_study
-from benchmark.store import read_results
-from benchmark.study import load_study
+import lesionbench.cli as cli
+import lesionbench.registry
+from lesionbench.cli import main
+from lesionbench.registry import get_registry
+from lesionbench.api import run_study
+from lesionbench.store import read_results
+from lesionbench.study import load_study
 from conftest import write_fashion
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
@@ -45,11 +45,11 @@ import signal
 
 import torch
 
-from benchmark.hookspecs import hookimpl
-from benchmark.perturbation import BasePerturbation
+from lesionbench.hookspecs import hookimpl
+from lesionbench.perturbation import WeightPerturbation
 
 
-class FaultScale(BasePerturbation):
+class FaultScale(WeightPerturbation):
     def apply(self, layer, level, generator):
         armed = os.environ.get("LESIONBENCH_TEST_ARMED", "")
         if armed and level == 0.5 and layer.display == "fc7":
@@ -70,11 +70,11 @@ def lesionbench_perturbations():
 '''
 
 DRIVER_ONLY = '''
-from benchmark.hookspecs import hookimpl
-from benchmark.perturbation import BasePerturbation
+from lesionbench.hookspecs import hookimpl
+from lesionbench.perturbation import WeightPerturbation
 
 
-class Nothing(BasePerturbation):
+class Nothing(WeightPerturbation):
     def apply(self, layer, level, generator):
         pass
 
@@ -99,9 +99,9 @@ def install(root: Path, module: str, source: str) -> Path:
 def fresh_registry(monkeypatch=None) -> None:
     importlib.invalidate_caches()
     if monkeypatch is None:
-        benchmark.registry._default = None
+        lesionbench.registry._default = None
     else:
-        monkeypatch.setattr(benchmark.registry, "_default", None)
+        monkeypatch.setattr(lesionbench.registry, "_default", None)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def ray_cluster(tmp_path_factory):
     root = install(tmp_path_factory.mktemp("site"), "lesionbench_faults", FAULTS)
     armed = tmp_path_factory.mktemp("fault") / "armed"
     saved_env = {k: os.environ.get(k) for k in ("PYTHONPATH", "LESIONBENCH_TEST_ARMED")}
-    saved_registry = benchmark.registry._default
+    saved_registry = lesionbench.registry._default
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), saved_env["PYTHONPATH"]) if p)
     os.environ["LESIONBENCH_TEST_ARMED"] = str(armed)
     sys.path.insert(0, str(root))
@@ -127,7 +127,7 @@ def ray_cluster(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        benchmark.registry._default = saved_registry
+        lesionbench.registry._default = saved_registry
 
 
 @pytest.fixture(autouse=True)
@@ -213,7 +213,7 @@ def test_resume_with_only_the_clean_row_missing_ticks_once_per_cell(ray_cluster,
         ticks.append(total)
         yield ticks.append
 
-    run_study(load_study(str(study), {}), get_registry(), out, resume=True, progress_factory=counting, executor="ray")
+    run_study(load_study(str(study), {}), get_registry(), out, resume=True, progress=counting, executor="ray")
     assert ticks[0] == N_CELLS and len(ticks[1:]) == N_CELLS
     assert_same_table(read_results(out), reference)
 

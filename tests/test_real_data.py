@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmark.data import build_eval_set
-from benchmark.evaluate import evaluate
-from benchmark.models import create_model
-from benchmark.registry import create_registry
+from lesionbench.data import build_eval_set
+from lesionbench.evaluate import evaluate
+from lesionbench.model_sources import create_model
+from lesionbench.registry import create_registry
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SHARED = Path(os.environ.get("LESIONBENCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -26,7 +26,7 @@ def registry():
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_shipped_default_model_reaches_its_recorded_accuracy(registry):
     """The committed weights give the test accuracy their JSON record states (≥ 90%)."""
-    from models.fashion import training_record
+    from lesionbench.models.fashion import training_record
 
     sources = {k: c.obj for k, c in registry.contributions("models").items()}
     model = create_model("fashion_alexnet", sources)

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import benchmark.registry as registry_mod
-from benchmark.cli import main
-from benchmark.errors import LesionbenchError, PluginError
-from benchmark.registry import create_registry
+import lesionbench.registry as registry_mod
+from lesionbench.cli import main
+from lesionbench.errors import LesionbenchError, PluginError
+from lesionbench.registry import create_registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,11 +39,11 @@ BUILTIN_PLUGINS = {
 SIGN_FLIP = '''
 import torch
 
-from benchmark.hookspecs import hookimpl
-from benchmark.perturbation import BasePerturbation, count_for
+from lesionbench.hookspecs import hookimpl
+from lesionbench.perturbation import WeightPerturbation, count_for
 
 
-class SignFlip(BasePerturbation):
+class SignFlip(WeightPerturbation):
     def apply(self, layer, level, generator):
         w = layer.module.weight
         k = count_for(level, w.numel())
@@ -94,7 +94,7 @@ def site(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- built-ins
 
 
-def test_builtins_are_loaded_through_entry_points():
+def test_builtins_are_loaded_from_the_import_list():
     registry = create_registry()
     assert not registry.failures, registry.failures
     assert BUILTIN_PLUGINS <= set(registry.plugin_names())
@@ -104,8 +104,8 @@ def test_builtins_are_loaded_through_entry_points():
     assert {"fashion_mnist", "image_folder"} <= set(registry.contributions("datasets"))
     assert {"fashion", "torchvision", "timm", "efficientnet_lite"} <= set(registry.contributions("models"))
     assert {"demo", "alexnet-baseline", "timm-cnns"} <= set(registry.contributions("studies"))
-    # every built-in arrives by the entry-point door: without it, nothing is there
-    bare = create_registry(entry_points=False)
+    # every built-in arrives through the import list, as pytest's default plugins do
+    bare = create_registry(entry_points=False, builtins=False)
     assert bare.plugin_names() == []
     assert bare.contributions("perturbations") == {}
 
@@ -137,8 +137,8 @@ def test_third_party_plugin_perturbs_and_is_restored(site):
     import torch
     from torch import nn
 
-    from benchmark.layers import discover_layers
-    from benchmark.perturbation import generator_for, model_checksum, perturbed
+    from lesionbench.graph import discover_layers
+    from lesionbench.perturbation import generator_for, model_checksum, perturbed
 
     install_plugin(site, "myplug", {"myplug": "myplug"}, {"myplug": SIGN_FLIP})
     flip = create_registry().get("perturbations", "sign_flip")
@@ -165,11 +165,11 @@ def _write_fashion(root: Path, n: int = 60) -> None:
 
 def _cli(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["COLUMNS"] = "250"
     env.setdefault("CUDA_VISIBLE_DEVICES", "")
     return subprocess.run(
-        [sys.executable, "-m", "benchmark.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "lesionbench.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
 
 
@@ -229,8 +229,8 @@ def test_third_party_plugin_through_the_cli_subprocess(tmp_path):
 
 
 DUPLICATE_SYNAPSE = '''
-from benchmark.hookspecs import hookimpl
-from plugins.synapse_knockout import SynapseKnockout
+from lesionbench.hookspecs import hookimpl
+from lesionbench.plugins.synapse_knockout import SynapseKnockout
 
 
 @hookimpl
@@ -267,19 +267,25 @@ def test_duplicate_of_a_builtin_names_both_and_cli_exits_2(site, monkeypatch, ca
 
 
 def test_duplicate_via_direct_registration_names_both():
-    from benchmark.hookspecs import hookimpl
+    from lesionbench.hookspecs import hookimpl
+
+    class Shared:
+        name, description, default_path = "shared", "a dataset two plugins both call 'shared'", None
+
+        def load(self, path, split):
+            raise NotImplementedError
 
     class One:
         @hookimpl
         def lesionbench_datasets(self):
-            return [type("D", (), {"name": "shared"})()]
+            return [Shared()]
 
     class Two:
         @hookimpl
         def lesionbench_datasets(self):
-            return [type("D", (), {"name": "shared"})()]
+            return [Shared()]
 
-    registry = create_registry([("one", One()), ("two", Two())], entry_points=False)
+    registry = create_registry([("one", One()), ("two", Two())], entry_points=False, builtins=False)
     with pytest.raises(PluginError, match=r"'shared'.*'(one|two)'.*'(one|two)'"):
         registry.contributions("datasets")
 
@@ -302,7 +308,7 @@ raise RuntimeError("boom while importing")
 '''
 
 BROKEN_HOOK = '''
-from benchmark.hookspecs import hookimpl
+from lesionbench.hookspecs import hookimpl
 
 
 class Source:
@@ -357,23 +363,73 @@ def test_plugin_whose_hook_raises_is_reported_and_others_remain(site):
     assert "fashion_mnist" in datasets
 
 
-def test_contribution_without_a_name_is_reported():
-    from benchmark.hookspecs import hookimpl
+def test_contribution_without_a_name_stops_with_one_line_naming_plugin_and_field():
+    from lesionbench.hookspecs import hookimpl
 
     class Nameless:
         @hookimpl
         def lesionbench_studies(self):
             return [object()]
 
-    registry = create_registry([("nameless", Nameless())], entry_points=False)
-    assert registry.contributions("studies") == {}
-    assert [(f.plugin, f.stage) for f in registry.failures] == [("nameless", "lesionbench_studies")]
+    registry = create_registry([("nameless", Nameless())], entry_points=False, builtins=False)
+    with pytest.raises(PluginError, match=r"^plugin 'nameless' contributed a study that breaks the contract: "
+                                          r"it has no field 'name'$"):  # fmt: skip
+        registry.contributions("studies")
+
+
+MISSING_LEVELS = '''
+from dataclasses import dataclass
+
+from lesionbench import hookimpl
+
+
+class NoLevels:  # duck-typed, and missing default_levels
+    kind = "weights"
+    name, description, level_range, identity_level = "no_levels", "forgot its levels", (0.0, 1.0), 0.0
+
+    def apply(self, layer, level, generator):
+        pass
+
+
+@hookimpl
+def lesionbench_perturbations():
+    return [NoLevels()]
+'''
+
+MISSPELLED_HOOK = '''
+from lesionbench import hookimpl
+
+
+@hookimpl
+def lesionbench_perturbation():  # no trailing s
+    return []
+'''
+
+
+def test_contribution_missing_a_field_is_refused_by_the_cli_in_one_line(site, monkeypatch, capsys):
+    install_plugin(site, "nolevels", {"nolevels": "nolevels"}, {"nolevels": MISSING_LEVELS})
+    with pytest.raises(PluginError, match="plugin 'nolevels'.*'no_levels'.*no field 'default_levels'"):
+        create_registry().contributions("perturbations")
+    monkeypatch.setattr(registry_mod, "_default", None)
+    assert main(["run", "demo", "--perturbations", "no_levels", "--out", str(site / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nolevels" in err and "default_levels" in err and "\n" not in err
+    assert not (site / "never").exists()
+
+
+def test_misspelled_hook_is_reported_by_plugin_name(site):
+    install_plugin(site, "typo", {"typo": "typo_mod"}, {"typo_mod": MISSPELLED_HOOK})
+    registry = create_registry()
+    (failure,) = [f for f in registry.failures if f.plugin == "typo"]
+    assert "lesionbench_perturbation" in failure.message and "did you mean 'lesionbench_perturbations'" in failure.message
+    assert "typo" not in registry.plugin_names()  # refused, the rest loads
+    assert "synapse_knockout" in registry.contributions("perturbations")
 
 
 def test_plugins_command_shows_failures_by_name(site, monkeypatch, capsys):
     from rich.console import Console
 
-    import benchmark.cli as cli
+    import lesionbench.cli as cli
 
     install_plugin(site, "broken", {"broken_plug": "broken_mod"}, {"broken_mod": BROKEN_IMPORT})
     install_plugin(site, "halfbroken", {"halfbroken": "halfbroken_mod"}, {"halfbroken_mod": BROKEN_HOOK})

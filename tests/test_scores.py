@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark.scores import area_score, chance_level, critical_level, curves, layer_scores, model_summary, retention
+from lesionbench.scores import area_score, chance_level, critical_level, curves, layer_scores, model_summary, retention
 
 
 def table(curves_by_layer: dict[str, list[tuple[float, list[float]]]], clean=0.9, classes=10, metric="top1"):
@@ -112,6 +112,6 @@ def test_descending_levels_read_bits_from_many_to_few():
     assert s.loc["conv1", "critical_level"] == pytest.approx(4.0)
     assert s.loc["conv1", "score"] == pytest.approx((2 * 1 + 2 * 0.75 + 2 * 0.25) / 6)
     assert math.isinf(s.loc["fc", "critical_level"]) and s.loc["fc", "max_level"] == 2.0
-    from benchmark.leaderboard import format_critical
+    from lesionbench.leaderboard import format_critical
 
     assert format_critical(s.loc["fc", "critical_level"], 2.0, "descending") == "< 2"

@@ -11,12 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark.cli import main
-from benchmark.hookspecs import hookimpl
-from benchmark.registry import create_registry
-from benchmark.runner import BN_SUFFIX, calibration_subset, execute, prepare, recalibrate
-from benchmark.store import NONFINITE, RunDir, read_results
-from benchmark.study import parse_study
+from lesionbench.cli import main
+from lesionbench.hookspecs import hookimpl
+from lesionbench.registry import create_registry
+from lesionbench.cells import recalibrate
+from lesionbench.executors.local import execute
+from lesionbench.perturbation import WeightPerturbation
+from lesionbench.plan import BN_SUFFIX, calibration_subset, prepare
+from lesionbench.store import NONFINITE, RunDir, read_results
+from lesionbench.study import parse_study
 from conftest import write_fashion
 
 KEY = ["layer", "perturbation", "level", "draw"]
@@ -35,8 +38,9 @@ def study(data, **extra):
 
 
 def run(s, tmp_path, name, registry=None):
-    out = RunDir.create(tmp_path / name, s)
-    execute(prepare(s, registry or create_registry()), out, debug=True)  # debug: checksum after every cell
+    plan = prepare(s, registry or create_registry())
+    out = RunDir.create(tmp_path / name, s.to_dict(), plan.fingerprint())
+    execute(plan, out, debug=True)  # debug: checksum after every cell
     return out.frame().sort_values(KEY, ignore_index=True)
 
 
@@ -73,10 +77,8 @@ def test_calibration_images_are_disjoint_from_the_evaluated_ones_and_must_exist(
         calibration_subset(np.arange(80) % 10, plan.indices, study(data, bn_recalibrate=True, calibration_images=60))
 
 
-class Poison:
+class Poison(WeightPerturbation):
     """Sets exactly three weights to NaN/Inf: the run must count them."""
-
-    name, description, default_levels, level_range, identity_level = "poison", "", (0.0, 1.0), (0.0, 1.0), 0.0
 
     def apply(self, layer, level, generator):
         flat = layer.module.weight.view(-1)
@@ -85,7 +87,7 @@ class Poison:
 
 
 def test_nonfinite_weights_are_counted_per_cell(data, tmp_path):
-    registry = create_registry([("poison", SimpleNamespace(lesionbench_perturbations=hookimpl(lambda: [Poison()])))])
+    registry = create_registry([("poison", SimpleNamespace(lesionbench_perturbations=hookimpl(lambda: [Poison("poison", "three weights NaN/Inf", (0.0, 1.0), (0.0, 1.0))])))])
     s = study(data, perturbations=["poison"], levels={"poison": [0.0, 1.0]}, models=[{"ref": "fashion_alexnet"}],
               layers=["conv2"])  # fmt: skip
     df = run(s, tmp_path, "poison", registry)
@@ -123,7 +125,7 @@ def test_reinit_without_initial_weights_stops_before_anything_is_written(data, t
 
 
 def test_init_checkpoint_gives_reinit_its_initial_weights(data, tmp_path, capsys):
-    from models.fashion import ARCHITECTURES
+    from lesionbench.models.fashion import ARCHITECTURES
 
     torch.manual_seed(123)
     init = ARCHITECTURES["fashion_alexnet"]().state_dict()

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from benchmark.errors import LesionbenchError, unknown_name
+from lesionbench.errors import LesionbenchError, unknown_name
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,14 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
-    """A built model in eval mode with what the harness needs to feed and name it."""
+    """A built model in eval mode with what the harness needs to feed and name it.
+
+    The class count is not declared here: the harness reads it from the model's output. Inputs are
+    given to the model in its own floating dtype (float32, float16 or bfloat16).
+    """
 
     name: str
     module: nn.Module
-    num_classes: int
     input_size: tuple[int, int, int]  # C, H, W
     preprocess: Callable[[Any], torch.Tensor]  # PIL image -> CHW float tensor
     preprocess_key: str  # equal keys mean equal tensors, so evaluation sets can be shared
@@ -55,6 +58,13 @@ class LoadedModel:
 
 @runtime_checkable
 class ModelSource(Protocol):
+    """What a model plugin contributes: builds the models whose references it owns.
+
+    ``name`` is the prefix in ``name:arch`` references; ``claims(arch)`` says which bare names it
+    also owns; ``build(spec)`` returns a :class:`LoadedModel` in eval mode, raising
+    LesionbenchError for weights it cannot find or options it cannot take.
+    """
+
     name: str  # the prefix in "name:arch"
     description: str
 
@@ -146,14 +156,3 @@ def load_checkpoint_into(module: nn.Module, path: str | Path) -> None:
         problems.append(f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[0]!r})")
     if problems:
         raise LesionbenchError(f"checkpoint {str(path)!r} does not fit the model: " + "; ".join(problems))
-
-
-def num_classes_of(module: nn.Module) -> int:
-    """Output units of the last Linear (or 1×1 conv classifier) layer."""
-    last = None
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            last = m
-    if last is None:
-        raise LesionbenchError("model has no Conv or Linear layer")
-    return int(last.weight.shape[0])

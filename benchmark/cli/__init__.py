@@ -1,4 +1,4 @@
-"""The ``lesionbench`` command: argument parsing, exit codes and progress; the logic lives elsewhere.
+"""The ``lesionbench`` command line: the only place that knows argparse, rich and publishing.
 
 Exit codes: 0 success, 1 a regression found by ``compare``, 2 bad input (one line on stderr).
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmark.errors import LesionbenchError
-from benchmark.registry import KINDS, SINGULAR, get_registry
+from lesionbench.errors import LesionbenchError
+from lesionbench.registry import KINDS, SINGULAR, get_registry
 
 console = Console()
 err_console = Console(stderr=True)
@@ -30,6 +30,22 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def add_study_options(parser: argparse.ArgumentParser) -> None:
+    """A ``--flag`` for each study option declared with one (see lesionbench.study.option)."""
+    from lesionbench.study import Study, option_fields
+
+    for f in option_fields(Study):
+        meta = f.metadata
+        if not meta.get("flag"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", default=None, help=meta["help"])
+        else:
+            kind = int if f.type in ("int", int) else str
+            parser.add_argument(flag, type=kind, choices=meta.get("choices"), help=meta["help"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -39,20 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default: runs/<study name>)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="finish the cells missing from an earlier run")
     run.add_argument("--data", help="dataset path (overrides the study)")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
     run.add_argument("--models", type=_names, help="comma-separated model references")
     run.add_argument("--layers", type=_names, help="comma-separated layer names or aliases")
     run.add_argument("--perturbations", type=_names, help="comma-separated perturbation names")
     run.add_argument("--levels", type=_floats, help="comma-separated levels for every perturbation")
-    run.add_argument("--draws", type=int, help="random draws per layer and level")
     run.add_argument("--n-images", type=int, help="size of the evaluation subset")
-    run.add_argument("--seed", type=int, help="study seed")
-    run.add_argument("--batch-size", type=int, help="evaluation batch size")
-    run.add_argument("--engine", choices=["fast", "naive"], help="fast: evaluate only what a perturbation changes (default); naive: full passes")
-    run.add_argument("--autocast", action="store_true", default=None, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    run.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
-    run.add_argument("--bn-recalibrate", action="store_true", default=None,
-                     help="re-estimate BatchNorm statistics on a calibration subset after each perturbation")
+    add_study_options(run)
     run.add_argument("--debug", action="store_true", help="verify the model checksum after every cell")
     run.add_argument("--executor", choices=["local", "ray"], default="local",
                      help="local: evaluate here (default); ray: one task per block on a Ray cluster (pip install lesionbench[ray])")
@@ -121,20 +129,21 @@ def cmd_plugins(args) -> int:
     table = Table(title="lesionbench plugins")
     table.add_column("plugin")
     table.add_column("module")
+    table.add_column("distribution")
     table.add_column("contributes")
     for name in sorted(contributed):
-        plugin = registry.pm.get_plugin(name)
-        module = getattr(plugin, "__name__", type(plugin).__name__) if plugin is not None else "-"
-        table.add_row(name, module, ", ".join(sorted(contributed[name])) or "(nothing)")
+        info = registry.info(name)
+        table.add_row(name, info.module, f"{info.distribution} {info.version}".strip(" -") or "-",
+                      ", ".join(sorted(contributed[name])) or "(nothing)")  # fmt: skip
     for failure in registry.failures:
-        table.add_row(failure.plugin, "[red]failed[/red]", f"{failure.stage}: {failure.message}")
+        table.add_row(failure.plugin, "[red]failed[/red]", "", f"{failure.stage}: {failure.message}")
     console.print(table)
     return 0
 
 
 def cmd_train(args) -> int:
-    from benchmark.train import TrainConfig, train
-    from models.fashion import weights_path
+    from lesionbench.train import TrainConfig, train
+    from lesionbench.models.fashion import weights_path
 
     out = args.out or weights_path(args.model.split(":")[-1])
     config = TrainConfig(
@@ -152,7 +161,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from benchmark.publish import publish
+    from lesionbench.publish import publish
 
     out = publish(args.results, args.out, args.plots, draw=not args.no_plots, title=args.title, metric=args.metric)
     console.print(f"wrote {out}")
@@ -160,10 +169,10 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from benchmark.compare import compare, to_markdown
-    from benchmark.leaderboard import metric_of
-    from benchmark.publish import resolve_results
-    from benchmark.store import read_results
+    from lesionbench.compare import compare, to_markdown
+    from lesionbench.leaderboard import metric_of
+    from lesionbench.publish import resolve_results
+    from lesionbench.store import read_results
 
     new_files, base_files = resolve_results([args.new]), resolve_results([args.baseline])
     metric = args.metric or metric_of(new_files[0])
@@ -173,9 +182,35 @@ def cmd_compare(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from benchmark.runner import run_from_cli
+    """``lesionbench run``: load the study, apply flags, run it with a progress bar, publish."""
+    from dataclasses import fields
 
-    return run_from_cli(args, console)
+    from lesionbench.api import run_study
+    from lesionbench.cli.progress import rich_progress
+    from lesionbench.cli.report import print_summary
+    from lesionbench.publish import publish
+    from lesionbench.store import RunDir
+    from lesionbench.study import Study, load_study, parse_study, with_overrides
+
+    registry = get_registry()
+    presets = {k: c.obj for k, c in registry.contributions("studies").items()}
+    if args.resume is not None:
+        with RunDir.open_existing(args.resume) as earlier:  # only to read the study; locked again to run
+            study = parse_study(earlier.manifest()["study"])
+        out = args.resume
+    else:
+        study = load_study(args.study, presets)
+        out = args.out or Path("runs") / study.name
+    options = {f.name: getattr(args, f.name) for f in fields(Study) if f.metadata.get("flag")}
+    study = with_overrides(study, models=args.models, layers=args.layers, perturbations=args.perturbations,
+                           levels=args.levels, n_images=args.n_images, data=args.data, **options)  # fmt: skip
+    run = run_study(study, registry, out, resume=args.resume is not None,
+                    progress=lambda total: rich_progress(console, total), debug=args.debug,
+                    executor=args.executor, ray_address=args.ray_address)  # fmt: skip
+    print_summary(run.frame(), study, console)
+    board = publish([run.results_path], run.path / "LEADERBOARD.md", title=f"lesionbench: {study.name}")
+    console.print(f"results: {run.results_path}\nleaderboard: {board}\nplots: {run.path / 'plots'}")
+    return 0
 
 
 def _report_failures(registry) -> None:

@@ -6,9 +6,9 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from benchmark.leaderboard import format_critical
-from benchmark.scores import layer_scores
-from benchmark.study import Study
+from lesionbench.leaderboard import format_critical
+from lesionbench.scores import layer_scores
+from lesionbench.study import Study
 
 
 def print_summary(df: pd.DataFrame, study: Study, console: Console) -> None:

