@@ -73,6 +73,10 @@ def run_study(
         store = MemoryStore()
     elif resume:
         store = RunDir.open_existing(out, plan.fingerprint())  # a different study is refused before connecting
+        if all_done(plan, store):
+            store.already_complete = True
+            store.close()
+            return store
     else:
         store = None  # created once the session is up: a cluster that cannot be reached leaves nothing behind
     try:
@@ -85,6 +89,13 @@ def run_study(
         if isinstance(store, RunDir):
             store.close()
     return store
+
+
+def all_done(plan: Plan, store: Store) -> bool:
+    """Whether ``store`` holds every cell of ``plan`` (a resumed run with nothing left to do)."""
+    done = store.completed()
+    return all(plan.key(m.loaded.name) in done and all(plan.key(m.loaded.name, c) in done for c in plan.cells(m))
+               for m in plan.models)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ run()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import traceback
 from collections.abc import Callable, Iterator
 
 import torch
@@ -62,7 +63,7 @@ class ModelRunner:
     def __init__(self, plan: Plan, prepared: PreparedModel, eval_set: EvalSet, calibration: EvalSet | None = None,
                  debug: bool = False, note: Callable[[str], None] = lambda _t: None):  # fmt: skip
         study = plan.study
-        self.plan, self.prepared, self.debug = plan, prepared, debug
+        self.plan, self.prepared, self.debug, self.note = plan, prepared, debug, note
         self.name = prepared.loaded.name
         self.device = resolve_device(study.device)
         if eval_set.skipped:
@@ -198,6 +199,7 @@ class ModelRunner:
         except Exception as exc:  # a faulty plugin fails its own cell, not the study
             error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.warning("%s failed: %s", plan.label(self.name, cell), error)
+            self.note(f"{plan.label(self.name, cell)} failed:\n{''.join(traceback.format_exception(exc)).rstrip()}")
         if result is not None and not math.isfinite(result.loss):
             error = error or NONFINITE
         return _row(plan, self.name, cell, seed, result, error, nonfinite)

@@ -146,6 +146,10 @@ class Registry:
                 found[name] = Contribution(name, kind, impl.plugin_name, obj)
         return found
 
+    def owner(self, kind: str, name: str) -> str:
+        """The plugin that contributed ``name`` of ``kind``."""
+        return self.contributions(kind)[name].plugin
+
     def get(self, kind: str, name: str) -> Any:
         items = self.contributions(kind)
         if name not in items:

@@ -92,6 +92,12 @@ class RunDir:
 
     path: Path
     _lock: FileLock | None = field(default=None, repr=False)
+    already_complete: bool = False  # set by the executor when a resumed run had nothing left to do
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        """Whether ``path`` holds a run (a manifest and a results file)."""
+        return (Path(path) / MANIFEST).is_file() and (Path(path) / RESULTS).is_file()
 
     @property
     def results_path(self) -> Path:
@@ -178,9 +184,13 @@ class RunDir:
         return run
 
     def note(self, text: str) -> None:
-        """A line in the run's log (engine fallbacks and the like)."""
-        with open(self.path / "run.log", "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+        """A line in the run's log (engine fallbacks and the like); best effort: a full disk is
+        reported by the next row's write, not by the log."""
+        try:
+            with open(self.path / "run.log", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+        except OSError:
+            pass
 
     def manifest(self) -> dict:
         try:
@@ -203,15 +213,32 @@ class RunDir:
             return next(csv.reader([f.readline()]))
 
     def append(self, row: dict) -> None:
-        """Write one complete row and make it durable before returning."""
+        """Write one complete row and make it durable before returning.
+
+        A write that fails (disk full, file size limit) is undone, so the file keeps only whole
+        rows, and reported as one line saying how to finish the run.
+        """
         if not hasattr(self, "_columns"):
             self._columns = self.columns()
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in self._columns])
-        with open(self.results_path, "a", encoding="utf-8") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
+        data = buf.getvalue().encode("utf-8")
+        fd = os.open(self.results_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, size)  # never a torn row (truncating frees space: it cannot fail the same way)
+                raise LesionbenchError(
+                    f"cannot write {str(self.results_path)!r} ({exc.strerror or exc}); the rows written so far are "
+                    f"whole: free space and finish with lesionbench run --resume {self.path}"
+                ) from None
+        finally:
+            os.close(fd)
 
     def frame(self) -> pd.DataFrame:
         return read_results(self.results_path)
