@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lesionbench.graph import discover_layers
-from lesionbench.perturbation import generator_for, model_checksum, perturbed
+from lesionbench.perturbation import cell_seed, generator_for, model_checksum, perturbed
 from lesionbench.plugins.activation_bit_flip import flip_bits_per_image
 from lesionbench.registry import create_registry
 
@@ -183,3 +183,29 @@ def test_bit_flips_in_a_quantized_activation_change_its_int8_codes_only():
     assert y.is_quantized and y.q_scale() == x.q_scale() and y.q_zero_point() == x.q_zero_point()
     diff = np.unpackbits((x.int_repr() ^ y.int_repr()).reshape(30, -1).numpy(), axis=1).sum(1)
     assert diff.tolist() == [2] * 30
+
+
+# ---------------------------------------------------------------- through a study
+
+
+def test_a_study_reports_nonfinite_outputs_of_activation_faults_and_leaves_weight_rows_empty():
+    import lesionbench
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    images = torch.randn(1, 1, 8, 8).expand(30, -1, -1, -1).contiguous()  # one image: any evaluation order
+    labels = torch.arange(30) % 3
+    df = lesionbench.run({"perturbations": ["activation_bit_flip", "filter_prune"], "layers": ["0"], "draws": 2,
+                          "levels": {"activation_bit_flip": [0.0, 0.05], "filter_prune": [0.0, 0.5]}, "device": "cpu"},
+                         model=model, data=(images, labels))  # fmt: skip
+    flips = df[(df["perturbation"] == "activation_bit_flip") & (df["level"] == 0.05)]
+    assert len(flips) == 2 and (flips["nonfinite_outputs"] > 0).all()  # 5% of bits: exponents hit, NaN/Inf out
+    # the count is the harness's own: the same cell through lesioned() gives the same NaN/Inf values
+    row = flips.sort_values("draw").iloc[0]
+    (layer,) = discover_layers(model[:1], torch.zeros(1, 1, 8, 8))
+    perts = {n: c.obj for n, c in create_registry().contributions("perturbations").items()}
+    with torch.no_grad(), perturbed(layer, perts["activation_bit_flip"], 0.05, generator_for(cell_seed(0, "model", "0", "activation_bit_flip", 0.05, 0))):
+        expected = int((~torch.isfinite(model[0](images))).sum())
+    assert int(row["nonfinite_outputs"]) == expected
+    pruned = df[df["perturbation"] == "filter_prune"]
+    assert len(pruned) == 2 and pruned["nonfinite_outputs"].isna().all()  # one draw per level: deterministic
