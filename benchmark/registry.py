@@ -49,6 +49,7 @@ BUILTIN_PLUGINS = {
     "torchvision": "lesionbench.models.torchvision_models",
     "timm": "lesionbench.models.timm_models",
     "efficientnet_lite": "lesionbench.models.efficientnet_lite",
+    "int8": "lesionbench.models.int8",
 }
 
 # kind -> hook name; the kind is what `lesionbench list KIND` takes.
