@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lesionbench import HookPerturbation, Layer, LesionbenchError, LevelAxis, hookimpl
-from lesionbench.plugins.bit_flip import LEVELS, apply_bit_masks
+from lesionbench.plugins.bit_flip import INT_VIEW, LEVELS
 
 Hook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
 SEED_BOUND = (1 << 63) - 1
@@ -47,9 +47,10 @@ def numpy_generator(generator: torch.Generator) -> np.random.Generator:
 
 
 def stored_bits(output: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """The tensor whose bits hold ``output``'s values, and a function rebuilding an output from it.
+    """A row-major copy of the bits that hold ``output``'s values, and a function rebuilding an
+    output from it.
 
-    Float outputs are their own storage; a quantized output stores its integer codes
+    Float outputs are copied as they are; a quantized output stores its integer codes
     (``int_repr()``), rebuilt with the same scale and zero point. Raises LesionbenchError for any
     other dtype (integer outputs of a Conv/Linear do not occur).
     """
@@ -57,10 +58,11 @@ def stored_bits(output: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Ten
         if output.qscheme() != torch.per_tensor_affine:
             raise LesionbenchError(f"activation bit flips need a per-tensor quantized output, not {output.qscheme()}")
         scale, zero_point = output.q_scale(), output.q_zero_point()
-        return output.int_repr(), lambda codes: torch._make_per_tensor_quantized_tensor(codes, scale, zero_point)
+        codes = output.int_repr().contiguous()
+        return codes, lambda c: torch._make_per_tensor_quantized_tensor(c, scale, zero_point)
     if not output.is_floating_point():
         raise LesionbenchError(f"activation bit flips need a floating-point or quantized output, not {output.dtype}")
-    return output.detach().clone(), lambda values: values
+    return output.detach().clone(memory_format=torch.contiguous_format), lambda values: values
 
 
 def flip_bits_per_image(output: torch.Tensor, draw: Callable[[int, int], np.ndarray]) -> torch.Tensor:
@@ -68,20 +70,22 @@ def flip_bits_per_image(output: torch.Tensor, draw: Callable[[int, int], np.ndar
 
     ``output`` is [images, ...] (any dtype :func:`stored_bits` takes). ``draw(values, width)`` is
     called once per image, in order, and returns distinct bit positions in range(values × width),
-    position j being bit j % width (0 = least significant) of the image's value j // width.
+    position j being bit j % width (0 = least significant) of the image's value j // width (values
+    in row-major order). Only the values hit are written, on the output's device.
     """
     storage, rebuild = stored_bits(output)
     per_image = storage[0].numel() if len(storage) else 0
     width = storage.element_size() * 8
     chosen = [i * per_image * width + draw(per_image, width).astype(np.int64) for i in range(len(storage))]
-    if not chosen or not sum(len(c) for c in chosen):
+    position = torch.from_numpy(np.concatenate(chosen)) if chosen else torch.empty(0, dtype=torch.int64)
+    if not len(position):
         return output
-    position = torch.from_numpy(np.concatenate(chosen))
-    masks = torch.zeros(storage.numel(), dtype=torch.int64)
-    masks.index_put_((position // width,), torch.ones_like(position) << (position % width), accumulate=True)  # distinct: sum = or
-    flat = storage.contiguous()  # apply_bit_masks writes through a flat view in logical order
-    apply_bit_masks(flat, masks, "xor")
-    return rebuild(flat)
+    element, inverse = torch.unique(position // width, return_inverse=True)
+    masks = torch.zeros(len(element), dtype=torch.int64).index_add_(0, inverse, torch.ones_like(position) << (position % width))
+    ints = storage.view(INT_VIEW[storage.element_size()]).view(-1)  # the same memory, as integers
+    device = ints.device
+    ints[element.to(device)] ^= masks.to(ints.dtype).to(device)  # distinct bits per value: their sum is their or
+    return rebuild(storage)
 
 
 def bit_error_hook(rate: float, rng: np.random.Generator) -> Hook:
