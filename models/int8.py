@@ -95,6 +95,9 @@ class _Int8Weights:
         return torch._make_per_tensor_quantized_tensor(codes, float(self.weight_scale[0]), int(self.weight_zero_point[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise LesionbenchError(f"int8 models run on the CPU only (torch.ao's int8 kernels), not on {x.device}: "
+                                   "use device = \"cpu\"")  # fmt: skip
         key = self._key()  # reads the weight (the graph probe sees the layer used here)
         if key != self._packed_key:
             bias = self.bias.detach().cpu() if self.bias is not None else None

@@ -172,6 +172,12 @@ def test_int8_errors_are_one_line(data, tmp_path, capsys):
                          "dataset": {"name": "fashion_mnist", "path": str(data)}})  # fmt: skip
 
 
+def test_an_int8_layer_given_a_tensor_off_the_cpu_says_so_in_one_line(model):
+    _module, graph, images = model
+    with pytest.raises(LesionbenchError, match="CPU only"):
+        graph.layers[0].module(images.to("meta"))
+
+
 @pytest.mark.parametrize("size,kernel,stride", [(224, 3, 2), (56, 5, 2), (28, 3, 1), (7, 5, 2)])
 def test_static_same_padding_gives_timms_conv2d_same_numbers(size, kernel, stride):
     from timm.layers import Conv2dSame
