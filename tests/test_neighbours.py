@@ -176,6 +176,7 @@ def test_single_fault_mode_takes_whole_numbers_only(perts):
         perts["activation_bit_flip_single"].check_level(1.5)
 
 
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions:UserWarning")
 def test_bit_flips_in_a_quantized_activation_change_its_int8_codes_only():
     x = torch.quantize_per_tensor(torch.randn(30, 4, 5), 0.05, 128, torch.quint8)
     rng = np.random.default_rng(0)
