@@ -302,6 +302,26 @@ def nonfinite_count(layer: Layer) -> int:
     )
 
 
+@contextmanager
+def nonfinite_outputs(layer: Layer) -> Iterator[list[int]]:
+    """Count the NaN/±Inf values ``layer`` emits while the block runs: yields a one-item list.
+
+    Its forward hook is registered after any a hook perturbation installed, so it sees the damaged
+    output (activation bit flips into an exponent…); removed on exit.
+    """
+    count = [0]
+
+    def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            count[0] += _nonfinite(output)
+
+    handle = layer.module.register_forward_hook(hook)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
 def _nonfinite(tensor: torch.Tensor) -> int:
     """A finite sum proves there is no NaN or Inf (and costs a fiftieth of counting them);
     otherwise count (the sum of large finite values may also overflow)."""

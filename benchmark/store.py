@@ -28,12 +28,13 @@ from lesionbench.errors import LesionbenchError
 COLUMNS = [
     "model", "dataset", "layer", "layer_index", "relative_depth", "perturbation", "level", "draw",
     "seed", "top1", "top5", "loss", "n_images", "seconds", "images_per_s", "device", "num_classes", "error",
-    "nonfinite_weights", "level_axis", "level_unit",
+    "nonfinite_weights", "level_axis", "level_unit", "nonfinite_outputs",
 ]  # fmt: skip
 # Columns older result files may lack, with what they meant then.
-OPTIONAL = {"error": "", "nonfinite_weights": float("nan"), "level_axis": "linear", "level_unit": ""}
+OPTIONAL = {"error": "", "nonfinite_weights": float("nan"), "level_axis": "linear", "level_unit": "",
+            "nonfinite_outputs": float("nan")}  # fmt: skip
 NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
-           "seconds", "images_per_s", "num_classes", "nonfinite_weights"]  # fmt: skip
+           "seconds", "images_per_s", "num_classes", "nonfinite_weights", "nonfinite_outputs"]  # fmt: skip
 CLEAN = "clean"
 NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf  # the perturbation name of the one unperturbed evaluation per model
 RESULTS = "results.csv"
