@@ -79,7 +79,8 @@ class MemoryStore:
     def frame(self) -> pd.DataFrame:
         df = pd.DataFrame(self.rows, columns=COLUMNS)
         df["error"] = df["error"].fillna("")
-        return df.astype({c: float for c in NUMERIC})
+        # floats as read_results gives them; seeds stay 64-bit integers (a float64 cannot hold them)
+        return df.astype({c: float for c in NUMERIC if c != "seed"} | {"seed": "int64"})
 
 
 @dataclass
