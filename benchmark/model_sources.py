@@ -54,6 +54,8 @@ class LoadedModel:
     aliases: dict[str, str] = field(default_factory=dict)  # module path -> paper name
     # The whole model's state at initialisation, when the source (or the user) knows it.
     initial_state: Callable[[], Mapping[str, torch.Tensor]] | None = None
+    # The device types the model's kernels run on (int8 models: the CPU only); checked before a run.
+    devices: tuple[str, ...] = ("cpu", "cuda")
     # Ignored: the class count is read from the model's output. Kept so that model sources written
     # for lesionbench 0.1, which passed it, still build.
     num_classes: int | None = None

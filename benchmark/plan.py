@@ -189,6 +189,10 @@ def resolve_perturbations(study: Study, registry: Registry) -> dict[str, tuple[P
 def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: RawDataset, max_label: int,
                   registry: Registry, plugin: str) -> PreparedModel:  # fmt: skip
     """A built model analysed and checked: its graph, the study's layers, each perturbation's targets."""
+    device = resolve_device(study.device)
+    if device.type not in loaded.devices:
+        raise LesionbenchError(f"model {loaded.name!r} runs on {' or '.join(loaded.devices)} only, not on {device}: "
+                               f"set device = {loaded.devices[0]!r} in the study or --device {loaded.devices[0]}")  # fmt: skip
     dtype = model_dtype(loaded.module)
     example = torch.zeros(1, *loaded.input_size, dtype=dtype)
     with blame(plugin, f"running model {loaded.name!r} on one input of size {tuple(loaded.input_size)}"):

@@ -291,6 +291,7 @@ class Int8Models:
             preprocess=loaded.preprocess,
             preprocess_key=loaded.preprocess_key,
             aliases={**{k: loaded.aliases.get(v, v) for k, v in renamed.items()}, **loaded.aliases},
+            devices=("cpu",),
         )
 
 

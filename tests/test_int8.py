@@ -191,3 +191,33 @@ def test_static_same_padding_gives_timms_conv2d_same_numbers(size, kernel, strid
         assert isinstance(model[0], PaddedConv2d) and aliases == {"0.conv": "0"}
         assert torch.allclose(model(x), expected, atol=1e-6)
     assert same_padding(size, kernel, stride, 1) == (model[0].pad.padding[2], model[0].pad.padding[3])
+
+
+def test_a_model_that_cannot_run_on_the_studys_device_is_refused_before_anything_is_written(tmp_path):
+    """int8 models declare devices=("cpu",); the same check refuses any model on a device it lacks."""
+    from types import SimpleNamespace
+
+    from conftest import write_fashion
+    from lesionbench import LesionbenchError, LoadedModel, hookimpl
+    from lesionbench.api import run
+    from lesionbench.registry import create_registry
+
+    class GpuOnly:
+        name, description = "gpuonly", "a model whose kernels exist on CUDA only"
+
+        def claims(self, arch):
+            return arch == "gpu_net"
+
+        def examples(self):
+            return ["gpu_net"]
+
+        def build(self, spec):
+            module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+            return LoadedModel("gpu_net", module, (1, 28, 28), lambda im: torch.zeros(1, 28, 28), "z", devices=("cuda",))
+
+    registry = create_registry([("gpuonly", SimpleNamespace(lesionbench_models=hookimpl(lambda: [GpuOnly()])))])
+    data = write_fashion(tmp_path / "fashion", n=20)
+    study = {"models": ["gpu_net"], "device": "cpu", "dataset": {"name": "fashion_mnist", "path": str(data)}}
+    with pytest.raises(LesionbenchError, match=r"model 'gpu_net' runs on cuda only, not on cpu: set device = 'cuda'"):
+        run(study, tmp_path / "out", registry=registry)
+    assert not (tmp_path / "out").exists()
