@@ -1,7 +1,8 @@
 """Paper-style figures from a results table (matplotlib, PNG): rendering only.
 
 - :func:`accuracy_curves`: Cheney et al.'s Figure 1 — accuracy against level, a line per layer,
-  the shaded ``ci_low``–``ci_high`` interval of :func:`lesionbench.scores.curves`, and chance.
+  a shaded 95% interval (the bootstrap band over images and draws where one is given, else the
+  ``ci_low``–``ci_high`` t-interval over draws of :func:`lesionbench.scores.curves`), and chance.
   Up to :data:`MAX_COLOURED_LAYERS` layers each get their own colour and marker; deeper networks
   show every layer in grey and colour only the first, the last, the most fragile and the most
   robust layer, so 16–54 layers stay legible.
@@ -44,8 +45,6 @@ MAX_PAGE_HEIGHT_IN = 13.0  # a taller grid is split over several files
 MAX_COLUMNS = 4
 MAX_COLOURED_LAYERS = 10  # beyond this, grey context and a few highlighted layers
 FALLBACK_UNIT = "level p"  # result files written before level_unit was recorded
-# What the shaded band of Figure 1 is: the ci_low..ci_high columns of scores.curves.
-BAND_CAPTION = "shaded: 95% interval of the mean"
 STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
          "xtick.labelsize": 8, "ytick.labelsize": 8}  # fmt: skip
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
@@ -181,12 +180,36 @@ def _facts_line(facts: dict, draws: int | None = None) -> str:
 # ------------------------------------------------------------------------------ Figure 1
 
 
+def with_band(c: pd.DataFrame, bands: pd.DataFrame | None) -> pd.DataFrame:
+    """Curves with ``band_low``/``band_high`` and ``bootstrapped``: the bootstrap band where
+    ``bands`` (rows keyed by model, dataset, layer, perturbation, level) has one, else the
+    t-interval over draws (``ci_low``/``ci_high``)."""
+    keys = ["model", "dataset", "layer", "perturbation", "level"]
+    if bands is not None and len(c):
+        c = c.merge(bands[keys + ["band_low", "band_high"]], on=keys, how="left")
+    else:
+        c = c.assign(band_low=float("nan"), band_high=float("nan"))
+    missing = c["band_low"].isna() | c["band_high"].isna()
+    c["bootstrapped"] = ~missing
+    c.loc[missing, "band_low"], c.loc[missing, "band_high"] = c.loc[missing, "ci_low"], c.loc[missing, "ci_high"]
+    return c
+
+
+def _band_caption(c: pd.DataFrame, draws: int) -> str:
+    if c["bootstrapped"].all() and len(c):
+        return "shaded: 95% interval, bootstrap over images and draws"
+    if c["bootstrapped"].any():
+        return "shaded: 95% interval (bootstrap over images and draws; t over draws where no outcomes were kept)"
+    return f"shaded: 95% t-interval of the mean over {draws} draws" if draws > 1 else "no band"
+
+
 def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metric: str,
-                           c: pd.DataFrame | None = None) -> Figure:  # fmt: skip
-    """Accuracy against level for every layer of ``model`` under ``perturbation`` (not saved)."""
+                           c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None) -> Figure:  # fmt: skip
+    """Accuracy against level for every layer of ``model`` under ``perturbation`` (not saved);
+    ``bands``: bootstrap bands (see :func:`with_band`)."""
     if c is None:
         c = curves(df[df["model"] == model], metric)
-    c = c[c["perturbation"] == perturbation]
+    c = with_band(c[c["perturbation"] == perturbation], bands)
     axis = c["level_axis"].iloc[0] if len(c) else "linear"
     facts = _model_facts(df, model)
     draws = int(c["n"].max()) if len(c) else 0
@@ -211,8 +234,8 @@ def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metr
             colour = colours[i]
             ax.plot(g["x"], g["mean"], marker=MARKERS[i % len(MARKERS)], ms=4, lw=1.6, color=colour, zorder=3,
                     label=label)  # fmt: skip
-            if draws > 1:
-                ax.fill_between(g["x"], g["ci_low"].clip(0, 1), g["ci_high"].clip(0, 1), color=colour, alpha=0.12,
+            if draws > 1 or g["bootstrapped"].any():
+                ax.fill_between(g["x"], g["band_low"].clip(0, 1), g["band_high"].clip(0, 1), color=colour, alpha=0.12,
                                 lw=0, zorder=2)  # fmt: skip
         chance = float(c["chance"].iloc[0]) if len(c) else 0.0
         _chance_line(ax, chance)
@@ -226,7 +249,7 @@ def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metr
         _level_axis(ax, axis, clean_x, c["level"].unique())
         ax.set_xlabel(level_unit(df, perturbation))
         ax.set_ylabel(f"{metric} accuracy")
-        band = BAND_CAPTION + (f" over {draws} draws" if draws > 1 else "") if draws > 1 else "one draw per level: no band"
+        band = _band_caption(c, draws)
         _suptitle(fig, f"{model} under {perturbation}", f"{_facts_line(facts, draws)}; {band}")
     return fig
 
@@ -247,9 +270,9 @@ def _highlights(names: list[str], score: Mapping[str, float]) -> dict[str, str]:
 
 
 def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str, out: Path,
-                    c: pd.DataFrame | None = None) -> Path:  # fmt: skip
+                    c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None) -> Path:  # fmt: skip
     """Figure 1 for one model and perturbation, written to ``out`` (PNG)."""
-    return _save(accuracy_curves_figure(df, model, perturbation, metric, c), out)
+    return _save(accuracy_curves_figure(df, model, perturbation, metric, c, bands), out)
 
 
 # ------------------------------------------------------------------------------ heatmap
@@ -414,10 +437,12 @@ def planned_paths(df: pd.DataFrame, out_dir: Path) -> dict[str, list[tuple[str, 
     return {model: [(label, path) for label, path, _k, _p in items] + shared for model, items in layout.items()}
 
 
-def write_all(df: pd.DataFrame, metrics: Mapping[str, str], out_dir: Path) -> dict[str, list[tuple[str, Path]]]:
+def write_all(df: pd.DataFrame, metrics: Mapping[str, str], out_dir: Path,
+              bands: pd.DataFrame | None = None) -> dict[str, list[tuple[str, Path]]]:  # fmt: skip
     """Draw every figure for a results table; returns model → [(label, path)] for the leaderboard.
 
-    ``metrics`` maps dataset → the metric scores come from (default top1)."""
+    ``metrics`` maps dataset → the metric scores come from (default top1); ``bands``: bootstrap
+    bands for the accuracy curves (see :func:`with_band`)."""
     layout = _layout(df, out_dir)
     for (model, dataset), _g in df[df["perturbation"] != "clean"].groupby(["model", "dataset"], sort=True):
         metric = metrics.get(dataset, "top1")
@@ -428,7 +453,7 @@ def write_all(df: pd.DataFrame, metrics: Mapping[str, str], out_dir: Path) -> di
             if not path.name.startswith(stem):  # the same model on another dataset
                 continue
             if kind == "curves":
-                accuracy_curves(track, model, perts[0], metric, path, c)
+                accuracy_curves(track, model, perts[0], metric, path, c, bands)
             else:
                 retention_heatmap(track, model, metric, path, perts, c)
     for _label, path, _kind, perts in layout.get(None, []):

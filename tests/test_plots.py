@@ -16,7 +16,7 @@ from lesionbench.plots import (
     score_vs_depth_figure,
     write_all,
 )
-from lesionbench.scores import layer_scores
+from lesionbench.scores import curves, layer_scores
 from test_leaderboard import results
 
 
@@ -147,3 +147,16 @@ def test_deep_networks_colour_only_the_layers_a_reader_looks_for():
     assert "most fragile" in named["l12"] and "most robust" in named["l7"] and "first" in named["l0"]
     grey = [l for l in fig.axes[0].get_lines() if to_rgba(l.get_color()) == to_rgba("0.75")]
     assert len(grey) == 30
+
+
+def test_band_is_the_bootstrap_where_given_and_the_title_says_which():
+    df = results("m", layers={"conv1": [0.9, 0.6, 0.3]})
+    title = accuracy_curves_figure(df, "m", "p", "top1")._suptitle.get_text()
+    assert "95% t-interval of the mean over 2 draws" in title
+    c = curves(df, "top1")
+    bands = c.assign(band_low=0.25, band_high=0.35)
+    fig = accuracy_curves_figure(df, "m", "p", "top1", bands=bands)
+    assert "bootstrap over images and draws" in fig._suptitle.get_text()
+    (band,) = fig.axes[0].collections
+    ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+    assert ys.min() == pytest.approx(0.25) and ys.max() == pytest.approx(0.35)

@@ -71,7 +71,11 @@ def _names(text: str) -> list[str]:
 
 
 def _default_text(value) -> str:
-    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+    """How a flag's help ends: the study's value, else the option's own default."""
+    if value is None:
+        return "(default: the study's value, if it sets one)"
+    shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
+    return f"(default: the study's value, else {shown})"
 
 
 def add_study_options(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +91,7 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        text = f"{meta['help']} (default: the study's; {_default_text(default)} if it sets none)"
+        text = f"{meta['help']} {_default_text(default)}"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=None, help=text)
         else:
@@ -125,18 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models", type=_names, metavar="A,B",
                      help="comma-separated model references replacing the study's (lesionbench list models); "
                           "one the study lists keeps its weights, a new one gets its source's default weights "
-                          "(default: the study's)")  # fmt: skip
+                          "(default: the study's models)")  # fmt: skip
     run.add_argument("--dataset", metavar="NAME",
                      help="dataset plugin (lesionbench list datasets); another dataset than the study's drops "
-                          "the study's path and split, so give --data (default: the study's)")  # fmt: skip
+                          "the study's path and split, so give --data (default: the study's dataset)")  # fmt: skip
     run.add_argument("--data", metavar="PATH", help="dataset path (default: the study's, else the plugin's own)")
     run.add_argument("--n-images", type=int, metavar="N",
-                     help="size of the seeded, class-balanced evaluation subset (default: the study's; "
-                          f"{DatasetSpec().n_images} if it sets none)")  # fmt: skip
+                     help=f"size of the seeded, class-balanced evaluation subset {_default_text(DatasetSpec().n_images)}")
     run.add_argument("--layers", type=_names, metavar="A,B",
-                     help="comma-separated layer names or aliases (default: the study's; every Conv/Linear layer if none)")
+                     help="comma-separated layer names or aliases (default: the study's value, else every Conv/Linear layer)")
     run.add_argument("--perturbations", type=_names, metavar="A,B",
-                     help="comma-separated perturbation names (lesionbench list perturbations) (default: the study's)")
+                     help="comma-separated perturbation names, see lesionbench list perturbations (default: the study's)")
     run.add_argument("--levels", type=_floats, metavar="X,Y",
                      help="comma-separated levels for every perturbation (default: each perturbation's own)")
     add_study_options(run)
