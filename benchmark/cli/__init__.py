@@ -1,8 +1,9 @@
 """The ``lesionbench`` command line: the only place that knows argparse, rich and publishing.
 
 Exit codes: 0 success, 1 a regression found by ``compare``, 2 bad input (one line on stderr),
-130 interrupted, 143 terminated (SIGTERM) — the last line says how to finish the run. Heavy libraries (torch, pandas,
-matplotlib…) are imported by the commands that use them, so ``--help`` answers at once.
+130 interrupted, 143 terminated (SIGTERM): the last line says how to finish the run. Heavy
+libraries (torch, pandas, matplotlib…) are imported by the commands that use them, so ``--help``
+answers at once.
 """
 
 from __future__ import annotations
