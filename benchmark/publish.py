@@ -14,7 +14,7 @@ import pandas as pd
 
 from lesionbench.errors import LesionbenchError
 from lesionbench.leaderboard import metric_of, relative_link, render
-from lesionbench.store import RESULTS, read_results
+from lesionbench.store import CLEAN, RESULTS, read_results
 
 
 def resolve_results(paths: Sequence[Path | str]) -> list[Path]:
@@ -33,6 +33,21 @@ def resolve_results(paths: Sequence[Path | str]) -> list[Path]:
     return out
 
 
+def declared_units(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of result files written before ``level_unit`` was recorded get the unit their
+    perturbation declares now (its ``LevelAxis.label``), so plot axes name it; unknown ones keep ""."""
+    from lesionbench.plan import BN_SUFFIX
+    from lesionbench.registry import get_registry
+
+    missing = (df["level_unit"].fillna("") == "") & (df["perturbation"] != CLEAN)
+    if not missing.any():
+        return df
+    declared = {name: c.obj.axis.label for name, c in get_registry().contributions("perturbations").items()}
+    df = df.copy()
+    df.loc[missing, "level_unit"] = [declared.get(p.removesuffix(BN_SUFFIX), "") for p in df.loc[missing, "perturbation"]]
+    return df
+
+
 def publish(
     results: Sequence[Path | str],
     out_md: Path,
@@ -44,7 +59,7 @@ def publish(
     """Write plots (into ``plots_dir``, default beside ``out_md``) and the Markdown leaderboard."""
     files = resolve_results(results)
     tables = [read_results(f) for f in files]  # each file read once
-    df = pd.concat(tables, ignore_index=True)
+    df = declared_units(pd.concat(tables, ignore_index=True))
     metrics = {dataset: metric or metric_of(f) for f, t in zip(files, tables) for dataset in t["dataset"].unique()}
     out_md = Path(out_md)
     plots_dir = Path(plots_dir) if plots_dir is not None else out_md.parent / "plots"

@@ -258,7 +258,8 @@ def load_study(name_or_path: str, presets: dict[str, StudyPreset]) -> Study:
 def with_overrides(study: Study, **overrides: Any) -> Study:
     """Apply command-line overrides (None means: keep the study's value).
 
-    ``models``, ``layers``, ``perturbations`` take lists; ``levels`` one list for every
+    ``models``, ``layers``, ``perturbations`` take lists (a model reference the study already
+    lists keeps its entry: weights, checkpoint, options); ``levels`` one list for every
     perturbation; ``data``, ``dataset`` and ``n_images`` change the dataset; any other key is a
     study option by name.
     """
@@ -269,7 +270,8 @@ def with_overrides(study: Study, **overrides: Any) -> Study:
         if value is None:
             continue
         if key == "models":
-            changes["models"] = tuple(ModelSpec(m) for m in value)
+            listed = {m.ref: m for m in study.models}
+            changes["models"] = tuple(listed.get(m, ModelSpec(m)) for m in value)
         elif key in ("data", "dataset", "n_images"):
             dataset_changes[{"data": "path", "dataset": "name"}.get(key, key)] = value
         elif key == "levels":

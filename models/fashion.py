@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision import transforms
 
 from lesionbench.errors import LesionbenchError
 from lesionbench.hookspecs import hookimpl
 from lesionbench.model_sources import LoadedModel, ModelSpec, load_checkpoint_into
+
+if TYPE_CHECKING:  # torchvision is imported where it is used: `lesionbench list` stays light
+    from torchvision import transforms
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -60,6 +63,8 @@ class FashionAlexNet(nn.Module):
 
 def grey_28_preprocess() -> transforms.Compose:
     """PIL image -> 1×28×28 tensor normalised with Fashion-MNIST's mean and std."""
+    from torchvision import transforms
+
     return transforms.Compose(
         [
             transforms.Grayscale(1),

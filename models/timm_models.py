@@ -10,10 +10,6 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-import timm
-from torchvision import transforms
-from timm.data import create_transform, resolve_data_config
-
 from lesionbench.errors import LesionbenchError
 from lesionbench.hookspecs import hookimpl
 from lesionbench.model_sources import LoadedModel, ModelSpec, load_checkpoint_into, load_state_dict
@@ -27,6 +23,9 @@ def timm_preprocess(module, in_chans: int):
     ``in_chans``; for one channel the image is read as grey and normalised with the mean of the
     three channels' statistics, and the input size says 1 channel.
     """
+    from timm.data import create_transform, resolve_data_config  # here: `lesionbench list` stays light
+    from torchvision import transforms
+
     config = dict(resolve_data_config({}, model=module))
     if in_chans != 3:
         config["input_size"] = (in_chans, *config["input_size"][1:])
@@ -43,6 +42,8 @@ def timm_preprocess(module, in_chans: int):
 
 def _file_num_classes(arch: str, state) -> int | None:
     """Output units of the classifier in a weights file, by the classifier name timm's config gives."""
+    import timm
+
     cfg = timm.get_pretrained_cfg(arch)
     names = getattr(cfg, "classifier", None) or ()
     for name in (names,) if isinstance(names, str) else names:
@@ -75,6 +76,8 @@ class TimmModels:
         return ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "vgg11"]
 
     def build(self, spec: ModelSpec) -> LoadedModel:
+        import timm
+
         if not timm.is_model(spec.arch):
             from lesionbench.errors import unknown_name
 

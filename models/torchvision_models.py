@@ -8,13 +8,14 @@ paper's names conv1…conv5, fc6…fc8.
 from __future__ import annotations
 
 import pickle
-
-import torchvision
-from torchvision import transforms
+from typing import TYPE_CHECKING
 
 from lesionbench.errors import LesionbenchError, unknown_name
 from lesionbench.hookspecs import hookimpl
 from lesionbench.model_sources import LoadedModel, ModelSpec, load_checkpoint_into
+
+if TYPE_CHECKING:  # torchvision is imported where it is used: `lesionbench list` stays light
+    from torchvision import transforms
 
 ALEXNET_ALIASES = {
     "features.0": "conv1",
@@ -32,6 +33,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def imagenet_eval_transform(size: int = 224, resize: int = 256) -> transforms.Compose:
     """The usual resize-256, centre-crop-224, ImageNet mean/std transform (for weights-less models)."""
+    from torchvision import transforms
+
     return transforms.Compose(
         [
             transforms.Resize(resize),
@@ -44,6 +47,8 @@ def imagenet_eval_transform(size: int = 224, resize: int = 256) -> transforms.Co
 
 def rgb(transform):
     """Convert any PIL mode to RGB before ``transform``: grey datasets fed to colour models."""
+    from torchvision import transforms
+
     return transforms.Compose([transforms.Lambda(lambda im: im.convert("RGB")), transform])
 
 
@@ -58,6 +63,8 @@ class TorchvisionModels:
         return ["alexnet", "vgg16", "resnet18", "mobilenet_v3_small"]
 
     def build(self, spec: ModelSpec) -> LoadedModel:
+        import torchvision
+
         available = torchvision.models.list_models(module=torchvision.models)
         if spec.arch not in available:
             raise unknown_name("torchvision model", spec.arch, available)

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader
 
 from lesionbench.data import RawDataset
 from lesionbench.errors import LesionbenchError
@@ -28,6 +27,8 @@ def imagenet_wnids() -> list[str]:
 
 
 def _is_image(path: Path) -> bool:
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # here: `lesionbench list` stays light
+
     return path.suffix.lower() in IMG_EXTENSIONS
 
 
@@ -37,6 +38,8 @@ class ImageFolderSource:
     default_path = None
 
     def load(self, path: str | None, split: str = "val") -> RawDataset:
+        from torchvision.datasets.folder import ImageFolder, default_loader
+
         if not path:
             raise LesionbenchError("dataset image_folder needs a path: pass --data DIR or set dataset.path")
         root = Path(path)

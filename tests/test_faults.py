@@ -90,6 +90,11 @@ def _same_table(got: pd.DataFrame, expected: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(order(got), order(expected))
 
 
+def _not_warnings(stderr: str) -> str:
+    """stderr without warning lines (these cases use untrained models: their clean accuracy is at chance)."""
+    return "\n".join(l for l in stderr.strip().splitlines() if not l.startswith("lesionbench: warning:"))
+
+
 def test_sigterm_stops_with_one_line_and_resume_completes_the_run(tmp_path, case):
     spec, expected = case
     run = tmp_path / "terminated"
@@ -98,7 +103,7 @@ def test_sigterm_stops_with_one_line_and_resume_completes_the_run(tmp_path, case
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
-    err = proc.stderr.read().decode().strip()
+    err = _not_warnings(proc.stderr.read().decode())
     assert err == f"lesionbench: terminated (SIGTERM); finish it with: lesionbench run --resume {run}"
     written = read_results(run)
     assert 10 <= len(written) < len(expected)  # whole rows only: the cell in flight was dropped
@@ -121,7 +126,7 @@ def test_a_full_disk_keeps_whole_rows_and_resume_completes_once_space_is_back(tm
     proc = subprocess.run([sys.executable, "-m", "lesionbench.cli", "run", str(spec), "--out", str(run)], env=env,
                           capture_output=True, text=True, timeout=300, preexec_fn=small_disk)  # fmt: skip
     assert proc.returncode == 2
-    err = proc.stderr.strip()
+    err = _not_warnings(proc.stderr)
     assert "\n" not in err and "File too large" in err and f"lesionbench run --resume {run}" in err
     data = (run / "results.csv").read_bytes()
     assert data.endswith(b"\n") and len(data) <= limit

@@ -1,11 +1,17 @@
 """The ``lesionbench`` command line: the only place that knows argparse, rich and publishing.
 
-Exit codes: 0 success, 1 a regression found by ``compare``, 2 bad input (one line on stderr).
+Exit codes: 0 success, 1 a regression found by ``compare``, 2 bad input (one line on stderr),
+130 interrupted, 143 terminated (SIGTERM): the last line says how to finish the run. Heavy
+libraries (torch, pandas, matplotlib…) are imported by the commands that use them, so ``--help``
+answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,8 +21,43 @@ from rich.table import Table
 from lesionbench.errors import LesionbenchError
 from lesionbench.registry import KINDS, SINGULAR, get_registry
 
-console = Console()
-err_console = Console(stderr=True)
+DESCRIPTION = """\
+lesionbench: damage a trained network one layer at a time and measure how much accuracy is left.
+
+A study (models × layers × perturbations × levels × random draws) runs into a crash-safe run
+directory (results.csv, manifest.json, run.log); its layer-robustness scores (1 = the layer's
+damage never cost accuracy, 0 = chance from the first step), a Markdown leaderboard and figures
+are written beside it."""
+
+EPILOG = """\
+examples:
+  lesionbench run                          the offline demo: Fashion-MNIST AlexNet, 1,225 cells
+  lesionbench run demo --draws 2 --layers conv1,fc8 --out runs/quick
+  lesionbench run imagenet-track --data /path/to/imagenet/val
+  lesionbench run --models fashion_vgg --dataset fashion_mnist --perturbations weight_noise
+  lesionbench run --resume runs/demo       finish an interrupted run
+  lesionbench list perturbations           what each one does, its levels, range and unit
+  lesionbench leaderboard runs --out LEADERBOARD.md
+  lesionbench compare runs/new runs/baseline
+
+exit codes: 0 success, 1 compare found a regression, 2 bad input, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM); both print the command that finishes the run"""
+
+WIDE = 1000  # columns for output that is not a terminal: tables are never cut to 80
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console; where output is not a terminal (CI, ``> log``) and COLUMNS is not set, wide
+    enough that tables keep their natural width instead of rich's default of 80 columns."""
+    out = Console(stderr=stderr)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(stderr=stderr, width=WIDE)
+    return out
+
+
+console = make_console()
+err_console = make_console(stderr=True)
+log = logging.getLogger("lesionbench")
 
 
 def _floats(text: str) -> list[float]:
@@ -30,8 +71,19 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _default_text(value) -> str:
+    """How a flag's help ends: the study's value, else the option's own default."""
+    if value is None:
+        return "(default: the study's value, if it sets one)"
+    shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
+    return f"(default: the study's value, else {shown})"
+
+
 def add_study_options(parser: argparse.ArgumentParser) -> None:
-    """A ``--flag`` for each study option declared with one (see lesionbench.study.option)."""
+    """A ``--flag`` for each study option declared with one (see lesionbench.study.option); its
+    help ends with the default a study gets when it does not set the option."""
+    from dataclasses import MISSING
+
     from lesionbench.study import Study, option_fields
 
     for f in option_fields(Study):
@@ -39,66 +91,101 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
         if not meta.get("flag"):
             continue
         flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        text = f"{meta['help']} {_default_text(default)}"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", default=None, help=meta["help"])
+            parser.add_argument(flag, action="store_true", default=None, help=text)
         else:
             kind = int if f.type in ("int", int) else str
-            parser.add_argument(flag, type=kind, choices=meta.get("choices"), help=meta["help"])
+            metavar = None if meta.get("choices") else f.name.upper().split("_")[-1]
+            parser.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=metavar, help=text)
+
+
+def _sub(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lesionbench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="lesionbench", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    from lesionbench import __version__
+    from lesionbench.study import DatasetSpec
 
-    run = sub.add_parser("run", help="run a study (default: the offline 'demo' preset)")
-    run.add_argument("study", nargs="?", help="preset name or path to a study TOML file (default: demo; with "
-                     "--resume: the study recorded in the run directory)")
-    run.add_argument("--out", type=Path, help="run directory (default: runs/<study name>)")
+    parser.add_argument("--version", action="version", version=f"lesionbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    run = _sub(sub, "run", "run a study (default: the offline 'demo' preset)",
+               "Run a study: every model × layer × perturbation × level × draw, one row per cell in\n"
+               "DIR/results.csv (appended and fsynced, so an interrupted run resumes with --resume DIR),\n"
+               "then the scores table here and DIR/LEADERBOARD.md with figures in DIR/plots.\n"
+               "Flags override the study; those not given keep the study's values.")  # fmt: skip
+    run.add_argument("study", nargs="?",
+                     help="preset name (lesionbench list studies) or path to a study TOML file (default: demo; "
+                          "with --resume: the study recorded in the run directory)")  # fmt: skip
+    run.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/<study name>)")
     run.add_argument("--resume", type=Path, metavar="DIR",
                      help="finish the cells missing from the run in DIR; starts the study there if DIR holds no run "
-                          "yet, and says so (exit 0) if the run is complete")
-    run.add_argument("--data", help="dataset path (overrides the study)")
-    run.add_argument("--models", type=_names, help="comma-separated model references")
-    run.add_argument("--layers", type=_names, help="comma-separated layer names or aliases")
-    run.add_argument("--perturbations", type=_names, help="comma-separated perturbation names")
-    run.add_argument("--levels", type=_floats, help="comma-separated levels for every perturbation")
-    run.add_argument("--n-images", type=int, help="size of the evaluation subset")
+                          "yet, and says so (exit 0) if the run is complete (default: start a new run in --out)")
+    run.add_argument("--models", type=_names, metavar="A,B",
+                     help="comma-separated model references replacing the study's (lesionbench list models); "
+                          "one the study lists keeps its weights, a new one gets its source's default weights "
+                          "(default: the study's models)")  # fmt: skip
+    run.add_argument("--dataset", metavar="NAME",
+                     help="dataset plugin (lesionbench list datasets); another dataset than the study's drops "
+                          "the study's path and split, so give --data (default: the study's dataset)")  # fmt: skip
+    run.add_argument("--data", metavar="PATH", help="dataset path (default: the study's, else the plugin's own)")
+    run.add_argument("--n-images", type=int, metavar="N",
+                     help=f"size of the seeded, class-balanced evaluation subset {_default_text(DatasetSpec().n_images)}")
+    run.add_argument("--layers", type=_names, metavar="A,B",
+                     help="comma-separated layer names or aliases (default: the study's value, else every Conv/Linear layer)")
+    run.add_argument("--perturbations", type=_names, metavar="A,B",
+                     help="comma-separated perturbation names, see lesionbench list perturbations (default: the study's)")
+    run.add_argument("--levels", type=_floats, metavar="X,Y",
+                     help="comma-separated levels for every perturbation (default: each perturbation's own)")
     add_study_options(run)
-    run.add_argument("--debug", action="store_true", help="verify the model checksum after every cell")
+    run.add_argument("--debug", action="store_true",
+                     help="verify the model checksum after every cell (default: off)")
     run.add_argument("--executor", choices=["local", "ray"], default="local",
-                     help="local: evaluate here (default); ray: one task per block on a Ray cluster (pip install lesionbench[ray])")
+                     help="local: evaluate here; ray: one task per block on a Ray cluster, "
+                          "pip install 'lesionbench[ray]' (default: local)")  # fmt: skip
     run.add_argument("--ray-address", metavar="ADDRESS",
-                     help="Ray cluster for --executor ray: auto (this node's cluster) or ray://host:10001 (default: start a local one)")
+                     help="Ray cluster for --executor ray: auto (this node's cluster) or ray://host:10001 "
+                          "(default: start a local one)")  # fmt: skip
 
-    lst = sub.add_parser("list", help="list models, perturbations, datasets or studies")
-    lst.add_argument("kind", choices=sorted(KINDS))
+    lst = _sub(sub, "list", "list models, perturbations, datasets or studies")
+    lst.add_argument("kind", choices=sorted(KINDS), help="what to list")
 
-    sub.add_parser("plugins", help="list loaded plugins and what each contributes")
+    _sub(sub, "plugins", "list loaded plugins, their distributions and what each contributes")
 
-    board = sub.add_parser("leaderboard", help="render the Markdown leaderboard (and plots) from result files")
+    board = _sub(sub, "leaderboard", "render the Markdown leaderboard (and figures) from result files")
     board.add_argument("results", nargs="+", type=Path, help="results.csv files or directories holding them")
-    board.add_argument("--out", type=Path, default=Path("leaderboard/LEADERBOARD.md"))
-    board.add_argument("--plots", type=Path, help="plot directory (default: plots/ beside --out)")
-    board.add_argument("--no-plots", action="store_true", help="only the Markdown")
-    board.add_argument("--metric", choices=["top1", "top5"], help="override the metric recorded in manifests")
-    board.add_argument("--title", default="lesionbench leaderboard")
+    board.add_argument("--out", type=Path, default=Path("leaderboard/LEADERBOARD.md"), metavar="FILE",
+                       help="the Markdown file (default: leaderboard/LEADERBOARD.md)")
+    board.add_argument("--plots", type=Path, metavar="DIR", help="figure directory (default: plots/ beside --out)")
+    board.add_argument("--no-plots", action="store_true", help="only the Markdown (default: draw the figures)")
+    board.add_argument("--metric", choices=["top1", "top5"],
+                       help="score from this metric (default: the one each run's manifest records)")
+    board.add_argument("--title", default="lesionbench leaderboard",
+                       help="the Markdown title (default: lesionbench leaderboard)")
 
-    cmp = sub.add_parser("compare", help="CI gate: exit 1 when a layer score or clean accuracy drops")
+    cmp = _sub(sub, "compare", "CI gate: exit 1 when a layer score or clean accuracy drops")
     cmp.add_argument("new", type=Path, help="new results.csv or run directory")
     cmp.add_argument("baseline", type=Path, help="baseline results.csv or run directory")
-    cmp.add_argument("--max-drop", type=float, default=0.05, help="largest tolerated drop (absolute)")
+    cmp.add_argument("--max-drop", type=float, default=0.05, metavar="D",
+                     help="largest tolerated drop, absolute (default: 0.05)")
     cmp.add_argument("--metric", choices=["top1", "top5"], help="default: the new run's study metric")
-    cmp.add_argument("--all", action="store_true", help="show unchanged quantities too")
+    cmp.add_argument("--all", action="store_true", help="show unchanged quantities too (default: off)")
 
-    train = sub.add_parser("train", help="train a model from scratch and save its weights")
+    train = _sub(sub, "train", "train a model from scratch and save its weights")
     train.add_argument("model", help="model reference, e.g. fashion_alexnet")
-    train.add_argument("--dataset", default="fashion_mnist")
-    train.add_argument("--data", help="dataset path")
-    train.add_argument("--epochs", type=int, default=8)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=2e-3)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", type=Path, help="weights file (default: models/weights/<model>.pt)")
+    train.add_argument("--dataset", default="fashion_mnist", help="dataset plugin (default: fashion_mnist)")
+    train.add_argument("--data", metavar="PATH", help="dataset path (default: the plugin's own)")
+    train.add_argument("--epochs", type=int, default=8, help="passes over the training set (default: 8)")
+    train.add_argument("--batch-size", type=int, default=128, help="training batch size (default: 128)")
+    train.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: 0.002)")
+    train.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling (default: 0)")
+    train.add_argument("--out", type=Path, metavar="FILE", help="weights file (default: models/weights/<model>.pt)")
     return parser
 
 
@@ -106,21 +193,41 @@ def cmd_list(args) -> int:
     registry = get_registry()
     items = registry.contributions(args.kind)
     table = Table(title=f"lesionbench {args.kind}")
-    table.add_column("name")
+    table.add_column("name", no_wrap=True)
     table.add_column("plugin")
+    if args.kind == "perturbations":
+        for column in ("levels (default)", "range", "level axis"):
+            table.add_column(column)
     table.add_column("description")
     for name in sorted(items):
         c = items[name]
-        if args.kind == "models":  # a source: its own names first, then what its prefix reaches
-            for arch in c.obj.examples():
-                ref = arch if c.obj.claims(arch) else f"{name}:{arch}"
-                table.add_row(ref, c.plugin, c.description if c.obj.claims(arch) else "example")
-            table.add_row(f"{name}:<name>", c.plugin, c.description)
+        if args.kind == "models":  # a source: the names it claims, then what its prefix reaches
+            claimed = [arch for arch in c.obj.examples() if c.obj.claims(arch)]
+            for arch in claimed:
+                table.add_row(arch, c.plugin, c.description)
+            others = [f"{name}:{arch}" for arch in c.obj.examples() if not c.obj.claims(arch)]
+            table.add_row(f"{name}:<name>", c.plugin, c.description + (f" E.g. {', '.join(others)}." if others else ""))
+        elif args.kind == "perturbations":
+            table.add_row(name, c.plugin, *_level_columns(c.obj), c.description)
         else:
             table.add_row(name, c.plugin, c.description)
     console.print(table)
     _report_failures(registry)
     return 0
+
+
+def _level_columns(perturbation) -> tuple[str, str, str]:
+    """Default levels (shortened past six), range and level axis of a perturbation, for listings."""
+    levels = [f"{x:g}" for x in perturbation.default_levels]
+    shown = ", ".join(levels if len(levels) <= 6 else [*levels[:2], "…", levels[-1]])
+    lo, hi = perturbation.level_range
+    axis = perturbation.axis
+    notes = ["log scale"] if axis.scale == "log" else []
+    if not axis.damage_grows:
+        notes.append("damage grows as it falls")
+    if perturbation.deterministic:
+        notes.append("deterministic: one draw")
+    return f"{shown} ({len(levels)})", f"{lo:g} – {hi:g}", axis.label + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def cmd_plugins(args) -> int:
@@ -211,8 +318,12 @@ def cmd_run(args) -> int:
         study = load_study(args.study or "demo", presets)
         out = args.resume or args.out or Path("runs") / study.name
     options = {f.name: getattr(args, f.name) for f in fields(Study) if f.metadata.get("flag")}
+    given = study
     study = with_overrides(study, models=args.models, layers=args.layers, perturbations=args.perturbations,
-                           levels=args.levels, n_images=args.n_images, data=args.data, **options)  # fmt: skip
+                           levels=args.levels, n_images=args.n_images, data=args.data, dataset=args.dataset,
+                           **options)  # fmt: skip
+    for text in weights_warnings(given.models, study.models):
+        warn(text)
     args.run_dir = out  # for the interruption message
     run = run_study(study, registry, out, resume=resume,
                     progress=lambda total: rich_progress(console, total), debug=args.debug,
@@ -224,6 +335,37 @@ def cmd_run(args) -> int:
     board = publish([run.results_path], run.path / "LEADERBOARD.md", title=f"lesionbench: {study.name}")
     console.print(f"results: {run.results_path}\nleaderboard: {board}\nplots: {run.path / 'plots'}")
     return 0
+
+
+def weights_warnings(given, chosen) -> list[str]:
+    """Warnings for ``--models`` entries that name no weights where the study's own models did:
+    their source then picks (timm and torchvision build random weights), and a study would run
+    for minutes at chance. ``given``/``chosen``: the ModelSpecs before and after the flags."""
+    def named(m) -> bool:
+        return m.weights not in (None, "none") or bool(m.checkpoint)
+
+    carried = [m for m in given if named(m) and m not in chosen]
+    bare = [m.ref for m in chosen if not named(m) and m not in given]
+    if not carried or not bare:
+        return []
+    listing = ", ".join(f"{m.ref} ({'weights' if m.weights else 'checkpoint'}={m.weights or m.checkpoint!r})" for m in carried)
+    return [
+        f"--models {','.join(bare)}: no weights named, where the study's models named theirs ({listing}); "
+        f"the model source decides (timm and torchvision build random weights). To choose, list the model in "
+        f'a study file: models = [{{ ref = "{bare[0]}", weights = "..." }}]'
+    ]
+
+
+def warn(text: str) -> None:
+    """One warning line on stderr (above the progress bar when there is one)."""
+    err_console.print(f"lesionbench: warning: {text}", markup=False, highlight=False, soft_wrap=True)
+
+
+class _WarningsToConsole(logging.Handler):
+    """Warnings the library logs while a study runs (a model at chance, unreadable images)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warn(record.getMessage())
 
 
 def _report_failures(registry) -> None:
@@ -257,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["run", *(argv or [])])
     previous = signal.signal(signal.SIGTERM, _terminate)
+    if not any(isinstance(h, _WarningsToConsole) for h in log.handlers):
+        log.addHandler(_WarningsToConsole(logging.WARNING))
     try:
         return COMMANDS[args.command](args)
     except LesionbenchError as exc:
@@ -265,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # the cell in flight is dropped: rows are written whole or not at all
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         where = getattr(args, "run_dir", None)
-        hint = f"; finish it with: lesionbench run --resume {where}" if where is not None else ""
+        hint = f"; finish it with: lesionbench run --resume {shlex.quote(str(where))}" if where is not None else ""
         err_console.print(f"lesionbench: {what}{hint}", highlight=False, markup=False, soft_wrap=True)
         return 143 if isinstance(exc, Terminated) else 130
     finally:
