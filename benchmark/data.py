@@ -66,10 +66,11 @@ class EvalSet:
 def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     """``n`` indices balanced over classes, chosen by ``seed``; the same for the same inputs.
 
-    Each class's images are shuffled, then classes are taken in turn (round robin) in a shuffled
-    class order, so any N has as equal a class balance as the data allows, and when N is smaller
-    than the number of classes (500 of ImageNet's 1,000, one image each) the classes that get an
-    image are a random draw, not the first ones in label order. Returned sorted, for sequential reads.
+    Each class's images are shuffled, then classes are taken in turn (round robin), so any N has as
+    equal a class balance as the data allows. When N is smaller than the number of classes (500 of
+    the ImageNet sample's 1,000 classes, one image each) not every class can be in the subset, and
+    which classes are is a seeded random draw rather than the first ones in label order. Returned
+    sorted, for sequential reads.
     """
     labels = np.asarray(labels)
     if n is None or n >= len(labels):
@@ -78,9 +79,8 @@ def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarra
         raise LesionbenchError(f"n_images must be positive, got {n}")
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    # drawn after the per-class shuffles, so a subset taking whole rounds (every class alike) is the
-    # one earlier releases chose
-    per_class = [per_class[i] for i in rng.permutation(len(per_class))]
+    if n < len(per_class):  # drawn after the per-class shuffles: larger subsets are the ones earlier releases chose
+        per_class = [per_class[i] for i in rng.permutation(len(per_class))[:n]]
     order = []
     depth = 0
     while len(order) < n:
