@@ -5,7 +5,8 @@
   ``nn.Module`` and data (an ``(images, labels)`` pair or a ``DataLoader``) with no plugin to write.
 * :func:`lesioned` — damage one layer of any module exactly as a study's cell would, and restore
   it bit for bit on exit, for users with their own evaluation loop.
-* :func:`load_results` — result files or run directories → one DataFrame, for the score functions.
+* :func:`load_results` — result files or run directories → one DataFrame, for the score functions;
+  :func:`load_outcomes` — the same with the per-image outcomes (intervals, per-class accuracy).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lesionbench.model_sources import LoadedModel, ModelSpec
 from lesionbench.perturbation import Perturbation, cell_seed, check_levels, generator_for, perturbed
 from lesionbench.plan import Plan, model_dtype
 from lesionbench.registry import Registry, create_registry, get_registry
-from lesionbench.store import MemoryStore, RunDir, Store, read_results
+from lesionbench.store import MemoryStore, Outcomes, RunDir, Store, Subset, read_results, read_results_with_outcomes
 from lesionbench.study import Study, load_study, parse_study, with_overrides
 
 ProgressFactory = Callable[[int], AbstractContextManager[Tick]]
@@ -69,22 +70,29 @@ def run_study(
     if on_plan is not None:
         on_plan(plan)
     store: Store
+    subset = subset_of(plan)
     if out is None:
-        store = MemoryStore()
+        store = MemoryStore(subset=subset)
     elif resume:
-        store = RunDir.open_existing(out, plan.fingerprint())  # a different study is refused before connecting
+        store = RunDir.open_existing(out, plan.fingerprint(), subset)  # a different study is refused before connecting
     else:
         store = None  # created once the session is up: a cluster that cannot be reached leaves nothing behind
     try:
         with chosen.session(plan, registry) as execute:
             if store is None:
-                store = RunDir.create(out, study.to_dict(), plan.fingerprint(), plugin_versions(registry))
+                store = RunDir.create(out, study.to_dict(), plan.fingerprint(), plugin_versions(registry), subset)
             with (progress or (lambda _total: nullcontext(lambda _d: None)))(plan.total()) as tick:
                 execute(store, tick, debug)
     finally:
         if isinstance(store, RunDir):
             store.close()
     return store
+
+
+def subset_of(plan: Plan) -> Subset:
+    """The plan's evaluation subset as the store records it beside the per-image outcomes."""
+    return Subset(plan.study.dataset.name, plan.study.dataset.split, np.asarray(plan.indices, np.int64),
+                  np.asarray(plan.raw.labels[plan.indices], np.int64))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ run()
@@ -307,4 +315,14 @@ def load_results(*paths: str | Path) -> pd.DataFrame:
     return read_results(list(paths))
 
 
-__all__ = ["lesioned", "load_results", "run", "run_study"]
+def load_outcomes(*paths: str | Path) -> tuple[pd.DataFrame, Outcomes]:
+    """The results table of ``results.csv`` files or run directories, with an ``outcome`` column,
+    and the per-image outcomes it points into (``outcomes.arrow`` of each run; runs made before
+    outcomes were kept contribute rows with ``outcome`` -1). For :func:`lesionbench.bootstrap`
+    and :func:`lesionbench.per_class_accuracy`."""
+    if not paths:
+        raise LesionbenchError("load_outcomes needs at least one results file or run directory")
+    return read_results_with_outcomes(list(paths))
+
+
+__all__ = ["lesioned", "load_outcomes", "load_results", "run", "run_study"]

@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,7 +23,7 @@ from lesionbench.evaluate import EvalResult, resolve_device
 from lesionbench.layers import PERTURBABLE, Layer
 from lesionbench.perturbation import Snapshot, generator_for, model_checksum, nonfinite_count, perturbed
 from lesionbench.plan import Block, Cell, Plan, PreparedModel
-from lesionbench.store import CLEAN, NONFINITE
+from lesionbench.store import CLEAN, NONFINITE, OUTCOME
 
 log = logging.getLogger("lesionbench")
 
@@ -81,9 +82,25 @@ class ModelRunner:
         self.engine = create_engine(study.engine, prepared.graph, images, eval_set.labels, study.batch_size,
                                     self.device, study.autocast)  # fmt: skip
         self.clean = self.engine.full()
+        # positions of the evaluated images in the study's subset (an unreadable image leaves a gap)
+        self.positions = None if not eval_set.skipped else np.searchsorted(plan.indices, eval_set.indices)
+
+    def with_outcomes(self, row: dict, result: EvalResult | None) -> dict:
+        """Add a cell's per-image outcomes (by position in the evaluation subset) and its flip rate:
+        the fraction of images whose top-1 class differs from the clean model's."""
+        if result is None or result.predictions is None:
+            return row
+        top1, top5 = result.predictions, result.top5_hit
+        row["flip_rate"] = float(np.mean(top1 != self.clean.predictions)) if len(top1) else float("nan")
+        if self.positions is not None:
+            n = len(self.plan.indices)
+            top1, top5 = np.full(n, -1, np.int32), np.zeros(n, bool)
+            top1[self.positions], top5[self.positions] = result.predictions, result.top5_hit
+        row[OUTCOME] = (top1, top5)
+        return row
 
     def clean_row(self) -> dict:
-        return _row(self.plan, self.name, None, None, self.clean)
+        return self.with_outcomes(_row(self.plan, self.name, None, None, self.clean), self.clean)
 
     def block_rows(self, block: Block, done: set = frozenset()) -> Iterator[tuple[dict | None, str]]:
         """Evaluate a block's cells not in ``done``: yields (row, label), row None for a cell done earlier.
@@ -164,7 +181,8 @@ class ModelRunner:
             return
         for (cell, seed, _copies, nonfinite), result in zip(batch, results):
             error = NONFINITE if not math.isfinite(result.loss) else ""
-            yield _row(self.plan, self.name, cell, seed, result, error, nonfinite), self.plan.label(self.name, cell)
+            row = _row(self.plan, self.name, cell, seed, result, error, nonfinite)
+            yield self.with_outcomes(row, result), self.plan.label(self.name, cell)
 
     def _check_restored(self, label: str) -> None:
         if self.debug and model_checksum(self.module) != self.reference:
@@ -184,7 +202,7 @@ class ModelRunner:
         plan = self.plan
         seed = self._seed(cell)
         if cell.is_identity:
-            return _row(plan, self.name, cell, seed, self.clean)
+            return self.with_outcomes(_row(plan, self.name, cell, seed, self.clean), self.clean)
         norms = saved.also  # the BatchNorms to re-estimate (bn_recalibrate), found once per block
         error, result, nonfinite = "", None, None
         try:
@@ -200,7 +218,7 @@ class ModelRunner:
             log.warning("%s failed: %s", plan.label(self.name, cell), error)
         if result is not None and not math.isfinite(result.loss):
             error = error or NONFINITE
-        return _row(plan, self.name, cell, seed, result, error, nonfinite)
+        return self.with_outcomes(_row(plan, self.name, cell, seed, result, error, nonfinite), result)
 
     def _norms_reached(self, layer: Layer) -> list[nn.Module]:
         """The BatchNorms whose input the damage reaches, on any branch (a stage: through any of its layers)."""

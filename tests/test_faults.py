@@ -1,5 +1,6 @@
 """Fault injection: a study killed with SIGKILL at random moments and resumed each time ends with
-exactly the table of an uninterrupted run — no cell missing, none repeated, no torn row."""
+exactly the table of an uninterrupted run — no cell missing, none repeated, no torn row — and
+with the same per-image outcomes, cell for cell."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from lesionbench.store import read_results
+from lesionbench.store import OUTCOME, OUTCOMES, RunDir, Subset, read_results, read_results_with_outcomes
 from conftest import write_fashion
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
@@ -72,3 +74,46 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert len(got) == total
     order = lambda df: df.drop(columns=TIMING).sort_values(KEY, ignore_index=True)  # noqa: E731
     pd.testing.assert_frame_equal(order(got), order(expected))
+
+    table, outcomes = read_results_with_outcomes(run)
+    ref_table, ref_outcomes = read_results_with_outcomes(reference)
+    assert (table["outcome"] >= 0).all() and len(outcomes) == len(table)  # every row has its outcomes, once
+    mine = table.sort_values(KEY)["outcome"].to_numpy()
+    theirs = ref_table.sort_values(KEY)["outcome"].to_numpy()
+    np.testing.assert_array_equal(outcomes.top1[mine], ref_outcomes.top1[theirs])
+    np.testing.assert_array_equal(outcomes.top5[mine], ref_outcomes.top5[theirs])
+    # the flip rate in each row is the one its outcomes give
+    clean = outcomes.top1[table.loc[table["perturbation"] == "clean", "outcome"].iloc[0]]
+    np.testing.assert_allclose(table["flip_rate"], (outcomes.top1[table["outcome"]] != clean).mean(axis=1))
+
+
+def _row(draw: int) -> dict:
+    return dict(model="m", dataset="d", layer="l", perturbation="p", level=0.5, draw=draw, top1=0.5, top5=1.0,
+                error="", num_classes=10)  # fmt: skip
+
+
+def test_a_torn_outcome_batch_and_an_outcome_without_its_row_are_repaired_on_resume(tmp_path):
+    """The two states a SIGKILL can leave between a cell's outcomes and its row, made on purpose."""
+    subset = Subset("d", "test", np.arange(100, 108), np.arange(8) % 3)
+    top1 = lambda k: np.arange(8, dtype=np.int32) + k  # noqa: E731
+    with RunDir.create(tmp_path / "r", {"name": "s"}, "f", subset=subset) as run:
+        for k in range(3):
+            run.append(_row(k) | {OUTCOME: (top1(k), np.arange(8) < k)})
+    size = (tmp_path / "r" / OUTCOMES).stat().st_size
+    with RunDir.open_existing(tmp_path / "r", "f", subset) as run:  # killed after the outcomes of draw 3, before its row
+        run._outcomes = None
+        from lesionbench.store import _OutcomeWriter
+
+        _OutcomeWriter(run.outcomes_path, subset).append(_row(3), top1(99), np.zeros(8, bool))
+    whole = (tmp_path / "r" / OUTCOMES).read_bytes()
+    (tmp_path / "r" / OUTCOMES).write_bytes(whole + whole[size : size + 40])  # and a torn batch after it
+    with RunDir.open_existing(tmp_path / "r", "f", subset) as run:
+        assert run.outcomes_path.stat().st_size == len(whole)  # the torn batch is cut, whole batches stay
+        run.append(_row(3) | {OUTCOME: (top1(3), np.ones(8, bool))})  # the cell, run again
+        run.append(_row(4))  # a failed cell: a row, no outcomes
+    rows, outcomes = read_results_with_outcomes(tmp_path / "r")
+    assert list(rows["draw"]) == [0, 1, 2, 3, 4]
+    assert list(rows["outcome"][:4] >= 0) == [True] * 4 and rows["outcome"].iloc[4] == -1
+    np.testing.assert_array_equal(outcomes.top1[rows["outcome"][:4]], np.stack([top1(k) for k in range(4)]))
+    assert outcomes.top5[rows["outcome"].iloc[3]].all()  # the batch written with the row, not the orphan
+    assert list(outcomes.images["index"]) == list(range(100, 108)) and list(outcomes.images["label"]) == [0, 1, 2] * 2 + [0, 1]
