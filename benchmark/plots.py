@@ -1,7 +1,8 @@
 """Paper-style figures from a results table (matplotlib, PNG): rendering only.
 
 - :func:`accuracy_curves`: Cheney et al.'s Figure 1 — accuracy vs level, a line per layer, a band
-  for the 95% interval over draws, and the chance line;
+  for the 95% interval (from the bootstrap over images and draws when the run kept per-image
+  outcomes, else the t-interval over draws), and the chance line;
 - :func:`retention_heatmap`: layers (by depth) × levels, retention as colour;
 - :func:`score_vs_depth`: layer score against relative depth, a line per model.
 """
@@ -29,9 +30,23 @@ def safe_name(text: str) -> str:
 MAX_LEGEND_LAYERS = 12  # beyond this a depth colour bar replaces the per-layer legend
 
 
-def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str, out: Path) -> Path:
+def with_band(c: pd.DataFrame, bands: pd.DataFrame | None) -> pd.DataFrame:
+    """Curves with ``band_low``/``band_high``: the bootstrap band where ``bands`` (the ``curves`` of
+    :func:`lesionbench.scores.bootstrap`) has one, else the t-interval over draws."""
+    keys = ["model", "dataset", "layer", "perturbation", "level"]
+    if bands is not None and len(c):
+        c = c.merge(bands[keys + ["band_low", "band_high"]], on=keys, how="left")
+    else:
+        c = c.assign(band_low=float("nan"), band_high=float("nan"))
+    missing = c["band_low"].isna() | c["band_high"].isna()
+    c.loc[missing, "band_low"], c.loc[missing, "band_high"] = c.loc[missing, "ci_low"], c.loc[missing, "ci_high"]
+    return c
+
+
+def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str, out: Path,
+                    bands: pd.DataFrame | None = None) -> Path:  # fmt: skip
     c = curves(df[df["model"] == model], metric)
-    c = c[c["perturbation"] == perturbation]
+    c = with_band(c[c["perturbation"] == perturbation], bands)
     axis = c["level_axis"].iloc[0] if len(c) else "linear"
     if axis == "log":
         c = c[c["level"] > 0]
@@ -48,7 +63,7 @@ def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str
         colour = cmap(float(layer["relative_depth"]))
         ax.plot(g["level"], g["mean"], marker="o", ms=2 if many else 3, lw=1 if many else 1.5, color=colour,
                 label=None if many else layer["layer"])  # fmt: skip
-        ax.fill_between(g["level"], g["ci_low"].clip(0, 1), g["ci_high"].clip(0, 1), color=colour,
+        ax.fill_between(g["level"], g["band_low"].clip(0, 1), g["band_high"].clip(0, 1), color=colour,
                         alpha=0.04 if many else 0.15, lw=0)  # fmt: skip
     chance = c["chance"].iloc[0]
     ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
@@ -128,8 +143,10 @@ def planned_paths(df: pd.DataFrame, out_dir: Path) -> dict[str, list[tuple[str, 
     return links
 
 
-def write_all(df: pd.DataFrame, metrics: dict[str, str], out_dir: Path) -> dict[str, list[tuple[str, Path]]]:
-    """Draw every figure for a results table; returns model → [(label, path)] for the leaderboard."""
+def write_all(df: pd.DataFrame, metrics: dict[str, str], out_dir: Path,
+              bands: pd.DataFrame | None = None) -> dict[str, list[tuple[str, Path]]]:  # fmt: skip
+    """Draw every figure for a results table; returns model → [(label, path)] for the leaderboard.
+    ``bands``: bootstrap bands for the accuracy curves (see :func:`with_band`)."""
     links = planned_paths(df, out_dir)
     for (model, dataset), g in df[df["perturbation"] != "clean"].groupby(["model", "dataset"], sort=True):
         metric = metrics.get(dataset, "top1")
@@ -137,7 +154,7 @@ def write_all(df: pd.DataFrame, metrics: dict[str, str], out_dir: Path) -> dict[
         stem = f"{safe_name(dataset)}__{safe_name(model)}"
         paths = {label: path for label, path in links[model] if path.name.startswith(stem)}
         for p in sorted(g["perturbation"].unique()):
-            accuracy_curves(track, model, p, metric, paths[p])
+            accuracy_curves(track, model, p, metric, paths[p], bands)
         retention_heatmap(track, model, metric, paths["heatmap"])
     if links:
         score_vs_depth(df, metrics, out_dir / "score_vs_depth.png")

@@ -40,6 +40,8 @@ class DatasetSpec:
     split: str = option("test", "split of the dataset to evaluate on", numbers=True, flag=False)
     n_images: int | None = option(1000, "size of the seeded, class-stratified evaluation subset", numbers=True,
                                   flag=False, minimum=1)  # fmt: skip
+    title: str | None = option(None, "what leaderboards call the data (e.g. 'ImageNet (sample)'; default: a known "
+                               "dataset's name, else the plugin's)", flag=False)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Study:
             value, mode = getattr(self, f.name), f.metadata["numbers"]
             if mode is True or (mode == "when_on" and value != default_of(f.name)):
                 payload[f.name] = _plain(value)
+        # the dataset's own options that do not change the numbers (its title) stay out
+        payload["dataset"] = {f.name: _plain(getattr(self.dataset, f.name)) for f in fields(DatasetSpec)
+                              if f.metadata["numbers"] is True}  # fmt: skip
         if self.bn_recalibrate:
             payload["calibration_images"] = self.calibration_images
         return payload

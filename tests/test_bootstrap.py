@@ -36,7 +36,8 @@ def simulate(rng, sensitivity: dict[str, dict[str, float]], n_images=400, draws=
             rows.append(dict(model=model, dataset=dataset, layer=layer, layer_index=index,
                              relative_depth=index / max(1, len(layers) - 1), perturbation="p", level=level,
                              draw=draw, top1=correct.mean(), top5=1.0, num_classes=classes, error="",
-                             level_axis="linear", outcome=len(rows)))  # fmt: skip
+                             level_axis="linear", level_unit="fraction p", n_images=n_images, seconds=0.1,
+                             images_per_s=n_images / 0.1, device="cpu", outcome=len(rows)))  # fmt: skip
 
         cell("", -1, 0.0, 0, 0.1)
         rows[-1].update(perturbation="clean", relative_depth=np.nan)
