@@ -17,7 +17,7 @@ from 1e-7 to 1e-3: area over log10 p, so each decade counts the same, level 0 le
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -276,6 +276,7 @@ class Bootstrap:
     replicates: int
     seed: int
     metric: str
+    clean: dict = field(default_factory=dict)  # (model, dataset) -> clean accuracy replicates [replicates]
 
     def has_interval(self, model: str, dataset: str | None = None) -> bool:
         rows = self._rows(model, dataset)
@@ -403,7 +404,7 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     band_low, band_high = interval(curve, axis=1)
     c = c.assign(band_low=band_low, band_high=band_high)
     # retention, then layer scores and critical levels, per replicate
-    clean_of = np.stack([clean_reps.get((m, d), np.full(B, np.nan)) for m, d in zip(c["model"], c["dataset"])])
+    clean_of = np.array([clean_reps.get((m, d), np.full(B, np.nan)) for m, d in zip(c["model"], c["dataset"])]).reshape(len(c), B)
     chance = c["chance"].to_numpy()[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(clean_of - chance > 0, (curve - chance) / (clean_of - chance), 0.0)
@@ -412,7 +413,7 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     s_low, s_high = interval(score_reps, axis=1)
     c_low, c_high = interval(critical_reps, axis=1)
     scores = scores.assign(score_low=s_low, score_high=s_high, critical_low=c_low, critical_high=c_high)
-    return Bootstrap(scores, c, score_reps, B, seed, metric)
+    return Bootstrap(scores, c, score_reps, B, seed, metric, clean_reps)
 
 
 def _resample_draws(acc: np.ndarray, group: np.ndarray, n_groups: int, rng: np.random.Generator,

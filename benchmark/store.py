@@ -184,6 +184,31 @@ class Outcomes:
         keys = pd.concat([k for k, *_ in parts], ignore_index=True)
         return cls(keys, top1, top5, images)
 
+    @classmethod
+    def concat(cls, *many: Outcomes) -> Outcomes:
+        """The cells of several Outcomes, one after the other (row offsets add up), on the union of
+        their images."""
+        parts, offset = [], 0
+        for o in many:
+            for (dataset, split), cols in o.images.groupby(["dataset", "split"], sort=False).indices.items():
+                mine = (o.keys["dataset"] == dataset).to_numpy() & (o.top1[:, cols] >= 0).any(axis=1)
+                rows = np.flatnonzero(mine)
+                if rows.size:
+                    img = o.images.iloc[cols]
+                    subset = Subset(dataset, split, img["index"].to_numpy(np.int64), img["label"].to_numpy(np.int64))
+                    parts.append((rows + offset, o.keys.iloc[rows], o.top1[np.ix_(rows, cols)], o.top5[np.ix_(rows, cols)],
+                                  subset))  # fmt: skip
+            offset += len(o)
+        keys = pd.concat([o.keys for o in many], ignore_index=True) if many else cls.empty().keys
+        if not parts:
+            return cls(keys, np.full((offset, 0), -1, np.int32), np.zeros((offset, 0), bool), cls.empty().images)
+        stacked = cls.from_runs([p[1:] for p in parts])
+        where = np.concatenate([p[0] for p in parts])  # the row each stacked cell belongs to
+        top1 = np.full((offset, stacked.top1.shape[1]), -1, np.int32)
+        top5 = np.zeros((offset, stacked.top1.shape[1]), bool)
+        top1[where], top5[where] = stacked.top1, stacked.top5
+        return cls(keys, top1, top5, stacked.images)
+
 
 def _outcome_schema(subset: Subset):
     import pyarrow as pa

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--metric", choices=["top1", "top5"], help="override the metric recorded in manifests")
     board.add_argument("--title", default="lesionbench leaderboard")
 
-    cmp = sub.add_parser("compare", help="CI gate: exit 1 when a layer score or clean accuracy drops")
+    cmp = sub.add_parser("compare", help="CI gate: exit 1 when a layer score or clean accuracy drops, significantly")
     cmp.add_argument("new", type=Path, help="new results.csv or run directory")
     cmp.add_argument("baseline", type=Path, help="baseline results.csv or run directory")
     cmp.add_argument("--max-drop", type=float, default=0.05, help="largest tolerated drop (absolute)")
@@ -172,11 +172,12 @@ def cmd_compare(args) -> int:
     from lesionbench.compare import compare, to_markdown
     from lesionbench.leaderboard import metric_of
     from lesionbench.publish import resolve_results
-    from lesionbench.store import read_results
+    from lesionbench.store import read_results_with_outcomes
 
     new_files, base_files = resolve_results([args.new]), resolve_results([args.baseline])
     metric = args.metric or metric_of(new_files[0])
-    result = compare(read_results(new_files), read_results(base_files), args.max_drop, metric)
+    (new, new_outcomes), (base, base_outcomes) = read_results_with_outcomes(new_files), read_results_with_outcomes(base_files)
+    result = compare(new, base, args.max_drop, metric, new_outcomes, base_outcomes)
     print(to_markdown(result, args.max_drop, show_all=args.all))
     return 1 if len(result.regressions) else 0
 
