@@ -82,6 +82,7 @@ class ModelRunner:
         self.engine = create_engine(study.engine, prepared.graph, images, eval_set.labels, study.batch_size,
                                     self.device, study.autocast)  # fmt: skip
         self.clean = self.engine.full()
+        self.added = 0  # adaptive draws: cells added beyond the planned draws
         # positions of the evaluated images in the study's subset (an unreadable image leaves a gap)
         self.positions = None if not eval_set.skipped else np.searchsorted(plan.indices, eval_set.indices)
 
@@ -102,46 +103,65 @@ class ModelRunner:
     def clean_row(self) -> dict:
         return self.with_outcomes(_row(self.plan, self.name, None, None, self.clean), self.clean)
 
-    def block_rows(self, block: Block, done: set = frozenset()) -> Iterator[tuple[dict | None, str]]:
+    def block_rows(self, block: Block, done=frozenset()) -> Iterator[tuple[dict | None, str]]:
         """Evaluate a block's cells not in ``done``: yields (row, label), row None for a cell done earlier.
 
         With the fast engine, the draws and levels of a block are perturbed one after another,
         their damaged tensors copied, and evaluated together in batched passes (see
-        :class:`lesionbench.engine.LayerEval`); rows come out once their pass is done.
+        :class:`lesionbench.engine.LayerEval`); rows come out once their pass is done. With
+        adaptive draws (``target_ci``) further draws follow, round by round, where
+        :meth:`Plan.extra_cells` asks for them; ``done`` (key → (top1, top5), as
+        ``Store.completed()`` gives) then also says what earlier draws measured.
         """
-        cells = self.plan.block_cells(self.prepared, block)
-        if all(self.key(c) in done for c in cells):
+        plan = self.plan
+        cells = plan.block_cells(self.prepared, block)
+        if plan.settled(self.prepared, block, done) if plan.adaptive else all(self.key(c) in done for c in cells):
             for c in cells:
-                yield None, self.plan.label(self.name, c)
+                yield None, plan.label(self.name, c)
             return
         layer = cells[0].layer
         saved = Snapshot(layer, self._norms_reached(layer) if self.calibration is not None else ())
+        column = "top1" if plan.study.metric == "top1" else "top5"
         with self.engine.for_layer(layer) as run_eval:
-            batchable = (
-                run_eval.many is not None and self.calibration is None
-                and (self.plan.study.batch_draws if self.plan.study.batch_draws is not None else self.device.type == "cuda")
-                and sum(not c.is_identity and self.key(c) not in done for c in cells) > 1
-            )  # fmt: skip
-            pending: list[tuple[Cell, int, dict[str, torch.Tensor], int]] = []
-            for cell in cells:
-                label = self.plan.label(self.name, cell)
-                if self.key(cell) in done:
-                    yield None, label
-                    continue
-                if not batchable or cell.is_identity:
+            todo, made, values = cells, [], {}
+            while todo:
+                values.update(plan.block_values(self.name, todo, done))
+                for row, label in self._evaluate(todo, run_eval, saved, done):
+                    if row is not None:
+                        value = row.get(column)
+                        values[(row["level"], row["draw"])] = math.nan if value is None else float(value)
+                    yield row, label
+                made += todo
+                todo = plan.extra_cells(made, values)
+                self.added += sum(self.key(c) not in done for c in todo)
+
+    def _evaluate(self, cells: list[Cell], run_eval, saved: Snapshot, done) -> Iterator[tuple[dict | None, str]]:
+        """One round of a block's cells: one at a time, or captured and evaluated in batched passes."""
+        batchable = (
+            run_eval.many is not None and self.calibration is None
+            and (self.plan.study.batch_draws if self.plan.study.batch_draws is not None else self.device.type == "cuda")
+            and sum(not c.is_identity and self.key(c) not in done for c in cells) > 1
+        )  # fmt: skip
+        pending: list[tuple[Cell, int, dict[str, torch.Tensor], int]] = []
+        for cell in cells:
+            label = self.plan.label(self.name, cell)
+            if self.key(cell) in done:
+                yield None, label
+                continue
+            if not batchable or cell.is_identity:
+                yield self._cell_row(cell, run_eval, saved), label
+            else:
+                captured = self._capture(cell, saved)
+                if captured is None:  # hooks, or the plugin failed: this cell alone, the rest one by one too
+                    batchable = False
+                    yield from self._flush(pending, run_eval, saved)
                     yield self._cell_row(cell, run_eval, saved), label
-                else:
-                    captured = self._capture(cell, saved)
-                    if captured is None:  # hooks, or the plugin failed: this cell alone, the rest one by one too
-                        batchable = False
-                        yield from self._flush(pending, run_eval, saved)
-                        yield self._cell_row(cell, run_eval, saved), label
-                        continue
-                    pending.append(captured)
-                    if len(pending) >= run_eval.capacity(sum(t.numel() * t.element_size() for t in captured[2].values())):
-                        yield from self._flush(pending, run_eval, saved)
-                self._check_restored(label)
-            yield from self._flush(pending, run_eval, saved)
+                    continue
+                pending.append(captured)
+                if len(pending) >= run_eval.capacity(sum(t.numel() * t.element_size() for t in captured[2].values())):
+                    yield from self._flush(pending, run_eval, saved)
+            self._check_restored(label)
+        yield from self._flush(pending, run_eval, saved)
 
     def _capture(self, cell: Cell, saved: Snapshot) -> tuple[Cell, int, dict[str, torch.Tensor], int] | None:
         """Apply one cell's perturbation, copy the layer's damaged tensors, restore; None if not possible."""
@@ -195,7 +215,8 @@ class ModelRunner:
         return self.plan.key(self.name, cell)
 
     def notes(self) -> list[str]:
-        return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", [])]
+        extra = [f"adaptive draws (target_ci {self.plan.study.target_ci}): {self.added} cells added"] if self.added else []
+        return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", []) + extra]
 
     def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult], saved: Snapshot) -> dict:
         """Perturb, (recalibrate,) evaluate, restore: one row."""

@@ -89,7 +89,7 @@ class Store(Protocol):
 
     def append(self, row: dict) -> None: ...
 
-    def completed(self) -> set[CellKey]: ...
+    def completed(self) -> dict[CellKey, tuple[float, float]]: ...
 
     def note(self, text: str) -> None: ...
 
@@ -109,8 +109,10 @@ class MemoryStore:
         self.rows.append({c: row.get(c) for c in COLUMNS})
         self._outcomes.append(row.get(OUTCOME))
 
-    def completed(self) -> set[CellKey]:
-        return {cell_key(r["model"], r["layer"], r["perturbation"], r["level"], r["draw"]) for r in self.rows}
+    def completed(self) -> dict[CellKey, tuple[float, float]]:
+        """Each cell written so far, with its (top1, top5)."""
+        return {cell_key(r["model"], r["layer"], r["perturbation"], r["level"], r["draw"]): (_num(r["top1"]), _num(r["top5"]))
+                for r in self.rows}  # fmt: skip
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -468,12 +470,18 @@ class RunDir:
         """The results with an ``outcome`` column, and the outcomes it points into."""
         return read_results_with_outcomes([self.results_path])
 
-    def completed(self) -> set[CellKey]:
+    def completed(self) -> dict[CellKey, tuple[float, float]]:
+        """Each cell written so far, with its (top1, top5) (NaN for a failed cell): what ``--resume``
+        skips, and what adaptive draws decide from."""
         df = self.frame()
         return {
-            cell_key(r.model, r.layer, r.perturbation, r.level, r.draw)
-            for r in df[["model", "layer", "perturbation", "level", "draw"]].itertuples(index=False)
+            cell_key(r.model, r.layer, r.perturbation, r.level, r.draw): (float(r.top1), float(r.top5))
+            for r in df[KEY_COLUMNS + ["top1", "top5"]].itertuples(index=False)
         }
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _cell(value) -> str:
