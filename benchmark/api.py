@@ -175,9 +175,12 @@ def run(
     num_classes: int | None = None,
     resume: bool = False,
     registry: Registry | None = None,
+    with_outcomes: bool = False,
     **options: Any,
-) -> pd.DataFrame:
-    """Run a study and return its results table (one row per cell, as ``results.csv``).
+) -> pd.DataFrame | tuple[pd.DataFrame, Outcomes]:
+    """Run a study and return its results table (one row per cell, as ``results.csv``); with
+    ``with_outcomes=True`` the table with an ``outcome`` column and the per-image
+    :class:`~lesionbench.store.Outcomes` it points into (as :func:`load_outcomes` gives).
 
     ``study``: a preset name, a TOML path, a mapping shaped like a study file, or a Study.
     ``out``: None keeps everything in memory (nothing is written); a directory gets the same
@@ -233,7 +236,7 @@ def run(
     finally:
         for n, m in modules.items():
             m.train(modes[n])
-    return store.frame()
+    return store.outcomes() if with_outcomes else store.frame()
 
 
 class _Plugin:

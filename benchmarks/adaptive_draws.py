@@ -1,6 +1,7 @@
 """Adaptive draws against fixed 5 and 20 draws on the demo: cells spent and interval widths reached.
 
-    python benchmarks/adaptive_draws.py [--out runs/adaptive-demo] [--target-ci 0.02] [--max-draws 20]
+    python benchmarks/adaptive_draws.py [--out runs/adaptive-demo] [--target-ci 0.02] [--max-draws 20] [--threads N]
+                                         [--levels 0,0.25,0.5,0.75]
 
 Runs the demo study once with 20 draws per level (``lesionbench run demo --draws 20``; reused if
 ``--out`` already holds it). Draw k of a layer × level is the same cell — same seed, same result —
@@ -58,12 +59,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/adaptive-demo"))
     parser.add_argument("--target-ci", type=float, default=0.02)
     parser.add_argument("--max-draws", type=int, default=20)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--levels", help="comma-separated levels for every perturbation (default: the demo's own)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if (args.out / "results.csv").is_file():
         df = lesionbench.load_results(args.out)
     else:
-        df = lesionbench.run("demo", out=args.out, draws=args.max_draws)
+        levels = [float(v) for v in args.levels.split(",")] if args.levels else None
+        df = lesionbench.run("demo", out=args.out, draws=args.max_draws, levels=levels)
     seconds = time.perf_counter() - started
     s = strategies(df, args.target_ci, args.max_draws)
     table = []

@@ -69,3 +69,20 @@ def test_an_adaptive_run_is_a_fixed_run_cut_where_the_rule_says_and_resumes_to_t
     _rows, outcomes = lesionbench.load_outcomes(tmp_path / "b")
     assert (_rows["outcome"] >= 0).all()
     assert np.isfinite(_rows["flip_rate"]).all()
+
+
+def test_in_memory_outcomes_give_flip_rates_and_per_class_accuracy(trained):
+    """``run(..., with_outcomes=True)`` with nothing written: the outcomes agree with the rows."""
+    net, x, y = trained
+    df, outcomes = lesionbench.run(model=net, data=(x, y), seed=0, draws=2, n_images=200, device="cpu", layers=["4"],
+                                   perturbations=["node_knockout"], with_outcomes=True)  # fmt: skip
+    assert (df["outcome"] >= 0).all() and outcomes.top1.shape == (len(df), 200)
+    labels = outcomes.images["label"].to_numpy()
+    np.testing.assert_allclose(df["top1"], (outcomes.top1[df["outcome"]] == labels).mean(axis=1))
+    clean = outcomes.top1[df.loc[df["perturbation"] == "clean", "outcome"].iloc[0]]
+    np.testing.assert_allclose(df["flip_rate"], (outcomes.top1[df["outcome"]] != clean).mean(axis=1))
+    assert df.loc[df["level"] == 1.0, "flip_rate"].min() > 0.5  # every unit of the last layer knocked out
+    per_class = lesionbench.per_class_accuracy(df, outcomes)
+    assert set(per_class["class"]) == set(range(10)) and (per_class.groupby("level")["n_images"].sum() == 200).all()
+    whole = per_class[per_class["level"] == 0.5].eval("accuracy * n_images").sum() / 200
+    assert whole == pytest.approx(df.loc[df["level"] == 0.5, "top1"].mean())

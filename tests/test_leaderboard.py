@@ -261,3 +261,24 @@ def test_layer_tables_group_perturbations_by_the_layers_they_studied():
         header = cells(t)[0]
         assert (len(header) - 2) // 2 <= 3 and all("–" not in row for row in cells(t))
     assert [r[0] for r in cells(tables[2])[1:]] == ["fc8"]
+
+
+def test_figure_one_bands_come_from_the_bootstrap_when_there_are_outcomes(tmp_path):
+    from test_bootstrap import simulate
+
+    from lesionbench.leaderboard import track_bootstraps
+    from lesionbench.plots import accuracy_curves, with_band
+    from lesionbench.scores import curves
+
+    df, outcomes = simulate(np.random.default_rng(2), {"m": {"a": 0.6}}, sigma=0.0)
+    boot = track_bootstraps(df, outcomes)["sim"]
+    c = curves(df)
+    banded = with_band(c, boot.curves)
+    moving = banded["level"] > 0
+    # no draw noise: the t-interval over draws has width 0, the bootstrap over images does not
+    assert (c.loc[moving, "ci_high"] - c.loc[moving, "ci_low"]).max() < 1e-12
+    np.testing.assert_allclose(banded["band_high"], boot.curves["band_high"])
+    assert (banded.loc[moving, "band_high"] - banded.loc[moving, "band_low"]).min() > 0.01
+    plain = with_band(c, None)  # no outcomes: the t-interval, as before
+    np.testing.assert_allclose(plain["band_low"], c["ci_low"])
+    assert accuracy_curves(df, "m", "p", "top1", tmp_path / "f.png", boot.curves).stat().st_size > 10_000
