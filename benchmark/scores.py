@@ -369,6 +369,7 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     """
     if replicates < 2:
         raise LesionbenchError(f"bootstrap replicates must be at least 2, got {replicates}")
+    df = df.reset_index(drop=True)  # rows are addressed by position below
     c = curves(df, metric)
     scores = _scores_of_curves(c)
     B = replicates

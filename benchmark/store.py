@@ -236,7 +236,9 @@ class _OutcomeWriter:
         self.writer = pa.ipc.new_stream(self.sink, self.schema, options=pa.ipc.IpcWriteOptions(compression="lz4"))
         self.writer.write_batch(pa.record_batch([pa.array([], f.type) for f in self.schema], schema=self.schema))
         prime = self._take()
-        if not path.is_file() or path.stat().st_size == 0:
+        fresh = not path.is_file() or path.stat().st_size == 0
+        self.file = open(path, "ab")  # kept open: one write and one fsync per cell
+        if fresh:
             self._write(prime)
 
     def _take(self) -> bytes:
@@ -246,10 +248,12 @@ class _OutcomeWriter:
         return data
 
     def _write(self, data: bytes) -> None:
-        with open(self.path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        self.file.write(data)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
 
     def append(self, row: dict, top1: np.ndarray, top5: np.ndarray) -> None:
         pa = self.pa
@@ -344,7 +348,10 @@ class RunDir:
         self._lock = lock
 
     def close(self) -> None:
-        """Release the lock (the directory stays as it is)."""
+        """Close the outcomes file and release the lock (the directory stays as it is)."""
+        if self._outcomes is not None:
+            self._outcomes.close()
+            self._outcomes = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None

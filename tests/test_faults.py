@@ -101,10 +101,11 @@ def test_a_torn_outcome_batch_and_an_outcome_without_its_row_are_repaired_on_res
             run.append(_row(k) | {OUTCOME: (top1(k), np.arange(8) < k)})
     size = (tmp_path / "r" / OUTCOMES).stat().st_size
     with RunDir.open_existing(tmp_path / "r", "f", subset) as run:  # killed after the outcomes of draw 3, before its row
-        run._outcomes = None
         from lesionbench.store import _OutcomeWriter
 
-        _OutcomeWriter(run.outcomes_path, subset).append(_row(3), top1(99), np.zeros(8, bool))
+        orphan = _OutcomeWriter(run.outcomes_path, subset)
+        orphan.append(_row(3), top1(99), np.zeros(8, bool))
+        orphan.close()
     whole = (tmp_path / "r" / OUTCOMES).read_bytes()
     (tmp_path / "r" / OUTCOMES).write_bytes(whole + whole[size : size + 40])  # and a torn batch after it
     with RunDir.open_existing(tmp_path / "r", "f", subset) as run:
