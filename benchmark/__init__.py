@@ -8,7 +8,7 @@ For plugin authors — implement hooks with :data:`hookimpl` and contribute:
 
 * perturbations: subclasses of :class:`WeightPerturbation` (in-place damage to a layer's tensors)
   or :class:`HookPerturbation` (damage to what a layer computes), with a :class:`LevelAxis`;
-  helpers :func:`count_for`, :func:`random_subset_mask`, :func:`positions_mask`;
+  helpers :func:`count_for`, :func:`random_subset_mask`, :func:`positions_mask`, :func:`binomial_count`;
   each damages a :class:`Layer`;
 * models: :class:`ModelSource` objects building a :class:`LoadedModel` from a :class:`ModelSpec`;
 * datasets: :class:`DatasetSource` objects returning a :class:`RawDataset`;
@@ -39,6 +39,7 @@ _EXPORTS = {
     "count_for": "lesionbench.perturbation",
     "random_subset_mask": "lesionbench.perturbation",
     "positions_mask": "lesionbench.perturbation",
+    "binomial_count": "lesionbench.perturbation",
     "Layer": "lesionbench.layers",
     "ModelSource": "lesionbench.model_sources",
     "ModelSpec": "lesionbench.model_sources",

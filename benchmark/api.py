@@ -75,6 +75,10 @@ def run_study(
         store = MemoryStore(subset=subset)
     elif resume:
         store = RunDir.open_existing(out, plan.fingerprint(), subset)  # a different study is refused before connecting
+        if all_done(plan, store):
+            store.already_complete = True
+            store.close()
+            return store
     else:
         store = None  # created once the session is up: a cluster that cannot be reached leaves nothing behind
     try:
@@ -93,6 +97,13 @@ def subset_of(plan: Plan) -> Subset:
     """The plan's evaluation subset as the store records it beside the per-image outcomes."""
     return Subset(plan.study.dataset.name, plan.study.dataset.split, np.asarray(plan.indices, np.int64),
                   np.asarray(plan.raw.labels[plan.indices], np.int64))  # fmt: skip
+
+
+def all_done(plan: Plan, store: Store) -> bool:
+    """Whether ``store`` holds every cell of ``plan``, adaptive draws included (a resumed run with nothing left to do)."""
+    done = store.completed()
+    return all(plan.key(m.loaded.name) in done and all(plan.settled(m, b, done) for b in plan.blocks(m))
+               for m in plan.models)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ run()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import traceback
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from lesionbench.engine import create_engine
 from lesionbench.errors import LesionbenchError
 from lesionbench.evaluate import EvalResult, resolve_device
 from lesionbench.layers import PERTURBABLE, Layer
-from lesionbench.perturbation import Snapshot, generator_for, model_checksum, nonfinite_count, perturbed
+from lesionbench.perturbation import Snapshot, generator_for, model_checksum, nonfinite_count, nonfinite_outputs, perturbed
 from lesionbench.plan import Block, Cell, Plan, PreparedModel
 from lesionbench.store import CLEAN, NONFINITE, OUTCOME
 
@@ -29,7 +31,7 @@ log = logging.getLogger("lesionbench")
 
 
 def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: EvalResult | None,
-         error: str = "", nonfinite: int | None = None) -> dict:  # fmt: skip
+         error: str = "", nonfinite: int | None = None, nonfinite_out: int | None = None) -> dict:  # fmt: skip
     row = {
         "model": model,
         "dataset": plan.study.dataset.name,
@@ -43,6 +45,7 @@ def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: Ev
         "num_classes": plan.raw.num_classes,
         "error": error,
         "nonfinite_weights": nonfinite if nonfinite is not None else (0 if cell else None),
+        "nonfinite_outputs": nonfinite_out,  # hook perturbations only: NaN/Inf values the damaged layer emitted
         "level_axis": cell.perturbation.axis.kind if cell else "linear",
         "level_unit": cell.perturbation.axis.label if cell else "",
     }
@@ -63,7 +66,7 @@ class ModelRunner:
     def __init__(self, plan: Plan, prepared: PreparedModel, eval_set: EvalSet, calibration: EvalSet | None = None,
                  debug: bool = False, note: Callable[[str], None] = lambda _t: None):  # fmt: skip
         study = plan.study
-        self.plan, self.prepared, self.debug = plan, prepared, debug
+        self.plan, self.prepared, self.debug, self.note = plan, prepared, debug, note
         self.name = prepared.loaded.name
         self.device = resolve_device(study.device)
         if eval_set.skipped:
@@ -225,21 +228,24 @@ class ModelRunner:
         if cell.is_identity:
             return self.with_outcomes(_row(plan, self.name, cell, seed, self.clean), self.clean)
         norms = saved.also  # the BatchNorms to re-estimate (bn_recalibrate), found once per block
-        error, result, nonfinite = "", None, None
+        error, result, nonfinite, outputs = "", None, None, None
         try:
-            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed), also=norms, saved=saved):
+            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed), also=norms, saved=saved) as hooked:
                 nonfinite = nonfinite_count(cell.layer)
                 if norms:
                     recalibrate(self.module, norms, self.calibration, plan.study.batch_size, self.device)
-                result = run_eval()
+                with nonfinite_outputs(cell.layer) if hooked else nullcontext() as outputs:
+                    result = run_eval()
         except (LesionbenchError, KeyboardInterrupt):
             raise
         except Exception as exc:  # a faulty plugin fails its own cell, not the study
             error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.warning("%s failed: %s", plan.label(self.name, cell), error)
+            self.note(f"{plan.label(self.name, cell)} failed:\n{''.join(traceback.format_exception(exc)).rstrip()}")
         if result is not None and not math.isfinite(result.loss):
             error = error or NONFINITE
-        return self.with_outcomes(_row(plan, self.name, cell, seed, result, error, nonfinite), result)
+        row = _row(plan, self.name, cell, seed, result, error, nonfinite, outputs[0] if outputs and result else None)
+        return self.with_outcomes(row, result)
 
     def _norms_reached(self, layer: Layer) -> list[nn.Module]:
         """The BatchNorms whose input the damage reaches, on any branch (a stage: through any of its layers)."""

@@ -66,8 +66,10 @@ class EvalSet:
 def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     """``n`` indices balanced over classes, chosen by ``seed``; the same for the same inputs.
 
-    Each class's images are shuffled, then classes are taken in turn (round robin), so any N
-    has as equal a class balance as the data allows. Returned sorted, for sequential reads.
+    Each class's images are shuffled, then classes are taken in turn (round robin) in a shuffled
+    class order, so any N has as equal a class balance as the data allows, and when N is smaller
+    than the number of classes (500 of ImageNet's 1,000, one image each) the classes that get an
+    image are a random draw, not the first ones in label order. Returned sorted, for sequential reads.
     """
     labels = np.asarray(labels)
     if n is None or n >= len(labels):
@@ -76,6 +78,9 @@ def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarra
         raise LesionbenchError(f"n_images must be positive, got {n}")
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    # drawn after the per-class shuffles, so a subset taking whole rounds (every class alike) is the
+    # one earlier releases chose
+    per_class = [per_class[i] for i in rng.permutation(len(per_class))]
     order = []
     depth = 0
     while len(order) < n:

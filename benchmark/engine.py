@@ -234,58 +234,38 @@ class SuffixEngine(NaiveEngine):
         return out
 
 
-@dataclass(frozen=True)
-class _OnDisk:
-    """A spilled tensor: where its bytes are and how to read them back."""
-
-    path: str
-    dtype: torch.dtype
-    shape: torch.Size
-    channels_last: bool  # written contiguous: the layout is restored on reading
+_SAVED = object()  # stands for a tensor that is in the batch's file
 
 
 class SpilledBatches:
-    """Cached boundary values kept in memory-mapped files instead of memory, one file per tensor.
+    """Cached boundary values kept in memory-mapped files instead of memory, one file per batch.
 
-    Reading a batch maps its files (``torch.from_file``), so only the pages a suffix pass touches
-    are read; :meth:`clear` deletes the files. The folder is under ``$LESIONBENCH_SPILL_DIR`` or the
-    system's temporary directory.
+    Each batch's tensors are written with ``torch.save`` and read back with
+    ``torch.load(mmap=True)``, so only the pages a suffix pass touches are read, in their own
+    dtype and memory layout (channels_last stays channels_last). :meth:`clear` deletes the files.
+    The folder (``tempfile.mkdtemp``) is under ``$LESIONBENCH_SPILL_DIR`` or the system's
+    temporary directory.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.dir = Path(tempfile.mkdtemp(prefix="lesionbench-spill-", dir=os.environ.get("LESIONBENCH_SPILL_DIR")))
-        self._batches: list[list[_OnDisk | object]] = []
+        self._batches: list[tuple[Path, list]] = []  # (file, values with _SAVED where a tensor was saved)
         # the files go with this object even if nobody calls clear() (an error, a worker let go)
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
 
     def append(self, values: tuple) -> None:
-        entries = []
-        for j, v in enumerate(values):
-            if isinstance(v, torch.Tensor):
-                path = self.dir / f"{len(self._batches)}_{j}.bin"
-                v.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tofile(path)
-                channels_last = v.dim() == 4 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last)
-                entries.append(_OnDisk(str(path), v.dtype, v.shape, channels_last))
-            else:
-                entries.append(v)
-        self._batches.append(entries)
+        path = self.dir / f"{len(self._batches)}.pt"
+        torch.save([v.detach().cpu() for v in values if isinstance(v, torch.Tensor)], path)
+        self._batches.append((path, [_SAVED if isinstance(v, torch.Tensor) else v for v in values]))
 
     def __len__(self) -> int:
         return len(self._batches)
 
     def __getitem__(self, i: int) -> tuple:
-        out = []
-        for e in self._batches[i]:
-            if isinstance(e, _OnDisk):
-                nbytes = e.shape.numel() * torch.empty((), dtype=e.dtype).element_size()
-                t = torch.from_file(e.path, shared=False, size=nbytes, dtype=torch.uint8).view(e.dtype).view(e.shape)
-                if e.channels_last:
-                    t = t.contiguous(memory_format=torch.channels_last)
-                out.append(t.to(self.device, non_blocking=True))
-            else:
-                out.append(e)
-        return tuple(out)
+        path, others = self._batches[i]
+        tensors = iter(torch.load(path, mmap=True, weights_only=True))
+        return tuple(next(tensors).to(self.device, non_blocking=True) if v is _SAVED else v for v in others)
 
     def clear(self) -> None:
         self._batches.clear()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class LesionbenchError(Exception):
@@ -12,6 +12,24 @@ class LesionbenchError(Exception):
 
 class PluginError(LesionbenchError):
     """A plugin clashed with another or failed to load."""
+
+
+def plugin_failure(plugin: str, what: str, exc: BaseException, log_to: Callable[[str], None] | None = None) -> PluginError:
+    """One line for a plugin's own bug, naming the plugin; the traceback goes to ``log_to`` (the
+    run's log) or, before a run directory exists, to a file in the temporary directory."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    if log_to is not None:
+        log_to(f"plugin {plugin!r} failed while {what}:\n{text}")
+        where = "run.log"
+    else:
+        with tempfile.NamedTemporaryFile("w", prefix="lesionbench-traceback-", suffix=".log", delete=False) as f:
+            f.write(text)
+        where = f.name
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return PluginError(f"plugin {plugin!r} failed while {what}: {type(exc).__name__}: {first} (traceback in {where})")
 
 
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> LesionbenchError:

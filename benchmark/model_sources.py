@@ -54,6 +54,11 @@ class LoadedModel:
     aliases: dict[str, str] = field(default_factory=dict)  # module path -> paper name
     # The whole model's state at initialisation, when the source (or the user) knows it.
     initial_state: Callable[[], Mapping[str, torch.Tensor]] | None = None
+    # The device types the model's kernels run on (int8 models: the CPU only); checked before a run.
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    # Ignored: the class count is read from the model's output. Kept so that model sources written
+    # for lesionbench 0.1, which passed it, still build.
+    num_classes: int | None = None
 
 
 @runtime_checkable
@@ -78,20 +83,24 @@ class ModelSource(Protocol):
         """Build the model ``spec`` describes, weights loaded, in eval mode."""
 
 
+def resolve_source(spec: ModelSpec, sources: Mapping[str, ModelSource]) -> str:
+    """The name of the source that builds ``spec``: its prefix, or the first source claiming the bare name."""
+    if spec.source is not None:
+        if spec.source not in sources:
+            raise unknown_name("model source", spec.source, sources)
+        return spec.source
+    claiming = [p for p, s in sources.items() if s.claims(spec.arch)]
+    if not claiming:
+        known = [n if s.claims(n) else f"{p}:{n}" for p, s in sources.items() for n in s.examples()]
+        raise unknown_name("model", spec.ref, known + [f"{p}:<name>" for p in sources])
+    return claiming[0]
+
+
 def create_model(spec: ModelSpec | str, sources: Mapping[str, ModelSource]) -> LoadedModel:
     """Resolve ``spec`` to a source and build it."""
     if isinstance(spec, str):
         spec = ModelSpec(spec)
-    if spec.source is not None:
-        if spec.source not in sources:
-            raise unknown_name("model source", spec.source, sources)
-        source = sources[spec.source]
-    else:
-        claiming = [s for s in sources.values() if s.claims(spec.arch)]
-        if not claiming:
-            known = [n if s.claims(n) else f"{p}:{n}" for p, s in sources.items() for n in s.examples()]
-            raise unknown_name("model", spec.ref, known + [f"{p}:<name>" for p in sources])
-        source = claiming[0]
+    source = sources[resolve_source(spec, sources)]
     try:
         loaded = source.build(spec)
     except (TypeError, ValueError) as exc:  # options the builder does not take, or of the wrong type

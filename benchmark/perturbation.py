@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -213,6 +214,22 @@ def random_subset_mask(n: int, k: int, generator: torch.Generator) -> torch.Tens
     return mask
 
 
+def binomial_count(trials: int, p: float, generator: torch.Generator) -> int:
+    """A draw from Binomial(trials, p), exactly, seeded from ``generator``.
+
+    ``torch.binomial`` works in float32: for the 1.2e9 bits of AlexNet's fc6 its variance is
+    1.2–1.8× the binomial's and its mean is biased at p = 1e-7. NumPy's generator samples the
+    binomial exactly (BTPE / inversion, 64-bit counts); its seed is drawn from ``generator``, so
+    the count is as reproducible as any other draw of a cell.
+    """
+    if trials <= 0 or p <= 0:
+        return 0
+    if p >= 1:
+        return int(trials)
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+    return int(np.random.default_rng(seed).binomial(int(trials), float(p)))
+
+
 def distinct_positions(total: int, count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` distinct positions in range(total), uniformly, for count ≪ total (no permutation)."""
     chosen = torch.empty(0, dtype=torch.int64)
@@ -283,6 +300,26 @@ def nonfinite_count(layer: Layer) -> int:
         for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
         if t.is_floating_point()
     )
+
+
+@contextmanager
+def nonfinite_outputs(layer: Layer) -> Iterator[list[int]]:
+    """Count the NaN/±Inf values ``layer`` emits while the block runs: yields a one-item list.
+
+    Its forward hook is registered after any a hook perturbation installed, so it sees the damaged
+    output (activation bit flips into an exponent…); removed on exit.
+    """
+    count = [0]
+
+    def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            count[0] += _nonfinite(output)
+
+    handle = layer.module.register_forward_hook(hook)
+    try:
+        yield count
+    finally:
+        handle.remove()
 
 
 def _nonfinite(tensor: torch.Tensor) -> int:

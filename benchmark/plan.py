@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -19,11 +20,11 @@ import torch
 from scipy import stats
 
 from lesionbench.data import RawDataset, stratified_subset
-from lesionbench.errors import LesionbenchError
+from lesionbench.errors import LesionbenchError, plugin_failure
 from lesionbench.evaluate import resolve_device
 from lesionbench.graph import ModelGraph
 from lesionbench.layers import Layer, select_layers
-from lesionbench.model_sources import LoadedModel, create_model
+from lesionbench.model_sources import LoadedModel, create_model, resolve_source
 from lesionbench.perturbation import Perturbation, cell_seed, check_levels
 from lesionbench.registry import Registry
 from lesionbench.store import CLEAN, CellKey, cell_key
@@ -69,6 +70,7 @@ class PreparedModel:
     targets: dict[str, list[Layer]]  # perturbations with a layer axis of their own (e.g. stages)
     dtype: torch.dtype = torch.float32
     notes: list[str] = field(default_factory=list)  # for run.log
+    plugin: str = ""  # the plugin whose source built the model: named when the model's own code fails
 
     def targets_of(self, perturbation: str) -> list[Layer]:
         return self.targets.get(perturbation, self.layers)
@@ -235,14 +237,26 @@ def model_dtype(module: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
+@contextmanager
+def blame(plugin: str, what: str) -> Iterator[None]:
+    """Turn an exception from a plugin's own code into one line naming the plugin (traceback kept)."""
+    try:
+        yield
+    except (LesionbenchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plugin's bug, reported as such
+        raise plugin_failure(plugin, what, exc) from None
+
+
 def resolve_perturbations(study: Study, registry: Registry) -> dict[str, tuple[Perturbation, tuple[float, ...]]]:
     """Each perturbation the study names with its levels, checked against its range and rules."""
     perturbations = {}
     for name in study.perturbations:
         p = registry.get("perturbations", name)
         levels = check_levels(p, study.levels.get(name, p.default_levels))
-        for level in levels:
-            p.check_level(level)  # a plugin's own rule (whole bits…), before anything runs
+        with blame(registry.owner("perturbations", name), f"checking the levels of {name!r}"):
+            for level in levels:
+                p.check_level(level)  # a plugin's own rule (whole bits…), before anything runs
         perturbations[name] = (p, levels)
     unknown_levels = set(study.levels) - set(study.perturbations)
     if unknown_levels:
@@ -250,11 +264,17 @@ def resolve_perturbations(study: Study, registry: Registry) -> dict[str, tuple[P
     return perturbations
 
 
-def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: RawDataset, max_label: int) -> PreparedModel:
+def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: RawDataset, max_label: int,
+                  registry: Registry, plugin: str) -> PreparedModel:  # fmt: skip
     """A built model analysed and checked: its graph, the study's layers, each perturbation's targets."""
+    device = resolve_device(study.device)
+    if device.type not in loaded.devices:
+        raise LesionbenchError(f"model {loaded.name!r} runs on {' or '.join(loaded.devices)} only, not on {device}: "
+                               f"set device = {loaded.devices[0]!r} in the study or --device {loaded.devices[0]}")  # fmt: skip
     dtype = model_dtype(loaded.module)
     example = torch.zeros(1, *loaded.input_size, dtype=dtype)
-    graph = ModelGraph.of(loaded.module, example, loaded.aliases)
+    with blame(plugin, f"running model {loaded.name!r} on one input of size {tuple(loaded.input_size)}"):
+        graph = ModelGraph.of(loaded.module, example, loaded.aliases)
     ref = loaded.name
     if max_label >= graph.num_classes:
         raise LesionbenchError(
@@ -270,10 +290,11 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
     notes = [f"{ref}: {name} left out: {why}" for name, why in graph.left_out.items() if not study.layers]
     targets = {}
     for name, (p, _levels) in perturbations.items():
-        own = p.targets(loaded.module, layers)  # e.g. residual stages: a model without any has no such blocks
+        with blame(registry.owner("perturbations", name), f"finding what {name!r} perturbs in {loaded.name!r}"):
+            own = p.targets(loaded.module, layers)  # e.g. residual stages: a model without any has no such blocks
         if own is not None:
             targets[name] = list(own)
-    return PreparedModel(loaded, graph, layers, targets, dtype, notes)
+    return PreparedModel(loaded, graph, layers, targets, dtype, notes, plugin)
 
 
 def prepare(study: Study, registry: Registry) -> Plan:
@@ -281,7 +302,8 @@ def prepare(study: Study, registry: Registry) -> Plan:
     check_device(study.device)
     perturbations = resolve_perturbations(study, registry)
     source = registry.get("datasets", study.dataset.name)
-    raw = source.load(study.dataset.path, study.dataset.split)
+    with blame(registry.owner("datasets", study.dataset.name), f"loading dataset {study.dataset.name!r}"):
+        raw = source.load(study.dataset.path, study.dataset.split)
     if len(raw) == 0:
         raise LesionbenchError(f"dataset {study.dataset.name!r} is empty")
     indices = stratified_subset(raw.labels, study.dataset.n_images, study.seed)
@@ -294,15 +316,17 @@ def prepare(study: Study, registry: Registry) -> Plan:
         if spec.ref in seen:
             raise LesionbenchError(f"model {spec.ref!r} appears twice in the study")
         seen.add(spec.ref)
-        with torch.random.fork_rng(devices=[]):  # weights not loaded from a file depend only on the study seed
-            torch.manual_seed(cell_seed(study.seed, spec.ref, "", "init", 0.0, 0))
+        plugin = registry.owner("models", resolve_source(spec, sources))
+        with torch.random.fork_rng(devices=[]), blame(plugin, f"building model {spec.ref!r}"):
+            torch.manual_seed(cell_seed(study.seed, spec.ref, "", "init", 0.0, 0))  # weights not from a file: the seed's
             loaded = create_model(spec, sources)
-        models.append(prepare_model(loaded, study, perturbations, raw, max_label))
+        models.append(prepare_model(loaded, study, perturbations, raw, max_label, registry, plugin))
     for name, (p, _levels) in perturbations.items():
         if not any(m.targets_of(name) for m in models):
             raise LesionbenchError(f"perturbation {name!r} finds nothing to perturb in any model of the study")
-        for layer in (t for m in models for t in m.targets_of(name)):
-            p.check_layer(layer)  # a plugin's own precondition (initial weights known…), before anything runs
+        with blame(registry.owner("perturbations", name), f"checking the layers {name!r} perturbs"):
+            for layer in (t for m in models for t in m.targets_of(name)):
+                p.check_layer(layer)  # a plugin's own precondition (initial weights known…), before anything runs
     return Plan(study, perturbations, raw, indices, models, calibration)
 
 

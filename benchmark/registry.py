@@ -39,6 +39,8 @@ BUILTIN_PLUGINS = {
     "quantize": "lesionbench.plugins.quantize",
     "reinit": "lesionbench.plugins.reinit",
     "activation_damage": "lesionbench.plugins.activation_damage",
+    "filter_prune": "lesionbench.plugins.filter_prune",
+    "activation_bit_flip": "lesionbench.plugins.activation_bit_flip",
     "block_removal": "lesionbench.plugins.block_removal",
     "fashion_mnist": "lesionbench.plugins.fashion_mnist",
     "image_folder": "lesionbench.plugins.image_folder",
@@ -47,6 +49,7 @@ BUILTIN_PLUGINS = {
     "torchvision": "lesionbench.models.torchvision_models",
     "timm": "lesionbench.models.timm_models",
     "efficientnet_lite": "lesionbench.models.efficientnet_lite",
+    "int8": "lesionbench.models.int8",
 }
 
 # kind -> hook name; the kind is what `lesionbench list KIND` takes.
@@ -145,6 +148,10 @@ class Registry:
                     )
                 found[name] = Contribution(name, kind, impl.plugin_name, obj)
         return found
+
+    def owner(self, kind: str, name: str) -> str:
+        """The plugin that contributed ``name`` of ``kind``."""
+        return self.contributions(kind)[name].plugin
 
     def get(self, kind: str, name: str) -> Any:
         items = self.contributions(kind)

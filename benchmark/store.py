@@ -40,13 +40,13 @@ from lesionbench.errors import LesionbenchError
 COLUMNS = [
     "model", "dataset", "layer", "layer_index", "relative_depth", "perturbation", "level", "draw",
     "seed", "top1", "top5", "loss", "n_images", "seconds", "images_per_s", "device", "num_classes", "error",
-    "nonfinite_weights", "level_axis", "level_unit", "flip_rate",
+    "nonfinite_weights", "level_axis", "level_unit", "nonfinite_outputs", "flip_rate",
 ]  # fmt: skip
 # Columns older result files may lack, with what they meant then (flip_rate: not measured).
 OPTIONAL = {"error": "", "nonfinite_weights": float("nan"), "level_axis": "linear", "level_unit": "",
-            "flip_rate": float("nan")}  # fmt: skip
+            "nonfinite_outputs": float("nan"), "flip_rate": float("nan")}  # fmt: skip
 NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
-           "seconds", "images_per_s", "num_classes", "nonfinite_weights", "flip_rate"]  # fmt: skip
+           "seconds", "images_per_s", "num_classes", "nonfinite_weights", "nonfinite_outputs", "flip_rate"]  # fmt: skip
 CLEAN = "clean"
 NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf  # the perturbation name of the one unperturbed evaluation per model
 RESULTS = "results.csv"
@@ -120,7 +120,8 @@ class MemoryStore:
     def frame(self) -> pd.DataFrame:
         df = pd.DataFrame(self.rows, columns=COLUMNS)
         df["error"] = df["error"].fillna("")
-        return df.astype({c: float for c in NUMERIC})
+        # floats as read_results gives them; seeds stay 64-bit integers (a float64 cannot hold them)
+        return df.astype({c: float for c in NUMERIC if c != "seed"} | {"seed": "int64"})
 
     def outcomes(self) -> tuple[pd.DataFrame, Outcomes]:
         """The results table with an ``outcome`` column, and the outcomes it points into (see
@@ -324,6 +325,12 @@ class RunDir:
     _lock: FileLock | None = field(default=None, repr=False)
     subset: Subset | None = None  # the evaluation subset, for the outcomes file
     _outcomes: _OutcomeWriter | None = field(default=None, repr=False)
+    already_complete: bool = False  # set by the executor when a resumed run had nothing left to do
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        """Whether ``path`` holds a run (a manifest and a results file)."""
+        return (Path(path) / MANIFEST).is_file() and (Path(path) / RESULTS).is_file()
 
     @property
     def results_path(self) -> Path:
@@ -423,9 +430,13 @@ class RunDir:
         return run
 
     def note(self, text: str) -> None:
-        """A line in the run's log (engine fallbacks and the like)."""
-        with open(self.path / "run.log", "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+        """A line in the run's log (engine fallbacks and the like); best effort: a full disk is
+        reported by the next row's write, not by the log."""
+        try:
+            with open(self.path / "run.log", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+        except OSError:
+            pass
 
     def manifest(self) -> dict:
         try:
@@ -456,19 +467,43 @@ class RunDir:
 
     def append(self, row: dict) -> None:
         """Write one complete row and make it durable before returning; its per-image outcomes
-        (under :data:`OUTCOME`) are made durable first."""
+        (under :data:`OUTCOME`) are made durable first.
+
+        A write that fails (disk full, file size limit) is undone, so the file keeps only whole
+        rows, and reported as one line saying how to finish the run (a torn outcome batch is cut
+        by ``--resume``).
+        """
         if row.get(OUTCOME) is not None and self.subset is not None:
-            if self._outcomes is None:
-                self._outcomes = _OutcomeWriter(self.outcomes_path, self.subset)
-            self._outcomes.append(row, *row[OUTCOME])
+            try:
+                if self._outcomes is None:
+                    self._outcomes = _OutcomeWriter(self.outcomes_path, self.subset)
+                self._outcomes.append(row, *row[OUTCOME])
+            except OSError as exc:
+                raise LesionbenchError(
+                    f"cannot write {str(self.outcomes_path)!r} ({exc.strerror or exc}); the rows written so far are "
+                    f"whole: free space and finish with lesionbench run --resume {self.path}"
+                ) from None
         if not hasattr(self, "_columns"):
             self._columns = self.columns()
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in self._columns])
-        with open(self.results_path, "a", encoding="utf-8") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
+        data = buf.getvalue().encode("utf-8")
+        fd = os.open(self.results_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, size)  # never a torn row (truncating frees space: it cannot fail the same way)
+                raise LesionbenchError(
+                    f"cannot write {str(self.results_path)!r} ({exc.strerror or exc}); the rows written so far are "
+                    f"whole: free space and finish with lesionbench run --resume {self.path}"
+                ) from None
+        finally:
+            os.close(fd)
 
     def frame(self) -> pd.DataFrame:
         return read_results(self.results_path)

@@ -11,6 +11,7 @@ import difflib
 from pathlib import Path
 
 import timm
+from torchvision import transforms
 from timm.data import create_transform, resolve_data_config
 
 from lesionbench.errors import LesionbenchError
@@ -20,11 +21,24 @@ from lesionbench.models.torchvision_models import rgb
 
 
 def timm_preprocess(module, in_chans: int):
-    """timm's eval transform for ``module`` and a key that identifies it."""
-    config = resolve_data_config({}, model=module)
+    """timm's eval transform for ``module`` and a key that identifies it.
+
+    timm's data config describes the pretrained 3-channel input even for a model built with another
+    ``in_chans``; for one channel the image is read as grey and normalised with the mean of the
+    three channels' statistics, and the input size says 1 channel.
+    """
+    config = dict(resolve_data_config({}, model=module))
+    if in_chans != 3:
+        config["input_size"] = (in_chans, *config["input_size"][1:])
+        config["mean"] = (sum(config["mean"]) / 3,) * in_chans
+        config["std"] = (sum(config["std"]) / 3,) * in_chans
     transform = create_transform(**config, is_training=False)
     key = "timm:" + ",".join(f"{k}={config[k]}" for k in sorted(config))
-    return (rgb(transform) if in_chans == 3 else transform), key, tuple(config["input_size"])
+    if in_chans == 3:
+        transform = rgb(transform)
+    elif in_chans == 1:
+        transform = transforms.Compose([transforms.Lambda(lambda im: im.convert("L")), transform])
+    return transform, key, tuple(config["input_size"])
 
 
 def _file_num_classes(arch: str, state) -> int | None:

@@ -2,7 +2,8 @@
 
 Level p is the probability that each bit of the layer's stored weights and biases flips,
 independently, in the tensor's own dtype (float32, float16, bfloat16 or an integer type such as a
-quantised int8 copy). The number of flipped bits is drawn from Binomial(bits, p) and that many
+quantised int8 copy). The number of flipped bits is drawn exactly from Binomial(bits, p)
+(:func:`lesionbench.perturbation.binomial_count`) and that many
 distinct bit positions are chosen uniformly — the same distribution as one coin per bit, without
 materialising one. Variants restrict flips to the sign, exponent or mantissa bits of a float.
 Levels are a log scale of error rates.
@@ -16,7 +17,7 @@ import torch
 
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
-from lesionbench.perturbation import LevelAxis, WeightPerturbation, distinct_positions
+from lesionbench.perturbation import LevelAxis, WeightPerturbation, binomial_count, distinct_positions
 
 LEVELS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 # (sign, exponent, mantissa) bit positions, least significant bit = 0
@@ -44,7 +45,7 @@ def flip_bits(tensor: torch.Tensor, rate: float, generator: torch.Generator, fie
     total = tensor.numel() * len(bits)
     if rate == 0 or total == 0:
         return 0
-    count = int(torch.binomial(torch.tensor(float(total)), torch.tensor(float(rate)), generator=generator))
+    count = binomial_count(total, rate, generator)
     if count == 0:
         return 0
     chosen = torch.randperm(total, generator=generator)[:count] if count > total // 8 else distinct_positions(total, count, generator)

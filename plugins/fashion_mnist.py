@@ -18,7 +18,12 @@ FILES = {"train": "train", "test": "t10k"}
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzipped or not) into an array of its declared shape."""
+    """Read an IDX file (gzipped or not) into an array of its declared shape.
+
+    Not torchvision's reader (``torchvision.datasets.mnist.read_sn3_pascalvincent_tensor``): it
+    reads only uncompressed files (Debian ships the .gz files) and reports a malformed or cut-off
+    file by a bare ``assert``; this names the file and what is wrong with it in one line.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:

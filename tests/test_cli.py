@@ -201,8 +201,10 @@ def test_resume_with_a_different_study_is_refused(reference, tmp_path, capsys):
 
 
 def test_resume_of_a_non_run_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("somebody else's files")  # an empty or absent DIR starts the study there
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "not a lesionbench run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_run_into_a_directory_with_results_is_refused(reference, study, capsys):

@@ -160,6 +160,17 @@ def test_stratified_subset_balances_classes(n):
     assert np.all(np.diff(chosen) > 0)  # sorted, unique
 
 
+def test_a_subset_smaller_than_the_class_count_draws_its_classes_at_random():
+    labels = np.arange(1000)  # one image per class, as the ImageNet sample
+    chosen = stratified_subset(labels, 100, seed=0)
+    assert len(set(labels[chosen])) == 100
+    assert labels[chosen].max() > 500 and labels[chosen].min() < 100  # not the first 100 classes
+    assert not np.array_equal(chosen, stratified_subset(labels, 100, seed=1))
+    # whole rounds (every class alike) are the subset earlier releases chose: committed tracks stand
+    fashion = np.arange(10000) % 10
+    assert stratified_subset(fashion, 500, seed=0)[:5].tolist() == [34, 39, 65, 69, 80]
+
+
 def test_stratified_subset_uneven_classes_takes_what_exists():
     labels = np.array([0] * 2 + [1] * 20 + [2] * 20)
     chosen = stratified_subset(labels, 20, seed=5)

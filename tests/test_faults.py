@@ -1,6 +1,7 @@
-"""Fault injection: a study killed with SIGKILL at random moments and resumed each time ends with
-exactly the table of an uninterrupted run — no cell missing, none repeated, no torn row — and
-with the same per-image outcomes, cell for cell."""
+"""Fault injection: a study killed with SIGKILL at random moments, stopped by SIGTERM, or run out
+of disk space, and resumed, ends with exactly the table of an uninterrupted run — no cell missing,
+none repeated, no torn row — and with the same per-image outcomes, cell for cell; a second process
+on the same run directory is refused; ``--resume`` is idempotent."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from lesionbench.store import OUTCOME, OUTCOMES, RunDir, Subset, read_results, read_results_with_outcomes
 from conftest import write_fashion
@@ -46,11 +48,18 @@ def rows(path: Path) -> int:
         return -1
 
 
-def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> tuple[Path, pd.DataFrame, Path]:
+    """The study, the table of its uninterrupted run (made once for every fault below) and its directory."""
+    tmp_path = tmp_path_factory.mktemp("faults")
     spec = study(tmp_path)
     reference = tmp_path / "ref"
     assert cli("run", str(spec), "--out", str(reference)).wait(timeout=300) == 0
-    expected = read_results(reference)
+    return spec, read_results(reference), reference
+
+
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, case):
+    spec, expected, reference = case
     total = len(expected)
 
     run = tmp_path / "killed"
@@ -118,3 +127,78 @@ def test_a_torn_outcome_batch_and_an_outcome_without_its_row_are_repaired_on_res
     np.testing.assert_array_equal(outcomes.top1[rows["outcome"][:4]], np.stack([top1(k) for k in range(4)]))
     assert outcomes.top5[rows["outcome"].iloc[3]].all()  # the batch written with the row, not the orphan
     assert list(outcomes.images["index"]) == list(range(100, 108)) and list(outcomes.images["label"]) == [0, 1, 2] * 2 + [0, 1]
+
+
+
+def _same_table(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    assert not got.duplicated(KEY).any() and len(got) == len(expected)
+    order = lambda df: df.drop(columns=TIMING).sort_values(KEY, ignore_index=True)  # noqa: E731
+    pd.testing.assert_frame_equal(order(got), order(expected))
+
+
+def test_sigterm_stops_with_one_line_and_resume_completes_the_run(tmp_path, case):
+    spec, expected, _reference = case
+    run = tmp_path / "terminated"
+    proc = cli("run", str(spec), "--out", str(run))
+    while rows(run / "results.csv") < 10 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    err = proc.stderr.read().decode().strip()
+    assert err == f"lesionbench: terminated (SIGTERM); finish it with: lesionbench run --resume {run}"
+    written = read_results(run)
+    assert 10 <= len(written) < len(expected)  # whole rows only: the cell in flight was dropped
+    assert cli("run", "--resume", str(run)).wait(timeout=300) == 0
+    _same_table(read_results(run), expected)
+
+
+def test_a_full_disk_keeps_whole_rows_and_resume_completes_once_space_is_back(tmp_path, case):
+    import resource
+
+    spec, expected, _reference = case
+    run = tmp_path / "full"
+    limit = 12000  # bytes a file may grow to: outcomes.arrow (about 1 KB a cell here) fills up after a dozen cells
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = dict(os.environ, COLUMNS="200")
+    proc = subprocess.run([sys.executable, "-m", "lesionbench.cli", "run", str(spec), "--out", str(run)], env=env,
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_disk)  # fmt: skip
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert "\n" not in err and "File too large" in err and f"lesionbench run --resume {run}" in err
+    data = (run / "results.csv").read_bytes()
+    assert data.endswith(b"\n") and len(data) <= limit
+    assert 5 < len(read_results(run)) < len(expected)
+    assert cli("run", "--resume", str(run)).wait(timeout=300) == 0
+    _same_table(read_results(run), expected)
+
+
+def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(tmp_path, case):
+    from lesionbench.store import RunDir
+
+    spec, _expected, _reference = case
+    run = tmp_path / "busy"
+    assert cli("run", str(spec), "--out", str(run), "--layers", "conv1", "--draws", "1").wait(timeout=300) == 0
+    before = (run / "results.csv").read_bytes()
+    with RunDir.open_existing(run):  # the first run, still writing
+        second = subprocess.run([sys.executable, "-m", "lesionbench.cli", "run", "--resume", str(run)],
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"lesionbench: error: another lesionbench run is writing to {str(run)!r} "
+                                     "(it holds .lock); wait for it to finish")  # fmt: skip
+    assert (run / "results.csv").read_bytes() == before
+
+
+def test_resume_is_idempotent_for_a_job_script(tmp_path, case):
+    spec, _expected, _reference = case
+    run = tmp_path / "job"
+    args = ("run", str(spec), "--resume", str(run), "--layers", "conv1", "--draws", "1")
+    first = subprocess.run([sys.executable, "-m", "lesionbench.cli", *args], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr  # no run there yet: started
+    table = (run / "results.csv").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "lesionbench.cli", *args], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"{run} is complete: nothing to resume" in again.stdout.replace("\n", "")
+    assert (run / "results.csv").read_bytes() == table

@@ -73,6 +73,8 @@ def test_a_raising_perturbation_fails_its_own_cells_and_the_study_goes_on(plan, 
     exploding = df[(df["perturbation"] == "exploding") & (df["level"] == 1.0)]
     assert len(exploding) == 4 and (exploding["error"] == "RuntimeError: plugin bug").all()
     assert exploding["top1"].isna().all()
+    log = (tmp_path / "run" / "run.log").read_text()  # the traceback of each failed cell, for the plugin's author
+    assert log.count("exploding 1 #0 failed:\nTraceback") == 2 and 'raise RuntimeError("plugin bug")' in log
     poisoned = df[(df["perturbation"] == "poisoning") & (df["level"] == 1.0)]
     assert len(poisoned) == 4 and (poisoned["error"] == "non-finite logits").all()
     assert poisoned["loss"].isna().all()

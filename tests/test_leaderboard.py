@@ -25,7 +25,7 @@ def results(model="m", dataset="d", clean=0.9, layers=None, perts=("p",), classe
     layers = layers or {"conv1": [0.9, 0.1, 0.1], "fc8": [0.9, 0.9, 0.5]}
     base = dict(model=model, dataset=dataset, seed=0, loss=1.0, n_images=100, seconds=1.0,
                 images_per_s=images_per_s, device="cpu", num_classes=classes, error="", nonfinite_weights=0,
-                level_axis="linear", level_unit="fraction p", flip_rate=float("nan"))  # fmt: skip
+                level_axis="linear", level_unit="fraction p", nonfinite_outputs=np.nan, flip_rate=np.nan)  # fmt: skip
     rows = [base | dict(layer="", layer_index=-1, relative_depth=np.nan, perturbation="clean", level=0.0, draw=0, top1=clean, top5=1.0)]
     for i, (layer, accs) in enumerate(layers.items()):
         for p in perts:

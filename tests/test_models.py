@@ -314,13 +314,34 @@ def test_fashion_alexnet_checkpoint_loads_and_file_is_untouched(tmp_path, source
     assert not loaded.module.training
     out = loaded.preprocess(Image.new("RGB", (40, 30), (10, 200, 30)))
     assert out.shape == (1, 28, 28)
-    # a perturbation of the loaded model must not reach the file either
-    with torch.no_grad():
-        for p in loaded.module.parameters():
-            p.zero_()
-    assert path.read_bytes() == before
-    assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(before).digest()
-    assert path.stat().st_mtime_ns == stat_before.st_mtime_ns
+
+
+def test_checkpoint_files_are_never_written_by_a_study_that_damages_every_layer(tmp_path):
+    """Through every loading path (a fashion net's checkpoint, its init_checkpoint, a timm weights
+    file), a study that damages every layer in place, rerandomises and reinitialises them, leaves
+    each file's bytes and modification time as they were."""
+    from conftest import write_fashion
+    from lesionbench.api import run
+
+    torch.manual_seed(4)
+    files = {"ckpt": tmp_path / "alexnet.pt", "init": tmp_path / "alexnet_init.pt", "timm": tmp_path / "timm.pt"}
+    torch.save(FashionAlexNet().state_dict(), files["ckpt"])
+    torch.save(FashionAlexNet().state_dict(), files["init"])
+    torch.save(timm.create_model("test_resnet", num_classes=10, in_chans=1).state_dict(), files["timm"])
+    before = {k: (p.read_bytes(), p.stat().st_mtime_ns) for k, p in files.items()}
+    data = write_fashion(tmp_path / "fashion", n=20)
+    study = {
+        "models": [{"ref": "fashion_alexnet", "checkpoint": str(files["ckpt"]), "init_checkpoint": str(files["init"])},
+                   {"ref": "timm:test_resnet", "weights": str(files["timm"]), "options": {"num_classes": 10, "in_chans": 1}}],
+        "perturbations": ["node_knockout", "bit_flip", "rerandomize"],
+        "levels": {"node_knockout": [1.0], "bit_flip": [1e-2], "rerandomize": [1.0]},
+        "draws": 1, "device": "cpu", "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 4},
+    }  # fmt: skip
+    df = run(study, tmp_path / "run")
+    assert (df["perturbation"] != "clean").sum() > 40  # every layer of both models damaged, norms too
+    reinit = run(study | {"models": study["models"][:1], "perturbations": ["reinit"], "levels": {"reinit": [1.0]}})
+    assert len(reinit) > 1
+    assert {k: (p.read_bytes(), p.stat().st_mtime_ns) for k, p in files.items()} == before
 
 
 def test_fashion_alexnet_by_prefix_and_without_weights(sources):
@@ -370,7 +391,7 @@ def test_unknown_source_prefix(sources):
     msg = str(info.value)
     assert "unknown model source 'torchvison'" in msg
     assert "Did you mean 'torchvision'?" in msg
-    assert "Valid: efficientnet_lite, fashion, timm, torchvision" in msg
+    assert "Valid: efficientnet_lite, fashion, int8, timm, torchvision" in msg
 
 
 def test_unknown_torchvision_model(sources):

@@ -263,13 +263,30 @@ def test_cell_seed_is_stable_and_depends_on_every_field():
         cell_seed(0, "model", "conv1", "weight_noise", 0.4, 3),
     ]
     assert base not in variants and len(set(variants)) == len(variants)
-    # A fixed value: the hash must not change between releases or processes (PYTHONHASHSEED).
+    # Golden values: the seeds and the random streams must not change between releases or processes
+    # (PYTHONHASHSEED), or committed results and CI baselines could no longer be reproduced.
+    assert base == 6506649381009459189
     import subprocess
     import sys
 
     code = "from lesionbench.perturbation import cell_seed; print(cell_seed(0,'model','conv1','weight_noise',0.4,2))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": "123", "PATH": ""})
-    assert int(out.stdout) == base
+    assert int(out.stdout) == 6506649381009459189
+
+
+def test_random_streams_are_pinned_to_golden_values():
+    """Masks (both sampling paths), noise and binomial counts drawn from a cell's generator: literal
+    values, so that a change of random streams (here or in torch) fails loudly."""
+    from lesionbench.perturbation import binomial_count, random_subset_mask
+
+    seed = 6506649381009459189
+    assert torch.nonzero(random_subset_mask(1000, 5, generator_for(seed))).flatten().tolist() == [113, 130, 359, 622, 951]
+    coin_path = random_subset_mask(3_000_000, 4, generator_for(seed))  # ≥ 2M entries: coins, not a permutation
+    assert torch.nonzero(coin_path).flatten().tolist() == [1009269, 1014079, 1645403, 2453951]
+    assert torch.randn(3, generator=generator_for(seed)).tolist() == pytest.approx(
+        [-0.3191474378108978, 0.9723321199417114, -1.5208184719085693], abs=0, rel=1e-7)
+    assert binomial_count(10**9, 1e-6, generator_for(seed)) == 1015
+    assert cell_seed(0, "fashion_alexnet", "features.0", "synapse_knockout", 0.5, 0) == 5693587327153279271
 
 
 def test_default_levels_match_the_paper(perts):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -443,3 +444,39 @@ def test_plugins_command_shows_failures_by_name(site, monkeypatch, capsys):
     assert any("failed" in l and "hook exploded" in l for l in half)
     assert any("dataset kept_dataset" in l for l in half)  # its good hook is still listed
     assert any("synapse_knockout" in l and "perturbation synapse_knockout" in l for l in lines)
+
+
+BUGGY_MODEL = '''
+from lesionbench import hookimpl
+
+
+class Source:
+    name, description = "buggy", "a model source with a bug"
+
+    def claims(self, arch):
+        return arch == "buggy_net"
+
+    def examples(self):
+        return ["buggy_net"]
+
+    def build(self, spec):
+        return {}["no such key"]  # the plugin's own bug
+
+
+@hookimpl
+def lesionbench_models():
+    return [Source()]
+'''
+
+
+def test_a_plugins_own_bug_is_one_line_naming_it_with_the_traceback_kept(site, monkeypatch, capsys, tmp_path):
+    install_plugin(site, "buggy", {"buggy": "buggy_mod"}, {"buggy_mod": BUGGY_MODEL})
+    monkeypatch.setattr(registry_mod, "_default", None)
+    assert main(["run", "demo", "--models", "buggy_net", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    found = re.match(r"lesionbench: error: plugin 'buggy' failed while building model 'buggy_net': KeyError: "
+                     r"'no such key' \(traceback in (\S+)\)$", err)  # fmt: skip
+    assert found, err
+    assert "return {}[\"no such key\"]" in Path(found.group(1)).read_text()  # where the bug is
+    assert not (tmp_path / "never").exists()

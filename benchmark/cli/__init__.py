@@ -51,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a study (default: the offline 'demo' preset)")
-    run.add_argument("study", nargs="?", default="demo", help="preset name or path to a study TOML file")
+    run.add_argument("study", nargs="?", help="preset name or path to a study TOML file (default: demo; with "
+                     "--resume: the study recorded in the run directory)")
     run.add_argument("--out", type=Path, help="run directory (default: runs/<study name>)")
-    run.add_argument("--resume", type=Path, metavar="DIR", help="finish the cells missing from an earlier run")
+    run.add_argument("--resume", type=Path, metavar="DIR",
+                     help="finish the cells missing from the run in DIR; starts the study there if DIR holds no run "
+                          "yet, and says so (exit 0) if the run is complete")
     run.add_argument("--data", help="dataset path (overrides the study)")
     run.add_argument("--models", type=_names, help="comma-separated model references")
     run.add_argument("--layers", type=_names, help="comma-separated layer names or aliases")
@@ -195,19 +198,29 @@ def cmd_run(args) -> int:
 
     registry = get_registry()
     presets = {k: c.obj for k, c in registry.contributions("studies").items()}
-    if args.resume is not None:
+    resume = args.resume is not None and RunDir.exists(args.resume)
+    if args.resume is not None and not resume and args.resume.exists() and any(args.resume.iterdir()):
+        raise LesionbenchError(f"{str(args.resume)!r} is not a lesionbench run directory (no manifest.json) and not "
+                               "empty: refusing to start a run in it")  # fmt: skip
+    if resume:  # the study recorded in the run; a study named as well must be that one (the fingerprint says)
         with RunDir.open_existing(args.resume) as earlier:  # only to read the study; locked again to run
             study = parse_study(earlier.manifest()["study"])
+        if args.study is not None:
+            study = load_study(args.study, presets)
         out = args.resume
-    else:
-        study = load_study(args.study, presets)
-        out = args.out or Path("runs") / study.name
+    else:  # --resume on a directory with no run yet starts it there: a pre-emptible job's script is one line
+        study = load_study(args.study or "demo", presets)
+        out = args.resume or args.out or Path("runs") / study.name
     options = {f.name: getattr(args, f.name) for f in fields(Study) if f.metadata.get("flag")}
     study = with_overrides(study, models=args.models, layers=args.layers, perturbations=args.perturbations,
                            levels=args.levels, n_images=args.n_images, data=args.data, **options)  # fmt: skip
-    run = run_study(study, registry, out, resume=args.resume is not None,
+    args.run_dir = out  # for the interruption message
+    run = run_study(study, registry, out, resume=resume,
                     progress=lambda total: rich_progress(console, total), debug=args.debug,
                     executor=args.executor, ray_address=args.ray_address)  # fmt: skip
+    if run.already_complete:
+        console.print(f"{out} is complete: nothing to resume")
+        return 0
     print_summary(run.frame(), study, console)
     board = publish([run.results_path], run.path / "LEADERBOARD.md", title=f"lesionbench: {study.name}")
     console.print(f"results: {run.results_path}\nleaderboard: {board}\nplots: {run.path / 'plots'}")
@@ -229,19 +242,35 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a scheduler sends it before killing a job: handled like Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["run", *(argv or [])])
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except LesionbenchError as exc:
         err_console.print(f"lesionbench: error: {exc}", highlight=False, markup=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
-        err_console.print("lesionbench: interrupted")
-        return 130
+    except KeyboardInterrupt as exc:  # the cell in flight is dropped: rows are written whole or not at all
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        where = getattr(args, "run_dir", None)
+        hint = f"; finish it with: lesionbench run --resume {where}" if where is not None else ""
+        err_console.print(f"lesionbench: {what}{hint}", highlight=False, markup=False, soft_wrap=True)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

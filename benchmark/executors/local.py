@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from lesionbench.cells import ModelRunner, eval_sets
 from lesionbench.data import EvalSetCache
+from lesionbench.errors import LesionbenchError, plugin_failure
 from lesionbench.plan import Plan, prepare
 from lesionbench.registry import Registry
 from lesionbench.store import Store
@@ -28,20 +29,30 @@ def execute(plan: Plan, store: Store, tick=None, debug: bool = False) -> None:
             continue
         for note in prepared.notes:
             store.note(note)
-        runner = ModelRunner(plan, prepared, *eval_sets(plan, cache, prepared), debug=debug, note=store.note)
         try:
-            if clean_key not in done:
-                store.append(runner.clean_row())
-            tick(f"{name}: clean")
-            for block in plan.blocks(prepared):
-                for row, label in runner.block_rows(block, done):
-                    if row is not None:
-                        store.append(row)
-                    tick(label)
-            for note in runner.notes():
-                store.note(note)
-        finally:  # cached activations (and spilled files) go, however the run ends
-            runner.close()
+            _execute_model(plan, prepared, store, tick, debug, done, cache)
+        except (LesionbenchError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the model's own code failed outside a cell (its clean pass…)
+            raise plugin_failure(prepared.plugin, f"evaluating model {name!r}", exc, store.note) from None
+
+
+def _execute_model(plan: Plan, prepared, store: Store, tick, debug: bool, done: set, cache: EvalSetCache) -> None:
+    name = prepared.loaded.name
+    runner = ModelRunner(plan, prepared, *eval_sets(plan, cache, prepared), debug=debug, note=store.note)
+    try:
+        if plan.key(name) not in done:
+            store.append(runner.clean_row())
+        tick(f"{name}: clean")
+        for block in plan.blocks(prepared):
+            for row, label in runner.block_rows(block, done):
+                if row is not None:
+                    store.append(row)
+                tick(label)
+        for note in runner.notes():
+            store.note(note)
+    finally:  # cached activations (and spilled files) go, however the run ends
+        runner.close()
 
 
 class LocalExecutor:
