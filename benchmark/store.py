@@ -238,7 +238,7 @@ class _OutcomeWriter:
         self.writer.write_batch(pa.record_batch([pa.array([], f.type) for f in self.schema], schema=self.schema))
         prime = self._take()
         fresh = not path.is_file() or path.stat().st_size == 0
-        self.file = open(path, "ab")  # kept open: one write and one fsync per cell
+        self.file = open(path, "ab", buffering=0)  # kept open, unbuffered: one write and one fsync per cell
         if fresh:
             self._write(prime)
 
@@ -249,9 +249,17 @@ class _OutcomeWriter:
         return data
 
     def _write(self, data: bytes) -> None:
-        self.file.write(data)
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        """Append ``data`` whole and durably, or not at all (a failed write is cut back off)."""
+        fd = self.file.fileno()
+        size = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += self.file.write(memoryview(data)[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)  # no torn batch left behind (truncating frees space: it cannot fail the same way)
+            raise
 
     def close(self) -> None:
         self.file.close()

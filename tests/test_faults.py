@@ -171,6 +171,9 @@ def test_a_full_disk_keeps_whole_rows_and_resume_completes_once_space_is_back(tm
     assert "\n" not in err and "File too large" in err and f"lesionbench run --resume {run}" in err
     data = (run / "results.csv").read_bytes()
     assert data.endswith(b"\n") and len(data) <= limit
+    from lesionbench.store import _valid_stream_bytes
+
+    assert _valid_stream_bytes(run / OUTCOMES) == (run / OUTCOMES).stat().st_size  # whole outcome batches only
     assert 5 < len(read_results(run)) < len(expected)
     assert cli("run", "--resume", str(run)).wait(timeout=300) == 0
     _same_table(read_results(run), expected)
