@@ -16,8 +16,10 @@ For plugin authors — implement hooks with :data:`hookimpl` and contribute:
 
 Raise :class:`LesionbenchError` for anything a user must fix (one line, exit code 2).
 
-For scripts and notebooks: :func:`run`, :func:`lesioned`, :func:`load_results` and the score
-functions :func:`layer_scores`, :func:`curves`, :func:`model_summary`.
+For scripts and notebooks: :func:`run`, :func:`lesioned`, :func:`load_results`,
+:func:`load_outcomes` (results with per-image :class:`Outcomes`) and the score functions
+:func:`layer_scores`, :func:`curves`, :func:`model_summary`, :func:`bootstrap` (intervals),
+:func:`per_class_accuracy`.
 """
 
 from __future__ import annotations
@@ -50,9 +52,13 @@ _EXPORTS = {
     "run": "lesionbench.api",
     "lesioned": "lesionbench.api",
     "load_results": "lesionbench.api",
+    "load_outcomes": "lesionbench.api",
+    "Outcomes": "lesionbench.store",
     "layer_scores": "lesionbench.scores",
     "curves": "lesionbench.scores",
     "model_summary": "lesionbench.scores",
+    "bootstrap": "lesionbench.scores",
+    "per_class_accuracy": "lesionbench.scores",
 }
 
 __all__ = sorted(_EXPORTS)

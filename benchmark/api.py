@@ -5,7 +5,8 @@
   ``nn.Module`` and data (an ``(images, labels)`` pair or a ``DataLoader``) with no plugin to write.
 * :func:`lesioned` — damage one layer of any module exactly as a study's cell would, and restore
   it bit for bit on exit, for users with their own evaluation loop.
-* :func:`load_results` — result files or run directories → one DataFrame, for the score functions.
+* :func:`load_results` — result files or run directories → one DataFrame, for the score functions;
+  :func:`load_outcomes` — the same with the per-image outcomes (intervals, per-class accuracy).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lesionbench.model_sources import LoadedModel, ModelSpec
 from lesionbench.perturbation import Perturbation, cell_seed, check_levels, generator_for, perturbed
 from lesionbench.plan import Plan, model_dtype
 from lesionbench.registry import Registry, create_registry, get_registry
-from lesionbench.store import MemoryStore, RunDir, Store, read_results
+from lesionbench.store import MemoryStore, Outcomes, RunDir, Store, Subset, read_results, read_results_with_outcomes
 from lesionbench.study import Study, load_study, parse_study, with_overrides
 
 ProgressFactory = Callable[[int], AbstractContextManager[Tick]]
@@ -69,10 +70,11 @@ def run_study(
     if on_plan is not None:
         on_plan(plan)
     store: Store
+    subset = subset_of(plan)
     if out is None:
-        store = MemoryStore()
+        store = MemoryStore(subset=subset)
     elif resume:
-        store = RunDir.open_existing(out, plan.fingerprint())  # a different study is refused before connecting
+        store = RunDir.open_existing(out, plan.fingerprint(), subset)  # a different study is refused before connecting
         if all_done(plan, store):
             store.already_complete = True
             store.close()
@@ -82,7 +84,7 @@ def run_study(
     try:
         with chosen.session(plan, registry) as execute:
             if store is None:
-                store = RunDir.create(out, study.to_dict(), plan.fingerprint(), plugin_versions(registry))
+                store = RunDir.create(out, study.to_dict(), plan.fingerprint(), plugin_versions(registry), subset)
             with (progress or (lambda _total: nullcontext(lambda _d: None)))(plan.total()) as tick:
                 execute(store, tick, debug)
     finally:
@@ -91,10 +93,16 @@ def run_study(
     return store
 
 
+def subset_of(plan: Plan) -> Subset:
+    """The plan's evaluation subset as the store records it beside the per-image outcomes."""
+    return Subset(plan.study.dataset.name, plan.study.dataset.split, np.asarray(plan.indices, np.int64),
+                  np.asarray(plan.raw.labels[plan.indices], np.int64))  # fmt: skip
+
+
 def all_done(plan: Plan, store: Store) -> bool:
-    """Whether ``store`` holds every cell of ``plan`` (a resumed run with nothing left to do)."""
+    """Whether ``store`` holds every cell of ``plan``, adaptive draws included (a resumed run with nothing left to do)."""
     done = store.completed()
-    return all(plan.key(m.loaded.name) in done and all(plan.key(m.loaded.name, c) in done for c in plan.cells(m))
+    return all(plan.key(m.loaded.name) in done and all(plan.settled(m, b, done) for b in plan.blocks(m))
                for m in plan.models)  # fmt: skip
 
 
@@ -178,9 +186,12 @@ def run(
     num_classes: int | None = None,
     resume: bool = False,
     registry: Registry | None = None,
+    with_outcomes: bool = False,
     **options: Any,
-) -> pd.DataFrame:
-    """Run a study and return its results table (one row per cell, as ``results.csv``).
+) -> pd.DataFrame | tuple[pd.DataFrame, Outcomes]:
+    """Run a study and return its results table (one row per cell, as ``results.csv``); with
+    ``with_outcomes=True`` the table with an ``outcome`` column and the per-image
+    :class:`~lesionbench.store.Outcomes` it points into (as :func:`load_outcomes` gives).
 
     ``study``: a preset name, a TOML path, a mapping shaped like a study file, or a Study.
     ``out``: None keeps everything in memory (nothing is written); a directory gets the same
@@ -236,7 +247,7 @@ def run(
     finally:
         for n, m in modules.items():
             m.train(modes[n])
-    return store.frame()
+    return store.outcomes() if with_outcomes else store.frame()
 
 
 class _Plugin:
@@ -318,4 +329,14 @@ def load_results(*paths: str | Path) -> pd.DataFrame:
     return read_results(list(paths))
 
 
-__all__ = ["lesioned", "load_results", "run", "run_study"]
+def load_outcomes(*paths: str | Path) -> tuple[pd.DataFrame, Outcomes]:
+    """The results table of ``results.csv`` files or run directories, with an ``outcome`` column,
+    and the per-image outcomes it points into (``outcomes.arrow`` of each run; runs made before
+    outcomes were kept contribute rows with ``outcome`` -1). For :func:`lesionbench.bootstrap`
+    and :func:`lesionbench.per_class_accuracy`."""
+    if not paths:
+        raise LesionbenchError("load_outcomes needs at least one results file or run directory")
+    return read_results_with_outcomes(list(paths))
+
+
+__all__ = ["lesioned", "load_outcomes", "load_results", "run", "run_study"]

@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,7 +25,7 @@ from lesionbench.evaluate import EvalResult, resolve_device
 from lesionbench.layers import PERTURBABLE, Layer
 from lesionbench.perturbation import Snapshot, generator_for, model_checksum, nonfinite_count, nonfinite_outputs, perturbed
 from lesionbench.plan import Block, Cell, Plan, PreparedModel
-from lesionbench.store import CLEAN, NONFINITE
+from lesionbench.store import CLEAN, NONFINITE, OUTCOME
 
 log = logging.getLogger("lesionbench")
 
@@ -104,50 +105,86 @@ class ModelRunner:
         if warning:  # e.g. a model built without its weights: every score of the study would be 0
             log.warning(warning)
             note(warning)
+        self.added = 0  # adaptive draws: cells added beyond the planned draws
+        # positions of the evaluated images in the study's subset (an unreadable image leaves a gap)
+        self.positions = None if not eval_set.skipped else np.searchsorted(plan.indices, eval_set.indices)
+
+    def with_outcomes(self, row: dict, result: EvalResult | None) -> dict:
+        """Add a cell's per-image outcomes (by position in the evaluation subset) and its flip rate:
+        the fraction of images whose top-1 class differs from the clean model's."""
+        if result is None or result.predictions is None:
+            return row
+        top1, top5 = result.predictions, result.top5_hit
+        row["flip_rate"] = float(np.mean(top1 != self.clean.predictions)) if len(top1) else float("nan")
+        if self.positions is not None:
+            n = len(self.plan.indices)
+            top1, top5 = np.full(n, -1, np.int32), np.zeros(n, bool)
+            top1[self.positions], top5[self.positions] = result.predictions, result.top5_hit
+        row[OUTCOME] = (top1, top5)
+        return row
 
     def clean_row(self) -> dict:
-        return _row(self.plan, self.name, None, None, self.clean)
+        return self.with_outcomes(_row(self.plan, self.name, None, None, self.clean), self.clean)
 
-    def block_rows(self, block: Block, done: set = frozenset()) -> Iterator[tuple[dict | None, str]]:
+    def block_rows(self, block: Block, done=frozenset()) -> Iterator[tuple[dict | None, str]]:
         """Evaluate a block's cells not in ``done``: yields (row, label), row None for a cell done earlier.
 
         With the fast engine, the draws and levels of a block are perturbed one after another,
         their damaged tensors copied, and evaluated together in batched passes (see
-        :class:`lesionbench.engine.LayerEval`); rows come out once their pass is done.
+        :class:`lesionbench.engine.LayerEval`); rows come out once their pass is done. With
+        adaptive draws (``target_ci``) further draws follow, round by round, where
+        :meth:`Plan.extra_cells` asks for them; ``done`` (key → (top1, top5), as
+        ``Store.completed()`` gives) then also says what earlier draws measured.
         """
-        cells = self.plan.block_cells(self.prepared, block)
-        if all(self.key(c) in done for c in cells):
+        plan = self.plan
+        cells = plan.block_cells(self.prepared, block)
+        if plan.settled(self.prepared, block, done) if plan.adaptive else all(self.key(c) in done for c in cells):
             for c in cells:
-                yield None, self.plan.label(self.name, c)
+                yield None, plan.label(self.name, c)
             return
         layer = cells[0].layer
         saved = Snapshot(layer, self._norms_reached(layer) if self.calibration is not None else ())
+        column = "top1" if plan.study.metric == "top1" else "top5"
         with self.engine.for_layer(layer) as run_eval:
-            batchable = (
-                run_eval.many is not None and self.calibration is None
-                and (self.plan.study.batch_draws if self.plan.study.batch_draws is not None else self.device.type == "cuda")
-                and sum(not c.is_identity and self.key(c) not in done for c in cells) > 1
-            )  # fmt: skip
-            pending: list[tuple[Cell, int, dict[str, torch.Tensor], int]] = []
-            for cell in cells:
-                label = self.plan.label(self.name, cell)
-                if self.key(cell) in done:
-                    yield None, label
-                    continue
-                if not batchable or cell.is_identity:
+            todo, made, values = cells, [], {}
+            while todo:
+                values.update(plan.block_values(self.name, todo, done))
+                for row, label in self._evaluate(todo, run_eval, saved, done):
+                    if row is not None:
+                        value = row.get(column)
+                        values[(row["level"], row["draw"])] = math.nan if value is None else float(value)
+                    yield row, label
+                made += todo
+                todo = plan.extra_cells(made, values)
+                self.added += sum(self.key(c) not in done for c in todo)
+
+    def _evaluate(self, cells: list[Cell], run_eval, saved: Snapshot, done) -> Iterator[tuple[dict | None, str]]:
+        """One round of a block's cells: one at a time, or captured and evaluated in batched passes."""
+        batchable = (
+            run_eval.many is not None and self.calibration is None
+            and (self.plan.study.batch_draws if self.plan.study.batch_draws is not None else self.device.type == "cuda")
+            and sum(not c.is_identity and self.key(c) not in done for c in cells) > 1
+        )  # fmt: skip
+        pending: list[tuple[Cell, int, dict[str, torch.Tensor], int]] = []
+        for cell in cells:
+            label = self.plan.label(self.name, cell)
+            if self.key(cell) in done:
+                yield None, label
+                continue
+            if not batchable or cell.is_identity:
+                yield self._cell_row(cell, run_eval, saved), label
+            else:
+                captured = self._capture(cell, saved)
+                if captured is None:  # hooks, or the plugin failed: this cell alone, the rest one by one too
+                    batchable = False
+                    yield from self._flush(pending, run_eval, saved)
                     yield self._cell_row(cell, run_eval, saved), label
-                else:
-                    captured = self._capture(cell, saved)
-                    if captured is None:  # hooks, or the plugin failed: this cell alone, the rest one by one too
-                        batchable = False
-                        yield from self._flush(pending, run_eval, saved)
-                        yield self._cell_row(cell, run_eval, saved), label
-                        continue
-                    pending.append(captured)
-                    if len(pending) >= run_eval.capacity(sum(t.numel() * t.element_size() for t in captured[2].values())):
-                        yield from self._flush(pending, run_eval, saved)
-                self._check_restored(label)
-            yield from self._flush(pending, run_eval, saved)
+                    continue
+                pending.append(captured)
+                if len(pending) >= run_eval.capacity(sum(t.numel() * t.element_size() for t in captured[2].values())):
+                    yield from self._flush(pending, run_eval, saved)
+            self._check_restored(label)
+        yield from self._flush(pending, run_eval, saved)
 
     def _capture(self, cell: Cell, saved: Snapshot) -> tuple[Cell, int, dict[str, torch.Tensor], int] | None:
         """Apply one cell's perturbation, copy the layer's damaged tensors, restore; None if not possible."""
@@ -187,7 +224,8 @@ class ModelRunner:
             return
         for (cell, seed, _copies, nonfinite), result in zip(batch, results):
             error = NONFINITE if not math.isfinite(result.loss) else ""
-            yield _row(self.plan, self.name, cell, seed, result, error, nonfinite), self.plan.label(self.name, cell)
+            row = _row(self.plan, self.name, cell, seed, result, error, nonfinite)
+            yield self.with_outcomes(row, result), self.plan.label(self.name, cell)
 
     def _check_restored(self, label: str) -> None:
         if self.debug and model_checksum(self.module) != self.reference:
@@ -200,14 +238,15 @@ class ModelRunner:
         return self.plan.key(self.name, cell)
 
     def notes(self) -> list[str]:
-        return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", [])]
+        extra = [f"adaptive draws (target_ci {self.plan.study.target_ci}): {self.added} cells added"] if self.added else []
+        return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", []) + extra]
 
     def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult], saved: Snapshot) -> dict:
         """Perturb, (recalibrate,) evaluate, restore: one row."""
         plan = self.plan
         seed = self._seed(cell)
         if cell.is_identity:
-            return _row(plan, self.name, cell, seed, self.clean)
+            return self.with_outcomes(_row(plan, self.name, cell, seed, self.clean), self.clean)
         norms = saved.also  # the BatchNorms to re-estimate (bn_recalibrate), found once per block
         error, result, nonfinite, outputs = "", None, None, None
         try:
@@ -225,7 +264,8 @@ class ModelRunner:
             self.note(f"{plan.label(self.name, cell)} failed:\n{''.join(traceback.format_exception(exc)).rstrip()}")
         if result is not None and not math.isfinite(result.loss):
             error = error or NONFINITE
-        return _row(plan, self.name, cell, seed, result, error, nonfinite, outputs[0] if outputs and result else None)
+        row = _row(plan, self.name, cell, seed, result, error, nonfinite, outputs[0] if outputs and result else None)
+        return self.with_outcomes(row, result)
 
     def _norms_reached(self, layer: Layer) -> list[nn.Module]:
         """The BatchNorms whose input the damage reaches, on any branch (a stage: through any of its layers)."""

@@ -1,7 +1,10 @@
 """The CI regression gate: compare the layer scores of a new results table with a baseline's.
 
-Cells are matched on model, dataset, layer and perturbation; a layer score or a clean accuracy
-that drops by more than ``max_drop`` (absolute) is a regression.
+Cells are matched on model, dataset, layer and perturbation. A layer score or a clean accuracy is
+a **regression** when it drops by more than ``max_drop`` (absolute) *and* the drop is significant:
+with per-image outcomes on both sides, the 95% interval of the change (new − baseline) from a
+paired bootstrap (:data:`TEST`) lies entirely below 0. Without outcomes on either side (runs made
+before they were kept) the threshold alone decides, and the report says so.
 """
 
 from __future__ import annotations
@@ -9,31 +12,47 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from lesionbench.errors import LesionbenchError
-from lesionbench.leaderboard import md
-from lesionbench.scores import clean_accuracy, layer_scores
+from lesionbench.leaderboard import md, table
+from lesionbench.scores import BOOTSTRAP_SEED, REPLICATES, bootstrap, clean_accuracy, interval, layer_scores
+from lesionbench.store import CLEAN, Outcomes
 
 KEYS = ["model", "dataset", "layer", "perturbation"]
+TEST = ("paired bootstrap test: images resampled jointly for both runs (an image both evaluated counts for "
+        "both in every replicate), draws resampled within each level; significant when the two-sided 95% "
+        "percentile interval of the change excludes 0")  # fmt: skip
+_SIDES = ("\x1fnew", "\x1fbase")
 
 
 @dataclass
 class Comparison:
-    table: pd.DataFrame  # one row per matched quantity: what, new, baseline, delta, regression
+    table: pd.DataFrame  # one row per matched quantity: what, new, baseline, delta, low, high, significant, regression
     only_new: list[str]
     only_baseline: list[str]
     # the same, summarised per model and perturbation; and where the two runs are not alike
     only_new_summary: list[str] = field(default_factory=list)
     only_baseline_summary: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    tested: bool = False  # intervals from per-image outcomes (else the threshold alone)
+    warnings: list[str] = field(default_factory=list)  # differences in how the two runs were made
 
     @property
     def regressions(self) -> pd.DataFrame:
         return self.table[self.table["regression"]]
 
 
-def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, metric: str = "top1") -> Comparison:
+def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, metric: str = "top1",
+            new_outcomes: Outcomes | None = None, base_outcomes: Outcomes | None = None,
+            replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED) -> Comparison:  # fmt: skip
+    """Match the two tables' layer scores and clean accuracies; flag significant drops beyond ``max_drop``.
+
+    ``new_outcomes``/``base_outcomes``: the per-image outcomes the tables' ``outcome`` columns point
+    into (:func:`lesionbench.store.read_results_with_outcomes`); with both, each change gets its
+    95% interval and a regression must be significant (:data:`TEST`). Raises LesionbenchError for a
+    bad ``max_drop`` or tables with nothing in common.
+    """
     if not math.isfinite(max_drop) or max_drop < 0:
         raise LesionbenchError(f"--max-drop must be a non-negative number, got {max_drop}")
     ns, bs = layer_scores(new, metric), layer_scores(baseline, metric)
@@ -42,28 +61,68 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
     if both.empty:
         raise LesionbenchError("the two results tables share no model × layer × perturbation to compare")
     rows = [
-        dict(model=r.model, dataset=r.dataset, what=f"{r.layer} · {r.perturbation} score",
-             new=r.score_new, baseline=r.score_base)  # fmt: skip
+        dict(model=r.model, dataset=r.dataset, what=f"{r.layer} · {r.perturbation} score", layer=r.layer,
+             perturbation=r.perturbation, new=r.score_new, baseline=r.score_base)  # fmt: skip
         for r in both.itertuples()
     ]
-    cn, cb = clean_accuracy(new, "top1"), clean_accuracy(baseline, "top1")
-    cn5, cb5 = clean_accuracy(new, "top5"), clean_accuracy(baseline, "top5")
-    for label, a, b in (("clean top-1", cn, cb), ("clean top-5", cn5, cb5)):
+    for label, m in (("clean top-1", "top1"), ("clean top-5", "top5")):
+        a, b = clean_accuracy(new, m), clean_accuracy(baseline, m)
         for r in a.merge(b, on=["model", "dataset"], suffixes=("_new", "_base")).itertuples():
-            rows.append(dict(model=r.model, dataset=r.dataset, what=label, new=r.clean_new, baseline=r.clean_base))
-    table = pd.DataFrame(rows)
-    table["delta"] = table["new"] - table["baseline"]
-    table["regression"] = table["delta"] < -max_drop - 1e-12
+            rows.append(dict(model=r.model, dataset=r.dataset, what=label, layer="", perturbation=m, new=r.clean_new,
+                             baseline=r.clean_base))  # fmt: skip
+    out = pd.DataFrame(rows)
+    out["delta"] = out["new"] - out["baseline"]
+    out["low"], out["high"] = np.nan, np.nan
+    tested = _intervals(out, new, baseline, new_outcomes, base_outcomes, metric, replicates, seed)
+    out["significant"] = out["high"] < 0  # a drop beyond doubt; NaN (untested) compares False
+    beyond = out["delta"] < -max_drop - 1e-12
+    out["regression"] = beyond & (out["significant"] | out["low"].isna())
     label = lambda df: sorted(f"{r.model} {r.layer} {r.perturbation}" for r in df.itertuples())  # noqa: E731
-    left, right = merged[merged["_merge"] == "left_only"], merged[merged["_merge"] == "right_only"]
     return Comparison(
-        table=table,
-        only_new=label(left),
-        only_baseline=label(right),
-        only_new_summary=summarise_missing(left, bs),
-        only_baseline_summary=summarise_missing(right, ns),
+        table=out.drop(columns=["layer", "perturbation"]),
+        only_new=label(merged[merged["_merge"] == "left_only"]),
+        only_baseline=label(merged[merged["_merge"] == "right_only"]),
+        only_new_summary=summarise_missing(merged[merged["_merge"] == "left_only"], bs),
+        only_baseline_summary=summarise_missing(merged[merged["_merge"] == "right_only"], ns),
+        tested=tested,
         warnings=differences(new, baseline),
     )
+
+
+def _intervals(out: pd.DataFrame, new: pd.DataFrame, baseline: pd.DataFrame, new_outcomes, base_outcomes,
+               metric: str, replicates: int, seed: int) -> bool:  # fmt: skip
+    """Fill ``low``/``high`` of each change from one bootstrap over both runs; False when there are no outcomes."""
+    if new_outcomes is None or base_outcomes is None or "outcome" not in new or "outcome" not in baseline:
+        return False
+    if not ((new["outcome"] >= 0).any() and (baseline["outcome"] >= 0).any()):
+        return False
+    tagged = []
+    for side, df, offset in ((_SIDES[0], new, 0), (_SIDES[1], baseline, len(new_outcomes))):
+        t = df.copy()
+        t["model"] = t["model"] + side
+        t["outcome"] = np.where(t["outcome"] >= 0, t["outcome"] + offset, -1)
+        tagged.append(t)
+    keys = [o.keys.assign(model=o.keys["model"] + side) for o, side in zip((new_outcomes, base_outcomes), _SIDES)]
+    outcomes = Outcomes.concat(Outcomes(keys[0], new_outcomes.top1, new_outcomes.top5, new_outcomes.images),
+                               Outcomes(keys[1], base_outcomes.top1, base_outcomes.top5, base_outcomes.images))  # fmt: skip
+    both = pd.concat(tagged, ignore_index=True)
+    boot = bootstrap(both, outcomes, metric, replicates, seed)
+    index = {tuple(k): i for i, k in enumerate(boot.layers[KEYS].itertuples(index=False))}
+    clean5 = bootstrap(both[both["perturbation"] == CLEAN], outcomes, "top5", replicates, seed).clean
+    cleans = {"top1": boot.clean if metric == "top1" else bootstrap(both[both["perturbation"] == CLEAN], outcomes,
+                                                                      "top1", replicates, seed).clean, "top5": clean5}  # fmt: skip
+    for i, r in out.iterrows():
+        if r["layer"] == "" and r["perturbation"] in cleans:
+            a = cleans[r["perturbation"]].get((r["model"] + _SIDES[0], r["dataset"]))
+            b = cleans[r["perturbation"]].get((r["model"] + _SIDES[1], r["dataset"]))
+        else:
+            ia = index.get((r["model"] + _SIDES[0], r["dataset"], r["layer"], r["perturbation"]))
+            ib = index.get((r["model"] + _SIDES[1], r["dataset"], r["layer"], r["perturbation"]))
+            a = boot.score_reps[ia] if ia is not None else None
+            b = boot.score_reps[ib] if ib is not None else None
+        if a is not None and b is not None:
+            out.loc[i, "low"], out.loc[i, "high"] = interval(a - b)
+    return bool(out["low"].notna().any())
 
 
 def summarise_missing(missing: pd.DataFrame, other: pd.DataFrame, most: int = 6) -> list[str]:
@@ -119,23 +178,28 @@ def _levels(levels: tuple) -> str:
 
 def to_markdown(c: Comparison, max_drop: float, show_all: bool = False) -> str:
     shown = c.table if show_all else c.table[(c.table["delta"].abs() > 1e-9) | c.table["regression"]]
+    rule = (f"a drop of more than {max_drop:g} that is significant ({TEST})" if c.tested else
+            f"a drop of more than {max_drop:g} (no per-image outcomes on both sides: the threshold alone decides)")  # fmt: skip
     lines = [
         f"### lesionbench compare (max drop {max_drop:g})",
         "",
-        f"{len(c.table)} quantities compared, {int(c.table['regression'].sum())} regressions.",
+        f"{len(c.table)} quantities compared, {int(c.table['regression'].sum())} regressions. A regression is {rule}.",
         "",
     ]
     if c.warnings:
         lines += ["**The two runs were not measured alike** (differences may come from this):", ""]
         lines += [f"- ⚠ {md(w)}" for w in c.warnings] + [""]
     if not shown.empty:
-        lines += ["| model | dataset | quantity | baseline | new | Δ | |", "|---|---|---|---|---|---|---|"]
+        rows = []
         for r in shown.sort_values("delta").itertuples():
-            flag = "❌ regression" if r.regression else ("⬆" if round(r.delta, 3) > 0 else "")
-            lines.append(
-                f"| {md(r.model)} | {md(r.dataset)} | {md(r.what)} | {r.baseline:.3f} | {r.new:.3f} | {r.delta:+.3f} | {flag} |"
-            )
-        lines.append("")
+            change = f"{r.delta:+.3f}" + (f" [{r.low:+.3f}, {r.high:+.3f}]" if r.low == r.low else "")
+            flag = "❌ regression" if r.regression else ("⬆" if r.delta >= 0.0005 else "")
+            if not r.regression and r.delta < -max_drop - 1e-12:
+                flag = "not significant"
+            rows.append({"model": md(r.model), "dataset": md(r.dataset), "quantity": md(r.what),
+                         "baseline": f"{r.baseline:.3f}", "new": f"{r.new:.3f}",
+                         "Δ [95% interval]" if c.tested else "Δ": change, "": flag})  # fmt: skip
+        lines += [table(rows), ""]
     for title, summary in (("Only in new", c.only_new_summary), ("Only in baseline (not compared)", c.only_baseline_summary)):
         if summary:
             lines += [f"{title}:", ""] + [f"- {md(x)}" for x in summary] + [""]

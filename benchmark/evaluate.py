@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +24,13 @@ from lesionbench.errors import LesionbenchError
 
 @dataclass(frozen=True)
 class EvalResult:
+    """One pass over the evaluation set: accuracies (fractions), mean cross-entropy, wall seconds.
+
+    ``predictions`` (int32 [n_images]) is each image's top-1 class and ``top5_hit`` (bool
+    [n_images]) whether its label was among the five highest scores, in the order of the
+    evaluation set; None when the pass did not keep them.
+    """
+
     top1: float
     top5: float
     loss: float
@@ -30,6 +38,8 @@ class EvalResult:
     seconds: float
     images_per_s: float
     device: str
+    predictions: np.ndarray | None = field(default=None, compare=False, repr=False)
+    top5_hit: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -76,13 +86,16 @@ def evaluate_batches(
 
     With ``variants=D``, ``forward(i)`` returns D stacked logits ``[D, batch, classes]`` — several
     perturbed copies of a network evaluated in one pass — and one result per copy is returned,
-    each charged an equal share of the time.
+    each charged an equal share of the time. Every result keeps its per-image outcomes
+    (``predictions``, ``top5_hit``).
     """
     d = variants or 1
     n = sum(len(y) for y in labels)
     correct1 = torch.zeros(d, dtype=torch.int64)
     correct5 = torch.zeros(d, dtype=torch.int64)
     loss_sum = torch.zeros(d, dtype=torch.float64)
+    predicted: list[torch.Tensor] = []  # [d, batch] top-1 classes, per batch
+    in_top5: list[torch.Tensor] = []
     cuda = device.type == "cuda"
     if cuda:
         start_evt, end_evt = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -97,7 +110,10 @@ def evaluate_batches(
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             hit = top == y[None, :, None]
             correct1 += hit[..., 0].sum(dim=1).cpu()
-            correct5 += hit.any(dim=-1).sum(dim=1).cpu()
+            any5 = hit.any(dim=-1)
+            correct5 += any5.sum(dim=1).cpu()
+            predicted.append(top[..., 0].to(torch.int32).cpu())
+            in_top5.append(any5.cpu())
             loss = F.cross_entropy(logits.reshape(d * len(y), -1), y.repeat(d), reduction="none")
             loss_sum += loss.reshape(d, len(y)).sum(dim=1).double().cpu()
     if cuda:
@@ -107,6 +123,8 @@ def evaluate_batches(
     else:
         seconds = time.perf_counter() - t0
     seconds /= d
+    predictions = torch.cat(predicted, dim=1).numpy() if predicted else np.zeros((d, 0), np.int32)
+    top5_hit = torch.cat(in_top5, dim=1).numpy() if in_top5 else np.zeros((d, 0), bool)
     results = [
         EvalResult(
             top1=int(correct1[j]) / n,
@@ -116,6 +134,8 @@ def evaluate_batches(
             seconds=seconds,
             images_per_s=n / seconds if seconds > 0 else float("inf"),
             device=str(device),
+            predictions=predictions[j],
+            top5_hit=top5_hit[j],
         )
         for j in range(d)
     ]

@@ -1,8 +1,13 @@
 """Markdown leaderboard rendered from results tables — never edited by hand.
 
 One table per track (dataset), models ranked by overall robustness (the mean over perturbations
-of the mean layer score); then per model a layer × perturbation table of scores and critical
-levels, the most fragile layer under each perturbation, and links to the plots.
+of the mean layer score) over the perturbations every model of the track was studied under with
+the same level grid; every column of that table uses those perturbations only. Then the level
+grids, where the fragile layers are per perturbation, and per model the most fragile layer under
+each perturbation and narrow layer tables (perturbations grouped by the layers they studied).
+With per-image outcomes every score carries its 95% bootstrap interval (``0.87 [0.84, 0.90]``)
+and models that cannot be told apart share a rank (:func:`lesionbench.scores.bootstrap`).
+Tables are written with ``DataFrame.to_markdown`` (tabulate).
 """
 
 from __future__ import annotations
@@ -16,8 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesionbench.scores import clean_accuracy, layer_scores, model_summary
-from lesionbench.store import CLEAN
+from lesionbench.scores import (BOOTSTRAP_SEED, METHOD, REPLICATES, Bootstrap, bootstrap, clean_accuracy, interval,
+                                layer_scores)  # fmt: skip
+from lesionbench.store import CLEAN, Outcomes
+
+# What a track is called when its manifest gives no dataset title: the data, not the plugin.
+KNOWN_TITLES = {"fashion_mnist": "Fashion-MNIST"}
+MAX_COLUMNS = 3  # perturbations per layer table (each takes a score and a p½ column)
+MAX_RANKED_COLUMNS = 4  # more ranked perturbations than this: their means go to a table of their own
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
 
@@ -39,15 +50,77 @@ def format_critical(value: float, max_level: float, axis: str = "linear") -> str
 
 
 def model_facts(df: pd.DataFrame) -> pd.DataFrame:
-    """Per model × dataset: clean top-1/top-5, full-pass throughput and device (from the clean
-    evaluation; the fastest when several studies ran the model), and the total evaluation time."""
+    """Per model × dataset: clean top-1/top-5, full-pass throughput, device and images (from the
+    clean evaluation; the fastest when several studies ran the model)."""
     clean1 = clean_accuracy(df, "top1").rename(columns={"clean": "clean_top1"}).drop(columns="chance")
     clean5 = clean_accuracy(df, "top5").rename(columns={"clean": "clean_top5"}).drop(columns="chance")
     clean = df[df["perturbation"] == CLEAN].sort_values("images_per_s", ascending=False, kind="stable")
     # several studies of one model: the fastest clean pass, as timeit takes the best of its repeats
-    clean = clean.drop_duplicates(["model", "dataset"])[["model", "dataset", "images_per_s", "device"]]
-    total = df[df["error"].fillna("") == ""].groupby(["model", "dataset"], as_index=False).agg(study_seconds=("seconds", "sum"))
-    return clean1.merge(clean5, on=["model", "dataset"]).merge(clean, on=["model", "dataset"]).merge(total, on=["model", "dataset"])
+    clean = clean.drop_duplicates(["model", "dataset"])[["model", "dataset", "images_per_s", "device", "n_images"]]
+    return clean1.merge(clean5, on=["model", "dataset"]).merge(clean, on=["model", "dataset"])
+
+
+def table(rows: Sequence[Mapping[str, str]] | pd.DataFrame, columns: Sequence[str] | None = None) -> str:
+    """A Markdown (GitHub pipe) table of already formatted strings, by ``DataFrame.to_markdown``."""
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=columns)
+    return frame.to_markdown(index=False, tablefmt="github", disable_numparse=True)
+
+
+def with_interval(value: float, low: float = float("nan"), high: float = float("nan"), digits: int = 2) -> str:
+    """``0.87 [0.84, 0.90]``, or ``0.87`` without an interval."""
+    if low == low and high == high and low is not None:
+        return f"{_fmt(value, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+    return _fmt(value, digits)
+
+
+def critical_with_interval(r) -> str:
+    """A layer's p½ with its interval, as :func:`format_critical` writes each end."""
+    text = format_critical(r.critical_level, r.max_level, r.level_axis)
+    low, high = getattr(r, "critical_low", float("nan")), getattr(r, "critical_high", float("nan"))
+    if low == low and high == high and not (np.isinf(low) and np.isinf(high)):  # both ends "never": no interval to show
+        ends = [format_critical(v, r.max_level, r.level_axis).replace("> ", ">").replace("< ", "<") for v in (low, high)]
+        text += f" [{ends[0]}, {ends[1]}]"
+    return text
+
+
+def grid_text(levels: Sequence[float]) -> str:
+    """A level grid in a few characters: ``0, 0.1, …, 1 (11)`` for an even grid, else every level."""
+    levels = sorted(float(v) for v in levels)
+    if len(levels) > 4:
+        steps = np.diff(levels)
+        if np.allclose(steps, steps[0], rtol=1e-6, atol=1e-12):
+            return f"{levels[0]:g}, {levels[1]:g}, …, {levels[-1]:g} ({len(levels)})"
+    return ", ".join(f"{v:g}" for v in levels)
+
+
+def level_grids(scores_df: pd.DataFrame) -> pd.DataFrame:
+    """Per model × perturbation of a results table: its level grid (a tuple of the levels run)."""
+    cells = scores_df[scores_df["perturbation"] != CLEAN]
+    grids = cells.groupby(["model", "perturbation"])["level"].agg(lambda v: tuple(sorted(set(float(x) for x in v))))
+    return grids.rename("grid").reset_index()
+
+
+def draws_text(df: pd.DataFrame) -> str:
+    """How many draws stand behind each level: ``2``, or ``5–20`` (adaptive draws)."""
+    counts = df[df["perturbation"] != CLEAN].groupby(["layer", "perturbation", "level"]).size()
+    if counts.empty:
+        return "–"
+    spread = counts[counts > 1] if (counts > 1).any() else counts
+    low, high = int(spread.min()), int(spread.max())
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def track_bootstraps(df: pd.DataFrame, outcomes: Outcomes | None, metrics: Mapping[str, str] | None = None,
+                     replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED) -> dict[str, Bootstrap]:  # fmt: skip
+    """One bootstrap per track (dataset) that has per-image outcomes, with the track's metric."""
+    if outcomes is None or len(outcomes) == 0 or "outcome" not in df.columns or not (df["outcome"] >= 0).any():
+        return {}
+    metrics = dict(metrics or {})
+    out = {}
+    for dataset, dg in df.groupby("dataset", sort=True):
+        if (dg["outcome"] >= 0).any():
+            out[dataset] = bootstrap(dg, outcomes, metrics.get(dataset, "top1"), replicates, seed)
+    return out
 
 
 def render(
@@ -56,111 +129,237 @@ def render(
     plot_links: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     title: str = "lesionbench leaderboard",
     sources: Sequence[str] = (),
+    outcomes: Outcomes | None = None,
+    titles: Mapping[str, str] | None = None,
+    boots: Mapping[str, Bootstrap] | None = None,
 ) -> str:
     """The leaderboard for a results table. ``metrics`` maps dataset → score metric (default top1);
-    ``plot_links`` maps model → [(label, relative path)]."""
+    ``plot_links`` maps model → [(label, relative path)]; ``titles`` dataset → the track's title
+    (default :data:`KNOWN_TITLES`, else the dataset's name); ``outcomes`` (with the table's
+    ``outcome`` column) give intervals, or ``boots`` (dataset → :class:`Bootstrap`) already computed."""
     metrics = dict(metrics or {})
     plot_links = dict(plot_links or {})
+    titles = {**KNOWN_TITLES, **dict(titles or {})}
+    boots = dict(boots) if boots is not None else track_bootstraps(df, outcomes, metrics)
     lines = [f"# {title}", ""]
     lines += [
-        "Generated by `lesionbench leaderboard` from result files; do not edit by hand.",
+        "Rendered by lesionbench from the result files listed under Sources; do not edit by hand.",
         "",
         "**Layer-robustness score**: area under the retention curve r(p) = clip((acc(p) − chance) / "
         "(acc(0) − chance), 0, 1) over the level range, divided by the range — 1 means the layer's "
-        "damage never cost accuracy, 0 means chance from the first step. **p½**: the level where r "
-        "first falls to 0.5. A layer scoring below 0.5 is *critical*.",
+        "damage never cost accuracy, 0 means chance from the first step. It depends on the level grid, so "
+        "models are ranked only on perturbations run with the same grid. **p½**: the level where r "
+        "first falls to 0.5. A layer whose score, to two decimals, is below 0.50 is *critical*.",
         "",
     ]
+    if boots:
+        any_boot = next(iter(boots.values()))
+        lines += [
+            f"**Intervals**: 95%, by a {METHOD}; {any_boot.replicates} replicates, seed {any_boot.seed} "
+            "(`lesionbench.scores.bootstrap`). Models share a rank when the paired bootstrap interval of the "
+            "difference of their overall scores includes 0 (rank = 1 + the models ahead beyond doubt). Scores "
+            "without an interval come from runs made before per-image outcomes were kept.",
+            "",
+        ]
+    else:
+        lines += [
+            "**Intervals**: none — these runs were made before per-image outcomes (`outcomes.arrow`) were kept; "
+            "a run made now gets a 95% paired-bootstrap interval on every score.",
+            "",
+        ]
     if sources:
         lines += ["Sources: " + ", ".join(f"`{md(s)}`" for s in sources), ""]
     for dataset, dg in df.groupby("dataset", sort=True):
         metric = metrics.get(dataset, "top1")
-        scores = layer_scores(dg, metric)
-        summary = model_summary(scores)
-        facts = model_facts(dg).set_index("model")
-        perts = sorted(summary["perturbation"].unique())
-        models = summary["model"].unique()
-        shared = [p for p in perts if (summary["perturbation"] == p).sum() == len(models)]
-        ranked = summary[summary["perturbation"].isin(shared)] if shared else summary
-        overall = ranked.groupby("model")["mean_score"].mean().sort_values(ascending=False)
-        lines += [f"## Track: {md(dataset)} (scores from {metric})", ""]
-        header = ["#", "model", "clean top-1", "clean top-5", "overall"] + [f"{md(p)}" for p in shared]
-        header += ["weakest layer", "first / last layer", "images/s", "device", "study time"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-        for rank, (model, score) in enumerate(overall.items(), 1):
-            ms = summary[summary["model"] == model].set_index("perturbation")
-            f = facts.loc[model]
-            weakest = ms.loc[ms["weakest_score"].idxmin()]
-            row = [str(rank), f"[{md(model)}](#{_anchor(model)})", _fmt(f.clean_top1, 3), _fmt(f.clean_top5, 3), _fmt(score)]
-            row += [_fmt(ms.loc[p, "mean_score"]) for p in shared]
-            row += [
-                f"{md(weakest['weakest_layer'])} ({_fmt(weakest['weakest_score'])}, {md(weakest.name)})",
-                f"{_fmt(ms['first_layer_score'].mean())} / {_fmt(ms['last_layer_score'].mean())}",
-                f"{f.images_per_s:,.0f}",
-                md(f.device),
-                f"{f.study_seconds:,.0f} s",
-            ]
-            lines.append("| " + " | ".join(row) + " |")
-        lines += [
-            "",
-            "Overall: mean over the perturbations every model of the track was studied under (the columns "
-            "shown), each the mean layer score. First / last layer: mean over all its perturbations. "
-            "images/s: a full clean pass; study time: all evaluations of the model.",
-            "",
-        ]
-        lines += _by_perturbation(scores, perts)
-        for model in overall.index:
-            lines += _model_section(model, scores[scores["model"] == model], perts, plot_links.get(model, ()))
+        boot = boots.get(dataset)
+        scores = boot.layers if boot is not None else layer_scores(dg, metric)
+        lines += _track(dataset, titles.get(dataset, dataset), metric, dg, scores, boot, plot_links)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.DataFrame, boot: Bootstrap | None,
+           plot_links: Mapping) -> list[str]:  # fmt: skip
+    facts = model_facts(dg).set_index("model")
+    models = sorted(scores["model"].unique())
+    perts = sorted(scores["perturbation"].unique())
+    grids = level_grids(dg)
+    shared, partial, regridded = [], [], []
+    for p in perts:
+        g = grids[grids["perturbation"] == p]
+        if len(g) < len(models):
+            partial.append(md(p))
+        elif g["grid"].nunique() > 1:
+            regridded.append(md(p))
+        else:
+            shared.append(p)
+    left_out = ([f"not run on every model: {', '.join(partial)}"] if partial else []) + (
+        [f"run on different level grids: {', '.join(regridded)}"] if regridded else [])  # fmt: skip
+    name = f" (`{md(dataset)}`)" if title != dataset else ""
+    lines = [f"## Track: {md(title)}{name} — scores from {metric}", ""]
+    if shared:
+        lines.append("Ranked on " + ", ".join(md(p) for p in shared) + ": the perturbations every model of the track "
+                     "was studied under, with the same level grid; every column below uses these only.")  # fmt: skip
+    else:
+        lines.append("No perturbation was run on every model with the same level grid: the models are not ranked.")
+    if left_out:
+        lines[-1] += " Not ranked — " + "; ".join(left_out) + "."
+    lines.append("")
+    ranking = _ranking(boot, scores, dataset, shared, models)
+    inline = len(shared) <= MAX_RANKED_COLUMNS
+    rows, per_pert = [], {md(p): {"perturbation": md(p)} for p in shared}
+    for r in ranking.itertuples():
+        m = r.model
+        f = facts.loc[m]
+        mine = scores[(scores["model"] == m) & scores["perturbation"].isin(shared)]
+        row = {"#": str(r.rank) if shared else "–", "model": f"[{md(m)}](#{_anchor(m)})",
+               "clean top-1": _fmt(f.clean_top1, 3), "clean top-5": _fmt(f.clean_top5, 3),
+               "overall": with_interval(r.overall, r.low, r.high)}  # fmt: skip
+        for p in shared:
+            value = with_interval(*_mean_score(boot, mine, m, dataset, p))
+            if inline:
+                row[md(p)] = value
+            per_pert[md(p)][md(m)] = value
+        if not mine.empty:
+            w = mine.loc[mine["score"].idxmin()]
+            firsts = mine.sort_values("layer_index").groupby("perturbation")["score"]
+            row["weakest layer"] = f"{md(w.layer)} ({_fmt(w.score)}, {md(w.perturbation)})"
+            row["first / last layer"] = f"{_fmt(firsts.first().mean())} / {_fmt(firsts.last().mean())}"
+        else:
+            row["weakest layer"] = row["first / last layer"] = "–"
+        used = dg[(dg["model"] == m) & dg["perturbation"].isin(shared)]
+        row["images × draws"] = f"{int(f.n_images)} × {draws_text(used)}"
+        row["images/s"] = f"{f.images_per_s:,.0f}"
+        row["device"] = md(f.device)
+        row["study time"] = f"{used.loc[used['error'].fillna('') == '', 'seconds'].sum():,.0f} s"
+        rows.append(row)
+    lines += [table(rows), ""]
+    lines += [
+        "Overall: mean over the ranked perturbations of the mean layer score. Weakest layer, first / last layer "
+        "(mean over the ranked perturbations), images × draws (evaluation images × random draws per level) and "
+        "study time (all evaluations under the ranked perturbations) use the same perturbations; images/s: a "
+        "full clean pass.",
+        "",
+    ]
+    if not inline:
+        lines += ["Mean layer score per ranked perturbation:", "", table(list(per_pert.values())), ""]
+    lines += _grids_table(grids, dg)
+    lines += _by_perturbation(scores, perts)
+    for m in ranking["model"]:
+        lines += _model_section(m, scores[scores["model"] == m], boot, plot_links.get(m, ()))
+    return lines
+
+
+def _ranking(boot: Bootstrap | None, scores: pd.DataFrame, dataset: str, shared: list[str], models: list[str]) -> pd.DataFrame:
+    """model, overall, low, high, rank: with ties from the bootstrap, or by the point value."""
+    if boot is not None and shared:
+        return boot.overall(dataset, shared, models)
+    s = scores[scores["perturbation"].isin(shared)]
+    overall = {m: float(s[s["model"] == m].groupby("perturbation")["score"].mean().mean()) if shared else float("nan")
+               for m in models}  # fmt: skip
+    out = pd.DataFrame({"model": models, "overall": [overall[m] for m in models], "low": np.nan, "high": np.nan})
+    out = out.sort_values("overall", ascending=False, ignore_index=True)
+    out["rank"] = np.arange(1, len(out) + 1)
+    return out
+
+
+def _mean_score(boot: Bootstrap | None, mine: pd.DataFrame, model: str, dataset: str, p: str) -> tuple[float, float, float]:
+    """A model's mean layer score under one perturbation, with its interval when there is one."""
+    value = float(mine.loc[mine["perturbation"] == p, "score"].mean())
+    if boot is None:
+        return value, float("nan"), float("nan")
+    low, high = interval(boot.overall_reps(model, dataset, [p]))
+    return value, low, high
+
+
+def _grids_table(grids: pd.DataFrame, dg: pd.DataFrame) -> list[str]:
+    """Which level grid (and unit) each perturbation used, per model where the models differ."""
+    units = dg[dg["perturbation"] != CLEAN].groupby("perturbation")["level_unit"].first() if "level_unit" in dg else {}
+    rows = []
+    everyone = grids["model"].nunique()
+    for p, g in grids.groupby("perturbation", sort=True):
+        unit = md(units.get(p, "")) if len(units) else ""
+        if g["grid"].nunique() == 1:
+            who = "all" if len(g) == everyone else ", ".join(md(m) for m in sorted(g["model"]))
+            rows.append({"perturbation": md(p), "models": who, "levels": grid_text(g["grid"].iloc[0]),
+                         "unit": unit or "–"})  # fmt: skip
+        else:
+            for r in g.itertuples():
+                rows.append({"perturbation": md(p), "models": md(r.model), "levels": grid_text(r.grid), "unit": unit or "–"})
+    return ["Level grids (a score is comparable only with scores on the same grid):", "", table(rows), ""]
 
 
 def _by_perturbation(scores: pd.DataFrame, perts: list[str]) -> list[str]:
     """What each perturbation shows about where the fragile layers are, over every model it was run on."""
-    lines = [
-        "Where the fragile layers are, per perturbation (mean layer score of the first, middle and last "
-        "third of each network's studied layers, and the single most fragile layer):",
-        "",
-        "| perturbation | models | early | middle | late | most fragile layer |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for p in perts:
         g = scores[scores["perturbation"] == p]
         third = np.minimum((g["relative_depth"].fillna(0.0) * 3).astype(int), 2)
         means = [g.loc[third == t, "score"].mean() for t in range(3)]
         w = g.loc[g["score"].idxmin()]
-        lines.append(
-            f"| {md(p)} | {g['model'].nunique()} | " + " | ".join(_fmt(m) if m == m else "–" for m in means)
-            + f" | {md(w.model)}: {md(w.layer)} ({w.score:.2f}) |"
-        )
-    return lines + [""]
+        rows.append({"perturbation": md(p), "models": str(g["model"].nunique()),
+                     **{name: _fmt(m) if m == m else "–" for name, m in zip(("early", "middle", "late"), means)},
+                     "most fragile layer": f"{md(w.model)}: {md(w.layer)} ({w.score:.2f})"})  # fmt: skip
+    return [
+        "Where the fragile layers are, per perturbation (mean layer score of the first, middle and last "
+        "third of each network's studied layers, and the single most fragile layer):",
+        "",
+        table(rows),
+        "",
+    ]
 
 
 def _anchor(model: str) -> str:
     return "model-" + re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
 
 
-def _model_section(model: str, scores: pd.DataFrame, perts: list[str], links) -> list[str]:
+def fragile_line(scores: pd.DataFrame, p: str, boot: Bootstrap | None) -> str | None:
+    """The most fragile layer under ``p``, with its interval, and whether the runner-up can be told apart."""
+    g = scores[scores["perturbation"] == p].sort_values(["score", "layer_index"])
+    if g.empty:
+        return None
+    w = g.iloc[0]
+    text = (f"- Most fragile under {md(p)}: **{md(w.layer)}** (score "
+            f"{with_interval(w.score, getattr(w, 'score_low', np.nan), getattr(w, 'score_high', np.nan))}, {w.verdict})")  # fmt: skip
+    if len(g) > 1 and boot is not None:
+        r = g.iloc[1]
+        apart = boot.distinguishable(g.index[0], g.index[1])
+        if apart is False:
+            text += f"; the runner-up {md(r.layer)} ({_fmt(r.score)}) cannot be told apart from it"
+        elif apart:
+            text += f"; clearly below the runner-up {md(r.layer)} ({_fmt(r.score)})"
+    return text + "."
+
+
+def layer_groups(scores: pd.DataFrame) -> list[list[str]]:
+    """The perturbations of one model grouped by the set of layers each studied, at most
+    :data:`MAX_COLUMNS` to a group: one narrow table each, with no empty cells."""
+    by_layers: dict[tuple, list[str]] = {}
+    for p, g in scores.groupby("perturbation", sort=True):
+        by_layers.setdefault(tuple(sorted(g["layer"])), []).append(p)
+    groups = []
+    for _layers, ps in sorted(by_layers.items(), key=lambda kv: (-len(kv[0]), kv[1])):
+        groups += [ps[i : i + MAX_COLUMNS] for i in range(0, len(ps), MAX_COLUMNS)]
+    return groups
+
+
+def _model_section(model: str, scores: pd.DataFrame, boot: Bootstrap | None, links) -> list[str]:
     lines = [f'<a id="{_anchor(model)}"></a>', "", f"### {md(model)}", ""]
-    for p in perts:
-        g = scores[scores["perturbation"] == p]
-        if g.empty:
-            continue
-        w = g.loc[g["score"].idxmin()]
-        lines.append(f"- Most fragile under {md(p)}: **{md(w.layer)}** (score {w.score:.2f}, {w.verdict}).")
-    lines += ["", "| layer | depth | " + " | ".join(f"{md(p)} score (p½)" for p in perts) + " |"]
-    lines.append("|" + "|".join(["---"] * (2 + len(perts))) + "|")
-    for (index, layer), lg in scores.groupby(["layer_index", "layer"], sort=True):
-        cells = []
-        for p in perts:
-            r = lg[lg["perturbation"] == p]
-            if r.empty:
-                cells.append("–")
-            else:
-                r = r.iloc[0]
-                mark = "**" if r.verdict == "critical" else ""
-                cells.append(f"{mark}{r.score:.2f}{mark} ({format_critical(r.critical_level, r.max_level, r.level_axis)})")
-        lines.append(f"| {md(layer)} | {lg['relative_depth'].iloc[0]:.2f} | " + " | ".join(cells) + " |")
+    perts = sorted(scores["perturbation"].unique())
+    lines += [line for p in perts if (line := fragile_line(scores, p, boot))]
     lines.append("")
+    for group in layer_groups(scores):
+        sub = scores[scores["perturbation"].isin(group)]
+        rows = []
+        for (_index, layer), lg in sub.groupby(["layer_index", "layer"], sort=True):
+            row = {"layer": md(layer), "depth": f"{lg['relative_depth'].iloc[0]:.2f}"}
+            for p in group:
+                r = lg[lg["perturbation"] == p].iloc[0]
+                mark = "**" if r.verdict == "critical" else ""
+                low, high = getattr(r, "score_low", np.nan), getattr(r, "score_high", np.nan)
+                row[f"{md(p)} score"] = f"{mark}{with_interval(r.score, low, high)}{mark}"
+                row[f"{md(p)} p½"] = critical_with_interval(r)
+            rows.append(row)
+        lines += [table(rows), ""]
     if links:
         lines += ["Plots: " + " · ".join(f"[{md(label)}]({path})" for label, path in links), ""]
     return lines

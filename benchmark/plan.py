@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from scipy import stats
 
 from lesionbench.data import RawDataset, stratified_subset
 from lesionbench.errors import LesionbenchError, plugin_failure
@@ -111,6 +113,64 @@ class Plan:
             out.extend(Cell(layer, perturbation, level, d) for d in range(draws))
         return out
 
+    @property
+    def adaptive(self) -> bool:
+        """Adaptive draws: more draws where a level's mean accuracy is still uncertain (``target_ci``)."""
+        return self.study.target_ci is not None
+
+    def extra_cells(self, cells: list[Cell], values: Mapping[tuple[float, int], float]) -> list[Cell]:
+        """Adaptive draws: the draws to add to a block whose cells so far are ``cells`` with metric
+        ``values`` by (level, draw) (a cell missing or NaN there — failed — counts as a draw made
+        but not as a value).
+
+        Per level: while the 95% t-interval of the mean over its draws, 2·t(0.975, n−1)·s/√n, is
+        not narrower than ``target_ci`` and fewer than ``max_draws`` draws were made, add the draws
+        that interval says are needed (at least one). Draw k is the cell it would be without
+        adaptivity (same seed), so the decision is deterministic and resumable."""
+        if not self.adaptive:
+            return []
+        by_level: dict[float, list[Cell]] = {}
+        for c in cells:
+            by_level.setdefault(c.level, []).append(c)
+        out = []
+        for level, made in by_level.items():
+            if len(made) < 2:  # the identity level, a deterministic perturbation: one draw says it all
+                continue
+            add = extra_draws([values.get((c.level, c.draw), math.nan) for c in made], self.study.target_ci,
+                              self.study.max_draws)  # fmt: skip
+            first = max(c.draw for c in made) + 1
+            out += [replace(made[0], draw=first + k) for k in range(add)]
+        return out
+
+    def block_values(self, name: str, cells: list[Cell], done: Mapping) -> dict[tuple[float, int], float]:
+        """The study metric, by (level, draw), of each cell of ``cells`` already in ``done`` (key → (top1, top5))."""
+        column = 0 if self.study.metric == "top1" else 1
+        out = {}
+        for c in cells:
+            v = done.get(self.key(name, c)) if isinstance(done, Mapping) else None
+            if v is not None:
+                out[(c.level, c.draw)] = v[column]
+        return out
+
+    def done_of(self, name: str, block: Block, done: Mapping) -> dict:
+        """The entries of ``done`` that belong to one block (every draw, adaptive ones included)."""
+        row_name = self.row_name(self.perturbations[block.perturbation][0])
+        return {k: v for k, v in done.items() if k[0] == name and k[1] == block.layer and k[2] == row_name}
+
+    def settled(self, prepared: PreparedModel, block: Block, done: Mapping) -> bool:
+        """Every cell of the block is in ``done``, adaptive draws included (decided from ``done`` alone)."""
+        name = prepared.loaded.name
+        cells = self.block_cells(prepared, block)
+        while cells:
+            if any(self.key(name, c) not in done for c in cells):
+                return False
+            values = self.block_values(name, cells, done)
+            extra = self.extra_cells(cells, values)
+            if not extra:
+                return True
+            cells = cells + extra
+        return True
+
     def cells(self, prepared: PreparedModel) -> list[Cell]:
         return [c for b in self.blocks(prepared) for c in self.block_cells(prepared, b)]
 
@@ -136,6 +196,24 @@ class Plan:
     def seed(self, name: str, cell: Cell) -> int:
         """The seed of a cell's generator: what the cell is, never where or when it runs."""
         return cell_seed(self.study.seed, name, cell.layer.name, cell.perturbation.name, cell.level, cell.draw)
+
+
+def extra_draws(values: list[float], target: float, cap: int) -> int:
+    """How many draws to add to a level whose ``len(values)`` draws gave ``values`` (NaN: failed).
+
+    0 when the 95% t-interval of their mean, 2·t(0.975, n−1)·s/√n over the finite values, is
+    narrower than ``target``, or ``cap`` draws were made; else enough to bring the interval under
+    ``target`` at the current spread (at least one), capped at ``cap``."""
+    n = len(values)
+    finite = [v for v in values if math.isfinite(v)]
+    if n >= cap or len(finite) < 2:
+        return 0
+    s = float(np.std(finite, ddof=1))
+    t = float(stats.t.ppf(0.975, len(finite) - 1))
+    if 2 * t * s / math.sqrt(len(finite)) < target:
+        return 0
+    needed = math.ceil((2 * t * s / target) ** 2)
+    return min(cap, max(n + 1, needed)) - n
 
 
 def check_device(name: str) -> torch.device:

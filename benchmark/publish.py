@@ -6,6 +6,7 @@ This is the only place that writes the leaderboard; ``lesionbench leaderboard`` 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from lesionbench.errors import LesionbenchError
-from lesionbench.leaderboard import metric_of, relative_link, render
-from lesionbench.store import CLEAN, RESULTS, read_results
+from lesionbench.leaderboard import relative_link, render, track_bootstraps
+from lesionbench.store import CLEAN, RESULTS, read_results_with_outcomes
 
 
 def resolve_results(paths: Sequence[Path | str]) -> list[Path]:
@@ -56,18 +57,34 @@ def publish(
     title: str = "lesionbench leaderboard",
     metric: str | None = None,
 ) -> Path:
-    """Write plots (into ``plots_dir``, default beside ``out_md``) and the Markdown leaderboard."""
+    """Write plots (into ``plots_dir``, default beside ``out_md``) and the Markdown leaderboard.
+
+    Per-image outcomes beside the result files give every score its bootstrap interval (computed
+    once, for the tables and the plots' bands)."""
     files = resolve_results(results)
-    tables = [read_results(f) for f in files]  # each file read once
-    df = declared_units(pd.concat(tables, ignore_index=True))
-    metrics = {dataset: metric or metric_of(f) for f, t in zip(files, tables) for dataset in t["dataset"].unique()}
+    df, outcomes = read_results_with_outcomes(files)  # each file read once
+    df = declared_units(df)
+    metrics, titles = {}, {}
+    for f in files:
+        manifest = _manifest(f)
+        study = manifest.get("study", {}) if isinstance(manifest.get("study"), dict) else {}
+        dataset = (study.get("dataset") or {}).get("name")
+        if dataset is None:
+            continue
+        metrics.setdefault(dataset, metric or study.get("metric", "top1"))
+        if (study.get("dataset") or {}).get("title"):
+            titles.setdefault(dataset, study["dataset"]["title"])
+    for dataset in df["dataset"].unique():
+        metrics.setdefault(dataset, metric or "top1")
+    boots = track_bootstraps(df, outcomes, metrics)
     out_md = Path(out_md)
     plots_dir = Path(plots_dir) if plots_dir is not None else out_md.parent / "plots"
     links = {}
     if draw:
         from lesionbench.plots import write_all
 
-        drawn = write_all(df, metrics, plots_dir)
+        bands = pd.concat([b.curves for b in boots.values()], ignore_index=True) if boots else None
+        drawn = write_all(df, metrics, plots_dir, bands=bands)
     else:
         from lesionbench.plots import planned_paths
 
@@ -75,9 +92,18 @@ def publish(
     for model, items in drawn.items():
         links[model] = [(label, relative_link(path, out_md.parent)) for label, path in items]
     sources = [relative_link(f, out_md.parent) for f in files]
-    text = render(df, metrics, links, title=title, sources=sources)
+    text = render(df.drop(columns="outcome"), metrics, links, title=title, sources=sources, titles=titles, boots=boots)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_md.with_name(out_md.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, out_md)
     return out_md
+
+
+def _manifest(results_file: Path) -> dict:
+    """The manifest beside a results file ({} when there is none or it is unreadable)."""
+    path = Path(results_file).parent / "manifest.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, OSError):
+        return {}

@@ -3,7 +3,11 @@
 For each model × layer × perturbation the mean over draws of the score metric gives a curve
 acc(p). Its retention r(p) = clip((acc(p) − chance) / (acc(0) − chance), 0, 1) rescales it so that
 1 is the clean model and 0 is chance; the **layer-robustness score** is the area under r over the
-level range divided by that range. The **critical level** p½ is where r first falls to 0.5.
+level range divided by that range. The **critical level** p½ is where r first falls to 0.5. A
+layer is *critical* when its score, to two decimals, is below 0.50.
+
+With per-image outcomes (``outcomes.arrow``), :func:`bootstrap` gives every score a 95% interval
+by a paired bootstrap over images and draws, :func:`per_class_accuracy` the accuracy per class.
 
 Levels are read on the axis each row's ``level_axis`` names: ``linear``; ``log`` (bit error rates
 from 1e-7 to 1e-3: area over log10 p, so each decade counts the same, level 0 left out);
@@ -13,13 +17,14 @@ from 1e-7 to 1e-3: area over log10 p, so each decade counts the same, level 0 le
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from lesionbench.errors import LesionbenchError
-from lesionbench.store import CLEAN, NONFINITE  # NONFINITE cells are scored as chance, not dropped
+from lesionbench.store import CLEAN, NONFINITE, Outcomes  # NONFINITE cells are scored as chance, not dropped
 
 GROUP = ["model", "dataset", "layer", "layer_index", "relative_depth", "perturbation"]
 
@@ -99,6 +104,12 @@ def critical_level(levels, r, threshold: float = 0.5) -> float:
     return math.inf
 
 
+def verdict(score: float) -> str:
+    """"critical" when the score, as printed (two decimals), is below 0.50, else "robust": a layer
+    shown as 0.50 is robust, so label and number never disagree at the boundary."""
+    return "critical" if round(float(score), 2) < 0.5 else "robust"
+
+
 def to_axis(levels, axis: str) -> np.ndarray:
     """Positions on the scoring axis, where damage grows from left to right."""
     levels = np.asarray(levels, dtype=float)
@@ -118,7 +129,10 @@ def layer_scores(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     """One row per model × layer × perturbation: score, critical level and verdict.
 
     ``max_level`` is the most damaging level studied (the largest, or the fewest bits)."""
-    c = curves(df, metric)
+    return _scores_of_curves(curves(df, metric))
+
+
+def _scores_of_curves(c: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, g in c.groupby(GROUP, sort=False):
         axis = g["level_axis"].iloc[0]
@@ -135,7 +149,7 @@ def layer_scores(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
                 critical_level=from_axis(critical_level(x, g["retention"]), axis),
                 max_level=from_axis(float(x.max()), axis),
                 level_axis=axis,
-                verdict="critical" if score < 0.5 else "robust",
+                verdict=verdict(score),
             )
         )
     out = pd.DataFrame(rows, columns=GROUP + ["score", "critical_level", "max_level", "level_axis", "verdict"])
@@ -161,3 +175,317 @@ def model_summary(scores: pd.DataFrame) -> pd.DataFrame:
             )
         )
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------ per-image measures
+
+def _hits(outcomes: Outcomes, rows: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """For outcome rows ``rows``: (hit [rows, images] bool, evaluated [rows, images] bool)."""
+    top1 = outcomes.top1[rows]
+    evaluated = top1 >= 0
+    if metric == "top1":
+        hit = top1 == outcomes.images["label"].to_numpy()[None, :]
+    else:
+        hit = outcomes.top5[rows]
+    return hit & evaluated, evaluated
+
+
+def per_class_accuracy(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1") -> pd.DataFrame:
+    """Accuracy on each class of the evaluation subset, per model × layer × perturbation × level.
+
+    ``df`` is a results table with the ``outcome`` column that
+    :func:`lesionbench.store.read_results_with_outcomes` (or ``lesionbench.load_outcomes``) adds,
+    ``outcomes`` the per-image outcomes it points into. Returns one row per model × layer ×
+    perturbation × level × class with ``class`` (int, the label), ``n_images`` (images of that
+    class evaluated), ``accuracy`` (``metric`` on that class, mean over draws; a cell with
+    non-finite logits counts as chance, as in :func:`curves`), ``clean`` (the undamaged model's
+    accuracy on the class) and ``retention`` (clip((accuracy − chance) / (clean − chance), 0, 1),
+    the per-class analogue of the retention curve; 0 where the clean model is at chance on the
+    class). Rows without outcomes (runs made before they were kept, failed cells) are left out.
+    Sorted by model, perturbation, layer_index, level, class.
+
+    Per-class accuracy under damage is how "which classes are hurt most" is read (e.g. Hooker et
+    al. 2019, *What do compressed deep neural networks forget?*, who compare per-class recall of
+    pruned and dense models).
+    """
+    out_cols = GROUP + ["level", "class", "n_images", "accuracy", "clean", "retention"]
+    if "outcome" not in df.columns or len(outcomes) == 0:
+        return pd.DataFrame(columns=out_cols)
+    error = df["error"].fillna("")
+    usable = (df["outcome"] >= 0) & ((error == "") | (error == NONFINITE))
+    clean = df[usable & (df["perturbation"] == CLEAN)].drop_duplicates(["model", "dataset"])
+    cells = df[usable & (df["perturbation"] != CLEAN)]
+    if cells.empty or clean.empty:
+        return pd.DataFrame(columns=out_cols)
+    labels = outcomes.images["label"].to_numpy()
+    classes = np.unique(labels)
+    onehot = (labels[:, None] == classes[None, :]).astype(np.float64)  # [images, classes]
+
+    def by_class(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        hit, evaluated = _hits(outcomes, rows["outcome"].to_numpy(), metric)
+        n = evaluated.astype(np.float64) @ onehot
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return hit.astype(np.float64) @ onehot / n, n
+
+    acc, n = by_class(cells)
+    broken = (cells["error"] == NONFINITE).to_numpy()
+    chance = np.array([chance_level(metric, int(k)) for k in cells["num_classes"]])
+    acc[broken] = chance[broken, None]
+    long = cells[GROUP + ["level"]].loc[cells.index.repeat(len(classes))].reset_index(drop=True)
+    long["class"] = np.tile(classes, len(cells))
+    long["n_images"] = n.ravel()
+    long["accuracy"] = acc.ravel()
+    long = long[long["n_images"] > 0]
+    out = long.groupby(GROUP + ["level", "class"], sort=True).agg(n_images=("n_images", "first"),
+                                                                   accuracy=("accuracy", "mean")).reset_index()  # fmt: skip
+    clean_acc, _ = by_class(clean)
+    ref = pd.DataFrame({"model": clean["model"].repeat(len(classes)).to_numpy(),
+                        "dataset": clean["dataset"].repeat(len(classes)).to_numpy(),
+                        "class": np.tile(classes, len(clean)), "clean": clean_acc.ravel(),
+                        "chance": np.repeat([chance_level(metric, int(k)) for k in clean["num_classes"]], len(classes))})  # fmt: skip
+    out = out.merge(ref, on=["model", "dataset", "class"], how="left")
+    out["retention"] = retention(out["accuracy"], out["clean"], out["chance"])
+    out["n_images"] = out["n_images"].astype(int)
+    return out.drop(columns="chance").sort_values(["model", "perturbation", "layer_index", "level", "class"],
+                                                  ignore_index=True)[out_cols]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+
+REPLICATES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+METHOD = ("paired percentile bootstrap: images resampled with replacement once per replicate for every cell of a "
+          "track (cells on the same images move together), draws resampled within each level")  # fmt: skip
+
+
+@dataclass
+class Bootstrap:
+    """Bootstrap replicates of every score of a results table (see :func:`bootstrap`).
+
+    ``layers`` is :func:`layer_scores` plus ``score_low``/``score_high`` and
+    ``critical_low``/``critical_high`` (the 95% percentile interval; NaN where a model has no
+    per-image outcomes); ``curves`` is :func:`curves` plus ``band_low``/``band_high``, the 95%
+    interval of the mean accuracy at each level. ``score_reps`` (float64 [len(layers),
+    replicates]) holds the layer-score replicates, NaN rows where there is no interval.
+    """
+
+    layers: pd.DataFrame
+    curves: pd.DataFrame
+    score_reps: np.ndarray
+    replicates: int
+    seed: int
+    metric: str
+    clean: dict = field(default_factory=dict)  # (model, dataset) -> clean accuracy replicates [replicates]
+
+    def has_interval(self, model: str, dataset: str | None = None) -> bool:
+        rows = self._rows(model, dataset)
+        return bool(rows.size) and bool(np.isfinite(self.score_reps[rows]).all())
+
+    def _rows(self, model: str, dataset: str | None = None, perturbations=None) -> np.ndarray:
+        keep = self.layers["model"] == model
+        if dataset is not None:
+            keep &= self.layers["dataset"] == dataset
+        if perturbations is not None:
+            keep &= self.layers["perturbation"].isin(list(perturbations))
+        return np.flatnonzero(keep.to_numpy())
+
+    def overall_reps(self, model: str, dataset: str, perturbations) -> np.ndarray:
+        """Replicates [replicates] of the model's overall score: the mean over ``perturbations`` of
+        its mean layer score (NaN where there is no interval)."""
+        per = []
+        for p in perturbations:
+            rows = self._rows(model, dataset, [p])
+            if rows.size:
+                per.append(self.score_reps[rows].mean(axis=0))
+        return np.mean(per, axis=0) if per else np.full(self.replicates, np.nan)
+
+    def overall(self, dataset: str, perturbations, models=None) -> pd.DataFrame:
+        """Per model of ``dataset``: ``overall`` (mean over ``perturbations`` of the mean layer
+        score), its interval ``low``/``high``, and ``rank``: 1 + the number of models whose overall
+        score is higher with a paired-bootstrap 95% interval of the difference that excludes 0, so
+        models that cannot be told apart share a rank (without intervals: ranked by the point value)."""
+        s = self.layers[(self.layers["dataset"] == dataset) & self.layers["perturbation"].isin(list(perturbations))]
+        models = list(models) if models is not None else sorted(s["model"].unique())
+        point = {m: float(s[s["model"] == m].groupby("perturbation")["score"].mean().mean()) for m in models}
+        reps = {m: self.overall_reps(m, dataset, perturbations) for m in models}
+        rows = []
+        for m in models:
+            low, high = interval(reps[m])
+            better = sum(self.better(point[o], reps[o], point[m], reps[m]) for o in models if o != m)
+            rows.append(dict(model=m, overall=point[m], low=low, high=high, rank=1 + better))
+        return pd.DataFrame(rows).sort_values(["rank", "overall"], ascending=[True, False], ignore_index=True)
+
+    @staticmethod
+    def better(point_a: float, reps_a: np.ndarray, point_b: float, reps_b: np.ndarray) -> bool:
+        """Is a higher than b beyond doubt: the paired 95% interval of a − b lies above 0? Without
+        replicates on either side, the point values decide."""
+        if not (np.isfinite(reps_a).all() and np.isfinite(reps_b).all()):
+            return point_a > point_b
+        low, _high = interval(reps_a - reps_b)
+        return bool(low > 0)
+
+    def distinguishable(self, i: int, j: int) -> bool | None:
+        """Do layer rows i and j of :attr:`layers` differ beyond doubt (paired interval of the
+        difference excludes 0)? None without replicates."""
+        a, b = self.score_reps[i], self.score_reps[j]
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            return None
+        low, high = interval(a - b)
+        return bool(low > 0 or high < 0)
+
+
+def interval(reps: np.ndarray, confidence: float = CONFIDENCE, axis: int = -1) -> tuple:
+    """The percentile interval of bootstrap replicates (values actually drawn: no interpolation,
+    so an infinite critical level stays infinite); NaN where any replicate is NaN."""
+    reps = np.asarray(reps, dtype=float)
+    if reps.size == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(reps, [alpha, 1 - alpha], axis=axis, method="inverted_cdf")
+    bad = np.isnan(reps).any(axis=axis)
+    if np.ndim(low) == 0:
+        return (float("nan"), float("nan")) if bad else (float(low), float(high))
+    return np.where(bad, np.nan, low), np.where(bad, np.nan, high)
+
+
+def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replicates: int = REPLICATES,
+              seed: int = BOOTSTRAP_SEED) -> Bootstrap:  # fmt: skip
+    """Confidence intervals for every score of a results table by a paired bootstrap.
+
+    Each replicate draws the evaluation images with replacement — once for the whole track (one
+    dataset), so every cell of every model evaluated on the same images is reweighted the same
+    way and the curves move together — and draws each level's random draws with replacement;
+    clean accuracy, curves, retention, layer scores, critical levels and overall scores are then
+    recomputed from the reweighted accuracies. This is Efron's nonparametric bootstrap (Efron &
+    Tibshirani 1993, *An Introduction to the Bootstrap*, ch. 13 for percentile intervals) with a
+    two-stage (images, then draws) resampling of the two sources of randomness.
+
+    ``df``: a results table with the ``outcome`` column of
+    :func:`lesionbench.store.read_results_with_outcomes`; ``outcomes``: what it points into.
+    Models with a scored row lacking outcomes (older runs) get no interval (NaN). Vectorised
+    numpy: the accuracies of all cells under all replicates are one matrix product,
+    [cells, images] × [images, replicates]. Same inputs and seed → same intervals.
+    """
+    if replicates < 2:
+        raise LesionbenchError(f"bootstrap replicates must be at least 2, got {replicates}")
+    df = df.reset_index(drop=True)  # rows are addressed by position below
+    c = curves(df, metric)
+    scores = _scores_of_curves(c)
+    B = replicates
+    rng = np.random.default_rng(seed)
+    error = df["error"].fillna("")
+    cells = df[(df["perturbation"] != CLEAN) & ((error == "") | (error == NONFINITE))]
+    clean = df[df["perturbation"] == CLEAN].drop_duplicates(["model", "dataset"])
+    have = df["outcome"] if "outcome" in df.columns else pd.Series(-1, index=df.index)
+    # models whose every scored row has its per-image outcomes
+    ok_rows = (have.loc[cells.index] >= 0) | (cells["error"] == NONFINITE)
+    lacking = set(cells.loc[~ok_rows, "model"]) | set(clean.loc[have.loc[clean.index] < 0, "model"])
+    rows = pd.concat([clean, cells])
+    acc = np.full((len(rows), B), np.nan)
+    for dataset in sorted(rows["dataset"].unique()):
+        pick = np.flatnonzero(((rows["dataset"] == dataset) & ~rows["model"].isin(lacking)
+                               & (have.loc[rows.index] >= 0)).to_numpy())  # fmt: skip
+        if pick.size == 0:
+            continue
+        hit, evaluated = _hits(outcomes, have.loc[rows.index].to_numpy()[pick], metric)
+        used = evaluated.any(axis=0)
+        hit, evaluated = hit[:, used].astype(np.float32), evaluated[:, used].astype(np.float32)
+        n = hit.shape[1]
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=B).T.astype(np.float32)  # [images, B]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            acc[pick] = (hit @ weights) / (evaluated @ weights)
+    broken = np.flatnonzero((rows["error"] == NONFINITE).to_numpy() & ~rows["model"].isin(lacking).to_numpy())
+    acc[broken] = np.array([chance_level(metric, int(k)) for k in rows["num_classes"].to_numpy()[broken]])[:, None]
+    n_clean = len(clean)
+    clean_reps = {(m, d): acc[i] for i, (m, d) in enumerate(zip(clean["model"], clean["dataset"]))}
+    # curve points: draws resampled within each level
+    group = cells.groupby(GROUP + ["level"], sort=True).ngroup().to_numpy()  # = the rows of c, in order
+    curve = _resample_draws(acc[n_clean:], group, len(c), rng)
+    band_low, band_high = interval(curve, axis=1)
+    c = c.assign(band_low=band_low, band_high=band_high)
+    # retention, then layer scores and critical levels, per replicate
+    clean_of = np.array([clean_reps.get((m, d), np.full(B, np.nan)) for m, d in zip(c["model"], c["dataset"])]).reshape(len(c), B)
+    chance = c["chance"].to_numpy()[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(clean_of - chance > 0, (curve - chance) / (clean_of - chance), 0.0)
+    r = np.where(np.isnan(curve) | np.isnan(clean_of), np.nan, np.clip(r, 0.0, 1.0))
+    score_reps, critical_reps = _layer_replicates(scores, c, r)
+    s_low, s_high = interval(score_reps, axis=1)
+    c_low, c_high = interval(critical_reps, axis=1)
+    scores = scores.assign(score_low=s_low, score_high=s_high, critical_low=c_low, critical_high=c_high)
+    return Bootstrap(scores, c, score_reps, B, seed, metric, clean_reps)
+
+
+def _resample_draws(acc: np.ndarray, group: np.ndarray, n_groups: int, rng: np.random.Generator,
+                    chunk: int = 4_000_000) -> np.ndarray:  # fmt: skip
+    """Mean over each group's draws, the draws resampled with replacement per replicate: [n_groups, B]."""
+    B = acc.shape[1]
+    out = np.full((n_groups, B), np.nan)
+    order = np.argsort(group, kind="stable")
+    sizes = np.bincount(group, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for d in np.unique(sizes[sizes > 0]):
+        gs = np.flatnonzero(sizes == d)
+        members = order[starts[gs][:, None] + np.arange(d)[None, :]]  # [groups, d] rows of acc
+        if d == 1:
+            out[gs] = acc[members[:, 0]]
+            continue
+        step = max(1, chunk // (B * d))
+        for a in range(0, len(gs), step):
+            m = members[a : a + step]
+            pick = rng.integers(0, d, size=(len(m), B, d))
+            rows = np.take_along_axis(np.broadcast_to(m[:, None, :], pick.shape), pick, axis=2)
+            out[gs[a : a + step]] = acc[rows, np.arange(B)[None, :, None]].mean(axis=2)
+    return out
+
+
+def _layer_replicates(scores: pd.DataFrame, c: pd.DataFrame, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Layer score and critical level per replicate, for each row of ``scores``, from retention
+    replicates ``r`` [len(c), B]: the same trapezoid area and first crossing of 0.5 as
+    :func:`area_score` / :func:`critical_level`, on padded arrays [layers, levels, B]."""
+    B = r.shape[1]
+    index = {k: np.asarray(v) for k, v in c.groupby(GROUP, sort=False).indices.items()}
+    members, xs, axes = [], [], []
+    for row in scores[GROUP + ["level_axis"]].itertuples(index=False):
+        idx = index[tuple(row[:-1])]
+        axis = row[-1]
+        levels = c["level"].to_numpy()[idx]
+        if axis == "log":
+            idx, levels = idx[levels > 0], levels[levels > 0]
+        x = to_axis(levels, axis)
+        order = np.argsort(x, kind="stable")
+        members.append(idx[order])
+        xs.append(x[order])
+        axes.append(axis)
+    L = len(members)
+    if L == 0:
+        return np.zeros((0, B)), np.zeros((0, B))
+    K = max(len(m) for m in members)
+    pad = np.stack([np.concatenate([m, np.repeat(m[-1:], K - len(m))]) for m in members])  # [L, K]
+    x = np.stack([np.concatenate([v, np.repeat(v[-1:], K - len(v))]) for v in xs])
+    rr = r[pad]  # [L, K, B]; padding repeats the last point: zero-width segments, no new crossing
+    width = (x[:, -1] - x[:, 0])[:, None]
+    seg = np.diff(x, axis=1)[:, :, None] * (rr[:, 1:] + rr[:, :-1]) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        area = np.where(width > 0, seg.sum(axis=1) / np.where(width > 0, width, 1.0), rr.mean(axis=1))
+    single = np.array([len(m) for m in members]) == 1
+    area[single] = rr[single, 0]
+    below = rr <= 0.5
+    first = below.argmax(axis=1)  # [L, B]
+    ever = below.any(axis=1)
+    prev = np.maximum(first - 1, 0)
+    take = lambda a, i: np.take_along_axis(a, i[:, None, :], axis=1)[:, 0]  # noqa: E731
+    x_b = np.broadcast_to(x[:, :, None], rr.shape)
+    x0, x1, y0, y1 = take(x_b, prev), take(x_b, first), take(rr, prev), take(rr, first)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cross = np.where(first == 0, x1, x0 + (y0 - 0.5) * (x1 - x0) / (y0 - y1))
+    cross = np.where(ever, cross, np.inf)
+    cross = np.where(np.isnan(rr).any(axis=1), np.nan, cross)
+    critical = np.empty_like(cross)
+    for i, axis in enumerate(axes):
+        v = cross[i]
+        with np.errstate(over="ignore"):
+            moved = 10.0**v if axis == "log" else (-v if axis == "descending" else v)
+        critical[i] = np.where(np.isinf(v), v, moved)  # never reached stays +inf, as from_axis keeps it
+    return area, critical

@@ -40,6 +40,8 @@ class DatasetSpec:
     split: str = option("test", "split of the dataset to evaluate on", numbers=True, flag=False)
     n_images: int | None = option(1000, "size of the seeded, class-stratified evaluation subset", numbers=True,
                                   flag=False, minimum=1)  # fmt: skip
+    title: str | None = option(None, "what leaderboards call the data (e.g. 'ImageNet (sample)'; default: a known "
+                               "dataset's name, else the plugin's)", flag=False)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,12 @@ class Study:
     layers: tuple[str, ...] = option((), "layer names or aliases (empty: every Conv/Linear layer)", numbers=True,
                                      flag=False)  # fmt: skip
     draws: int = option(5, "random draws per layer and level", numbers=True, minimum=1)
+    # adaptive draws (off by default): more draws where a level's mean accuracy is still uncertain
+    target_ci: float | None = option(None, "adaptive draws: after 'draws' draws, add draws to a layer × level until "
+                                     "the 95 percent t-interval of its mean accuracy is narrower than this (e.g. 0.02)",
+                                     numbers="when_on", minimum=0)  # fmt: skip
+    max_draws: int = option(20, "adaptive draws: at most this many draws per layer × level (with target_ci)",
+                            numbers="when_on", minimum=1)  # fmt: skip
     seed: int = option(0, "study seed (cells, subset, random initialisations)", numbers=True, minimum=0)
     device: str = option("auto", "cpu, cuda, cuda:1 or auto (cuda when available)")
     batch_size: int = option(256, "evaluation batch size", minimum=1)
@@ -76,6 +84,9 @@ class Study:
             value, mode = getattr(self, f.name), f.metadata["numbers"]
             if mode is True or (mode == "when_on" and value != default_of(f.name)):
                 payload[f.name] = _plain(value)
+        # the dataset's own options that do not change the numbers (its title) stay out
+        payload["dataset"] = {f.name: _plain(getattr(self.dataset, f.name)) for f in fields(DatasetSpec)
+                              if f.metadata["numbers"] is True}  # fmt: skip
         if self.bn_recalibrate:
             payload["calibration_images"] = self.calibration_images
         return payload
@@ -121,6 +132,11 @@ def _scalar_type(hint: Any) -> type | None:
 _HINTS = typing.get_type_hints(Study)
 _DATASET_HINTS = typing.get_type_hints(DatasetSpec)
 _MODEL_KEYS = {"ref": str, "weights": str, "checkpoint": str, "options": dict, "init_checkpoint": str}
+
+
+def option_type(name: str) -> type | None:
+    """int, float, str or bool: the scalar type of a study option (None for structured ones)."""
+    return _scalar_type(_HINTS[name])
 
 
 def option_fields(cls: type = Study) -> list:
@@ -233,6 +249,11 @@ def validate_scalars(study: Study) -> None:
                 raise LesionbenchError(f"study key '{where}{f.name}' must be {listing}, got {value!r}")
     if not study.perturbations:
         raise LesionbenchError("study needs at least one entry in 'perturbations'")
+    if study.target_ci is not None and (study.target_ci <= 0 or study.max_draws < study.draws):
+        raise LesionbenchError(
+            f"adaptive draws need target_ci > 0 and max_draws ≥ draws, got target_ci {study.target_ci}, "
+            f"max_draws {study.max_draws}, draws {study.draws}"
+        )
 
 
 def parse_toml(text: str, default_name: str = "study", base_dir: Path | None = None) -> Study:

@@ -1,7 +1,7 @@
 """Fault injection: a study killed with SIGKILL at random moments, stopped by SIGTERM, or run out
 of disk space, and resumed, ends with exactly the table of an uninterrupted run — no cell missing,
-none repeated, no torn row; a second process on the same run directory is refused; ``--resume`` is
-idempotent."""
+none repeated, no torn row — and with the same per-image outcomes, cell for cell; a second process
+on the same run directory is refused; ``--resume`` is idempotent."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from lesionbench.store import read_results
+from lesionbench.store import OUTCOME, OUTCOMES, RunDir, Subset, read_results, read_results_with_outcomes
 from conftest import write_fashion
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
@@ -48,17 +49,17 @@ def rows(path: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
-    """The study, and the table of its uninterrupted run (made once for every fault below)."""
+def case(tmp_path_factory) -> tuple[Path, pd.DataFrame, Path]:
+    """The study, the table of its uninterrupted run (made once for every fault below) and its directory."""
     tmp_path = tmp_path_factory.mktemp("faults")
     spec = study(tmp_path)
     reference = tmp_path / "ref"
     assert cli("run", str(spec), "--out", str(reference)).wait(timeout=300) == 0
-    return spec, read_results(reference)
+    return spec, read_results(reference), reference
 
 
 def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, case):
-    spec, expected = case
+    spec, expected, reference = case
     total = len(expected)
 
     run = tmp_path / "killed"
@@ -83,6 +84,51 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     order = lambda df: df.drop(columns=TIMING).sort_values(KEY, ignore_index=True)  # noqa: E731
     pd.testing.assert_frame_equal(order(got), order(expected))
 
+    table, outcomes = read_results_with_outcomes(run)
+    ref_table, ref_outcomes = read_results_with_outcomes(reference)
+    assert (table["outcome"] >= 0).all() and len(outcomes) == len(table)  # every row has its outcomes, once
+    mine = table.sort_values(KEY)["outcome"].to_numpy()
+    theirs = ref_table.sort_values(KEY)["outcome"].to_numpy()
+    np.testing.assert_array_equal(outcomes.top1[mine], ref_outcomes.top1[theirs])
+    np.testing.assert_array_equal(outcomes.top5[mine], ref_outcomes.top5[theirs])
+    # the flip rate in each row is the one its outcomes give
+    clean = outcomes.top1[table.loc[table["perturbation"] == "clean", "outcome"].iloc[0]]
+    np.testing.assert_allclose(table["flip_rate"], (outcomes.top1[table["outcome"]] != clean).mean(axis=1))
+
+
+def _row(draw: int) -> dict:
+    return dict(model="m", dataset="d", layer="l", perturbation="p", level=0.5, draw=draw, top1=0.5, top5=1.0,
+                error="", num_classes=10)  # fmt: skip
+
+
+def test_a_torn_outcome_batch_and_an_outcome_without_its_row_are_repaired_on_resume(tmp_path):
+    """The two states a SIGKILL can leave between a cell's outcomes and its row, made on purpose."""
+    subset = Subset("d", "test", np.arange(100, 108), np.arange(8) % 3)
+    top1 = lambda k: np.arange(8, dtype=np.int32) + k  # noqa: E731
+    with RunDir.create(tmp_path / "r", {"name": "s"}, "f", subset=subset) as run:
+        for k in range(3):
+            run.append(_row(k) | {OUTCOME: (top1(k), np.arange(8) < k)})
+    size = (tmp_path / "r" / OUTCOMES).stat().st_size
+    with RunDir.open_existing(tmp_path / "r", "f", subset) as run:  # killed after the outcomes of draw 3, before its row
+        from lesionbench.store import _OutcomeWriter
+
+        orphan = _OutcomeWriter(run.outcomes_path, subset)
+        orphan.append(_row(3), top1(99), np.zeros(8, bool))
+        orphan.close()
+    whole = (tmp_path / "r" / OUTCOMES).read_bytes()
+    (tmp_path / "r" / OUTCOMES).write_bytes(whole + whole[size : size + 40])  # and a torn batch after it
+    with RunDir.open_existing(tmp_path / "r", "f", subset) as run:
+        assert run.outcomes_path.stat().st_size == len(whole)  # the torn batch is cut, whole batches stay
+        run.append(_row(3) | {OUTCOME: (top1(3), np.ones(8, bool))})  # the cell, run again
+        run.append(_row(4))  # a failed cell: a row, no outcomes
+    rows, outcomes = read_results_with_outcomes(tmp_path / "r")
+    assert list(rows["draw"]) == [0, 1, 2, 3, 4]
+    assert list(rows["outcome"][:4] >= 0) == [True] * 4 and rows["outcome"].iloc[4] == -1
+    np.testing.assert_array_equal(outcomes.top1[rows["outcome"][:4]], np.stack([top1(k) for k in range(4)]))
+    assert outcomes.top5[rows["outcome"].iloc[3]].all()  # the batch written with the row, not the orphan
+    assert list(outcomes.images["index"]) == list(range(100, 108)) and list(outcomes.images["label"]) == [0, 1, 2] * 2 + [0, 1]
+
+
 
 def _same_table(got: pd.DataFrame, expected: pd.DataFrame) -> None:
     assert not got.duplicated(KEY).any() and len(got) == len(expected)
@@ -96,7 +142,7 @@ def _not_warnings(stderr: str) -> str:
 
 
 def test_sigterm_stops_with_one_line_and_resume_completes_the_run(tmp_path, case):
-    spec, expected = case
+    spec, expected, _reference = case
     run = tmp_path / "terminated"
     proc = cli("run", str(spec), "--out", str(run))
     while rows(run / "results.csv") < 10 and proc.poll() is None:
@@ -114,9 +160,9 @@ def test_sigterm_stops_with_one_line_and_resume_completes_the_run(tmp_path, case
 def test_a_full_disk_keeps_whole_rows_and_resume_completes_once_space_is_back(tmp_path, case):
     import resource
 
-    spec, expected = case
+    spec, expected, _reference = case
     run = tmp_path / "full"
-    limit = 4000  # bytes a file may grow to: the results file fills up after a dozen rows
+    limit = 12000  # bytes a file may grow to: outcomes.arrow (about 1 KB a cell here) fills up after a dozen cells
 
     def small_disk():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
@@ -130,6 +176,9 @@ def test_a_full_disk_keeps_whole_rows_and_resume_completes_once_space_is_back(tm
     assert "\n" not in err and "File too large" in err and f"lesionbench run --resume {run}" in err
     data = (run / "results.csv").read_bytes()
     assert data.endswith(b"\n") and len(data) <= limit
+    from lesionbench.store import _valid_stream_bytes
+
+    assert _valid_stream_bytes(run / OUTCOMES) == (run / OUTCOMES).stat().st_size  # whole outcome batches only
     assert 5 < len(read_results(run)) < len(expected)
     assert cli("run", "--resume", str(run)).wait(timeout=300) == 0
     _same_table(read_results(run), expected)
@@ -138,7 +187,7 @@ def test_a_full_disk_keeps_whole_rows_and_resume_completes_once_space_is_back(tm
 def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(tmp_path, case):
     from lesionbench.store import RunDir
 
-    spec, _expected = case
+    spec, _expected, _reference = case
     run = tmp_path / "busy"
     assert cli("run", str(spec), "--out", str(run), "--layers", "conv1", "--draws", "1").wait(timeout=300) == 0
     before = (run / "results.csv").read_bytes()
@@ -152,7 +201,7 @@ def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(
 
 
 def test_resume_is_idempotent_for_a_job_script(tmp_path, case):
-    spec, _expected = case
+    spec, _expected, _reference = case
     run = tmp_path / "job"
     args = ("run", str(spec), "--resume", str(run), "--layers", "conv1", "--draws", "1")
     first = subprocess.run([sys.executable, "-m", "lesionbench.cli", *args], capture_output=True, text=True, timeout=300)

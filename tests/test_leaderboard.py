@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def results(model="m", dataset="d", clean=0.9, layers=None, perts=("p",), classe
     layers = layers or {"conv1": [0.9, 0.1, 0.1], "fc8": [0.9, 0.9, 0.5]}
     base = dict(model=model, dataset=dataset, seed=0, loss=1.0, n_images=100, seconds=1.0,
                 images_per_s=images_per_s, device="cpu", num_classes=classes, error="", nonfinite_weights=0,
-                level_axis="linear", level_unit="fraction p", nonfinite_outputs=np.nan)  # fmt: skip
+                level_axis="linear", level_unit="fraction p", nonfinite_outputs=np.nan, flip_rate=np.nan)  # fmt: skip
     rows = [base | dict(layer="", layer_index=-1, relative_depth=np.nan, perturbation="clean", level=0.0, draw=0, top1=clean, top5=1.0)]
     for i, (layer, accs) in enumerate(layers.items()):
         for p in perts:
@@ -33,6 +34,22 @@ def results(model="m", dataset="d", clean=0.9, layers=None, perts=("p",), classe
                     rows.append(base | dict(layer=layer, layer_index=i, relative_depth=i / max(1, len(layers) - 1),
                                             perturbation=p, level=level, draw=draw, top1=acc, top5=min(1.0, acc + 0.05)))  # fmt: skip
     return pd.DataFrame(rows)[COLUMNS]
+
+
+def cells(text: str) -> list[list[str]]:
+    """Every Markdown table row of ``text`` as its stripped cells (padding and rules left out)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("|") and not set(line) <= set("|-: "):
+            out.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return out
+
+
+def row_starting(text: str, *first: str) -> list[str]:
+    """The one table row whose first cells are ``first``."""
+    found = [r for r in cells(text) if r[: len(first)] == list(first)]
+    assert len(found) == 1, (first, found)
+    return found[0]
 
 
 def write(df: pd.DataFrame, path: Path) -> Path:
@@ -45,33 +62,36 @@ def test_render_ranks_models_and_names_the_most_fragile_layer():
     strong = results("strong", layers={"conv1": [0.9, 0.9, 0.9], "fc8": [0.9, 0.9, 0.8]})
     weak = results("weak")
     text = render(pd.concat([weak, strong], ignore_index=True))
-    table = [l for l in text.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
-    assert "strong" in table[0] and "weak" in table[1]
+    assert "strong" in row_starting(text, "1")[1] and "weak" in row_starting(text, "2")[1]
     assert "Most fragile under p: **conv1** (score 0.25, critical)" in text
-    assert "| conv1 | 0.00 | **0.25** (0.25) |" in text
-    assert "| fc8 | 1.00 | 0.88 (1.00) |" in text
+    weak_section = text.split("### weak")[1]
+    assert row_starting(weak_section, "conv1", "0.00") == ["conv1", "0.00", "**0.25**", "0.25"]
+    assert row_starting(weak_section, "fc8", "1.00") == ["fc8", "1.00", "0.88", "1.00"]
 
 
 def test_overall_ranks_on_shared_perturbations_and_each_perturbation_says_where_fragility_is():
     """A model studied under more perturbations is ranked only on those every model has; the
     by-perturbation table locates the fragile layers (early vs late) for each."""
-    a = results("a", perts=("p", "extra"), layers={"conv1": [0.9, 0.1, 0.1], "mid": [0.9, 0.9, 0.9], "fc8": [0.9, 0.9, 0.9]})
+    a = results("a", perts=("extra",), layers={"conv1": [0.9, 0.1, 0.1], "mid": [0.9, 0.9, 0.9], "fc8": [0.9, 0.9, 0.9]})
+    a_p = results("a", perts=("p",), layers={"conv1": [0.9, 0.9, 0.9], "mid": [0.9, 0.9, 0.9], "fc8": [0.9, 0.9, 0.5]})
     b = results("b", perts=("p",), layers={"conv1": [0.9, 0.8, 0.8], "fc8": [0.9, 0.9, 0.5]})
-    text = render(pd.concat([a, b], ignore_index=True))
-    header = next(l for l in text.splitlines() if l.startswith("| # "))
-    assert "| p |" in header and "extra" not in header
-    first = next(l for l in text.splitlines() if l.startswith("| 1 "))
-    assert "[b]" in first  # b's p scores beat a's; a's "extra" column does not count
-    rows = {l.split(" | ")[0]: l for l in text.splitlines() if l.startswith("| extra |") or l.startswith("| p |")}
-    assert rows["| extra"].startswith("| extra | 1 | 0.25 | 1.00 | 1.00 | a: conv1 (0.25) |")
-    assert rows["| p"].startswith("| p | 2 |")
+    text = render(pd.concat([a, a_p.query("perturbation != 'clean'"), b], ignore_index=True))
+    header = row_starting(text, "#")
+    assert "p" in header and "extra" not in header
+    first = row_starting(text, "1")
+    assert "[a]" in first[1]  # a's p scores beat b's; a's collapse under "extra" does not count
+    # a's weakest layer is its weakest under p (fc8), not conv1 under "extra", which b was not run under
+    assert row_starting(text, "1")[header.index("weakest layer")] == "fc8 (0.88, p)"
+    assert "Not ranked — not run on every model: extra." in text
+    assert row_starting(text, "extra", "1") == ["extra", "1", "0.25", "1.00", "1.00", "a: conv1 (0.25)"]
+    assert row_starting(text, "p", "2")[:2] == ["p", "2"]
 
 
 def test_one_table_per_track():
     text = render(pd.concat([results("a", "fashion"), results("b", "imagenet")], ignore_index=True),
                   metrics={"imagenet": "top5"})  # fmt: skip
-    assert "## Track: fashion (scores from top1)" in text
-    assert "## Track: imagenet (scores from top5)" in text
+    assert "## Track: fashion — scores from top1" in text
+    assert "## Track: imagenet — scores from top5" in text
 
 
 def test_names_are_escaped_in_markdown():
@@ -135,7 +155,8 @@ def test_compare_cli_exit_codes(tmp_path, capsys):
     assert main(["compare", str(base), str(base)]) == 0
     assert main(["compare", str(worse), str(base), "--max-drop", "0.05"]) == 1
     out = capsys.readouterr().out
-    assert "| m | d | fc8 · p score | 0.875 | 0.625 | -0.250 | ❌ regression |" in out
+    assert row_starting(out, "m", "d", "fc8 · p score") == ["m", "d", "fc8 · p score", "0.875", "0.625", "-0.250", "❌ regression"]
+    assert "the threshold alone decides" in out  # tables without per-image outcomes
     assert main(["compare", str(worse), str(base), "--max-drop", "0.5"]) == 0
     assert main(["compare", str(tmp_path / "missing.csv"), str(base)]) == 2
     (tmp_path / "junk.csv").write_text("a,b\n1,2\n")
@@ -174,3 +195,90 @@ def test_non_finite_cells_count_as_chance_not_as_missing():
     df.loc[broken, "loss"] = np.nan
     score = layer_scores(df).iloc[0]["score"]
     assert score == pytest.approx(0.75)  # r = 1, 1, 0 — not 1.0 from dropping the level
+
+
+def test_with_outcomes_every_score_has_an_interval_and_indistinguishable_models_share_a_rank():
+    """Simulated studies with per-image outcomes: x and y have the same true curves, z is worse."""
+    from test_bootstrap import simulate
+
+    df, outcomes = simulate(np.random.default_rng(4), {"x": {"a": 0.5, "b": 0.5}, "y": {"a": 0.5, "b": 0.5},
+                                                       "z": {"a": 1.2, "b": 0.9}})  # fmt: skip
+    text = render(df, outcomes=outcomes)
+    assert "**Intervals**: 95%, by a paired percentile bootstrap" in text and "1000 replicates, seed 0" in text
+    header = row_starting(text, "#")
+    ranks = {r[1].split("]")[0].strip("["): r[0] for r in cells(text) if r[0] in ("1", "2", "3")}
+    assert ranks == {"x": "1", "y": "1", "z": "3"}
+    overall = row_starting(text, "3")[header.index("overall")]
+    assert re.fullmatch(r"0\.\d\d \[0\.\d\d, 0\.\d\d\]", overall)
+    # x's layers a and b have the same true score: the runner-up cannot be told apart
+    assert "the runner-up" in text.split("### x")[1].split("###")[0]
+    layer_row = row_starting(text.split("### z")[1], "a", "0.00")
+    assert re.fullmatch(r"\*\*0\.\d\d \[0\.\d\d, 0\.\d\d\]\*\*", layer_row[2])  # critical, with its interval
+    assert re.fullmatch(r"0\.\d\d \[0\.\d\d, 0\.\d\d\]", layer_row[3])  # p½ with its interval
+
+
+def test_perturbations_run_on_different_level_grids_are_not_ranked():
+    a = results("a", perts=("p", "q"))
+    b = results("b", perts=("p", "q"))
+    b.loc[(b["perturbation"] == "q") & (b["level"] == 0.5), "level"] = 0.25  # another grid for q
+    text = render(pd.concat([a, b], ignore_index=True))
+    header = row_starting(text, "#")
+    assert "p" in header and "q" not in header
+    assert "run on different level grids: q" in text
+    assert row_starting(text, "q", "b") == ["q", "b", "0, 0.25, 1", "fraction p"]
+    assert row_starting(text, "p", "all") == ["p", "all", "0, 0.5, 1", "fraction p"]
+
+
+def test_the_label_agrees_with_the_printed_score_at_one_half():
+    from lesionbench.scores import verdict
+
+    assert verdict(0.4951) == "robust" and verdict(0.4949) == "critical"  # printed 0.50 and 0.49
+    df = results(layers={"conv1": [0.9, 0.5, 0.1 + 0.8 * 0.0]})  # r = 1, 0.5, 0 → score 0.5 exactly
+    text = render(df)
+    assert "**conv1** (score 0.50, robust)" in text
+
+
+def test_track_titles_name_the_data_and_a_runs_own_board_does_not_claim_another_command(tmp_path):
+    src = write(results(dataset="image_folder"), tmp_path / "run" / "results.csv")
+    manifest = {"study": {"dataset": {"name": "image_folder", "title": "ImageNet (sample)"}, "metric": "top1"}}
+    (tmp_path / "run" / "manifest.json").write_text(__import__("json").dumps(manifest))
+    text = publish([src], tmp_path / "run" / "LEADERBOARD.md", draw=False).read_text()
+    assert "## Track: ImageNet \\(sample\\) (`image\\_folder`)" in text
+    assert "`lesionbench leaderboard`" not in text  # a run's own board is not made by that command
+    assert "## Track: Fashion-MNIST (`fashion\\_mnist`)" in render(results(dataset="fashion_mnist"))
+
+
+def test_layer_tables_group_perturbations_by_the_layers_they_studied():
+    """Six perturbations on all layers and one on a single layer: no table has an empty cell or more
+    than three perturbations."""
+    many = results("m", perts=tuple(f"p{i}" for i in range(6)))
+    one = results("m", perts=("only_fc8",), layers={"fc8": [0.9, 0.9, 0.5]}).query("perturbation != 'clean'")
+    one["layer_index"] = 1
+    section = render(pd.concat([many, one], ignore_index=True)).split("### m")[1]
+    tables = [t for t in section.split("\n\n") if t.startswith("| layer")]
+    assert len(tables) == 3
+    for t in tables:
+        header = cells(t)[0]
+        assert (len(header) - 2) // 2 <= 3 and all("–" not in row for row in cells(t))
+    assert [r[0] for r in cells(tables[2])[1:]] == ["fc8"]
+
+
+def test_figure_one_bands_come_from_the_bootstrap_when_there_are_outcomes(tmp_path):
+    from test_bootstrap import simulate
+
+    from lesionbench.leaderboard import track_bootstraps
+    from lesionbench.plots import accuracy_curves, with_band
+    from lesionbench.scores import curves
+
+    df, outcomes = simulate(np.random.default_rng(2), {"m": {"a": 0.6}}, sigma=0.0)
+    boot = track_bootstraps(df, outcomes)["sim"]
+    c = curves(df)
+    banded = with_band(c, boot.curves)
+    moving = banded["level"] > 0
+    # no draw noise: the t-interval over draws has width 0, the bootstrap over images does not
+    assert (c.loc[moving, "ci_high"] - c.loc[moving, "ci_low"]).max() < 1e-12
+    np.testing.assert_allclose(banded["band_high"], boot.curves["band_high"])
+    assert (banded.loc[moving, "band_high"] - banded.loc[moving, "band_low"]).min() > 0.01
+    plain = with_band(c, None)  # no outcomes: the t-interval, as before
+    np.testing.assert_allclose(plain["band_low"], c["ci_low"])
+    assert accuracy_curves(df, "m", "p", "top1", tmp_path / "f.png", boot.curves).stat().st_size > 10_000

@@ -26,7 +26,7 @@ import lesionbench.registry
 from lesionbench.cli import main
 from lesionbench.registry import get_registry
 from lesionbench.api import run_study
-from lesionbench.store import read_results
+from lesionbench.store import read_results, read_results_with_outcomes
 from lesionbench.study import load_study
 from conftest import write_fashion
 
@@ -178,6 +178,13 @@ def test_a_ray_run_equals_the_local_run_cell_for_cell(ray_cluster, reference, st
     assert main(["run", str(study), "--out", str(out), "--executor", "ray"]) == 0
     assert_same_table(read_results(out), reference)
     assert len(set(reference["loss"])) > 5  # the perturbations did change the numbers
+    # the per-image outcomes came back from the workers with their rows
+    rows, outcomes = read_results_with_outcomes(out)
+    assert (rows["outcome"] >= 0).all()
+    labels = outcomes.images["label"].to_numpy()
+    np.testing.assert_allclose(rows["top1"], (outcomes.top1[rows["outcome"]] == labels).mean(axis=1))
+    by_key = lambda df: df.sort_values(KEY, ignore_index=True)["flip_rate"]  # noqa: E731
+    np.testing.assert_array_equal(by_key(rows), by_key(reference))
 
 
 def test_a_killed_worker_costs_only_its_block(ray_cluster, reference, study, tmp_path):

@@ -84,7 +84,7 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
     help ends with the default a study gets when it does not set the option."""
     from dataclasses import MISSING
 
-    from lesionbench.study import Study, option_fields
+    from lesionbench.study import Study, option_fields, option_type
 
     for f in option_fields(Study):
         meta = f.metadata
@@ -96,7 +96,7 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=None, help=text)
         else:
-            kind = int if f.type in ("int", int) else str
+            kind = option_type(f.name) or str
             metavar = None if meta.get("choices") else f.name.upper().split("_")[-1]
             parser.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=metavar, help=text)
 
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--title", default="lesionbench leaderboard",
                        help="the Markdown title (default: lesionbench leaderboard)")
 
-    cmp = _sub(sub, "compare", "CI gate: exit 1 when a layer score or clean accuracy drops")
+    cmp = _sub(sub, "compare", "CI gate: exit 1 when a layer score or clean accuracy drops, significantly")
     cmp.add_argument("new", type=Path, help="new results.csv or run directory")
     cmp.add_argument("baseline", type=Path, help="baseline results.csv or run directory")
     cmp.add_argument("--max-drop", type=float, default=0.05, metavar="D",
@@ -282,11 +282,12 @@ def cmd_compare(args) -> int:
     from lesionbench.compare import compare, to_markdown
     from lesionbench.leaderboard import metric_of
     from lesionbench.publish import resolve_results
-    from lesionbench.store import read_results
+    from lesionbench.store import read_results_with_outcomes
 
     new_files, base_files = resolve_results([args.new]), resolve_results([args.baseline])
     metric = args.metric or metric_of(new_files[0])
-    result = compare(read_results(new_files), read_results(base_files), args.max_drop, metric)
+    (new, new_outcomes), (base, base_outcomes) = read_results_with_outcomes(new_files), read_results_with_outcomes(base_files)
+    result = compare(new, base, args.max_drop, metric, new_outcomes, base_outcomes)
     print(to_markdown(result, args.max_drop, show_all=args.all))
     return 1 if len(result.regressions) else 0
 

@@ -23,7 +23,7 @@ def execute(plan: Plan, store: Store, tick=None, debug: bool = False) -> None:
         name = prepared.loaded.name
         clean_key = plan.key(name)
         cells = plan.cells(prepared)
-        if clean_key in done and all(plan.key(name, c) in done for c in cells):
+        if clean_key in done and all(plan.settled(prepared, b, done) for b in plan.blocks(prepared)):
             for _ in range(len(cells) + 1):
                 tick(f"{name}: done earlier")
             continue

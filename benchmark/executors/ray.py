@@ -224,13 +224,12 @@ def execute_ray(
             todo = []
             for block in plan.blocks(prepared):
                 cells = plan.block_cells(prepared, block)
-                keys = [plan.key(name, c) for c in cells]
                 labels = [plan.label(name, c) for c in cells]
-                if all(k in done for k in keys):
+                if plan.settled(prepared, block, done):  # adaptive draws included
                     for label in labels:
                         tick(label)
                     continue
-                todo.append((block, {k for k in keys if k in done}, labels))
+                todo.append((block, plan.done_of(name, block, done), labels))
             if not todo and name not in clean_needed:
                 continue
             refs = [ref_of(s) for s in eval_sets(plan, cache, prepared)]
@@ -397,7 +396,7 @@ def check_worker(study_dict: dict, key: str, plugins: dict[str, str], threads: i
     return True
 
 
-def run_block(study_dict: dict, key: str, plugins: dict[str, str], model: str, block, done: set,
+def run_block(study_dict: dict, key: str, plugins: dict[str, str], model: str, block, done: dict,
               eval_ref: list, calibration_ref: list, threads: int, debug: bool) -> dict:  # fmt: skip
     """A Ray task: the rows of one block not in ``done`` (``block`` None: only the clean row)."""
     torch.set_num_threads(threads)
