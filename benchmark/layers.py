@@ -72,3 +72,21 @@ def select_layers(layers: Sequence[Layer], wanted: Sequence[str] | None) -> list
             raise unknown_name("layer", name, [l.display for l in layers])
         chosen.add(by_name[name].index)
     return [l for l in layers if l.index in chosen]
+
+
+def spread_layers(layers: Sequence[Layer], count: int) -> list[Layer]:
+    """``count`` layers at the relative depths 0, 1/(count−1), …, 1, in forward order.
+
+    Each depth takes the layer whose ``relative_depth`` (index / (layers − 1)) is nearest, the
+    shallower one on a tie, so models with different layer names are studied at the same depths.
+    A model with fewer layers than ``count`` gives each of its layers once.
+    """
+    if count < 2:
+        raise ValueError(f"count must be at least 2, got {count}")
+    chosen: list[Layer] = []
+    for k in range(count):
+        depth = k / (count - 1)
+        nearest = min(layers, key=lambda l: (round(abs(l.relative_depth - depth), 9), l.index))  # ties: exact
+        if nearest not in chosen:
+            chosen.append(nearest)
+    return chosen

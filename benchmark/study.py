@@ -53,6 +53,9 @@ class Study:
                                                   numbers=True, flag=False)  # fmt: skip
     layers: tuple[str, ...] = option((), "layer names or aliases (empty: every Conv/Linear layer)", numbers=True,
                                      flag=False)  # fmt: skip
+    layer_count: int | None = option(None, "study N layers per model at the same relative depths 0, 1/(N-1), …, 1 "
+                                     "(each model's nearest layer; instead of 'layers')", numbers="when_on",
+                                     minimum=2)  # fmt: skip
     draws: int = option(5, "random draws per layer and level", numbers=True, minimum=1)
     seed: int = option(0, "study seed (cells, subset, random initialisations)", numbers=True, minimum=0)
     device: str = option("auto", "cpu, cuda, cuda:1 or auto (cuda when available)")
@@ -121,6 +124,11 @@ def _scalar_type(hint: Any) -> type | None:
 _HINTS = typing.get_type_hints(Study)
 _DATASET_HINTS = typing.get_type_hints(DatasetSpec)
 _MODEL_KEYS = {"ref": str, "weights": str, "checkpoint": str, "options": dict, "init_checkpoint": str}
+
+
+def option_type(f: Any) -> type | None:
+    """int/float/str/bool of a Study option field (``X | None`` gives X); None for structured ones."""
+    return _scalar_type(_HINTS[f.name])
 
 
 def option_fields(cls: type = Study) -> list:
@@ -233,6 +241,8 @@ def validate_scalars(study: Study) -> None:
                 raise LesionbenchError(f"study key '{where}{f.name}' must be {listing}, got {value!r}")
     if not study.perturbations:
         raise LesionbenchError("study needs at least one entry in 'perturbations'")
+    if study.layers and study.layer_count is not None:
+        raise LesionbenchError("study gives both 'layers' and 'layer_count': name the layers or count them, not both")
 
 
 def parse_toml(text: str, default_name: str = "study", base_dir: Path | None = None) -> Study:
@@ -280,6 +290,9 @@ def with_overrides(study: Study, **overrides: Any) -> Study:
             changes[key] = value
         else:
             raise LesionbenchError(f"unknown study option {key!r}")
+    for key, other in (("layers", "layer_count"), ("layer_count", "layers")):  # one way of naming layers wins
+        if key in changes and other not in changes:
+            changes[other] = default_of(other)
     if "perturbations" in changes and "levels" not in changes:  # levels of perturbations left out go too
         changes["levels"] = {p: v for p, v in study.levels.items() if p in changes["perturbations"]}
     if dataset_changes:

@@ -32,17 +32,17 @@ def _names(text: str) -> list[str]:
 
 def add_study_options(parser: argparse.ArgumentParser) -> None:
     """A ``--flag`` for each study option declared with one (see lesionbench.study.option)."""
-    from lesionbench.study import Study, option_fields
+    from lesionbench.study import Study, option_fields, option_type
 
     for f in option_fields(Study):
         meta = f.metadata
         if not meta.get("flag"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        kind = option_type(f) or str
+        if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=meta["help"])
         else:
-            kind = int if f.type in ("int", int) else str
             parser.add_argument(flag, type=kind, choices=meta.get("choices"), help=meta["help"])
 
 
