@@ -22,6 +22,9 @@ from lesionbench.perturbation import generator_for, perturbed
 from lesionbench.registry import create_registry
 
 
+NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
 @pytest.fixture(scope="module")
 def knockout():
     return create_registry().get("perturbations", "node_knockout")
@@ -33,14 +36,19 @@ def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, NORMS):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g))
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-        for p in model.parameters():
-            if p.dim() >= 2 and not p.abs().max():
+        norm_tensors = {id(t) for m in model.modules() if isinstance(m, NORMS) for t in m.parameters(recurse=False)}
+        for name, p in model.named_parameters():
+            if id(p) in norm_tensors or name.endswith("bias") or p.numel() == 0:
+                continue
+            if p.dim() >= 2 and not p.abs().max():  # zero-initialised last conv of a residual branch
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.dim() < 2 and p.abs().max() < 1e-3:  # layer-scale gammas (1e-6), skip-init gains (0)
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
     return model.eval()
 
 
@@ -171,17 +179,24 @@ def test_units_are_followed_through_concatenations_slices_and_pooling(knockout):
 def test_densenet_units_are_silenced_in_every_later_batchnorm_of_their_block(knockout):
     """timm DenseNet: a layer's new features are concatenated into the input of every later layer
     of its dense block and of the transition; each of those norms gets the unit at its offset."""
-    model = randomise_norms(timm.create_model("densenet121", num_classes=10))
+    model = randomise_norms(small_densenet())
     x = torch.randn(2, 3, 32, 32)
     layers = {l.name: l for l in ModelGraph.of(model, x[:1]).layers}
     conv2 = layers["features.denseblock1.denselayer1.conv2"]
     later = [f"features.denseblock1.denselayer{i}.norm1" for i in range(2, 7)] + ["features.transition1.norm"]
     assert list(conv2.norm_names) == later
-    assert set(conv2.norm_spans) == {(64, 0, 32)}  # after the stem's 64 channels
+    assert set(conv2.norm_spans) == {(16, 0, 8)}  # after the stem's 16 channels
     assert_silent_through_norms(model, conv2, x, knockout, expect_norms=6)
     transition = layers["features.transition1.conv"]  # conv → avg-pool → concatenated first
-    assert len(transition.norms) == 13 and set(transition.norm_spans) == {(0, 0, 128)}
-    assert_silent_through_norms(model, transition, x, knockout, expect_norms=13)
+    assert len(transition.norms) == 3 and set(transition.norm_spans) == {(0, 0, 32)}
+    assert_silent_through_norms(model, transition, x, knockout, expect_norms=3)
+
+
+def small_densenet(**options):
+    """timm's DenseNet code with few layers: growth 8, dense blocks of 6, 2, 2, 2 layers."""
+    from timm.models.densenet import DenseNet
+
+    return DenseNet(growth_rate=8, block_config=(6, 2, 2, 2), **options)
 
 
 def test_linear_units_reach_a_batchnorm1d_through_a_flatten(knockout):
@@ -358,3 +373,25 @@ def test_a_unit_summed_with_a_shortcut_is_silenced_in_its_own_output_only(knocko
         summed = outputs_of(model, [model.bn], x)[0][0]
     assert torch.equal(out[:, units], torch.zeros_like(out[:, units]))
     assert (summed[:, units] != 0).any()  # the shortcut still flows through those channels
+
+
+# ---------------------------------------------------------------- a representative subset of the zoo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, options", [
+    ("resnet18d", {}),  # ResNet-D: an avg-pool shortcut starts upstream of the previous cut
+    ("densenet", {}),  # concatenations: every layer's cut carries the block's features so far
+    ("convnext_atto", {}),  # layer scale, channels-last LayerNorm, permutes
+    ("dpn48b", {"k_sec": (1, 2, 1, 1)}),  # tuples of (residual, dense) paths between blocks
+    ("repvgg_a0", {}),  # three parallel branches summed, not re-parameterised
+    ("levit_128s", {"img_size": 32}),  # attention with Linear + BatchNorm1d and attention biases
+])  # fmt: skip
+def test_fast_engine_equals_naive_on_the_zoo(name, options, tmp_path):
+    """Random weights made non-trivial (no zero-initialised branch, layer scale near 1): the fast
+    engine's losses equal the naive loop's for 4 layers spread over the network's depth."""
+    torch.manual_seed(0)
+    build = small_densenet if name == "densenet" else lambda **kw: timm.create_model(name, **kw)
+    model = randomise_norms(build(num_classes=5, **options))
+    log = fast_and_naive(model, torch.randn(4, 3, 32, 32), torch.arange(4) % 5, tmp_path, layer_count=4)
+    assert "full passes" not in log
