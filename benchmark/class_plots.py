@@ -54,16 +54,30 @@ def class_retention_figure(per_class: pd.DataFrame, model: str, class_names: Seq
 
 
 def class_retention_heatmaps(per_class: pd.DataFrame, out_dir: Path,
-                             class_names: Sequence[str] | Mapping[int, str] | None = None) -> list[Path]:  # fmt: skip
-    """Write ``<dataset>__<model>__classes.png`` for every model in ``per_class``; their paths."""
+                             class_names: Sequence[str] | Mapping[int, str] | None = None,
+                             fragile: pd.DataFrame | None = None) -> list[Path]:  # fmt: skip
+    """Write ``<dataset>__<model>__classes.png`` for every model in ``per_class``; their paths.
+    ``fragile`` (columns model, perturbation, layer) chooses each panel's layer (default: the
+    lowest mean per-class retention, :func:`lesionbench.class_damage.fragile_layers`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    fragile = fragile_layers(per_class)
+    fragile = fragile_layers(per_class) if fragile is None else fragile
     for (model, dataset), _g in per_class.groupby(["model", "dataset"], sort=True):
         fig = class_retention_figure(per_class, model, class_names, fragile)
-        path = out_dir / f"{safe_name(dataset)}__{safe_name(model)}__classes.png"
+        path = class_path(out_dir, dataset, model)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def class_path(out_dir: Path, dataset: str, model: str) -> Path:
+    """Where :func:`class_retention_heatmaps` writes ``model``'s heatmap on ``dataset``."""
+    return Path(out_dir) / f"{safe_name(dataset)}__{safe_name(model)}__classes.png"
+
+
+def planned_class_paths(per_class: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The paths :func:`class_retention_heatmaps` would write, in the same order, drawing nothing."""
+    keys = per_class[["model", "dataset"]].drop_duplicates().sort_values(["model", "dataset"])
+    return [class_path(out_dir, d, m) for m, d in keys.itertuples(index=False)]

@@ -49,6 +49,11 @@ class DatasetSource(Protocol):
     def load(self, path: str | None, split: str) -> RawDataset:
         """Open the dataset at ``path`` (or the default) and return its labels and decoder."""
 
+    # Optional: ``class_names_for(num_classes: int) -> Sequence[str] | None``, the readable name
+    # of every label when results with ``num_classes`` classes came from this dataset (None when
+    # unknown). The leaderboard's class-damage lines use it without opening the data; without it
+    # classes are named ``class <label>``.
+
 
 @dataclass
 class EvalSet:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lesionbench.class_damage import classes_hurt, hurt_lines
 from lesionbench.scores import (BOOTSTRAP_SEED, METHOD, REPLICATES, Bootstrap, bootstrap, clean_accuracy, interval,
                                 layer_scores)  # fmt: skip
 from lesionbench.store import CLEAN, Outcomes
@@ -29,6 +30,7 @@ from lesionbench.store import CLEAN, Outcomes
 KNOWN_TITLES = {"fashion_mnist": "Fashion-MNIST"}
 MAX_COLUMNS = 3  # perturbations per layer table (each takes a score and a p½ column)
 MAX_RANKED_COLUMNS = 4  # more ranked perturbations than this: their means go to a table of their own
+MIN_CLASS_IMAGES = 10  # fewer images per class: a per-class accuracy is too coarse to name classes
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
 
@@ -132,11 +134,15 @@ def render(
     outcomes: Outcomes | None = None,
     titles: Mapping[str, str] | None = None,
     boots: Mapping[str, Bootstrap] | None = None,
+    per_class: Mapping[str, pd.DataFrame] | None = None,
+    class_names: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """The leaderboard for a results table. ``metrics`` maps dataset → score metric (default top1);
     ``plot_links`` maps model → [(label, relative path)]; ``titles`` dataset → the track's title
     (default :data:`KNOWN_TITLES`, else the dataset's name); ``outcomes`` (with the table's
-    ``outcome`` column) give intervals, or ``boots`` (dataset → :class:`Bootstrap`) already computed."""
+    ``outcome`` column) give intervals, or ``boots`` (dataset → :class:`Bootstrap`) already computed;
+    ``per_class`` (dataset → :func:`lesionbench.per_class_accuracy`'s table) adds the classes each
+    model's most fragile layers hurt most, named by ``class_names`` (dataset → name per label)."""
     metrics = dict(metrics or {})
     plot_links = dict(plot_links or {})
     titles = {**KNOWN_TITLES, **dict(titles or {})}
@@ -173,12 +179,14 @@ def render(
         metric = metrics.get(dataset, "top1")
         boot = boots.get(dataset)
         scores = boot.layers if boot is not None else layer_scores(dg, metric)
-        lines += _track(dataset, titles.get(dataset, dataset), metric, dg, scores, boot, plot_links)
+        lines += _track(dataset, titles.get(dataset, dataset), metric, dg, scores, boot, plot_links,
+                        (per_class or {}).get(dataset), (class_names or {}).get(dataset))
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.DataFrame, boot: Bootstrap | None,
-           plot_links: Mapping) -> list[str]:  # fmt: skip
+           plot_links: Mapping, per_class: pd.DataFrame | None = None,
+           class_names: Sequence[str] | None = None) -> list[str]:  # fmt: skip
     facts = model_facts(dg).set_index("model")
     models = sorted(scores["model"].unique())
     perts = sorted(scores["perturbation"].unique())
@@ -244,6 +252,7 @@ def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.D
         lines += ["Mean layer score per ranked perturbation:", "", table(list(per_pert.values())), ""]
     lines += _grids_table(grids, dg)
     lines += _by_perturbation(scores, perts)
+    lines += _class_damage(per_class, scores, shared, class_names)
     for m in ranking["model"]:
         lines += _model_section(m, scores[scores["model"] == m], boot, plot_links.get(m, ()))
     return lines
@@ -304,6 +313,36 @@ def _by_perturbation(scores: pd.DataFrame, perts: list[str]) -> list[str]:
         "third of each network's studied layers, and the single most fragile layer):",
         "",
         table(rows),
+        "",
+    ]
+
+
+def most_fragile_layers(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per model × perturbation the layer with the lowest layer score (ties: the earlier layer), the
+    layer :func:`fragile_line` names: columns model, perturbation, layer, layer_index, score."""
+    g = scores.sort_values(["model", "perturbation", "score", "layer_index"], kind="stable")
+    return g.drop_duplicates(["model", "perturbation"])[["model", "perturbation", "layer", "layer_index", "score"]]
+
+
+def _class_damage(per_class: pd.DataFrame | None, scores: pd.DataFrame, shared: list[str],
+                  class_names: Sequence[str] | None) -> list[str]:  # fmt: skip
+    """Which classes each model's most fragile layer (per ranked perturbation) hurts most."""
+    if per_class is None or per_class.empty or not shared:
+        return []
+    pc = per_class[per_class["perturbation"].isin(shared)]
+    per_image = pc.groupby(["model", "class"])["n_images"].max()
+    fewest, most = (int(per_image.min()), int(per_image.max())) if len(per_image) else (0, 0)
+    if fewest < MIN_CLASS_IMAGES:
+        return [f"Classes hurt most: not named — this track has {fewest} image(s) of some classes (fewer than "
+                f"{MIN_CLASS_IMAGES}), too few for a per-class accuracy.", ""]  # fmt: skip
+    hurt = classes_hurt(pc, most_fragile_layers(scores[scores["perturbation"].isin(shared)]))
+    return [
+        f"Classes hurt most at each model's most fragile layer under each ranked perturbation (per-class retention "
+        f"from the per-image outcomes, mean over the levels; {fewest if fewest == most else f'{fewest}–{most}'} "
+        "images per class; "
+        "the per-class heatmaps are under each model's plots):",
+        "",
+        *hurt_lines(hurt, k=2, class_names=class_names),
         "",
     ]
 

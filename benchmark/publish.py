@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from lesionbench.errors import LesionbenchError
-from lesionbench.leaderboard import relative_link, render, track_bootstraps
+from lesionbench.leaderboard import MIN_CLASS_IMAGES, most_fragile_layers, relative_link, render, track_bootstraps
 from lesionbench.store import CLEAN, RESULTS, read_results_with_outcomes
 
 
@@ -77,6 +77,7 @@ def publish(
     for dataset in df["dataset"].unique():
         metrics.setdefault(dataset, metric or "top1")
     boots = track_bootstraps(df, outcomes, metrics)
+    per_class, names = _per_class(df, outcomes, boots, metrics)
     out_md = Path(out_md)
     plots_dir = Path(plots_dir) if plots_dir is not None else out_md.parent / "plots"
     links = {}
@@ -89,15 +90,48 @@ def publish(
         from lesionbench.plots import planned_paths
 
         drawn = planned_paths(df, plots_dir)
+    for dataset, pc in per_class.items():
+        if pc.groupby(["model", "class"])["n_images"].max().min() < MIN_CLASS_IMAGES:
+            continue  # too few images per class to read (the leaderboard says so)
+        fragile = most_fragile_layers(boots[dataset].layers)
+        if draw:
+            from lesionbench.class_plots import class_retention_heatmaps
+
+            paths = class_retention_heatmaps(pc, plots_dir, names.get(dataset), fragile)
+        else:
+            from lesionbench.class_plots import planned_class_paths
+
+            paths = planned_class_paths(pc, plots_dir)
+        for model, path in zip(sorted(pc["model"].unique()), paths):
+            drawn.setdefault(model, []).append(("per-class retention", path))
     for model, items in drawn.items():
         links[model] = [(label, relative_link(path, out_md.parent)) for label, path in items]
     sources = [relative_link(f, out_md.parent) for f in files]
-    text = render(df.drop(columns="outcome"), metrics, links, title=title, sources=sources, titles=titles, boots=boots)
+    text = render(df.drop(columns="outcome"), metrics, links, title=title, sources=sources, titles=titles, boots=boots,
+                  per_class=per_class, class_names=names)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_md.with_name(out_md.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, out_md)
     return out_md
+
+
+def _per_class(df: pd.DataFrame, outcomes, boots: dict, metrics: dict) -> tuple[dict, dict]:
+    """dataset → per-class accuracy table and dataset → class names, for tracks with outcomes."""
+    from lesionbench.registry import get_registry
+    from lesionbench.scores import per_class_accuracy
+
+    sources = {name: c.obj for name, c in get_registry().contributions("datasets").items()}
+    tables, names = {}, {}
+    for dataset in boots:
+        dg = df[df["dataset"] == dataset]
+        tables[dataset] = per_class_accuracy(dg, outcomes, metrics.get(dataset, "top1"))
+        name_of = getattr(sources.get(dataset), "class_names_for", None)  # optional; see DatasetSource
+        if name_of is not None and dg["num_classes"].notna().any():
+            found = name_of(int(dg["num_classes"].dropna().iloc[0]))
+            if found is not None:
+                names[dataset] = list(found)
+    return tables, names
 
 
 def _manifest(results_file: Path) -> dict:

@@ -54,6 +54,10 @@ class FashionMNIST:
     description = "Fashion-MNIST, 28×28 grey, 10 classes, from IDX files (apt-get install dataset-fashion-mnist)."
     default_path = DEFAULT_PATH
 
+    def class_names_for(self, num_classes: int) -> list[str] | None:
+        """The ten class names (None for results with another number of classes)."""
+        return list(CLASSES) if num_classes == len(CLASSES) else None
+
     def load(self, path: str | None, split: str = "test") -> RawDataset:
         root = Path(path or DEFAULT_PATH)
         if not root.is_dir():

@@ -37,6 +37,17 @@ class ImageFolderSource:
     description = "ImageNet-style images: class sub-folders (ImageNet val) or flat <wnid>_<name>.JPEG files."
     default_path = None
 
+    def class_names_for(self, num_classes: int) -> list[str] | None:
+        """ImageNet-1k's descriptions ("tench, Tinca tinca", …) for 1,000-class results, whose labels
+        follow the wnid order (see the module docstring); None otherwise (folder names are not
+        recorded in results)."""
+        if num_classes != 1000:
+            return None
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(num_classes)]
+
     def load(self, path: str | None, split: str = "val") -> RawDataset:
         from torchvision.datasets.folder import ImageFolder, default_loader
 

@@ -84,3 +84,46 @@ def test_the_heatmap_draws_each_models_fragile_layer_classes_by_levels(tmp_path)
 def test_a_table_without_the_columns_is_refused():
     with pytest.raises(ValueError, match="needs the columns"):
         fragile_layers(pd.DataFrame({"model": ["m"]}))
+
+
+def _one_weak_unit(per_class: int) -> tuple:
+    """A linear read-out whose unit 1 has the smallest weight norm, on images of three classes that
+    each light up their own input: pruning one unit by norm silences exactly class 1."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat_interleave(per_class)
+    x = torch.nn.functional.one_hot(y, 3).float() + 0.01 * torch.randn(len(y), 3, generator=gen)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 3))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.diag(torch.tensor([1.0, 0.5, 1.0])))
+        net[1].bias.zero_()
+    return net, x, y
+
+
+def test_a_published_leaderboard_names_the_class_the_fragile_layer_hurts(tmp_path):
+    """End to end: run → outcomes → publish: the class-damage line names class 1 (the silenced unit's
+    class) as hurt most, and the per-class heatmap is drawn and linked."""
+    import lesionbench
+    from lesionbench.publish import publish
+
+    net, x, y = _one_weak_unit(per_class=20)
+    lesionbench.run(model=net, data=(x, y), out=tmp_path / "run", perturbations=["filter_prune"],
+                    levels=[0.0, 1 / 3], layers=["1"], seed=0, device="cpu")  # fmt: skip
+    text = publish([tmp_path / "run"], tmp_path / "LB.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **model**, filter_prune at 1:"))
+    assert "hurt most class 1 (0.50)" in line  # retention 1 at level 0, 0 at one unit pruned
+    assert "20 images per class" in text
+    heatmap = tmp_path / "plots" / "tensors__model__classes.png"
+    assert heatmap.is_file() and "(plots/tensors__model__classes.png)" in text
+
+
+def test_too_few_images_per_class_are_not_read_as_class_damage(tmp_path):
+    import lesionbench
+    from lesionbench.publish import publish
+
+    net, x, y = _one_weak_unit(per_class=4)
+    lesionbench.run(model=net, data=(x, y), out=tmp_path / "run", perturbations=["filter_prune"],
+                    levels=[0.0, 1 / 3], layers=["1"], seed=0, device="cpu")  # fmt: skip
+    text = publish([tmp_path / "run"], tmp_path / "LB.md").read_text()
+    assert "Classes hurt most: not named — this track has 4 image(s) of some classes" in text
+    assert not list((tmp_path / "plots").glob("*__classes.png"))
