@@ -363,7 +363,8 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
 
     ``df``: a results table with the ``outcome`` column of
     :func:`lesionbench.store.read_results_with_outcomes`; ``outcomes``: what it points into.
-    Models with a scored row lacking outcomes (older runs) get no interval (NaN). Vectorised
+    A model × perturbation with a scored row lacking outcomes (an older run) gets no interval (NaN);
+    the model's other perturbations keep theirs. Vectorised
     numpy: the accuracies of all cells under all replicates are one matrix product,
     [cells, images] × [images, replicates]. Same inputs and seed → same intervals.
     """
@@ -376,16 +377,22 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     rng = np.random.default_rng(seed)
     error = df["error"].fillna("")
     cells = df[(df["perturbation"] != CLEAN) & ((error == "") | (error == NONFINITE))]
-    clean = df[df["perturbation"] == CLEAN].drop_duplicates(["model", "dataset"])
     have = df["outcome"] if "outcome" in df.columns else pd.Series(-1, index=df.index)
-    # models whose every scored row has its per-image outcomes
+    # a model's clean row with outcomes where one of its runs kept them
+    clean = df[df["perturbation"] == CLEAN].assign(_kept=have >= 0).sort_values("_kept", ascending=False, kind="stable")
+    clean = clean.drop_duplicates(["model", "dataset"]).drop(columns="_kept")
+    # a model × perturbation gets intervals when its every scored row has its per-image outcomes
+    # (an older run without them leaves only its own perturbations without intervals)
     ok_rows = (have.loc[cells.index] >= 0) | (cells["error"] == NONFINITE)
-    lacking = set(cells.loc[~ok_rows, "model"]) | set(clean.loc[have.loc[clean.index] < 0, "model"])
+    pair = pd.Series(list(zip(df["model"], df["perturbation"])), index=df.index)
+    lacking = set(pair.loc[cells.index][~ok_rows]) | {(m, p) for m in clean.loc[have.loc[clean.index] < 0, "model"]
+                                                      for p in df["perturbation"].unique()}  # fmt: skip
     rows = pd.concat([clean, cells])
+    out = pair.loc[rows.index].isin(lacking) & (rows["perturbation"] != CLEAN)
+    out |= rows["model"].isin(clean.loc[have.loc[clean.index] < 0, "model"])
     acc = np.full((len(rows), B), np.nan)
     for dataset in sorted(rows["dataset"].unique()):
-        pick = np.flatnonzero(((rows["dataset"] == dataset) & ~rows["model"].isin(lacking)
-                               & (have.loc[rows.index] >= 0)).to_numpy())  # fmt: skip
+        pick = np.flatnonzero(((rows["dataset"] == dataset) & ~out & (have.loc[rows.index] >= 0)).to_numpy())
         if pick.size == 0:
             continue
         hit, evaluated = _hits(outcomes, have.loc[rows.index].to_numpy()[pick], metric)
@@ -395,7 +402,7 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
         weights = rng.multinomial(n, np.full(n, 1.0 / n), size=B).T.astype(np.float32)  # [images, B]
         with np.errstate(invalid="ignore", divide="ignore"):
             acc[pick] = (hit @ weights) / (evaluated @ weights)
-    broken = np.flatnonzero((rows["error"] == NONFINITE).to_numpy() & ~rows["model"].isin(lacking).to_numpy())
+    broken = np.flatnonzero((rows["error"] == NONFINITE).to_numpy() & ~out.to_numpy())
     acc[broken] = np.array([chance_level(metric, int(k)) for k in rows["num_classes"].to_numpy()[broken]])[:, None]
     n_clean = len(clean)
     clean_reps = {(m, d): acc[i] for i, (m, d) in enumerate(zip(clean["model"], clean["dataset"]))}

