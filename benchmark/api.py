@@ -322,21 +322,30 @@ def lesioned(
         yield model
 
 
-def load_results(*paths: str | Path) -> pd.DataFrame:
-    """One results table from ``results.csv`` files or run directories."""
-    if not paths:
+def _paths(paths: tuple) -> list:
+    """Paths given one by one or as one list (``load_results(a, b)`` or ``load_results([a, b])``)."""
+    flat = [q for p in paths for q in (p if isinstance(p, (list, tuple)) else [p])]
+    bad = [p for p in flat if not isinstance(p, (str, Path))]
+    if bad:
+        raise LesionbenchError(f"results paths must be str or Path, got {type(bad[0]).__name__}")
+    return flat
+
+
+def load_results(*paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+    """One results table from ``results.csv`` files or run directories (or one list of them)."""
+    if not _paths(paths):
         raise LesionbenchError("load_results needs at least one results file or run directory")
-    return read_results(list(paths))
+    return read_results(_paths(paths))
 
 
-def load_outcomes(*paths: str | Path) -> tuple[pd.DataFrame, Outcomes]:
+def load_outcomes(*paths: str | Path | Sequence[str | Path]) -> tuple[pd.DataFrame, Outcomes]:
     """The results table of ``results.csv`` files or run directories, with an ``outcome`` column,
     and the per-image outcomes it points into (``outcomes.arrow`` of each run; runs made before
     outcomes were kept contribute rows with ``outcome`` -1). For :func:`lesionbench.bootstrap`
     and :func:`lesionbench.per_class_accuracy`."""
-    if not paths:
+    if not _paths(paths):
         raise LesionbenchError("load_outcomes needs at least one results file or run directory")
-    return read_results_with_outcomes(list(paths))
+    return read_results_with_outcomes(_paths(paths))
 
 
 __all__ = ["lesioned", "load_outcomes", "load_results", "run", "run_study"]

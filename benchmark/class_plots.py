@@ -35,7 +35,7 @@ def class_retention_figure(per_class: pd.DataFrame, model: str, class_names: Seq
     n = max(1, len(rows))
     cols = min(MAX_COLUMNS, n)
     nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols + 1.2, 0.32 * 10 * nrows + 1.4), layout="constrained",
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.4 * cols + 1.2, 0.32 * 10 * nrows + 1.4), layout="constrained",
                              squeeze=False)  # fmt: skip
     image = None
     for ax, (_, row) in zip(axes.flat, rows.iterrows()):

@@ -42,6 +42,11 @@ class EvalResult:
     top5_hit: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
+# The recorded top-1 class of an image whose logits hold NaN/Inf (a transient fault can hit some
+# images of a batch and not others): not a class, not "not evaluated" (-1).
+NO_PREDICTION = 2**31 - 1
+
+
 def logits_of(output: Any) -> torch.Tensor:
     """The class scores in what a model returns: a tensor; the first element of a tuple or list;
     the ``logits`` entry of a mapping or attribute of an output object (Hugging Face style).
@@ -108,11 +113,14 @@ def evaluate_batches(
                 logits = logits_of(forward(i))
             logits = logits.float().reshape(d, len(y), -1)
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            hit = top == y[None, :, None]
+            # an image whose logits are not all finite has no prediction: it counts as wrong, and its
+            # recorded class is NO_PREDICTION (never a label, always a change from the clean one)
+            finite = torch.isfinite(logits).all(dim=-1)  # [d, batch]
+            hit = (top == y[None, :, None]) & finite[..., None]
             correct1 += hit[..., 0].sum(dim=1).cpu()
             any5 = hit.any(dim=-1)
             correct5 += any5.sum(dim=1).cpu()
-            predicted.append(top[..., 0].to(torch.int32).cpu())
+            predicted.append(torch.where(finite, top[..., 0], NO_PREDICTION).to(torch.int32).cpu())
             in_top5.append(any5.cpu())
             loss = F.cross_entropy(logits.reshape(d * len(y), -1), y.repeat(d), reduction="none")
             loss_sum += loss.reshape(d, len(y)).sum(dim=1).double().cpu()

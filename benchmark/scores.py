@@ -24,7 +24,9 @@ import pandas as pd
 from scipy import stats
 
 from lesionbench.errors import LesionbenchError
-from lesionbench.store import CLEAN, NONFINITE, Outcomes  # NONFINITE cells are scored as chance, not dropped
+# NONFINITE cells are scored, not dropped: an image whose logits hold NaN/Inf counts as wrong
+# (lesionbench.evaluate), so a network that emits NaN everywhere scores 0 retention, as chance would
+from lesionbench.store import CLEAN, NONFINITE, Outcomes
 
 GROUP = ["model", "dataset", "layer", "layer_index", "relative_depth", "perturbation"]
 
@@ -41,8 +43,6 @@ def curves(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     relative drop (acc(p) − acc(0)) / acc(0) and the retention r(p)."""
     error = df["error"].fillna("")
     cells = df[(df["perturbation"] != CLEAN) & ((error == "") | (error == NONFINITE))].copy()
-    broken = cells["error"] == NONFINITE
-    cells.loc[broken, metric] = [chance_level(metric, int(n)) for n in cells.loc[broken, "num_classes"]]
     if "level_axis" not in cells.columns:
         cells["level_axis"] = "linear"
     g = cells.groupby(GROUP + ["level"], sort=True)
@@ -198,7 +198,7 @@ def per_class_accuracy(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1
     ``outcomes`` the per-image outcomes it points into. Returns one row per model × layer ×
     perturbation × level × class with ``class`` (int, the label), ``n_images`` (images of that
     class evaluated), ``accuracy`` (``metric`` on that class, mean over draws; a cell with
-    non-finite logits counts as chance, as in :func:`curves`), ``clean`` (the undamaged model's
+    non-finite logits is scored as measured, its NaN/Inf images counted wrong), ``clean`` (the undamaged model's
     accuracy on the class) and ``retention`` (clip((accuracy − chance) / (clean − chance), 0, 1),
     the per-class analogue of the retention curve; 0 where the clean model is at chance on the
     class). Rows without outcomes (runs made before they were kept, failed cells) are left out.
@@ -228,9 +228,6 @@ def per_class_accuracy(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1
             return hit.astype(np.float64) @ onehot / n, n
 
     acc, n = by_class(cells)
-    broken = (cells["error"] == NONFINITE).to_numpy()
-    chance = np.array([chance_level(metric, int(k)) for k in cells["num_classes"]])
-    acc[broken] = chance[broken, None]
     long = cells[GROUP + ["level"]].loc[cells.index.repeat(len(classes))].reset_index(drop=True)
     long["class"] = np.tile(classes, len(cells))
     long["n_images"] = n.ravel()
@@ -383,7 +380,7 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     clean = clean.drop_duplicates(["model", "dataset"]).drop(columns="_kept")
     # a model × perturbation gets intervals when its every scored row has its per-image outcomes
     # (an older run without them leaves only its own perturbations without intervals)
-    ok_rows = (have.loc[cells.index] >= 0) | (cells["error"] == NONFINITE)
+    ok_rows = have.loc[cells.index] >= 0
     pair = pd.Series(list(zip(df["model"], df["perturbation"])), index=df.index)
     lacking = set(pair.loc[cells.index][~ok_rows]) | {(m, p) for m in clean.loc[have.loc[clean.index] < 0, "model"]
                                                       for p in df["perturbation"].unique()}  # fmt: skip
@@ -402,8 +399,6 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
         weights = rng.multinomial(n, np.full(n, 1.0 / n), size=B).T.astype(np.float32)  # [images, B]
         with np.errstate(invalid="ignore", divide="ignore"):
             acc[pick] = (hit @ weights) / (evaluated @ weights)
-    broken = np.flatnonzero((rows["error"] == NONFINITE).to_numpy() & ~out.to_numpy())
-    acc[broken] = np.array([chance_level(metric, int(k)) for k in rows["num_classes"].to_numpy()[broken]])[:, None]
     n_clean = len(clean)
     clean_reps = {(m, d): acc[i] for i, (m, d) in enumerate(zip(clean["model"], clean["dataset"]))}
     # curve points: draws resampled within each level

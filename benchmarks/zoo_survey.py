@@ -174,7 +174,8 @@ def survey(family: str, name: str, kwargs: dict, side: int, n_images: int, layer
         rel_loss=float(rel),
         top1_equal=bool((fast["top1"] == naive["top1"]).all()),
         damage_moves_loss=float(moved),
-        fast_notes=[n for n in notes["fast"] if " left out: " not in n],
+        # the engine's notes (random weights put every model at chance, which run.log also says)
+        fast_notes=[n for n in notes["fast"] if " left out: " not in n and "is at chance" not in n],
         left_out=sum(" left out: " in n for n in notes["fast"]),
         layers=sorted(set(fast.index.get_level_values("layer")) - {""}),
     )

@@ -44,6 +44,11 @@ def test_run_in_memory_gives_the_rows_of_the_cli_and_writes_nothing(tmp_path, mo
     )
     assert main(["run", str(study), "--out", str(tmp_path / "cli")]) == 0
     cli = lesionbench.load_results(tmp_path / "cli")
+    # several runs one by one or as one list; anything else is one clear error, not a TypeError
+    pd.testing.assert_frame_equal(lesionbench.load_results([tmp_path / "cli", tmp_path / "cli"]),
+                                  lesionbench.load_results(tmp_path / "cli", str(tmp_path / "cli")))  # fmt: skip
+    with pytest.raises(lesionbench.LesionbenchError, match="must be str or Path, got int"):
+        lesionbench.load_outcomes([tmp_path / "cli", 3])
     a, b = df.sort_values(KEY, ignore_index=True), cli.sort_values(KEY, ignore_index=True)
     pd.testing.assert_frame_equal(a[KEY + NUMBERS], b[KEY + NUMBERS], check_dtype=False)
 

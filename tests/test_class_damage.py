@@ -81,6 +81,14 @@ def test_the_heatmap_draws_each_models_fragile_layer_classes_by_levels(tmp_path)
             assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 20  # something drawn
 
 
+def test_a_heatmap_of_many_perturbations_stays_readable_at_1200_px(tmp_path):
+    """At most 4 panels a row, so a model studied under 13 perturbations still fits 1,210 px."""
+    df = pd.concat([table({"conv1": {0.0: [1, 1, 1], 1.0: [1.0, 0.0, 0.5]}}, perturbation=f"p{i}") for i in range(13)])
+    (path,) = class_retention_heatmaps(df, tmp_path)
+    with Image.open(path) as im:
+        assert im.width <= 1210 and im.height > 4 * 200  # four rows of panels
+
+
 def test_a_table_without_the_columns_is_refused():
     with pytest.raises(ValueError, match="needs the columns"):
         fragile_layers(pd.DataFrame({"model": ["m"]}))

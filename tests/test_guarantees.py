@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -77,7 +79,7 @@ def test_a_raising_perturbation_fails_its_own_cells_and_the_study_goes_on(plan, 
     assert log.count("exploding 1 #0 failed:\nTraceback") == 2 and 'raise RuntimeError("plugin bug")' in log
     poisoned = df[(df["perturbation"] == "poisoning") & (df["level"] == 1.0)]
     assert len(poisoned) == 4 and (poisoned["error"] == "non-finite logits").all()
-    assert poisoned["loss"].isna().all()
+    assert poisoned["loss"].isna().all() and (poisoned["top1"] == 0).all()  # NaN logits: no image right
     noise = df[(df["perturbation"] == "weight_noise") & (df["level"] == 1.0)]
     assert len(noise) == 4 and (noise["error"] == "").all() and noise["top1"].notna().all()
     assert model_checksum(module) == before
@@ -112,3 +114,18 @@ def test_results_do_not_depend_on_the_order_cells_run_in(plan, tmp_path):
     b = second.frame().sort_values(key, ignore_index=True)
     assert list(first.frame()["layer"][1:3]) != list(second.frame()["layer"][1:3])  # really another order
     assert a[key + numbers].equals(b[key + numbers])
+
+
+def test_an_image_with_non_finite_logits_counts_as_wrong_and_the_others_as_measured():
+    """A transient fault can make some images' logits NaN/Inf and leave the rest: top-1/top-5 count
+    those images wrong (whatever argmax would say of a NaN), their recorded class is no class."""
+    from lesionbench.evaluate import NO_PREDICTION, evaluate_batches
+
+    labels = torch.tensor([0, 1, 2, 3])
+    logits = torch.nn.functional.one_hot(labels, 10).float() * 5  # every image right
+    logits[1, 1] = float("nan")  # argmax of a NaN picks the NaN, which here is the label
+    logits[2, 7] = float("inf")
+    result = evaluate_batches(lambda i: logits, [labels], torch.device("cpu"))
+    assert result.top1 == 0.5 and result.top5 == 0.5 and math.isnan(result.loss)
+    assert result.predictions.tolist() == [0, NO_PREDICTION, NO_PREDICTION, 3]
+    assert result.top5_hit.tolist() == [True, False, False, True]

@@ -186,15 +186,18 @@ def test_results_without_a_clean_row_and_a_nan_threshold_are_refused(tmp_path):
     assert main(["compare", str(base), str(base), "--max-drop", "nan"]) == 2
 
 
-def test_non_finite_cells_count_as_chance_not_as_missing():
+def test_non_finite_cells_are_scored_as_measured_not_dropped():
+    """A cell whose logits held NaN/Inf keeps its measured accuracy (its NaN images counted wrong by the
+    evaluation): all-NaN scores 0 retention instead of vanishing from the curve; a transient fault that
+    hit a few images keeps the accuracy of the rest."""
     from lesionbench.scores import layer_scores
 
     df = results(layers={"conv1": [0.9, 0.9, 0.9]})
     broken = (df["layer"] == "conv1") & (df["level"] == 1.0)
-    df.loc[broken, "error"] = "non-finite logits"
-    df.loc[broken, "loss"] = np.nan
-    score = layer_scores(df).iloc[0]["score"]
-    assert score == pytest.approx(0.75)  # r = 1, 1, 0 — not 1.0 from dropping the level
+    df.loc[broken, ["error", "loss", "top1"]] = ["non-finite logits", np.nan, 0.0]  # every image NaN
+    assert layer_scores(df).iloc[0]["score"] == pytest.approx(0.75)  # r = 1, 1, 0 — not 1.0 from dropping it
+    df.loc[broken, "top1"] = 0.82  # 10 of 100 images NaN: r = (0.82 - 0.1) / 0.8 = 0.9
+    assert layer_scores(df).iloc[0]["score"] == pytest.approx((1 + 1) / 4 + (1 + 0.9) / 4)
 
 
 def test_with_outcomes_every_score_has_an_interval_and_indistinguishable_models_share_a_rank():
