@@ -2,7 +2,8 @@
 
 Level p adds N(0, (p·std(W))²) to every weight and, separately, N(0, (p·std(b))²) to every
 bias; std is taken over the unperturbed tensor. A one-element bias has no spread and is left
-as it is.
+as it is. Integer tensors (an int8 model's stored codes) get the noise added to the code, rounded
+to the nearest code and saturated at the dtype's range.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ def add_scaled_noise(tensor: torch.Tensor, level: float, generator: torch.Genera
         return
     std = tensor.detach().float().std().item()
     noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).mul_(level * std)  # in place: no
-    tensor.add_(noise.to(device=tensor.device, dtype=tensor.dtype))  # second 151 MB buffer for AlexNet's fc6
+    if tensor.is_floating_point():  # second 151 MB buffer for AlexNet's fc6
+        tensor.add_(noise.to(device=tensor.device, dtype=tensor.dtype))
+        return
+    # integer codes (an int8 model's stored weights): the noisy value rounded to the nearest code and
+    # saturated at the dtype's range, as integer arithmetic in hardware does (never wrapped around)
+    info = torch.iinfo(tensor.dtype)
+    noisy = tensor.float().add_(noise.to(tensor.device)).round_().clamp_(info.min, info.max)
+    tensor.copy_(noisy.to(tensor.dtype))
 
 
 class WeightNoise(WeightPerturbation):

@@ -221,3 +221,16 @@ def test_a_model_that_cannot_run_on_the_studys_device_is_refused_before_anything
     with pytest.raises(LesionbenchError, match=r"model 'gpu_net' runs on cuda only, not on cpu: set device = 'cuda'"):
         run(study, tmp_path / "out", registry=registry)
     assert not (tmp_path / "out").exists()
+
+
+def test_weight_noise_on_int8_codes_rounds_and_saturates_never_wraps():
+    """W += N(0, (p·std W)²) on stored int8 codes: the nearest code, clipped to [-128, 127]; a
+    wrapped-around 120 + 24 would become -112."""
+    from lesionbench.plugins.weight_noise import add_scaled_noise
+
+    codes = torch.tensor([120] * 1000 + [-120] * 1000, dtype=torch.int8)
+    noisy = codes.clone()
+    add_scaled_noise(noisy, 0.2, torch.Generator().manual_seed(0))  # std of codes ≈ 120: noise std ≈ 24
+    noise = torch.randn(2000, generator=torch.Generator().manual_seed(0)).mul_(0.2 * codes.float().std().item())
+    assert torch.equal(noisy, (codes.float() + noise).round().clamp(-128, 127).to(torch.int8))
+    assert (noisy[:1000] > 0).all() and (noisy[1000:] < 0).all() and (noisy[:1000] == 127).sum() > 300
