@@ -336,6 +336,8 @@ def _class_damage(per_class: pd.DataFrame | None, scores: pd.DataFrame, shared: 
         return [f"Classes hurt most: not named — this track has {fewest} image(s) of some classes (fewer than "
                 f"{MIN_CLASS_IMAGES}), too few for a per-class accuracy.", ""]  # fmt: skip
     hurt = classes_hurt(pc, most_fragile_layers(scores[scores["perturbation"].isin(shared)]))
+    hurt = hurt.assign(**{c: hurt[c].map(md) for c in ("model", "perturbation", "layer")})  # plugin names
+    class_names = [md(n) for n in class_names] if class_names is not None else None
     return [
         f"Classes hurt most at each model's most fragile layer under each ranked perturbation (per-class retention "
         f"from the per-image outcomes, mean over the levels; {fewest if fewest == most else f'{fewest}–{most}'} "

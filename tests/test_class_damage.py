@@ -118,7 +118,7 @@ def test_a_published_leaderboard_names_the_class_the_fragile_layer_hurts(tmp_pat
     lesionbench.run(model=net, data=(x, y), out=tmp_path / "run", perturbations=["filter_prune"],
                     levels=[0.0, 1 / 3], layers=["1"], seed=0, device="cpu")  # fmt: skip
     text = publish([tmp_path / "run"], tmp_path / "LB.md").read_text()
-    line = next(ln for ln in text.splitlines() if ln.startswith("- **model**, filter_prune at 1:"))
+    line = next(ln for ln in text.splitlines() if ln.startswith(r"- **model**, filter\_prune at 1:"))
     assert "hurt most class 1 (0.50)" in line  # retention 1 at level 0, 0 at one unit pruned
     assert "20 images per class" in text
     heatmap = tmp_path / "plots" / "tensors__model__classes.png"
@@ -135,3 +135,14 @@ def test_too_few_images_per_class_are_not_read_as_class_damage(tmp_path):
     text = publish([tmp_path / "run"], tmp_path / "LB.md").read_text()
     assert "Classes hurt most: not named — this track has 4 image(s) of some classes" in text
     assert not list((tmp_path / "plots").glob("*__classes.png"))
+
+
+def test_plugin_names_in_the_class_damage_lines_are_escaped_for_markdown():
+    from lesionbench.leaderboard import _class_damage
+
+    df = table({"a|b": {0.0: [1, 1, 1], 1.0: [0.2, 0.9, 0.5]}}, model="net*", perturbation="p_[x]", n_images=[10, 10, 10])
+    scores = pd.DataFrame({"model": ["net*"], "perturbation": ["p_[x]"], "layer": ["a|b"], "layer_index": [0],
+                           "score": [0.5]})  # fmt: skip
+    lines = _class_damage(df, scores, ["p_[x]"], ["c|0", "c1", "c2"])
+    (line,) = [ln for ln in lines if ln.startswith("- ")]
+    assert line.startswith(r"- **net\***, p\_\[x\] at a\|b: hurt most c\|0 (0.60), c2 (0.75); least c1 (0.95)")
