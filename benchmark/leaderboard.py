@@ -324,14 +324,19 @@ def most_fragile_layers(scores: pd.DataFrame) -> pd.DataFrame:
     return g.drop_duplicates(["model", "perturbation"])[["model", "perturbation", "layer", "layer_index", "score"]]
 
 
+def images_per_class(per_class: pd.DataFrame) -> tuple[int, int]:
+    """(fewest, most) images of one class behind a per-class table; (0, 0) when it is empty."""
+    per_image = per_class.groupby(["model", "class"])["n_images"].max()
+    return (int(per_image.min()), int(per_image.max())) if len(per_image) else (0, 0)
+
+
 def _class_damage(per_class: pd.DataFrame | None, scores: pd.DataFrame, shared: list[str],
                   class_names: Sequence[str] | None) -> list[str]:  # fmt: skip
     """Which classes each model's most fragile layer (per ranked perturbation) hurts most."""
     if per_class is None or per_class.empty or not shared:
         return []
     pc = per_class[per_class["perturbation"].isin(shared)]
-    per_image = pc.groupby(["model", "class"])["n_images"].max()
-    fewest, most = (int(per_image.min()), int(per_image.max())) if len(per_image) else (0, 0)
+    fewest, most = images_per_class(pc)
     if fewest < MIN_CLASS_IMAGES:
         return [f"Classes hurt most: not named — this track has {fewest} image(s) of some classes (fewer than "
                 f"{MIN_CLASS_IMAGES}), too few for a per-class accuracy.", ""]  # fmt: skip

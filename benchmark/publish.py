@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from lesionbench.errors import LesionbenchError
-from lesionbench.leaderboard import MIN_CLASS_IMAGES, most_fragile_layers, relative_link, render, track_bootstraps
+from lesionbench.leaderboard import (MIN_CLASS_IMAGES, images_per_class, most_fragile_layers, relative_link, render,
+                                     track_bootstraps)  # fmt: skip
 from lesionbench.store import CLEAN, RESULTS, read_results_with_outcomes
 
 
@@ -91,7 +92,7 @@ def publish(
 
         drawn = planned_paths(df, plots_dir)
     for dataset, pc in per_class.items():
-        if pc.groupby(["model", "class"])["n_images"].max().min() < MIN_CLASS_IMAGES:
+        if images_per_class(pc)[0] < MIN_CLASS_IMAGES:
             continue  # too few images per class to read (the leaderboard says so)
         fragile = most_fragile_layers(boots[dataset].layers)
         if draw:
