@@ -65,10 +65,35 @@ def clean_accuracy(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     missing = set(df.loc[df["perturbation"] != CLEAN, "model"]) - set(clean["model"])
     if missing:
         raise LesionbenchError(f"results for model(s) {', '.join(sorted(missing))} have no clean row; cannot score")
+    _check_one_clean_evaluation(clean, metric)
     cols = ["model", "dataset", metric, "num_classes"]
     out = clean[cols].drop_duplicates(["model", "dataset"]).rename(columns={metric: "clean"})
     out["chance"] = [chance_level(metric, int(n)) for n in out["num_classes"]]
     return out.drop(columns="num_classes")
+
+
+def _check_one_clean_evaluation(clean: pd.DataFrame, metric: str) -> None:
+    """Refuse a model whose runs on one dataset disagree on the clean evaluation (other images, or
+    as many images but another subset): each run's cells would be scored against one of the clean
+    accuracies, silently the wrong one for the others.
+
+    Raises:
+        LesionbenchError: naming the model, the dataset and the clean evaluations that differ.
+    """
+    clean = clean.assign(n_images=clean["n_images"] if "n_images" in clean.columns else np.nan)
+    spread = clean.groupby(["model", "dataset"])[["n_images", metric]].nunique()
+    mixed = spread[(spread > 1).any(axis=1)]
+    if mixed.empty:
+        return
+    model, dataset = mixed.index[0]
+    mine = clean[(clean["model"] == model) & (clean["dataset"] == dataset)]
+    seen = mine[["n_images", metric]].drop_duplicates().itertuples(index=False)
+    evaluations = "; ".join(f"{int(n) if n == n else '?'} images, clean {metric} {v:.4f}" for n, v in seen)
+    raise LesionbenchError(
+        f"model {model!r} on dataset {dataset!r} has clean evaluations that disagree ({evaluations}): its runs "
+        "were evaluated on different images, so their cells cannot share one clean accuracy; re-run them on the "
+        "same images (same n_images, seed and data) or score them separately"
+    )
 
 
 def retention(acc, clean, chance):

@@ -115,3 +115,19 @@ def test_descending_levels_read_bits_from_many_to_few():
     from lesionbench.leaderboard import format_critical
 
     assert format_critical(s.loc["fc", "critical_level"], 2.0, "descending") == "< 2"
+
+
+def test_runs_of_one_model_on_different_images_are_refused_not_scored_against_one_clean_accuracy():
+    """Two runs of a model on one dataset whose clean rows disagree (100 images against 500, as the
+    ImageNet runs were before they were re-run): scoring either against the other's clean accuracy
+    would shift every retention, so the table is refused, naming both evaluations."""
+    from lesionbench.errors import LesionbenchError
+
+    small = table({"conv1": [(0.0, [0.85]), (1.0, [0.5])]}, clean=0.85).assign(n_images=100)
+    large = table({"fc8": [(0.0, [0.88]), (1.0, [0.5])]}, clean=0.882).assign(n_images=500)
+    with pytest.raises(LesionbenchError, match=r"'m' on dataset 'd'.*100 images, clean top1 0\.8500; 500 images"):
+        layer_scores(pd.concat([small, large], ignore_index=True))
+    # the same evaluation in two runs (as the Fashion-MNIST runs share their images) scores as one
+    same = table({"fc8": [(0.0, [0.85]), (1.0, [0.5])]}, clean=0.85).assign(n_images=100)
+    scores = layer_scores(pd.concat([small, same], ignore_index=True)).set_index("layer")
+    assert scores.loc["fc8", "score"] == pytest.approx((1 + (0.5 - 0.1) / 0.75) / 2)
