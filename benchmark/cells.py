@@ -245,8 +245,9 @@ class ModelRunner:
         """Perturb, (recalibrate,) evaluate, restore: one row."""
         plan = self.plan
         seed = self._seed(cell)
-        if cell.is_identity:
-            return self.with_outcomes(_row(plan, self.name, cell, seed, self.clean), self.clean)
+        if cell.is_identity:  # the clean pass's numbers, reused: no evaluation, so no time of its own
+            row = _row(plan, self.name, cell, seed, self.clean) | {"seconds": 0.0, "images_per_s": float("nan")}
+            return self.with_outcomes(row, self.clean)
         norms = saved.also  # the BatchNorms to re-estimate (bn_recalibrate), found once per block
         error, result, nonfinite, outputs = "", None, None, None
         try:

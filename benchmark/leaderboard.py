@@ -102,6 +102,21 @@ def level_grids(scores_df: pd.DataFrame) -> pd.DataFrame:
     return grids.rename("grid").reset_index()
 
 
+def evaluation_seconds(cells: pd.DataFrame, clean: pd.DataFrame) -> float:
+    """Seconds spent evaluating ``cells`` (rows of one model that did not fail).
+
+    A level that leaves the network as it is (level 0 of a knockout) is not evaluated: its row is
+    the clean pass's. Runs since 2026-11-30 record 0 s for it; older ones copied the clean pass's
+    seconds (of the pass the run made when it started or resumed) into each such row, which counted
+    one clean pass per layer × perturbation again; so a level-0 row whose top-1, top-5 and loss equal
+    a clean row's of the model exactly is left out too."""
+    ok = cells[cells["error"].fillna("") == ""]
+    same = [c for c in ("top1", "top5", "loss") if c in ok.columns and c in clean.columns]
+    copied = pd.MultiIndex.from_frame(ok[same]).isin(pd.MultiIndex.from_frame(clean[same]))
+    reused = copied & (ok["level"] == 0.0).to_numpy()
+    return float(ok.loc[~reused, "seconds"].sum())
+
+
 def draws_text(df: pd.DataFrame) -> str:
     """How many draws stand behind each level: ``2``, or ``5–20`` (adaptive draws)."""
     counts = df[df["perturbation"] != CLEAN].groupby(["layer", "perturbation", "level"]).size()
@@ -238,7 +253,7 @@ def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.D
         row["images × draws"] = f"{int(f.n_images)} × {draws_text(used)}"
         row["images/s"] = f"{f.images_per_s:,.0f}"
         row["device"] = md(f.device)
-        row["study time"] = f"{used.loc[used['error'].fillna('') == '', 'seconds'].sum():,.0f} s"
+        row["study time"] = f"{evaluation_seconds(used, dg[(dg['model'] == m) & (dg['perturbation'] == CLEAN)]):,.0f} s"
         rows.append(row)
     lines += [table(rows), ""]
     lines += [

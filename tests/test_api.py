@@ -92,6 +92,11 @@ def test_run_on_a_users_own_module_and_tensors_restores_the_module():
     assert clean["top1"] == pytest.approx(expected) and clean["n_images"] == len(images)
     full = df[(df["layer"] == "conv") & (df["perturbation"] == "synapse_knockout") & (df["level"] == 1.0)]
     assert (full["top1"] != clean["top1"]).any() or (full["loss"] != clean["loss"]).all()
+    # level 0 is the clean pass reused, not evaluated again: its numbers, no time of its own
+    identity = df[(df["perturbation"] != "clean") & (df["level"] == 0.0)]
+    assert len(identity) == 6 and (identity[["top1", "top5", "loss"]] == clean[["top1", "top5", "loss"]]).all().all()
+    assert (identity["seconds"] == 0).all() and identity["images_per_s"].isna().all()
+    assert (df.loc[df["level"] > 0, "seconds"] > 0).all()
 
     loader = DataLoader(TensorDataset(images, labels), batch_size=10)  # a DataLoader gives the same rows
     again = lesionbench.run(model=model, data=loader, draws=2, levels=[0.0, 0.5, 1.0])

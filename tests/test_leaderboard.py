@@ -285,3 +285,30 @@ def test_figure_one_bands_come_from_the_bootstrap_when_there_are_outcomes(tmp_pa
     plain = with_band(c, None)  # no outcomes: the t-interval, as before
     np.testing.assert_allclose(plain["band_low"], c["ci_low"])
     assert accuracy_curves(df, "m", "p", "top1", tmp_path / "f.png", boot.curves).stat().st_size > 10_000
+
+
+def test_study_time_counts_each_evaluation_once_not_the_reused_clean_pass_per_layer():
+    """A level that leaves the network intact is not evaluated: its row is the clean pass's. Older
+    runs copied the clean pass's seconds into each such row (here 7 s, against 1 s per damaged
+    cell; 6 s where the run resumed and timed its clean pass again), which made the study time one
+    clean pass per layer × perturbation too long."""
+    from lesionbench.leaderboard import evaluation_seconds
+
+    df = results()
+    clean = df[df["perturbation"] == "clean"].assign(seconds=7.0, loss=2.5)
+    cells_ = df[df["perturbation"] != "clean"].copy()
+    identity = cells_["level"] == 0.0
+    cells_.loc[identity, ["loss", "top1", "top5"]] = [2.5, 0.9, 1.0]  # older runs: a copy of the clean row
+    cells_.loc[identity, "seconds"] = [7.0, 6.0]
+    assert identity.sum() == 2 and (~identity).sum() == 8
+    assert evaluation_seconds(cells_, clean) == 8.0
+    cells_.loc[identity, "seconds"] = 0.0  # runs now: no time of its own
+    assert evaluation_seconds(cells_, clean) == 8.0
+    # a damaged cell is counted even when its numbers equal the clean pass's (a knockout of 0 units)
+    cells_.loc[cells_.index[~identity][0], ["seconds", "loss", "top1", "top5"]] = [7.0, 2.5, 0.9, 1.0]
+    assert evaluation_seconds(cells_, clean) == 14.0
+    # and the leaderboard's study-time column is that sum
+    old_run = pd.concat([clean, cells_.assign(seconds=np.where(identity, 7.0, 1.0))]).sort_index()
+    rows = cells(render(old_run, {"d": "top1"}))
+    header = next(r for r in rows if "study time" in r)
+    assert rows[rows.index(header) + 1][header.index("study time")] == "8 s"
