@@ -106,7 +106,7 @@ def evaluation_seconds(cells: pd.DataFrame, clean: pd.DataFrame) -> float:
     """Seconds spent evaluating ``cells`` (rows of one model that did not fail).
 
     A level that leaves the network as it is (level 0 of a knockout) is not evaluated: its row is
-    the clean pass's. Runs since 2026-11-30 record 0 s for it; older ones copied the clean pass's
+    the clean pass's. Runs now record 0 s for it; older ones (before 2026-11-30) copied the clean pass's
     seconds (of the pass the run made when it started or resumed) into each such row, which counted
     one clean pass per layer × perturbation again; so a level-0 row whose top-1, top-5 and loss equal
     a clean row's of the model exactly is left out too."""

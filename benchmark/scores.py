@@ -73,26 +73,30 @@ def clean_accuracy(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
 
 
 def _check_one_clean_evaluation(clean: pd.DataFrame, metric: str) -> None:
-    """Refuse a model whose runs on one dataset disagree on the clean evaluation (other images, or
-    as many images but another subset): each run's cells would be scored against one of the clean
-    accuracies, silently the wrong one for the others.
+    """Refuse a model whose runs on one dataset disagree on the clean evaluation: each run's cells
+    would be scored against one of the clean accuracies, silently the wrong one for the others.
+
+    Disagreement is a different ``n_images`` or a different clean ``metric``: other images, or the
+    same images with other numerics (a GPU's TF32 convolutions, autocast) that flip a prediction.
+    Two subsets of the same size with the same clean accuracy pass unseen.
 
     Raises:
         LesionbenchError: naming the model, the dataset and the clean evaluations that differ.
     """
-    clean = clean.assign(n_images=clean["n_images"] if "n_images" in clean.columns else np.nan)
+    clean = clean.assign(n_images=clean["n_images"] if "n_images" in clean.columns else np.nan,
+                         device=clean["device"] if "device" in clean.columns else "?")  # fmt: skip
     spread = clean.groupby(["model", "dataset"])[["n_images", metric]].nunique()
     mixed = spread[(spread > 1).any(axis=1)]
     if mixed.empty:
         return
     model, dataset = mixed.index[0]
     mine = clean[(clean["model"] == model) & (clean["dataset"] == dataset)]
-    seen = mine[["n_images", metric]].drop_duplicates().itertuples(index=False)
-    evaluations = "; ".join(f"{int(n) if n == n else '?'} images, clean {metric} {v:.4f}" for n, v in seen)
+    seen = mine[["n_images", "device", metric]].drop_duplicates().itertuples(index=False)
+    evaluations = "; ".join(f"{int(n) if n == n else '?'} images on {d}, clean {metric} {v:.4f}" for n, d, v in seen)
     raise LesionbenchError(
         f"model {model!r} on dataset {dataset!r} has clean evaluations that disagree ({evaluations}): its runs "
-        "were evaluated on different images, so their cells cannot share one clean accuracy; re-run them on the "
-        "same images (same n_images, seed and data) or score them separately"
+        "were evaluated on different images or with different numerics, so their cells cannot share one clean "
+        "accuracy; re-run them on the same images (n_images, seed, data) and device, or score them separately"
     )
 
 

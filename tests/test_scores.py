@@ -125,8 +125,15 @@ def test_runs_of_one_model_on_different_images_are_refused_not_scored_against_on
 
     small = table({"conv1": [(0.0, [0.85]), (1.0, [0.5])]}, clean=0.85).assign(n_images=100)
     large = table({"fc8": [(0.0, [0.88]), (1.0, [0.5])]}, clean=0.882).assign(n_images=500)
-    with pytest.raises(LesionbenchError, match=r"'m' on dataset 'd'.*100 images, clean top1 0\.8500; 500 images"):
+    with pytest.raises(LesionbenchError, match=r"'m' on dataset 'd'.*100 images on \?, clean top1 0\.8500; 500 images"):
         layer_scores(pd.concat([small, large], ignore_index=True))
+    # either difference alone is enough: as many images but another accuracy (another subset, or a
+    # device whose numerics flip a prediction), or another number of images at the same accuracy
+    other_device = large.assign(n_images=100, device="cuda")
+    with pytest.raises(LesionbenchError, match=r"100 images on cpu, clean top1 0\.8500; 100 images on cuda, clean top1 0\.8820"):
+        layer_scores(pd.concat([small.assign(device="cpu"), other_device], ignore_index=True))
+    with pytest.raises(LesionbenchError, match=r"100 images on \?, clean top1 0\.8500; 500 images on \?, clean top1 0\.8500"):
+        layer_scores(pd.concat([small, large.assign(top1=lambda d: d["top1"].where(d["perturbation"] != "clean", 0.85))]))
     # the same evaluation in two runs (as the Fashion-MNIST runs share their images) scores as one
     same = table({"fc8": [(0.0, [0.85]), (1.0, [0.5])]}, clean=0.85).assign(n_images=100)
     scores = layer_scores(pd.concat([small, same], ignore_index=True)).set_index("layer")
