@@ -208,6 +208,31 @@ def model_summary(scores: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------ per-image measures
 
+def _check_same_images(df: pd.DataFrame, outcomes: Outcomes, metric: str) -> None:
+    """Refuse a model whose runs on one dataset kept outcomes for different images: the exact form of
+    :func:`_check_one_clean_evaluation`, which sees only counts and accuracies (two subsets of one
+    size can have one clean accuracy).
+
+    Raises:
+        LesionbenchError: naming the model, the dataset and how many images the runs share.
+    """
+    if "outcome" not in df.columns:
+        return
+    clean = df[(df["perturbation"] == CLEAN) & (df["outcome"] >= 0)]
+    for (model, dataset), runs in clean.groupby(["model", "dataset"]):
+        if len(runs) < 2:
+            continue
+        evaluated = _hits(outcomes, runs["outcome"].to_numpy(), metric)[1]
+        if not (evaluated == evaluated[0]).all():
+            shared = int(evaluated.all(axis=0).sum())
+            raise LesionbenchError(
+                f"model {model!r} on dataset {dataset!r}: its runs were evaluated on different images "
+                f"({', '.join(str(int(n)) for n in evaluated.sum(axis=1))} images, {shared} in common), so their cells "
+                "cannot share one clean accuracy; re-run them on the same images (n_images, seed, data) or score them "
+                "separately"
+            )
+
+
 def _hits(outcomes: Outcomes, rows: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """For outcome rows ``rows``: (hit [rows, images] bool, evaluated [rows, images] bool)."""
     top1 = outcomes.top1[rows]
@@ -398,6 +423,7 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
         raise LesionbenchError(f"bootstrap replicates must be at least 2, got {replicates}")
     df = df.reset_index(drop=True)  # rows are addressed by position below
     c = curves(df, metric)
+    _check_same_images(df, outcomes, metric)
     scores = _scores_of_curves(c)
     B = replicates
     rng = np.random.default_rng(seed)

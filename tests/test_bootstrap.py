@@ -162,3 +162,26 @@ def test_per_class_accuracy_finds_the_class_a_damage_hurts():
     assert (rest["accuracy"] == rest["clean"]).all() and (rest["retention"] == 1.0).all()  # k = 0: untouched
     assert (full["n_images"] == 20).all()
     assert full.loc[3, "clean"] == pytest.approx(outcomes.top1[0][labels == 3].tolist().count(3) / 20)
+
+
+def test_runs_of_one_model_on_other_images_of_the_same_number_are_refused():
+    """Two runs of a model, 200 images each, with the same predictions (so the same clean accuracy,
+    which the count-and-accuracy check cannot tell apart), but on different images of the dataset:
+    their outcomes say so, and the bootstrap refuses instead of pooling them. On the same images,
+    the same two runs are accepted."""
+    from lesionbench.errors import LesionbenchError
+
+    df, outcomes = simulate(np.random.default_rng(0), {"m": {"a": 0.5}}, n_images=200, draws=2)
+    labels = outcomes.images["label"].to_numpy()
+    keys, t1 = outcomes.keys, outcomes.top1
+
+    def two_runs(second_indices):
+        parts = [(keys, t1, t1 == labels, Subset("sim", "test", np.arange(200), labels)),
+                 (keys, t1, t1 == labels, Subset("sim", "test", second_indices, labels))]  # fmt: skip
+        both = pd.concat([df, df.assign(outcome=df["outcome"] + len(df))], ignore_index=True)
+        return both, Outcomes.from_runs(parts)
+
+    with pytest.raises(LesionbenchError, match=r"'m' on dataset 'sim'.*different images \(200, 200 images, 100 in common\)"):
+        bootstrap(*two_runs(np.arange(100, 300)), replicates=50)
+    same = bootstrap(*two_runs(np.arange(200)), replicates=50)
+    assert same.has_interval("m")
