@@ -93,10 +93,15 @@ def _check_one_clean_evaluation(clean: pd.DataFrame, metric: str) -> None:
     mine = clean[(clean["model"] == model) & (clean["dataset"] == dataset)]
     seen = mine[["n_images", "device", metric]].drop_duplicates().itertuples(index=False)
     evaluations = "; ".join(f"{int(n) if n == n else '?'} images on {d}, clean {metric} {v:.4f}" for n, d, v in seen)
-    raise LesionbenchError(
-        f"model {model!r} on dataset {dataset!r} has clean evaluations that disagree ({evaluations}): its runs "
-        "were evaluated on different images or with different numerics, so their cells cannot share one clean "
-        "accuracy; re-run them on the same images (n_images, seed, data) and device, or score them separately"
+    raise _mixed_runs(model, dataset, f"has clean evaluations that disagree ({evaluations}): its runs were "
+                      "evaluated on different images or with different numerics")  # fmt: skip
+
+
+def _mixed_runs(model: str, dataset: str, what: str) -> LesionbenchError:
+    """The one-line refusal of the two checks that a model's runs on a dataset share their clean evaluation."""
+    return LesionbenchError(
+        f"model {model!r} on dataset {dataset!r} {what}, so their cells cannot share one clean accuracy; re-run "
+        "them on the same images (n_images, seed, data) and device, or score them separately"
     )
 
 
@@ -224,13 +229,9 @@ def _check_same_images(df: pd.DataFrame, outcomes: Outcomes, metric: str) -> Non
             continue
         evaluated = _hits(outcomes, runs["outcome"].to_numpy(), metric)[1]
         if not (evaluated == evaluated[0]).all():
-            shared = int(evaluated.all(axis=0).sum())
-            raise LesionbenchError(
-                f"model {model!r} on dataset {dataset!r}: its runs were evaluated on different images "
-                f"({', '.join(str(int(n)) for n in evaluated.sum(axis=1))} images, {shared} in common), so their cells "
-                "cannot share one clean accuracy; re-run them on the same images (n_images, seed, data) or score them "
-                "separately"
-            )
+            counts = ", ".join(str(int(n)) for n in evaluated.sum(axis=1))
+            raise _mixed_runs(model, dataset, f"has runs evaluated on different images ({counts} images, "
+                              f"{int(evaluated.all(axis=0).sum())} in common)")  # fmt: skip
 
 
 def _hits(outcomes: Outcomes, rows: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
