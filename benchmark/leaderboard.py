@@ -1,10 +1,11 @@
 """Markdown leaderboard rendered from results tables — never edited by hand.
 
-One table per track (dataset), models ranked by overall robustness (the mean over perturbations
-of the mean layer score) over the perturbations every model of the track was studied under with
-the same level grid; every column of that table uses those perturbations only. Then the level
-grids, where the fragile layers are per perturbation, and per model the most fragile layer under
-each perturbation and narrow layer tables (perturbations grouped by the layers they studied).
+First, one table per track (dataset), models ranked by overall robustness (the mean over
+perturbations of the mean layer score) over the perturbations every model of the track was studied
+under with the same level grid, every column of it using those perturbations only, with the track's
+headline figure. Then how to read them, and per track the level grids and where the fragile layers
+are per perturbation. Per model (a page of its own with :func:`render_pages`): the most fragile layer
+under each perturbation and narrow layer tables (perturbations grouped by the layers they studied).
 With per-image outcomes every score carries its 95% bootstrap interval (``0.87 [0.84, 0.90]``)
 and models that cannot be told apart share a rank (:func:`lesionbench.scores.bootstrap`).
 Tables are written with ``DataFrame.to_markdown`` (tabulate).
@@ -140,7 +141,26 @@ def track_bootstraps(df: pd.DataFrame, outcomes: Outcomes | None, metrics: Mappi
     return out
 
 
-def render(
+def render(df: pd.DataFrame, *args, **kwargs) -> str:
+    """The leaderboard for a results table as one Markdown text, the per-model sections at its end
+    under ``### <model>`` (arguments as :func:`render_pages`, less ``model_pages``)."""
+    return render_pages(df, *args, model_pages=False, **kwargs)[LEADERBOARD_PAGE]
+
+
+LEADERBOARD_PAGE = "LEADERBOARD.md"
+MODEL_PAGES = "models"  # folder of the per-model pages, beside the leaderboard
+
+
+def model_page(dataset: str, model: str) -> str:
+    """The relative path of a model's page on one track (``models/<dataset>--<model>.md``)."""
+    return f"{MODEL_PAGES}/{_slug(dataset)}--{_slug(model)}.md"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "x"
+
+
+def render_pages(
     df: pd.DataFrame,
     metrics: Mapping[str, str] | None = None,
     plot_links: Mapping[str, Sequence[tuple[str, str]]] | None = None,
@@ -151,21 +171,57 @@ def render(
     boots: Mapping[str, Bootstrap] | None = None,
     per_class: Mapping[str, pd.DataFrame] | None = None,
     class_names: Mapping[str, Sequence[str]] | None = None,
-) -> str:
-    """The leaderboard for a results table. ``metrics`` maps dataset → score metric (default top1);
-    ``plot_links`` maps model → [(label, relative path)]; ``titles`` dataset → the track's title
-    (default :data:`KNOWN_TITLES`, else the dataset's name); ``outcomes`` (with the table's
-    ``outcome`` column) give intervals, or ``boots`` (dataset → :class:`Bootstrap`) already computed;
-    ``per_class`` (dataset → :func:`lesionbench.per_class_accuracy`'s table) adds the classes each
-    model's most fragile layers hurt most, named by ``class_names`` (dataset → name per label)."""
+    headlines: Mapping[str, str] | None = None,
+    model_pages: bool = True,
+) -> dict[str, str]:
+    """The leaderboard as pages: relative path → Markdown text.
+
+    ``metrics`` maps dataset → score metric (default top1); ``plot_links`` maps model → [(label,
+    relative path)]; ``titles`` dataset → the track's title (default :data:`KNOWN_TITLES`, else the
+    dataset's name); ``outcomes`` (with the table's ``outcome`` column) give intervals, or ``boots``
+    (dataset → :class:`Bootstrap`) already computed; ``per_class`` (dataset →
+    :func:`lesionbench.per_class_accuracy`'s table) adds the classes each model's most fragile layers
+    hurt most, named by ``class_names`` (dataset → name per label); ``headlines`` (dataset → relative
+    path of the track's headline figure) embeds that figure under the track's ranked table.
+
+    ``LEADERBOARD.md`` opens with each track's ranked table and its headline figure, then how to
+    read them, then each track's details (level grids, fragile layers per perturbation, classes
+    hurt). With ``model_pages`` each model's layer tables are a page of their own
+    (:func:`model_page`, linked from the ranked table; plot links made relative to it); without,
+    they follow on the same page under ``### <model>``."""
     metrics = dict(metrics or {})
     plot_links = dict(plot_links or {})
     titles = {**KNOWN_TITLES, **dict(titles or {})}
+    headlines = dict(headlines or {})
     boots = dict(boots) if boots is not None else track_bootstraps(df, outcomes, metrics)
-    lines = [f"# {title}", ""]
+    ranked, details, models_md, pages = [], [], [], {}
+    for dataset, dg in df.groupby("dataset", sort=True):
+        metric = metrics.get(dataset, "top1")
+        boot = boots.get(dataset)
+        scores = boot.layers if boot is not None else layer_scores(dg, metric)
+        track_title = titles.get(dataset, dataset)
+        link = (lambda m, d=dataset: model_page(d, m)) if model_pages else (lambda m: f"#{_anchor(m)}")
+        head, detail, sections = _track(dataset, track_title, metric, dg, scores, boot, link,
+                                        (per_class or {}).get(dataset), (class_names or {}).get(dataset))
+        if dataset in headlines:
+            head += [f"![Layer score against depth, {md(track_title)}]({headlines[dataset]})", ""]
+        ranked += head
+        details += detail
+        for m, lines in sections.items():
+            links = plot_links.get(m, ())
+            if model_pages:
+                up = [(label, path if "://" in path or path.startswith("/") else f"../{path}") for label, path in links]
+                body = lines[4:] + _plot_lines(up)
+                pages[model_page(dataset, m)] = "\n".join(
+                    [f"# {md(m)} — {md(track_title)}", "", f"[← the leaderboard](../{LEADERBOARD_PAGE}) · scores "
+                     f"from {metric}; how to read them: the leaderboard's *How to read these tables*.", "", *body]
+                ).rstrip() + "\n"  # fmt: skip
+            else:
+                models_md += lines + _plot_lines(links)
+    lines = [f"# {title}", "", "Rendered by lesionbench from the result files listed under Sources; do not edit by hand.", ""]
+    lines += ranked
+    lines += ["## How to read these tables", ""]
     lines += [
-        "Rendered by lesionbench from the result files listed under Sources; do not edit by hand.",
-        "",
         "**Layer-robustness score**: area under the retention curve r(p) = clip((acc(p) − chance) / "
         "(acc(0) − chance), 0, 1) over the level range, divided by the range — 1 means the layer's "
         "damage never cost accuracy, 0 means chance from the first step. It depends on the level grid, so "
@@ -190,33 +246,44 @@ def render(
         ]
     if sources:
         lines += ["Sources: " + ", ".join(f"`{md(s)}`" for s in sources), ""]
-    for dataset, dg in df.groupby("dataset", sort=True):
-        metric = metrics.get(dataset, "top1")
-        boot = boots.get(dataset)
-        scores = boot.layers if boot is not None else layer_scores(dg, metric)
-        lines += _track(dataset, titles.get(dataset, dataset), metric, dg, scores, boot, plot_links,
-                        (per_class or {}).get(dataset), (class_names or {}).get(dataset))
-    return "\n".join(lines).rstrip() + "\n"
+    lines += details + models_md
+    pages[LEADERBOARD_PAGE] = "\n".join(lines).rstrip() + "\n"
+    return pages
+
+
+def _plot_lines(links: Sequence[tuple[str, str]]) -> list[str]:
+    return ["Plots: " + " · ".join(f"[{md(label)}]({path})" for label, path in links), ""] if links else []
+
+
+def ranked_perturbations(dg: pd.DataFrame, scores: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
+    """(ranked, not run on every model, run on different grids): the perturbations of one track that
+    every model was studied under with the same level grid, and those left out of the ranking."""
+    models = scores["model"].unique()
+    grids = level_grids(dg)
+    shared, partial, regridded = [], [], []
+    for p in sorted(scores["perturbation"].unique()):
+        g = grids[grids["perturbation"] == p]
+        if len(g) < len(models):
+            partial.append(p)
+        elif g["grid"].nunique() > 1:
+            regridded.append(p)
+        else:
+            shared.append(p)
+    return shared, partial, regridded
 
 
 def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.DataFrame, boot: Bootstrap | None,
-           plot_links: Mapping, per_class: pd.DataFrame | None = None,
-           class_names: Sequence[str] | None = None) -> list[str]:  # fmt: skip
+           link, per_class: pd.DataFrame | None = None,
+           class_names: Sequence[str] | None = None) -> tuple[list[str], list[str], dict[str, list[str]]]:  # fmt: skip
+    """(the ranked table's lines, the track's detail lines, model → its section's lines); ``link(model)``
+    is where the ranked table points for a model's layer tables."""
     facts = model_facts(dg).set_index("model")
     models = sorted(scores["model"].unique())
     perts = sorted(scores["perturbation"].unique())
     grids = level_grids(dg)
-    shared, partial, regridded = [], [], []
-    for p in perts:
-        g = grids[grids["perturbation"] == p]
-        if len(g) < len(models):
-            partial.append(md(p))
-        elif g["grid"].nunique() > 1:
-            regridded.append(md(p))
-        else:
-            shared.append(p)
-    left_out = ([f"not run on every model: {', '.join(partial)}"] if partial else []) + (
-        [f"run on different level grids: {', '.join(regridded)}"] if regridded else [])  # fmt: skip
+    shared, partial, regridded = ranked_perturbations(dg, scores)
+    left_out = ([f"not run on every model: {', '.join(map(md, partial))}"] if partial else []) + (
+        [f"run on different level grids: {', '.join(map(md, regridded))}"] if regridded else [])  # fmt: skip
     name = f" (`{md(dataset)}`)" if title != dataset else ""
     lines = [f"## Track: {md(title)}{name} — scores from {metric}", ""]
     if shared:
@@ -234,7 +301,7 @@ def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.D
         m = r.model
         f = facts.loc[m]
         mine = scores[(scores["model"] == m) & scores["perturbation"].isin(shared)]
-        row = {"#": str(r.rank) if shared else "–", "model": f"[{md(m)}](#{_anchor(m)})",
+        row = {"#": str(r.rank) if shared else "–", "model": f"[{md(m)}]({link(m)})",
                "clean top-1": _fmt(f.clean_top1, 3), "clean top-5": _fmt(f.clean_top5, 3),
                "overall": with_interval(r.overall, r.low, r.high)}  # fmt: skip
         for p in shared:
@@ -265,12 +332,12 @@ def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.D
     ]
     if not inline:
         lines += ["Mean layer score per ranked perturbation:", "", table(list(per_pert.values())), ""]
-    lines += _grids_table(grids, dg)
-    lines += _by_perturbation(scores, perts)
-    lines += _class_damage(per_class, scores, shared, class_names)
-    for m in ranking["model"]:
-        lines += _model_section(m, scores[scores["model"] == m], boot, plot_links.get(m, ()))
-    return lines
+    details = [f"## Details: {md(title)}", ""]
+    details += _grids_table(grids, dg)
+    details += _by_perturbation(scores, perts)
+    details += _class_damage(per_class, scores, shared, class_names)
+    sections = {m: _model_section(m, scores[scores["model"] == m], boot, ()) for m in ranking["model"]}
+    return lines, details, sections
 
 
 def _ranking(boot: Bootstrap | None, scores: pd.DataFrame, dataset: str, shared: list[str], models: list[str]) -> pd.DataFrame:
@@ -421,8 +488,7 @@ def _model_section(model: str, scores: pd.DataFrame, boot: Bootstrap | None, lin
                 row[f"{md(p)} p½"] = critical_with_interval(r)
             rows.append(row)
         lines += [table(rows), ""]
-    if links:
-        lines += ["Plots: " + " · ".join(f"[{md(label)}]({path})" for label, path in links), ""]
+    lines += _plot_lines(links)
     return lines
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from lesionbench.errors import LesionbenchError
-from lesionbench.leaderboard import (MIN_CLASS_IMAGES, images_per_class, most_fragile_layers, relative_link, render,
+from lesionbench.leaderboard import (LEADERBOARD_PAGE, MIN_CLASS_IMAGES, MODEL_PAGES, images_per_class,
+                                     most_fragile_layers, ranked_perturbations, relative_link, render_pages,
                                      track_bootstraps)  # fmt: skip
 from lesionbench.store import CLEAN, RESULTS, read_results_with_outcomes
 
@@ -58,7 +59,9 @@ def publish(
     title: str = "lesionbench leaderboard",
     metric: str | None = None,
 ) -> Path:
-    """Write plots (into ``plots_dir``, default beside ``out_md``) and the Markdown leaderboard.
+    """Write plots (into ``plots_dir``, default beside ``out_md``) and the Markdown leaderboard:
+    ``out_md`` (ranked tables per track, each with its headline figure) and a page per model and
+    track in ``models/`` beside it. Returns ``out_md``.
 
     Per-image outcomes beside the result files give every score its bootstrap interval (computed
     once, for the tables and the plots' bands)."""
@@ -107,14 +110,43 @@ def publish(
             drawn.setdefault(model, []).append(("per-class retention", path))
     for model, items in drawn.items():
         links[model] = [(label, relative_link(path, out_md.parent)) for label, path in items]
+    headlines = {dataset: relative_link(path, out_md.parent)
+                 for dataset, path in _headline_figures(df, metrics, boots, plots_dir, draw).items()}  # fmt: skip
     sources = [relative_link(f, out_md.parent) for f in files]
-    text = render(df.drop(columns="outcome"), metrics, links, title=title, sources=sources, titles=titles, boots=boots,
-                  per_class=per_class, class_names=names)
+    pages = render_pages(df.drop(columns="outcome"), metrics, links, title=title, sources=sources, titles=titles,
+                         boots=boots, per_class=per_class, class_names=names, headlines=headlines)  # fmt: skip
+    pages[out_md.name] = pages.pop(LEADERBOARD_PAGE)
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_md.with_name(out_md.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out_md)
+    stale = set((out_md.parent / MODEL_PAGES).glob("*--*.md")) - {out_md.parent / name for name in pages}
+    for name, text in pages.items():
+        path = out_md.parent / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    for path in stale:  # pages of models no longer in these results
+        path.unlink()
     return out_md
+
+
+def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: Path, draw: bool) -> dict[str, Path]:
+    """dataset → its headline figure, layer score against relative depth of every model of the track
+    under (at most four of) the ranked perturbations; drawn when ``draw``, else only its path."""
+    from lesionbench.plots import safe_name
+
+    out = {}
+    for dataset, dg in df[df["perturbation"] != CLEAN].groupby("dataset", sort=True):
+        path = plots_dir / f"{safe_name(dataset)}__headline.png"
+        if draw:
+            from lesionbench.plots import score_vs_depth
+            from lesionbench.scores import layer_scores
+
+            track = df[df["dataset"] == dataset]
+            scores = boots[dataset].layers if dataset in boots else layer_scores(track, metrics.get(dataset, "top1"))
+            shared = ranked_perturbations(track, scores)[0] or sorted(dg["perturbation"].unique())
+            score_vs_depth(track, metrics, path, shared[:4])
+        out[dataset] = path
+    return out
 
 
 def _per_class(df: pd.DataFrame, outcomes, boots: dict, metrics: dict) -> tuple[dict, dict]:

@@ -122,7 +122,8 @@ def test_a_published_leaderboard_names_the_class_the_fragile_layer_hurts(tmp_pat
     assert "hurt most class 1 (0.50)" in line  # retention 1 at level 0, 0 at one unit pruned
     assert "20 images per class" in text
     heatmap = tmp_path / "plots" / "tensors__model__classes.png"
-    assert heatmap.is_file() and "(plots/tensors__model__classes.png)" in text
+    page = (tmp_path / "models" / "tensors--model.md").read_text()  # the model's own page links its figures
+    assert heatmap.is_file() and "(../plots/tensors__model__classes.png)" in page
 
 
 def test_too_few_images_per_class_are_not_read_as_class_damage(tmp_path):

@@ -114,11 +114,26 @@ def test_plot_files_cannot_escape_their_directory(tmp_path):
     assert not list(tmp_path.parent.glob("outside*"))
 
 
-def test_publish_links_plots_relative_to_the_leaderboard(tmp_path):
-    src = write(results(), tmp_path / "runs" / "a" / "results.csv")
+def test_publish_opens_with_the_ranked_tables_and_figure_and_gives_each_model_a_page(tmp_path):
+    """The first screen is each track's ranked table with its headline figure; a model's layer tables and
+    plot links are on its own page, every link relative to the file that holds it."""
+    two = pd.concat([results("m"), results("n", layers={"conv1": [0.9, 0.5, 0.1], "fc8": [0.9, 0.2, 0.1]})], ignore_index=True)
+    src = write(two, tmp_path / "runs" / "a" / "results.csv")
     out = publish([src], tmp_path / "board" / "LEADERBOARD.md")
     text = out.read_text()
-    assert "(plots/d__m__p.png)" in text and (tmp_path / "board" / "plots" / "d__m__p.png").is_file()
+    sections = text.split("\n## ")
+    assert sections[1].startswith("Track:") and sections[2].startswith("How to read")
+    ranked = sections[1]
+    assert ranked.index("| #") < ranked.index("![")  # the ranked table, then the figure, before anything else
+    figure = re.search(r"!\[[^]]*\]\(([^)]+)\)", ranked).group(1)
+    assert (out.parent / figure).is_file() and (out.parent / figure).stat().st_size > 10_000
+    for model in ("m", "n"):
+        link = re.search(rf"\[{model}\]\((models/[^)]+\.md)\)", ranked).group(1)
+        page = (out.parent / link).read_text()
+        assert page.startswith(f"# {model} — d") and "### " not in text.split(f"[{model}]")[0]
+        assert "](../LEADERBOARD.md)" in page and f"](../plots/d__{model}__p.png)" in page
+        assert (out.parent / "plots" / f"d__{model}__p.png").is_file()
+        assert "| layer" in page and "| layer" not in text.split("## How to read")[1].split("## Details")[0]
     assert "`../runs/a/results.csv`" in text
 
 
@@ -173,8 +188,9 @@ def test_leaderboard_cli_writes_markdown_and_plots(tmp_path):
     assert main(["leaderboard", str(src), "--out", str(out)]) == 0
     assert out.read_text().startswith("# lesionbench leaderboard")
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "d__m__heatmap.png", "d__m__p.png", "score_vs_depth.png",
+        "d__headline.png", "d__m__heatmap.png", "d__m__p.png", "score_vs_depth.png",
     ]  # fmt: skip
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["d--m.md"]
     assert main(["leaderboard", str(tmp_path / "nope"), "--out", str(out)]) == 2
 
 
