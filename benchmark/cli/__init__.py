@@ -101,6 +101,32 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=metavar, help=text)
 
 
+def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The study and the flags that override it: shared by ``run`` and ``plan``."""
+    from lesionbench.study import DatasetSpec
+
+    parser.add_argument("study", nargs="?",
+                        help="preset name (lesionbench list studies) or path to a study TOML file (default: demo; "
+                             "with --resume: the study recorded in the run directory)")  # fmt: skip
+    parser.add_argument("--models", type=_names, metavar="A,B",
+                        help="comma-separated model references replacing the study's (lesionbench list models); "
+                             "one the study lists keeps its weights, a new one gets its source's default weights "
+                             "(default: the study's models)")  # fmt: skip
+    parser.add_argument("--dataset", metavar="NAME",
+                        help="dataset plugin (lesionbench list datasets); another dataset than the study's drops "
+                             "the study's path and split, so give --data (default: the study's dataset)")  # fmt: skip
+    parser.add_argument("--data", metavar="PATH", help="dataset path (default: the study's, else the plugin's own)")
+    parser.add_argument("--n-images", type=int, metavar="N",
+                        help=f"size of the seeded, class-balanced evaluation subset {_default_text(DatasetSpec().n_images)}")
+    parser.add_argument("--layers", type=_names, metavar="A,B",
+                        help="comma-separated layer names or aliases (default: the study's value, else every Conv/Linear layer)")
+    parser.add_argument("--perturbations", type=_names, metavar="A,B",
+                        help="comma-separated perturbation names, see lesionbench list perturbations (default: the study's)")
+    parser.add_argument("--levels", type=_floats, metavar="X,Y",
+                        help="comma-separated levels for every perturbation (default: each perturbation's own)")
+    add_study_options(parser)
+
+
 def _sub(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -110,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionbench", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     from lesionbench import __version__
-    from lesionbench.study import DatasetSpec
 
     parser.add_argument("--version", action="version", version=f"lesionbench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -120,30 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
                "DIR/results.csv (appended and fsynced, so an interrupted run resumes with --resume DIR),\n"
                "then the scores table here and DIR/LEADERBOARD.md with figures in DIR/plots.\n"
                "Flags override the study; those not given keep the study's values.")  # fmt: skip
-    run.add_argument("study", nargs="?",
-                     help="preset name (lesionbench list studies) or path to a study TOML file (default: demo; "
-                          "with --resume: the study recorded in the run directory)")  # fmt: skip
+    _add_study_arguments(run)
     run.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/<study name>)")
     run.add_argument("--resume", type=Path, metavar="DIR",
                      help="finish the cells missing from the run in DIR; starts the study there if DIR holds no run "
                           "yet, and says so (exit 0) if the run is complete (default: start a new run in --out)")
-    run.add_argument("--models", type=_names, metavar="A,B",
-                     help="comma-separated model references replacing the study's (lesionbench list models); "
-                          "one the study lists keeps its weights, a new one gets its source's default weights "
-                          "(default: the study's models)")  # fmt: skip
-    run.add_argument("--dataset", metavar="NAME",
-                     help="dataset plugin (lesionbench list datasets); another dataset than the study's drops "
-                          "the study's path and split, so give --data (default: the study's dataset)")  # fmt: skip
-    run.add_argument("--data", metavar="PATH", help="dataset path (default: the study's, else the plugin's own)")
-    run.add_argument("--n-images", type=int, metavar="N",
-                     help=f"size of the seeded, class-balanced evaluation subset {_default_text(DatasetSpec().n_images)}")
-    run.add_argument("--layers", type=_names, metavar="A,B",
-                     help="comma-separated layer names or aliases (default: the study's value, else every Conv/Linear layer)")
-    run.add_argument("--perturbations", type=_names, metavar="A,B",
-                     help="comma-separated perturbation names, see lesionbench list perturbations (default: the study's)")
-    run.add_argument("--levels", type=_floats, metavar="X,Y",
-                     help="comma-separated levels for every perturbation (default: each perturbation's own)")
-    add_study_options(run)
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the cells and an estimate of the time, as lesionbench plan does; run nothing")
     run.add_argument("--debug", action="store_true",
                      help="verify the model checksum after every cell (default: off)")
     run.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -152,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", metavar="ADDRESS",
                      help="Ray cluster for --executor ray: auto (this node's cluster) or ray://host:10001 "
                           "(default: start a local one)")  # fmt: skip
+
+    plan = _sub(sub, "plan", "the cells of a study and an estimate of its time, before anything runs",
+                "Prepare a study as run does (every check, the models built, the evaluation subset chosen),\n"
+                "then print its cells per model and an estimate of the time: one forward pass of each model\n"
+                "timed on a few images, scaled to the subset, times its cells (an upper bound: the fast engine\n"
+                "evaluates only what follows the damaged layer). Nothing is evaluated or written.")  # fmt: skip
+    _add_study_arguments(plan)
 
     lst = _sub(sub, "list", "list models, perturbations, datasets or studies")
     lst.add_argument("kind", choices=sorted(KINDS), help="what to list")
@@ -294,14 +309,12 @@ def cmd_compare(args) -> int:
 
 def cmd_run(args) -> int:
     """``lesionbench run``: load the study, apply flags, run it with a progress bar, publish."""
-    from dataclasses import fields
-
     from lesionbench.api import run_study
     from lesionbench.cli.progress import rich_progress
     from lesionbench.cli.report import print_summary
     from lesionbench.publish import publish
     from lesionbench.store import RunDir
-    from lesionbench.study import Study, load_study, parse_study, with_overrides
+    from lesionbench.study import load_study, parse_study
 
     registry = get_registry()
     presets = {k: c.obj for k, c in registry.contributions("studies").items()}
@@ -318,13 +331,9 @@ def cmd_run(args) -> int:
     else:  # --resume on a directory with no run yet starts it there: a pre-emptible job's script is one line
         study = load_study(args.study or "demo", presets)
         out = args.resume or args.out or Path("runs") / study.name
-    options = {f.name: getattr(args, f.name) for f in fields(Study) if f.metadata.get("flag")}
-    given = study
-    study = with_overrides(study, models=args.models, layers=args.layers, perturbations=args.perturbations,
-                           levels=args.levels, n_images=args.n_images, data=args.data, dataset=args.dataset,
-                           **options)  # fmt: skip
-    for text in weights_warnings(given.models, study.models):
-        warn(text)
+    study = _with_flags(study, args)
+    if args.dry_run:
+        return _print_plan(study, registry)
     args.run_dir = out  # for the interruption message
     run = run_study(study, registry, out, resume=resume,
                     progress=lambda total: rich_progress(console, total), debug=args.debug,
@@ -335,6 +344,53 @@ def cmd_run(args) -> int:
     print_summary(run.frame(), study, console)
     board = publish([run.results_path], run.path / "LEADERBOARD.md", title=f"lesionbench: {study.name}")
     console.print(f"results: {run.results_path}\nleaderboard: {board}\nplots: {run.path / 'plots'}")
+    return 0
+
+
+def _with_flags(study, args):
+    """``study`` with the flags of ``run``/``plan`` applied, warning about models that lost their weights."""
+    from dataclasses import fields
+
+    from lesionbench.study import Study, with_overrides
+
+    options = {f.name: getattr(args, f.name) for f in fields(Study) if f.metadata.get("flag")}
+    chosen = with_overrides(study, models=args.models, layers=args.layers, perturbations=args.perturbations,
+                            levels=args.levels, n_images=args.n_images, data=args.data, dataset=args.dataset,
+                            **options)  # fmt: skip
+    for text in weights_warnings(study.models, chosen.models):
+        warn(text)
+    return chosen
+
+
+def cmd_plan(args) -> int:
+    """``lesionbench plan``: the study's cells and an estimate of its time; nothing evaluated or written."""
+    from lesionbench.study import load_study
+
+    registry = get_registry()
+    presets = {k: c.obj for k, c in registry.contributions("studies").items()}
+    return _print_plan(_with_flags(load_study(args.study or "demo", presets), args), registry)
+
+
+def _print_plan(study, registry) -> int:
+    from lesionbench.estimate import clock_text, estimate
+    from lesionbench.executors import create_executor
+
+    plan = create_executor("local").prepare(study, registry)
+    rows = estimate(plan)
+    table = Table(title=f"lesionbench plan: {study.name}", title_justify="left")
+    for column in ("model", "layers", "blocks", "cells", "one pass", "estimate"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        cells = f"{r.cells:,}" + (f" (+ up to {r.extra_cells:,})" if r.extra_cells else "")
+        table.add_row(r.model, str(r.layers), str(r.blocks), cells, f"{r.pass_seconds:.2f} s", clock_text(r.seconds))
+    console.print(table)
+    total = sum(r.cells for r in rows)
+    seconds = sum(r.seconds for r in rows)
+    extra = sum(r.extra_cells for r in rows)
+    console.print(f"{total:,} cells{f' (+ up to {extra:,} adaptive draws)' if extra else ''} on {len(plan.indices):,} "
+                  f"images, {study.draws} draw(s); estimate at most {clock_text(seconds)} on {study.device} "
+                  "(every cell a full pass; the fast engine evaluates only what follows the damaged layer). "
+                  "Nothing was run.", highlight=False, soft_wrap=True)  # fmt: skip
     return 0
 
 
@@ -376,6 +432,7 @@ def _report_failures(registry) -> None:
 
 COMMANDS = {
     "run": cmd_run,
+    "plan": cmd_plan,
     "list": cmd_list,
     "plugins": cmd_plugins,
     "train": cmd_train,
