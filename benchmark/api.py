@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from lesionbench import __version__
 from lesionbench.data import RawDataset
 from lesionbench.errors import LesionbenchError
 from lesionbench.executors import Tick, create_executor
@@ -75,6 +76,7 @@ def run_study(
         store = MemoryStore(subset=subset)
     elif resume:
         store = RunDir.open_existing(out, plan.fingerprint(), subset)  # a different study is refused before connecting
+        store.note(f"run resumed: lesionbench {__version__}, study {plan.study.name!r}")
         if all_done(plan, store):
             store.already_complete = True
             store.close()
@@ -112,17 +114,16 @@ def all_done(plan: Plan, store: Store) -> bool:
 class _TensorData:
     """A dataset plugin over tensors already in memory (the API's ``data=``)."""
 
-    name = "tensors"
     description = "images and labels given to lesionbench.run() as tensors or a DataLoader"
     default_path = None
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None) -> None:
-        self.images, self.labels = images, labels
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None, name: str = "tensors") -> None:
+        self.images, self.labels, self.name = images, labels, name
         self.num_classes = num_classes or int(labels.max()) + 1
 
     def load(self, path: str | None, split: str) -> RawDataset:
         images = self.images
-        return RawDataset("tensors", "<memory>", self.labels.numpy().astype(np.int64), self.num_classes,
+        return RawDataset(self.name, "<memory>", self.labels.numpy().astype(np.int64), self.num_classes,
                           lambda i: images[i])  # fmt: skip
 
 
@@ -188,6 +189,7 @@ def run(
     registry: Registry | None = None,
     with_outcomes: bool = False,
     progress: bool | Callable[[int, int, str], object] = True,
+    dataset_name: str = "tensors",
     **options: Any,
 ) -> pd.DataFrame | tuple[pd.DataFrame, Outcomes]:
     """Run a study and return its results table (one row per cell, as ``results.csv``); with
@@ -199,7 +201,9 @@ def run(
     crash-safe run directory as ``lesionbench run --out``. ``model``: an ``nn.Module`` (named
     ``model``) or a mapping of names to modules, studied without writing a plugin; ``data``: an
     ``(images, labels)`` pair of tensors (images already preprocessed, labels int64 [N]), a
-    DataLoader yielding such pairs, or a dataset path for the study's dataset plugin. With ``model``/``data`` the study may be omitted (defaults:
+    DataLoader yielding such pairs, or a dataset path for the study's dataset plugin. Rows are named
+    by the mapping's keys (``model={"resnet18_ft": net}``; a bare module is ``model``) and, for data
+    given as tensors or a DataLoader, ``dataset_name`` (default ``tensors``). With ``model``/``data`` the study may be omitted (defaults:
     the paper's three perturbations, every layer, 5 draws, every image). Further keyword
     arguments override study options (``draws=2``, ``layers=[...]``, ``levels=[...]``,
     ``n_images=...``). A module given here is restored bit for bit and left in its own mode.
@@ -221,7 +225,9 @@ def run(
             raise LesionbenchError("model must be an nn.Module or a mapping of names to nn.Module")
     if data is not None:
         images, labels = _collect(data)
-        extra.append(("python-data", _Plugin(datasets=[_TensorData(images, labels, num_classes)])))
+        if not isinstance(dataset_name, str) or not dataset_name.strip():
+            raise LesionbenchError(f"dataset_name must be a non-empty string, not {dataset_name!r}")
+        extra.append(("python-data", _Plugin(datasets=[_TensorData(images, labels, num_classes, dataset_name)])))
         if modules:
             extra.append(("python-models", _Plugin(models=[_ModuleSource(modules, tuple(images.shape[1:]))])))
     elif modules:
@@ -243,7 +249,7 @@ def run(
         if modules:
             parsed = replace(parsed, models=tuple(ModelSpec(n) for n in modules))
     if data is not None:
-        dataset = replace(parsed.dataset, name="tensors", path=None, split="test",
+        dataset = replace(parsed.dataset, name=dataset_name, path=None, split="test",
                           n_images=options.pop("n_images", None))  # fmt: skip
         parsed = replace(parsed, dataset=dataset)
     parsed = with_overrides(parsed, **options)

@@ -101,7 +101,9 @@ def publish(
         if draw:
             from lesionbench.class_plots import class_retention_heatmaps
 
-            paths = class_retention_heatmaps(pc, plots_dir, names.get(dataset), fragile)
+            cells = df[(df["dataset"] == dataset) & (df["perturbation"] != CLEAN)]
+            units = cells.groupby("perturbation")["level_unit"].first().to_dict()
+            paths = class_retention_heatmaps(pc, plots_dir, names.get(dataset), fragile, units)
         else:
             from lesionbench.class_plots import planned_class_paths
 

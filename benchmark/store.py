@@ -320,6 +320,18 @@ def read_outcome_file(path: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
     return keys[last].reset_index(drop=True), top1[last], top5[last].astype(bool), subset
 
 
+def _holds(lock: FileLock, path: Path) -> bool:
+    """Whether the file ``lock`` holds is the one at ``path`` (not one a finishing run has just removed)."""
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    if fd is None:  # a filelock without this attribute: nothing to compare
+        return True
+    try:
+        here, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+
 @dataclass
 class RunDir:
     """A run directory: manifest.json, results.csv, outcomes.arrow, run.log, held under a lock while a run writes.
@@ -353,21 +365,30 @@ class RunDir:
         return self.path / MANIFEST
 
     def _acquire(self) -> None:
-        lock = FileLock(str(self.path / LOCK))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise LesionbenchError(
-                f"another lesionbench run is writing to {str(self.path)!r} (it holds {LOCK}); wait for it to finish"
-            ) from None
-        self._lock = lock
+        """Take ``.lock``. A finished run removes the file (so none is left behind): a lock taken on a file
+        that was removed meanwhile guards nothing, so it is taken again on the file now at the path."""
+        path = self.path / LOCK
+        for _attempt in range(5):
+            lock = FileLock(str(path))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise LesionbenchError(
+                    f"another lesionbench run is writing to {str(self.path)!r} (it holds {LOCK}); wait for it to finish"
+                ) from None
+            if _holds(lock, path):
+                self._lock = lock
+                return
+            lock.release()
+        raise LesionbenchError(f"could not lock {str(path)!r}: other runs keep starting and finishing in {str(self.path)!r}")
 
     def close(self) -> None:
-        """Close the outcomes file and release the lock (the directory stays as it is)."""
+        """Close the outcomes file and release the lock, removing ``.lock`` (the rest stays as it is)."""
         if self._outcomes is not None:
             self._outcomes.close()
             self._outcomes = None
         if self._lock is not None:
+            (self.path / LOCK).unlink(missing_ok=True)  # while still held: see _acquire
             self._lock.release()
             self._lock = None
 
@@ -413,6 +434,7 @@ class RunDir:
         except OSError as exc:
             run.close()
             raise LesionbenchError(f"cannot write the run directory {str(run.path)!r}: {exc.strerror or exc}") from None
+        run.note(f"run started: lesionbench {lesionbench.__version__}, torch {torch.__version__}, fingerprint {fingerprint}")
         return run
 
     @classmethod

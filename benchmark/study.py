@@ -9,9 +9,11 @@ and the manifest's copy of the study all come from these declarations.
 
 from __future__ import annotations
 
+import numbers
 import tomllib
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -261,11 +263,12 @@ def validate_scalars(study: Study) -> None:
         raise LesionbenchError("study gives both 'layers' and 'layer_count': name the layers or count them, not both")
 
 
-def parse_toml(text: str, default_name: str = "study", base_dir: Path | None = None) -> Study:
+def parse_toml(text: str, default_name: str = "study", base_dir: Path | None = None, source: str | None = None) -> Study:
+    """A study from TOML text; ``source`` (a file's path, a preset's name) is named in a syntax error."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise LesionbenchError(f"study is not valid TOML: {exc}") from None
+        raise LesionbenchError(f"{source or 'study'} is not valid TOML: {exc}") from None
     return parse_study(data, default_name, base_dir)
 
 
@@ -275,10 +278,11 @@ def load_study(name_or_path: str, presets: dict[str, StudyPreset]) -> Study:
     if path.suffix == ".toml" or path.is_file():
         if not path.is_file():
             raise LesionbenchError(f"study file {name_or_path!r} does not exist")
-        return parse_toml(path.read_text(), default_name=path.stem, base_dir=path.parent)
+        return parse_toml(path.read_text(), default_name=path.stem, base_dir=path.parent,
+                          source=f"study file {name_or_path!r}")  # fmt: skip
     if name_or_path not in presets:
         raise unknown_name("study", name_or_path, presets)
-    return parse_toml(presets[name_or_path].toml, default_name=name_or_path)
+    return parse_toml(presets[name_or_path].toml, default_name=name_or_path, source=f"study preset {name_or_path!r}")
 
 
 def with_overrides(study: Study, **overrides: Any) -> Study:
@@ -301,7 +305,7 @@ def with_overrides(study: Study, **overrides: Any) -> Study:
         elif key in ("data", "dataset", "n_images"):
             dataset_changes[{"data": "path", "dataset": "name"}.get(key, key)] = value
         elif key == "levels":
-            changes["levels"] = {p: tuple(value) for p in overrides.get("perturbations") or study.perturbations}
+            changes["levels"] = _levels_override(study, value, overrides.get("perturbations"))
         elif key in ("layers", "perturbations"):
             changes[key] = tuple(value)
         elif key in options:
@@ -321,6 +325,21 @@ def with_overrides(study: Study, **overrides: Any) -> Study:
     out = replace(study, **changes)
     validate_scalars(out)
     return out
+
+
+def _levels_override(study: Study, value: Any, perturbations: Sequence[str] | None) -> dict[str, tuple[float, ...]]:
+    """``levels``: one list of numbers for every perturbation, or (as a study file's ``[levels]`` table) a
+    mapping perturbation → list; perturbations a mapping leaves out keep the study's levels."""
+    def grid(where: str, given: Any) -> tuple[float, ...]:
+        if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or not given or not all(
+                isinstance(x, numbers.Real) and not isinstance(x, bool) for x in given):  # fmt: skip
+            raise LesionbenchError(f"{where} must be a non-empty list of numbers, got {given!r}")
+        return tuple(float(x) for x in given)
+
+    if isinstance(value, Mapping):
+        return {**study.levels, **{str(p): grid(f"levels[{p!r}]", v) for p, v in value.items()}}
+    one = grid("levels (one list for every perturbation, or a mapping perturbation → list)", value)
+    return {p: one for p in perturbations or study.perturbations}
 
 
 def default_of(name: str) -> Any:

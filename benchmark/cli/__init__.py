@@ -60,6 +60,15 @@ err_console = make_console(stderr=True)
 log = logging.getLogger("lesionbench")
 
 
+def print_table(console: Console, table: Table) -> None:
+    """Print ``table``; off a terminal (CI logs, ``> file``) its title goes on a line of its own above it,
+    since rich wraps a title to the table's width (a long title became four centred lines)."""
+    if table.title and not console.is_terminal:
+        title, table.title = table.title, None
+        console.print(str(title), markup=False, highlight=False, soft_wrap=True)
+    console.print(table)
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -127,6 +136,12 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
     add_study_options(parser)
 
 
+def _kind(text: str) -> str:
+    """``list``'s kind: the plural, or its singular (``model`` → ``models``)."""
+    plural = {singular: kind for kind, singular in SINGULAR.items()}
+    return plural.get(text, text)
+
+
 def _sub(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -169,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_arguments(plan)
 
     lst = _sub(sub, "list", "list models, perturbations, datasets or studies")
-    lst.add_argument("kind", choices=sorted(KINDS), help="what to list")
+    lst.add_argument("kind", type=_kind, choices=sorted(KINDS), metavar="{" + ",".join(sorted(KINDS)) + "}",
+                     help="what to list (the singular works too: list model)")
 
     _sub(sub, "plugins", "list loaded plugins, their distributions and what each contributes")
 
@@ -226,7 +242,7 @@ def cmd_list(args) -> int:
             table.add_row(name, c.plugin, *_level_columns(c.obj), c.description)
         else:
             table.add_row(name, c.plugin, c.description)
-    console.print(table)
+    print_table(console, table)
     _report_failures(registry)
     return 0
 
@@ -262,7 +278,7 @@ def cmd_plugins(args) -> int:
                       ", ".join(sorted(contributed[name])) or "(nothing)")  # fmt: skip
     for failure in registry.failures:
         table.add_row(failure.plugin, "[red]failed[/red]", "", f"{failure.stage}: {failure.message}")
-    console.print(table)
+    print_table(console, table)
     return 0
 
 
@@ -383,7 +399,7 @@ def _print_plan(study, registry) -> int:
     for r in rows:
         cells = f"{r.cells:,}" + (f" (+ up to {r.extra_cells:,})" if r.extra_cells else "")
         table.add_row(r.model, str(r.layers), str(r.blocks), cells, f"{r.pass_seconds:.2f} s", clock_text(r.seconds))
-    console.print(table)
+    print_table(console, table)
     total = sum(r.cells for r in rows)
     seconds = sum(r.seconds for r in rows)
     extra = sum(r.extra_cells for r in rows)

@@ -6,6 +6,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from lesionbench.cli import print_table
 from lesionbench.leaderboard import format_critical
 from lesionbench.scores import layer_scores
 from lesionbench.study import Study
@@ -30,7 +31,7 @@ def print_summary(df: pd.DataFrame, study: Study, console: Console) -> None:
                 style = "red" if r.verdict == "critical" else "green"
                 cells.append(f"[{style}]{r.score:.2f}[/{style}] / {format_critical(r.critical_level, r.max_level, r.level_axis)}")
             table.add_row(layer[1], *cells)
-        console.print(table)
+        print_table(console, table)
         for p in perts:
             pg = g[g["perturbation"] == p]
             w = pg.loc[pg["score"].idxmin()]
