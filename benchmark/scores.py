@@ -459,7 +459,8 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     clean_reps = {(m, d): acc[i] for i, (m, d) in enumerate(zip(clean["model"], clean["dataset"]))}
     # curve points: draws resampled within each level
     group = cells.groupby(GROUP + ["level"], sort=True).ngroup().to_numpy()  # = the rows of c, in order
-    curve = _resample_draws(acc[n_clean:], group, len(c), rng)
+    curve = _resample_draws(acc[n_clean:], group, len(c), rng, scale=draw_quantile_factor(c))
+    curve[_draw_variance_unknown(c)] = np.nan  # no interval where one draw of a random damage is all there is
     band_low, band_high = interval(curve, axis=1)
     c = c.assign(band_low=band_low, band_high=band_high)
     # retention, then layer scores and critical levels, per replicate
@@ -476,8 +477,14 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
 
 
 def _resample_draws(acc: np.ndarray, group: np.ndarray, n_groups: int, rng: np.random.Generator,
-                    chunk: int = 4_000_000) -> np.ndarray:  # fmt: skip
-    """Mean over each group's draws, the draws resampled with replacement per replicate: [n_groups, B]."""
+                    chunk: int = 4_000_000, adjust: bool = True, scale: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Mean over each group's draws, the draws resampled with replacement per replicate: [n_groups, B].
+
+    ``adjust``: the resampled mean's deviation from the group's own mean is inflated by sqrt(d/(d−1))
+    (d draws), Davison & Hinkley's adjusted two-stage resampling (1997, *Bootstrap Methods and their
+    Application*, §3.8): plain resampling of d draws keeps only (d−1)/d of the between-draw variance
+    (half at 2 draws), the adjusted one all of it. ``scale`` [n_groups]: a further factor per group
+    (:func:`draw_quantile_factor`)."""
     B = acc.shape[1]
     out = np.full((n_groups, B), np.nan)
     order = np.argsort(group, kind="stable")
@@ -489,13 +496,70 @@ def _resample_draws(acc: np.ndarray, group: np.ndarray, n_groups: int, rng: np.r
         if d == 1:
             out[gs] = acc[members[:, 0]]
             continue
+        inflate = math.sqrt(d / (d - 1)) if adjust else 1.0
+        inflate = inflate * (scale[gs] if scale is not None else np.ones(len(gs)))[:, None]  # [groups, 1]
         step = max(1, chunk // (B * d))
         for a in range(0, len(gs), step):
             m = members[a : a + step]
             pick = rng.integers(0, d, size=(len(m), B, d))
             rows = np.take_along_axis(np.broadcast_to(m[:, None, :], pick.shape), pick, axis=2)
-            out[gs[a : a + step]] = acc[rows, np.arange(B)[None, :, None]].mean(axis=2)
+            centre = acc[m, :].mean(axis=1)  # [groups, B]: the mean of the level's own draws
+            drawn = acc[rows, np.arange(B)[None, :, None]].mean(axis=2)
+            out[gs[a : a + step]] = centre + inflate[a : a + step] * (drawn - centre)
     return out
+
+
+def draw_quantile_factor(c: pd.DataFrame, confidence: float = CONFIDENCE) -> np.ndarray:
+    """Per row of :func:`curves` ``c``: t(ν) / z, the widening of its draw deviations that turns the
+    normal quantile of a percentile interval into Student's t with the layer score's degrees of freedom ν.
+
+    A layer score is a weighted sum S = Σ w_l·mean_l over its levels (trapezoid weights w_l), so its
+    between-draw variance is V = Σ w_l²·s_l²/d_l, estimated from the d_l draws of each level with
+    d_l − 1 degrees of freedom each (draw effects of different levels are independent); ν is
+    Satterthwaite's (1946, *Biometrics Bulletin* 2:110) ν = V² / Σ (w_l²·s_l²/d_l)² / (d_l − 1).
+    Levels with one draw add nothing; a layer without draw variance gets factor 1. Returns float64 [len(c)].
+    """
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    factor = np.ones(len(c))
+    for _key, idx in c.groupby(GROUP, sort=False).indices.items():
+        g = c.iloc[idx]
+        keep = (g["level"] > 0).to_numpy() if g["level_axis"].iloc[0] == "log" else np.ones(len(g), bool)
+        x = to_axis(g["level"].to_numpy()[keep], g["level_axis"].iloc[0])
+        if len(x) < 1:
+            continue
+        order = np.argsort(x, kind="stable")
+        xs = x[order]
+        w = np.ones(1) if len(xs) == 1 or xs[-1] == xs[0] else np.diff(np.concatenate([[xs[0]], (xs[1:] + xs[:-1]) / 2, [xs[-1]]]))
+        weights = np.zeros(len(x))
+        weights[order] = w
+        n = g["n"].to_numpy()[keep].astype(float)
+        part = weights**2 * g["std"].to_numpy()[keep] ** 2 / n
+        multi = n > 1
+        denom = (part[multi] ** 2 / (n[multi] - 1)).sum()
+        if denom <= 0:
+            continue
+        nu = part[multi].sum() ** 2 / denom
+        factor[idx] = stats.t.ppf(0.5 + confidence / 2, nu) / z
+    return factor
+
+
+def _draw_variance_unknown(c: pd.DataFrame) -> np.ndarray:
+    """Rows of :func:`curves` ``c`` whose layer × perturbation has a single draw at every level although
+    its damage is random (not a ``deterministic`` perturbation): the between-draw variance, which can
+    be as large as the images', cannot be estimated, so the layer gets no interval and no significance
+    call rather than one that holds the images' variance only. A perturbation the installed plugins do
+    not know counts as random."""
+    single = c.groupby(GROUP, sort=False)["n"].transform("max").to_numpy() <= 1
+    if not single.any():
+        return single
+    try:
+        from lesionbench.registry import get_registry
+
+        known = get_registry().contributions("perturbations")
+    except Exception:  # noqa: BLE001 - a broken plugin must not stop scoring; unknown counts as random
+        known = {}
+    fixed = {name for name, contribution in known.items() if getattr(contribution.obj, "deterministic", False)}
+    return single & ~c["perturbation"].str.split("+").str[0].isin(fixed).to_numpy()  # "quantize+bn_recalibrate"
 
 
 def _layer_replicates(scores: pd.DataFrame, c: pd.DataFrame, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
