@@ -105,6 +105,7 @@ class Tally:
     cells: int = 0
     largest_gap: float = 0.0  # largest |draw 1 − draw 2|
     withheld: int = 0  # studies whose layer scores got no interval (one draw of a random damage)
+    gate_false_alarm: int = 0  # studies where the gate would fail B against A (equal truth)
 
     def row(self) -> dict:
         """Fractions of the studies that got intervals (NaN when none did), plus ``withheld``."""
@@ -112,20 +113,31 @@ class Tally:
         out = {f"cover_{k}": v / scored if scored else np.nan for k, v in (self.cover or {}).items()}
         out["equal_models_split"] = self.equal_models_split / scored if scored else np.nan
         out["equal_layers_split"] = self.equal_layers_split / scored if scored else np.nan
+        out["gate_false_alarm"] = self.gate_false_alarm / scored if scored else np.nan
         out["noisy_cells"] = self.noisy_cells / max(1, self.cells)
         out["largest_gap"] = self.largest_gap
         out["withheld"] = self.withheld / self.studies
         return out
 
 
+def _flagged(b, new: int, base: int, max_drop: float) -> bool:
+    """What ``lesionbench compare`` calls a regression of layer row ``new`` against ``base``: a drop of
+    more than ``max_drop`` whose 95% interval lies below 0."""
+    delta = b.layers["score"].iloc[new] - b.layers["score"].iloc[base]
+    _low, high = interval(b.score_reps[new] - b.score_reps[base])
+    return bool(delta < -max_drop and high < 0)
+
+
 def run(classes: int, draws: int, spread: float, studies: int = 200, n_images: int = 500, replicates: int = 400,
-        seed: int = 0) -> dict:  # fmt: skip
+        seed: int = 0, max_drop: float = 0.05) -> dict:  # fmt: skip
     """Coverage of the 95% intervals over ``studies`` simulated studies, and split rates.
 
     Returns a dict: ``cover_<layer>`` for each layer kind, ``cover_overall`` (model A's overall
     score), ``cover_difference`` (fragile − robust of model A), ``equal_models_split`` (A and B,
     equal in truth, get different ranks), ``equal_layers_split`` (middle and twin, equal in truth,
-    called different beyond doubt), ``withheld`` (studies without intervals: one draw of a random
+    called different beyond doubt), ``gate_false_alarm`` (``lesionbench compare``'s rule, a drop of more
+than ``max_drop`` whose interval excludes 0, fails B against A on some layer: the gate's false alarms
+for a re-run with another seed on the same images), ``withheld`` (studies without intervals: one draw of a random
 damage, see :func:`lesionbench.scores.bootstrap`; the other fractions are of the rest), ``noisy_cells`` and ``largest_gap`` (how large the simulated
     draw effects are: see the module docstring). Same arguments → same numbers.
     """
@@ -150,6 +162,7 @@ damage, see :func:`lesionbench.scores.bootstrap`; the other fractions are of the
         ranks = b.overall("sim", ["p"]).set_index("model")["rank"]
         t.equal_models_split += ranks["A"] != ranks["B"]
         t.equal_layers_split += bool(b.distinguishable(rows["A", "middle"], rows["A", "twin"]))
+        t.gate_false_alarm += any(_flagged(b, rows["B", layer], rows["A", layer], max_drop) for layer in SLOPES)
         if draws >= 2:
             cells = df[df["perturbation"] != "clean"]
             g = cells.groupby(["model", "layer", "level"])["top1"]

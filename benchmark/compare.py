@@ -30,7 +30,9 @@ _SIDES = ("\x1fnew", "\x1fbase")
 
 @dataclass
 class Comparison:
-    table: pd.DataFrame  # one row per matched quantity: what, new, baseline, delta, low, high, significant, regression
+    table: pd.DataFrame  # one row per matched quantity: what, new, baseline, verdict_new, verdict_base (critical /
+    # robust / undetermined, from the intervals as on the leaderboard; "" for clean accuracies), delta, low, high,
+    # significant, regression
     only_new: list[str]
     only_baseline: list[str]
     # the same, summarised per model and perturbation; and where the two runs are not alike
@@ -63,14 +65,15 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
         raise LesionbenchError("the two results tables share no model × layer × perturbation to compare")
     rows = [
         dict(model=r.model, dataset=r.dataset, what=f"{r.layer} · {r.perturbation} score", layer=r.layer,
-             perturbation=r.perturbation, new=r.score_new, baseline=r.score_base)  # fmt: skip
+             perturbation=r.perturbation, new=r.score_new, baseline=r.score_base, verdict_new=r.verdict_new,
+             verdict_base=r.verdict_base)  # fmt: skip
         for r in both.itertuples()
     ]
     for label, m in (("clean top-1", "top1"), ("clean top-5", "top5")):
         a, b = clean_accuracy(new, m), clean_accuracy(baseline, m)
         for r in a.merge(b, on=["model", "dataset"], suffixes=("_new", "_base")).itertuples():
             rows.append(dict(model=r.model, dataset=r.dataset, what=label, layer="", perturbation=m, new=r.clean_new,
-                             baseline=r.clean_base))  # fmt: skip
+                             baseline=r.clean_base, verdict_new="", verdict_base=""))  # fmt: skip
     out = pd.DataFrame(rows)
     out["delta"] = out["new"] - out["baseline"]
     out["low"], out["high"] = np.nan, np.nan
@@ -125,6 +128,8 @@ def _intervals(out: pd.DataFrame, new: pd.DataFrame, baseline: pd.DataFrame, new
             ib = index.get((r["model"] + _SIDES[1], db, r["layer"], r["perturbation"]))
             a = boot.score_reps[ia] if ia is not None else None
             b = boot.score_reps[ib] if ib is not None else None
+            if ia is not None and ib is not None:  # the verdicts from the intervals, as the leaderboard's
+                out.loc[i, "verdict_new"], out.loc[i, "verdict_base"] = boot.layers["verdict"].iloc[[ia, ib]]
         if a is not None and b is not None:
             out.loc[i, "low"], out.loc[i, "high"] = interval(a - b)
     return bool(out["low"].notna().any())
@@ -224,9 +229,10 @@ def to_markdown(c: Comparison, max_drop: float, show_all: bool = False) -> str:
             flag = "❌ regression" if r.regression else ("⬆" if r.delta >= 0.0005 else "")
             if not r.regression and r.delta < -max_drop - 1e-12:
                 flag = "not significant"
+            verdict = r.verdict_base if r.verdict_base == r.verdict_new else f"{r.verdict_base} → {r.verdict_new}"
             rows.append({"model": md(r.model), "dataset": md(r.dataset), "quantity": md(r.what),
                          "baseline": f"{r.baseline:.3f}", "new": f"{r.new:.3f}",
-                         "Δ [95% interval]" if c.tested else "Δ": change, "": flag})  # fmt: skip
+                         "Δ [95% interval]" if c.tested else "Δ": change, "verdict": verdict, "": flag})  # fmt: skip
         lines += [table(rows), ""]
     for title, summary in (("Only in new", c.only_new_summary), ("Only in baseline (not compared)", c.only_baseline_summary)):
         if summary:
