@@ -250,7 +250,8 @@ def run(
             parsed = replace(parsed, models=tuple(ModelSpec(n) for n in modules))
     if data is not None:
         dataset = replace(parsed.dataset, name=dataset_name, path=None, split="test",
-                          n_images=options.pop("n_images", None))  # fmt: skip
+                          n_images=options.pop("n_images", None),
+                          subset_seed=options.pop("subset_seed", parsed.dataset.subset_seed))  # fmt: skip
         parsed = replace(parsed, dataset=dataset)
     parsed = with_overrides(parsed, **options)
     modes = {n: m.training for n, m in modules.items()}

@@ -58,19 +58,19 @@ def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: Ev
 
 
 def chance_warning(name: str, clean: EvalResult, num_classes: int, metric: str) -> str:
-    """A one-line warning when a model's clean accuracy is no better than guessing, else "".
+    """A one-line warning when a model's clean accuracy is not beyond chance, else "".
 
-    At chance means within three binomial standard errors of k/classes (top-k) over the
-    evaluated images, or below it: 0.1 ± 0.04 on 500 Fashion-MNIST images, at most 1 hit in
-    100 ImageNet images for top-1.
+    Beyond chance is :func:`lesionbench.scores.beyond_chance` (a one-sided exact binomial test at
+    level 0.05 against k/classes for top-k over the evaluated images): such a model is not scored.
     """
-    k = {"top1": 1, "top5": 5}[metric]
-    chance = min(1.0, k / num_classes)
+    from lesionbench.scores import NOT_SCORED, beyond_chance, chance_level
+
+    chance = chance_level(metric, num_classes)
     accuracy, n = float(getattr(clean, metric)), max(1, clean.n_images)
-    if chance >= 1.0 or accuracy > chance + 3 * math.sqrt(chance * (1 - chance) / n):
+    if chance >= 1.0 or beyond_chance(accuracy, n, chance):
         return ""
     return (f"{name}: clean {metric} accuracy {accuracy:.3f} on {clean.n_images} images is at chance ({chance:g}); "
-            "were its weights loaded? Its layer scores will mean nothing.")  # fmt: skip
+            f"were its weights loaded? It is {NOT_SCORED}.")  # fmt: skip
 
 
 class ModelRunner:

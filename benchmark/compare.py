@@ -22,14 +22,17 @@ from lesionbench.store import CLEAN, Outcomes
 
 KEYS = ["model", "dataset", "layer", "perturbation"]
 TEST = ("paired bootstrap test: images resampled jointly for both runs (an image both evaluated counts for "
-        "both in every replicate), draws resampled within each level; significant when the two-sided 95% "
-        "percentile interval of the change excludes 0")  # fmt: skip
+        "both in every replicate; runs on different images are not paired), draws resampled within each level "
+        "with their full between-draw variance; significant when the two-sided 95% interval of the change "
+        "excludes 0")  # fmt: skip
 _SIDES = ("\x1fnew", "\x1fbase")
 
 
 @dataclass
 class Comparison:
-    table: pd.DataFrame  # one row per matched quantity: what, new, baseline, delta, low, high, significant, regression
+    table: pd.DataFrame  # one row per matched quantity: what, new, baseline, verdict_new, verdict_base (critical /
+    # robust / undetermined, from the intervals as on the leaderboard; "" for clean accuracies), delta, low, high,
+    # significant, regression
     only_new: list[str]
     only_baseline: list[str]
     # the same, summarised per model and perturbation; and where the two runs are not alike
@@ -62,14 +65,15 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
         raise LesionbenchError("the two results tables share no model × layer × perturbation to compare")
     rows = [
         dict(model=r.model, dataset=r.dataset, what=f"{r.layer} · {r.perturbation} score", layer=r.layer,
-             perturbation=r.perturbation, new=r.score_new, baseline=r.score_base)  # fmt: skip
+             perturbation=r.perturbation, new=r.score_new, baseline=r.score_base, verdict_new=r.verdict_new,
+             verdict_base=r.verdict_base)  # fmt: skip
         for r in both.itertuples()
     ]
     for label, m in (("clean top-1", "top1"), ("clean top-5", "top5")):
         a, b = clean_accuracy(new, m), clean_accuracy(baseline, m)
         for r in a.merge(b, on=["model", "dataset"], suffixes=("_new", "_base")).itertuples():
             rows.append(dict(model=r.model, dataset=r.dataset, what=label, layer="", perturbation=m, new=r.clean_new,
-                             baseline=r.clean_base))  # fmt: skip
+                             baseline=r.clean_base, verdict_new="", verdict_base=""))  # fmt: skip
     out = pd.DataFrame(rows)
     out["delta"] = out["new"] - out["baseline"]
     out["low"], out["high"] = np.nan, np.nan
@@ -85,7 +89,7 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
         only_new_summary=summarise_missing(merged[merged["_merge"] == "left_only"], bs),
         only_baseline_summary=summarise_missing(merged[merged["_merge"] == "right_only"], ns),
         tested=tested,
-        warnings=differences(new, baseline),
+        warnings=list(_other_images(new, baseline, new_outcomes, base_outcomes).values()) + differences(new, baseline),
     )
 
 
@@ -96,9 +100,12 @@ def _intervals(out: pd.DataFrame, new: pd.DataFrame, baseline: pd.DataFrame, new
         return False
     if not ((new["outcome"] >= 0).any() and (baseline["outcome"] >= 0).any()):
         return False
+    unpaired = set(_other_images(new, baseline, new_outcomes, base_outcomes))
     tagged = []
     for side, df, offset in ((_SIDES[0], new, 0), (_SIDES[1], baseline, len(new_outcomes))):
         t = df.copy()
+        apart = t["model"].isin(unpaired)  # other images: each run's images resampled on their own
+        t.loc[apart, "dataset"] = t.loc[apart, "dataset"] + side
         t["model"] = t["model"] + side
         t["outcome"] = np.where(t["outcome"] >= 0, t["outcome"] + offset, -1)
         tagged.append(t)
@@ -112,17 +119,43 @@ def _intervals(out: pd.DataFrame, new: pd.DataFrame, baseline: pd.DataFrame, new
     cleans = {"top1": boot.clean if metric == "top1" else bootstrap(both[both["perturbation"] == CLEAN], outcomes,
                                                                       "top1", replicates, seed).clean, "top5": clean5}  # fmt: skip
     for i, r in out.iterrows():
+        da, db = (r["dataset"] + side if r["model"] in unpaired else r["dataset"] for side in _SIDES)
         if r["layer"] == "" and r["perturbation"] in cleans:
-            a = cleans[r["perturbation"]].get((r["model"] + _SIDES[0], r["dataset"]))
-            b = cleans[r["perturbation"]].get((r["model"] + _SIDES[1], r["dataset"]))
+            a = cleans[r["perturbation"]].get((r["model"] + _SIDES[0], da))
+            b = cleans[r["perturbation"]].get((r["model"] + _SIDES[1], db))
         else:
-            ia = index.get((r["model"] + _SIDES[0], r["dataset"], r["layer"], r["perturbation"]))
-            ib = index.get((r["model"] + _SIDES[1], r["dataset"], r["layer"], r["perturbation"]))
+            ia = index.get((r["model"] + _SIDES[0], da, r["layer"], r["perturbation"]))
+            ib = index.get((r["model"] + _SIDES[1], db, r["layer"], r["perturbation"]))
             a = boot.score_reps[ia] if ia is not None else None
             b = boot.score_reps[ib] if ib is not None else None
+            if ia is not None and ib is not None:  # the verdicts from the intervals, as the leaderboard's
+                out.loc[i, "verdict_new"], out.loc[i, "verdict_base"] = boot.layers["verdict"].iloc[[ia, ib]]
         if a is not None and b is not None:
             out.loc[i, "low"], out.loc[i, "high"] = interval(a - b)
     return bool(out["low"].notna().any())
+
+
+def _images_of(df: pd.DataFrame, outcomes: Outcomes) -> dict[str, frozenset]:
+    """Per model: the (dataset, split, index) of every image its clean row evaluated."""
+    out = {}
+    clean = df[(df["perturbation"] == CLEAN) & (df["outcome"] >= 0)].drop_duplicates("model")
+    for model, row in zip(clean["model"], clean["outcome"]):
+        cols = np.flatnonzero(outcomes.top1[int(row)] >= 0)
+        img = outcomes.images.iloc[cols]
+        out[model] = frozenset(zip(img["dataset"], img["split"], img["index"]))
+    return out
+
+
+def _other_images(new: pd.DataFrame, baseline: pd.DataFrame, new_outcomes: Outcomes | None,
+                  base_outcomes: Outcomes | None) -> dict[str, str]:  # fmt: skip
+    """Models whose two runs evaluated different images, each with a one-line description."""
+    if new_outcomes is None or base_outcomes is None or "outcome" not in new or "outcome" not in baseline:
+        return {}
+    a, b = _images_of(new, new_outcomes), _images_of(baseline, base_outcomes)
+    return {m: (f"{m}: the runs evaluated different images ({len(a[m])} in new, {len(b[m])} in baseline, "
+                f"{len(a[m] & b[m])} in common; an older run's subset followed the study seed): its changes are "
+                "not paired, each run's images are resampled on their own")
+            for m in sorted(set(a) & set(b)) if a[m] != b[m]}  # fmt: skip
 
 
 def summarise_missing(missing: pd.DataFrame, other: pd.DataFrame, most: int = 6) -> list[str]:
@@ -196,9 +229,10 @@ def to_markdown(c: Comparison, max_drop: float, show_all: bool = False) -> str:
             flag = "❌ regression" if r.regression else ("⬆" if r.delta >= 0.0005 else "")
             if not r.regression and r.delta < -max_drop - 1e-12:
                 flag = "not significant"
+            verdict = r.verdict_base if r.verdict_base == r.verdict_new else f"{r.verdict_base} → {r.verdict_new}"
             rows.append({"model": md(r.model), "dataset": md(r.dataset), "quantity": md(r.what),
                          "baseline": f"{r.baseline:.3f}", "new": f"{r.new:.3f}",
-                         "Δ [95% interval]" if c.tested else "Δ": change, "": flag})  # fmt: skip
+                         "Δ [95% interval]" if c.tested else "Δ": change, "verdict": verdict, "": flag})  # fmt: skip
         lines += [table(rows), ""]
     for title, summary in (("Only in new", c.only_new_summary), ("Only in baseline (not compared)", c.only_baseline_summary)):
         if summary:

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from lesionbench.class_damage import classes_hurt, hurt_lines
-from lesionbench.scores import (BOOTSTRAP_SEED, METHOD, REPLICATES, Bootstrap, bootstrap, clean_accuracy, interval,
-                                layer_scores)  # fmt: skip
+from lesionbench.scores import (BOOTSTRAP_SEED, METHOD, NOT_SCORED, REPLICATES, Bootstrap, at_chance, bootstrap,
+                                clean_accuracy, interval, layer_scores)  # fmt: skip
 from lesionbench.store import CLEAN, Outcomes
 
 # What a track is called when its manifest gives no dataset title: the data, not the plugin.
@@ -226,7 +226,10 @@ def render_pages(
         "(acc(0) − chance), 0, 1) over the level range, divided by the range — 1 means the layer's "
         "damage never cost accuracy, 0 means chance from the first step. It depends on the level grid, so "
         "models are ranked only on perturbations run with the same grid. **p½**: the level where r "
-        "first falls to 0.5. A layer whose score, to two decimals, is below 0.50 is *critical*.",
+        "first falls to 0.5. **Verdicts**: a layer is *critical* when its score's 95% interval lies below 0.50 "
+        "(printed **bold**), *robust* when it lies at or above 0.50, *undetermined* when it contains 0.50 (printed "
+        "_italic_); without an interval, from the score alone. A model whose clean accuracy is not beyond chance "
+        "(one-sided binomial test, level 0.05) is not scored.",
         "",
     ]
     if boots:
@@ -294,7 +297,8 @@ def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.D
     if left_out:
         lines[-1] += " Not ranked — " + "; ".join(left_out) + "."
     lines.append("")
-    ranking = _ranking(boot, scores, dataset, shared, models)
+    ranking = _ranking(boot, scores, dataset, shared, models) if models else pd.DataFrame(
+        columns=["model", "overall", "low", "high", "rank"])  # every model at chance: none scored
     inline = len(shared) <= MAX_RANKED_COLUMNS
     rows, per_pert = [], {md(p): {"perturbation": md(p)} for p in shared}
     for r in ranking.itertuples():
@@ -322,6 +326,12 @@ def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.D
         row["device"] = md(f.device)
         row["study time"] = f"{evaluation_seconds(used, dg[(dg['model'] == m) & (dg['perturbation'] == CLEAN)]):,.0f} s"
         rows.append(row)
+    unscored = at_chance(dg, metric)
+    for r in unscored.itertuples():
+        f = facts.loc[r.model]
+        row = dict.fromkeys(rows[0] if rows else (), "–")
+        rows.append({**row, "#": "–", "model": f"[{md(r.model)}]({link(r.model)})", "clean top-1":
+                     _fmt(f.clean_top1, 3), "clean top-5": _fmt(f.clean_top5, 3), "overall": NOT_SCORED})  # fmt: skip
     lines += [table(rows), ""]
     lines += [
         "Overall: mean over the ranked perturbations of the mean layer score. Weakest layer, first / last layer "
@@ -337,6 +347,10 @@ def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.D
     details += _by_perturbation(scores, perts)
     details += _class_damage(per_class, scores, shared, class_names)
     sections = {m: _model_section(m, scores[scores["model"] == m], boot, ()) for m in ranking["model"]}
+    for r in unscored.itertuples():
+        sections[r.model] = [f'<a id="{_anchor(r.model)}"></a>', "", f"### {md(r.model)}", "",
+                             f"{NOT_SCORED} ({metric} {r.clean:.3f} on {r.n_images:g} images, chance {r.chance:g}): "
+                             "were its weights loaded?", ""]  # fmt: skip
     return lines, details, sections
 
 
@@ -482,7 +496,7 @@ def _model_section(model: str, scores: pd.DataFrame, boot: Bootstrap | None, lin
             row = {"layer": md(layer), "depth": f"{lg['relative_depth'].iloc[0]:.2f}"}
             for p in group:
                 r = lg[lg["perturbation"] == p].iloc[0]
-                mark = "**" if r.verdict == "critical" else ""
+                mark = {"critical": "**", "undetermined": "_"}.get(r.verdict, "")
                 low, high = getattr(r, "score_low", np.nan), getattr(r, "score_high", np.nan)
                 row[f"{md(p)} score"] = f"{mark}{with_interval(r.score, low, high)}{mark}"
                 row[f"{md(p)} p½"] = critical_with_interval(r)

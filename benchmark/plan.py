@@ -311,7 +311,7 @@ def prepare(study: Study, registry: Registry) -> Plan:
         raw = source.load(study.dataset.path, study.dataset.split)
     if len(raw) == 0:
         raise LesionbenchError(f"dataset {study.dataset.name!r} is empty")
-    indices = stratified_subset(raw.labels, study.dataset.n_images, study.seed)
+    indices = stratified_subset(raw.labels, study.dataset.n_images, study.dataset.subset_seed)  # not study.seed
     calibration = calibration_subset(raw.labels, indices, study) if study.bn_recalibrate else None
     sources = {k: c.obj for k, c in registry.contributions("models").items()}
     models = []
@@ -343,7 +343,7 @@ def calibration_subset(labels: np.ndarray, eval_indices: np.ndarray, study: Stud
             f"bn_recalibrate needs {study.calibration_images} images besides the {len(eval_indices)} evaluated, "
             f"but the dataset has only {len(rest)} more; lower calibration_images or dataset.n_images"
         )
-    return rest[stratified_subset(labels[rest], study.calibration_images, study.seed + 1)]
+    return rest[stratified_subset(labels[rest], study.calibration_images, study.dataset.subset_seed + 1)]
 
 
 def _with_initial(layers: list[Layer], loaded: LoadedModel) -> list[Layer]:

@@ -4,7 +4,9 @@ For each model × layer × perturbation the mean over draws of the score metric 
 acc(p). Its retention r(p) = clip((acc(p) − chance) / (acc(0) − chance), 0, 1) rescales it so that
 1 is the clean model and 0 is chance; the **layer-robustness score** is the area under r over the
 level range divided by that range. The **critical level** p½ is where r first falls to 0.5. A
-layer is *critical* when its score, to two decimals, is below 0.50.
+layer is *critical* when its score, to two decimals, is below 0.50; with a 95% interval, critical
+/ robust / undetermined as the interval lies below, above or across 0.50 (:func:`verdict`). A
+model whose clean accuracy is not beyond chance (a binomial test, :func:`at_chance`) is not scored.
 
 With per-image outcomes (``outcomes.arrow``), :func:`bootstrap` gives every score a 95% interval
 by a paired bootstrap over images and draws, :func:`per_class_accuracy` the accuracy per class.
@@ -54,6 +56,9 @@ def curves(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
     clean = clean_accuracy(df, metric)
     out = out.merge(clean, on=["model", "dataset"], how="left")
+    chance_models = at_chance(df, metric)
+    out["scored"] = ~pd.Series(list(zip(out["model"], out["dataset"]))).isin(
+        set(zip(chance_models["model"], chance_models["dataset"]))).to_numpy()  # fmt: skip
     out["relative_drop"] = (out["mean"] - out["clean"]) / out["clean"]
     out["retention"] = retention(out["mean"], out["clean"], out["chance"])
     return out
@@ -138,10 +143,47 @@ def critical_level(levels, r, threshold: float = 0.5) -> float:
     return math.inf
 
 
-def verdict(score: float) -> str:
-    """"critical" when the score, as printed (two decimals), is below 0.50, else "robust": a layer
-    shown as 0.50 is robust, so label and number never disagree at the boundary."""
-    return "critical" if round(float(score), 2) < 0.5 else "robust"
+VERDICTS = ("critical", "robust", "undetermined")
+NOT_SCORED = "not scored: clean accuracy at chance"
+CHANCE_ALPHA = 0.05
+
+
+def verdict(score: float, low: float = math.nan, high: float = math.nan) -> str:
+    """A layer's verdict, as printed (two decimals), so label and numbers never disagree.
+
+    With a 95% interval [low, high]: "critical" when its upper end is below 0.50, "robust" when its
+    lower end is at least 0.50, "undetermined" when the interval contains the threshold. Without
+    one (no per-image outcomes, or intervals withheld): from the score alone, "critical" below 0.50,
+    else "robust"."""
+    if math.isnan(float(low)) or math.isnan(float(high)):
+        return "critical" if round(float(score), 2) < 0.5 else "robust"
+    if round(float(high), 2) < 0.5:
+        return "critical"
+    return "robust" if round(float(low), 2) >= 0.5 else "undetermined"
+
+
+def beyond_chance(clean: float, n_images: float, chance: float, alpha: float = CHANCE_ALPHA) -> bool:
+    """Is a clean accuracy beyond chance: a one-sided exact binomial test (``scipy.stats.binomtest``,
+    alternative "greater") of round(clean·n_images) hits in ``n_images`` against ``chance`` rejects at
+    level ``alpha``? An unknown image count (NaN, older tables) counts as beyond chance when the
+    accuracy exceeds chance."""
+    if not (n_images == n_images) or n_images <= 0:
+        return bool(clean > chance)
+    n = int(n_images)
+    k = min(n, max(0, int(round(float(clean) * n))))
+    return bool(stats.binomtest(k, n, min(1.0, chance), alternative="greater").pvalue < alpha)
+
+
+def at_chance(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
+    """The models (per dataset) whose clean accuracy is not beyond chance (:func:`beyond_chance`):
+    they are not scored. Columns model, dataset, clean, chance, n_images."""
+    clean = df[df["perturbation"] == CLEAN].drop_duplicates(["model", "dataset"])
+    n = clean["n_images"] if "n_images" in clean.columns else pd.Series(np.nan, index=clean.index)
+    chance = np.array([chance_level(metric, int(k)) for k in clean["num_classes"]])
+    keep = [not beyond_chance(c, m, ch) for c, m, ch in zip(clean[metric], n, chance)]
+    out = pd.DataFrame({"model": clean["model"], "dataset": clean["dataset"], "clean": clean[metric],
+                        "chance": chance, "n_images": n})  # fmt: skip
+    return out[keep].reset_index(drop=True)
 
 
 def to_axis(levels, axis: str) -> np.ndarray:
@@ -169,6 +211,8 @@ def layer_scores(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
 def _scores_of_curves(c: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, g in c.groupby(GROUP, sort=False):
+        if "scored" in g.columns and not g["scored"].iloc[0]:
+            continue  # clean accuracy at chance: not scored (at_chance)
         axis = g["level_axis"].iloc[0]
         if axis == "log":
             g = g[g["level"] > 0]
@@ -459,7 +503,9 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     clean_reps = {(m, d): acc[i] for i, (m, d) in enumerate(zip(clean["model"], clean["dataset"]))}
     # curve points: draws resampled within each level
     group = cells.groupby(GROUP + ["level"], sort=True).ngroup().to_numpy()  # = the rows of c, in order
-    curve = _resample_draws(acc[n_clean:], group, len(c), rng)
+    # V_i = 0 in the factor (conservative): with the binomial V_i the fragile layer covered 0.93 (benchmarks/calibration.py)
+    curve = _resample_draws(acc[n_clean:], group, len(c), rng, scale=draw_quantile_factor(c))
+    curve[_draw_variance_unknown(c)] = np.nan  # no interval where one draw of a random damage is all there is
     band_low, band_high = interval(curve, axis=1)
     c = c.assign(band_low=band_low, band_high=band_high)
     # retention, then layer scores and critical levels, per replicate
@@ -472,12 +518,19 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     s_low, s_high = interval(score_reps, axis=1)
     c_low, c_high = interval(critical_reps, axis=1)
     scores = scores.assign(score_low=s_low, score_high=s_high, critical_low=c_low, critical_high=c_high)
+    scores["verdict"] = [verdict(*v) for v in zip(scores["score"], scores["score_low"], scores["score_high"])]
     return Bootstrap(scores, c, score_reps, B, seed, metric, clean_reps)
 
 
 def _resample_draws(acc: np.ndarray, group: np.ndarray, n_groups: int, rng: np.random.Generator,
-                    chunk: int = 4_000_000) -> np.ndarray:  # fmt: skip
-    """Mean over each group's draws, the draws resampled with replacement per replicate: [n_groups, B]."""
+                    chunk: int = 4_000_000, adjust: bool = True, scale: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Mean over each group's draws, the draws resampled with replacement per replicate: [n_groups, B].
+
+    ``adjust``: the resampled mean's deviation from the group's own mean is inflated by sqrt(d/(d−1))
+    (d draws), Davison & Hinkley's adjusted two-stage resampling (1997, *Bootstrap Methods and their
+    Application*, §3.8): plain resampling of d draws keeps only (d−1)/d of the between-draw variance
+    (half at 2 draws), the adjusted one all of it. ``scale`` [n_groups]: a further factor per group
+    (:func:`draw_quantile_factor`)."""
     B = acc.shape[1]
     out = np.full((n_groups, B), np.nan)
     order = np.argsort(group, kind="stable")
@@ -489,13 +542,80 @@ def _resample_draws(acc: np.ndarray, group: np.ndarray, n_groups: int, rng: np.r
         if d == 1:
             out[gs] = acc[members[:, 0]]
             continue
+        inflate = math.sqrt(d / (d - 1)) if adjust else 1.0
+        inflate = inflate * (scale[gs] if scale is not None else np.ones(len(gs)))[:, None]  # [groups, 1]
         step = max(1, chunk // (B * d))
         for a in range(0, len(gs), step):
             m = members[a : a + step]
             pick = rng.integers(0, d, size=(len(m), B, d))
             rows = np.take_along_axis(np.broadcast_to(m[:, None, :], pick.shape), pick, axis=2)
-            out[gs[a : a + step]] = acc[rows, np.arange(B)[None, :, None]].mean(axis=2)
+            centre = acc[m, :].mean(axis=1)  # [groups, B]: the mean of the level's own draws
+            drawn = acc[rows, np.arange(B)[None, :, None]].mean(axis=2)
+            out[gs[a : a + step]] = centre + inflate[a : a + step] * (drawn - centre)
     return out
+
+
+def draw_quantile_factor(c: pd.DataFrame, n_images: np.ndarray | None = None, confidence: float = CONFIDENCE) -> np.ndarray:
+    """Per row of :func:`curves` ``c``: the widening of its draw deviations that turns the normal
+    quantile of a percentile interval into Student's t with the layer score's degrees of freedom.
+
+    A layer score is a weighted sum S = Σ w_l·mean_l over its levels (trapezoid weights w_l). Its
+    between-draw variance V_d = Σ w_l²·s_l²/d_l is estimated from the d_l draws of each level, with
+    d_l − 1 degrees of freedom each (draw effects of different levels are independent); its image
+    variance V_i ≈ Σ w_l²·m_l(1 − m_l)/n (``n_images`` [len(c)], the binomial variance of each level's
+    mean accuracy m_l) is estimated from many images, with unbounded degrees of freedom. The total
+    has Satterthwaite's (1946, *Biometrics Bulletin* 2:110) ν = (V_i + V_d)² / Σ (w_l²·s_l²/d_l)² /
+    (d_l − 1), and the draw deviations are widened by f with z²·(V_i + f²·V_d) = t(ν)²·(V_i + V_d), so
+    the interval's half-width is t(ν) standard errors. Without ``n_images``, V_i = 0 (the most
+    conservative). Levels with one draw add nothing; a layer without draw variance gets 1. Returns
+    float64 [len(c)].
+    """
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    factor = np.ones(len(c))
+    n_all = np.full(len(c), np.inf) if n_images is None else np.asarray(n_images, dtype=float)
+    for _key, idx in c.groupby(GROUP, sort=False).indices.items():
+        g = c.iloc[idx]
+        keep = (g["level"] > 0).to_numpy() if g["level_axis"].iloc[0] == "log" else np.ones(len(g), bool)
+        x = to_axis(g["level"].to_numpy()[keep], g["level_axis"].iloc[0])
+        if len(x) < 1:
+            continue
+        order = np.argsort(x, kind="stable")
+        xs = x[order]
+        w = np.ones(1) if len(xs) == 1 or xs[-1] == xs[0] else np.diff(np.concatenate([[xs[0]], (xs[1:] + xs[:-1]) / 2, [xs[-1]]]))
+        weights = np.zeros(len(x))
+        weights[order] = w
+        n = g["n"].to_numpy()[keep].astype(float)
+        part = weights**2 * g["std"].to_numpy()[keep] ** 2 / n
+        m = g["mean"].to_numpy()[keep]
+        v_images = float((weights**2 * m * (1 - m) / n_all[idx][keep]).sum())
+        multi = n > 1
+        denom = (part[multi] ** 2 / (n[multi] - 1)).sum()
+        v_draws = part[multi].sum()
+        if denom <= 0 or v_draws <= 0:
+            continue
+        nu = (v_images + v_draws) ** 2 / denom
+        ratio = (stats.t.ppf(0.5 + confidence / 2, nu) / z) ** 2
+        factor[idx] = math.sqrt(max(1.0, (ratio * (v_images + v_draws) - v_images) / v_draws))
+    return factor
+
+
+def _draw_variance_unknown(c: pd.DataFrame) -> np.ndarray:
+    """Rows of :func:`curves` ``c`` whose layer × perturbation has a single draw at every level although
+    its damage is random (not a ``deterministic`` perturbation): the between-draw variance, which can
+    be as large as the images', cannot be estimated, so the layer gets no interval and no significance
+    call rather than one that holds the images' variance only. A perturbation the installed plugins do
+    not know counts as random."""
+    single = c.groupby(GROUP, sort=False)["n"].transform("max").to_numpy() <= 1
+    if not single.any():
+        return single
+    try:
+        from lesionbench.registry import get_registry
+
+        known = get_registry().contributions("perturbations")
+    except Exception:  # noqa: BLE001 - a broken plugin must not stop scoring; unknown counts as random
+        known = {}
+    fixed = {name for name, contribution in known.items() if getattr(contribution.obj, "deterministic", False)}
+    return single & ~c["perturbation"].str.split("+").str[0].isin(fixed).to_numpy()  # "quantize+bn_recalibrate"
 
 
 def _layer_replicates(scores: pd.DataFrame, c: pd.DataFrame, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -42,6 +42,9 @@ class DatasetSpec:
     split: str = option("test", "split of the dataset to evaluate on", numbers=True, flag=False)
     n_images: int | None = option(1000, "size of the seeded, class-stratified evaluation subset", numbers=True,
                                   flag=False, minimum=1)  # fmt: skip
+    subset_seed: int = option(0, "seed of the evaluation subset (and the BatchNorm calibration subset): its own, "
+                              "not the study seed, so a run with another seed evaluates the same images",
+                              numbers="when_on", flag=False, minimum=0)  # fmt: skip
     title: str | None = option(None, "what leaderboards call the data (e.g. 'ImageNet (sample)'; default: a known "
                                "dataset's name, else the plugin's)", flag=False)  # fmt: skip
 
@@ -67,7 +70,8 @@ class Study:
                                      numbers="when_on", minimum=0)  # fmt: skip
     max_draws: int = option(20, "adaptive draws: at most this many draws per layer × level (with target_ci)",
                             numbers="when_on", minimum=1)  # fmt: skip
-    seed: int = option(0, "study seed (cells, subset, random initialisations)", numbers=True, minimum=0)
+    seed: int = option(0, "study seed (cells, random initialisations; the images are dataset.subset_seed's)",
+                       numbers=True, minimum=0)  # fmt: skip
     device: str = option("auto", "cpu, cuda, cuda:1 or auto (cuda when available)")
     batch_size: int = option(256, "evaluation batch size", minimum=1)
     metric: str = option("top1", "what scores are computed from", choices=("top1", "top5"))
@@ -91,7 +95,8 @@ class Study:
                 payload[f.name] = _plain(value)
         # the dataset's own options that do not change the numbers (its title) stay out
         payload["dataset"] = {f.name: _plain(getattr(self.dataset, f.name)) for f in fields(DatasetSpec)
-                              if f.metadata["numbers"] is True}  # fmt: skip
+                              if f.metadata["numbers"] is True or (f.metadata["numbers"] == "when_on"
+                                                                   and getattr(self.dataset, f.name) != f.default)}  # fmt: skip
         if self.bn_recalibrate:
             payload["calibration_images"] = self.calibration_images
         return payload
@@ -290,7 +295,7 @@ def with_overrides(study: Study, **overrides: Any) -> Study:
 
     ``models``, ``layers``, ``perturbations`` take lists (a model reference the study already
     lists keeps its entry: weights, checkpoint, options); ``levels`` one list for every
-    perturbation; ``data``, ``dataset`` and ``n_images`` change the dataset; any other key is a
+    perturbation; ``data``, ``dataset``, ``n_images`` and ``subset_seed`` change the dataset; any other key is a
     study option by name.
     """
     changes: dict[str, Any] = {}
@@ -302,7 +307,7 @@ def with_overrides(study: Study, **overrides: Any) -> Study:
         if key == "models":
             listed = {m.ref: m for m in study.models}
             changes["models"] = tuple(listed.get(m, ModelSpec(m)) for m in value)
-        elif key in ("data", "dataset", "n_images"):
+        elif key in ("data", "dataset", "n_images", "subset_seed"):
             dataset_changes[{"data": "path", "dataset": "name"}.get(key, key)] = value
         elif key == "levels":
             changes["levels"] = _levels_override(study, value, overrides.get("perturbations"))

@@ -1,9 +1,12 @@
 """Weight draw (from Cheney et al.'s own code): replace a random fraction of a layer's weights by
 values drawn from the same tensor.
 
-Level p replaces floor(p·W.numel()) entries of W, chosen uniformly at random, by values drawn
-uniformly with replacement from W's original entries; the bias is treated the same way on its own.
-The layer keeps its weight distribution but loses the arrangement that carried what it learned.
+Level p replaces floor(p·W.numel()) entries of W, chosen uniformly at random, by as many of W's
+original entries drawn uniformly *without* replacement, as the authors' ``perturb_weights.py``
+(kreimanlab/neural_net_robustness) does with ``random.sample``: at p = 1 the layer's weights are a
+random permutation of themselves. The bias is treated the same way on its own. The layer keeps its
+weight distribution but loses the arrangement that carried what it learned. (Runs made before this
+change drew the values with replacement: their weight_draw rows differ.)
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from lesionbench.plugins.synapse_knockout import LEVELS
 
 
 def redraw_entries(tensor: torch.Tensor, fraction: float, generator: torch.Generator) -> None:
-    """Replace floor(fraction·numel) random entries by draws (with replacement) from the tensor."""
+    """Replace floor(fraction·numel) random entries by as many distinct entries of the tensor (drawn
+    without replacement, the authors' ``random.sample``), in place."""
     n = tensor.numel()
     k = count_for(fraction, n)
     if k == 0:
         return
     values = tensor.detach().reshape(-1).cpu()  # a copy when not contiguous; the original values
     positions = torch.randperm(n, generator=generator)[:k]
-    sources = torch.randint(0, n, (k,), generator=generator)
+    sources = torch.randperm(n, generator=generator)[:k]
     replacement = torch.zeros(n, dtype=tensor.dtype)
     replacement[positions] = values[sources].to(tensor.dtype)
     tensor.copy_(torch.where(positions_mask(tensor, positions), replacement.view(tensor.shape).to(tensor.device), tensor))

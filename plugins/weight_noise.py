@@ -1,7 +1,8 @@
 """Weight noise (Cheney et al. 2017): add Gaussian noise scaled to each tensor's own spread.
 
 Level p adds N(0, (p·std(W))²) to every weight and, separately, N(0, (p·std(b))²) to every
-bias; std is taken over the unperturbed tensor. A one-element bias has no spread and is left
+bias; std is the population standard deviation (ddof 0, the authors' ``np.std`` in
+kreimanlab/neural_net_robustness ``perturb_weights.py``) of the unperturbed tensor. A one-element bias has no spread and is left
 as it is. Integer tensors (an int8 model's stored codes) get the noise added to the code, rounded
 to the nearest code and saturated at the dtype's range.
 """
@@ -21,7 +22,7 @@ def add_scaled_noise(tensor: torch.Tensor, level: float, generator: torch.Genera
     """tensor += N(0, (level·std(tensor))²), drawn on the CPU from ``generator``."""
     if tensor.numel() < 2 or level == 0:
         return
-    std = tensor.detach().float().std().item()
+    std = tensor.detach().float().std(correction=0).item()  # np.std, as the authors' code
     noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).mul_(level * std)  # in place: no
     if tensor.is_floating_point():  # second 151 MB buffer for AlexNet's fc6
         tensor.add_(noise.to(device=tensor.device, dtype=tensor.dtype))

@@ -72,7 +72,8 @@ def test_plain_progress_prints_counts_and_eta_at_an_interval():
 
 
 def test_a_run_in_ci_prints_progress_lines_and_a_warning_for_a_model_at_chance(study, tmp_path, capsys):
-    assert main(["run", str(study), "--out", str(tmp_path / "run")]) == 0
+    """The model at chance is not scored: the summary and the leaderboard say so, and the exit status is 3."""
+    assert main(["run", str(study), "--out", str(tmp_path / "run")]) == cli.NOT_SCORED_EXIT == 3
     captured = capsys.readouterr()
     lines = [l for l in captured.out.splitlines() if l.startswith("progress: ")]
     assert lines and lines[-1].startswith("progress: 4/4 cells (100.0%)")
@@ -80,6 +81,9 @@ def test_a_run_in_ci_prints_progress_lines_and_a_warning_for_a_model_at_chance(s
     warnings = [l for l in captured.err.splitlines() if "at chance" in l]
     assert len(warnings) == 1 and warnings[0].startswith("lesionbench: warning: fashion_alexnet: clean top1")
     assert "at chance" in (tmp_path / "run" / "run.log").read_text()
+    assert "fashion_alexnet: not scored: clean accuracy at chance" in captured.out
+    board = (tmp_path / "run" / "LEADERBOARD.md").read_text()
+    assert "not scored: clean accuracy at chance" in board and "robust" not in board.split("### fashion\\_alexnet")[1]
 
 
 def test_tables_keep_their_width_when_output_is_not_a_terminal(capsys):

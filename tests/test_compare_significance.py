@@ -1,5 +1,5 @@
 """The compare gate with significance, end to end: a small network trained here on separable data,
-studied twice with different seeds (other images, other draws) and once with one layer damaged."""
+studied twice with different seeds (other draws, the same images) and once with one layer damaged."""
 
 from __future__ import annotations
 
@@ -43,15 +43,15 @@ def trained():
     return net, x, y
 
 
-def study(net, x, y, out, seed):
+def study(net, x, y, out, seed, **options):
     return lesionbench.run(model=net, data=(x, y), out=out, seed=seed, draws=3, n_images=800, device="cpu",
-                           perturbations=["synapse_knockout", "weight_noise"])  # fmt: skip
+                           perturbations=["synapse_knockout", "weight_noise"], **options)  # fmt: skip
 
 
 def test_a_rerun_with_another_seed_passes_and_a_damaged_layer_fails(trained, tmp_path, capsys):
     net, x, y = trained
     study(net, x, y, tmp_path / "base", seed=0)
-    study(net, x, y, tmp_path / "rerun", seed=1)  # other images (800 of 1,600), other draws
+    study(net, x, y, tmp_path / "rerun", seed=1)  # other draws; the same 800 of 1,600 images (subset_seed)
     assert main(["compare", str(tmp_path / "rerun"), str(tmp_path / "base")]) == 0
     out = capsys.readouterr().out
     assert "significant (paired bootstrap test" in out and "[" in out  # each change with its interval
@@ -71,3 +71,22 @@ def test_a_rerun_with_another_seed_passes_and_a_damaged_layer_fails(trained, tmp
     assert main(["compare", str(tmp_path / "damaged"), str(tmp_path / "base")]) == 1
     out = capsys.readouterr().out
     assert "❌ regression" in out and "clean top-1" in out
+
+
+def test_runs_on_other_images_are_said_so_and_not_paired(trained, tmp_path, capsys):
+    """Another subset seed: the two runs share only part of their images, and compare says so; its
+    intervals are then the unpaired ones, wider than the paired intervals of a same-images rerun."""
+    net, x, y = trained
+    base = study(net, x, y, tmp_path / "base", seed=0)
+    same = study(net, x, y, tmp_path / "same", seed=1)
+    other = study(net, x, y, tmp_path / "other", seed=1, subset_seed=5)
+    assert set(base["n_images"]) == set(other["n_images"]) == {800}
+    assert main(["compare", str(tmp_path / "same"), str(tmp_path / "base")]) == 0
+    assert "the runs evaluated different images" not in capsys.readouterr().out
+    main(["compare", str(tmp_path / "other"), str(tmp_path / "base")])
+    out = capsys.readouterr().out
+    assert "the runs evaluated different images" in out and "800 in new, 800 in baseline" in out and "not paired" in out
+    (b, bo), (s, so), (o, oo) = (read_results_with_outcomes(tmp_path / d) for d in ("base", "same", "other"))
+    paired, unpaired = compare(s, b, new_outcomes=so, base_outcomes=bo), compare(o, b, new_outcomes=oo, base_outcomes=bo)
+    width = lambda c: float((c.table["high"] - c.table["low"]).median())  # noqa: E731
+    assert width(unpaired) > 1.3 * width(paired), (width(unpaired), width(paired))

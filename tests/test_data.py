@@ -344,3 +344,19 @@ def test_eval_set_cache_separates_datasets():
     set_b = cache.get(raw_b, indices, transforms.ToTensor(), "k")
     assert set_a is not set_b
     assert calls_a == [1, 3] and calls_b == [1, 3]
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed")
+@pytest.mark.parametrize("track", ["fashion-mnist", "beyond-paper", "int8-fashion"])
+def test_the_default_subset_seed_selects_the_images_the_committed_tracks_evaluated(track):
+    """The evaluation images follow ``dataset.subset_seed`` (default 0), not the study seed (a rerun
+    with another seed evaluating the same images: tests/test_compare_significance.py); the default
+    reproduces the subsets the committed tracks (all made with seed 0) kept in outcomes.arrow."""
+    from lesionbench.store import read_results_with_outcomes
+    from lesionbench.study import DatasetSpec
+
+    repo = Path(__file__).resolve().parents[1]
+    _df, outcomes = read_results_with_outcomes(repo / "leaderboard" / "results" / track)
+    committed = np.sort(outcomes.images["index"].to_numpy())
+    chosen = stratified_subset(FashionMNIST().load(None, "test").labels, 500, DatasetSpec().subset_seed)
+    assert np.array_equal(chosen, committed)

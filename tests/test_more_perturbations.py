@@ -44,6 +44,22 @@ def test_weight_draw_replaces_floor_p_size_entries_with_values_of_the_same_tenso
     assert torch.equal(module.weight, w0) and torch.equal(module.bias, b0)
 
 
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_weight_draw_draws_without_replacement_so_p_1_is_a_permutation(perts, p):
+    """The authors' ``random.sample``: no original entry is drawn twice, so the redrawn entries hold
+    distinct values (with replacement about k²/2n of the k would repeat: ~400 here at p = 0.5), and
+    at p = 1 the weights are a shuffle of themselves."""
+    module, layer = linear_layer()
+    w0 = module.weight.clone()
+    with perturbed(layer, perts["weight_draw"], p, generator_for(4)):
+        w = module.weight.clone()
+    redrawn = w[w != w0]
+    assert len(redrawn) > 0.9 * p * w.numel()
+    assert len(torch.unique(redrawn)) == len(redrawn)
+    if p == 1.0:
+        assert torch.equal(torch.sort(w.flatten()).values, torch.sort(w0.flatten()).values)
+
+
 def test_weight_draw_is_reproducible_and_differs_between_draws(perts):
     module, layer = linear_layer()
 

@@ -345,3 +345,15 @@ def test_coin_path_has_no_position_pattern():
     for period in (7, 8, 56):
         rates = torch.stack([mask[r::period].float().mean() for r in range(period)])
         assert torch.allclose(rates, torch.full_like(rates, 0.25), atol=0.01), (period, rates)
+
+
+def test_weight_noise_scales_by_the_population_std_as_numpy_does():
+    """std with ddof 0 (the authors' ``np.std``): on [0, 1] that is 0.5, where ddof 1 gives 0.707."""
+    import numpy as np
+
+    from lesionbench.plugins.weight_noise import add_scaled_noise
+
+    tensor = torch.tensor([0.0, 1.0])
+    add_scaled_noise(tensor, 0.4, generator_for(3))
+    expected_noise = torch.randn(2, generator=generator_for(3), dtype=torch.float32) * (0.4 * float(np.std([0.0, 1.0])))
+    torch.testing.assert_close(tensor, torch.tensor([0.0, 1.0]) + expected_noise)

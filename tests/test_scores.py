@@ -138,3 +138,30 @@ def test_runs_of_one_model_on_different_images_are_refused_not_scored_against_on
     same = table({"fc8": [(0.0, [0.85]), (1.0, [0.5])]}, clean=0.85).assign(n_images=100)
     scores = layer_scores(pd.concat([small, same], ignore_index=True)).set_index("layer")
     assert scores.loc["fc8", "score"] == pytest.approx((1 + (0.5 - 0.1) / 0.75) / 2)
+
+
+def test_verdicts_follow_the_interval_and_fall_back_to_the_score_without_one():
+    from lesionbench.scores import verdict
+
+    assert verdict(0.51, 0.47, 0.56) == "undetermined"  # the committed fashion_alexnet conv1 case
+    assert verdict(0.45, 0.40, 0.53) == "undetermined"
+    assert verdict(0.60, 0.50, 0.70) == "robust"  # 0.50 printed is not below the line
+    assert verdict(0.45, 0.40, 0.49) == "critical"
+    assert verdict(0.51) == "robust" and verdict(0.494) == "critical"
+
+
+def _binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X ≥ k) for X ~ Binomial(n, p), summed exactly: the oracle of the chance test."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
+@pytest.mark.parametrize("clean", [0.0, 0.1, 0.11, 0.12, 0.13, 0.2])
+def test_a_model_whose_clean_accuracy_is_not_beyond_chance_is_not_scored(clean):
+    from lesionbench.scores import at_chance
+
+    df = table({"a": [(0.0, [clean]), (1.0, [0.1, 0.1])]}, clean=clean)
+    df["n_images"] = 500
+    expected_at_chance = _binomial_tail(round(clean * 500), 500, 0.1) >= 0.05
+    assert (len(at_chance(df)) == 1) == expected_at_chance
+    assert layer_scores(df).empty == expected_at_chance
+    assert expected_at_chance == (clean <= 0.12)  # 0.12 on 500: P = 0.078; 0.13: P = 0.016

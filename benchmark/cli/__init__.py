@@ -1,7 +1,7 @@
 """The ``lesionbench`` command line: the only place that knows argparse, rich and publishing.
 
 Exit codes: 0 success, 1 a regression found by ``compare``, 2 bad input (one line on stderr),
-130 interrupted, 143 terminated (SIGTERM): the last line says how to finish the run. Heavy
+3 ``run`` finished but a model was not scored (its clean accuracy is not beyond chance), 130 interrupted, 143 terminated (SIGTERM): the last line says how to finish the run. Heavy
 libraries (torch, pandas, matplotlib…) are imported by the commands that use them, so ``--help``
 answers at once.
 """
@@ -40,9 +40,11 @@ examples:
   lesionbench leaderboard runs --out LEADERBOARD.md
   lesionbench compare runs/new runs/baseline
 
-exit codes: 0 success, 1 compare found a regression, 2 bad input, 130 interrupted (Ctrl-C),
+exit codes: 0 success, 1 compare found a regression, 2 bad input, 3 run finished but a model was not
+scored (clean accuracy at chance), 130 interrupted (Ctrl-C),
 143 terminated (SIGTERM); both print the command that finishes the run"""
 
+NOT_SCORED_EXIT = 3  # run: finished, but a model was not scored (clean accuracy at chance)
 WIDE = 1000  # columns for output that is not a terminal: tables are never cut to 80
 
 
@@ -357,10 +359,21 @@ def cmd_run(args) -> int:
     if run.already_complete:
         console.print(f"{out} is complete: nothing to resume")
         return 0
-    print_summary(run.frame(), study, console)
+    unscored = print_summary(run.frame(), study, console, _bootstrapped_scores(run.results_path, study.metric))
     board = publish([run.results_path], run.path / "LEADERBOARD.md", title=f"lesionbench: {study.name}")
     console.print(f"results: {run.results_path}\nleaderboard: {board}\nplots: {run.path / 'plots'}")
-    return 0
+    return NOT_SCORED_EXIT if unscored else 0
+
+
+def _bootstrapped_scores(results_path: Path, metric: str):
+    """The run's layer scores with intervals and interval verdicts, or None without per-image outcomes."""
+    from lesionbench.scores import bootstrap
+    from lesionbench.store import read_results_with_outcomes
+
+    df, outcomes = read_results_with_outcomes(results_path)
+    if "outcome" not in df.columns or not (df["outcome"] >= 0).any():
+        return None
+    return bootstrap(df, outcomes, metric).layers
 
 
 def _with_flags(study, args):

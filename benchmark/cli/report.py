@@ -7,13 +7,19 @@ from rich.console import Console
 from rich.table import Table
 
 from lesionbench.cli import print_table
-from lesionbench.leaderboard import format_critical
-from lesionbench.scores import layer_scores
+from lesionbench.leaderboard import format_critical, with_interval
+from lesionbench.scores import NOT_SCORED, at_chance, layer_scores
 from lesionbench.study import Study
 
 
-def print_summary(df: pd.DataFrame, study: Study, console: Console) -> None:
-    scores = layer_scores(df, study.metric)
+STYLES = {"critical": "red", "robust": "green", "undetermined": "yellow"}
+
+
+def print_summary(df: pd.DataFrame, study: Study, console: Console, scores: pd.DataFrame | None = None) -> bool:
+    """Print each model's layer scores and most fragile layer; returns True when a model was not
+    scored (clean accuracy at chance). ``scores``: :func:`lesionbench.bootstrap`'s ``layers`` (with
+    intervals and interval verdicts), else :func:`layer_scores` (verdicts from the score alone)."""
+    scores = layer_scores(df, study.metric) if scores is None else scores
     for model, g in scores.groupby("model", sort=False):
         table = Table(title=f"{model}: layer-robustness score ({study.metric}; 1 = untouched, 0 = chance)")
         table.add_column("layer")
@@ -28,11 +34,17 @@ def print_summary(df: pd.DataFrame, study: Study, console: Console) -> None:
                     cells.append("-")
                     continue
                 r = r.iloc[0]
-                style = "red" if r.verdict == "critical" else "green"
+                style = STYLES.get(r.verdict, "green")
                 cells.append(f"[{style}]{r.score:.2f}[/{style}] / {format_critical(r.critical_level, r.max_level, r.level_axis)}")
             table.add_row(layer[1], *cells)
         print_table(console, table)
         for p in perts:
             pg = g[g["perturbation"] == p]
             w = pg.loc[pg["score"].idxmin()]
-            console.print(f"most fragile layer under {p}: [bold]{w.layer}[/bold] (score {w.score:.2f})")
+            score = with_interval(w.score, getattr(w, "score_low", float("nan")), getattr(w, "score_high", float("nan")))
+            console.print(f"most fragile layer under {p}: [bold]{w.layer}[/bold] (score {score}, {w.verdict})")
+    unscored = at_chance(df, study.metric)
+    for r in unscored.itertuples():
+        console.print(f"{r.model}: [bold]{NOT_SCORED}[/bold] ({study.metric} {r.clean:.3f} on {r.n_images:g} images, "
+                      f"chance {r.chance:g})")  # fmt: skip
+    return not unscored.empty

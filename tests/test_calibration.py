@@ -1,0 +1,33 @@
+"""The bootstrap's 95% intervals hold the known truth of simulated studies at the draw counts the
+committed tracks use (2 draws, realistic draw-to-draw spread): see lesionbench.calibration, and
+benchmarks/calibration.py for the full table."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import ndtr
+
+from lesionbench.calibration import SLOPES, SPREADS, run, simulate, truth
+from lesionbench.scores import layer_scores
+
+
+def test_two_draws_with_realistic_spread_cover_the_truth_and_rarely_split_equals():
+    r = run(1000, draws=2, spread=SPREADS["realistic"], studies=100, replicates=300, seed=7)
+    for what in ("fragile", "middle", "twin", "robust", "overall", "difference"):
+        assert r[f"cover_{what}"] >= 0.92, (what, r)
+    assert r["equal_models_split"] <= 0.08 and r["equal_layers_split"] <= 0.08, r
+    assert r["largest_gap"] > 0.3  # the draws really do differ as much as on the ImageNet track
+
+
+def test_the_truth_is_what_many_images_and_draws_converge_to():
+    """An independent check of :func:`truth`: one study with 5,000 images and 100 draws scores
+    within 0.025 of it (its own sampling error is about 0.01)."""
+    rng = np.random.default_rng(0)
+    df, _ = simulate(rng, classes=10, draws=100, spread=SPREADS["realistic"], n_images=5_000, models=("A",))
+    scores = layer_scores(df).set_index("layer")["score"]
+    true = truth(10, SPREADS["realistic"])
+    for layer in SLOPES:
+        assert abs(scores[layer] - true[layer]) < 0.025, (layer, scores[layer], true[layer])
+    assert true["fragile"] < true["middle"] == true["twin"] < true["robust"]
+    clean = 0.1 + 0.9 * ndtr(1 / np.sqrt(2))
+    assert abs(df.loc[df["perturbation"] == "clean", "top1"].iloc[0] - clean) < 0.01
