@@ -685,7 +685,11 @@ class ModelGraph:
         aliases = dict(aliases or {})
         names = {m: n for n, m in module.named_modules(remove_duplicate=False)}
         seen = probe(module, example)
-        wrappers = lora_wrappers(module)
+        wrappers = {}  # only adapters the forward pass applies (not a disabled, merged or inactive one)
+        for base, (wrapper, adapters) in lora_wrappers(module).items():
+            used = tuple((a, b, scale) for a, b, scale in adapters if a in seen.order and b in seen.order)
+            if used:
+                wrappers[base] = (wrapper, used)
         left_out = {}
         for base, (_wrapper, adapters) in wrappers.items():
             for part in (m for a, b, _s in adapters for m in (a, b)):

@@ -309,11 +309,11 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
         if own is not None:
             targets[name] = list(own)
         elif p.kind == "hooks":
-            targets[name] = _hookable(layers, name, ref, bool(study.layers), notes)
+            targets[name] = hookable(layers, name, ref, bool(study.layers), notes)
     return PreparedModel(loaded, graph, layers, targets, dtype, notes, plugin)
 
 
-def _hookable(layers: list[Layer], perturbation: str, ref: str, named: bool, notes: list[str]) -> list[Layer]:
+def hookable(layers: list[Layer], perturbation: str, ref: str, named: bool, notes: list[str]) -> list[Layer]:
     """The layers a hook perturbation can damage: those whose output passes through their module's
     call, where its forward hook sees it. A layer whose weight another op applies (attention's
     out_proj, a ``.forward()`` call, ``F.linear`` on its weight) is refused when the study names it,

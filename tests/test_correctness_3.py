@@ -514,6 +514,15 @@ def test_hook_perturbations_refuse_by_name_a_layer_their_hook_cannot_see(data, r
             run(study(f"case3:{arch}", [layer], perturbation, [0.0, 1.0], data), registry=registry)
 
 
+def test_lesioned_refuses_a_hook_perturbation_on_a_layer_its_hook_cannot_see():
+    from lesionbench.api import lesioned
+
+    model = MHAAct().eval()
+    with pytest.raises(LesionbenchError, match="applied by 'multi_head_attention_forward'"):
+        with lesioned(model, "attn.out_proj", "activation_noise", 1.0, example=torch.zeros(1, 1, 28, 28)):
+            pass
+
+
 def test_hook_perturbations_leave_out_unseen_layers_and_say_so_in_run_log(data, registry, tmp_path):
     df = run(study("case3:MHAAct", [], ["activation_knockout", "synapse_knockout"], [0.0, 1.0], data), tmp_path / "r",
              registry=registry)  # fmt: skip
