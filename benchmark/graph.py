@@ -21,9 +21,11 @@ same weight (a tie).
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,7 +36,8 @@ from torch.utils._pytree import tree_flatten
 
 from lesionbench.errors import LesionbenchError
 from lesionbench.evaluate import logits_of
-from lesionbench.layers import NORMS, PERTURBABLE, Layer
+from lesionbench.layers import AFFINE_NORMS, NORMS, Layer, is_layer, kind_of, layer_types, unit_axis_of
+from lesionbench.state import frozen_observers
 
 log = logging.getLogger("lesionbench")
 
@@ -60,6 +63,9 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 def unsupported_weight(module: nn.Module) -> str:
     """Why damage to ``module``'s stored weight would not reach its forward pass ("" if it would)."""
+    if "weight_orig" in module._parameters and "weight_mask" in module._buffers:
+        return ("its weight is recomputed as weight_orig × weight_mask by torch.nn.utils.prune at every call "
+                "(make the pruning permanent with torch.nn.utils.prune.remove(module, 'weight') to study it)")  # fmt: skip
     if parametrize.is_parametrized(module, "weight"):
         return "its weight is computed by a parametrization (weight_norm, spectral_norm, …) at every call"
     if "weight" not in module._parameters:
@@ -74,6 +80,28 @@ CHANNEL_PRESERVING = {
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "interpolate", "pad",
 }  # fmt: skip
 RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+PERMUTES = {"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t"}
+REDUCTIONS = {"mean", "sum", "amax", "amin", "nanmean", "nansum"}  # over some axes: zeros give zero
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+
+
+def func_of(name: str, value: torch.Tensor):
+    """The tensor method ``name`` as a function (``torch.Tensor.transpose``), or None."""
+    return getattr(torch.Tensor, name, None) if callable(getattr(torch.Tensor, name, None)) else None
+
+
+# The functional norms whose per-channel affine a silenced unit must pass through as zero, and where
+# their channels lie: axis 1 of [N, C, ...] (batch, group, instance norm), or the first normalized
+# axis (layer_norm / rms_norm over ``normalized_shape``, given as their second argument).
+NORM_FUNCTIONS = {"batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"}
+
+
+def norm_channel_axis(name: str, args: tuple, kwargs: dict, value: torch.Tensor) -> int:
+    """The axis (counted from the end) of ``value`` that a functional norm ``name`` treats as channels."""
+    if name in ("layer_norm", "rms_norm"):
+        shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else ())
+        return -len(shape) if isinstance(shape, (tuple, list, torch.Size)) else -1
+    return 1 - value.dim()
 SPLITS = {"split", "split_with_sizes", "chunk", "tensor_split", "narrow"}
 
 
@@ -88,17 +116,20 @@ class UnitSpan:
     shift: int
     lo: int
     hi: int
+    width: int = 1  # after a flatten: unit u fills positions u·width + shift … u·width + shift + width − 1
 
     def moved(self, start: int, stop: int) -> UnitSpan | None:
-        """The span in the slice ``[start, stop)`` of its axis (positions renumbered from ``start``)."""
-        lo, hi = max(self.lo, start - self.shift), min(self.hi, stop - self.shift)
-        return UnitSpan(self.layer, self.axis, self.shift - start, lo, hi) if lo < hi else None
+        """The span in the slice ``[start, stop)`` of its axis (positions renumbered from ``start``);
+        after a flatten, only the units the slice keeps whole."""
+        w = self.width
+        lo, hi = max(self.lo, -((self.shift - start) // w)), min(self.hi, (stop - self.shift) // w)
+        return UnitSpan(self.layer, self.axis, self.shift - start, lo, hi, w) if lo < hi else None
 
 
 def _layer_span(layer: nn.Module, value: torch.Tensor) -> UnitSpan:
     """A layer's own output: units along the last axis (Linear) or the channel axis (conv)."""
-    axis = -1 if isinstance(layer, nn.Linear) else 1 - value.dim()
-    return UnitSpan(layer, axis, 0, 0, int(layer.weight.shape[0]))
+    axis = -1 if kind_of(layer) == "linear" else 1 - value.dim()
+    return UnitSpan(layer, axis, 0, 0, int(layer.weight.shape[unit_axis_of(layer)]))
 
 
 def _dim_of(args: tuple, kwargs: dict, position: int, default: int = 0) -> int:
@@ -139,10 +170,10 @@ def follow_units(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tenso
         parts, out, offset = args[0], [], 0
         dim = _dim_of(args, kwargs, 1)
         for part in parts:
-            if isinstance(part, torch.Tensor):
+            if isinstance(part, torch.Tensor) and not (part.dim() == 1 and part.numel() == 0):  # (0,): no units
                 axis = dim - part.dim() if dim >= 0 else dim
                 for span in units.get(id(part), ()):
-                    out.append(UnitSpan(span.layer, span.axis, span.shift + offset * (span.axis == axis), span.lo, span.hi))
+                    out.append(replace(span, shift=span.shift + offset * (span.axis == axis)))
                 offset += part.shape[dim]
         return [tuple(out)] + none[1:]
     if first is None or id(first) not in units or not outputs:
@@ -159,8 +190,37 @@ def follow_units(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tenso
             if -s.axis <= t.dim() and t.shape[s.axis :] == first.shape[s.axis :]:
                 kept.append(s)
             elif at < t.dim() and t.shape[: at + 1] == first.shape[: at + 1]:
-                kept.append(UnitSpan(s.layer, at - t.dim(), s.shift, s.lo, s.hi))
+                kept.append(replace(s, axis=at - t.dim()))
+            else:  # the units' axis merged with the k − 1 after it (a flatten): each unit fills a block
+                for k in range(2, first.dim() - at + 1):
+                    inner = math.prod(first.shape[at + 1 : at + k])
+                    if (t.shape[:at] == first.shape[:at] and at < t.dim() and t.shape[at] == first.shape[at] * inner
+                            and t.shape[at + 1 :] == first.shape[at + k :]):  # fmt: skip
+                        kept.append(replace(s, axis=at - t.dim(), shift=s.shift * inner, width=s.width * inner))
+                        break
         return [tuple(kept)] + none[1:]
+    if name in REDUCTIONS and t.is_floating_point():  # a mean over positions: a silent channel stays silent
+        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if dims is None or isinstance(dims, torch.Tensor):
+            return none
+        dims = {d % first.dim() for d in ((dims,) if isinstance(dims, int) else dims)}
+        keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+        out = []
+        for s in spans:
+            at = first.dim() + s.axis
+            if at not in dims:
+                out.append(replace(s, axis=(at if keep else at - sum(d < at for d in dims)) - t.dim()))
+        return [tuple(out)] + none[1:]
+    if name in PERMUTES:  # the units' axis moves: where to, from the op applied to a shape of distinct sizes
+        probe, sizes = func_of(name, first), torch.Size(_PRIMES[: first.dim()])
+        try:
+            moved = probe(torch.empty(sizes, device="meta"), *args[1:], **kwargs).shape if probe else ()
+        except (RuntimeError, TypeError, IndexError, ValueError):  # arguments only the real call understands
+            moved = ()
+        if moved:
+            if sorted(moved) == sorted(sizes) and t.dim() == first.dim():
+                return [tuple(replace(s, axis=moved.index(sizes[s.axis]) - t.dim()) for s in spans)] + none[1:]
+        return none
     if name == "__getitem__" and len(args) > 1:
         cuts = _slices(args[1], first.dim())
         return none if cuts is None else [_sliced(spans, first, cuts)] + none[1:]
@@ -186,6 +246,8 @@ class Probe:
     feeds: dict[nn.Module, list[UnitSpan]]  # layer -> where its units enter BatchNorms (every use)
     downstream_norms: dict[nn.Module, list[nn.Module]]  # layer -> BatchNorms anything it computes reaches
     output: torch.Tensor  # the logits for the probe input
+    functional: dict[nn.Module, str] = field(default_factory=dict)  # layer -> op applying it outside its call
+    other_weights: dict[str, str] = field(default_factory=dict)  # weight read that is no layer's -> the op
 
 
 class _Watch(TorchFunctionMode):
@@ -201,29 +263,73 @@ class _Watch(TorchFunctionMode):
         self.taint: dict[int, frozenset] = {}  # id(tensor) -> layers it depends on
         self.units: dict[int, tuple[UnitSpan, ...]] = {}  # id(tensor) -> where layers' output units lie in it
         self._keep: list[torch.Tensor] = []  # ids stay unique while the pass runs
+        self.data: set[int] = set()  # ids of values computed from the input (not from weights alone)
+        self.derived: dict[int, tuple[nn.Module, ...]] = {}  # id -> layers whose weight it is, transformed
+        self.calling: list[nn.Module] = []  # modules whose __call__ is running
+        self.wrapped: dict[nn.Module, nn.Module] = {}  # LoRA wrapper -> its base layer
+        self.functional: dict[nn.Module, str] = {}  # layer -> op that applied its weight outside its call
+        self.weight_names: dict[int, str] = {}  # id -> name of a weight (≥ 2-d) that is no layer's or norm's
+        self.other_weights: dict[str, str] = {}  # such a weight, read -> the first op reading it
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        def pre(module, _args):
+            self.calling.append(module)
+
+        def post(module, _args, out):
+            if self.calling and self.calling[-1] is module:
+                self.calling.pop()
+            base = self.wrapped.get(module)
+            if base is not None and isinstance(out, torch.Tensor):  # a LoRA wrapper's output: its base's units
+                self._keep.append(out)
+                self.units[id(out)] = (_layer_span(base, out),)
+
+        self._hooks = [register_module_forward_pre_hook(pre), register_module_forward_hook(post, always_call=True)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self._hooks:
+            handle.remove()
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        for t in inputs:
+            if id(t) in self.weight_names and name not in ("__get__", "size", "dim", "numel"):
+                self.other_weights.setdefault(self.weight_names[id(t)], name)
         read = [self.layer_of[id(t)] for t in inputs if id(t) in self.layer_of]
+        read += [layer for t in inputs for layer in self.derived.get(id(t), ()) if layer not in read]
         for layer in read:
             if layer not in self.order:
                 self.order.append(layer)
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if read and not any(id(t) in self.data for t in inputs):  # a weight transformed (standardised,
+            for t in outputs:  # fake-quantized…) before the op that applies it: still the layers' weight
+                self._keep.append(t)
+                self.derived[id(t)] = tuple(read)
+            return out
+        for layer in read:
+            if not any(layer is m for m in self.calling):
+                self.functional.setdefault(layer, name)  # its output never passes through its own call
         taint = frozenset().union(*(self.taint.get(id(t), frozenset()) for t in inputs), read)
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if name == "batch_norm" and first is not None:
+        if name in NORM_FUNCTIONS and first is not None:
             norm = next((self.norm_of[id(t)] for t in inputs if id(t) in self.norm_of), None)
             if norm is not None:
+                axis = norm_channel_axis(name, args, kwargs, first)
                 for span in self.units.get(id(first), ()):
                     fed = self.feeds.setdefault(span.layer, [])
-                    if span.axis == 1 - first.dim() and (norm, span) not in fed:  # units on the norm's channels
+                    if span.axis == axis and (norm, span) not in fed:  # units on the norm's channels
                         fed.append((norm, span))
-                for layer in self.taint.get(id(first), ()):
+                for layer in self.taint.get(id(first), ()) if isinstance(norm, NORMS) else ():
                     if norm not in self.downstream.setdefault(layer, []):
                         self.downstream[layer].append(norm)
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if any(id(t) in self.data for t in inputs):
+            self.data.update(id(t) for t in outputs)
         inplace = name.endswith("_") and not name.endswith("__") or kwargs.get("inplace") is True
         if inplace and first is not None:
             outputs.append(first)  # written in place: what it holds now depends on the op's inputs
@@ -247,22 +353,103 @@ def probe(module: nn.Module, example: torch.Tensor) -> Probe:
     """Run ``example`` through ``module`` once, watching every torch function call (see module doc)."""
     layer_of, norm_of = {}, {}
     for m in module.modules():
-        if isinstance(m, PERTURBABLE) and not unsupported_weight(m):
+        if is_layer(m) and not unsupported_weight(m):
             for t in (m.weight, m.bias):
                 if t is not None:
                     layer_of[id(t)] = m
-        elif isinstance(m, NORMS):
+        elif isinstance(m, AFFINE_NORMS):
             for t in module_tensors(m):
                 norm_of[id(t)] = m
     watch = _Watch(layer_of, norm_of)
-    was_training = module.training
+    watch.data.add(id(example))
+    wrappers = lora_wrappers(module)
+    watch.wrapped = {wrapper: base for base, (wrapper, _adapters) in wrappers.items()}
+    adapters = {id(t) for _w, adapters in wrappers.values() for a, b, _s in adapters for t in (a.weight, b.weight)}
+    watch.weight_names = {
+        id(t): name for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if t.is_floating_point() and t.dim() >= 2 and id(t) not in layer_of and id(t) not in norm_of and id(t) not in adapters
+    }  # fmt: skip
+    output = run_once(module, example, watch)
+    return Probe(watch.order, watch.feeds, watch.downstream, output, watch.functional, watch.other_weights)
+
+
+def run_once(module: nn.Module, example: torch.Tensor, mode: TorchFunctionMode | None = None) -> torch.Tensor:
+    """The class scores of one forward pass in eval mode (under ``mode``), leaving the model as it was:
+    training flags put back, quantization observers off (:func:`lesionbench.state.frozen_observers`)."""
+    modes = {m: m.training for m in module.modules()}
     try:
         module.eval()
-        with torch.no_grad(), watch:
-            output = logits_of(module(example))
+        with torch.no_grad(), frozen_observers(module), mode if mode is not None else nullcontext():
+            return logits_of(module(example)).detach()
     finally:
-        module.train(was_training)
-    return Probe(watch.order, watch.feeds, watch.downstream, output.detach())
+        for m, training in modes.items():
+            m.training = training
+
+
+def lora_wrappers(module: nn.Module) -> dict[nn.Module, tuple[nn.Module, tuple[tuple[nn.Module, nn.Module, float], ...]]]:
+    """LoRA-wrapped layers in peft's layout: base layer -> (wrapper, ((A, B, scaling) per adapter)).
+
+    A wrapper has ``base_layer`` (a Linear or Conv1D), ``lora_A`` and ``lora_B`` (ModuleDicts keyed
+    by adapter name, or single modules) holding Linear layers, and ``scaling`` (a number or a dict
+    by adapter name), and computes base(x) + Σ scaling·B(A(x)) (huggingface/peft ``LoraLayer``;
+    dropout is the identity in eval mode). Adapters of another shape (conv LoRA, DoRA) are not
+    grouped: their layers stay layers of their own.
+    """
+    found = {}
+    for wrapper in module.modules():
+        base, lora_a, lora_b = (getattr(wrapper, k, None) for k in ("base_layer", "lora_A", "lora_B"))
+        if not (isinstance(base, nn.Module) and is_layer(base)) or lora_a is None:
+            continue
+        if len(getattr(wrapper, "lora_magnitude_vector", None) or ()):  # DoRA: not base + s·B·A
+            continue
+        a_of = dict(lora_a.items()) if isinstance(lora_a, nn.ModuleDict) else {"": lora_a}
+        b_of = dict(lora_b.items()) if isinstance(lora_b, nn.ModuleDict) else {"": lora_b}
+        scaling = getattr(wrapper, "scaling", 1.0)
+        adapters = []
+        for key, a in a_of.items():
+            b, scale = b_of.get(key), scaling.get(key) if isinstance(scaling, dict) else scaling
+            if _adapter_pair(base, a, b) and isinstance(scale, (int, float)):
+                adapters.append((a, b, float(scale)))
+        if adapters and len(adapters) == len(a_of):
+            found[base] = (wrapper, tuple(adapters))
+    return found
+
+
+def packed_weight(module: nn.Module) -> str:
+    """Why a module whose weight is packed for a quantized kernel is not a layer ("" if it is not one)."""
+    if is_layer(module) or not type(module).__module__.startswith("torch.ao.nn.quantized"):
+        return ""
+    if type(module).__name__.endswith("PackedParams"):  # the holder inside a quantized module, named with it
+        return ""
+    if not (callable(getattr(module, "weight", None)) or hasattr(module, "_all_weight_values")):
+        return ""
+    return (f"a quantized {type(module).__module__}.{type(module).__name__}: its int8 weight is packed for the "
+            "kernel, not a stored tensor a perturbation can change (study the float model, or int8:<model>, "
+            "whose int8 layers lesionbench can damage)")  # fmt: skip
+
+
+def _adapter_pair(base: nn.Module, a: nn.Module, b: nn.Module) -> bool:
+    """Whether B(A(x)) is a linear map with the base's layout, weight B·A (bias-free Linear pairs; for a
+    conv base, A a conv like the base's (kernel, stride, padding, dilation, one group) and B a 1×1 conv)."""
+    if not all(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.bias is None for m in (a, b)):
+        return False
+    if kind_of(base) == "linear":
+        return isinstance(a, nn.Linear) and isinstance(b, nn.Linear)
+    same = ("kernel_size", "stride", "padding", "dilation")
+    return (type(a) is type(b) and isinstance(base, type(a)) and a.groups == b.groups == base.groups == 1
+            and all(getattr(a, k) == getattr(base, k) for k in same) and set(b.kernel_size) == {1}
+            and set(b.stride) == {1} and isinstance(b.padding, tuple) and set(b.padding) == {0})  # fmt: skip
+
+
+def check_module(module: nn.Module, name: str) -> None:
+    """Refuse, in one line, a model whose layers lesionbench cannot see (a TorchScript module)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise LesionbenchError(
+            f"model {name!r} is a TorchScript module (torch.jit.script / torch.jit.trace), which lesionbench does not "
+            "support: its compiled forward pass makes no Python torch calls to watch and cannot be traced by torch.fx, "
+            "so the layers it reads, their order and what they feed cannot be found; give the nn.Module it was "
+            "scripted from"
+        )
 
 
 # ------------------------------------------------------------------------------------ fx
@@ -286,7 +473,7 @@ class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         leaves, functions = _timm_trace_helpers()
         super().__init__(autowrap_functions=functions)
-        self._leaves = PERTURBABLE + leaves
+        self._leaves = layer_types() + leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
@@ -534,14 +721,34 @@ class ModelGraph:
         aliases = dict(aliases or {})
         names = {m: n for n, m in module.named_modules(remove_duplicate=False)}
         seen = probe(module, example)
+        wrappers = {}  # only adapters the forward pass applies (not a disabled, merged or inactive one)
+        for base, (wrapper, adapters) in lora_wrappers(module).items():
+            used = tuple((a, b, scale) for a, b, scale in adapters if a in seen.order and b in seen.order)
+            if used:
+                wrappers[base] = (wrapper, used)
         left_out = {}
+        for base, (_wrapper, adapters) in wrappers.items():
+            for part in (m for a, b, _s in adapters for m in (a, b)):
+                left_out[names[part]] = (f"part of the LoRA adapter of {names[base]}, studied as one layer with it "
+                                         "(effective weight base + s·B·A)")  # fmt: skip
         for name, m in module.named_modules():
-            if isinstance(m, PERTURBABLE) and m not in seen.order:
+            if is_layer(m) and m not in seen.order and name not in left_out:
                 left_out[name] = unsupported_weight(m) or "the forward pass never reads its weight"
-        n = len(seen.order)
+            elif packed_weight(m):
+                left_out[name] = packed_weight(m)
+            elif isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(f"{k}.") for k in left_out):
+                left_out[name] = ("a TorchScript submodule: its compiled code's weight reads cannot be watched, so "
+                                  "the layers inside it are not studied (give its nn.Module instead)")  # fmt: skip
+        for name, op in seen.other_weights.items():
+            owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+            left_out.setdefault(name, f"a weight of {type(owner).__name__} that {op!r} reads, not a Conv/Linear/Conv1D "
+                                      "layer's: no perturbation reaches it")  # fmt: skip
+        order = [m for m in seen.order if names[m] not in left_out]
+        n = len(order)
         layers = []
-        for i, m in enumerate(seen.order):
+        for i, m in enumerate(order):
             name = names[m]
+            wrapper, adapters = wrappers.get(m, (None, ()))
             fed = seen.feeds.get(m, ())
             norms = tuple(norm for norm, _span in fed)
             layers.append(
@@ -550,11 +757,17 @@ class ModelGraph:
                     display=aliases.get(name, name),
                     index=i,
                     relative_depth=i / (n - 1) if n > 1 else 0.0,
-                    kind="linear" if isinstance(m, nn.Linear) else "conv",
+                    kind=kind_of(m),
                     module=m,
+                    unit_axis=unit_axis_of(m),
                     norms=norms,
                     norm_names=tuple(names[x] for x in norms),
                     norm_spans=tuple((span.shift, span.lo, span.hi) for _norm, span in fed),
+                    norm_widths=tuple(span.width for _norm, span in fed),
+                    applied_by=seen.functional.get(m, ""),
+                    wrapper=wrapper,
+                    adapters=adapters,
+                    adapter_names=tuple(names[x] for a, b, _s in adapters for x in (a, b)),
                 )
             )
         downstream = {names[m]: list(v) for m, v in seen.downstream_norms.items()}

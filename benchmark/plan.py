@@ -20,12 +20,12 @@ import torch
 from scipy import stats
 
 from lesionbench.data import RawDataset, stratified_subset
-from lesionbench.errors import LesionbenchError, plugin_failure
+from lesionbench.errors import LesionbenchError, internal_failure, plugin_failure
 from lesionbench.evaluate import resolve_device
-from lesionbench.graph import ModelGraph
+from lesionbench.graph import ModelGraph, check_module, run_once
 from lesionbench.layers import Layer, select_layers, spread_layers
 from lesionbench.model_sources import LoadedModel, create_model, resolve_source
-from lesionbench.perturbation import Perturbation, cell_seed, check_levels
+from lesionbench.perturbation import HOOKED_OPS, Perturbation, cell_seed, check_levels
 from lesionbench.registry import Registry
 from lesionbench.store import CLEAN, CellKey, cell_key
 from lesionbench.study import Study
@@ -273,8 +273,15 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
                                f"set device = {loaded.devices[0]!r} in the study or --device {loaded.devices[0]}")  # fmt: skip
     dtype = model_dtype(loaded.module)
     example = torch.zeros(1, *loaded.input_size, dtype=dtype)
+    check_module(loaded.module, loaded.name)
     with blame(plugin, f"running model {loaded.name!r} on one input of size {tuple(loaded.input_size)}"):
+        run_once(loaded.module, example)
+    try:  # the model ran: a failure from here on is lesionbench's own
         graph = ModelGraph.of(loaded.module, example, loaded.aliases)
+    except (LesionbenchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - our bug, reported as such
+        raise internal_failure(f"analysing the layers of model {loaded.name!r}", exc) from None
     ref = loaded.name
     if max_label >= graph.num_classes:
         raise LesionbenchError(
@@ -284,7 +291,9 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
         if wanted in graph.left_out:
             raise LesionbenchError(f"layer {wanted!r} of model {ref!r} cannot be perturbed: {graph.left_out[wanted]}")
     if not graph.layers:
-        raise LesionbenchError(f"model {ref!r} has no Conv or Linear layer to perturb")
+        why = "; ".join(f"{name}: {reason}" for name, reason in graph.left_out.items())
+        raise LesionbenchError(f"model {ref!r} has no layer lesionbench can perturb" + (f" ({why})" if why else
+                               " (no Conv, Linear or transformers Conv1D module whose weight the forward pass reads)"))  # fmt: skip
     notes = [f"{ref}: {name} left out: {why}" for name, why in graph.left_out.items() if not study.layers]
     if study.layer_count is not None:  # the same relative depths in every model, whatever its layers' names
         layers = spread_layers(graph.layers, study.layer_count)
@@ -299,7 +308,26 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
             own = p.targets(loaded.module, layers)  # e.g. residual stages: a model without any has no such blocks
         if own is not None:
             targets[name] = list(own)
+        elif p.kind == "hooks":
+            targets[name] = hookable(layers, name, ref, bool(study.layers), notes)
     return PreparedModel(loaded, graph, layers, targets, dtype, notes, plugin)
+
+
+def hookable(layers: list[Layer], perturbation: str, ref: str, named: bool, notes: list[str]) -> list[Layer]:
+    """The layers a hook perturbation can damage: those whose output passes through their module's
+    call, where its forward hook sees it, and those applied by a ``linear``/``convNd`` op outside it
+    (a ``.forward()`` call, ``F.linear`` on its weight: the harness runs the hooks on that op's
+    output). A layer whose weight another op applies (attention's out_proj, inside
+    ``multi_head_attention_forward``) is refused when the study names it, else left out of this
+    perturbation and named in run.log."""
+    for layer in layers:
+        if layer.applied_by and layer.applied_by not in HOOKED_OPS:
+            why = (f"layer {layer.display!r} of model {ref!r}: its weight is applied by {layer.applied_by!r} outside "
+                   f"the module's own call, so a forward hook never sees its output and {perturbation!r} cannot damage it")  # fmt: skip
+            if named:
+                raise LesionbenchError(f"{why}; weight perturbations can, or leave the layer out of the study")
+            notes.append(f"{why}: left out of {perturbation}")
+    return [layer for layer in layers if not layer.applied_by or layer.applied_by in HOOKED_OPS]
 
 
 def prepare(study: Study, registry: Registry) -> Plan:
