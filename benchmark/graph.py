@@ -21,10 +21,11 @@ same weight (a tie).
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 
 from lesionbench.errors import LesionbenchError
 from lesionbench.evaluate import logits_of
-from lesionbench.layers import NORMS, Layer, is_layer, kind_of, layer_types, unit_axis_of
+from lesionbench.layers import AFFINE_NORMS, NORMS, Layer, is_layer, kind_of, layer_types, unit_axis_of
 from lesionbench.state import frozen_observers
 
 log = logging.getLogger("lesionbench")
@@ -76,6 +77,27 @@ CHANNEL_PRESERVING = {
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "interpolate", "pad",
 }  # fmt: skip
 RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+PERMUTES = {"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t"}
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+
+
+def func_of(name: str, value: torch.Tensor):
+    """The tensor method ``name`` as a function (``torch.Tensor.transpose``), or None."""
+    return getattr(torch.Tensor, name, None) if callable(getattr(torch.Tensor, name, None)) else None
+
+
+# The functional norms whose per-channel affine a silenced unit must pass through as zero, and where
+# their channels lie: axis 1 of [N, C, ...] (batch, group, instance norm), or the first normalized
+# axis (layer_norm / rms_norm over ``normalized_shape``, given as their second argument).
+NORM_FUNCTIONS = {"batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"}
+
+
+def norm_channel_axis(name: str, args: tuple, kwargs: dict, value: torch.Tensor) -> int:
+    """The axis (counted from the end) of ``value`` that a functional norm ``name`` treats as channels."""
+    if name in ("layer_norm", "rms_norm"):
+        shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else ())
+        return -len(shape) if isinstance(shape, (tuple, list, torch.Size)) else -1
+    return 1 - value.dim()
 SPLITS = {"split", "split_with_sizes", "chunk", "tensor_split", "narrow"}
 
 
@@ -90,11 +112,14 @@ class UnitSpan:
     shift: int
     lo: int
     hi: int
+    width: int = 1  # after a flatten: unit u fills positions u·width + shift … u·width + shift + width − 1
 
     def moved(self, start: int, stop: int) -> UnitSpan | None:
-        """The span in the slice ``[start, stop)`` of its axis (positions renumbered from ``start``)."""
-        lo, hi = max(self.lo, start - self.shift), min(self.hi, stop - self.shift)
-        return UnitSpan(self.layer, self.axis, self.shift - start, lo, hi) if lo < hi else None
+        """The span in the slice ``[start, stop)`` of its axis (positions renumbered from ``start``);
+        after a flatten, only the units the slice keeps whole."""
+        w = self.width
+        lo, hi = max(self.lo, -((self.shift - start) // w)), min(self.hi, (stop - self.shift) // w)
+        return UnitSpan(self.layer, self.axis, self.shift - start, lo, hi, w) if lo < hi else None
 
 
 def _layer_span(layer: nn.Module, value: torch.Tensor) -> UnitSpan:
@@ -144,7 +169,7 @@ def follow_units(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tenso
             if isinstance(part, torch.Tensor) and not (part.dim() == 1 and part.numel() == 0):  # (0,): no units
                 axis = dim - part.dim() if dim >= 0 else dim
                 for span in units.get(id(part), ()):
-                    out.append(UnitSpan(span.layer, span.axis, span.shift + offset * (span.axis == axis), span.lo, span.hi))
+                    out.append(replace(span, shift=span.shift + offset * (span.axis == axis)))
                 offset += part.shape[dim]
         return [tuple(out)] + none[1:]
     if first is None or id(first) not in units or not outputs:
@@ -161,8 +186,23 @@ def follow_units(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tenso
             if -s.axis <= t.dim() and t.shape[s.axis :] == first.shape[s.axis :]:
                 kept.append(s)
             elif at < t.dim() and t.shape[: at + 1] == first.shape[: at + 1]:
-                kept.append(UnitSpan(s.layer, at - t.dim(), s.shift, s.lo, s.hi))
+                kept.append(replace(s, axis=at - t.dim()))
+            else:  # the units' axis merged with the k − 1 after it (a flatten): each unit fills a block
+                for k in range(2, first.dim() - at + 1):
+                    inner = math.prod(first.shape[at + 1 : at + k])
+                    if (t.shape[:at] == first.shape[:at] and at < t.dim() and t.shape[at] == first.shape[at] * inner
+                            and t.shape[at + 1 :] == first.shape[at + k :]):  # fmt: skip
+                        kept.append(replace(s, axis=at - t.dim(), shift=s.shift * inner, width=s.width * inner))
+                        break
         return [tuple(kept)] + none[1:]
+    if name in PERMUTES:  # the units' axis moves: where to, from the op applied to a shape of distinct sizes
+        probe = func_of(name, first)
+        if probe is not None:
+            sizes = torch.Size(_PRIMES[: first.dim()])
+            moved = probe(torch.empty(sizes, device="meta"), *args[1:], **kwargs).shape
+            if sorted(moved) == sorted(sizes) and t.dim() == first.dim():
+                return [tuple(replace(s, axis=moved.index(sizes[s.axis]) - t.dim()) for s in spans)] + none[1:]
+        return none
     if name == "__getitem__" and len(args) > 1:
         cuts = _slices(args[1], first.dim())
         return none if cuts is None else [_sliced(spans, first, cuts)] + none[1:]
@@ -188,6 +228,7 @@ class Probe:
     feeds: dict[nn.Module, list[UnitSpan]]  # layer -> where its units enter BatchNorms (every use)
     downstream_norms: dict[nn.Module, list[nn.Module]]  # layer -> BatchNorms anything it computes reaches
     output: torch.Tensor  # the logits for the probe input
+    functional: dict[nn.Module, str] = field(default_factory=dict)  # layer -> op applying it outside its call
 
 
 class _Watch(TorchFunctionMode):
@@ -203,6 +244,28 @@ class _Watch(TorchFunctionMode):
         self.taint: dict[int, frozenset] = {}  # id(tensor) -> layers it depends on
         self.units: dict[int, tuple[UnitSpan, ...]] = {}  # id(tensor) -> where layers' output units lie in it
         self._keep: list[torch.Tensor] = []  # ids stay unique while the pass runs
+        self.data: set[int] = set()  # ids of values computed from the input (not from weights alone)
+        self.derived: dict[int, tuple[nn.Module, ...]] = {}  # id -> layers whose weight it is, transformed
+        self.calling: list[nn.Module] = []  # modules whose __call__ is running
+        self.functional: dict[nn.Module, str] = {}  # layer -> op that applied its weight outside its call
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        def pre(module, _args):
+            self.calling.append(module)
+
+        def post(module, _args, _out):
+            if self.calling and self.calling[-1] is module:
+                self.calling.pop()
+
+        self._hooks = [register_module_forward_pre_hook(pre), register_module_forward_hook(post, always_call=True)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self._hooks:
+            handle.remove()
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -210,22 +273,34 @@ class _Watch(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         read = [self.layer_of[id(t)] for t in inputs if id(t) in self.layer_of]
+        read += [layer for t in inputs for layer in self.derived.get(id(t), ()) if layer not in read]
         for layer in read:
             if layer not in self.order:
                 self.order.append(layer)
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if read and not any(id(t) in self.data for t in inputs):  # a weight transformed (standardised,
+            for t in outputs:  # fake-quantized…) before the op that applies it: still the layers' weight
+                self._keep.append(t)
+                self.derived[id(t)] = tuple(read)
+            return out
+        for layer in read:
+            if not any(layer is m for m in self.calling):
+                self.functional.setdefault(layer, name)  # its output never passes through its own call
         taint = frozenset().union(*(self.taint.get(id(t), frozenset()) for t in inputs), read)
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if name == "batch_norm" and first is not None:
+        if name in NORM_FUNCTIONS and first is not None:
             norm = next((self.norm_of[id(t)] for t in inputs if id(t) in self.norm_of), None)
             if norm is not None:
+                axis = norm_channel_axis(name, args, kwargs, first)
                 for span in self.units.get(id(first), ()):
                     fed = self.feeds.setdefault(span.layer, [])
-                    if span.axis == 1 - first.dim() and (norm, span) not in fed:  # units on the norm's channels
+                    if span.axis == axis and (norm, span) not in fed:  # units on the norm's channels
                         fed.append((norm, span))
-                for layer in self.taint.get(id(first), ()):
+                for layer in self.taint.get(id(first), ()) if isinstance(norm, NORMS) else ():
                     if norm not in self.downstream.setdefault(layer, []):
                         self.downstream[layer].append(norm)
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if any(id(t) in self.data for t in inputs):
+            self.data.update(id(t) for t in outputs)
         inplace = name.endswith("_") and not name.endswith("__") or kwargs.get("inplace") is True
         if inplace and first is not None:
             outputs.append(first)  # written in place: what it holds now depends on the op's inputs
@@ -253,12 +328,13 @@ def probe(module: nn.Module, example: torch.Tensor) -> Probe:
             for t in (m.weight, m.bias):
                 if t is not None:
                     layer_of[id(t)] = m
-        elif isinstance(m, NORMS):
+        elif isinstance(m, AFFINE_NORMS):
             for t in module_tensors(m):
                 norm_of[id(t)] = m
     watch = _Watch(layer_of, norm_of)
+    watch.data.add(id(example))
     output = run_once(module, example, watch)
-    return Probe(watch.order, watch.feeds, watch.downstream, output)
+    return Probe(watch.order, watch.feeds, watch.downstream, output, watch.functional)
 
 
 def run_once(module: nn.Module, example: torch.Tensor, mode: TorchFunctionMode | None = None) -> torch.Tensor:
@@ -576,6 +652,7 @@ class ModelGraph:
                     norms=norms,
                     norm_names=tuple(names[x] for x in norms),
                     norm_spans=tuple((span.shift, span.lo, span.hi) for _norm, span in fed),
+                    norm_widths=tuple(span.width for _norm, span in fed),
                 )
             )
         downstream = {names[m]: list(v) for m, v in seen.downstream_norms.items()}

@@ -16,7 +16,13 @@ from torch import nn
 from lesionbench.errors import unknown_name
 
 PERTURBABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # not transposed convs: their weight is (in, out, …)
-NORMS = (nn.modules.batchnorm._BatchNorm,)
+NORMS = (nn.modules.batchnorm._BatchNorm,)  # norms with running statistics to recalibrate
+# Norms with a per-channel affine (scale, shift) after their statistics: a silenced unit entering one
+# would leave it as the shift, so node knockout zeroes its channel there (BatchNorm, InstanceNorm with
+# affine, GroupNorm, LayerNorm / RMSNorm over the channel axis).
+AFFINE_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
 
 
 def transposed_linear_types() -> tuple[type, ...]:
@@ -71,6 +77,9 @@ class Layer:
     # through a concatenation sits at an offset; one cut off by a slice does not reach it). Empty: every
     # unit at its own index.
     norm_spans: tuple[tuple[int, int, int], ...] = ()
+    # Per norm, how many of its channels each unit fills (a conv's channel flattened with its positions
+    # before a BatchNorm1d: H·W; unit u is then channels u·width + shift … + width − 1). Empty: 1 each.
+    norm_widths: tuple[int, ...] = ()
     # The layer's own tensors at initialisation (keys as in module.state_dict()), when known.
     initial: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
@@ -94,13 +103,15 @@ class Layer:
         return [self.module.weight] + ([bias] if bias is not None else [])
 
     def norm_channels(self, units: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor]]:
-        """Each BatchNorm the layer feeds with the channels of it that carry ``units`` (int64 [k])."""
+        """Each norm the layer feeds with the channels of it that carry ``units`` (int64 [k])."""
         out = []
         spans = self.norm_spans or [(0, 0, self.out_units)] * len(self.norms)
-        for norm, (shift, lo, hi) in zip(self.norms, spans):
+        widths = self.norm_widths or [1] * len(self.norms)
+        for norm, (shift, lo, hi), width in zip(self.norms, spans, widths):
             reached = units[(units >= lo) & (units < hi)]
             if reached.numel():
-                out.append((norm, reached + shift))
+                span = torch.arange(width, device=reached.device)
+                out.append((norm, (reached[:, None] * width + shift + span).reshape(-1)))
         return out
 
     def modules(self) -> list[nn.Module]:

@@ -73,7 +73,133 @@ class CatEmpty(nn.Module):
         return self.head(feats.flatten(1))
 
 
-ARCHS = {f.__name__: f for f in (HFConv1D, CatEmpty)}
+class ConvGN(nn.Module):
+    """conv -> GroupNorm (per-channel affine after group statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        _nontrivial(self.norm)
+        self.head = nn.Linear(8 * 14 * 14, 10)
+
+    def forward(self, x):
+        return self.head(F.relu(self.norm(self.c1(x))).flatten(1))
+
+
+class TransposeBN(nn.Module):
+    """Linear on tokens -> transpose -> BatchNorm1d over the Linear's output features."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 16, 7, stride=7)
+        self.fc = nn.Linear(16, 24)
+        self.bn = nn.BatchNorm1d(24)
+        _nontrivial(self.bn)
+        self.head = nn.Linear(24 * 16, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        h = self.fc(t).transpose(1, 2)
+        return self.head(F.relu(self.bn(h)).flatten(1))
+
+
+class _QATBase(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc, self.head = nn.Linear(8 * 14 * 14, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.quant(x)
+        x = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.dequant(self.head(F.relu(self.fc(x.flatten(1)))))
+
+
+def QATFakeQuant(frozen=False):
+    """Eager-mode QAT model after prepare_qat and some training batches: observers still enabled
+    (``frozen``: switched off with PyTorch's own ``disable_observer``, the oracle)."""
+    m = _QATBase().train()
+    m.qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
+    torch.ao.quantization.prepare_qat(m, inplace=True)
+    with torch.no_grad():
+        for s in range(4):
+            m(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(s)))
+    if frozen:
+        m.apply(torch.ao.quantization.disable_observer)
+    BUILT["QATFakeQuant"] = m
+    return m.eval()
+
+
+# -- variants of the norm cases (not handed): flatten into BatchNorm1d, permute into LayerNorm,
+# InstanceNorm(affine), a weight-standardised conv into GroupNorm, RMSNorm on tokens
+
+
+class FlatBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.head = nn.Conv2d(1, 4, 3, stride=4, padding=1), nn.BatchNorm1d(4 * 7 * 7), nn.Linear(196, 10)
+        _nontrivial(self.bn)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.c1(x).flatten(1))))
+
+
+class PermuteLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.ln, self.head = nn.Conv2d(1, 8, 7, stride=7), nn.LayerNorm(8), nn.Linear(8 * 16, 10)
+        _nontrivial(self.ln)
+
+    def forward(self, x):
+        return self.head(self.ln(self.c1(x).permute(0, 2, 3, 1)).flatten(1))
+
+
+class ConvIN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.InstanceNorm2d(8, affine=True)
+        self.head = nn.Linear(8 * 196, 10)
+        _nontrivial(self.n)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.n(self.c1(x))).flatten(1))
+
+
+class StdConv(nn.Conv2d):
+    """A weight-standardised conv (BiT's StdConv): the weight is normalised per filter at every call."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class StdConvGN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n, self.head = StdConv(1, 8, 3, stride=2, padding=1), nn.GroupNorm(4, 8), nn.Linear(8 * 196, 10)
+        _nontrivial(self.n)
+
+    def forward(self, x):
+        return self.head(F.relu(self.n(self.c1(x))).flatten(1))
+
+
+class TokensRMS(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.n = nn.Conv2d(1, 16, 7, stride=7), nn.Linear(16, 24), nn.RMSNorm(24)
+        self.head = nn.Linear(24 * 16, 10)
+        with torch.no_grad():
+            self.n.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.head(self.n(self.fc(self.embed(x).flatten(2).transpose(1, 2))).flatten(1))
+
+
+BUILT: dict[str, nn.Module] = {}  # the last model built of each case, to check it is left as it was
+ARCHS = {f.__name__: f for f in (HFConv1D, CatEmpty, ConvGN, TransposeBN, QATFakeQuant)}
 
 
 # ------------------------------------------------------------------------------------ harness
@@ -204,3 +330,88 @@ def test_an_internal_failure_is_reported_as_lesionbench_s_not_the_plugin_s(data,
     message = str(info.value)
     assert message.startswith("lesionbench failed while analysing the layers of model 'case3:CatEmpty'")
     assert "bug in lesionbench" in message and "plugin 'case3'" not in message
+
+
+# ------------------------------------------------------------------------------------ norms a unit feeds
+
+
+@pytest.mark.parametrize(("arch", "layer", "norm"), [("ConvGN", "c1", "norm"), ("TransposeBN", "fc", "bn")])
+def test_node_knockout_silences_the_unit_after_the_norm_it_feeds(data, registry, arch, layer, norm):
+    spec = study(f"case3:{arch}", [layer], ["node_knockout", "filter_prune", "synapse_knockout"], [0.0, 1.0], data)
+    fast, naive = fast_and_naive(spec, registry)
+    np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
+    oracle = clean_loss(arch, data, registry, silence=[layer, norm])  # zero at the layer and after its norm
+    for perturbation in ("node_knockout", "filter_prune"):
+        np.testing.assert_allclose(loss_at(fast, perturbation, 1.0), oracle, rtol=1e-6)
+    assert not np.allclose(loss_at(fast, "synapse_knockout", 1.0), oracle)  # the norm's shift alone differs
+
+
+@pytest.mark.parametrize(("cls", "layer", "norm"), [
+    (ConvGN, "c1", "norm"), (TransposeBN, "fc", "bn"), (FlatBN, "c1", "bn"), (PermuteLN, "c1", "ln"),
+    (ConvIN, "c1", "n"), (StdConvGN, "c1", "n"), (TokensRMS, "fc", "n"),
+])  # fmt: skip
+def test_silenced_units_stay_silent_through_every_per_channel_norm(cls, layer, norm):
+    from lesionbench.plugins.node_knockout import silence_units
+
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = cls().eval()
+    found = next(l for l in ModelGraph.of(model, torch.zeros(1, 1, 28, 28)).layers if l.name == layer)
+    assert found.norm_names == (norm,)
+    units = torch.tensor([1, 3])
+    torch.manual_seed(0)
+    oracle = cls().eval()  # the same weights; units 1 and 3 zeroed where they leave the layer and the norm
+    zero_units = lambda out: out.index_fill(1 if isinstance(oracle.get_submodule(layer), nn.Conv2d) else -1, units, 0)  # noqa: E731
+    oracle.get_submodule(layer).register_forward_hook(lambda _m, _i, out: zero_units(out))
+    with torch.no_grad():
+        n_out = oracle.get_submodule(layer)(torch.zeros(1, 1, 28, 28) if layer == "c1" else torch.zeros(1, 16, 16)).shape
+        silence_units(found, units)
+        got = model(x)
+        silent = torch.zeros(n_out, dtype=torch.bool).index_fill(1 if layer == "c1" else -1, units, True)
+        mask = {}
+
+        def after_norm(_m, _i, out):  # the norm's output at the silenced units' positions, zeroed
+            where = mask.setdefault("m", _positions(silent, out.shape))
+            return out.masked_fill(where, 0)
+
+        oracle.get_submodule(norm).register_forward_hook(after_norm)
+        want = oracle(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _positions(silent: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Where the silenced units of a one-image layer output land in a norm's input of ``shape``
+    (after the model's transpose / permute / flatten), found by sending the mask through the same
+    reshaping the model applies: here, by matching element counts and the order of the layouts."""
+    flat = silent[0]
+    if flat.dim() == 3 and len(shape) == 2:  # conv [C, H, W] flattened
+        return flat.reshape(1, -1).expand(shape[0], -1)
+    if flat.dim() == 3 and len(shape) == 4 and shape[-1] == flat.shape[0]:  # conv [C, H, W] permuted to [H, W, C]
+        return flat.permute(1, 2, 0).unsqueeze(0).expand(shape)
+    if flat.dim() == 3:
+        return flat.unsqueeze(0).expand(shape)
+    if flat.dim() == 2 and shape[-1] == flat.shape[-1]:  # tokens [T, F]
+        return flat.unsqueeze(0).expand(shape)
+    return flat.transpose(0, 1).unsqueeze(0).expand(shape)  # tokens transposed to [F, T]
+
+
+# ------------------------------------------------------------------------------------ QAT observers
+
+
+def test_qat_observers_do_not_move_and_the_model_comes_back_bit_identical(data, registry):
+    spec = study("case3:QATFakeQuant", [], ["synapse_knockout", "node_knockout"], [0.0, 0.5, 1.0], data)
+    frames = []
+    for engine in ("fast", "naive"):
+        df = run(spec | {"engine": engine}, registry=registry).sort_values(KEY, ignore_index=True)
+        model = BUILT["QATFakeQuant"]
+        torch.manual_seed(0)
+        before = QATFakeQuant()  # the same model, never evaluated by lesionbench
+        after = model.state_dict()
+        assert after.keys() == before.state_dict().keys()
+        for key, value in before.state_dict().items():
+            assert torch.equal(value, after[key]), key  # observers' min/max, scales, flags: as built
+        assert [m.training for m in model.modules()] == [m.training for m in before.modules()]
+        frames.append(df)
+    np.testing.assert_array_equal(frames[0]["loss"], frames[1]["loss"])  # order of evaluation does not matter
+    oracle = clean_loss("QATFakeQuant", data, registry, frozen=True)  # observers off by PyTorch's own switch
+    assert float(frames[0].loc[frames[0]["perturbation"] == "clean", "loss"].iloc[0]) == oracle
