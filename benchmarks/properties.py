@@ -28,9 +28,13 @@ from property_models import specs  # noqa: E402
 from property_oracles import check  # noqa: E402
 
 
+QUOTED = re.compile(r"'[^']*'")  # a layer's name in a refusal: one line per kind of refusal
+
+
 def kind_of(failure: str) -> str:
     """A failure without its numbers and paths: '(c) node_knockout p=1 loss …' per invariant and pattern."""
-    return re.sub(r"blocks\.\d+\.|[-\d.]+\d|\[.*", "", failure)[:60]
+    kind = re.sub(r"blocks\.\d+\.|[-\d.]+\d|\[.*|(, [^,]*)? ?(at its strongest|loss|p=).*", "", failure)
+    return re.sub(r"activation_\w+", "activation perturbations", kind)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     @given(specs(max_blocks=args.max_blocks))
     def one(spec):
         cells, failures, refused = check(spec, long=True)
-        refusals.update(f"{name}: {re.sub(r'[\'\"].*?[\'\"]', '…', why)}" for name, why in refused.items())
+        refusals.update(f"{name}: {QUOTED.sub('…', why)}" for name, why in refused.items())
         totals["models"] += 1
         totals["cells"] += cells
         totals["failures"] += len(failures)
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         kinds.update({kind_of(f) for f in failures})
         if failures:
             print(f"FAIL {spec}", *(f"  {f}" for f in failures), sep="\n", flush=True)
+        if totals["models"] % 10 == 0:
+            print(f"... {totals['models']} models, {totals['cells']} cells, {totals['failures']} failures "
+                  f"({totals['failed models']} models), {time.perf_counter() - t0:.0f} s", flush=True)
 
     one()
     for kind, n in kinds.most_common():

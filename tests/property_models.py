@@ -289,18 +289,20 @@ def _plain(path: str, norms=()) -> Expect:
     return Expect((path,), (f"{path}.weight", f"{path}.bias"), None, list(norms))
 
 
-def _block(spec: tuple, c: int, p: str) -> tuple[nn.Module, int, list[Expect]]:
-    """One block from its spec, the channels it outputs, and its layers' expectations (paths under ``p``)."""
+def _block(spec: tuple, c: int, p: str) -> tuple[nn.Module, int, list[Expect], bool]:
+    """One block from its spec, the channels it outputs, its layers' expectations (paths under ``p``),
+    and whether the last layer's units are the block's output channels (only elementwise ops after it:
+    a norm behind the block is then one that layer feeds)."""
     kind = spec[0]
     if kind == "conv":
         _, cout, norm, act, act_first, call = spec
         m = ConvBlock(c, cout, norm, act, act_first, call)
         fed = [(f"{p}.norm", m.axis, list(range(cout)))] if norm != "none" else []
-        return m, cout, [_plain(f"{p}.conv", fed)]
+        return m, cout, [_plain(f"{p}.conv", fed)], norm == "none"
     if kind == "res":
         _, norm, add = spec
         m = ResBlock(c, norm, add)
-        return m, c, [_plain(f"{p}.conv", [(f"{p}.norm", m.axis, list(range(c)))] if norm != "none" else [])]
+        return m, c, [_plain(f"{p}.conv", [(f"{p}.norm", m.axis, list(range(c)))] if norm != "none" else [])], False
     if kind == "cat":
         _, c1, c2, cut = spec
         cut = (cut[0], min(cut[1], c1 + c2)) if cut else None
@@ -309,19 +311,19 @@ def _block(spec: tuple, c: int, p: str) -> tuple[nn.Module, int, list[Expect]]:
         a = [u - lo for u in range(c1) if lo <= u < hi]
         b = [c1 + u - lo for u in range(c2) if lo <= c1 + u < hi]
         return m, hi - lo, [_plain(f"{p}.a", [(f"{p}.bn", 1, a)] if a else []),
-                            _plain(f"{p}.b", [(f"{p}.bn", 1, b)] if b else [])]  # fmt: skip
+                            _plain(f"{p}.b", [(f"{p}.bn", 1, b)] if b else [])], False  # fmt: skip
     if kind == "shared":
         everything = list(range(c))
-        return SharedBlock(c), c, [_plain(f"{p}.conv", [(f"{p}.bn1", 1, everything), (f"{p}.bn2", 1, everything)])]
+        return SharedBlock(c), c, [_plain(f"{p}.conv", [(f"{p}.bn1", 1, everything), (f"{p}.bn2", 1, everything)])], False
     if kind == "tied":
         _, storage = spec
         both = (f"{p}.a.weight", f"{p}.b.weight")  # zeroing the shared weight zeroes it for both users
         return TiedBlock(c, storage), c, [Expect((f"{p}.a",), both + (f"{p}.a.bias",)),
-                                          Expect((f"{p}.b",), both + (f"{p}.b.bias",))]  # fmt: skip
+                                          Expect((f"{p}.b",), both + (f"{p}.b.bias",))], True  # fmt: skip
     if kind == "mha":
         _, heads, ln = spec
         m = MHABlock(c, heads if c % heads == 0 else 1, ln)
-        return m, c, [_plain(f"{p}.attn.out_proj", [(f"{p}.ln", -1, list(range(c)))] if ln else [])]
+        return m, c, [_plain(f"{p}.attn.out_proj", [(f"{p}.ln", -1, list(range(c)))] if ln else [])], False
     if kind == "tok":
         _, cout, layer, norm = spec
         m = TokenBlock(c, cout, layer, norm)
@@ -329,12 +331,12 @@ def _block(spec: tuple, c: int, p: str) -> tuple[nn.Module, int, list[Expect]]:
         fc = f"{p}.fc"
         if layer == "lora":  # one layer, its effective weight base + s·B·A
             zero = (f"{fc}.base_layer.weight", f"{fc}.base_layer.bias", f"{fc}.lora_B.default.weight")
-            return m, cout, [Expect((f"{fc}.base_layer", fc), zero, fc, fed)]
-        return m, cout, [_plain(fc, fed)]
+            return m, cout, [Expect((f"{fc}.base_layer", fc), zero, fc, fed)], norm == "none"
+        return m, cout, [_plain(fc, fed)], norm == "none"
     _, how = spec
     m = ParamBlock(c, how)
     g = f"{p}.conv.parametrizations.weight.original0" if how == "weight_norm" else f"{p}.conv.weight_orig"
-    return m, c, [Expect((f"{p}.conv",), (g, f"{p}.conv.bias"))]
+    return m, c, [Expect((f"{p}.conv",), (g, f"{p}.conv.bias"))], True
 
 
 def build(spec: Spec) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[Expect]]:
@@ -342,11 +344,13 @@ def build(spec: Spec) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[Expec
     torch.manual_seed(spec.seed)
     blocks, expects, c = [], [], IN_CHANNELS
     for i, b in enumerate(spec.blocks):
-        module, c, found = _block(b, c, f"blocks.{i}")
+        module, c, found, open_end = _block(b, c, f"blocks.{i}")
         blocks.append(module)
         expects += found
+    if spec.head_norm and open_end:  # pooled and flattened, the last layer's units are the head norm's channels
+        expects[-1].norms.append(("head.bn", 1, list(range(c))))
     head = Head(c, spec.head_norm, spec.output)
-    expects.append(_plain("head.fc", [("head.bn", 1, list(range(c)))] if spec.head_norm else []))
+    expects.append(_plain("head.fc"))
     model = Net(blocks, head)
     for m in model.modules():  # trained-looking statistics and affine parameters
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.InstanceNorm2d)):
