@@ -25,12 +25,12 @@ from torch import nn
 from lesionbench.data import RawDataset
 from lesionbench.errors import LesionbenchError
 from lesionbench.executors import Tick, create_executor
-from lesionbench.graph import ModelGraph
+from lesionbench.graph import ModelGraph, check_module
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import select_layers
 from lesionbench.model_sources import LoadedModel, ModelSpec
 from lesionbench.perturbation import Perturbation, cell_seed, check_levels, generator_for, perturbed
-from lesionbench.plan import Plan, model_dtype
+from lesionbench.plan import Plan, hookable, model_dtype
 from lesionbench.registry import Registry, create_registry, get_registry
 from lesionbench.store import MemoryStore, Outcomes, RunDir, Store, Subset, read_results, read_results_with_outcomes
 from lesionbench.study import Study, load_study, parse_study, with_overrides
@@ -311,11 +311,14 @@ def lesioned(
         example = _example_for(model)
         if example is None:
             raise LesionbenchError("pass example=<an input batch> so that the layer's place in the network can be found")
+    check_module(model, model_name)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     graph = ModelGraph.of(model, example[:1].to(device=device, dtype=model_dtype(model)))
     if layer in graph.left_out:
         raise LesionbenchError(f"layer {layer!r} cannot be perturbed: {graph.left_out[layer]}")
     (target,) = select_layers(graph.layers, [layer])
+    if p.kind == "hooks":
+        hookable([target], p.name, model_name, True, [])
     p.check_layer(target)
     seed_value = cell_seed(seed, model_name, target.name, p.name, level, draw)
     with perturbed(target, p, level, generator_for(seed_value)):

@@ -65,6 +65,9 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 def unsupported_weight(module: nn.Module) -> str:
     """Why damage to ``module``'s stored weight would not reach its forward pass ("" if it would)."""
+    if "weight_orig" in module._parameters and "weight_mask" in module._buffers:
+        return ("its weight is recomputed as weight_orig × weight_mask by torch.nn.utils.prune at every call "
+                "(make the pruning permanent with torch.nn.utils.prune.remove(module, 'weight') to study it)")  # fmt: skip
     if parametrize.is_parametrized(module, "weight"):
         return "its weight is computed by a parametrization (weight_norm, spectral_norm, …) at every call"
     if "weight" not in module._parameters:
@@ -231,6 +234,7 @@ class Probe:
     downstream_norms: dict[nn.Module, list[nn.Module]]  # layer -> BatchNorms anything it computes reaches
     output: torch.Tensor  # the logits for the probe input
     functional: dict[nn.Module, str] = field(default_factory=dict)  # layer -> op applying it outside its call
+    other_weights: dict[str, str] = field(default_factory=dict)  # weight read that is no layer's -> the op
 
 
 class _Watch(TorchFunctionMode):
@@ -250,6 +254,8 @@ class _Watch(TorchFunctionMode):
         self.derived: dict[int, tuple[nn.Module, ...]] = {}  # id -> layers whose weight it is, transformed
         self.calling: list[nn.Module] = []  # modules whose __call__ is running
         self.functional: dict[nn.Module, str] = {}  # layer -> op that applied its weight outside its call
+        self.weight_names: dict[int, str] = {}  # id -> name of a weight (≥ 2-d) that is no layer's or norm's
+        self.other_weights: dict[str, str] = {}  # such a weight, read -> the first op reading it
 
     def __enter__(self):
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -274,6 +280,9 @@ class _Watch(TorchFunctionMode):
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        for t in inputs:
+            if id(t) in self.weight_names and name not in ("__get__", "size", "dim", "numel"):
+                self.other_weights.setdefault(self.weight_names[id(t)], name)
         read = [self.layer_of[id(t)] for t in inputs if id(t) in self.layer_of]
         read += [layer for t in inputs for layer in self.derived.get(id(t), ()) if layer not in read]
         for layer in read:
@@ -335,8 +344,13 @@ def probe(module: nn.Module, example: torch.Tensor) -> Probe:
                 norm_of[id(t)] = m
     watch = _Watch(layer_of, norm_of)
     watch.data.add(id(example))
+    adapters = {id(t) for _w, adapters in lora_wrappers(module).values() for a, b, _s in adapters for t in (a.weight, b.weight)}
+    watch.weight_names = {
+        id(t): name for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if t.is_floating_point() and t.dim() >= 2 and id(t) not in layer_of and id(t) not in norm_of and id(t) not in adapters
+    }  # fmt: skip
     output = run_once(module, example, watch)
-    return Probe(watch.order, watch.feeds, watch.downstream, output, watch.functional)
+    return Probe(watch.order, watch.feeds, watch.downstream, output, watch.functional, watch.other_weights)
 
 
 def run_once(module: nn.Module, example: torch.Tensor, mode: TorchFunctionMode | None = None) -> torch.Tensor:
@@ -350,6 +364,47 @@ def run_once(module: nn.Module, example: torch.Tensor, mode: TorchFunctionMode |
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+def lora_wrappers(module: nn.Module) -> dict[nn.Module, tuple[nn.Module, tuple[tuple[nn.Module, nn.Module, float], ...]]]:
+    """LoRA-wrapped layers in peft's layout: base layer -> (wrapper, ((A, B, scaling) per adapter)).
+
+    A wrapper has ``base_layer`` (a Linear or Conv1D), ``lora_A`` and ``lora_B`` (ModuleDicts keyed
+    by adapter name, or single modules) holding Linear layers, and ``scaling`` (a number or a dict
+    by adapter name), and computes base(x) + Σ scaling·B(A(x)) (huggingface/peft ``LoraLayer``;
+    dropout is the identity in eval mode). Adapters of another shape (conv LoRA, DoRA) are not
+    grouped: their layers stay layers of their own.
+    """
+    found = {}
+    for wrapper in module.modules():
+        base, lora_a, lora_b = (getattr(wrapper, k, None) for k in ("base_layer", "lora_A", "lora_B"))
+        if not (isinstance(base, nn.Module) and is_layer(base) and kind_of(base) == "linear") or lora_a is None:
+            continue
+        if len(getattr(wrapper, "lora_magnitude_vector", None) or ()):  # DoRA: not base + s·B·A
+            continue
+        a_of = dict(lora_a.items()) if isinstance(lora_a, nn.ModuleDict) else {"": lora_a}
+        b_of = dict(lora_b.items()) if isinstance(lora_b, nn.ModuleDict) else {"": lora_b}
+        scaling = getattr(wrapper, "scaling", 1.0)
+        adapters = []
+        for key, a in a_of.items():
+            b, scale = b_of.get(key), scaling.get(key) if isinstance(scaling, dict) else scaling
+            if isinstance(a, nn.Linear) and isinstance(b, nn.Linear) and isinstance(scale, (int, float)):
+                if a.bias is None and b.bias is None:
+                    adapters.append((a, b, float(scale)))
+        if adapters and len(adapters) == len(a_of):
+            found[base] = (wrapper, tuple(adapters))
+    return found
+
+
+def packed_weight(module: nn.Module) -> str:
+    """Why a module whose weight is packed for a quantized kernel is not a layer ("" if it is not one)."""
+    if is_layer(module) or not type(module).__module__.startswith("torch.ao.nn.quantized"):
+        return ""
+    if not callable(getattr(module, "weight", None)):  # not the packed-params holder inside one
+        return ""
+    return (f"a quantized {type(module).__module__}.{type(module).__name__}: its int8 weight is packed for the "
+            "kernel, not a stored tensor a perturbation can change (study the float model, or int8:<model>, "
+            "whose int8 layers lesionbench can damage)")  # fmt: skip
 
 
 def check_module(module: nn.Module, name: str) -> None:
@@ -632,14 +687,31 @@ class ModelGraph:
         aliases = dict(aliases or {})
         names = {m: n for n, m in module.named_modules(remove_duplicate=False)}
         seen = probe(module, example)
+        wrappers = {}  # only adapters the forward pass applies (not a disabled, merged or inactive one)
+        for base, (wrapper, adapters) in lora_wrappers(module).items():
+            used = tuple((a, b, scale) for a, b, scale in adapters if a in seen.order and b in seen.order)
+            if used:
+                wrappers[base] = (wrapper, used)
         left_out = {}
+        for base, (_wrapper, adapters) in wrappers.items():
+            for part in (m for a, b, _s in adapters for m in (a, b)):
+                left_out[names[part]] = (f"part of the LoRA adapter of {names[base]}, studied as one layer with it "
+                                         "(effective weight base + s·B·A)")  # fmt: skip
         for name, m in module.named_modules():
-            if is_layer(m) and m not in seen.order:
+            if is_layer(m) and m not in seen.order and name not in left_out:
                 left_out[name] = unsupported_weight(m) or "the forward pass never reads its weight"
-        n = len(seen.order)
+            elif packed_weight(m):
+                left_out[name] = packed_weight(m)
+        for name, op in seen.other_weights.items():
+            owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+            left_out.setdefault(name, f"a weight of {type(owner).__name__} that {op!r} reads, not a Conv/Linear/Conv1D "
+                                      "layer's: no perturbation reaches it")  # fmt: skip
+        order = [m for m in seen.order if names[m] not in left_out]
+        n = len(order)
         layers = []
-        for i, m in enumerate(seen.order):
+        for i, m in enumerate(order):
             name = names[m]
+            wrapper, adapters = wrappers.get(m, (None, ()))
             fed = seen.feeds.get(m, ())
             norms = tuple(norm for norm, _span in fed)
             layers.append(
@@ -655,6 +727,10 @@ class ModelGraph:
                     norm_names=tuple(names[x] for x in norms),
                     norm_spans=tuple((span.shift, span.lo, span.hi) for _norm, span in fed),
                     norm_widths=tuple(span.width for _norm, span in fed),
+                    applied_by=seen.functional.get(m, ""),
+                    wrapper=wrapper,
+                    adapters=adapters,
+                    adapter_names=tuple(names[x] for a, b, _s in adapters for x in (a, b)),
                 )
             )
         downstream = {names[m]: list(v) for m, v in seen.downstream_norms.items()}

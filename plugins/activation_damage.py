@@ -67,14 +67,14 @@ class ActivationKnockout(HookPerturbation):
     def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
         if level == 0:
             return []
-        return [layer.module.register_forward_hook(knockout_hook(layer, level, generator))]
+        return [layer.output_module.register_forward_hook(knockout_hook(layer, level, generator))]
 
 
 class ActivationNoise(HookPerturbation):
     def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
         if level == 0:
             return []
-        return [layer.module.register_forward_hook(noise_hook(level, generator))]
+        return [layer.output_module.register_forward_hook(noise_hook(level, generator))]
 
 
 @hookimpl

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 from torchvision import transforms
 
 from conftest import write_fashion
@@ -198,8 +199,90 @@ class TokensRMS(nn.Module):
         return self.head(self.n(self.fc(self.embed(x).flatten(2).transpose(1, 2))).flatten(1))
 
 
+class MHAAct(nn.Module):
+    """Attention whose out_proj weight is read by F.multi_head_attention_forward: never called as a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 16, 7, stride=7)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16 * 16, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        a, _ = self.attn(t, t, t, need_weights=False)
+        return self.head((t + a).flatten(1))
+
+
+class ForwardCall(nn.Module):
+    """A variant: a layer called as ``.forward()`` (forward hooks never run) and one through F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc, self.head = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.Linear(8 * 196, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc.forward(F.relu(self.c1(x)).flatten(1)))
+        return F.linear(h, self.head.weight, self.head.bias)
+
+
+class LoraLinear(nn.Module):
+    """peft's layout: base_layer + lora_A / lora_B, y = base(x) + s * B(A(x)); a trained (non-zero) adapter."""
+
+    def __init__(self, base, r=4, alpha=8):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, base.out_features, bias=False)})
+        nn.init.normal_(self.lora_B["default"].weight, std=0.5)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * self.scaling
+
+
+class LoRA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.fc = LoraLinear(nn.Linear(8 * 14 * 14, 64))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(F.relu(self.c1(x)).flatten(1))))
+
+
+class _Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 14 * 14, 10)
+        _nontrivial(self.bn)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.c1(x))).flatten(1))
+
+
+def DynQuant():
+    """torch.ao dynamic quantization of every Linear (packed int8 weights)."""
+    return torch.ao.quantization.quantize_dynamic(_Plain().eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def Scripted():
+    return torch.jit.script(_Plain().eval())
+
+
+def AllPruned():
+    """A variant: every layer carries a torch.nn.utils.prune mask."""
+    model = _Plain()
+    for name in ("c1", "head"):
+        prune.l1_unstructured(model.get_submodule(name), "weight", amount=0.3)
+    return model
+
+
 BUILT: dict[str, nn.Module] = {}  # the last model built of each case, to check it is left as it was
-ARCHS = {f.__name__: f for f in (HFConv1D, CatEmpty, ConvGN, TransposeBN, QATFakeQuant)}
+ARCHS = {f.__name__: f for f in (HFConv1D, CatEmpty, ConvGN, TransposeBN, QATFakeQuant, MHAAct, ForwardCall, LoRA,
+                                  DynQuant, Scripted, AllPruned)}
 
 
 # ------------------------------------------------------------------------------------ harness
@@ -415,3 +498,88 @@ def test_qat_observers_do_not_move_and_the_model_comes_back_bit_identical(data, 
     np.testing.assert_array_equal(frames[0]["loss"], frames[1]["loss"])  # order of evaluation does not matter
     oracle = clean_loss("QATFakeQuant", data, registry, frozen=True)  # observers off by PyTorch's own switch
     assert float(frames[0].loc[frames[0]["perturbation"] == "clean", "loss"].iloc[0]) == oracle
+
+
+# ------------------------------------------------------------------------------------ hook perturbations
+
+
+HOOKS = ["activation_knockout", "activation_noise", "activation_bit_flip"]
+
+
+@pytest.mark.parametrize(("arch", "layer", "op"), [("MHAAct", "attn.out_proj", "multi_head_attention_forward"),
+                                                   ("ForwardCall", "fc", "linear"), ("ForwardCall", "head", "linear")])
+def test_hook_perturbations_refuse_by_name_a_layer_their_hook_cannot_see(data, registry, arch, layer, op):
+    for perturbation in HOOKS:
+        with pytest.raises(LesionbenchError, match=rf"layer '{layer}' of model 'case3:{arch}': its weight is applied by '{op}'"):
+            run(study(f"case3:{arch}", [layer], perturbation, [0.0, 1.0], data), registry=registry)
+
+
+def test_lesioned_refuses_a_hook_perturbation_on_a_layer_its_hook_cannot_see():
+    from lesionbench.api import lesioned
+
+    model = MHAAct().eval()
+    with pytest.raises(LesionbenchError, match="applied by 'multi_head_attention_forward'"):
+        with lesioned(model, "attn.out_proj", "activation_noise", 1.0, example=torch.zeros(1, 1, 28, 28)):
+            pass
+
+
+def test_hook_perturbations_leave_out_unseen_layers_and_say_so_in_run_log(data, registry, tmp_path):
+    df = run(study("case3:MHAAct", [], ["activation_knockout", "synapse_knockout"], [0.0, 1.0], data), tmp_path / "r",
+             registry=registry)  # fmt: skip
+    hooked = df[df["perturbation"] == "activation_knockout"]
+    assert set(hooked["layer"]) == {"embed", "head"}  # never a row scoring out_proj as perfectly robust
+    assert "attn.out_proj" in set(df[df["perturbation"] == "synapse_knockout"]["layer"])
+    log = (tmp_path / "r" / "run.log").read_text()
+    assert "'attn.out_proj' of model 'case3:MHAAct': its weight is applied by 'multi_head_attention_forward'" in log
+    assert "left out of activation_knockout" in log
+    clean = float(df.loc[df["perturbation"] == "clean", "loss"].iloc[0])
+    assert (loss_at(df, "activation_knockout", 1.0) != clean).all()  # every hooked row is damaged
+
+
+# ------------------------------------------------------------------------------------ LoRA
+
+
+def test_a_lora_wrapped_layer_is_one_layer_damaged_through_its_effective_weight(data, registry):
+    graph = ModelGraph.of(LoRA().eval(), torch.zeros(1, 1, 28, 28))
+    assert [l.name for l in graph.layers] == ["c1", "fc.base_layer", "head"]
+    assert {"fc.lora_A.default", "fc.lora_B.default"} <= set(graph.left_out)
+    perturbations = ["node_knockout", "synapse_knockout", "filter_prune", "activation_knockout"]
+    fast, naive = fast_and_naive(study("case3:LoRA", ["fc.base_layer"], perturbations, [0.0, 0.5, 1.0], data), registry)
+    np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
+    oracle = clean_loss("LoRA", data, registry, silence=["fc"])  # the wrapper's output (base + s·B·A) zeroed
+    for perturbation in perturbations:
+        np.testing.assert_allclose(loss_at(fast, perturbation, 1.0), oracle, rtol=1e-6)
+    model, x = LoRA().eval(), torch.randn(2, 1, 28, 28)
+    layer = next(l for l in ModelGraph.of(model, torch.zeros(1, 1, 28, 28)).layers if l.name == "fc.base_layer")
+    with torch.no_grad():
+        before = model(x)
+        layer.merge_adapters()  # the effective weight, independently: W + s·B·A computes the same function
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+        assert (model.fc.lora_B["default"].weight == 0).all()
+
+
+# ------------------------------------------------------------------------------------ left out, refused
+
+
+def test_a_dynamically_quantised_linear_is_named_in_run_log(data, registry, tmp_path):
+    df = run(study("case3:DynQuant", [], "synapse_knockout", [0.0, 1.0], data), tmp_path / "r", registry=registry)
+    assert set(df["layer"]) == {"", "c1"}
+    log = (tmp_path / "r" / "run.log").read_text()
+    assert "case3:DynQuant: head left out: a quantized torch.ao.nn.quantized.dynamic" in log and "packed" in log
+
+
+def test_weights_read_that_are_no_layer_s_are_named(data, registry, tmp_path):
+    run(study("case3:MHAAct", [], "synapse_knockout", [0.0], data), tmp_path / "r", registry=registry)
+    log = (tmp_path / "r" / "run.log").read_text()
+    assert "attn.in_proj_weight left out: a weight of MultiheadAttention that 'multi_head_attention_forward' reads" in log
+
+
+@pytest.mark.parametrize(("arch", "message"), [
+    ("Scripted", r"is a TorchScript module .* which lesionbench does not support"),
+    ("AllPruned", r"has no layer lesionbench can perturb \(c1: its weight is recomputed as weight_orig × weight_mask "
+                  r"by torch.nn.utils.prune.*; head: "),
+])  # fmt: skip
+def test_unsupported_models_are_refused_with_the_reason(data, registry, tmp_path, arch, message):
+    with pytest.raises(LesionbenchError, match=message):
+        run(study(f"case3:{arch}", [], "synapse_knockout", [0.0, 1.0], data), tmp_path / "r", registry=registry)
+    assert not (tmp_path / "r").exists()
