@@ -10,8 +10,9 @@ b. synapse knockout at p = 1 equals the network evaluated with the layer's effec
 c. node knockout at p = 1 equals that network with, in addition, the layer's output and every
    per-channel norm output its units feed zeroed on those channels (forward hooks);
 d. every hook perturbation at its strongest level changes the loss wherever (b)'s oracle does;
-e. before every cell and after the run, every parameter, buffer and module ``training`` flag of
-   the user's model (fake-quant observer state included) is bit-identical to before the run;
+e. before every cell (all but that cell's own layer, which the harness may already have prepared)
+   and after the run (everything), every parameter, buffer and module ``training`` flag of the
+   user's model (fake-quant observer state included) is bit-identical to before the run;
 f. every floating-point weight (Parameter of 2+ dims) the forward pass reads — found by changing it
    and watching the output — is a studied layer, or is named in ``run.log`` (with its reason).
 
@@ -100,7 +101,8 @@ def differences(before: dict, after: dict) -> list[str]:
 
 class _Checked:
     """A plugin giving the built-in perturbations under their own names, each of which first checks
-    (at the start of every cell, when the previous cell has been undone) that the model is as given."""
+    (at the start of every cell, when the previous cell has been undone) that the model is as given:
+    every tensor but the cell's own layer's, which the harness may have prepared already."""
 
     def __init__(self, model: nn.Module, perturbations: dict, failures: list[str], refused: dict) -> None:
         self.model, self.failures, self.reference = model, failures, tensors_of(model)
@@ -113,10 +115,13 @@ class _Checked:
         inner = getattr(p, method)
 
         def checked(layer, level, generator):
-            changed = differences(self.reference, tensors_of(self.model))  # (modes: the run evaluates in eval mode)
+            # The cell's own layer (its adapters, its norms) may already be prepared for the damage (a LoRA
+            # adapter folded into the weight): those tensors are checked before other layers' cells and at the end.
+            own, now = set(layer.named_tensors()), tensors_of(self.model)
+            changed = [k for k in differences(self.reference, now) if k not in own]
             if changed:
                 self.failures.append(f"(e) before the cell {layer.name}/{p.name}/{level}: changed {changed[:4]}")
-                self.reference = tensors_of(self.model)  # report each change once
+                self.reference.update({k: now.get(k) for k in changed})  # report each change once
             return inner(layer, level, generator)
 
         def check_layer(layer):
@@ -253,8 +258,10 @@ def check(spec: Spec, long: bool = False) -> tuple[int, list[str], dict[str, str
             failures.append(f"(c) {name}: node_knockout p=1 loss {got:.6f}, units silenced {silenced:.6f}")
         if not _close(zeroed, clean_oracle, tol):  # (d)
             for h in (h for h in HOOKS if h not in refused):
-                got = rows.get((h, strongest(perturbations[h])), math.nan)
-                if got == clean:
+                got = rows.get((h, strongest(perturbations[h])))
+                if got is None and not any(mentioned(line, name) and mentioned(line, h) for line in log.splitlines()):
+                    failures.append(f"(d) {name}: no {h} cell, and run.log does not say why")
+                elif got == clean:
                     failures.append(f"(d) {name}: {h} at its strongest leaves the loss at the clean {clean:.6f}")
 
     declared = {n for e in expects for n in e.names}

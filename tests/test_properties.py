@@ -16,12 +16,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import lesionbench.plugins.node_knockout as node_knockout
-from property_models import Spec
+from lesionbench import perturbation
+from property_models import Spec, specs
 from property_oracles import check
-from property_models import specs
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = settings(derandomize=True, max_examples=12, deadline=None, database=None, print_blob=True,
+FAST = settings(derandomize=True, max_examples=10, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
 
 
@@ -46,6 +46,15 @@ def test_the_oracles_catch_a_node_knockout_that_forgets_the_norm(monkeypatch):
     monkeypatch.setattr(node_knockout, "silence_units", weights_only)
     failures = check(spec)[1]
     assert [f.split(":")[0] for f in failures] == ["(c) blocks.0.conv"]
+
+
+def test_the_oracles_catch_a_cell_that_is_not_undone(monkeypatch):
+    """(e) is not blind either: if the harness forgot to restore a layer's tensors after a cell, the
+    next cell and the end of the run find the model changed."""
+    monkeypatch.setattr(perturbation, "_restore", lambda module, snapshot: None)
+    failures = check(Spec((("conv", 4, "none", "relu", False, "module"),)))[1]
+    assert any(f.startswith("(e) before the cell ") for f in failures)
+    assert any(f.startswith("(e) after the runs: changed ['blocks.0.conv") for f in failures)
 
 
 def test_the_long_mode_prints_its_counts(tmp_path):
