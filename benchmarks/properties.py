@@ -43,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-blocks", type=int, default=5, help="blocks per model at most (default 5)")
     ap.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0)")
     args = ap.parse_args(argv)
-    logging.getLogger("lesionbench").setLevel(logging.ERROR)  # cells that fail are in the results' error column
+    logger, level = logging.getLogger("lesionbench"), logging.getLogger("lesionbench").level
+    logger.setLevel(logging.ERROR)  # cells that fail are in the results' error column
+    try:
+        return _run(args)
+    finally:
+        logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     totals, kinds, refusals, t0 = Counter(), Counter(), Counter(), time.perf_counter()
 
