@@ -7,26 +7,8 @@ that make its effective weight and bias zero, the module whose output is the lay
 wrapper), and the channels of every per-channel norm its output units feed. Nothing here asks
 lesionbench anything.
 
-Images are [N, C, 4, 4]; token blocks see them as [N, 16, C] (``flatten(2).transpose(1, 2)``).
-Block kinds (the first field of each tuple):
-
-- ``conv``: Conv2d → norm and activation in either order; the conv called as a module, through
-  ``F.conv2d`` on its Parameters, or through ``.forward()``; norms BatchNorm, GroupNorm,
-  InstanceNorm (affine), LayerNorm and RMSNorm over channels (``permute`` to channels-last and back);
-- ``res``: a residual sum ``out + x`` (or ``out += x`` or the statement ``out.add_(x)``) behind a conv and norm;
-- ``cat``: two convs concatenated on channels, then optionally a channel slice, then BatchNorm;
-- ``shared``: one conv applied twice, each use followed by its own BatchNorm;
-- ``tied``: two 1×1 convs sharing one weight Parameter, or two Parameters over one storage;
-- ``mha``: ``nn.MultiheadAttention`` (``out_proj`` is read through ``F.multi_head_attention_forward``),
-  optionally followed by a LayerNorm, in a residual;
-- ``tok``: a token layer — Linear, transformers' ``Conv1D`` (weight [in, out]), a peft-style LoRA
-  wrapper, or a QAT Linear with fake-quant observers — then a norm after ``transpose`` (BatchNorm1d)
-  or on the last axis (LayerNorm, RMSNorm);
-- ``param``: a conv under a ``weight_norm`` parametrization or a pruning mask.
-
-The head pools, flattens, optionally applies BatchNorm1d, then a Linear; the model returns the
-logits, a tuple (logits, features) or a dict {"logits", "features"}; it may be float16/bfloat16 and
-may be handed over in training mode.
+Images are [N, C, 4, 4]; token blocks see them as [N, 16, C]. The block kinds (conv, res, cat,
+shared, tied, mha, tok, param) and what each exercises: docs/explanation/property-harness.md.
 """
 
 from __future__ import annotations
@@ -314,7 +296,8 @@ def _block(spec: tuple, c: int, p: str) -> tuple[nn.Module, int, list[Expect], b
                             _plain(f"{p}.b", [(f"{p}.bn", 1, b)] if b else [])], False  # fmt: skip
     if kind == "shared":
         everything = list(range(c))
-        return SharedBlock(c), c, [_plain(f"{p}.conv", [(f"{p}.bn1", 1, everything), (f"{p}.bn2", 1, everything)])], False
+        fed = [(f"{p}.bn1", 1, everything), (f"{p}.bn2", 1, everything)]
+        return SharedBlock(c), c, [_plain(f"{p}.conv", fed)], False
     if kind == "tied":
         _, storage = spec
         both = (f"{p}.a.weight", f"{p}.b.weight")  # zeroing the shared weight zeroes it for both users

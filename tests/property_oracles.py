@@ -272,5 +272,6 @@ def check(spec: Spec, long: bool = False) -> tuple[int, list[str], dict[str, str
             failures.append(f"(f) {param} is read by the forward pass but is no layer and run.log says nothing")
     drift = list(dict.fromkeys(f for f in failures if f.startswith("(e) before")))
     if len(drift) > 1:  # the first cell that found the model changed, and how many more did
-        failures = [f for f in dict.fromkeys(failures) if f not in drift[1:]] + [f"(e) ... and before {len(drift) - 1} more cells"]
+        failures = [f for f in dict.fromkeys(failures) if f not in drift[1:]]
+        failures.append(f"(e) ... and before {len(drift) - 1} more cells")
     return len(naive) + len(fast), failures, refused

@@ -36,7 +36,8 @@ def test_rerandomize_refuses_a_layer_without_an_initialiser_before_anything_runs
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), Conv1D(5, 12))
     images, labels = torch.randn(6, 3, 2, 2), torch.arange(6) % 5
-    with pytest.raises(lesionbench.LesionbenchError, match=r"rerandomize: layer '1' \(Conv1D\) has no reset_parameters"):
+    refusal = r"rerandomize: layer '1' \(Conv1D\) has no reset_parameters"
+    with pytest.raises(lesionbench.LesionbenchError, match=refusal):
         lesionbench.run({"perturbations": ["rerandomize"], "draws": 1, "device": "cpu"}, tmp_path / "run",
                         model=model, data=(images, labels))  # fmt: skip
     assert not (tmp_path / "run").exists()
