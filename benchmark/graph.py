@@ -83,6 +83,7 @@ CHANNEL_PRESERVING = {
 }  # fmt: skip
 RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 PERMUTES = {"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t"}
+REDUCTIONS = {"mean", "sum", "amax", "amin", "nanmean", "nansum"}  # over some axes: zeros give zero
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 
 
@@ -200,11 +201,25 @@ def follow_units(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tenso
                         kept.append(replace(s, axis=at - t.dim(), shift=s.shift * inner, width=s.width * inner))
                         break
         return [tuple(kept)] + none[1:]
+    if name in REDUCTIONS and t.is_floating_point():  # a mean over positions: a silent channel stays silent
+        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if dims is None or isinstance(dims, torch.Tensor):
+            return none
+        dims = {d % first.dim() for d in ((dims,) if isinstance(dims, int) else dims)}
+        keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+        out = []
+        for s in spans:
+            at = first.dim() + s.axis
+            if at not in dims:
+                out.append(replace(s, axis=(at if keep else at - sum(d < at for d in dims)) - t.dim()))
+        return [tuple(out)] + none[1:]
     if name in PERMUTES:  # the units' axis moves: where to, from the op applied to a shape of distinct sizes
-        probe = func_of(name, first)
-        if probe is not None:
-            sizes = torch.Size(_PRIMES[: first.dim()])
-            moved = probe(torch.empty(sizes, device="meta"), *args[1:], **kwargs).shape
+        probe, sizes = func_of(name, first), torch.Size(_PRIMES[: first.dim()])
+        try:
+            moved = probe(torch.empty(sizes, device="meta"), *args[1:], **kwargs).shape if probe else ()
+        except (RuntimeError, TypeError, IndexError, ValueError):  # arguments only the real call understands
+            moved = ()
+        if moved:
             if sorted(moved) == sorted(sizes) and t.dim() == first.dim():
                 return [tuple(replace(s, axis=moved.index(sizes[s.axis]) - t.dim()) for s in spans)] + none[1:]
         return none
@@ -253,6 +268,7 @@ class _Watch(TorchFunctionMode):
         self.data: set[int] = set()  # ids of values computed from the input (not from weights alone)
         self.derived: dict[int, tuple[nn.Module, ...]] = {}  # id -> layers whose weight it is, transformed
         self.calling: list[nn.Module] = []  # modules whose __call__ is running
+        self.wrapped: dict[nn.Module, nn.Module] = {}  # LoRA wrapper -> its base layer
         self.functional: dict[nn.Module, str] = {}  # layer -> op that applied its weight outside its call
         self.weight_names: dict[int, str] = {}  # id -> name of a weight (≥ 2-d) that is no layer's or norm's
         self.other_weights: dict[str, str] = {}  # such a weight, read -> the first op reading it
@@ -263,9 +279,13 @@ class _Watch(TorchFunctionMode):
         def pre(module, _args):
             self.calling.append(module)
 
-        def post(module, _args, _out):
+        def post(module, _args, out):
             if self.calling and self.calling[-1] is module:
                 self.calling.pop()
+            base = self.wrapped.get(module)
+            if base is not None and isinstance(out, torch.Tensor):  # a LoRA wrapper's output: its base's units
+                self._keep.append(out)
+                self.units[id(out)] = (_layer_span(base, out),)
 
         self._hooks = [register_module_forward_pre_hook(pre), register_module_forward_hook(post, always_call=True)]
         return super().__enter__()
@@ -344,7 +364,9 @@ def probe(module: nn.Module, example: torch.Tensor) -> Probe:
                 norm_of[id(t)] = m
     watch = _Watch(layer_of, norm_of)
     watch.data.add(id(example))
-    adapters = {id(t) for _w, adapters in lora_wrappers(module).values() for a, b, _s in adapters for t in (a.weight, b.weight)}
+    wrappers = lora_wrappers(module)
+    watch.wrapped = {wrapper: base for base, (wrapper, _adapters) in wrappers.items()}
+    adapters = {id(t) for _w, adapters in wrappers.values() for a, b, _s in adapters for t in (a.weight, b.weight)}
     watch.weight_names = {
         id(t): name for name, t in [*module.named_parameters(), *module.named_buffers()]
         if t.is_floating_point() and t.dim() >= 2 and id(t) not in layer_of and id(t) not in norm_of and id(t) not in adapters
@@ -378,7 +400,7 @@ def lora_wrappers(module: nn.Module) -> dict[nn.Module, tuple[nn.Module, tuple[t
     found = {}
     for wrapper in module.modules():
         base, lora_a, lora_b = (getattr(wrapper, k, None) for k in ("base_layer", "lora_A", "lora_B"))
-        if not (isinstance(base, nn.Module) and is_layer(base) and kind_of(base) == "linear") or lora_a is None:
+        if not (isinstance(base, nn.Module) and is_layer(base)) or lora_a is None:
             continue
         if len(getattr(wrapper, "lora_magnitude_vector", None) or ()):  # DoRA: not base + s·B·A
             continue
@@ -388,9 +410,8 @@ def lora_wrappers(module: nn.Module) -> dict[nn.Module, tuple[nn.Module, tuple[t
         adapters = []
         for key, a in a_of.items():
             b, scale = b_of.get(key), scaling.get(key) if isinstance(scaling, dict) else scaling
-            if isinstance(a, nn.Linear) and isinstance(b, nn.Linear) and isinstance(scale, (int, float)):
-                if a.bias is None and b.bias is None:
-                    adapters.append((a, b, float(scale)))
+            if _adapter_pair(base, a, b) and isinstance(scale, (int, float)):
+                adapters.append((a, b, float(scale)))
         if adapters and len(adapters) == len(a_of):
             found[base] = (wrapper, tuple(adapters))
     return found
@@ -400,11 +421,26 @@ def packed_weight(module: nn.Module) -> str:
     """Why a module whose weight is packed for a quantized kernel is not a layer ("" if it is not one)."""
     if is_layer(module) or not type(module).__module__.startswith("torch.ao.nn.quantized"):
         return ""
-    if not callable(getattr(module, "weight", None)):  # not the packed-params holder inside one
+    if type(module).__name__.endswith("PackedParams"):  # the holder inside a quantized module, named with it
+        return ""
+    if not (callable(getattr(module, "weight", None)) or hasattr(module, "_all_weight_values")):
         return ""
     return (f"a quantized {type(module).__module__}.{type(module).__name__}: its int8 weight is packed for the "
             "kernel, not a stored tensor a perturbation can change (study the float model, or int8:<model>, "
             "whose int8 layers lesionbench can damage)")  # fmt: skip
+
+
+def _adapter_pair(base: nn.Module, a: nn.Module, b: nn.Module) -> bool:
+    """Whether B(A(x)) is a linear map with the base's layout, weight B·A (bias-free Linear pairs; for a
+    conv base, A a conv like the base's (kernel, stride, padding, dilation, one group) and B a 1×1 conv)."""
+    if not all(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.bias is None for m in (a, b)):
+        return False
+    if kind_of(base) == "linear":
+        return isinstance(a, nn.Linear) and isinstance(b, nn.Linear)
+    same = ("kernel_size", "stride", "padding", "dilation")
+    return (type(a) is type(b) and isinstance(base, type(a)) and a.groups == b.groups == base.groups == 1
+            and all(getattr(a, k) == getattr(base, k) for k in same) and set(b.kernel_size) == {1}
+            and set(b.stride) == {1} and isinstance(b.padding, tuple) and set(b.padding) == {0})  # fmt: skip
 
 
 def check_module(module: nn.Module, name: str) -> None:
@@ -702,6 +738,9 @@ class ModelGraph:
                 left_out[name] = unsupported_weight(m) or "the forward pass never reads its weight"
             elif packed_weight(m):
                 left_out[name] = packed_weight(m)
+            elif isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(f"{k}.") for k in left_out):
+                left_out[name] = ("a TorchScript submodule: its compiled code's weight reads cannot be watched, so "
+                                  "the layers inside it are not studied (give its nn.Module instead)")  # fmt: skip
         for name, op in seen.other_weights.items():
             owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
             left_out.setdefault(name, f"a weight of {type(owner).__name__} that {op!r} reads, not a Conv/Linear/Conv1D "

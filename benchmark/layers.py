@@ -138,9 +138,10 @@ class Layer:
         weight perturbation then damages. The harness's snapshot (which covers the adapters) undoes it."""
         with torch.no_grad():
             for a, b, scale in self.adapters:
-                delta = (b.weight.float() @ a.weight.float()) * scale  # [out, in]
+                delta = (b.weight.flatten(1).float() @ a.weight.flatten(1).float()) * scale  # [out, in·kernel]
                 weight = self.module.weight
-                weight += (delta.t() if self.unit_axis == 1 else delta).to(weight.dtype)
+                delta = delta.t() if self.unit_axis == 1 else delta.view(-1, *a.weight.shape[1:])
+                weight += delta.to(weight.dtype)
                 b.weight.zero_()
 
     def modules(self) -> list[nn.Module]:

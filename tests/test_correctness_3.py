@@ -583,3 +583,49 @@ def test_unsupported_models_are_refused_with_the_reason(data, registry, tmp_path
     with pytest.raises(LesionbenchError, match=message):
         run(study(f"case3:{arch}", [], "synapse_knockout", [0.0, 1.0], data), tmp_path / "r", registry=registry)
     assert not (tmp_path / "r").exists()
+
+
+class ConvLora(nn.Module):
+    """A variant: peft's conv LoRA (A: a conv like the base's, B: 1×1), two adapters, scaling by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.base_layer = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.lora_A = nn.ModuleDict({k: nn.Conv2d(1, 2, 3, stride=2, padding=1, bias=False) for k in ("a", "b")})
+        self.lora_B = nn.ModuleDict({k: nn.Conv2d(2, 8, 1, bias=False) for k in ("a", "b")})
+        for b in self.lora_B.values():
+            nn.init.normal_(b.weight)
+        self.scaling = {"a": 1.5, "b": 0.5}
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        for k in ("a", "b"):
+            out = out + self.lora_B[k](self.lora_A[k](x)) * self.scaling[k]
+        return out
+
+
+class ConvLoraPoolBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.head = ConvLora(), nn.BatchNorm1d(8), nn.Linear(8, 10)
+        _nontrivial(self.bn)
+
+    def forward(self, x):
+        return self.head(self.bn(F.relu(self.c(x)).mean((2, 3))))
+
+
+def test_a_conv_lora_layer_is_silenced_through_its_adapters_and_the_norm_after_pooling():
+    from lesionbench.plugins.node_knockout import silence_units
+
+    torch.manual_seed(0)
+    model, x = ConvLoraPoolBN().eval(), torch.randn(3, 1, 28, 28)
+    graph = ModelGraph.of(model, torch.zeros(1, 1, 28, 28))
+    assert [l.name for l in graph.layers] == ["c.base_layer", "head"]
+    layer = graph.layers[0]
+    assert layer.norm_names == ("bn",)  # the wrapper's output (base + adapters), mean-pooled, into bn
+    with torch.no_grad():
+        before = model(x)
+        layer.merge_adapters()
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+        silence_units(layer, torch.arange(8))
+        torch.testing.assert_close(model(x), model.head.bias.expand(3, 10))  # every unit silent after bn
