@@ -69,3 +69,10 @@ def test_a_lora_wrapped_linear_is_one_layer_whose_effective_weight_is_damaged():
     """Found: a peft-style LoRA wrapper: the base layer's knockouts kept the adapter's delta (b, c)
     and ``lora_A``/``lora_B`` were studied as layers of their own (f)."""
     assert failures_of(Spec((("tok", 4, "lora", "none"),))) == []
+
+
+def test_node_knockout_silences_a_lora_layer_through_the_norm_after_its_wrapper():
+    """Found by the long mode (seed 0, model 29): a LoRA-wrapped Linear followed by a LayerNorm: the
+    norm, fed by the wrapper's output rather than the base layer's, kept emitting its shift at p = 1
+    (c) (loss 1.579172 against 1.613922)."""
+    assert failures_of(Spec((("tok", 4, "lora", "ln"),), output="dict", seed=279)) == []
