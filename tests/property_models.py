@@ -51,6 +51,7 @@ class Spec:
     dtype: str = "float32"
     train_mode: bool = False
     seed: int = 0
+    pool: str = "avg"  # the head's pooling: "avg", "max" (adaptive pools), "mean", "amax" (reductions)
 
 
 @dataclass
@@ -240,14 +241,18 @@ class ParamBlock(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, c: int, norm: bool, output: str) -> None:
+    def __init__(self, c: int, norm: bool, output: str, pool: str) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(c) if norm else nn.Identity()
         self.fc = nn.Linear(c, CLASSES)
-        self.output = output
+        self.output, self.pool = output, pool
 
     def forward(self, x: torch.Tensor):
-        features = self.bn(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        if self.pool in ("avg", "max"):
+            pooled = (F.adaptive_avg_pool2d if self.pool == "avg" else F.adaptive_max_pool2d)(x, 1).flatten(1)
+        else:
+            pooled = x.mean(dim=(2, 3)) if self.pool == "mean" else x.amax(dim=(2, 3))
+        features = self.bn(pooled)
         logits = self.fc(features)
         if self.output == "tuple":
             return logits, features
@@ -332,7 +337,7 @@ def build(spec: Spec) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[Expec
         expects += found
     if spec.head_norm and open_end:  # pooled and flattened, the last layer's units are the head norm's channels
         expects[-1].norms.append(("head.bn", 1, list(range(c))))
-    head = Head(c, spec.head_norm, spec.output)
+    head = Head(c, spec.head_norm, spec.output, spec.pool)
     expects.append(_plain("head.fc"))
     model = Net(blocks, head)
     for m in model.modules():  # trained-looking statistics and affine parameters
@@ -388,4 +393,5 @@ def specs(draw, max_blocks: int = 3) -> Spec:
     if dtype != "float32":  # fake quantisation is float32-only in PyTorch
         blocks = [("tok", b[1], "linear", b[3]) if b[0] == "tok" and b[2] == "qat" else b for b in blocks]
     return Spec(tuple(blocks), draw(st.booleans()), draw(st.sampled_from(("tensor", "tuple", "dict"))), dtype,
-                draw(st.booleans()), draw(st.integers(0, 2**16)))  # fmt: skip
+                draw(st.booleans()), draw(st.integers(0, 2**16)),
+                draw(st.sampled_from(("avg", "max", "mean", "amax"))))  # fmt: skip
