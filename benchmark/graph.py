@@ -49,6 +49,8 @@ ELEMENTWISE = {
     "celu", "mish", "softplus", "dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout", "dropout1d",
     "dropout2d", "dropout3d", "clamp", "clamp_", "clip", "clip_", "contiguous", "clone", "detach", "float", "half",
     "bfloat16", "to", "type_as", "abs", "neg",
+    # fake quantization of activations (QAT's FakeQuantize modules): zero is always representable, so 0 stays 0
+    "fake_quantize_per_tensor_affine", "fake_quantize_per_channel_affine", "fused_moving_avg_obs_fake_quant",
 }  # fmt: skip
 
 

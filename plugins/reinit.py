@@ -70,6 +70,15 @@ class Reinit(WeightPerturbation):
 
 
 class Rerandomize(WeightPerturbation):
+    def check_layer(self, layer: Layer) -> None:
+        """Checked for every layer before a study starts: a layer with no initialiser of its own
+        (transformers' ``Conv1D``) is refused in one line then, not by its first cell mid-run."""
+        if not hasattr(layer.module, "reset_parameters"):
+            raise LesionbenchError(
+                f"{self.name}: layer {layer.display!r} ({type(layer.module).__name__}) has no reset_parameters to "
+                "draw a fresh initialisation from; leave it out of the study's layers or use another perturbation"
+            )
+
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         interpolate_(layer, fresh_init(layer, generator), level)
 

@@ -1,0 +1,69 @@
+"""Issue #23: six definitional invariants checked over generated models (fast, fixed-seed mode).
+
+The models come from :mod:`property_models` (a grammar of real patterns), the oracles from
+:mod:`property_oracles` (written from the definitions, not from lesionbench's code). The long
+mode, with many more models and two levels per perturbation, is ``benchmarks/properties.py``;
+every failure either mode found is kept, shrunk, in ``test_properties_regressions.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import lesionbench.plugins.node_knockout as node_knockout
+from lesionbench import perturbation
+from property_models import Spec, specs
+from property_oracles import check
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = settings(derandomize=True, max_examples=15, deadline=None, database=None, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+
+
+@FAST
+@given(specs(max_blocks=3))
+def test_the_six_invariants_hold_on_generated_models(spec):
+    torch.set_num_threads(1)
+    cells, failures, _refused = check(spec)
+    assert cells > 0
+    assert not failures, f"{spec}\n" + "\n".join(failures)
+
+
+def test_the_oracles_catch_a_node_knockout_that_forgets_the_norm(monkeypatch):
+    """The harness is not blind: node knockout that silences the conv but not the BatchNorm it feeds fails (c)."""
+
+    def weights_only(layer, units):
+        layer.module.weight[units] = 0
+        layer.module.bias[units] = 0
+
+    spec = Spec((("conv", 4, "bn", "relu", False, "module"),))
+    assert check(spec)[1] == []
+    monkeypatch.setattr(node_knockout, "silence_units", weights_only)
+    failures = check(spec)[1]
+    assert [f.split(":")[0] for f in failures] == ["(c) blocks.0.conv"]
+
+
+def test_the_oracles_catch_a_cell_that_is_not_undone(monkeypatch):
+    """(e) is not blind either: if the harness forgot to restore a layer's tensors after a cell, the
+    next cell and the end of the run find the model changed."""
+    monkeypatch.setattr(perturbation, "_restore", lambda module, snapshot: None)
+    failures = check(Spec((("conv", 4, "none", "relu", False, "module"),)))[1]
+    assert any(f.startswith("(e) before the cell ") for f in failures)
+    assert any(f.startswith("(e) after the runs: changed ['blocks.0.conv") for f in failures)
+
+
+def test_the_long_mode_prints_its_counts(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from properties import main
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    status = main(["--examples", "1", "--max-blocks", "1", "--seed", "3"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"1 models, \d+ cells, \d+ failures \(\d models, \d+ kinds\)", last), last
+    assert status == (0 if last.split(" cells, ")[1].startswith("0 failures") else 1)
