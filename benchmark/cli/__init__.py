@@ -39,6 +39,7 @@ examples:
   lesionbench list perturbations           what each one does, its levels, range and unit
   lesionbench leaderboard runs --out LEADERBOARD.md
   lesionbench compare runs/new runs/baseline
+  lesionbench verify runs/demo --sample 20 re-run 20 random cells and the clean pass, compare
 
 exit codes: 0 success, 1 compare found a regression, 2 bad input, 130 interrupted (Ctrl-C),
 143 terminated (SIGTERM); both print the command that finishes the run"""
@@ -177,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--metric", choices=["top1", "top5"], help="default: the new run's study metric")
     cmp.add_argument("--all", action="store_true", help="show unchanged quantities too (default: off)")
 
+    from lesionbench.cli.verify import add_verify
+
+    add_verify(sub, _sub)
+
     train = _sub(sub, "train", "train a model from scratch and save its weights")
     train.add_argument("model", help="model reference, e.g. fashion_alexnet")
     train.add_argument("--dataset", default="fashion_mnist", help="dataset plugin (default: fashion_mnist)")
@@ -293,6 +298,12 @@ def cmd_compare(args) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_verify(args) -> int:
+    from lesionbench.cli.verify import cmd_verify as verify
+
+    return verify(args)
+
+
 def cmd_run(args) -> int:
     """``lesionbench run``: load the study, apply flags, run it with a progress bar, publish."""
     from dataclasses import fields
@@ -394,6 +405,7 @@ COMMANDS = {
     "train": cmd_train,
     "leaderboard": cmd_leaderboard,
     "compare": cmd_compare,
+    "verify": cmd_verify,
 }
 
 
