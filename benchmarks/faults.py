@@ -1,6 +1,6 @@
 """Fault injection: interrupt a tiny study at uniformly random instants, finish it, compare with an uninterrupted run.
 
-    python benchmarks/faults.py [--trials 50] [--disk-trials 10] [--out DIR] [--seed 0] [--json FILE]
+    python benchmarks/faults.py [--trials 50] [--disk-trials 10] [--out DIR] [--seed 0] [--json FILE] [--signals ...]
 
 The study (one untrained Fashion-MNIST AlexNet on 20 synthetic images, two layers, weight noise at
 two levels, two draws: 9 cells) runs through the command line, figures and leaderboard included.
@@ -61,13 +61,15 @@ n_images = 20
 
 
 def cli(args: list[str], limit: int | None = None) -> subprocess.Popen:
-    def small_disk():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    def child():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell ignores SIGINT, and children inherit it
+        if limit:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = dict(os.environ, COLUMNS="200")
     return subprocess.Popen([sys.executable, "-m", "lesionbench.cli", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=small_disk if limit else None)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, preexec_fn=child)  # fmt: skip
 
 
 def state(run: Path) -> tuple:
@@ -133,6 +135,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/faults"), help="work directory (default: runs/faults)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the instants and limits (default: 0)")
     parser.add_argument("--json", type=Path, help="write the summary and every trial here")
+    parser.add_argument("--signals", default="SIGKILL,SIGTERM,SIGINT",
+                        help="comma-separated signals to try (default: SIGKILL,SIGTERM,SIGINT)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     shutil.rmtree(args.out, ignore_errors=True)
@@ -154,14 +158,23 @@ def main() -> None:
     print(f"reference: {len(reference[0].splitlines()) - 1} rows in {wall:.1f} s; outcomes.arrow {rows_top} B, "
           f"largest figure {plots[-1]} B", flush=True)  # fmt: skip
     timeout = max(600.0, 20 * wall)
-    plan = [(k, rng.uniform(0, wall), None) for k in ("SIGKILL", "SIGTERM", "SIGINT") for _ in range(args.trials)]
+    plan = [(k, rng.uniform(0, wall), None) for k in args.signals.split(",") if k for _ in range(args.trials)]
     files = max(sizes["results.csv"], rows_top, sizes["manifest.json"])
     plan += [("disk", 0.0, rng.randrange(600, rows_top)) for _ in range(args.disk_trials)]
     plan += [("disk", 0.0, rng.randrange(files + 1, plots[-1])) for _ in range(args.disk_trials)]
     rng.shuffle(plan)  # the machine's load drifts: spread it over every kind of fault
     trials = []
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # stopped early (a deadline): the trials finished so far are summarised
     for i, (kind, when, limit) in enumerate(plan):
-        t = trial(kind, args.out / "run", study, reference, when, limit, timeout)
+        try:
+            t = trial(kind, args.out / "run", study, reference, when, limit, timeout)
+        except KeyboardInterrupt:
+            print(f"stopped after {len(trials)} of {len(plan)} trials (the plan is shuffled: a uniform subsample)")
+            break
         if kind == "disk":
             t["kind"] = "disk (rows)" if limit < rows_top else "disk (plots)"
         trials.append(t)
