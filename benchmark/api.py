@@ -33,6 +33,7 @@ from lesionbench.model_sources import LoadedModel, ModelSpec
 from lesionbench.perturbation import Perturbation, cell_seed, check_levels, generator_for, perturbed
 from lesionbench.plan import Plan, hookable, model_dtype
 from lesionbench.registry import Registry, create_registry, get_registry
+from lesionbench.schema import check_plan
 from lesionbench.store import MemoryStore, Outcomes, RunDir, Store, Subset, read_results, read_results_with_outcomes
 from lesionbench.study import Study, load_study, parse_study, with_overrides
 
@@ -77,6 +78,11 @@ def run_study(
     elif resume:
         store = RunDir.open_existing(out, plan.fingerprint(), subset)  # a different study is refused before connecting
         store.note(f"run resumed: lesionbench {__version__}, study {plan.study.name!r}")
+        try:
+            check_plan(store.frame(), plan, store.results_path)  # every row a cell of this study's plan
+        except BaseException:
+            store.close()
+            raise
         if all_done(plan, store):
             store.already_complete = True
             store.close()
@@ -364,10 +370,12 @@ def _paths(paths: tuple) -> list:
 
 
 def load_results(*paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
-    """One results table from ``results.csv`` files or run directories (or one list of them)."""
+    """One results table from ``results.csv`` files or run directories (or one list of them), each
+    checked against the results schema (:mod:`lesionbench.schema`); raises LesionbenchError for a
+    file that breaks it (one line: file, row, field) or holds no rows."""
     if not _paths(paths):
         raise LesionbenchError("load_results needs at least one results file or run directory")
-    return read_results(_paths(paths))
+    return read_results(_paths(paths), allow_empty=False)
 
 
 def load_outcomes(*paths: str | Path | Sequence[str | Path]) -> tuple[pd.DataFrame, Outcomes]:
@@ -377,7 +385,7 @@ def load_outcomes(*paths: str | Path | Sequence[str | Path]) -> tuple[pd.DataFra
     and :func:`lesionbench.per_class_accuracy`."""
     if not _paths(paths):
         raise LesionbenchError("load_outcomes needs at least one results file or run directory")
-    return read_results_with_outcomes(_paths(paths))
+    return read_results_with_outcomes(_paths(paths), allow_empty=False)
 
 
 __all__ = ["lesioned", "load_outcomes", "load_results", "run", "run_study"]

@@ -40,6 +40,12 @@ class Comparison:
     only_baseline_summary: list[str] = field(default_factory=list)
     tested: bool = False  # intervals from per-image outcomes (else the threshold alone)
     warnings: list[str] = field(default_factory=list)  # differences in how the two runs were made
+    missing_cells: list[str] = field(default_factory=list)  # baseline cells (…, level, draw) the new run lacks
+
+    @property
+    def failed(self) -> bool:
+        """The gate fails: a regression, or a new run lacking cells of the baseline (an unfinished run)."""
+        return bool(len(self.regressions) or self.missing_cells)
 
     @property
     def regressions(self) -> pd.DataFrame:
@@ -90,7 +96,16 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
         only_baseline_summary=summarise_missing(merged[merged["_merge"] == "right_only"], ns),
         tested=tested,
         warnings=list(_other_images(new, baseline, new_outcomes, base_outcomes).values()) + differences(new, baseline),
+        missing_cells=missing_cells(new, baseline),
     )
+
+
+def missing_cells(new: pd.DataFrame, baseline: pd.DataFrame) -> list[str]:
+    """The baseline's cells (model, dataset, layer, perturbation, level, draw) that the new table lacks."""
+    cell = KEYS + ["level", "draw"]
+    merged = baseline[cell].drop_duplicates().merge(new[cell].drop_duplicates(), on=cell, how="left", indicator=True)
+    gone = merged[merged["_merge"] == "left_only"]
+    return [f"{r.model} {r.layer or '(clean)'} {r.perturbation} {r.level:g} #{int(r.draw)}" for r in gone.itertuples()]
 
 
 def _intervals(out: pd.DataFrame, new: pd.DataFrame, baseline: pd.DataFrame, new_outcomes, base_outcomes,
@@ -219,6 +234,10 @@ def to_markdown(c: Comparison, max_drop: float, show_all: bool = False) -> str:
         f"{len(c.table)} quantities compared, {int(c.table['regression'].sum())} regressions. A regression is {rule}.",
         "",
     ]
+    if c.missing_cells:
+        shown_cells = ", ".join(c.missing_cells[:5]) + (", …" if len(c.missing_cells) > 5 else "")
+        lines += [f"**❌ The new run lacks {len(c.missing_cells)} cells the baseline has** ({md(shown_cells)}): the "
+                  "comparison fails until the new run is finished (lesionbench run --resume).", ""]  # fmt: skip
     if c.warnings:
         lines += ["**The two runs were not measured alike** (differences may come from this):", ""]
         lines += [f"- ⚠ {md(w)}" for w in c.warnings] + [""]

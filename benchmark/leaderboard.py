@@ -507,16 +507,12 @@ def _model_section(model: str, scores: pd.DataFrame, boot: Bootstrap | None, lin
 
 
 def metric_of(results_path: Path, default: str = "top1") -> str:
-    """The study metric recorded in the manifest beside a results file, if any."""
-    import json
+    """The study metric recorded in the manifest beside a results file, if any (a damaged manifest,
+    or one naming an unknown metric, raises LesionbenchError)."""
+    from lesionbench.schema import manifest_beside
 
-    manifest = results_path.parent / "manifest.json"
-    if manifest.is_file():
-        try:
-            return json.loads(manifest.read_text())["study"].get("metric", default)
-        except (ValueError, KeyError):
-            return default
-    return default
+    manifest = manifest_beside(results_path)
+    return manifest["study"].get("metric", default) if manifest is not None else default
 
 
 def relative_link(target: Path, start: Path) -> str:

@@ -28,7 +28,7 @@ from lesionbench.model_sources import LoadedModel, create_model, resolve_source
 from lesionbench.perturbation import HOOKED_OPS, Perturbation, cell_seed, check_levels
 from lesionbench.registry import Registry
 from lesionbench.store import CLEAN, CellKey, cell_key
-from lesionbench.study import Study
+from lesionbench.study import DatasetSpec, Study
 
 BN_SUFFIX = "+bn_recalibrate"
 
@@ -339,7 +339,11 @@ def prepare(study: Study, registry: Registry) -> Plan:
         raw = source.load(study.dataset.path, study.dataset.split)
     if len(raw) == 0:
         raise LesionbenchError(f"dataset {study.dataset.name!r} is empty")
-    indices = stratified_subset(raw.labels, study.dataset.n_images, study.dataset.subset_seed)  # not study.seed
+    wanted = study.dataset.n_images
+    if wanted is not None and wanted > len(raw) and wanted != DatasetSpec().n_images:  # the default is capped
+        raise LesionbenchError(f"n_images {wanted} is more than the {len(raw)} images of dataset "
+                               f"{study.dataset.name!r} (split {study.dataset.split!r}); ask for at most {len(raw)}")  # fmt: skip
+    indices = stratified_subset(raw.labels, wanted, study.dataset.subset_seed)  # not study.seed
     calibration = calibration_subset(raw.labels, indices, study) if study.bn_recalibrate else None
     sources = {k: c.obj for k, c in registry.contributions("models").items()}
     models = []

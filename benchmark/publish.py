@@ -64,9 +64,20 @@ def publish(
     track in ``models/`` beside it. Returns ``out_md``.
 
     Per-image outcomes beside the result files give every score its bootstrap interval (computed
-    once, for the tables and the plots' bands)."""
+    once, for the tables and the plots' bands). The Markdown is written last and atomically, so
+    its presence says the figures are whole. Raises LesionbenchError for result files that break
+    the schema or hold no rows, and for a write that fails (a full disk: one line, nothing torn
+    left as the leaderboard)."""
+    try:
+        return _publish(results, out_md, plots_dir, draw, title, metric)
+    except OSError as exc:
+        raise LesionbenchError(f"cannot write the leaderboard {str(out_md)!r} or its figures "
+                               f"({exc.strerror or exc})") from None  # fmt: skip
+
+
+def _publish(results, out_md, plots_dir, draw, title, metric) -> Path:
     files = resolve_results(results)
-    df, outcomes = read_results_with_outcomes(files)  # each file read once
+    df, outcomes = read_results_with_outcomes(files, allow_empty=False)  # each file read once
     df = declared_units(df)
     metrics, titles = {}, {}
     for f in files:

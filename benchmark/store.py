@@ -19,12 +19,13 @@ written has its outcomes; on resume a torn batch is cut off, and a batch whose r
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
 import platform
+import shutil
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -32,54 +33,17 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 import torch
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 import lesionbench
+from lesionbench import runlock
 from lesionbench.errors import LesionbenchError
-
-COLUMNS = [
-    "model", "dataset", "layer", "layer_index", "relative_depth", "perturbation", "level", "draw",
-    "seed", "top1", "top5", "loss", "n_images", "seconds", "images_per_s", "device", "num_classes", "error",
-    "nonfinite_weights", "level_axis", "level_unit", "nonfinite_outputs", "flip_rate",
-]  # fmt: skip
-# Columns older result files may lack, with what they meant then (flip_rate: not measured).
-OPTIONAL = {"error": "", "nonfinite_weights": float("nan"), "level_axis": "linear", "level_unit": "",
-            "nonfinite_outputs": float("nan"), "flip_rate": float("nan")}  # fmt: skip
-NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
-           "seconds", "images_per_s", "num_classes", "nonfinite_weights", "nonfinite_outputs", "flip_rate"]  # fmt: skip
-CLEAN = "clean"
-NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf  # the perturbation name of the one unperturbed evaluation per model
-RESULTS = "results.csv"
-OUTCOMES = "outcomes.arrow"
-MANIFEST = "manifest.json"
-LOCK = ".lock"
-OUTCOME = "outcome"  # the row key carrying a cell's per-image outcomes: (top1 int32 [n], top5 bool [n])
-
-CellKey = tuple[str, str, str, float, int]
-KEY_COLUMNS = ["model", "layer", "perturbation", "level", "draw"]
-
-
-def cell_key(model: str, layer: str, perturbation: str, level: float, draw: int) -> CellKey:
-    return (model, layer, perturbation, float(level), int(draw))
-
-
-@dataclass(frozen=True)
-class Subset:
-    """A run's evaluation subset: for each position, the image's index in the dataset and its label."""
-
-    dataset: str
-    split: str
-    indices: np.ndarray  # int64 [n]
-    labels: np.ndarray  # int64 [n]
-
-    def to_json(self) -> str:
-        return json.dumps({"dataset": self.dataset, "split": self.split, "indices": self.indices.tolist(),
-                           "labels": self.labels.tolist()})  # fmt: skip
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Subset:
-        d = json.loads(text)
-        return cls(d["dataset"], d["split"], np.asarray(d["indices"], np.int64), np.asarray(d["labels"], np.int64))
+from lesionbench.columns import (CLEAN, COLUMNS, KEY_COLUMNS, LOCK, MANIFEST, NONFINITE, NUMERIC, OPTIONAL, OUTCOME,
+                                 OUTCOMES, RESULTS, CellKey, Subset, cell_key)  # fmt: skip
+from lesionbench.outcomes import (Outcomes, _outcome_schema, _OutcomeWriter, _valid_stream_bytes,
+                                  read_outcome_file)  # fmt: skip
+from lesionbench.schema import BINDING, RESULTS_SCHEMA, read_manifest, row_checksum, schema_version
+from lesionbench.results_io import _cell, _num, _write_atomic, read_results, read_results_with_outcomes
 
 
 class Store(Protocol):
@@ -140,197 +104,6 @@ class MemoryStore:
         return df, Outcomes.from_runs([(keys, top1, top5, self.subset)])
 
 
-@dataclass
-class Outcomes:
-    """Per-image outcomes of many cells, one column per image.
-
-    ``keys``: one row per cell (model, dataset, layer, perturbation, level, draw); ``top1``: int32
-    [cells, images], the predicted class, -1 where the cell did not evaluate that image; ``top5``:
-    bool [cells, images], the label was among the five highest scores; ``images``: one row per
-    column (dataset, split, index in the dataset, label). Cells of runs on different subsets share
-    the column of an image both evaluated (same dataset, split and index), so that statistics
-    computed over images pair what was measured on the same images and only that.
-    """
-
-    keys: pd.DataFrame
-    top1: np.ndarray
-    top5: np.ndarray
-    images: pd.DataFrame
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @classmethod
-    def empty(cls) -> Outcomes:
-        return cls(pd.DataFrame(columns=["model", "dataset"] + KEY_COLUMNS[1:]), np.zeros((0, 0), np.int32),
-                   np.zeros((0, 0), bool), pd.DataFrame(columns=["dataset", "split", "index", "label"]))  # fmt: skip
-
-    @classmethod
-    def from_runs(cls, parts: list[tuple[pd.DataFrame, np.ndarray, np.ndarray, Subset]]) -> Outcomes:
-        """Stack the cells of several runs, each ``(keys, top1 [cells, n], top5 [cells, n], subset)``
-        with columns in its subset's order, onto the union of their images."""
-        if not parts:
-            return cls.empty()
-        frames = [pd.DataFrame({"dataset": s.dataset, "split": s.split, "index": s.indices, "label": s.labels})
-                  for _k, _t1, _t5, s in parts]  # fmt: skip
-        images = pd.concat(frames, ignore_index=True).drop_duplicates(["dataset", "split", "index"], ignore_index=True)
-        column = {k: i for i, k in enumerate(zip(images["dataset"], images["split"], images["index"]))}
-        n_cells = sum(len(k) for k, *_ in parts)
-        top1 = np.full((n_cells, len(images)), -1, np.int32)
-        top5 = np.zeros((n_cells, len(images)), bool)
-        row = 0
-        for keys, t1, t5, s in parts:
-            cols = np.array([column[(s.dataset, s.split, int(i))] for i in s.indices], dtype=np.int64)
-            top1[row : row + len(keys), cols] = t1
-            top5[row : row + len(keys), cols] = t5
-            row += len(keys)
-        keys = pd.concat([k for k, *_ in parts], ignore_index=True)
-        return cls(keys, top1, top5, images)
-
-    @classmethod
-    def concat(cls, *many: Outcomes) -> Outcomes:
-        """The cells of several Outcomes, one after the other (row offsets add up), on the union of
-        their images."""
-        parts, offset = [], 0
-        for o in many:
-            for (dataset, split), cols in o.images.groupby(["dataset", "split"], sort=False).indices.items():
-                mine = (o.keys["dataset"] == dataset).to_numpy() & (o.top1[:, cols] >= 0).any(axis=1)
-                rows = np.flatnonzero(mine)
-                if rows.size:
-                    img = o.images.iloc[cols]
-                    subset = Subset(dataset, split, img["index"].to_numpy(np.int64), img["label"].to_numpy(np.int64))
-                    parts.append((rows + offset, o.keys.iloc[rows], o.top1[np.ix_(rows, cols)], o.top5[np.ix_(rows, cols)],
-                                  subset))  # fmt: skip
-            offset += len(o)
-        keys = pd.concat([o.keys for o in many], ignore_index=True) if many else cls.empty().keys
-        if not parts:
-            return cls(keys, np.full((offset, 0), -1, np.int32), np.zeros((offset, 0), bool), cls.empty().images)
-        stacked = cls.from_runs([p[1:] for p in parts])
-        where = np.concatenate([p[0] for p in parts])  # the row each stacked cell belongs to
-        top1 = np.full((offset, stacked.top1.shape[1]), -1, np.int32)
-        top5 = np.zeros((offset, stacked.top1.shape[1]), bool)
-        top1[where], top5[where] = stacked.top1, stacked.top5
-        return cls(keys, top1, top5, stacked.images)
-
-
-def _outcome_schema(subset: Subset):
-    import pyarrow as pa
-
-    fields = [("model", pa.string()), ("layer", pa.string()), ("perturbation", pa.string()), ("level", pa.float64()),
-              ("draw", pa.int64()), ("top1", pa.list_(pa.int32())), ("top5", pa.list_(pa.bool_()))]  # fmt: skip
-    return pa.schema(fields, metadata={"lesionbench.subset": subset.to_json()})
-
-
-class _OutcomeWriter:
-    """Appends record batches to an Arrow IPC stream file, each as one fsynced write.
-
-    The stream's schema is written once, when the file is created; a later process (``--resume``)
-    primes a writer of its own with an empty batch and appends only the batches that follow.
-    """
-
-    def __init__(self, path: Path, subset: Subset) -> None:
-        import pyarrow as pa
-
-        self.pa, self.path = pa, path
-        self.schema = _outcome_schema(subset)
-        self.sink = io.BytesIO()
-        self.writer = pa.ipc.new_stream(self.sink, self.schema, options=pa.ipc.IpcWriteOptions(compression="lz4"))
-        self.writer.write_batch(pa.record_batch([pa.array([], f.type) for f in self.schema], schema=self.schema))
-        prime = self._take()
-        fresh = not path.is_file() or path.stat().st_size == 0
-        self.file = open(path, "ab", buffering=0)  # kept open, unbuffered: one write and one fsync per cell
-        if fresh:
-            self._write(prime)
-
-    def _take(self) -> bytes:
-        data = self.sink.getvalue()
-        self.sink.seek(0)
-        self.sink.truncate()
-        return data
-
-    def _write(self, data: bytes) -> None:
-        """Append ``data`` whole and durably, or not at all (a failed write is cut back off)."""
-        fd = self.file.fileno()
-        size = os.fstat(fd).st_size
-        try:
-            written = 0
-            while written < len(data):
-                written += self.file.write(memoryview(data)[written:])
-            os.fsync(fd)
-        except OSError:
-            os.ftruncate(fd, size)  # no torn batch left behind (truncating frees space: it cannot fail the same way)
-            raise
-
-    def close(self) -> None:
-        self.file.close()
-
-    def append(self, row: dict, top1: np.ndarray, top5: np.ndarray) -> None:
-        pa = self.pa
-        values = [[row["model"]], [row["layer"]], [row["perturbation"]], [float(row["level"])], [int(row["draw"])]]
-        arrays = [pa.array(v, f.type) for v, f in zip(values, self.schema)]
-        for flat, f in ((np.asarray(top1, np.int32), self.schema.field("top1")), (np.asarray(top5, bool), self.schema.field("top5"))):
-            arrays.append(pa.ListArray.from_arrays(pa.array([0, len(flat)], pa.int32()), pa.array(flat), type=f.type))
-        self.writer.write_batch(pa.record_batch(arrays, schema=self.schema))
-        self._write(self._take())
-
-
-def _valid_stream_bytes(path: Path) -> int:
-    """How many leading bytes of an Arrow IPC stream file are whole messages (a crash may tear the last)."""
-    import pyarrow as pa
-
-    with pa.memory_map(str(path)) as src:
-        good = 0
-        while True:
-            try:
-                message = pa.ipc.read_message(src)
-            except (OSError, pa.ArrowInvalid, EOFError, IndexError):
-                break
-            if message is None:
-                break
-            good = src.tell()
-        return good
-
-
-def read_outcome_file(path: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, Subset] | None:
-    """One run's ``outcomes.arrow``: (keys, top1 [cells, n], top5 [cells, n], subset); the last
-    batch of a cell written twice (a crash between outcomes and row) wins; a torn tail is ignored.
-    None when the file holds no schema."""
-    import pyarrow as pa
-
-    good = _valid_stream_bytes(path)
-    if good == 0:
-        return None
-    with open(path, "rb") as f:
-        data = f.read(good)
-    try:
-        reader = pa.ipc.open_stream(pa.py_buffer(data))
-        table = reader.read_all()
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise LesionbenchError(f"per-image outcomes {str(path)!r} are unreadable ({exc})") from None
-    meta = reader.schema.metadata or {}
-    if b"lesionbench.subset" not in meta:
-        raise LesionbenchError(f"{str(path)!r} is not a lesionbench outcomes file (no subset in its schema)")
-    subset = Subset.from_json(meta[b"lesionbench.subset"])
-    keys = pd.DataFrame({c: table.column(c).to_numpy(zero_copy_only=False) for c in KEY_COLUMNS})
-    keys.insert(1, "dataset", subset.dataset)
-    n, cells = len(subset.indices), table.num_rows
-    top1 = table.column("top1").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(cells, n) if cells else np.zeros((0, n), np.int32)
-    top5 = table.column("top5").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(cells, n) if cells else np.zeros((0, n), bool)
-    last = ~keys.duplicated(KEY_COLUMNS, keep="last").to_numpy()
-    return keys[last].reset_index(drop=True), top1[last], top5[last].astype(bool), subset
-
-
-def _holds(lock: FileLock, path: Path) -> bool:
-    """Whether the file ``lock`` holds is the one at ``path`` (not one a finishing run has just removed)."""
-    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
-    if fd is None:  # a filelock without this attribute: nothing to compare
-        return True
-    try:
-        here, held = os.stat(path), os.fstat(fd)
-    except OSError:
-        return False
-    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
-
 
 @dataclass
 class RunDir:
@@ -346,6 +119,7 @@ class RunDir:
     subset: Subset | None = None  # the evaluation subset, for the outcomes file
     _outcomes: _OutcomeWriter | None = field(default=None, repr=False)
     already_complete: bool = False  # set by the executor when a resumed run had nothing left to do
+    fingerprint: str = ""  # the plan's, from the manifest: every row written carries it
 
     @staticmethod
     def exists(path: Path) -> bool:
@@ -365,22 +139,7 @@ class RunDir:
         return self.path / MANIFEST
 
     def _acquire(self) -> None:
-        """Take ``.lock``. A finished run removes the file (so none is left behind): a lock taken on a file
-        that was removed meanwhile guards nothing, so it is taken again on the file now at the path."""
-        path = self.path / LOCK
-        for _attempt in range(5):
-            lock = FileLock(str(path))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                raise LesionbenchError(
-                    f"another lesionbench run is writing to {str(self.path)!r} (it holds {LOCK}); wait for it to finish"
-                ) from None
-            if _holds(lock, path):
-                self._lock = lock
-                return
-            lock.release()
-        raise LesionbenchError(f"could not lock {str(path)!r}: other runs keep starting and finishing in {str(self.path)!r}")
+        self._lock = runlock.acquire(self.path)
 
     def close(self) -> None:
         """Close the outcomes file and release the lock, removing ``.lock`` (the rest stays as it is)."""
@@ -388,8 +147,7 @@ class RunDir:
             self._outcomes.close()
             self._outcomes = None
         if self._lock is not None:
-            (self.path / LOCK).unlink(missing_ok=True)  # while still held: see _acquire
-            self._lock.release()
+            runlock.release(self._lock, self.path)
             self._lock = None
 
     def __enter__(self) -> RunDir:
@@ -406,45 +164,61 @@ class RunDir:
         ``study`` is the study as a mapping, ``fingerprint`` the plan's, ``plugins`` each loaded
         plugin's distribution and version: all go into the manifest. With ``subset`` (the
         evaluation subset) rows' per-image outcomes go to ``outcomes.arrow``.
+
+        The directory becomes a run atomically: manifest, results header and outcomes schema are
+        written into a hidden sibling ``.NAME.partial-PID`` that is then renamed to ``path`` (an
+        empty directory there is replaced), so a kill at any instant leaves either no run (and at
+        most a stale sibling, removed by the next attempt) or one that ``--resume`` finishes.
         """
-        run = cls(Path(path), subset=subset)
+        run = cls(Path(path), subset=subset, fingerprint=fingerprint)
         if run.path.exists() and not run.path.is_dir():
             raise LesionbenchError(f"{str(run.path)!r} exists and is not a directory")
-        if run.results_path.exists():
-            raise LesionbenchError(
-                f"{str(run.path)!r} already holds results; resume with --resume {run.path} or choose another --out"
-            )
-        run.path.mkdir(parents=True, exist_ok=True)
-        run._acquire()
+        if run.path.is_dir() and any(run.path.iterdir()):
+            if run.results_path.exists():
+                raise LesionbenchError(f"{str(run.path)!r} already holds results; resume with --resume {run.path} "
+                                       "or choose another --out")  # fmt: skip
+            raise LesionbenchError(f"{str(run.path)!r} is not empty and holds no run; choose another --out")
         manifest = {
             "study": study,
             "fingerprint": fingerprint,
+            "results_schema": RESULTS_SCHEMA,
+            "outcomes": subset is not None,  # every row without an error has its per-image outcomes
             "lesionbench": lesionbench.__version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "plugins": plugins or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        parent = run.path.absolute().parent
+        staging = parent / f".{run.path.name}.partial-{os.getpid()}"
         try:
-            _write_atomic(run.manifest_path, json.dumps(manifest, indent=2) + "\n")
-            _write_atomic(run.results_path, ",".join(COLUMNS) + "\n")
-            run.outcomes_path.unlink(missing_ok=True)  # left by a run that crashed before its first row
+            parent.mkdir(parents=True, exist_ok=True)
+            for stale in parent.glob(f".{glob.escape(run.path.name)}.partial-*"):  # left by a run killed while starting
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir()
+            _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            _write_atomic(staging / RESULTS, ",".join(COLUMNS + BINDING) + "\n")
             if subset is not None:
-                run._outcomes = _OutcomeWriter(run.outcomes_path, subset)
+                _OutcomeWriter(staging / OUTCOMES, subset).close()
+            os.replace(staging, run.path)  # the run appears whole, or not at all
         except OSError as exc:
-            run.close()
+            shutil.rmtree(staging, ignore_errors=True)
             raise LesionbenchError(f"cannot write the run directory {str(run.path)!r}: {exc.strerror or exc}") from None
+        run._acquire()
         run.note(f"run started: lesionbench {lesionbench.__version__}, torch {torch.__version__}, fingerprint {fingerprint}")
         return run
 
     @classmethod
     def open_existing(cls, path: Path, fingerprint: str | None = None, subset: Subset | None = None) -> RunDir:
-        """An earlier run to resume, locked; refuses one made by a different study. With ``subset``,
-        outcomes of the cells still to run are kept (in a new outcomes file for a run made before them)."""
+        """An earlier run to resume, locked; refuses one made by a different study, and rows that
+        break the results schema. With ``subset``, outcomes of the cells still to run are kept (in a
+        new outcomes file for a run made before them); rows whose outcomes are unreadable are
+        dropped (see :meth:`_repair_outcomes`), so the resumed run evaluates those cells again."""
         run = cls(Path(path), subset=subset)
         if not run.manifest_path.is_file() or not run.results_path.is_file():
             raise LesionbenchError(f"{str(run.path)!r} is not a lesionbench run directory (no {MANIFEST})")
         manifest = run.manifest()
+        run.fingerprint = manifest["fingerprint"]
         if fingerprint is not None and manifest["fingerprint"] != fingerprint:
             raise LesionbenchError(
                 f"{str(run.path)!r} was made by a different study (fingerprint "
@@ -456,7 +230,14 @@ class RunDir:
                 f"{torch.__version__}; its random draws may differ, so the run cannot be resumed here"
             )
         run._acquire()
-        run._repair_tail()
+        try:
+            run._repair_tail()
+            run.frame()  # the rows must be this run's, whole and well-formed, before any is trusted
+            if subset is not None and run.outcomes_path.is_file():
+                run._repair_outcomes(schema_version(manifest) if manifest.get("outcomes") else 1)
+        except BaseException:
+            run.close()
+            raise
         return run
 
     def note(self, text: str) -> None:
@@ -469,11 +250,10 @@ class RunDir:
             pass
 
     def manifest(self) -> dict:
-        try:
-            manifest = json.loads(self.manifest_path.read_text())
-            manifest["study"], manifest["fingerprint"]
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            raise LesionbenchError(f"{str(self.manifest_path)!r} is unreadable or damaged ({exc})") from None
+        """The run's manifest, checked (:func:`lesionbench.schema.read_manifest`)."""
+        manifest = read_manifest(self.manifest_path)
+        if manifest is None or "fingerprint" not in manifest:
+            raise LesionbenchError(f"{str(self.manifest_path)!r} is unreadable or damaged (no fingerprint)")
         return manifest
 
     def _repair_tail(self) -> None:
@@ -489,6 +269,30 @@ class RunDir:
                     f.truncate(good)
                     f.flush()
                     os.fsync(f.fileno())
+
+    def _repair_outcomes(self, version: int) -> None:
+        """Rows whose per-image outcomes cannot be read (a damaged ``outcomes.arrow``: a batch cut or
+        corrupted in the middle, an unreadable schema) are dropped from ``results.csv`` — rewritten
+        atomically, the damaged file kept as ``outcomes.arrow.damaged`` — so ``--resume``
+        evaluates those cells again (same seeds: the same numbers). Rows of a failed cell, and of
+        schema-1 runs (some made before outcomes were kept) need none."""
+        try:
+            found = read_outcome_file(self.outcomes_path)
+        except LesionbenchError:
+            found = None
+        df = self.frame()
+        have = set() if found is None else {cell_key(*k) for k in found[0][KEY_COLUMNS].itertuples(index=False)}
+        lost = [i for i, (k, error) in enumerate(zip(df[KEY_COLUMNS].itertuples(index=False), df["error"]))
+                if version >= 2 and error == "" and cell_key(*k) not in have]  # fmt: skip
+        if found is None:
+            os.replace(self.outcomes_path, self.outcomes_path.with_name(OUTCOMES + ".damaged"))
+        if not lost:
+            return
+        self.note(f"{len(lost)} rows had unreadable per-image outcomes; their cells are evaluated again")
+        with open(self.results_path, encoding="utf-8") as f:
+            lines = f.readlines()
+        drop = {i + 1 for i in lost}  # line 0 is the header
+        _write_atomic(self.results_path, "".join(line for i, line in enumerate(lines) if i not in drop))
 
     def columns(self) -> list[str]:
         """The header of this run's results file: rows appended on resume keep its layout."""
@@ -516,7 +320,10 @@ class RunDir:
         if not hasattr(self, "_columns"):
             self._columns = self.columns()
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in self._columns])
+        cells = [_cell(row.get(c)) for c in self._columns]
+        if self._columns[-len(BINDING):] == BINDING:  # schema 2: bound to the run by its fingerprint and a checksum
+            cells[-2:] = [self.fingerprint, row_checksum(self.fingerprint, cells[: -len(BINDING)])]
+        csv.writer(buf, lineterminator="\n").writerow(cells)
         data = buf.getvalue().encode("utf-8")
         fd = os.open(self.results_path, os.O_WRONLY | os.O_APPEND)
         try:
@@ -552,85 +359,7 @@ class RunDir:
         }
 
 
-def _num(value) -> float:
-    return float("nan") if value is None else float(value)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_results(paths: Path | str | Iterable[Path | str]) -> pd.DataFrame:
-    """One results table from one or more ``results.csv`` files (or run directories)."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    frames = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            p = p / RESULTS
-        if not p.is_file():
-            raise LesionbenchError(f"results file {str(p)!r} does not exist")
-        try:
-            df = pd.read_csv(
-                p,
-                keep_default_na=False,  # a layer may be called "NA"; only numeric columns have NaN
-                na_values={c: ["", "nan", "NaN"] for c in NUMERIC},
-                dtype={"model": str, "dataset": str, "layer": str, "perturbation": str, "device": str, "error": str,
-                       "level_axis": str, "level_unit": str},  # fmt: skip
-            )
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-            raise LesionbenchError(f"results file {str(p)!r} is not a readable CSV: {exc}") from None
-        missing = [c for c in COLUMNS if c not in df.columns and c not in OPTIONAL]
-        if missing:
-            raise LesionbenchError(f"results file {str(p)!r} lacks columns: {', '.join(missing)}")
-        for column, default in OPTIONAL.items():
-            if column not in df.columns:
-                df[column] = default
-        df["layer"] = df["layer"].fillna("")
-        df["error"] = df["error"].fillna("")
-        df["level_axis"] = df["level_axis"].replace("", "linear").fillna("linear")
-        df["level_unit"] = df["level_unit"].fillna("")
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-
-
-def read_results_with_outcomes(paths: Path | str | Iterable[Path | str]) -> tuple[pd.DataFrame, Outcomes]:
-    """:func:`read_results`, plus each run's per-image outcomes (``outcomes.arrow`` beside its
-    ``results.csv``, where there is one).
-
-    Returns the table with an extra int64 column ``outcome`` — the row of the returned
-    :class:`Outcomes` holding that row's per-image outcomes, -1 where it has none (a run made
-    before outcomes were kept, a failed cell) — and the outcomes.
-    """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    frames, parts, offset = [], [], 0
-    for p in map(Path, paths):
-        df = read_results(p)
-        results = p / RESULTS if p.is_dir() else p
-        found = read_outcome_file(results.parent / OUTCOMES) if (results.parent / OUTCOMES).is_file() else None
-        df["outcome"] = -1
-        if found is not None:
-            keys, top1, top5, subset = found
-            local = keys[KEY_COLUMNS].assign(_row=np.arange(len(keys)))
-            matched = df[KEY_COLUMNS].reset_index().merge(local, on=KEY_COLUMNS, how="inner")
-            used = np.unique(matched["_row"].to_numpy())
-            renumber = np.full(len(keys), -1, np.int64)
-            renumber[used] = offset + np.arange(len(used))
-            df.loc[matched["index"].to_numpy(), "outcome"] = renumber[matched["_row"].to_numpy()]
-            keys = keys.iloc[used].reset_index(drop=True)
-            parts.append((keys, top1[used], top5[used], subset))
-            offset += len(used)
-        frames.append(df)
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    df["outcome"] = df["outcome"].astype(np.int64)
-    return df, Outcomes.from_runs(parts)
+__all__ = ["CLEAN", "COLUMNS", "KEY_COLUMNS", "LOCK", "MANIFEST", "NONFINITE", "NUMERIC", "OPTIONAL", "OUTCOME",
+           "OUTCOMES", "RESULTS", "CellKey", "MemoryStore", "Outcomes", "RunDir", "Store", "Subset", "_OutcomeWriter",
+           "_cell", "_num", "_outcome_schema", "_valid_stream_bytes", "_write_atomic", "cell_key", "read_outcome_file",
+           "read_results", "read_results_with_outcomes"]  # fmt: skip

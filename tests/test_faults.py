@@ -96,9 +96,13 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     np.testing.assert_allclose(table["flip_rate"], (outcomes.top1[table["outcome"]] != clean).mean(axis=1))
 
 
-def _row(draw: int) -> dict:
-    return dict(model="m", dataset="d", layer="l", perturbation="p", level=0.5, draw=draw, top1=0.5, top5=1.0,
-                error="", num_classes=10)  # fmt: skip
+def _row(draw: int, outcome: tuple | None = None) -> dict:
+    """A row whose accuracies are those its outcomes give (labels 0, 1, 2, 0, 1, 2, 0, 1), as the schema requires."""
+    labels = np.arange(8) % 3
+    top1, top5 = ((outcome[0] == labels).mean(), np.mean(outcome[1])) if outcome is not None else (float("nan"),) * 2
+    row = dict(model="m", dataset="d", layer="l", perturbation="p", level=0.5, draw=draw, top1=float(top1),
+               top5=float(top5), loss=1.0, n_images=8, error="" if outcome is not None else "failed", num_classes=10)
+    return row | ({OUTCOME: outcome} if outcome is not None else {})
 
 
 def test_a_torn_outcome_batch_and_an_outcome_without_its_row_are_repaired_on_resume(tmp_path):
@@ -107,7 +111,7 @@ def test_a_torn_outcome_batch_and_an_outcome_without_its_row_are_repaired_on_res
     top1 = lambda k: np.arange(8, dtype=np.int32) + k  # noqa: E731
     with RunDir.create(tmp_path / "r", {"name": "s"}, "f", subset=subset) as run:
         for k in range(3):
-            run.append(_row(k) | {OUTCOME: (top1(k), np.arange(8) < k)})
+            run.append(_row(k, (top1(k), (top1(k) == np.arange(8) % 3) | (np.arange(8) < k))))  # top-5 ⊇ top-1
     size = (tmp_path / "r" / OUTCOMES).stat().st_size
     with RunDir.open_existing(tmp_path / "r", "f", subset) as run:  # killed after the outcomes of draw 3, before its row
         from lesionbench.store import _OutcomeWriter
@@ -119,7 +123,7 @@ def test_a_torn_outcome_batch_and_an_outcome_without_its_row_are_repaired_on_res
     (tmp_path / "r" / OUTCOMES).write_bytes(whole + whole[size : size + 40])  # and a torn batch after it
     with RunDir.open_existing(tmp_path / "r", "f", subset) as run:
         assert run.outcomes_path.stat().st_size == len(whole)  # the torn batch is cut, whole batches stay
-        run.append(_row(3) | {OUTCOME: (top1(3), np.ones(8, bool))})  # the cell, run again
+        run.append(_row(3, (top1(3), np.ones(8, bool))))  # the cell, run again
         run.append(_row(4))  # a failed cell: a row, no outcomes
     rows, outcomes = read_results_with_outcomes(tmp_path / "r")
     assert list(rows["draw"]) == [0, 1, 2, 3, 4]

@@ -39,6 +39,7 @@ examples:
   lesionbench list perturbations           what each one does, its levels, range and unit
   lesionbench leaderboard runs --out LEADERBOARD.md
   lesionbench compare runs/new runs/baseline
+  lesionbench verify runs/demo --sample 20 re-run 20 random cells and the clean pass, compare
 
 exit codes: 0 success, 1 compare found a regression, 2 bad input, 3 run finished but a model was not
 scored (clean accuracy at chance), 130 interrupted (Ctrl-C),
@@ -210,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--metric", choices=["top1", "top5"], help="default: the new run's study metric")
     cmp.add_argument("--all", action="store_true", help="show unchanged quantities too (default: off)")
 
+    from lesionbench.cli.verify import add_verify
+
+    add_verify(sub, _sub)
+
     train = _sub(sub, "train", "train a model from scratch and save its weights")
     train.add_argument("model", help="model reference, e.g. fashion_alexnet")
     train.add_argument("--dataset", default="fashion_mnist", help="dataset plugin (default: fashion_mnist)")
@@ -319,10 +324,17 @@ def cmd_compare(args) -> int:
 
     new_files, base_files = resolve_results([args.new]), resolve_results([args.baseline])
     metric = args.metric or metric_of(new_files[0])
-    (new, new_outcomes), (base, base_outcomes) = read_results_with_outcomes(new_files), read_results_with_outcomes(base_files)
+    new, new_outcomes = read_results_with_outcomes(new_files, allow_empty=False)
+    base, base_outcomes = read_results_with_outcomes(base_files, allow_empty=False)
     result = compare(new, base, args.max_drop, metric, new_outcomes, base_outcomes)
     print(to_markdown(result, args.max_drop, show_all=args.all))
-    return 1 if len(result.regressions) else 0
+    return 1 if result.failed else 0
+
+
+def cmd_verify(args) -> int:
+    from lesionbench.cli.verify import cmd_verify as verify
+
+    return verify(args)
 
 
 def cmd_run(args) -> int:
@@ -337,9 +349,13 @@ def cmd_run(args) -> int:
     registry = get_registry()
     presets = {k: c.obj for k, c in registry.contributions("studies").items()}
     resume = args.resume is not None and RunDir.exists(args.resume)
-    if args.resume is not None and not resume and args.resume.exists() and any(args.resume.iterdir()):
+    if args.resume is not None and not resume and args.resume.exists() and (not args.resume.is_dir()
+                                                                            or any(args.resume.iterdir())):  # fmt: skip
         raise LesionbenchError(f"{str(args.resume)!r} is not a lesionbench run directory (no manifest.json) and not "
                                "empty: refusing to start a run in it")  # fmt: skip
+    if args.resume is not None and not resume and args.study is None:  # never a default study in a --resume
+        raise LesionbenchError(f"{str(args.resume)!r} holds no run yet: name the study to start it there "
+                               f"(lesionbench run STUDY --resume {shlex.quote(str(args.resume))})")  # fmt: skip
     if resume:  # the study recorded in the run; a study named as well must be that one (the fingerprint says)
         with RunDir.open_existing(args.resume) as earlier:  # only to read the study; locked again to run
             study = parse_study(earlier.manifest()["study"])
@@ -356,11 +372,18 @@ def cmd_run(args) -> int:
     run = run_study(study, registry, out, resume=resume,
                     progress=lambda total: rich_progress(console, total), debug=args.debug,
                     executor=args.executor, ray_address=args.ray_address)  # fmt: skip
-    if run.already_complete:
+    board = run.path / "LEADERBOARD.md"  # written last by publish: its presence means the run is finished
+    if run.already_complete and board.is_file():
         console.print(f"{out} is complete: nothing to resume")
         return 0
+    if run.already_complete:
+        console.print(f"{out}: every cell was done earlier; publishing its leaderboard (interrupted before)")
     unscored = print_summary(run.frame(), study, console, _bootstrapped_scores(run.results_path, study.metric))
-    board = publish([run.results_path], run.path / "LEADERBOARD.md", title=f"lesionbench: {study.name}")
+    try:
+        board = publish([run.results_path], board, title=f"lesionbench: {study.name}")
+    except LesionbenchError as exc:  # a full disk while drawing: the rows are whole, --resume publishes again
+        raise LesionbenchError(f"{exc}; the rows are whole: free space and finish with lesionbench run --resume "
+                               f"{shlex.quote(str(out))}") from None  # fmt: skip
     console.print(f"results: {run.results_path}\nleaderboard: {board}\nplots: {run.path / 'plots'}")
     return NOT_SCORED_EXIT if unscored else 0
 
@@ -467,7 +490,20 @@ COMMANDS = {
     "train": cmd_train,
     "leaderboard": cmd_leaderboard,
     "compare": cmd_compare,
+    "verify": cmd_verify,
 }
+
+
+def _resume_hint(where: Path | None, argv: list[str]) -> str:
+    """How an interrupted ``run`` is finished: ``--resume DIR`` where DIR holds a run (the study
+    comes from its manifest), else the same command again (nothing was written)."""
+    from lesionbench.store import RunDir
+
+    if where is None:
+        return ""
+    if RunDir.exists(where):
+        return f"; finish it with: lesionbench run --resume {shlex.quote(str(where))}"
+    return f"; nothing was written: start it again with: lesionbench {shlex.join(argv)}"
 
 
 class Terminated(KeyboardInterrupt):
@@ -495,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:  # the cell in flight is dropped: rows are written whole or not at all
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        where = getattr(args, "run_dir", None)
-        hint = f"; finish it with: lesionbench run --resume {shlex.quote(str(where))}" if where is not None else ""
+        hint = _resume_hint(getattr(args, "run_dir", None), argv if argv is not None else sys.argv[1:])
         err_console.print(f"lesionbench: {what}{hint}", highlight=False, markup=False, soft_wrap=True)
         return 143 if isinstance(exc, Terminated) else 130
     finally:

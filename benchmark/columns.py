@@ -1,0 +1,57 @@
+"""The names every result file shares: its columns, file names, a cell's key and the evaluation subset.
+
+Kept apart from the modules that read and write run directories (:mod:`lesionbench.store`,
+:mod:`lesionbench.outcomes`, :mod:`lesionbench.results_io`) so that each can import them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+COLUMNS = [
+    "model", "dataset", "layer", "layer_index", "relative_depth", "perturbation", "level", "draw",
+    "seed", "top1", "top5", "loss", "n_images", "seconds", "images_per_s", "device", "num_classes", "error",
+    "nonfinite_weights", "level_axis", "level_unit", "nonfinite_outputs", "flip_rate",
+]  # fmt: skip
+# Columns older result files may lack, with what they meant then (flip_rate: not measured).
+OPTIONAL = {"error": "", "nonfinite_weights": float("nan"), "level_axis": "linear", "level_unit": "",
+            "nonfinite_outputs": float("nan"), "flip_rate": float("nan")}  # fmt: skip
+NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
+           "seconds", "images_per_s", "num_classes", "nonfinite_weights", "nonfinite_outputs", "flip_rate"]  # fmt: skip
+CLEAN = "clean"
+NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf  # the perturbation name of the one unperturbed evaluation per model
+RESULTS = "results.csv"
+OUTCOMES = "outcomes.arrow"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+OUTCOME = "outcome"  # the row key carrying a cell's per-image outcomes: (top1 int32 [n], top5 bool [n])
+
+CellKey = tuple[str, str, str, float, int]
+KEY_COLUMNS = ["model", "layer", "perturbation", "level", "draw"]
+
+
+def cell_key(model: str, layer: str, perturbation: str, level: float, draw: int) -> CellKey:
+    return (model, layer, perturbation, float(level), int(draw))
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A run's evaluation subset: for each position, the image's index in the dataset and its label."""
+
+    dataset: str
+    split: str
+    indices: np.ndarray  # int64 [n]
+    labels: np.ndarray  # int64 [n]
+
+    def to_json(self) -> str:
+        return json.dumps({"dataset": self.dataset, "split": self.split, "indices": self.indices.tolist(),
+                           "labels": self.labels.tolist()})  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Subset:
+        d = json.loads(text)
+        return cls(d["dataset"], d["split"], np.asarray(d["indices"], np.int64), np.asarray(d["labels"], np.int64))
+
