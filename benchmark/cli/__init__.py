@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_options(run)
     run.add_argument("--debug", action="store_true",
                      help="verify the model checksum after every cell (default: off)")
+    run.add_argument("--no-plots", action="store_true",
+                     help="write DIR/LEADERBOARD.md without figures (default: with figures in DIR/plots)")
+    run.add_argument("--no-publish", action="store_true",
+                     help="neither leaderboard nor figures: publish later with `lesionbench leaderboard DIR "
+                          "--out DIR/LEADERBOARD.md` (default: publish when the run ends)")  # fmt: skip
     run.add_argument("--executor", choices=["local", "ray"], default="local",
                      help="local: evaluate here; ray: one task per block on a Ray cluster, "
                           "pip install 'lesionbench[ray]' (default: local)")  # fmt: skip
@@ -333,8 +338,12 @@ def cmd_run(args) -> int:
         console.print(f"{out} is complete: nothing to resume")
         return 0
     print_summary(run.frame(), study, console)
-    board = publish([run.results_path], run.path / "LEADERBOARD.md", title=f"lesionbench: {study.name}")
-    console.print(f"results: {run.results_path}\nleaderboard: {board}\nplots: {run.path / 'plots'}")
+    if getattr(args, "no_publish", False):
+        console.print(f"results: {run.results_path}")
+        return 0
+    draw = not getattr(args, "no_plots", False)
+    board = publish([run.results_path], run.path / "LEADERBOARD.md", title=f"lesionbench: {study.name}", draw=draw)
+    console.print(f"results: {run.results_path}\nleaderboard: {board}" + (f"\nplots: {run.path / 'plots'}" if draw else ""))
     return 0
 
 
