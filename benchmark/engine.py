@@ -138,7 +138,7 @@ class SuffixEngine(NaiveEngine):
         if budget_bytes is None:
             from lesionbench.memory import memory_budget
 
-            budget_bytes = memory_budget()
+            budget_bytes = memory_budget(torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None)
         self.budget_bytes = budget_bytes
         self.spill = spill
         self._cache: _Cache | None = None

@@ -45,16 +45,18 @@ def parse_bytes(text: str) -> int:
     return int(number * _UNITS[unit])
 
 
-def memory_budget() -> int:
+def memory_budget(available: int | None = None) -> int:
     """Bytes the fast engine's cache (and an in-memory evaluation set) may take, each.
 
-    ``$LESIONBENCH_MEMORY_BUDGET`` when set; else a quarter of the available memory, between
+    ``$LESIONBENCH_MEMORY_BUDGET`` when set; else a quarter of ``available`` (default: the
+    system's available memory; the engine passes a GPU's free memory for caches on it), between
     64 MiB and 2 GiB (2 GiB where the available memory is unknown).
     """
     override = os.environ.get("LESIONBENCH_MEMORY_BUDGET")
     if override:
         return parse_bytes(override)
-    available = available_bytes()
+    if available is None:
+        available = available_bytes()
     if available is None:
         return MAX_BUDGET_BYTES
     return max(MIN_BUDGET_BYTES, min(MAX_BUDGET_BYTES, available // 4))
