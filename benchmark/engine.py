@@ -32,9 +32,11 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from lesionbench.errors import LesionbenchError
 from lesionbench.evaluate import EvalResult, autocast_context, evaluate, evaluate_batches
 from lesionbench.graph import ModelGraph, Split, transition
 from lesionbench.layers import Layer
+from lesionbench.memory import check_disk
 
 log = logging.getLogger("lesionbench")
 
@@ -291,6 +293,12 @@ class SuffixEngine(NaiveEngine):
                     used += _counted_bytes(values)
                     if used > self.budget_bytes and isinstance(out, list):
                         if not self.spill:
+                            return None
+                        need = used * math.ceil((stop - start) / self.batch_size) // (i + 1)  # at this rate
+                        try:
+                            check_disk(need, f"{layer_name}: spilling its cached activations")
+                        except LesionbenchError as exc:  # known before writing anything: full passes
+                            self.notes.append(f"{exc}: full passes")
                             return None
                         spilled = SpilledBatches(self.device)
                         try:

@@ -179,3 +179,21 @@ def test_synthetic_images_are_deterministic_of_any_shape_and_need_no_files():
 def test_bad_synthetic_shapes_are_refused_in_one_line(path, match):
     with pytest.raises(LesionbenchError, match=match):
         parse_shape(path)
+
+
+def test_a_spill_the_disk_cannot_hold_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    import lesionbench.memory as memory
+
+    monkeypatch.setenv("LESIONBENCH_SPILL_DIR", str(tmp_path))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(memory.shutil, "disk_usage", lambda _p: usage(2 * 1024**3, 2 * 1024**3 - 10_000, 10_000))
+    model = ARCHITECTURES["fashion_alexnet"]().eval()
+    images, labels = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    graph = ModelGraph.of(model, images[:1])
+    engine = SuffixEngine(graph, images, labels, 4, torch.device("cpu"), budget_bytes=100)
+    with engine.for_layer(graph.layers[2]) as run_eval:
+        assert run_eval.one == engine.full
+    assert not list(tmp_path.iterdir())
+    assert any("on disk" in n and "full passes" in n for n in engine.notes)
