@@ -21,7 +21,7 @@ from torch import nn
 from lesionbench.data import EvalSet, EvalSetCache
 from lesionbench.engine import create_engine
 from lesionbench.errors import LesionbenchError
-from lesionbench.evaluate import EvalResult, resolve_device
+from lesionbench.evaluate import EvalResult, merge_results, resolve_device
 from lesionbench.layers import Layer, is_layer
 from lesionbench.perturbation import Snapshot, generator_for, model_checksum, nonfinite_count, nonfinite_outputs, perturbed
 from lesionbench.plan import Block, Cell, Plan, PreparedModel
@@ -109,12 +109,17 @@ class ModelRunner:
             log.warning(warning)
             note(warning)
         self.added = 0  # adaptive draws: cells added beyond the planned draws
+        self._partial = False  # evaluating one shard: rows carry their result until all shards are merged
+        self.shard_passes = 0  # cells evaluated once more because their layer's images came in several shards
         # positions of the evaluated images in the study's subset (an unreadable image leaves a gap)
         self.positions = None if not eval_set.skipped else np.searchsorted(plan.indices, eval_set.indices)
 
     def with_outcomes(self, row: dict, result: EvalResult | None) -> dict:
         """Add a cell's per-image outcomes (by position in the evaluation subset) and its flip rate:
         the fraction of images whose top-1 class differs from the clean model's."""
+        if self._partial:
+            row["_result"] = result
+            return row
         if result is None or result.predictions is None:
             return row
         top1, top5 = result.predictions, result.top5_hit
@@ -148,18 +153,65 @@ class ModelRunner:
         layer = cells[0].layer
         saved = Snapshot(layer, self._norms_reached(layer) if self.calibration is not None else ())
         column = "top1" if plan.study.metric == "top1" else "top5"
-        with self.engine.for_layer(layer) as run_eval:
-            todo, made, values = cells, [], {}
-            while todo:
-                values.update(plan.block_values(self.name, todo, done))
-                for row, label in self._evaluate(todo, run_eval, saved, done):
-                    if row is not None:
-                        value = row.get(column)
-                        values[(row["level"], row["draw"])] = math.nan if value is None else float(value)
-                    yield row, label
-                made += todo
-                todo = plan.extra_cells(made, values)
-                self.added += sum(self.key(c) not in done for c in todo)
+        shards = self.engine.shards(layer)
+        todo, made, values = cells, [], {}
+        while todo:
+            values.update(plan.block_values(self.name, todo, done))
+            for row, label in self._evaluate_shards(todo, layer, shards, saved, done):
+                if row is not None:
+                    value = row.get(column)
+                    values[(row["level"], row["draw"])] = math.nan if value is None else float(value)
+                yield row, label
+            made += todo
+            todo = plan.extra_cells(made, values)
+            self.added += sum(self.key(c) not in done for c in todo)
+
+    def _evaluate_shards(self, cells: list[Cell], layer: Layer, shards: list[tuple[int, int]], saved: Snapshot,
+                         done) -> Iterator[tuple[dict | None, str]]:  # fmt: skip
+        """One round of a block's cells over every shard of the images, each cell with the same
+        damage (same seed) on each shard; a cell's row comes once all its shards are merged."""
+        if len(shards) == 1:
+            with self.engine.for_layer(layer) as run_eval:
+                yield from self._evaluate(cells, run_eval, saved, done)
+            return
+        order: list[tuple[tuple | None, str]] = []
+        parts: dict[tuple, list[dict]] = {}
+        for number, shard in enumerate(shards):
+            with self.engine.for_layer(layer, shard) as run_eval:
+                self._partial = True
+                try:
+                    for row, label in self._evaluate(cells, run_eval, saved, done):
+                        key = None if row is None else (row["layer"], row["perturbation"], row["level"], row["draw"])
+                        if number == 0:
+                            order.append((key, label))
+                        if row is not None:
+                            parts.setdefault(key, []).append(row)
+                finally:
+                    self._partial = False
+        self.shard_passes += sum(len(rows) - 1 for rows in parts.values())
+        for key, label in order:
+            yield (None if key is None else self._merged_row(parts[key])), label
+
+    def _merged_row(self, rows: list[dict]) -> dict:
+        """A cell's row from its rows on each shard: results merged (see :func:`merge_results`); a
+        cell that failed on some shard keeps that shard's error and no result."""
+        results = [row.pop("_result", None) for row in rows]
+        failed = next((row for row, result in zip(rows, results) if result is None), None)
+        if failed is not None:
+            return failed
+        if all(result is self.clean for result in results):  # an identity cell: the clean pass, once
+            return self.with_outcomes(rows[0], self.clean)
+        merged = merge_results(results)
+        row = dict(rows[0])
+        outputs = [r.get("nonfinite_outputs") for r in rows]
+        if outputs[0] is not None:
+            row["nonfinite_outputs"] = sum(outputs)
+        row.update(top1=merged.top1, top5=merged.top5, loss=merged.loss, n_images=merged.n_images,
+                   seconds=merged.seconds, images_per_s=merged.images_per_s)  # fmt: skip
+        row["error"] = next((r["error"] for r in rows if r["error"] and r["error"] != NONFINITE), "")
+        if not row["error"] and not math.isfinite(merged.loss):
+            row["error"] = NONFINITE
+        return self.with_outcomes(row, merged)
 
     def _evaluate(self, cells: list[Cell], run_eval, saved: Snapshot, done) -> Iterator[tuple[dict | None, str]]:
         """One round of a block's cells: one at a time, or captured and evaluated in batched passes."""
@@ -242,6 +294,9 @@ class ModelRunner:
 
     def notes(self) -> list[str]:
         extra = [f"adaptive draws (target_ci {self.plan.study.target_ci}): {self.added} cells added"] if self.added else []
+        if self.shard_passes:
+            extra.append(f"images in shards of at most {getattr(self.engine, 'budget_bytes', 0)} bytes of cache: "
+                         f"{self.shard_passes} extra cell passes (damage applied once per shard)")
         return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", []) + extra]
 
     def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult], saved: Snapshot) -> dict:

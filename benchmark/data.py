@@ -10,12 +10,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from lesionbench.errors import LesionbenchError
+
+if TYPE_CHECKING:
+    from lesionbench.pixels import Pixels
 
 
 @dataclass
@@ -57,9 +60,14 @@ class DatasetSource(Protocol):
 
 @dataclass
 class EvalSet:
-    """Preprocessed images and labels, ready for every cell of a study."""
+    """Preprocessed images and labels, ready for every cell of a study.
 
-    images: torch.Tensor
+    ``images`` is a float tensor [N, C, H, W], or — for the usual "resize, crop, to tensor,
+    normalise" preprocessing — :class:`Pixels`: the uint8 images after resize and crop,
+    normalised batch by batch when read (a quarter of the memory, and the same floats).
+    """
+
+    images: torch.Tensor | Pixels
     labels: torch.Tensor
     indices: np.ndarray  # positions in the raw dataset
     skipped: int = 0  # unreadable files left out
@@ -96,24 +104,57 @@ def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarra
     return np.sort(np.asarray(order[:n], dtype=np.int64))
 
 
-def build_eval_set(raw: RawDataset, indices: np.ndarray, preprocess: Callable[[Any], torch.Tensor]) -> EvalSet:
-    """Decode and preprocess the chosen images once; unreadable files are skipped and counted."""
-    images, kept = [], []
-    skipped = 0
-    for i in indices:
+def build_eval_set(raw: RawDataset, indices: np.ndarray, preprocess: Callable[[Any], torch.Tensor],
+                   memory_bytes: int | None = None) -> EvalSet:  # fmt: skip
+    """Decode and preprocess the chosen images once; unreadable files are skipped and counted.
+
+    Where ``preprocess`` ends in "to tensor, normalise" (see :func:`lesionbench.pixels.split_normalisation`)
+    the images are kept as uint8 (:class:`Pixels`), in memory up to ``memory_bytes`` (default
+    :func:`lesionbench.memory.memory_budget`) and past it in a file on disk (its size checked
+    against the free space first: LesionbenchError if it cannot fit). Either way they are written
+    into one tensor allocated up front: no list of images stacked at the end.
+    """
+    from lesionbench.memory import memory_budget
+    from lesionbench.pixels import NotCompact, Pixels, split_normalisation
+
+    split = split_normalisation(preprocess)
+    if split is not None:
         try:
-            img = raw.decode(int(i))
-        except (OSError, ValueError, SyntaxError) as exc:
-            skipped += 1
-            warnings.warn(f"skipping unreadable image {i} of {raw.name}: {exc}", stacklevel=2)
-            continue
-        images.append(preprocess(img))
-        kept.append(int(i))
-    if not images:
+            return _fill(raw, indices, split[0], memory_budget() if memory_bytes is None else memory_bytes,
+                         lambda store: Pixels(store, split[1], split[2]))  # fmt: skip
+        except NotCompact:  # an image that is not 8-bit after resize and crop: float32 for the whole set
+            pass
+    return _fill(raw, indices, preprocess, None, lambda store: store)
+
+
+def _fill(raw: RawDataset, indices: np.ndarray, preprocess, memory_bytes: int | None, wrap) -> EvalSet:
+    """Decode ``indices`` through ``preprocess`` into one store sized on the first image."""
+    from lesionbench.pixels import new_store
+
+    store, kept = None, []
+    skipped = 0
+    try:
+        for i in indices:
+            try:
+                img = raw.decode(int(i))
+            except (OSError, ValueError, SyntaxError) as exc:
+                skipped += 1
+                warnings.warn(f"skipping unreadable image {i} of {raw.name}: {exc}", stacklevel=3)
+                continue
+            x = preprocess(img)
+            if store is None:
+                store = new_store(len(indices), x, memory_bytes, raw.name)
+            store[len(kept)] = x
+            kept.append(int(i))
+    except BaseException:
+        if store is not None and hasattr(store, "close"):
+            store.close()
+        raise
+    if not kept:
         raise LesionbenchError(f"dataset {raw.name!r} at {raw.path!r} yielded no readable images")
     kept_arr = np.asarray(kept, dtype=np.int64)
     return EvalSet(
-        images=torch.stack(images),
+        images=wrap(store if len(kept) == len(indices) else store.head(len(kept)) if hasattr(store, "head") else store[: len(kept)]),
         labels=torch.as_tensor(raw.labels[kept_arr], dtype=torch.long),
         indices=kept_arr,
         skipped=skipped,

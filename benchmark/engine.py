@@ -5,8 +5,13 @@ the clean pass. :class:`SuffixEngine` asks the model's graph (:mod:`lesionbench.
 once) to split it at each layer into a *prefix* (everything that does not depend on L) and a
 *suffix* (L and everything downstream of it). The values that cross from prefix to suffix — L's input, but also
 skip connections around L in a ResNet or EfficientNet — are computed once per layer and kept;
-each cell then runs only the suffix. Models that cannot be traced, or layers whose cached values
-would exceed the memory budget, fall back to full passes (logged).
+each cell then runs only the suffix. Models that cannot be traced fall back to full passes (logged).
+
+The cached values of a layer are bounded by a memory budget (:func:`lesionbench.memory.memory_budget`):
+:meth:`SuffixEngine.shards` cuts the evaluation set into shards whose cache fits it (whole batches,
+so every batch holds the images it holds unsharded), and the caller evaluates a layer's cells shard
+by shard. Values that are the model's input itself (the first layer's "cache") are neither counted
+nor stored: they are read again from the evaluation set.
 
 :class:`NaiveEngine` is the reference: one full forward pass per cell (``--engine naive``).
 """
@@ -27,14 +32,16 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from lesionbench.errors import LesionbenchError
 from lesionbench.evaluate import EvalResult, autocast_context, evaluate, evaluate_batches
 from lesionbench.graph import ModelGraph, Split, transition
 from lesionbench.layers import Layer
+from lesionbench.memory import check_disk
 
 log = logging.getLogger("lesionbench")
 
 ENGINES = ("fast", "naive")
-DEFAULT_BUDGET_BYTES = 2 * 1024**3
+DEFAULT_BUDGET_BYTES = 2 * 1024**3  # the most memory_budget() gives
 VARIANT_BUDGET_BYTES = 1024**3  # stacked perturbed copies of one layer, per pass
 MAX_IMAGES_PER_PASS = 4096  # variants × batch size: bounds the activations of a batched pass
 
@@ -73,6 +80,10 @@ class NaiveEngine:
         self.batch_size, self.device, self.autocast = batch_size, device, autocast
         self.notes: list[str] = []
 
+    def shards(self, layer: Layer) -> list[tuple[int, int]]:
+        """The image ranges [start, stop) a layer's cells are evaluated on, in order: all at once."""
+        return [(0, len(self.labels))]
+
     def full(self) -> EvalResult:
         """A full pass; on a GPU out of memory, the batch size is halved until it fits (and kept)."""
         while True:
@@ -86,8 +97,13 @@ class NaiveEngine:
                 self.notes.append(f"out of GPU memory: batch size lowered to {self.batch_size}")
 
     @contextmanager
-    def for_layer(self, layer: Layer) -> Iterator[LayerEval]:
-        yield LayerEval(self.full)
+    def for_layer(self, layer: Layer, shard: tuple[int, int] | None = None) -> Iterator[LayerEval]:
+        if shard is None or shard == (0, len(self.labels)):
+            yield LayerEval(self.full)
+            return
+        start, stop = shard
+        yield LayerEval(lambda: evaluate(self.module, _Range(self.images, start), self.labels[start:stop],
+                                         self.batch_size, self.device, self.autocast))  # fmt: skip
 
     def close(self) -> None:
         """Nothing is cached."""
@@ -101,6 +117,7 @@ class _Cache:
     split: Split
     values: list | SpilledBatches
     batch_size: int  # the batches the values were cut into (a GPU out of memory may lower it later)
+    shard: tuple[int, int]  # the images [start, stop) whose values these are
 
     def clear(self) -> None:
         self.values.clear()
@@ -118,28 +135,72 @@ class SuffixEngine(NaiveEngine):
     name = "fast"
 
     def __init__(self, graph: ModelGraph, images, labels, batch_size, device, autocast: bool = False,
-                 budget_bytes: int = DEFAULT_BUDGET_BYTES, spill: bool = True):  # fmt: skip
+                 budget_bytes: int | None = None, spill: bool = True):  # fmt: skip
         super().__init__(graph, images, labels, batch_size, device, autocast)
+        if budget_bytes is None:
+            from lesionbench.memory import memory_budget
+
+            budget_bytes = memory_budget(torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None)
         self.budget_bytes = budget_bytes
         self.spill = spill
         self._cache: _Cache | None = None
+        self._splits: dict[str, Split | None] = {}
+        self._per_image: dict[str, int] = {}
+        self._shard = (0, len(labels))
+        self._image_batch: torch.Tensor | None = None  # the last batch _images made (to spot it among outputs)
         if graph.fx is None:
             self.notes.append(f"{type(self.module).__name__}: {graph.untraceable}: every cell is a full pass")
 
+    def _split(self, layer: Layer) -> Split | None:
+        if layer.name not in self._splits:
+            self._splits[layer.name] = self.graph.split(layer)
+        return self._splits[layer.name]
+
+    def bytes_per_image(self, layer: Layer) -> int:
+        """Bytes of cached boundary values per image at ``layer`` (0 when its values are the input
+        itself, or when it has no cut), measured by running its prefix on one image."""
+        if layer.name not in self._per_image:
+            parts = self._split(layer)
+            size = 0
+            if parts is not None:
+                parts.prefix.eval()
+                with torch.inference_mode(), autocast_context(self.device, self.autocast):
+                    x = self.images[0:1].to(self.device)
+                    self._image_batch = x
+                    size = _counted_bytes(tuple(parts.prefix(x)), x)
+            self._per_image[layer.name] = size
+        return self._per_image[layer.name]
+
+    def shards(self, layer: Layer) -> list[tuple[int, int]]:
+        """Image ranges [start, stop) whose cached values at ``layer`` each fit the budget: as few as
+        possible, each a whole number of batches (the last excepted). One range when all fit."""
+        n = len(self.labels)
+        if self.graph.fx is None or self._split(layer) is None:
+            return [(0, n)]
+        per_image = self.bytes_per_image(layer)
+        if per_image * n <= self.budget_bytes:
+            return [(0, n)]
+        size = max(self.batch_size, self.budget_bytes // per_image // self.batch_size * self.batch_size)
+        return [(b, min(n, b + size)) for b in range(0, n, size)]
+
     @contextmanager
-    def for_layer(self, layer: Layer) -> Iterator[LayerEval]:
-        cache = self._cache_for(layer)
+    def for_layer(self, layer: Layer, shard: tuple[int, int] | None = None) -> Iterator[LayerEval]:
+        """How to evaluate ``layer``'s cells on the images ``shard`` (default: all of them)."""
+        shard = shard or (0, len(self.labels))
+        cache = self._cache_for(layer, shard)
         if cache is None:
-            yield LayerEval(self.full)
+            with super().for_layer(layer, shard) as run_eval:
+                yield run_eval
             return
         parts, cached = cache.split, cache.values
         suffix = parts.suffix
-        labels = [self.labels[b : b + self.batch_size] for b in range(0, len(self.labels), self.batch_size)]
+        start, stop = shard
+        labels = [self.labels[b : min(b + self.batch_size, stop)] for b in range(start, stop, self.batch_size)]
         suffix.eval()
         if parts.mutates_boundary:  # an in-place op would corrupt the cache for the next cell
-            forward = lambda i: suffix(*(v.clone() for v in cached[i]))  # noqa: E731
+            forward = lambda i: suffix(*(v.clone() for v in self._read(cached, i)))  # noqa: E731
         else:
-            forward = lambda i: suffix(*cached[i])  # noqa: E731
+            forward = lambda i: suffix(*self._read(cached, i))  # noqa: E731
 
         def many(variants: list[dict[str, torch.Tensor]]) -> list[EvalResult]:
             stacked = {k: torch.stack([v[k] for v in variants]).to(self.device) for k in variants[0]}
@@ -147,7 +208,7 @@ class SuffixEngine(NaiveEngine):
                 lambda params, *xs: torch.func.functional_call(suffix, params, xs),
                 in_dims=(0,) + (None,) * parts.n_boundary,
             )
-            return evaluate_batches(lambda i: batched(stacked, *cached[i]), labels, self.device, self.autocast,
+            return evaluate_batches(lambda i: batched(stacked, *self._read(cached, i)), labels, self.device, self.autocast,
                                     variants=len(variants))  # fmt: skip
 
         yield LayerEval(
@@ -162,23 +223,29 @@ class SuffixEngine(NaiveEngine):
             self._cache.clear()
             self._cache = None
 
-    def _cache_for(self, layer: Layer) -> _Cache | None:
-        """The layer's cut and cached values: kept from the last block, stepped from the previous
-        layer's cache, or computed by the prefix; None (with a note) when the layer gets full passes."""
+    def _cache_for(self, layer: Layer, shard: tuple[int, int]) -> _Cache | None:
+        """The layer's cut and cached values for the images ``shard``: kept from the last block,
+        stepped from the previous layer's cache of the same images, or computed by the prefix;
+        None (with a note) when the layer gets full passes."""
         if self._cache is not None and self._cache.batch_size != self.batch_size:
             self.close()
-        if self._cache is not None and self._cache.layer == layer.name:
+        if self._cache is not None and self._cache.layer == layer.name and self._cache.shard == shard:
             return self._cache
         previous, self._cache = self._cache, None
+        if previous is not None and previous.shard != shard:
+            previous.clear()
+            previous = None
+        self._shard = shard
         try:
-            parts = self.graph.split(layer)
+            parts = self._split(layer)
             if parts is None:
                 if self.graph.fx is not None:
                     self.notes.append(f"{layer.name}: no clean cut (not a graph node, or its tensors are read upstream): full passes")
                 return None
             step = transition(self.graph.fx, previous.split.boundary, parts.boundary) if previous is not None else None
             if step is not None:
-                values = self._boundary_values(step, layer.name, lambda i: previous.values[i], consume=previous.values)
+                values = self._boundary_values(step, layer.name, lambda i: self._read(previous.values, i),
+                                               consume=previous.values)  # fmt: skip
             else:
                 if previous is not None:  # free it first: never two caches' worth of memory at once
                     previous.clear()
@@ -189,12 +256,22 @@ class SuffixEngine(NaiveEngine):
         if values is None:
             self.notes.append(f"{layer.name}: cached activations exceed {self.budget_bytes} bytes and cannot be spilled: full passes")
             return None
-        self._cache = _Cache(layer.name, parts, values, self.batch_size)
+        self._cache = _Cache(layer.name, parts, values, self.batch_size, shard)
         return self._cache
 
     def _images(self, i: int) -> tuple[torch.Tensor]:
-        b = i * self.batch_size
-        return (self.images[b : b + self.batch_size].to(self.device, non_blocking=True),)
+        """Batch ``i`` of the current shard, on the device."""
+        b = self._shard[0] + i * self.batch_size
+        self._image_batch = self.images[b : min(b + self.batch_size, self._shard[1])].to(self.device, non_blocking=True)
+        return (self._image_batch,)
+
+    def _read(self, values, i: int) -> tuple:
+        """Cached batch ``i`` with the stored images put back where the cache kept only a marker."""
+        batch = values[i]
+        if any(v is _INPUT for v in batch):
+            image = self._images(i)[0]
+            return tuple(image if v is _INPUT else v for v in batch)
+        return batch
 
     def _boundary_values(self, step: fx.GraphModule, layer_name: str, inputs: Callable[[int], tuple],
                          consume: list | None = None) -> list[tuple[torch.Tensor, ...]] | SpilledBatches | None:  # fmt: skip
@@ -206,13 +283,22 @@ class SuffixEngine(NaiveEngine):
         step.eval()
         try:
             with torch.inference_mode(), autocast_context(self.device, self.autocast):
-                for i in range(math.ceil(len(self.labels) / self.batch_size)):
+                start, stop = self._shard
+                for i in range(math.ceil((stop - start) / self.batch_size)):
+                    self._image_batch = None
                     values = tuple(step(*inputs(i)))
                     if isinstance(consume, list):
                         consume[i] = None
-                    used += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+                    values = tuple(_INPUT if _is_input(v, self._image_batch) else v for v in values)
+                    used += _counted_bytes(values)
                     if used > self.budget_bytes and isinstance(out, list):
                         if not self.spill:
+                            return None
+                        need = used * math.ceil((stop - start) / self.batch_size) // (i + 1)  # at this rate
+                        try:
+                            check_disk(need, f"{layer_name}: spilling its cached activations")
+                        except LesionbenchError as exc:  # known before writing anything: full passes
+                            self.notes.append(f"{exc}: full passes")
                             return None
                         spilled = SpilledBatches(self.device)
                         try:
@@ -235,6 +321,30 @@ class SuffixEngine(NaiveEngine):
 
 
 _SAVED = object()  # stands for a tensor that is in the batch's file
+_INPUT = object()  # stands for the batch of images itself: read again from the evaluation set, not cached
+
+
+def _is_input(value, image: torch.Tensor | None) -> bool:
+    """Whether ``value`` is the image batch (the same memory, shape and strides): nothing to cache."""
+    return (
+        image is not None and isinstance(value, torch.Tensor) and value.data_ptr() == image.data_ptr()
+        and value.shape == image.shape and value.stride() == image.stride() and value.dtype == image.dtype
+    )  # fmt: skip
+
+
+def _counted_bytes(values: tuple, image: torch.Tensor | None = None) -> int:
+    """Bytes a cache of ``values`` holds: tensors, less those that are the image batch itself."""
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor) and not _is_input(v, image))
+
+
+class _Range:
+    """The images from ``start`` on, indexed like a tensor (a shard of a naive pass)."""
+
+    def __init__(self, images, start: int) -> None:
+        self.images, self.start = images, start
+
+    def __getitem__(self, s: slice):
+        return self.images[self.start + s.start : self.start + s.stop]
 
 
 class SpilledBatches:
@@ -273,7 +383,7 @@ class SpilledBatches:
 
 
 def create_engine(name: str, graph: ModelGraph, images, labels, batch_size, device, autocast: bool = False,
-                  budget_bytes: int = DEFAULT_BUDGET_BYTES):  # fmt: skip
+                  budget_bytes: int | None = None):  # fmt: skip
     """The single door to an engine by name."""
     if name == "naive":
         return NaiveEngine(graph, images, labels, batch_size, device, autocast)

@@ -28,7 +28,9 @@ class EvalResult:
 
     ``predictions`` (int32 [n_images]) is each image's top-1 class and ``top5_hit`` (bool
     [n_images]) whether its label was among the five highest scores, in the order of the
-    evaluation set; None when the pass did not keep them.
+    evaluation set; None when the pass did not keep them. ``batch_losses`` (float64 [n_batches])
+    is each batch's summed cross-entropy, which :func:`merge_results` adds up in the same order
+    as one pass would (so a sharded evaluation gives the same ``loss``, bit for bit).
     """
 
     top1: float
@@ -40,6 +42,7 @@ class EvalResult:
     device: str
     predictions: np.ndarray | None = field(default=None, compare=False, repr=False)
     top5_hit: np.ndarray | None = field(default=None, compare=False, repr=False)
+    batch_losses: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 # The recorded top-1 class of an image whose logits hold NaN/Inf (a transient fault can hit some
@@ -100,6 +103,7 @@ def evaluate_batches(
     correct5 = torch.zeros(d, dtype=torch.int64)
     loss_sum = torch.zeros(d, dtype=torch.float64)
     predicted: list[torch.Tensor] = []  # [d, batch] top-1 classes, per batch
+    batch_losses: list[torch.Tensor] = []  # [d] float64 summed losses, per batch
     in_top5: list[torch.Tensor] = []
     cuda = device.type == "cuda"
     if cuda:
@@ -123,7 +127,9 @@ def evaluate_batches(
             predicted.append(torch.where(finite, top[..., 0], NO_PREDICTION).to(torch.int32).cpu())
             in_top5.append(any5.cpu())
             loss = F.cross_entropy(logits.reshape(d * len(y), -1), y.repeat(d), reduction="none")
-            loss_sum += loss.reshape(d, len(y)).sum(dim=1).double().cpu()
+            batch_loss = loss.reshape(d, len(y)).sum(dim=1).double().cpu()
+            loss_sum += batch_loss
+            batch_losses.append(batch_loss)
     if cuda:
         end_evt.record()
         torch.cuda.synchronize(device)
@@ -133,6 +139,7 @@ def evaluate_batches(
     seconds /= d
     predictions = torch.cat(predicted, dim=1).numpy() if predicted else np.zeros((d, 0), np.int32)
     top5_hit = torch.cat(in_top5, dim=1).numpy() if in_top5 else np.zeros((d, 0), bool)
+    losses = torch.stack(batch_losses, dim=1).numpy() if batch_losses else np.zeros((d, 0), np.float64)
     results = [
         EvalResult(
             top1=int(correct1[j]) / n,
@@ -144,10 +151,45 @@ def evaluate_batches(
             device=str(device),
             predictions=predictions[j],
             top5_hit=top5_hit[j],
+            batch_losses=losses[j],
         )
         for j in range(d)
     ]
     return results if variants is not None else results[0]
+
+
+def merge_results(parts: Sequence[EvalResult]) -> EvalResult:
+    """One result from passes over consecutive parts of an evaluation set (shards, in order).
+
+    Counts and per-image outcomes are concatenated, the per-batch losses summed in order
+    (float64, as :func:`evaluate_batches` sums them), seconds added: equal to one pass over all
+    the images when the parts were cut at batch boundaries (``seconds`` aside). Raises
+    ValueError when a part lacks its per-image outcomes or batch losses.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    if any(p.predictions is None or p.top5_hit is None or p.batch_losses is None for p in parts):
+        raise ValueError("merge_results needs every part's predictions, top5_hit and batch_losses")
+    n = sum(p.n_images for p in parts)
+    correct1 = sum(round(p.top1 * p.n_images) for p in parts)
+    correct5 = sum(round(p.top5 * p.n_images) for p in parts)
+    total = torch.zeros(1, dtype=torch.float64)
+    for p in parts:
+        for value in p.batch_losses:
+            total += float(value)
+    seconds = sum(p.seconds for p in parts)
+    return EvalResult(
+        top1=correct1 / n,
+        top5=correct5 / n,
+        loss=float(total[0]) / n if math.isfinite(float(total[0])) else float("nan"),
+        n_images=n,
+        seconds=seconds,
+        images_per_s=n / seconds if seconds > 0 else float("inf"),
+        device=parts[0].device,
+        predictions=np.concatenate([p.predictions for p in parts]),
+        top5_hit=np.concatenate([p.top5_hit for p in parts]),
+        batch_losses=np.concatenate([p.batch_losses for p in parts]),
+    )
 
 
 def evaluate(

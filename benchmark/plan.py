@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from scipy import stats
 
 from lesionbench.data import RawDataset, stratified_subset
 from lesionbench.errors import LesionbenchError, internal_failure, plugin_failure
@@ -209,6 +208,8 @@ def extra_draws(values: list[float], target: float, cap: int) -> int:
     if n >= cap or len(finite) < 2:
         return 0
     s = float(np.std(finite, ddof=1))
+    from scipy import stats  # here: a study without adaptive draws never loads scipy
+
     t = float(stats.t.ppf(0.975, len(finite) - 1))
     if 2 * t * s / math.sqrt(len(finite)) < target:
         return 0

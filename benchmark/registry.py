@@ -44,6 +44,7 @@ BUILTIN_PLUGINS = {
     "block_removal": "lesionbench.plugins.block_removal",
     "fashion_mnist": "lesionbench.plugins.fashion_mnist",
     "image_folder": "lesionbench.plugins.image_folder",
+    "synthetic": "lesionbench.plugins.synthetic",
     "studies": "lesionbench.plugins.studies",
     "fashion": "lesionbench.models.fashion",
     "torchvision": "lesionbench.models.torchvision_models",

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from lesionbench.errors import LesionbenchError
 # NONFINITE cells are scored, not dropped: an image whose logits hold NaN/Inf counts as wrong
@@ -51,7 +50,11 @@ def curves(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     out = g[metric].agg(mean="mean", std="std", n="count").reset_index()
     out["level_axis"] = g["level_axis"].first().to_numpy()
     out["std"] = out["std"].fillna(0.0)
-    t = np.where(out["n"] > 1, stats.t.ppf(0.975, np.maximum(out["n"] - 1, 1)), 0.0)
+    t = np.zeros(len(out))
+    if (out["n"] > 1).any():  # scipy only where there is an interval to compute
+        from scipy import stats
+
+        t = np.where(out["n"] > 1, stats.t.ppf(0.975, np.maximum(out["n"] - 1, 1)), 0.0)
     half = t * out["std"] / np.sqrt(out["n"])
     out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
     clean = clean_accuracy(df, metric)

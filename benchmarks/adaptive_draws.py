@@ -54,14 +54,16 @@ def strategies(df: pd.DataFrame, target: float, cap: int, first: int = 5) -> pd.
     return pd.DataFrame(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/adaptive-demo"))
     parser.add_argument("--target-ci", type=float, default=0.02)
     parser.add_argument("--max-draws", type=int, default=20)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--levels", help="comma-separated levels for every perturbation (default: the demo's own)")
-    args = parser.parse_args()
+    parser.add_argument("--n-images", type=int, help="evaluation images (default: the demo's; small for a smoke test)")
+    parser.add_argument("--data", help="Fashion-MNIST folder (default: the demo's)")
+    args = parser.parse_args(argv)
     if args.threads:
         import torch
 
@@ -71,7 +73,8 @@ def main() -> None:
         df = lesionbench.load_results(args.out)
     else:
         levels = [float(v) for v in args.levels.split(",")] if args.levels else None
-        df = lesionbench.run("demo", out=args.out, draws=args.max_draws, levels=levels)
+        extra = {k: v for k, v in (("n_images", args.n_images), ("data", args.data)) if v is not None}
+        df = lesionbench.run("demo", out=args.out, draws=args.max_draws, levels=levels, **extra)
     seconds = time.perf_counter() - started
     s = strategies(df, args.target_ci, args.max_draws)
     table = []

@@ -9,7 +9,7 @@ Two workloads, every layer × the paper's three perturbations:
 - ``alexnet224``: torchvision AlexNet at 224×224 with random weights.
 
 Compared per workload, each through the harness's own block loop
-(:meth:`benchmark.runner.ModelRunner.block_rows`): the fast engine as it runs by default on the
+(:meth:`lesionbench.cells.ModelRunner.block_rows`): the fast engine as it runs by default on the
 device (draws batched on CUDA, one pass per cell on the CPU), the fast engine with the draws and
 levels of a block batched into vmapped passes (``batch_draws = true``; a speed below 1× means
 batching is slower), and (a) the naive loop with the evaluation set already in memory;
@@ -40,9 +40,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from lesionbench.data import EvalSet
-from lesionbench.engine import split_at, trace
 from lesionbench.evaluate import evaluate_batches, resolve_device
-from lesionbench.graph import discover_layers
+from lesionbench.graph import ModelGraph, split_at
 from lesionbench.model_sources import LoadedModel, ModelSpec
 from lesionbench.perturbation import cell_seed, generator_for, perturbed
 from lesionbench.registry import create_registry
@@ -62,8 +61,8 @@ def run_harness(module, images, labels, layers, perts, levels, draws, batch, dev
     names = tuple(p.name for p in perts)
     study = Study(name="bench", models=(ModelSpec("m"),), perturbations=names, levels=levels,
                   draws=draws, batch_size=batch, device=str(device), engine=engine, batch_draws=batch_draws)  # fmt: skip
-    loaded = LoadedModel("m", module, 1000, tuple(images.shape[1:]), lambda x: x, "")
-    prepared = PreparedModel(loaded, layers, {})
+    loaded = LoadedModel("m", module, tuple(images.shape[1:]), lambda x: x, "")
+    prepared = PreparedModel(loaded, ModelGraph.of(module, images[:1].to(device)), layers, {})
     plan = Plan(study, {p.name: (p, levels[p.name]) for p in perts}, _Raw(), None, [prepared])
     runner = ModelRunner(plan, prepared, EvalSet(images, labels, np.arange(len(labels))))
     t0 = time.perf_counter()
@@ -90,7 +89,7 @@ def run_dataloader(module, folder: Path, transform, layers, perts, levels, draws
 
 def lower_bound(module, images, batch, layers, perts, levels, draws, device) -> float:
     """Only the downstream forward passes each cell needs, inputs already cached."""
-    gm = trace(module)
+    gm = ModelGraph.of(module, images[:1].to(device)).fx
     total = 0.0
     with torch.inference_mode():
         for layer in layers:
@@ -155,7 +154,7 @@ def measure(name: str, kind: str, args) -> tuple[float, int, int, float, float |
     module = module.eval().to(device)
     images = torch.stack([transform(Image.fromarray(a)) for a in images_u8])
     labels = torch.arange(len(images)) % 2
-    layers = discover_layers(module, images[:1].to(device))
+    layers = ModelGraph.of(module, images[:1].to(device)).layers
     common = (layers, perts, levels, args.draws)
     harness = (module, images, labels, *common, args.batch, device)
     if kind == "fast":  # the default for this device

@@ -64,11 +64,12 @@ def collection_seconds_per_batch(batch: int = 256, classes: int = 10, repeats: i
     return (time.perf_counter() - t) / repeats
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/outcome-cost"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
+    parser.add_argument("--run-args", default="", help="further `lesionbench run` flags, e.g. '--n-images 20 --draws 1'")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shutil.rmtree(args.out, ignore_errors=True)
@@ -77,7 +78,7 @@ def main() -> None:
     timed(publish, "read_results_with_outcomes", "reading outcomes")
     timed(publish, "track_bootstraps", "bootstrap (1000 replicates)")
     started = time.perf_counter()
-    assert cli(["run", "demo", "--out", str(args.out)]) == 0
+    assert cli(["run", "demo", "--out", str(args.out), *args.run_args.split()]) == 0
     wall = time.perf_counter() - started
     df = store.read_results(args.out)
     batches = int(sum(math.ceil(n / 256) for n in df["n_images"]))

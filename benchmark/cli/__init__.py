@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the cells and an estimate of the time, as lesionbench plan does; run nothing")
     run.add_argument("--debug", action="store_true",
                      help="verify the model checksum after every cell (default: off)")
+    run.add_argument("--no-plots", action="store_true",
+                     help="write DIR/LEADERBOARD.md without figures (default: with figures in DIR/plots)")
+    run.add_argument("--no-publish", action="store_true",
+                     help="neither leaderboard nor figures: publish later with `lesionbench leaderboard DIR "
+                          "--out DIR/LEADERBOARD.md` (default: publish when the run ends)")  # fmt: skip
     run.add_argument("--executor", choices=["local", "ray"], default="local",
                      help="local: evaluate here; ray: one task per block on a Ray cluster, "
                           "pip install 'lesionbench[ray]' (default: local)")  # fmt: skip
@@ -373,18 +378,23 @@ def cmd_run(args) -> int:
                     progress=lambda total: rich_progress(console, total), debug=args.debug,
                     executor=args.executor, ray_address=args.ray_address)  # fmt: skip
     board = run.path / "LEADERBOARD.md"  # written last by publish: its presence means the run is finished
-    if run.already_complete and board.is_file():
+    no_publish = getattr(args, "no_publish", False)
+    if run.already_complete and (board.is_file() or no_publish):
         console.print(f"{out} is complete: nothing to resume")
         return 0
     if run.already_complete:
         console.print(f"{out}: every cell was done earlier; publishing its leaderboard (interrupted before)")
     unscored = print_summary(run.frame(), study, console, _bootstrapped_scores(run.results_path, study.metric))
+    if no_publish:
+        console.print(f"results: {run.results_path}")
+        return NOT_SCORED_EXIT if unscored else 0
+    draw = not getattr(args, "no_plots", False)
     try:
-        board = publish([run.results_path], board, title=f"lesionbench: {study.name}")
+        board = publish([run.results_path], board, title=f"lesionbench: {study.name}", draw=draw)
     except LesionbenchError as exc:  # a full disk while drawing: the rows are whole, --resume publishes again
         raise LesionbenchError(f"{exc}; the rows are whole: free space and finish with lesionbench run --resume "
                                f"{shlex.quote(str(out))}") from None  # fmt: skip
-    console.print(f"results: {run.results_path}\nleaderboard: {board}\nplots: {run.path / 'plots'}")
+    console.print(f"results: {run.results_path}\nleaderboard: {board}" + (f"\nplots: {run.path / 'plots'}" if draw else ""))
     return NOT_SCORED_EXIT if unscored else 0
 
 
