@@ -172,6 +172,8 @@ def beyond_chance(clean: float, n_images: float, chance: float, alpha: float = C
     accuracy exceeds chance."""
     if not (n_images == n_images) or n_images <= 0:
         return bool(clean > chance)
+    from scipy import stats  # here: importing lesionbench does not load scipy
+
     n = int(n_images)
     k = min(n, max(0, int(round(float(clean) * n))))
     return bool(stats.binomtest(k, n, min(1.0, chance), alternative="greater").pvalue < alpha)
@@ -573,6 +575,8 @@ def draw_quantile_factor(c: pd.DataFrame, n_images: np.ndarray | None = None, co
     conservative). Levels with one draw add nothing; a layer without draw variance gets 1. Returns
     float64 [len(c)].
     """
+    from scipy import stats  # here: importing lesionbench does not load scipy
+
     z = stats.norm.ppf(0.5 + confidence / 2)
     factor = np.ones(len(c))
     n_all = np.full(len(c), np.inf) if n_images is None else np.asarray(n_images, dtype=float)
