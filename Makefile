@@ -3,7 +3,8 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 # Where torch comes from when it is not installed yet: the CPU-only wheels (about 0.8 GB installed, where
 # pip's default on Linux is the CUDA build, a 6 GB environment). For a GPU: make install TORCH_INDEX=
-# (pip's own index). A torch already installed is kept as it is.
+# (pip's own index). A torch already installed is kept as it is; where that index cannot be reached (an
+# offline mirror of PyPI only), pip's own index is used instead.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Strict editable: the installed package is a tree of links into benchmark/, plugins/ and models/ that IDEs
 # and type checkers follow (a new module needs `make install` again).
@@ -13,7 +14,8 @@ EDITABLE = -e . --config-settings editable_mode=strict
 
 torch:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || \
-		$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch torchvision
+		$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch torchvision || \
+		$(PIP) install -q torch torchvision
 
 # The package and what it needs to run: `make run` needs no Ray and no pytest.
 install: torch
