@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="finish the cells missing from the run in DIR; starts the study there if DIR holds no run "
                           "yet, and says so (exit 0) if the run is complete (default: start a new run in --out)")
     run.add_argument("--dry-run", action="store_true",
-                     help="print the cells and an estimate of the time, as lesionbench plan does; run nothing")
+                     help="print the cells and an estimate of the time, as lesionbench plan does; run nothing (default: off)")
     run.add_argument("--debug", action="store_true",
                      help="verify the model checksum after every cell (default: off)")
     run.add_argument("--executor", choices=["local", "ray"], default="local",
