@@ -16,7 +16,8 @@ from rich.table import Table
 from torch import nn
 
 import lesionbench
-from lesionbench.cli import main, print_table
+from lesionbench.cli import main
+from lesionbench.cli.tables import print_table
 from lesionbench.errors import LesionbenchError
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from lesionbench.cli.tables import print_table
 from lesionbench.errors import LesionbenchError
 from lesionbench.registry import KINDS, SINGULAR, get_registry
 
@@ -58,15 +59,6 @@ def make_console(stderr: bool = False) -> Console:
 console = make_console()
 err_console = make_console(stderr=True)
 log = logging.getLogger("lesionbench")
-
-
-def print_table(console: Console, table: Table) -> None:
-    """Print ``table``; off a terminal (CI logs, ``> file``) its title goes on a line of its own above it,
-    since rich wraps a title to the table's width (a long title became four centred lines)."""
-    if table.title and not console.is_terminal:
-        title, table.title = table.title, None
-        console.print(str(title), markup=False, highlight=False, soft_wrap=True)
-    console.print(table)
 
 
 def _floats(text: str) -> list[float]:
