@@ -1,10 +1,10 @@
 # The two commands a fresh machine needs: `make run` (the offline default study) and `make test`.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-# Where torch comes from when it is not installed yet: the CPU-only wheels (about 0.8 GB installed, where
-# pip's default on Linux is the CUDA build, a 6 GB environment). For a GPU: make install TORCH_INDEX=
-# (pip's own index). A torch already installed is kept as it is; where that index cannot be reached (an
-# offline mirror of PyPI only), pip's own index is used instead.
+# Where torch comes from when it is not installed yet: the CPU-only wheels (pip's default on Linux is the
+# CUDA build, a 6 GB environment). For a GPU: make install TORCH_INDEX= (pip's own index). A torch already
+# installed is kept as it is; where that index cannot be reached (an offline mirror of PyPI only), pip's
+# own index is used instead.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Strict editable: the installed package is a tree of links into benchmark/, plugins/ and models/ that IDEs
 # and type checkers follow (a new module needs `make install` again).
@@ -41,4 +41,4 @@ test: setup data
 
 # The documentation site, warnings as errors: docs/_build/html/index.html
 docs: setup
-	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PYTHON) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html

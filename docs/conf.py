@@ -1,6 +1,6 @@
 """Sphinx configuration of the lesionbench documentation (MyST Markdown, autodoc, sphinx-argparse).
 
-Build: ``make docs`` (``python -m sphinx -W --keep-going -b html docs docs/_build/html``).
+Build: ``make docs`` (``python -m sphinx -E -W --keep-going -b html docs docs/_build/html``).
 """
 
 import sys

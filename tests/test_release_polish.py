@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -16,7 +15,8 @@ from rich.table import Table
 from torch import nn
 
 import lesionbench
-from lesionbench.cli import main, print_table
+from lesionbench.cli import main
+from lesionbench.cli.tables import print_table
 from lesionbench.errors import LesionbenchError
 
 

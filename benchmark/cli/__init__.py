@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from lesionbench.cli.tables import print_table
 from lesionbench.errors import LesionbenchError
 from lesionbench.registry import KINDS, SINGULAR, get_registry
 
@@ -61,15 +62,6 @@ def make_console(stderr: bool = False) -> Console:
 console = make_console()
 err_console = make_console(stderr=True)
 log = logging.getLogger("lesionbench")
-
-
-def print_table(console: Console, table: Table) -> None:
-    """Print ``table``; off a terminal (CI logs, ``> file``) its title goes on a line of its own above it,
-    since rich wraps a title to the table's width (a long title became four centred lines)."""
-    if table.title and not console.is_terminal:
-        title, table.title = table.title, None
-        console.print(str(title), markup=False, highlight=False, soft_wrap=True)
-    console.print(table)
 
 
 def _floats(text: str) -> list[float]:
@@ -169,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="finish the cells missing from the run in DIR; starts the study there if DIR holds no run "
                           "yet, and says so (exit 0) if the run is complete (default: start a new run in --out)")
     run.add_argument("--dry-run", action="store_true",
-                     help="print the cells and an estimate of the time, as lesionbench plan does; run nothing")
+                     help="print the cells and an estimate of the time, as lesionbench plan does; run nothing (default: off)")
     run.add_argument("--debug", action="store_true",
                      help="verify the model checksum after every cell (default: off)")
     run.add_argument("--no-plots", action="store_true",

@@ -6,7 +6,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from lesionbench.cli import print_table
+from lesionbench.cli.tables import print_table
 from lesionbench.leaderboard import format_critical, with_interval
 from lesionbench.scores import NOT_SCORED, at_chance, layer_scores
 from lesionbench.study import Study
