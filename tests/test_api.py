@@ -106,7 +106,13 @@ def test_run_on_a_users_own_module_and_tensors_restores_the_module():
     loader = DataLoader(TensorDataset(images, labels), batch_size=10)  # a DataLoader gives the same rows
     again = lesionbench.run(model=model, data=loader, draws=2, levels=[0.0, 0.5, 1.0])
     pd.testing.assert_frame_equal(df[KEY + NUMBERS], again[KEY + NUMBERS])
-    scores = lesionbench.layer_scores(df)
+    # an untrained model on random images (4 classes, 48 images): at chance, so it is not scored; with its
+    # clean accuracy taken as beyond chance (a passing clean row), both layers are
+    from lesionbench.scores import at_chance
+
+    assert list(at_chance(df)["model"]) == list(df["model"].unique()) and lesionbench.layer_scores(df).empty
+    good = df.assign(top1=df["top1"].where(df["perturbation"] != "clean", 1.0))
+    scores = lesionbench.layer_scores(good)
     assert set(scores["layer"]) == {"conv", "head"} and scores["score"].between(0, 1).all()
 
 
