@@ -238,7 +238,9 @@ def render_pages(
             f"**Intervals**: 95%, by a {METHOD}; {any_boot.replicates} replicates, seed {any_boot.seed} "
             "(`lesionbench.scores.bootstrap`). Models share a rank when the paired bootstrap interval of the "
             "difference of their overall scores includes 0 (rank = 1 + the models ahead beyond doubt). Scores "
-            "without an interval come from runs made before per-image outcomes were kept.",
+            "without an interval come from runs made before per-image outcomes were kept, or from a single draw "
+            "per level of a random damage (its between-draw variance cannot be estimated); models without one are "
+            "ranked by the point value, not beyond doubt.",
             "",
         ]
     else:

@@ -357,7 +357,9 @@ REPLICATES = 1000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 METHOD = ("paired percentile bootstrap: images resampled with replacement once per replicate for every cell of a "
-          "track (cells on the same images move together), draws resampled within each level")  # fmt: skip
+          "track (cells on the same images move together), draws resampled within each level with their full "
+          "between-draw variance (Davison & Hinkley 1997, §3.8) and a Satterthwaite t factor per layer score; no "
+          "interval for a single draw of a random damage")  # fmt: skip
 
 
 @dataclass
@@ -460,7 +462,13 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     clean accuracy, curves, retention, layer scores, critical levels and overall scores are then
     recomputed from the reweighted accuracies. This is Efron's nonparametric bootstrap (Efron &
     Tibshirani 1993, *An Introduction to the Bootstrap*, ch. 13 for percentile intervals) with a
-    two-stage (images, then draws) resampling of the two sources of randomness.
+    two-stage (images, then draws) resampling of the two sources of randomness. The draw stage is
+    Davison & Hinkley's adjusted one (``_resample_draws``), so 2 draws keep their full between-draw
+    variance, widened by :func:`draw_quantile_factor` to a t quantile for the few degrees of freedom
+    of that variance; a layer × perturbation with one draw per level of a random damage gets no
+    interval (``_draw_variance_unknown``). ``layers["verdict"]`` is then :func:`verdict` of the
+    score and its interval; models at chance (:func:`at_chance`) have no rows. Calibration against
+    a known truth: :mod:`lesionbench.calibration`.
 
     ``df``: a results table with the ``outcome`` column of
     :func:`lesionbench.store.read_results_with_outcomes`; ``outcomes``: what it points into.

@@ -61,7 +61,7 @@ def damaged_checkpoint(out: Path, noise: float) -> Path:
     w = state[key]
     rng = np.random.default_rng(0)
     state[key] = w + torch.as_tensor(rng.normal(0.0, noise * float(w.std()), tuple(w.shape)), dtype=w.dtype)
-    path = out / "fashion_alexnet_conv1_noise.pt"
+    path = out / f"fashion_alexnet_conv1_noise{noise:g}.pt"
     torch.save(state, path)
     return path
 
@@ -70,11 +70,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/seed_gate"))
     parser.add_argument("--reruns", type=int, default=20)
-    parser.add_argument("--noise", type=float, default=0.5)
+    parser.add_argument("--noise", type=float, default=1.0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     base = run(args.out, "seed0", 0)
-    damaged = run(args.out, "conv1_noise", 0, str(damaged_checkpoint(args.out, args.noise)))
+    damaged = run(args.out, f"conv1_noise{args.noise:g}", 0, str(damaged_checkpoint(args.out, args.noise)))
     code = lesionbench("compare", str(damaged), str(base))
     print(f"conv1 noise (std {args.noise} × std(W)): compare damaged base → {code} (1 = regression found)", flush=True)
     passed = total = 0

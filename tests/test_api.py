@@ -16,6 +16,11 @@ from lesionbench.cli import main
 from lesionbench.errors import LesionbenchError
 from lesionbench.perturbation import model_checksum
 
+from lesionbench.cli import NOT_SCORED_EXIT
+
+# a run that finished: 0, or 3 when its model is at chance (untrained, or random images) and not scored
+FINISHED = (0, NOT_SCORED_EXIT)
+
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 NUMBERS = ["seed", "top1", "top5", "loss", "n_images", "layer_index", "relative_depth"]
 
@@ -42,7 +47,7 @@ def test_run_in_memory_gives_the_rows_of_the_cli_and_writes_nothing(tmp_path, mo
         f'[levels]\nsynapse_knockout = [0.0, 0.5]\nnode_knockout = [0.0, 0.5]\n'
         f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\nn_images = 40\n'
     )
-    assert main(["run", str(study), "--out", str(tmp_path / "cli")]) == 0
+    assert main(["run", str(study), "--out", str(tmp_path / "cli")]) in FINISHED
     cli = lesionbench.load_results(tmp_path / "cli")
     # several runs one by one or as one list; anything else is one clear error, not a TypeError
     pd.testing.assert_frame_equal(lesionbench.load_results([tmp_path / "cli", tmp_path / "cli"]),
@@ -101,7 +106,13 @@ def test_run_on_a_users_own_module_and_tensors_restores_the_module():
     loader = DataLoader(TensorDataset(images, labels), batch_size=10)  # a DataLoader gives the same rows
     again = lesionbench.run(model=model, data=loader, draws=2, levels=[0.0, 0.5, 1.0])
     pd.testing.assert_frame_equal(df[KEY + NUMBERS], again[KEY + NUMBERS])
-    scores = lesionbench.layer_scores(df)
+    # an untrained model on random images (4 classes, 48 images): at chance, so it is not scored; with its
+    # clean accuracy taken as beyond chance (a passing clean row), both layers are
+    from lesionbench.scores import at_chance
+
+    assert list(at_chance(df)["model"]) == list(df["model"].unique()) and lesionbench.layer_scores(df).empty
+    good = df.assign(top1=df["top1"].where(df["perturbation"] != "clean", 1.0))
+    scores = lesionbench.layer_scores(good)
     assert set(scores["layer"]) == {"conv", "head"} and scores["score"].between(0, 1).all()
 
 

@@ -85,7 +85,12 @@ def test_intervals_cover_the_true_scores_about_95_percent_of_the_time():
 def test_point_estimates_are_layer_scores_and_intervals_hold_them():
     df, outcomes = simulate(np.random.default_rng(0), {"m": {"a": 0.7, "b": 0.3, "c": 1.0}})
     b = bootstrap(df, outcomes, replicates=300)
-    pd.testing.assert_frame_equal(b.layers[layer_scores(df).columns], layer_scores(df))
+    point = layer_scores(df).drop(columns="verdict")
+    pd.testing.assert_frame_equal(b.layers[point.columns], point)
+    # verdicts from the intervals: critical below 0.50, robust above, undetermined across
+    for r in b.layers.itertuples():
+        expected = "critical" if r.score_high < 0.495 else "robust" if r.score_low >= 0.505 else r.verdict
+        assert r.verdict == expected and (r.verdict != "undetermined" or r.score_low < 0.5 <= r.score_high + 0.005)
     assert (b.layers["score_low"] <= b.layers["score"]).all() and (b.layers["score"] <= b.layers["score_high"]).all()
     c = b.curves[b.curves["level"] > 0]
     assert ((c["band_low"] <= c["mean"]) & (c["mean"] <= c["band_high"]) & (c["band_high"] > c["band_low"])).all()

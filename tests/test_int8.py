@@ -231,6 +231,6 @@ def test_weight_noise_on_int8_codes_rounds_and_saturates_never_wraps():
     codes = torch.tensor([120] * 1000 + [-120] * 1000, dtype=torch.int8)
     noisy = codes.clone()
     add_scaled_noise(noisy, 0.2, torch.Generator().manual_seed(0))  # std of codes ≈ 120: noise std ≈ 24
-    noise = torch.randn(2000, generator=torch.Generator().manual_seed(0)).mul_(0.2 * codes.float().std().item())
+    noise = torch.randn(2000, generator=torch.Generator().manual_seed(0)).mul_(0.2 * float(codes.float().numpy().std()))  # np.std: ddof 0
     assert torch.equal(noisy, (codes.float() + noise).round().clamp(-128, 127).to(torch.int8))
     assert (noisy[:1000] > 0).all() and (noisy[1000:] < 0).all() and (noisy[:1000] == 127).sum() > 300

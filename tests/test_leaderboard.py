@@ -170,7 +170,7 @@ def test_compare_cli_exit_codes(tmp_path, capsys):
     assert main(["compare", str(base), str(base)]) == 0
     assert main(["compare", str(worse), str(base), "--max-drop", "0.05"]) == 1
     out = capsys.readouterr().out
-    assert row_starting(out, "m", "d", "fc8 · p score") == ["m", "d", "fc8 · p score", "0.875", "0.625", "-0.250", "❌ regression"]
+    assert row_starting(out, "m", "d", "fc8 · p score") == ["m", "d", "fc8 · p score", "0.875", "0.625", "-0.250", "robust", "❌ regression"]
     assert "the threshold alone decides" in out  # tables without per-image outcomes
     assert main(["compare", str(worse), str(base), "--max-drop", "0.5"]) == 0
     assert main(["compare", str(tmp_path / "missing.csv"), str(base)]) == 2
@@ -232,7 +232,9 @@ def test_with_outcomes_every_score_has_an_interval_and_indistinguishable_models_
     # x's layers a and b have the same true score: the runner-up cannot be told apart
     assert "the runner-up" in text.split("### x")[1].split("###")[0]
     layer_row = row_starting(text.split("### z")[1], "a", "0.00")
-    assert re.fullmatch(r"\*\*0\.\d\d \[0\.\d\d, 0\.\d\d\]\*\*", layer_row[2])  # critical, with its interval
+    # true score 0.40: critical (bold) when its interval lies below 0.50, undetermined (italic) when it holds 0.50
+    mark, score, low, high = re.fullmatch(r"(\*\*|_)(0\.\d\d) \[(0\.\d\d), (0\.\d\d)\]\1", layer_row[2]).groups()
+    assert mark == ("**" if float(high) < 0.5 else "_") and float(low) < 0.5
     assert re.fullmatch(r"0\.\d\d \[0\.\d\d, 0\.\d\d\]", layer_row[3])  # p½ with its interval
 
 
