@@ -11,13 +11,14 @@ import hashlib
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lesionbench.errors import LesionbenchError
@@ -279,6 +280,7 @@ def perturbed(
     if saved is None or not saved.covers(layer, also):
         saved = Snapshot(layer, also)
     handles: list[RemovableHandle] = []
+    functional = perturbation.kind == "hooks" and layer.applied_by in HOOKED_OPS
     try:
         with torch.no_grad():
             if perturbation.kind == "hooks":
@@ -286,11 +288,37 @@ def perturbed(
             else:
                 layer.merge_adapters()  # a LoRA layer: damage acts on its effective weight
                 perturbation.apply(layer, level, generator)
-        yield perturbation.kind == "hooks"
+        with HooksAtFunctionalUse(layer.module) if functional else nullcontext():
+            yield perturbation.kind == "hooks"
     finally:
         for handle in handles:
             handle.remove()
         saved.restore()
+
+
+# Ops whose output has the layout of the module's own output (units on the last axis for linear, on
+# axis 1 for a conv): a forward hook means the same thing when run on them.
+HOOKED_OPS = {"linear", "conv1d", "conv2d", "conv3d"}
+
+
+class HooksAtFunctionalUse(TorchFunctionMode):
+    """Run ``module``'s forward hooks on the output of every ``linear``/``convNd`` op that applies its
+    weight, for a layer applied without its module being called (``layer.forward(x)``,
+    ``F.linear(x, layer.weight, layer.bias)``): hook perturbations then damage what it computes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+        if getattr(func, "__name__", "") in HOOKED_OPS and weight is self.module.weight:
+            for hook in list(self.module._forward_hooks.values()):
+                result = hook(self.module, (args[0] if args else kwargs.get("input"),), out)
+                out = out if result is None else result
+        return out
 
 
 def nonfinite_count(layer: Layer) -> int:
