@@ -37,6 +37,7 @@ from torch.func import functional_call
 import lesionbench
 from lesionbench import LesionbenchError, hookimpl
 from lesionbench.registry import create_registry
+from lesionbench.store import NONFINITE
 
 from property_models import Expect, Spec, build, logits, reference_copy
 
@@ -238,6 +239,9 @@ def check(spec: Spec, long: bool = False) -> tuple[int, list[str], dict[str, str
         elif not (_close(a.loc[key, "loss"], b.loc[key, "loss"], 1e-6) and a.loc[key, "top1"] == b.loc[key, "top1"]):
             failures.append(f"(a) {key}: naive loss {a.loc[key, 'loss']:.6f}, fast {b.loc[key, 'loss']:.6f}")
 
+    for frame, engine in ((naive, "naive"), (fast, "fast")):  # a cell that failed is a failure of the harness
+        broken = frame[frame.error.fillna("").astype(str).str.len().gt(0) & frame.error.ne(NONFINITE)]
+        failures += [f"(a) {engine} cell {r.layer}/{r.perturbation}/{r.level} failed: {r.error}" for r in broken.itertuples()]
     clean = float(naive.loc[naive.perturbation == "clean", "loss"].iloc[0])
     clean_oracle = oracle_loss(twin, images, labels)
     if not _close(clean, clean_oracle, tol):

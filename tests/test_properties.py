@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import lesionbench.plugins.node_knockout as node_knockout
+import lesionbench.plugins.synapse_knockout as synapse_knockout
 from lesionbench import perturbation
 from property_models import Spec, specs
 from property_oracles import check
@@ -55,6 +56,15 @@ def test_the_oracles_catch_a_cell_that_is_not_undone(monkeypatch):
     failures = check(Spec((("conv", 4, "none", "relu", False, "module"),)))[1]
     assert any(f.startswith("(e) before the cell ") for f in failures)
     assert any(f.startswith("(e) after the runs: changed ['blocks.0.conv") for f in failures)
+
+
+def test_a_cell_that_fails_is_a_failure_not_a_skipped_check(monkeypatch):
+    def broken(tensor, fraction, generator):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(synapse_knockout, "zero_random_entries", broken)
+    failures = check(Spec((("conv", 4, "none", "relu", False, "module"),)))[1]
+    assert "(a) naive cell blocks.0.conv/synapse_knockout/1.0 failed: RuntimeError: planted" in failures
 
 
 def test_the_long_mode_prints_its_counts(capsys):
