@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesionbench.columns import CLEAN, KEY_COLUMNS, MANIFEST
+from lesionbench.columns import CLEAN, KEY_COLUMNS, MANIFEST, OPTIONAL
 from lesionbench.errors import LesionbenchError
 
 RESULTS_SCHEMA = 2  # the version new runs record in their manifest
@@ -135,6 +135,7 @@ def check_rows(raw: pd.DataFrame, path: Path, manifest: dict | None, torn: bool 
         raise SchemaViolation(f"results file {str(path)!r}, row {len(raw)} (line {len(raw) + 1}), every field: the "
                               "last line is torn (no line end); finish the run with lesionbench run --resume")  # fmt: skip
     _check_binding(raw, path, manifest)
+    raw = raw.assign(**{c: "" for c in OPTIONAL if c not in raw.columns})  # older files lack these
     numbers = raw.replace({"": np.nan, "nan": np.nan, "NaN": np.nan})
     for c in ("model", "dataset", "perturbation", "error"):
         if c in raw:

@@ -96,7 +96,7 @@ def ordered(df: pd.DataFrame) -> pd.DataFrame:
 def test_run_writes_the_expected_rows(reference):
     out, df = reference
     header = (out / "results.csv").read_text().splitlines()[0]
-    assert header.split(",") == COLUMNS
+    assert header.split(",") == COLUMNS + ["run", "checksum"]  # rows bound to their run (results schema 2)
     assert (out / "manifest.json").is_file()
 
     clean = df[df["perturbation"] == "clean"]

@@ -104,11 +104,12 @@ def test_results_do_not_depend_on_the_order_cells_run_in(plan, tmp_path):
     numbers = ["top1", "top5", "loss", "seed"]
     plan.perturbations = {k: v for k, v in plan.perturbations.items() if k == "weight_noise"}
     plan.perturbations["synapse_knockout"] = (create_registry().get("perturbations", "synapse_knockout"), (0.0, 0.5))
-    first = RunDir.create(tmp_path / "forward", plan.study.to_dict(), plan.fingerprint())
+    study = plan.study.to_dict() | {"perturbations": list(plan.perturbations)}  # the manifest names what runs
+    first = RunDir.create(tmp_path / "forward", study, plan.fingerprint())
     execute(plan, first)
     plan.models[0].layers.reverse()
     plan.perturbations = dict(reversed(plan.perturbations.items()))
-    second = RunDir.create(tmp_path / "reversed", plan.study.to_dict(), plan.fingerprint())
+    second = RunDir.create(tmp_path / "reversed", study, plan.fingerprint())
     execute(plan, second)
     a = first.frame().sort_values(key, ignore_index=True)
     b = second.frame().sort_values(key, ignore_index=True)
