@@ -6,9 +6,13 @@ Two views of the same network, each built once per model:
   every torch function the network calls, with which tensors. It answers which Conv/Linear layers
   the forward pass uses and in what order (by the first read of their weight, so a layer used
   through a functional call — ``nn.MultiheadAttention.out_proj`` — counts, and declaration order
-  does not), which BatchNorm each layer's output units feed (through elementwise activations,
-  in place or not, at every use of a module called more than once), which BatchNorms lie
-  downstream of a layer on any branch (what a damage can reach), and the model's output;
+  does not), which per-channel affine norm (BatchNorm, GroupNorm, InstanceNorm, LayerNorm/RMSNorm
+  over channels) each layer's output units feed (through elementwise activations, in place or
+  not, pooling, concatenations, slices, transposes/permutes and flattens, at every use of a module
+  called more than once; a weight transformed before it is applied — standardised, fake-quantized —
+  is still the layer's), which layers are applied outside their module's call, which BatchNorms
+  lie downstream of a layer on any branch (what a damage can reach), which other weights the pass
+  reads, and the model's output;
 * a **torch.fx trace** (timm's own lists of modules and functions to keep whole), in which every
   in-place op that writes into a tensor read later is made an explicit dependency, so that the
   fast engine can cut the network at a layer (:func:`split_at`) and step from one cut to the next
@@ -704,9 +708,12 @@ def transition(gm: fx.GraphModule, start: tuple[str, ...], end: tuple[str, ...])
 class ModelGraph:
     """One model analysed once: its layers in forward order, what they feed, and how to cut it.
 
-    Build with :meth:`of`. ``layers`` are every Conv/Linear (not transposed) module whose stored
-    weight the forward pass reads, in the order of the first read; ``left_out`` says, per module
-    path, why a Conv/Linear is not among them.
+    Build with :meth:`of`. ``layers`` are every Conv/Linear (not transposed) or transformers
+    ``Conv1D`` module whose stored weight the forward pass reads, in the order of the first read (a
+    LoRA-wrapped layer is one layer, its adapters folded in); ``left_out`` says, per module or
+    weight path, why something the model holds or reads is not among them (parametrized or pruned
+    weights, packed quantized modules, TorchScript submodules, LoRA adapter parts, weights no layer
+    owns).
     """
 
     module: nn.Module
