@@ -11,7 +11,8 @@ For plugin authors — implement hooks with :data:`hookimpl` and contribute:
   helpers :func:`count_for`, :func:`random_subset_mask`, :func:`positions_mask`, :func:`binomial_count`;
   each damages a :class:`Layer`;
 * models: :class:`ModelSource` objects building a :class:`LoadedModel` from a :class:`ModelSpec`;
-* datasets: :class:`DatasetSource` objects returning a :class:`RawDataset`;
+* datasets: :class:`DatasetSource` objects returning a :class:`RawDataset` (a text dataset's items are
+  :class:`TextWindow` objects, tokenised by each language model's own preprocessing);
 * study presets: :class:`StudyPreset`.
 
 Raise :class:`LesionbenchError` for anything a user must fix (one line, exit code 2).
@@ -47,6 +48,7 @@ _EXPORTS = {
     "load_checkpoint_into": "lesionbench.model_sources",
     "DatasetSource": "lesionbench.data",
     "RawDataset": "lesionbench.data",
+    "TextWindow": "lesionbench.data",
     "StudyPreset": "lesionbench.study",
     "Study": "lesionbench.study",
     "run": "lesionbench.api",
