@@ -12,7 +12,7 @@ import logging
 import math
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
@@ -22,9 +22,10 @@ from lesionbench.data import EvalSet, EvalSetCache
 from lesionbench.engine import create_engine
 from lesionbench.errors import LesionbenchError
 from lesionbench.evaluate import EvalResult, resolve_device
-from lesionbench.layers import PERTURBABLE, Layer
+from lesionbench.layers import Layer, is_layer
 from lesionbench.perturbation import Snapshot, generator_for, model_checksum, nonfinite_count, nonfinite_outputs, perturbed
 from lesionbench.plan import Block, Cell, Plan, PreparedModel
+from lesionbench.state import frozen_observers
 from lesionbench.store import CLEAN, NONFINITE, OUTCOME
 
 log = logging.getLogger("lesionbench")
@@ -106,6 +107,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             images = images.pin_memory()
         self.module = module
+        self._frozen = ExitStack()  # quantization observers off while this runner holds the model
+        self._frozen.enter_context(frozen_observers(module))
         self.calibration = calibration.images.to(prepared.dtype) if calibration is not None else None
         self.reference = model_checksum(module) if debug else None
         # a language model's labels are its input's next tokens: [windows, T], scored per token
@@ -288,7 +291,7 @@ class ModelRunner:
     def _norms_reached(self, layer: Layer) -> list[nn.Module]:
         """The BatchNorms whose input the damage reaches, on any branch (a stage: through any of its layers)."""
         graph = self.prepared.graph
-        if isinstance(layer.module, PERTURBABLE):
+        if is_layer(layer.module):
             return graph.norms_reached(layer)
         inside = {id(m) for m in layer.module.modules()}
         found: list[nn.Module] = []
@@ -299,6 +302,7 @@ class ModelRunner:
 
     def close(self) -> None:
         self.engine.close()
+        self._frozen.close()
         self.prepared.loaded.module.to("cpu")
 
 

@@ -20,16 +20,34 @@ def plugin_failure(plugin: str, what: str, exc: BaseException, log_to: Callable[
     import tempfile
     import traceback
 
+    where = _keep_traceback(f"plugin {plugin!r} failed while {what}", exc, log_to)
+    return PluginError(f"plugin {plugin!r} failed while {what}: {_first_line(exc)} (traceback in {where})")
+
+
+def internal_failure(what: str, exc: BaseException) -> LesionbenchError:
+    """One line for lesionbench's own bug (not a plugin's): the model ran, lesionbench's code failed."""
+    where = _keep_traceback(f"lesionbench failed while {what}", exc, None)
+    return LesionbenchError(f"lesionbench failed while {what}: {_first_line(exc)}; this is a bug in lesionbench, "
+                            f"not in the model or its plugin: please report it with the traceback in {where}")  # fmt: skip
+
+
+def _first_line(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def _keep_traceback(title: str, exc: BaseException, log_to: Callable[[str], None] | None) -> str:
+    """Write ``exc``'s traceback to ``log_to`` (the run's log) or a temporary file; returns where."""
+    import tempfile
+    import traceback
+
     text = "".join(traceback.format_exception(exc))
     if log_to is not None:
-        log_to(f"plugin {plugin!r} failed while {what}:\n{text}")
-        where = "run.log"
-    else:
-        with tempfile.NamedTemporaryFile("w", prefix="lesionbench-traceback-", suffix=".log", delete=False) as f:
-            f.write(text)
-        where = f.name
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return PluginError(f"plugin {plugin!r} failed while {what}: {type(exc).__name__}: {first} (traceback in {where})")
+        log_to(f"{title}:\n{text}")
+        return "run.log"
+    with tempfile.NamedTemporaryFile("w", prefix="lesionbench-traceback-", suffix=".log", delete=False) as f:
+        f.write(text)
+    return f.name
 
 
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> LesionbenchError:

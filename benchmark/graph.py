@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,8 @@ from torch.utils._pytree import tree_flatten
 
 from lesionbench.errors import LesionbenchError
 from lesionbench.evaluate import logits_of
-from lesionbench.layers import NORMS, PERTURBABLE, Layer
+from lesionbench.layers import NORMS, Layer, is_layer, kind_of, layer_types, unit_axis_of
+from lesionbench.state import frozen_observers
 
 log = logging.getLogger("lesionbench")
 
@@ -97,8 +99,8 @@ class UnitSpan:
 
 def _layer_span(layer: nn.Module, value: torch.Tensor) -> UnitSpan:
     """A layer's own output: units along the last axis (Linear) or the channel axis (conv)."""
-    axis = -1 if isinstance(layer, nn.Linear) else 1 - value.dim()
-    return UnitSpan(layer, axis, 0, 0, int(layer.weight.shape[0]))
+    axis = -1 if kind_of(layer) == "linear" else 1 - value.dim()
+    return UnitSpan(layer, axis, 0, 0, int(layer.weight.shape[unit_axis_of(layer)]))
 
 
 def _dim_of(args: tuple, kwargs: dict, position: int, default: int = 0) -> int:
@@ -139,7 +141,7 @@ def follow_units(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tenso
         parts, out, offset = args[0], [], 0
         dim = _dim_of(args, kwargs, 1)
         for part in parts:
-            if isinstance(part, torch.Tensor):
+            if isinstance(part, torch.Tensor) and not (part.dim() == 1 and part.numel() == 0):  # (0,): no units
                 axis = dim - part.dim() if dim >= 0 else dim
                 for span in units.get(id(part), ()):
                     out.append(UnitSpan(span.layer, span.axis, span.shift + offset * (span.axis == axis), span.lo, span.hi))
@@ -247,7 +249,7 @@ def probe(module: nn.Module, example: torch.Tensor) -> Probe:
     """Run ``example`` through ``module`` once, watching every torch function call (see module doc)."""
     layer_of, norm_of = {}, {}
     for m in module.modules():
-        if isinstance(m, PERTURBABLE) and not unsupported_weight(m):
+        if is_layer(m) and not unsupported_weight(m):
             for t in (m.weight, m.bias):
                 if t is not None:
                     layer_of[id(t)] = m
@@ -255,14 +257,32 @@ def probe(module: nn.Module, example: torch.Tensor) -> Probe:
             for t in module_tensors(m):
                 norm_of[id(t)] = m
     watch = _Watch(layer_of, norm_of)
-    was_training = module.training
+    output = run_once(module, example, watch)
+    return Probe(watch.order, watch.feeds, watch.downstream, output)
+
+
+def run_once(module: nn.Module, example: torch.Tensor, mode: TorchFunctionMode | None = None) -> torch.Tensor:
+    """The class scores of one forward pass in eval mode (under ``mode``), leaving the model as it was:
+    training flags put back, quantization observers off (:func:`lesionbench.state.frozen_observers`)."""
+    modes = {m: m.training for m in module.modules()}
     try:
         module.eval()
-        with torch.no_grad(), watch:
-            output = logits_of(module(example))
+        with torch.no_grad(), frozen_observers(module), mode if mode is not None else nullcontext():
+            return logits_of(module(example)).detach()
     finally:
-        module.train(was_training)
-    return Probe(watch.order, watch.feeds, watch.downstream, output.detach())
+        for m, training in modes.items():
+            m.training = training
+
+
+def check_module(module: nn.Module, name: str) -> None:
+    """Refuse, in one line, a model whose layers lesionbench cannot see (a TorchScript module)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise LesionbenchError(
+            f"model {name!r} is a TorchScript module (torch.jit.script / torch.jit.trace), which lesionbench does not "
+            "support: its compiled forward pass makes no Python torch calls to watch and cannot be traced by torch.fx, "
+            "so the layers it reads, their order and what they feed cannot be found; give the nn.Module it was "
+            "scripted from"
+        )
 
 
 # ------------------------------------------------------------------------------------ fx
@@ -286,7 +306,7 @@ class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         leaves, functions = _timm_trace_helpers()
         super().__init__(autowrap_functions=functions)
-        self._leaves = PERTURBABLE + leaves
+        self._leaves = layer_types() + leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
@@ -536,7 +556,7 @@ class ModelGraph:
         seen = probe(module, example)
         left_out = {}
         for name, m in module.named_modules():
-            if isinstance(m, PERTURBABLE) and m not in seen.order:
+            if is_layer(m) and m not in seen.order:
                 left_out[name] = unsupported_weight(m) or "the forward pass never reads its weight"
         n = len(seen.order)
         layers = []
@@ -550,8 +570,9 @@ class ModelGraph:
                     display=aliases.get(name, name),
                     index=i,
                     relative_depth=i / (n - 1) if n > 1 else 0.0,
-                    kind="linear" if isinstance(m, nn.Linear) else "conv",
+                    kind=kind_of(m),
                     module=m,
+                    unit_axis=unit_axis_of(m),
                     norms=norms,
                     norm_names=tuple(names[x] for x in norms),
                     norm_spans=tuple((span.shift, span.lo, span.hi) for _norm, span in fed),

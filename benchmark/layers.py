@@ -6,6 +6,7 @@ this module only describes them and picks the ones a study names.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,38 @@ PERTURBABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # not transposed con
 NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
+def transposed_linear_types() -> tuple[type, ...]:
+    """transformers' ``Conv1D`` (GPT-2, ImageGPT): a linear layer whose weight is stored [in, out].
+
+    Looked up in ``sys.modules`` only: a model built from it has imported it, and lesionbench does
+    not import transformers (nor need it installed) for models that do not use it.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return (conv1d,) if isinstance(conv1d, type) else ()
+
+
+def layer_types() -> tuple[type, ...]:
+    """Every module type that is a perturbable layer: Conv1d/2d/3d, Linear, transformers' Conv1D."""
+    return PERTURBABLE + transposed_linear_types()
+
+
+def is_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a perturbable layer (see :func:`layer_types`)."""
+    return isinstance(module, layer_types())
+
+
+def unit_axis_of(module: nn.Module) -> int:
+    """The weight axis that indexes output units: 0 (conv filters, Linear rows), 1 for a weight
+    stored [in, out] (transformers' Conv1D: its units are the weight's columns)."""
+    return 1 if isinstance(module, transposed_linear_types()) else 0
+
+
+def kind_of(module: nn.Module) -> str:
+    """``"linear"`` (units on the output's last axis) or ``"conv"`` (units on axis 1)."""
+    return "linear" if isinstance(module, (nn.Linear, *transposed_linear_types())) else "conv"
+
+
 @dataclass(frozen=True)
 class Layer:
     """A perturbable layer: where it sits in the network and what it feeds."""
@@ -28,6 +61,8 @@ class Layer:
     relative_depth: float  # 0 = first layer, 1 = last
     kind: str  # "conv" or "linear"
     module: nn.Module = field(compare=False, repr=False)
+    # The weight axis of the output units: 0, or 1 for a weight stored [in, out] (transformers' Conv1D).
+    unit_axis: int = 0
     # The BatchNorms whose channels are this layer's output units (through elementwise activations;
     # one per use of a module called more than once): silencing a unit must silence them too.
     norms: tuple[nn.Module, ...] = field(default=(), compare=False, repr=False)
@@ -41,8 +76,17 @@ class Layer:
 
     @property
     def out_units(self) -> int:
-        """Output units: filters of a conv, rows of a linear layer."""
-        return int(self.module.weight.shape[0])
+        """Output units: filters of a conv, rows of a linear layer (columns of a Conv1D's [in, out] weight)."""
+        return int(self.module.weight.shape[self.unit_axis])
+
+    def unit_index(self, units: torch.Tensor) -> tuple:
+        """An index selecting the weight entries of ``units`` (int64 [k]): ``weight[layer.unit_index(u)]``."""
+        return (slice(None),) * self.unit_axis + (units,)
+
+    def weight_by_unit(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight (or ``weight``, shaped like it) as a view with the output units on axis 0."""
+        weight = self.module.weight if weight is None else weight
+        return weight.movedim(self.unit_axis, 0)
 
     def weight_and_bias(self) -> list[torch.Tensor]:
         """The layer's weight, then its bias if it has one: the order perturbations draw in."""

@@ -20,9 +20,9 @@ import torch
 from scipy import stats
 
 from lesionbench.data import RawDataset, stratified_subset
-from lesionbench.errors import LesionbenchError, plugin_failure
+from lesionbench.errors import LesionbenchError, internal_failure, plugin_failure
 from lesionbench.evaluate import resolve_device
-from lesionbench.graph import ModelGraph
+from lesionbench.graph import ModelGraph, check_module, run_once
 from lesionbench.layers import Layer, select_layers, spread_layers
 from lesionbench.model_sources import LoadedModel, create_model, resolve_source
 from lesionbench.perturbation import Perturbation, cell_seed, check_levels
@@ -277,8 +277,15 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
         raise LesionbenchError(f"{what}: it needs {need}")
     dtype = model_dtype(loaded.module)
     example = torch.zeros(1, *loaded.input_size, dtype=dtype)
+    check_module(loaded.module, loaded.name)
     with blame(plugin, f"running model {loaded.name!r} on one input of size {tuple(loaded.input_size)}"):
+        run_once(loaded.module, example)
+    try:  # the model ran: a failure from here on is lesionbench's own
         graph = ModelGraph.of(loaded.module, example, loaded.aliases)
+    except (LesionbenchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - our bug, reported as such
+        raise internal_failure(f"analysing the layers of model {loaded.name!r}", exc) from None
     ref = loaded.name
     if max_label >= graph.num_classes:
         raise LesionbenchError(

@@ -32,14 +32,16 @@ from lesionbench.plugins.synapse_knockout import LEVELS
 def unit_norms(layer: Layer, order: int = 1) -> torch.Tensor:
     """The L1 (``order=1``) or L2 (``order=2``) norm of each output unit's weights.
 
-    Returns a float64 CPU tensor of shape [n_out] (units are dim 0 of the weight: conv filters,
-    linear rows). For a layer whose module has ``dequantized_weight()`` (int8 layers), the norm is
+    Returns a float64 CPU tensor of shape [n_out] (units are conv filters, linear rows, columns of
+    transformers' ``Conv1D``: axis ``layer.unit_axis`` of the weight). For a layer whose module has
+    ``dequantized_weight()`` (int8 layers), the norm is
     that of the real values the integer codes stand for.
     """
     module = layer.module
     dequantized = getattr(module, "dequantized_weight", None)
     weight = dequantized() if callable(dequantized) else module.weight
-    w = weight.detach().to("cpu", torch.float64).reshape(weight.shape[0], -1)
+    w = layer.weight_by_unit(weight).detach().to("cpu", torch.float64)
+    w = w.reshape(w.shape[0], -1)
     return torch.linalg.vector_norm(w, ord=order, dim=1)
 
 

@@ -1,7 +1,8 @@
 """Node knockout (Cheney et al. 2017): silence a random fraction of a layer's output units.
 
 Level p silences floor(p·n_out) units: for a conv layer the whole filter and its bias, for a
-linear layer the unit's weight row and bias. When the layer feeds a BatchNorm (directly or
+linear layer the unit's weight row and bias (a column of transformers' ``Conv1D``, whose weight is
+stored [in, out]). When the layer feeds a BatchNorm (directly or
 through elementwise activations, pooling, reshapes, concatenations and channel slices; every one,
 for a module used more than once), the channel that carries the unit there has its scale and
 shift (and running mean) zeroed too, so the unit stays silent after normalisation instead of
@@ -22,7 +23,7 @@ from lesionbench.plugins.synapse_knockout import LEVELS
 def silence_units(layer: Layer, units: torch.Tensor) -> None:
     """Make the given output units of ``layer`` emit zero, through every BatchNorm they feed."""
     units = units.to(layer.module.weight.device)
-    layer.module.weight[units] = 0
+    layer.module.weight[layer.unit_index(units)] = 0
     if layer.module.bias is not None:
         layer.module.bias[units] = 0
     for norm, channels in layer.norm_channels(units):

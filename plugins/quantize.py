@@ -3,7 +3,7 @@
 Level k rounds W symmetrically to k bits: scale = max|w| / (2^(k-1) − 1) and
 w ← round(w / scale)·scale, so W takes at most 2^k − 1 values, the largest |w| is kept exactly and
 no weight moves by more than scale/2. ``quantize`` uses one scale for the whole tensor,
-``quantize_per_channel`` one per output channel (dim 0: a conv filter, a linear row), as
+``quantize_per_channel`` one per output channel (a conv filter, a linear row, a Conv1D column), as
 deployment toolchains do. The bias is left in full precision (it is kept in 32 bits in practice).
 A channel that is all zeros has scale 0 and stays zero. Levels are bit widths, and damage grows as
 the level *decreases*; the draws are all equal (no randomness).
@@ -58,7 +58,7 @@ class Quantize(WeightPerturbation):
 
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         self.check_level(level)
-        quantize_(layer.module.weight, int(level), self.per_channel)
+        quantize_(layer.weight_by_unit(), int(level), self.per_channel)  # a view: channels are output units
 
 
 class QuantizePerChannel(Quantize):
