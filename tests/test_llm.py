@@ -302,3 +302,19 @@ def test_llm_track_preset_is_what_the_issue_asks():
     kinds = {name.rsplit(".", 1)[1] for name in study.layers}
     assert len(study.layers) >= 12 and blocks[0] == 0 and blocks[-1] == 29  # SmolLM2-135M: 30 blocks
     assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_a_resumed_text_run_gives_the_same_rows_and_window_outcomes(tiny, tmp_path):
+    study = _study(tiny, "llama", layers=["model.layers.1.mlp.down_proj"], perturbations=["synapse_knockout"],
+                   levels={"synapse_knockout": [0.0, 0.5]})  # fmt: skip
+    whole = lesionbench.run(study, tmp_path / "whole")
+    results = tmp_path / "whole" / "results.csv"
+    lines = results.read_text().splitlines(keepends=True)
+    results.write_text("".join(lines[:-1]))  # the last cell's row lost (its outcomes batch stays)
+    resumed = lesionbench.run(study, tmp_path / "whole", resume=True)
+    cols = ["layer", "level", "draw", "top1", "top5", "loss"]
+    pd.testing.assert_frame_equal(resumed[cols].reset_index(drop=True), whole[cols].reset_index(drop=True))
+    df, outcomes = lesionbench.load_outcomes(tmp_path / "whole")
+    assert (df["outcome"] >= 0).all() and outcomes.top5.dtype == np.int32
+    hits = outcomes.top1[df["outcome"].to_numpy()].sum(axis=1) / (6 * 16)
+    np.testing.assert_allclose(hits, df["top1"].to_numpy())
