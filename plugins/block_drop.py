@@ -12,8 +12,9 @@ Level 1 removes the block, 0 is the clean model; deterministic (one draw).
 
 from __future__ import annotations
 
-from lesionbench import HookPerturbation, Layer, LevelAxis, hookimpl
-from lesionbench.transformer_parts import display_names, identity_hook, transformer_blocks
+from lesionbench import (
+    HookPerturbation, Layer, LesionbenchError, LevelAxis, display_names, hookimpl, identity_hook, transformer_blocks,
+)
 
 
 class BlockDrop(HookPerturbation):
@@ -26,8 +27,6 @@ class BlockDrop(HookPerturbation):
 
     def check_level(self, level):
         if level not in (0.0, 1.0):
-            from lesionbench import LesionbenchError
-
             raise LesionbenchError(f"block_drop takes levels 0 (kept) and 1 (removed), got {level}")
 
     def hooks(self, layer, level, generator):

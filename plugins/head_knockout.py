@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from lesionbench import HookPerturbation, LevelAxis, count_for, hookimpl
-from lesionbench.transformer_parts import attention_heads, display_names, head_features, targets_holding, zero_features
+from lesionbench import (
+    HookPerturbation, LevelAxis, attention_heads, count_for, display_names, head_features, hookimpl, targets_holding,
+    zero_features,
+)
 
 LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from lesionbench import HookPerturbation, LevelAxis, count_for, hookimpl
-from lesionbench.transformer_parts import display_names, mlp_output, targets_holding, zero_features
+from lesionbench import (
+    HookPerturbation, LevelAxis, count_for, display_names, hookimpl, mlp_output, targets_holding, zero_features,
+)
 
 LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 

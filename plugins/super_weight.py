@@ -9,7 +9,7 @@ draw per level); any Conv/Linear (and transformers ``Conv1D``) layer.
 
 from __future__ import annotations
 
-from lesionbench import LevelAxis, WeightPerturbation, hookimpl
+from lesionbench import LesionbenchError, LevelAxis, WeightPerturbation, hookimpl
 
 LEVELS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
@@ -17,8 +17,6 @@ LEVELS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 class SuperWeight(WeightPerturbation):
     def check_level(self, level):
         if level != int(level):
-            from lesionbench import LesionbenchError
-
             raise LesionbenchError(f"super_weight levels are weight counts k (whole numbers), got {level}")
 
     def apply(self, layer, level, generator):
