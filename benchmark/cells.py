@@ -118,7 +118,14 @@ class ModelRunner:
         self.engine = create_engine(study.engine, prepared.graph, images, labels, study.batch_size,
                                     self.device, study.autocast)  # fmt: skip
         self.clean = self.engine.full()
-        warning = "" if self.chance else chance_warning(self.name, self.clean, plan.raw.num_classes, study.metric)
+        if self.chance:  # text: no better than the unigram predictor (a model built without its weights…)
+            given = self.chance[f"chance_{study.metric}"]
+            warning = "" if getattr(self.clean, study.metric) > given else (
+                f"{self.name}: clean next-token {study.metric} accuracy {getattr(self.clean, study.metric):.3f} is no "
+                f"better than the unigram predictor's ({given:.3f}); were its weights loaded? Its layer scores will "
+                "mean nothing.")  # fmt: skip
+        else:
+            warning = chance_warning(self.name, self.clean, plan.raw.num_classes, study.metric)
         if warning:  # e.g. a model built without its weights: every score of the study would be 0
             log.warning(warning)
             note(warning)
