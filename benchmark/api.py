@@ -104,7 +104,7 @@ def run_study(
 def subset_of(plan: Plan) -> Subset:
     """The plan's evaluation subset as the store records it beside the per-image outcomes."""
     return Subset(plan.study.dataset.name, plan.study.dataset.split, np.asarray(plan.indices, np.int64),
-                  np.asarray(plan.raw.labels[plan.indices], np.int64))  # fmt: skip
+                  np.asarray(plan.raw.labels[plan.indices], np.int64), plan.raw.tokens)  # fmt: skip
 
 
 def all_done(plan: Plan, store: Store) -> bool:

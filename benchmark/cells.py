@@ -74,6 +74,16 @@ def chance_warning(name: str, clean: EvalResult, num_classes: int, metric: str) 
             f"were its weights loaded? It is {NOT_SCORED}.")  # fmt: skip
 
 
+def unigram_chance(targets: torch.Tensor) -> dict[str, float]:
+    """Chance for next-token prediction: the top-1 and top-5 accuracy on ``targets`` (int64 [windows,
+    T]) of the unigram-frequency predictor, which always names the 1 (5) most frequent tokens of these
+    targets — the best prediction that ignores the context, as k/classes is for balanced classes.
+    Returned as the clean row's ``chance_top1`` / ``chance_top5`` (fractions)."""
+    counts = torch.bincount(targets.reshape(-1)).sort(descending=True).values.double()
+    total = float(counts.sum())
+    return {f"chance_top{k}": float(counts[:k].sum()) / total for k in (1, 5)}
+
+
 class ModelRunner:
     """One model on one device: its evaluation set, engine and clean result; evaluates blocks.
 
@@ -101,10 +111,21 @@ class ModelRunner:
         self._frozen.enter_context(frozen_observers(module))
         self.calibration = calibration.images.to(prepared.dtype) if calibration is not None else None
         self.reference = model_checksum(module) if debug else None
-        self.engine = create_engine(study.engine, prepared.graph, images, eval_set.labels, study.batch_size,
+        # a language model's labels are its input's next tokens: [windows, T], scored per token
+        targets = prepared.loaded.targets
+        labels = targets(eval_set.images) if targets is not None else eval_set.labels
+        self.chance = unigram_chance(labels) if labels.dim() == 2 else {}
+        self.engine = create_engine(study.engine, prepared.graph, images, labels, study.batch_size,
                                     self.device, study.autocast)  # fmt: skip
         self.clean = self.engine.full()
-        warning = chance_warning(self.name, self.clean, plan.raw.num_classes, study.metric)
+        if self.chance:  # text: no better than the unigram predictor (a model built without its weights…)
+            given = self.chance[f"chance_{study.metric}"]
+            warning = "" if getattr(self.clean, study.metric) > given else (
+                f"{self.name}: clean next-token {study.metric} accuracy {getattr(self.clean, study.metric):.3f} is no "
+                f"better than the unigram predictor's ({given:.3f}); were its weights loaded? Its layer scores will "
+                "mean nothing.")  # fmt: skip
+        else:
+            warning = chance_warning(self.name, self.clean, plan.raw.num_classes, study.metric)
         if warning:  # e.g. a model built without its weights: every score of the study would be 0
             log.warning(warning)
             note(warning)
@@ -123,16 +144,19 @@ class ModelRunner:
         if result is None or result.predictions is None:
             return row
         top1, top5 = result.predictions, result.top5_hit
-        row["flip_rate"] = float(np.mean(top1 != self.clean.predictions)) if len(top1) else float("nan")
+        # per-token outcomes (hit counts per window) have no top-1 class to compare: no flip rate
+        counted = result.tokens is not None
+        row["flip_rate"] = float(np.mean(top1 != self.clean.predictions)) if len(top1) and not counted else float("nan")
         if self.positions is not None:
             n = len(self.plan.indices)
-            top1, top5 = np.full(n, -1, np.int32), np.zeros(n, bool)
+            top1, top5 = np.full(n, -1, np.int32), np.zeros(n, top5.dtype)
             top1[self.positions], top5[self.positions] = result.predictions, result.top5_hit
         row[OUTCOME] = (top1, top5)
         return row
 
     def clean_row(self) -> dict:
-        return self.with_outcomes(_row(self.plan, self.name, None, None, self.clean), self.clean)
+        row = _row(self.plan, self.name, None, None, self.clean) | self.chance
+        return self.with_outcomes(row, self.clean)
 
     def block_rows(self, block: Block, done=frozenset()) -> Iterator[tuple[dict | None, str]]:
         """Evaluate a block's cells not in ``done``: yields (row, label), row None for a cell done earlier.

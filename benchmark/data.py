@@ -31,9 +31,20 @@ class RawDataset:
     num_classes: int
     decode: Callable[[int], Any]  # index -> PIL image
     class_names: list[str] = field(default_factory=list)
+    # A text dataset: decode(i) gives a TextWindow of this many next-token predictions (None: images)
+    tokens: int | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@dataclass(frozen=True)
+class TextWindow:
+    """An item of a text dataset: a stretch of ``text`` from which a language model's preprocessing
+    keeps the first ``tokens`` + 1 tokens of its own tokenizer (``tokens`` next-token predictions)."""
+
+    text: str
+    tokens: int
 
 
 @runtime_checkable

@@ -30,7 +30,10 @@ class EvalResult:
     [n_images]) whether its label was among the five highest scores, in the order of the
     evaluation set; None when the pass did not keep them. ``batch_losses`` (float64 [n_batches])
     is each batch's summed cross-entropy, which :func:`merge_results` adds up in the same order
-    as one pass would (so a sharded evaluation gives the same ``loss``, bit for bit).
+    as one pass would (so a sharded evaluation gives the same ``loss``, bit for bit). With labels
+    per position (a language model's next tokens, ``tokens`` = T per window) the items are windows,
+    the accuracies and loss are per token, and ``predictions`` / ``top5_hit`` are int32 counts of
+    the window's top-1 / top-5 hits (0…T).
     """
 
     top1: float
@@ -43,6 +46,7 @@ class EvalResult:
     predictions: np.ndarray | None = field(default=None, compare=False, repr=False)
     top5_hit: np.ndarray | None = field(default=None, compare=False, repr=False)
     batch_losses: np.ndarray | None = field(default=None, compare=False, repr=False)
+    tokens: int | None = None  # predictions per item when the labels are per position (else None)
 
 
 # The recorded top-1 class of an image whose logits hold NaN/Inf (a transient fault can hit some
@@ -95,10 +99,13 @@ def evaluate_batches(
     With ``variants=D``, ``forward(i)`` returns D stacked logits ``[D, batch, classes]`` — several
     perturbed copies of a network evaluated in one pass — and one result per copy is returned,
     each charged an equal share of the time. Every result keeps its per-image outcomes
-    (``predictions``, ``top5_hit``).
+    (``predictions``, ``top5_hit``). Labels int64 [batch, T] (a position each) score logits
+    [batch·T, classes] token by token, with per-window hit counts as outcomes.
     """
     d = variants or 1
     n = sum(len(y) for y in labels)
+    tokens = labels[0].shape[1] if len(labels) and labels[0].dim() == 2 else None
+    scored = sum(y.numel() for y in labels)  # predictions scored: images, or windows × T
     correct1 = torch.zeros(d, dtype=torch.int64)
     correct5 = torch.zeros(d, dtype=torch.int64)
     loss_sum = torch.zeros(d, dtype=torch.float64)
@@ -115,6 +122,8 @@ def evaluate_batches(
             y = y.to(device, non_blocking=True)
             with autocast_context(device, autocast):
                 logits = logits_of(forward(i))
+            per_window = y.shape[1] if y.dim() == 2 else None
+            y = y.reshape(-1)
             logits = logits.float().reshape(d, len(y), -1)
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             # an image whose logits are not all finite has no prediction: it counts as wrong, and its
@@ -124,8 +133,12 @@ def evaluate_batches(
             correct1 += hit[..., 0].sum(dim=1).cpu()
             any5 = hit.any(dim=-1)
             correct5 += any5.sum(dim=1).cpu()
-            predicted.append(torch.where(finite, top[..., 0], NO_PREDICTION).to(torch.int32).cpu())
-            in_top5.append(any5.cpu())
+            if per_window is None:
+                predicted.append(torch.where(finite, top[..., 0], NO_PREDICTION).to(torch.int32).cpu())
+                in_top5.append(any5.cpu())
+            else:  # hits per window
+                predicted.append(hit[..., 0].reshape(d, -1, per_window).sum(dim=-1).to(torch.int32).cpu())
+                in_top5.append(any5.reshape(d, -1, per_window).sum(dim=-1).to(torch.int32).cpu())
             loss = F.cross_entropy(logits.reshape(d * len(y), -1), y.repeat(d), reduction="none")
             batch_loss = loss.reshape(d, len(y)).sum(dim=1).double().cpu()
             loss_sum += batch_loss
@@ -142,9 +155,9 @@ def evaluate_batches(
     losses = torch.stack(batch_losses, dim=1).numpy() if batch_losses else np.zeros((d, 0), np.float64)
     results = [
         EvalResult(
-            top1=int(correct1[j]) / n,
-            top5=int(correct5[j]) / n,
-            loss=float(loss_sum[j]) / n if math.isfinite(float(loss_sum[j])) else float("nan"),
+            top1=int(correct1[j]) / scored,
+            top5=int(correct5[j]) / scored,
+            loss=float(loss_sum[j]) / scored if math.isfinite(float(loss_sum[j])) else float("nan"),
             n_images=n,
             seconds=seconds,
             images_per_s=n / seconds if seconds > 0 else float("inf"),
@@ -152,6 +165,7 @@ def evaluate_batches(
             predictions=predictions[j],
             top5_hit=top5_hit[j],
             batch_losses=losses[j],
+            tokens=tokens,
         )
         for j in range(d)
     ]
@@ -171,23 +185,26 @@ def merge_results(parts: Sequence[EvalResult]) -> EvalResult:
     if any(p.predictions is None or p.top5_hit is None or p.batch_losses is None for p in parts):
         raise ValueError("merge_results needs every part's predictions, top5_hit and batch_losses")
     n = sum(p.n_images for p in parts)
-    correct1 = sum(round(p.top1 * p.n_images) for p in parts)
-    correct5 = sum(round(p.top5 * p.n_images) for p in parts)
+    unit = parts[0].tokens or 1  # predictions scored per item: 1 for an image, T for a text window
+    scored = n * unit
+    correct1 = sum(round(p.top1 * p.n_images * unit) for p in parts)
+    correct5 = sum(round(p.top5 * p.n_images * unit) for p in parts)
     total = torch.zeros(1, dtype=torch.float64)
     for p in parts:
         for value in p.batch_losses:
             total += float(value)
     seconds = sum(p.seconds for p in parts)
     return EvalResult(
-        top1=correct1 / n,
-        top5=correct5 / n,
-        loss=float(total[0]) / n if math.isfinite(float(total[0])) else float("nan"),
+        top1=correct1 / scored,
+        top5=correct5 / scored,
+        loss=float(total[0]) / scored if math.isfinite(float(total[0])) else float("nan"),
         n_images=n,
         seconds=seconds,
         images_per_s=n / seconds if seconds > 0 else float("inf"),
         device=parts[0].device,
         predictions=np.concatenate([p.predictions for p in parts]),
         top5_hit=np.concatenate([p.top5_hit for p in parts]),
+        tokens=parts[0].tokens,
         batch_losses=np.concatenate([p.batch_losses for p in parts]),
     )
 

@@ -57,6 +57,9 @@ class LoadedModel:
     initial_state: Callable[[], Mapping[str, torch.Tensor]] | None = None
     # The device types the model's kernels run on (int8 models: the CPU only); checked before a run.
     devices: tuple[str, ...] = ("cpu", "cuda")
+    # Where the labels are part of the input (a language model's next tokens): preprocessed inputs
+    # [items, ...] -> int64 labels [items, positions], used instead of the dataset's labels.
+    targets: Callable[[torch.Tensor], torch.Tensor] | None = None
     # Ignored: the class count is read from the model's output. Kept so that model sources written
     # for lesionbench 0.1, which passed it, still build.
     num_classes: int | None = None

@@ -29,7 +29,9 @@ class Outcomes:
     ``keys``: one row per cell (model, dataset, layer, perturbation, level, draw); ``top1``: int32
     [cells, images], the predicted class, -1 where the cell did not evaluate that image; ``top5``:
     bool [cells, images], the label was among the five highest scores; ``images``: one row per
-    column (dataset, split, index in the dataset, label). Cells of runs on different subsets share
+    column (dataset, split, index in the dataset, label, tokens). A text window's column (``tokens``
+    T > 1) holds counts instead: ``top1`` its top-1 hits (0…T, -1 not evaluated), ``top5`` its
+    top-5 hits, and ``top5`` is then int32. Cells of runs on different subsets share
     the column of an image both evaluated (same dataset, split and index), so that statistics
     computed over images pair what was measured on the same images and only that.
     """
@@ -45,7 +47,7 @@ class Outcomes:
     @classmethod
     def empty(cls) -> Outcomes:
         return cls(pd.DataFrame(columns=["model", "dataset"] + KEY_COLUMNS[1:]), np.zeros((0, 0), np.int32),
-                   np.zeros((0, 0), bool), pd.DataFrame(columns=["dataset", "split", "index", "label"]))  # fmt: skip
+                   np.zeros((0, 0), bool), pd.DataFrame(columns=["dataset", "split", "index", "label", "tokens"]))  # fmt: skip
 
     @classmethod
     def from_runs(cls, parts: list[tuple[pd.DataFrame, np.ndarray, np.ndarray, Subset]]) -> Outcomes:
@@ -53,13 +55,13 @@ class Outcomes:
         with columns in its subset's order, onto the union of their images."""
         if not parts:
             return cls.empty()
-        frames = [pd.DataFrame({"dataset": s.dataset, "split": s.split, "index": s.indices, "label": s.labels})
-                  for _k, _t1, _t5, s in parts]  # fmt: skip
+        frames = [pd.DataFrame({"dataset": s.dataset, "split": s.split, "index": s.indices, "label": s.labels,
+                                "tokens": s.tokens or 1}) for _k, _t1, _t5, s in parts]  # fmt: skip
         images = pd.concat(frames, ignore_index=True).drop_duplicates(["dataset", "split", "index"], ignore_index=True)
         column = {k: i for i, k in enumerate(zip(images["dataset"], images["split"], images["index"]))}
         n_cells = sum(len(k) for k, *_ in parts)
         top1 = np.full((n_cells, len(images)), -1, np.int32)
-        top5 = np.zeros((n_cells, len(images)), bool)
+        top5 = np.zeros((n_cells, len(images)), np.int32 if any(s.tokens for *_r, s in parts) else bool)
         row = 0
         for keys, t1, t5, s in parts:
             cols = np.array([column[(s.dataset, s.split, int(i))] for i in s.indices], dtype=np.int64)
@@ -80,7 +82,9 @@ class Outcomes:
                 rows = np.flatnonzero(mine)
                 if rows.size:
                     img = o.images.iloc[cols]
-                    subset = Subset(dataset, split, img["index"].to_numpy(np.int64), img["label"].to_numpy(np.int64))
+                    tokens = int(img["tokens"].max()) if "tokens" in img.columns else 1
+                    subset = Subset(dataset, split, img["index"].to_numpy(np.int64), img["label"].to_numpy(np.int64),
+                                    tokens if tokens > 1 else None)  # fmt: skip
                     parts.append((rows + offset, o.keys.iloc[rows], o.top1[np.ix_(rows, cols)], o.top5[np.ix_(rows, cols)],
                                   subset))  # fmt: skip
             offset += len(o)
@@ -90,7 +94,7 @@ class Outcomes:
         stacked = cls.from_runs([p[1:] for p in parts])
         where = np.concatenate([p[0] for p in parts])  # the row each stacked cell belongs to
         top1 = np.full((offset, stacked.top1.shape[1]), -1, np.int32)
-        top5 = np.zeros((offset, stacked.top1.shape[1]), bool)
+        top5 = np.zeros((offset, stacked.top1.shape[1]), stacked.top5.dtype)
         top1[where], top5[where] = stacked.top1, stacked.top5
         return cls(keys, top1, top5, stacked.images)
 
@@ -99,7 +103,8 @@ def _outcome_schema(subset: Subset):
     import pyarrow as pa
 
     fields = [("model", pa.string()), ("layer", pa.string()), ("perturbation", pa.string()), ("level", pa.float64()),
-              ("draw", pa.int64()), ("top1", pa.list_(pa.int32())), ("top5", pa.list_(pa.bool_()))]  # fmt: skip
+              ("draw", pa.int64()), ("top1", pa.list_(pa.int32())),
+              ("top5", pa.list_(pa.int32() if subset.tokens else pa.bool_()))]  # fmt: skip
     return pa.schema(fields, metadata={"lesionbench.subset": subset.to_json()})
 
 
@@ -150,7 +155,7 @@ class _OutcomeWriter:
         pa = self.pa
         values = [[row["model"]], [row["layer"]], [row["perturbation"]], [float(row["level"])], [int(row["draw"])]]
         arrays = [pa.array(v, f.type) for v, f in zip(values, self.schema)]
-        for flat, f in ((np.asarray(top1, np.int32), self.schema.field("top1")), (np.asarray(top5, bool), self.schema.field("top5"))):
+        for flat, f in ((np.asarray(top1, np.int32), self.schema.field("top1")), (np.asarray(top5, self.schema.field("top5").type.value_type.to_pandas_dtype()), self.schema.field("top5"))):
             arrays.append(pa.ListArray.from_arrays(pa.array([0, len(flat)], pa.int32()), pa.array(flat), type=f.type))
         self.writer.write_batch(pa.record_batch(arrays, schema=self.schema))
         self._write(self._take())
@@ -199,5 +204,5 @@ def read_outcome_file(path: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
     top1 = table.column("top1").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(cells, n) if cells else np.zeros((0, n), np.int32)
     top5 = table.column("top5").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(cells, n) if cells else np.zeros((0, n), bool)
     last = ~keys.duplicated(KEY_COLUMNS, keep="last").to_numpy()
-    return keys[last].reset_index(drop=True), top1[last], top5[last].astype(bool), subset
+    return keys[last].reset_index(drop=True), top1[last], top5[last].astype(np.int32 if subset.tokens else bool), subset
 

@@ -272,6 +272,10 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
     if device.type not in loaded.devices:
         raise LesionbenchError(f"model {loaded.name!r} runs on {' or '.join(loaded.devices)} only, not on {device}: "
                                f"set device = {loaded.devices[0]!r} in the study or --device {loaded.devices[0]}")  # fmt: skip
+    if bool(raw.tokens) != (loaded.targets is not None):  # text needs a language model, and vice versa
+        need = "a language model (hf: a causal LM)" if raw.tokens else "a text dataset (e.g. 'text')"
+        what = f"dataset {raw.name!r} is text" if raw.tokens else f"model {loaded.name!r} is a language model"
+        raise LesionbenchError(f"{what}: it needs {need}")
     dtype = model_dtype(loaded.module)
     example = torch.zeros(1, *loaded.input_size, dtype=dtype)
     check_module(loaded.module, loaded.name)

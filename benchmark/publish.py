@@ -171,6 +171,8 @@ def _per_class(df: pd.DataFrame, outcomes, boots: dict, metrics: dict) -> tuple[
     tables, names = {}, {}
     for dataset in boots:
         dg = df[df["dataset"] == dataset]
+        if (dg["num_classes"] == 1).all():  # one class (text: next-token windows): nothing to tell apart
+            continue
         tables[dataset] = per_class_accuracy(dg, outcomes, metrics.get(dataset, "top1"))
         name_of = getattr(sources.get(dataset), "class_names_for", None)  # optional; see DatasetSource
         if name_of is not None and dg["num_classes"].notna().any():

@@ -42,6 +42,11 @@ BUILTIN_PLUGINS = {
     "filter_prune": "lesionbench.plugins.filter_prune",
     "activation_bit_flip": "lesionbench.plugins.activation_bit_flip",
     "block_removal": "lesionbench.plugins.block_removal",
+    "head_knockout": "lesionbench.plugins.head_knockout",
+    "mlp_neuron_knockout": "lesionbench.plugins.mlp_neuron_knockout",
+    "block_drop": "lesionbench.plugins.block_drop",
+    "super_weight": "lesionbench.plugins.super_weight",
+    "text": "lesionbench.plugins.text",
     "fashion_mnist": "lesionbench.plugins.fashion_mnist",
     "image_folder": "lesionbench.plugins.image_folder",
     "synthetic": "lesionbench.plugins.synthetic",
@@ -51,6 +56,7 @@ BUILTIN_PLUGINS = {
     "timm": "lesionbench.models.timm_models",
     "efficientnet_lite": "lesionbench.models.efficientnet_lite",
     "int8": "lesionbench.models.int8",
+    "huggingface": "lesionbench.models.huggingface",
 }
 
 # kind -> hook name; the kind is what `lesionbench list KIND` takes.

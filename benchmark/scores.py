@@ -74,10 +74,12 @@ def clean_accuracy(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     if missing:
         raise LesionbenchError(f"results for model(s) {', '.join(sorted(missing))} have no clean row; cannot score")
     _check_one_clean_evaluation(clean, metric)
-    cols = ["model", "dataset", metric, "num_classes"]
+    given = f"chance_{metric}"  # a clean row's own chance (text: the unigram predictor's accuracy)
+    clean = clean if given in clean.columns else clean.assign(**{given: np.nan})
+    cols = ["model", "dataset", metric, "num_classes", given]
     out = clean[cols].drop_duplicates(["model", "dataset"]).rename(columns={metric: "clean"})
-    out["chance"] = [chance_level(metric, int(n)) for n in out["num_classes"]]
-    return out.drop(columns="num_classes")
+    out["chance"] = [chance_level(metric, int(n)) if pd.isna(c) else float(c) for n, c in zip(out["num_classes"], out[given])]
+    return out.drop(columns=["num_classes", given])
 
 
 def _check_one_clean_evaluation(clean: pd.DataFrame, metric: str) -> None:
@@ -284,14 +286,24 @@ def _check_same_images(df: pd.DataFrame, outcomes: Outcomes, metric: str) -> Non
 
 
 def _hits(outcomes: Outcomes, rows: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """For outcome rows ``rows``: (hit [rows, images] bool, evaluated [rows, images] bool)."""
+    """For outcome rows ``rows``: (hit [rows, images] bool, evaluated [rows, images] bool).
+
+    A text window's column (``tokens`` T > 1 in ``outcomes.images``) counts instead: hit is its
+    number of top-k hits and evaluated T (int64), so that a sum of hits over a sum of evaluated
+    (weighted or not) is the accuracy per token and a resampled column is a whole window."""
     top1 = outcomes.top1[rows]
     evaluated = top1 >= 0
     if metric == "top1":
         hit = top1 == outcomes.images["label"].to_numpy()[None, :]
     else:
-        hit = outcomes.top5[rows]
-    return hit & evaluated, evaluated
+        hit = outcomes.top5[rows].astype(bool)
+    tokens = outcomes.images["tokens"].to_numpy() if "tokens" in outcomes.images.columns else None
+    if tokens is None or not (tokens > 1).any():
+        return hit & evaluated, evaluated
+    counted = (tokens > 1)[None, :]
+    counts = top1 if metric == "top1" else outcomes.top5[rows]
+    hit = np.where(counted, counts, hit).astype(np.int64) * evaluated
+    return hit, evaluated * tokens.astype(np.int64)[None, :]
 
 
 def per_class_accuracy(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1") -> pd.DataFrame:

@@ -97,7 +97,7 @@ class MemoryStore:
             return df, Outcomes.empty()
         keys = df.loc[keep, ["model", "dataset"] + KEY_COLUMNS[1:]].reset_index(drop=True)
         top1 = np.stack([self._outcomes[i][0] for i in keep]).astype(np.int32)
-        top5 = np.stack([self._outcomes[i][1] for i in keep]).astype(bool)
+        top5 = np.stack([self._outcomes[i][1] for i in keep]).astype(np.int32 if self.subset.tokens else bool)
         position = np.full(len(df), -1, np.int64)
         position[keep] = np.arange(len(keep))
         df["outcome"] = position

@@ -33,7 +33,7 @@ def results(model="m", dataset="d", clean=0.9, layers=None, perts=("p",), classe
                 for draw in range(1 if level == 0 else 2):
                     rows.append(base | dict(layer=layer, layer_index=i, relative_depth=i / max(1, len(layers) - 1),
                                             perturbation=p, level=level, draw=draw, top1=acc, top5=min(1.0, acc + 0.05)))  # fmt: skip
-    return pd.DataFrame(rows)[COLUMNS]
+    return pd.DataFrame(rows).reindex(columns=COLUMNS)  # columns a row does not give (chance_top1…): NaN
 
 
 def cells(text: str) -> list[list[str]]:
