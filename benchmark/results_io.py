@@ -113,7 +113,7 @@ def read_results_with_outcomes(paths: Path | str | Iterable[Path | str],
             local = keys[KEY_COLUMNS].assign(_row=np.arange(len(keys)))
             matched = df[KEY_COLUMNS].reset_index().merge(local, on=KEY_COLUMNS, how="inner")
             df.loc[matched["index"].to_numpy(), "outcome"] = matched["_row"].to_numpy()
-            check_outcomes(df, top1, top5, subset.labels, results, results.parent / OUTCOMES, version)
+            check_outcomes(df, top1, top5, subset.labels, results, results.parent / OUTCOMES, version, subset.tokens)
             used = np.unique(matched["_row"].to_numpy())
             renumber = np.full(len(keys), -1, np.int64)
             renumber[used] = offset + np.arange(len(used))

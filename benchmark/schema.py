@@ -107,6 +107,7 @@ def _pandera():
             "n_images": num(pa.Check.ge(1), whole), "seconds": num(pa.Check.ge(0)), "images_per_s": num(pa.Check.ge(0)),
             "num_classes": num(pa.Check.ge(1), whole), "nonfinite_weights": num(pa.Check.ge(0), whole),
             "nonfinite_outputs": num(pa.Check.ge(0), whole), "flip_rate": num(fraction),
+            "chance_top1": num(fraction), "chance_top5": num(fraction),
         },  # fmt: skip
         checks=[
             pa.Check(lambda d: ~(d["top1"] > d["top5"]), name="top1 ≤ top5", error="top1 ≤ top5"),
@@ -231,11 +232,13 @@ def check_plan(df: pd.DataFrame, plan, path: Path) -> None:
 
 
 def check_outcomes(df: pd.DataFrame, top1: np.ndarray, top5: np.ndarray, labels: np.ndarray, path: Path,
-                   outcomes_path: Path, version: int) -> None:  # fmt: skip
+                   outcomes_path: Path, version: int, tokens: int | None = None) -> None:  # fmt: skip
     """Each row with per-image outcomes (``df["outcome"]`` ≥ 0, a row of ``top1``/``top5``, int32 and
     bool [cells, images], ``labels`` int64 [images]) must state the accuracy they give: top-1 =
     (images whose prediction is the label) / (images evaluated, prediction ≥ 0), top-5 likewise, and
-    ``n_images`` = images evaluated. In schema 2 a row without an error must have outcomes."""
+    ``n_images`` = images evaluated. Text windows (``tokens`` = T next-token predictions each) hold
+    hit counts instead: top-1 = (top-1 hits) / (T · windows evaluated, count ≥ 0), top-5 likewise.
+    In schema 2 a row without an error must have outcomes."""
     has = df["outcome"].to_numpy() >= 0
     if version >= 2:
         lacking = np.flatnonzero(~has & (df["error"].to_numpy() == ""))
@@ -249,8 +252,12 @@ def check_outcomes(df: pd.DataFrame, top1: np.ndarray, top5: np.ndarray, labels:
     seen = t1 >= 0
     n = seen.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        right1 = ((t1 == labels[None, :]) & seen).sum(axis=1) / n
-        right5 = (t5 & seen).sum(axis=1) / n
+        if tokens:  # hit counts per window
+            right1 = np.where(seen, t1, 0).sum(axis=1) / (n * tokens)
+            right5 = np.where(seen, t5, 0).sum(axis=1) / (n * tokens)
+        else:
+            right1 = ((t1 == labels[None, :]) & seen).sum(axis=1) / n
+            right5 = (t5 & seen).sum(axis=1) / n
     for column, value in (("top1", right1), ("top5", right5), ("n_images", n)):
         stated = df[column].to_numpy(float)[rows]
         bad = np.flatnonzero(~np.isclose(stated, value, rtol=0, atol=1e-12) & ~np.isnan(stated))
