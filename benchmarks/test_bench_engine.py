@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lesionbench.engine import NaiveEngine, SuffixEngine
-from lesionbench.graph import discover_layers
+from lesionbench.graph import ModelGraph, discover_layers
 from lesionbench.perturbation import generator_for, perturbed
 from lesionbench.registry import create_registry
 from lesionbench.models.fashion import FashionAlexNet
@@ -58,7 +58,8 @@ def test_block(benchmark, setup, engine_cls, layer):
     run = block_batched if engine_cls == "batched" else block
 
     def fresh():  # a new engine each round: the fast engine fills its cache in every timed round
-        engine = (SuffixEngine if engine_cls == "batched" else engine_cls)(model, images, labels, 256, torch.device("cpu"))
+        graph = ModelGraph.of(model, images[:1])
+        engine = (SuffixEngine if engine_cls == "batched" else engine_cls)(graph, images, labels, 256, torch.device("cpu"))
         return (engine, layers[layer], perturbation), {}
 
     benchmark.pedantic(run, setup=fresh, rounds=3, iterations=1)
