@@ -67,7 +67,8 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
     ns, bs = layer_scores(new, metric), layer_scores(baseline, metric)
     merged = ns.merge(bs, on=KEYS, suffixes=("_new", "_base"), how="outer", indicator=True)
     both = merged[merged["_merge"] == "both"]
-    if both.empty:
+    missing = missing_cells(new, baseline)  # fails the gate even where no score could be compared
+    if both.empty and not missing:
         raise LesionbenchError("the two results tables share no model × layer × perturbation to compare")
     rows = [
         dict(model=r.model, dataset=r.dataset, what=f"{r.layer} · {r.perturbation} score", layer=r.layer,
@@ -80,7 +81,8 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
         for r in a.merge(b, on=["model", "dataset"], suffixes=("_new", "_base")).itertuples():
             rows.append(dict(model=r.model, dataset=r.dataset, what=label, layer="", perturbation=m, new=r.clean_new,
                              baseline=r.clean_base, verdict_new="", verdict_base=""))  # fmt: skip
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(rows, columns=["model", "dataset", "what", "layer", "perturbation", "new", "baseline",
+                                      "verdict_new", "verdict_base"])  # fmt: skip
     out["delta"] = out["new"] - out["baseline"]
     out["low"], out["high"] = np.nan, np.nan
     tested = _intervals(out, new, baseline, new_outcomes, base_outcomes, metric, replicates, seed)
@@ -96,7 +98,7 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
         only_baseline_summary=summarise_missing(merged[merged["_merge"] == "right_only"], ns),
         tested=tested,
         warnings=list(_other_images(new, baseline, new_outcomes, base_outcomes).values()) + differences(new, baseline),
-        missing_cells=missing_cells(new, baseline),
+        missing_cells=missing,
     )
 
 
