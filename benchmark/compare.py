@@ -68,8 +68,6 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
     merged = ns.merge(bs, on=KEYS, suffixes=("_new", "_base"), how="outer", indicator=True)
     both = merged[merged["_merge"] == "both"]
     missing = missing_cells(new, baseline)  # fails the gate even where no score could be compared
-    if both.empty and not missing:
-        raise LesionbenchError("the two results tables share no model × layer × perturbation to compare")
     rows = [
         dict(model=r.model, dataset=r.dataset, what=f"{r.layer} · {r.perturbation} score", layer=r.layer,
              perturbation=r.perturbation, new=r.score_new, baseline=r.score_base, verdict_new=r.verdict_new,
@@ -81,6 +79,8 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
         for r in a.merge(b, on=["model", "dataset"], suffixes=("_new", "_base")).itertuples():
             rows.append(dict(model=r.model, dataset=r.dataset, what=label, layer="", perturbation=m, new=r.clean_new,
                              baseline=r.clean_base, verdict_new="", verdict_base=""))  # fmt: skip
+    if not rows:  # (a model at chance has no layer scores; its clean accuracy is still compared)
+        raise LesionbenchError("the two results tables share no model × layer × perturbation to compare")
     out = pd.DataFrame(rows, columns=["model", "dataset", "what", "layer", "perturbation", "new", "baseline",
                                       "verdict_new", "verdict_base"])  # fmt: skip
     out["delta"] = out["new"] - out["baseline"]
