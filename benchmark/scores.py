@@ -187,6 +187,9 @@ def at_chance(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     clean = df[df["perturbation"] == CLEAN].drop_duplicates(["model", "dataset"])
     n = clean["n_images"] if "n_images" in clean.columns else pd.Series(np.nan, index=clean.index)
     chance = np.array([chance_level(metric, int(k)) for k in clean["num_classes"]])
+    if f"chance_{metric}" in clean.columns:  # a chance recorded with the run (text: the unigram predictor's)
+        own = clean[f"chance_{metric}"].to_numpy(float)
+        chance = np.where(np.isnan(own), chance, own)
     keep = [not beyond_chance(c, m, ch) for c, m, ch in zip(clean[metric], n, chance)]
     out = pd.DataFrame({"model": clean["model"], "dataset": clean["dataset"], "clean": clean[metric],
                         "chance": chance, "n_images": n})  # fmt: skip

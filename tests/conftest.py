@@ -22,3 +22,8 @@ def write_fashion(root: Path, n: int = 60, labels: np.ndarray | None = None) -> 
     with gzip.open(root / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write(bytes([0, 0, 8, 1]) + struct.pack(">i", n) + labels.tobytes())
     return root
+
+
+# The exit statuses of a run that finished: 0, or 3 when its model's clean accuracy is at chance and
+# it is not scored (the suite's random images and untrained nets often are).
+FINISHED = (0, 3)

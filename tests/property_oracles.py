@@ -44,6 +44,11 @@ from property_models import Expect, Spec, build, logits, reference_copy
 SKIPPED = {
     "block_removal": "acts on residual blocks, not on layers",
     "reinit": "needs the model's initial weights (an init_checkpoint); rerandomize is its checked twin",
+    # the transformer perturbations act on attention modules, MLP blocks and decoder blocks, which the
+    # grammar does not generate yet; they are checked against their definitions in tests/test_llm.py
+    "block_drop": "acts on decoder blocks, not on layers",
+    "head_knockout": "acts on attention modules' heads",
+    "mlp_neuron_knockout": "acts on a transformer MLP's hidden neurons",
 }
 HOOKS = ("activation_knockout", "activation_noise", "activation_bit_flip", "activation_bit_flip_single")
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
@@ -51,7 +56,7 @@ KEY = ["layer", "perturbation", "level", "draw"]
 
 
 def builtin_perturbations() -> dict:
-    """The built-in perturbations (no third-party plugin), less the two :data:`SKIPPED` ones."""
+    """The built-in perturbations (no third-party plugin), less the :data:`SKIPPED` ones."""
     found = create_registry(entry_points=False).contributions("perturbations")
     return {n: c.obj for n, c in found.items() if n not in SKIPPED}
 

@@ -12,6 +12,7 @@ from PIL import Image
 from lesionbench.cli import main
 from lesionbench.models.torchvision_models import ALEXNET_ALIASES
 from lesionbench.store import read_results
+from conftest import FINISHED  # noqa: E402
 
 WEIGHTS_FILE = "alexnet-owt-7be5be79.pth"
 PAPER_LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
@@ -51,7 +52,7 @@ def test_alexnet_baseline_runs_end_to_end_on_the_placed_weights(alexnet_home, tm
     out = tmp_path / "run"
     code = main(["run", "alexnet-baseline", "--data", str(data), "--out", str(out), "--device", "cpu",
                  "--draws", "1", "--levels", "0,0.5", "--n-images", "8"])  # fmt: skip
-    assert code == 0
+    assert code in FINISHED
     rows = read_results(out)
     damaged = rows[rows["perturbation"] != "clean"]
     assert sorted(set(damaged["layer"]), key=PAPER_LAYERS.index) == PAPER_LAYERS  # the paper's names
@@ -98,7 +99,8 @@ def test_without_the_file_offline_the_error_names_it(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     data = image_folder(tmp_path / "val", per_class=1)
-    assert main(["run", "alexnet-baseline", "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert main(["run", "alexnet-baseline", "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--n-images", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert WEIGHTS_FILE in err and "$TORCH_HOME/hub/checkpoints" in err and "\n" not in err
     assert not (tmp_path / "o").exists()

@@ -52,7 +52,8 @@ def _args(name: str, tmp: Path, fashion: Path, imagenet: Path) -> list[str]:
         "outcome_cost.py": ["--out", str(tmp / "outcomes"), "--run-args",
                             f"--n-images 20 --data {fashion} --draws 1 --levels 0,0.5 --layers conv1,fc8"],
         "scale.py": ["--images", "8", "--size", "64", "--batch", "4", "--layers", "fc8", "--out", str(tmp / "scale")],
-        "scoring_cost.py": ["--fashion-images", "8", "--imagenet-images", "8"],
+        "scoring_cost.py": [],
+        "calibration.py": ["--studies", "2", "--replicates", "20", "--draws", "2", "--spreads", "realistic"],
         "track_timing.py": ["--data", str(imagenet), "--models", "efficientnet_lite0", "--images", "3"],
         "zoo_survey.py": ["--only", "resnet10t", "--images", "2", "--layers", "2", "--threads", "1"],
         "test_bench_engine.py": [],
@@ -72,11 +73,21 @@ EXPECTED = {  # a line each script exists to print
     "track_timing.py": "| efficientnet_lite0 |",
     "zoo_survey.py": "resnet10t",
     "test_bench_engine.py": "passed",
+    "calibration.py": "| 2 |",
+}
+# Scripts whose smoke test lives beside the feature they measure: script → (test file, test name).
+ELSEWHERE = {
+    "faults.py": ("test_result_files.py", "test_the_fault_benchmark_smoke"),
+    "properties.py": ("test_properties.py", "test_the_long_mode_prints_its_counts"),
+    "seed_gate.py": ("test_calibration.py", "test_the_seed_gate_benchmark_runs"),
+    "llm_track_timing.py": ("test_llm.py", "test_the_llm_track_timing_benchmark_runs"),
 }
 
 
 def test_every_benchmark_script_has_a_smoke_test():
-    assert {p.name for p in BENCHMARKS.glob("*.py")} == set(EXPECTED)
+    assert {p.name for p in BENCHMARKS.glob("*.py")} == set(EXPECTED) | set(ELSEWHERE)
+    for test_file, name in ELSEWHERE.values():
+        assert f"def {name}(" in (Path(__file__).parent / test_file).read_text(), (test_file, name)
 
 
 @pytest.mark.slow

@@ -4,7 +4,12 @@ benchmarks/calibration.py for the full table."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 from scipy.special import ndtr
 
 from lesionbench.calibration import SLOPES, SPREADS, run, simulate, truth
@@ -31,3 +36,18 @@ def test_the_truth_is_what_many_images_and_draws_converge_to():
     assert true["fragile"] < true["middle"] == true["twin"] < true["robust"]
     clean = 0.1 + 0.9 * ndtr(1 / np.sqrt(2))
     assert abs(df.loc[df["perturbation"] == "clean", "top1"].iloc[0] - clean) < 0.01
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Fashion-MNIST (make data)")
+def test_the_seed_gate_benchmark_runs(tmp_path):
+    """benchmarks/seed_gate.py with one re-run: the conv1-noise model fails the gate, the re-run passes it."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_gate.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "gate"), "--reruns", "1"],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "compare damaged base → 1 " in done.stdout, done.stdout  # the real regression is caught
+    assert "seed 1: compare rerun base → 0, compare base rerun → 0" in done.stdout, done.stdout  # no false alarm

@@ -391,7 +391,7 @@ def test_unknown_source_prefix(sources):
     msg = str(info.value)
     assert "unknown model source 'torchvison'" in msg
     assert "Did you mean 'torchvision'?" in msg
-    assert "Valid: efficientnet_lite, fashion, int8, timm, torchvision" in msg
+    assert "Valid: efficientnet_lite, fashion, hf, int8, timm, torchvision" in msg
 
 
 def test_unknown_torchvision_model(sources):

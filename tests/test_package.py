@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_fashion
+from conftest import FINISHED  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"benchmark": "lesionbench", "plugins": "lesionbench.plugins", "models": "lesionbench.models"}
@@ -209,7 +210,7 @@ def test_a_project_with_its_own_models_plugins_and_benchmark_is_not_disturbed(tm
     run = _run_cli(["run", "demo", "--models", "fashion_alexnet", "--layers", "fc8", "--levels", "0,1", "--draws", "1",
                     "--n-images", "20", "--data", str(data), "--device", "cpu", "--out", str(tmp_path / "out")],
                    project, [project])  # fmt: skip
-    assert run.returncode == 0, run.stderr
+    assert run.returncode in FINISHED, run.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1 + 3 * 2
 
@@ -253,7 +254,7 @@ def test_the_readme_plugin_example_installs_and_runs(tmp_path):
         n_images = 20
         """))
     run = _run_cli(["run", str(study), "--out", str(tmp_path / "out")], tmp_path, [site])
-    assert run.returncode == 0, run.stderr
+    assert run.returncode in FINISHED, run.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["perturbation"] == "sign_flip"]
     assert len(rows) == 1 + 4 * 2 and {r["level_unit"] for r in rows} == {"fraction p of weights negated"}

@@ -69,14 +69,11 @@ def lesionbench_perturbations():
                        default_levels=(0.0, 0.5), level_range=(0.0, 1.0))]
 '''
 
+from conftest import FINISHED  # noqa: E402
+
 DRIVER_ONLY = '''
 from lesionbench.hookspecs import hookimpl
 from lesionbench.perturbation import WeightPerturbation
-
-from lesionbench.cli import NOT_SCORED_EXIT
-
-# a run that finished: 0, or 3 when its model is at chance (untrained, or random images) and not scored
-FINISHED = (0, NOT_SCORED_EXIT)
 
 
 class Nothing(WeightPerturbation):
@@ -250,7 +247,7 @@ def test_a_plugin_missing_on_the_workers_is_named_in_one_line(ray_cluster, tmp_p
     root = install(tmp_path / "driver-site", "lesionbench_driveronly", DRIVER_ONLY)
     monkeypatch.syspath_prepend(str(root))  # on the driver, not on the workers
     fresh_registry(monkeypatch)
-    data = write_fashion(tmp_path / "fashion", n=20)
+    data = write_fashion(tmp_path / "fashion", n=50)
     spec = tmp_path / "s.toml"
     spec.write_text(study_text(data, perturbations=("driver_only",), levels={"driver_only": [0.0, 1.0]}))
     out = tmp_path / "never"

@@ -102,7 +102,7 @@ def test_a_finished_run_leaves_no_lock_and_always_a_run_log(tmp_path):
 
 
 def test_a_lock_on_a_removed_lock_file_is_not_held(tmp_path):
-    from lesionbench.store import _holds
+    from lesionbench.runlock import _holds
 
     path = tmp_path / ".lock"
     lock = FileLock(str(path))

@@ -331,7 +331,7 @@ def cmd_compare(args) -> int:
 def cmd_verify(args) -> int:
     from lesionbench.cli.verify import cmd_verify as verify
 
-    return verify(args)
+    return verify(args, console)
 
 
 def cmd_run(args) -> int:

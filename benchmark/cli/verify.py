@@ -21,9 +21,9 @@ def add_verify(sub, make) -> None:
     ver.add_argument("--device", metavar="DEVICE", help="evaluate on this device (default: the study's)")
 
 
-def cmd_verify(args) -> int:
-    """Exit 0 when the re-run cells match, 1 with what differs (at most 20 lines of it)."""
-    from lesionbench.cli import console
+def cmd_verify(args, console) -> int:
+    """Exit 0 when the re-run cells match, 1 with what differs (at most 20 lines of it), printed on
+    ``console`` (the CLI's, passed in: this module does not import its package back)."""
     from lesionbench.verify import pass_probability, verify
 
     verdict = verify(args.run, args.sample, args.seed, args.tolerance, args.device)
