@@ -106,7 +106,7 @@ def test_the_wheel_works_installed_in_a_fresh_environment(wheel, tmp_path):
                           "--draws", "1", "--n-images", "20", "--data", str(data), "--device", "cpu",
                           "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
-    assert cli.returncode == 0, cli.stderr
+    assert cli.returncode in FINISHED, cli.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1 + 3 * 2
     code = textwrap.dedent(f"""
