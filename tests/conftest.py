@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lesionbench.cli import NOT_SCORED_EXIT
+
 
 def write_fashion(root: Path, n: int = 60, labels: np.ndarray | None = None) -> Path:
     """The two IDX files the ``test`` split reads: random pixels, classes 0..9 in turn."""
@@ -26,4 +28,4 @@ def write_fashion(root: Path, n: int = 60, labels: np.ndarray | None = None) -> 
 
 # The exit statuses of a run that finished: 0, or 3 when its model's clean accuracy is at chance and
 # it is not scored (the suite's random images and untrained nets often are).
-FINISHED = (0, 3)
+FINISHED = (0, NOT_SCORED_EXIT)

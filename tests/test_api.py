@@ -11,15 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lesionbench
-from conftest import write_fashion
+from conftest import FINISHED, write_fashion
 from lesionbench.cli import main
 from lesionbench.errors import LesionbenchError
 from lesionbench.perturbation import model_checksum
 
-from lesionbench.cli import NOT_SCORED_EXIT
 
-# a run that finished: 0, or 3 when its model is at chance (untrained, or random images) and not scored
-FINISHED = (0, NOT_SCORED_EXIT)
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 NUMBERS = ["seed", "top1", "top5", "loss", "n_images", "layer_index", "relative_depth"]

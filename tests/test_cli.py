@@ -22,12 +22,9 @@ from lesionbench.executors.local import execute
 from lesionbench.plan import prepare
 from lesionbench.store import COLUMNS, RunDir, read_results
 from lesionbench.study import load_study
-from conftest import write_fashion
+from conftest import FINISHED, write_fashion
 
-from lesionbench.cli import NOT_SCORED_EXIT
 
-# a run that finished: 0, or 3 when its model is at chance (untrained, or random images) and not scored
-FINISHED = (0, NOT_SCORED_EXIT)
 
 LAYERS = ["conv1", "fc8"]
 PERTURBATIONS = ["synapse_knockout", "weight_noise"]

@@ -25,13 +25,10 @@ from lesionbench.compare import compare, to_markdown
 from lesionbench.model_sources import ModelSpec
 from lesionbench.store import read_results
 from lesionbench.study import Study, with_overrides
-from conftest import write_fashion
+from conftest import FINISHED, write_fashion
 from test_leaderboard import results
 
-from lesionbench.cli import NOT_SCORED_EXIT
 
-# a run that finished: 0, or 3 when its model is at chance (untrained, or random images) and not scored
-FINISHED = (0, NOT_SCORED_EXIT)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,13 +13,10 @@ from lesionbench.engine import NaiveEngine, SuffixEngine
 from lesionbench.graph import ModelGraph, discover_layers, split_at, transition
 from lesionbench.perturbation import HookPerturbation
 from lesionbench.store import read_results
-from conftest import write_fashion
+from conftest import FINISHED, write_fashion
 from lesionbench.models.fashion import ARCHITECTURES
 
-from lesionbench.cli import NOT_SCORED_EXIT
 
-# a run that finished: 0, or 3 when its model is at chance (untrained, or random images) and not scored
-FINISHED = (0, NOT_SCORED_EXIT)
 
 NUMBERS = ["top1", "top5", "loss", "seed", "n_images"]
 KEY = ["model", "layer", "perturbation", "level", "draw"]

@@ -17,11 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import write_fashion
-from lesionbench.cli import NOT_SCORED_EXIT, main
+from conftest import FINISHED, write_fashion
+from lesionbench.cli import main
 
-# a run that finished: 0, or 3 when its model is at chance (the random test images) and not scored
-FINISHED = (0, NOT_SCORED_EXIT)
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 
