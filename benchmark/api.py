@@ -28,6 +28,7 @@ from lesionbench.errors import LesionbenchError
 from lesionbench.executors import Tick, create_executor
 from lesionbench.graph import ModelGraph, check_module
 from lesionbench.hookspecs import hookimpl
+from lesionbench.kinds import perturbation_kind
 from lesionbench.layers import select_layers
 from lesionbench.model_sources import LoadedModel, ModelSpec
 from lesionbench.perturbation import Perturbation, cell_seed, check_levels, generator_for, perturbed
@@ -352,7 +353,7 @@ def lesioned(
     if layer in graph.left_out:
         raise LesionbenchError(f"layer {layer!r} cannot be perturbed: {graph.left_out[layer]}")
     (target,) = select_layers(graph.layers, [layer])
-    if p.kind == "hooks":
+    if perturbation_kind(p.kind).hooked:
         hookable([target], p.name, model_name, True, [])
     p.check_layer(target)
     seed_value = cell_seed(seed, model_name, target.name, p.name, level, draw)

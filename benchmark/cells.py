@@ -22,6 +22,7 @@ from lesionbench.data import EvalSet, EvalSetCache
 from lesionbench.engine import create_engine
 from lesionbench.errors import LesionbenchError
 from lesionbench.evaluate import EvalResult, merge_results, resolve_device
+from lesionbench.kinds import LINEAR
 from lesionbench.layers import Layer, is_layer
 from lesionbench.perturbation import Snapshot, generator_for, model_checksum, nonfinite_count, nonfinite_outputs, perturbed
 from lesionbench.plan import Block, Cell, Plan, PreparedModel
@@ -47,7 +48,7 @@ def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: Ev
         "error": error,
         "nonfinite_weights": nonfinite if nonfinite is not None else (0 if cell else None),
         "nonfinite_outputs": nonfinite_out,  # hook perturbations only: NaN/Inf values the damaged layer emitted
-        "level_axis": cell.perturbation.axis.kind if cell else "linear",
+        "level_axis": cell.perturbation.axis.kind.name if cell else LINEAR.name,
         "level_unit": cell.perturbation.axis.label if cell else "",
     }
     if result is not None:

@@ -18,10 +18,13 @@ A plugin is a plain module with ``@hookimpl`` functions::
 Each hook is called once per process, when its kind is first needed, with no arguments. A
 function named like a hook but not defined here (``lesionbench_perturbation``) is refused when
 the plugin loads, and reported by plugin name. What a hook returns is checked against its kind's
-contract as it is collected: a missing or ill-typed field stops the command with one line naming
-the plugin and the field (exit code 2). If the hook itself raises, that plugin's contributions of
-that kind are left out and the failure is reported by name (``lesionbench plugins``); the other
-plugins are unaffected.
+contract (:mod:`lesionbench.contracts`: the class named in each hook below) as it is collected: a
+contribution with a missing or ill-typed field or method is left out and reported in one line naming
+the plugin and the field (``lesionbench plugins``; a study that asks for it by name stops with that
+line, exit code 2). If the hook itself raises, that plugin's contributions of that kind are left out
+and the failure is reported by name; the other plugins are unaffected.
+:mod:`lesionbench.testing` checks a contribution against more of its contract (determinism,
+restoration…) in a plugin's own tests.
 """
 
 from __future__ import annotations

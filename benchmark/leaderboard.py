@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from lesionbench.class_damage import classes_hurt, hurt_lines
+from lesionbench.kinds import axis_scale
 from lesionbench.scores import (BOOTSTRAP_SEED, METHOD, NOT_SCORED, REPLICATES, Bootstrap, at_chance, bootstrap,
                                 clean_accuracy, interval, layer_scores)  # fmt: skip
 from lesionbench.store import CLEAN, Outcomes
@@ -48,7 +49,7 @@ def _fmt(x: float, digits: int = 2) -> str:
 def format_critical(value: float, max_level: float, axis: str = "linear") -> str:
     """A critical level p½, or "> max" ("< min" for bits) when retention never fell to one half."""
     if math.isinf(value):
-        return f"< {max_level:g}" if axis == "descending" else f"> {max_level:g}"
+        return axis_scale(axis).beyond(max_level)
     return f"{value:.2g}" if abs(value) < 0.01 and value != 0 else f"{value:.2f}"
 
 

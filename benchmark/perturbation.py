@@ -22,6 +22,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lesionbench.errors import LesionbenchError
+from lesionbench.kinds import (
+    DESCENDING, HOOKS, LINEAR, LOG, WEIGHTS, AxisScale, PerturbationKind, axis_scale, perturbation_kind,
+)
 from lesionbench.layers import Layer
 
 
@@ -30,21 +33,26 @@ class LevelAxis:
     """How a perturbation's levels are read: declared once, used by scores, plot axes and tables.
 
     ``label`` names the level with its unit (``"fraction p of weights zeroed"``, ``"bit error
-    rate"``, ``"σ multiple"``, ``"bits k"``); ``scale`` is ``"linear"`` or ``"log"`` (error rates
-    spanning decades, scored over log10 p so every decade weighs the same); ``damage_grows`` is
-    False when fewer is worse (bit widths: the axis then runs from many bits to few).
+    rate"``, ``"σ multiple"``, ``"bits k"``); ``scale`` is :data:`lesionbench.kinds.LINEAR` or
+    :data:`lesionbench.kinds.LOG` (error rates spanning decades, scored over log10 p so every decade
+    weighs the same), given as the scale or its name (``"linear"``, ``"log"``); ``damage_grows`` is
+    False when fewer is worse (bit widths: the axis then runs from many bits to few). An unknown scale
+    name raises LesionbenchError.
     """
 
     label: str = "fraction p"
-    scale: str = "linear"
+    scale: AxisScale = LINEAR
     damage_grows: bool = True
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", axis_scale(self.scale))  # "log" (lesionbench 0.1) -> LOG
+
     @property
-    def kind(self) -> str:
-        """What results record in ``level_axis``: ``linear``, ``log`` or ``descending``."""
-        if self.scale == "log":
-            return "log"
-        return "linear" if self.damage_grows else "descending"
+    def kind(self) -> AxisScale:
+        """The axis as results record it in ``level_axis`` (its ``name``): LINEAR, LOG or DESCENDING."""
+        if self.scale == LOG:
+            return LOG
+        return self.scale if self.damage_grows else DESCENDING
 
 
 FRACTION = LevelAxis("fraction p")
@@ -68,7 +76,8 @@ class Perturbation:
     axis: LevelAxis = FRACTION
     deterministic: bool = False
 
-    kind: ClassVar[str] = ""  # "weights" or "hooks": how the damage is done, set by the two bases
+    # How the damage is done (WEIGHTS or HOOKS), set by the two bases; "weights"/"hooks" are accepted too
+    kind: ClassVar[PerturbationKind | None] = None
 
     def check_level(self, level: float) -> None:
         """Raise :class:`LesionbenchError` for a level this perturbation cannot take (called for
@@ -86,7 +95,7 @@ class Perturbation:
 class WeightPerturbation(Perturbation):
     """Damage done to the layer's stored tensors, in place; the harness restores them bit for bit."""
 
-    kind: ClassVar[str] = "weights"
+    kind: ClassVar[PerturbationKind | None] = WEIGHTS
 
     def apply(self, layer: Layer, level: float, generator: torch.Generator) -> None:
         """Damage ``layer``'s tensors in place at ``level``, drawing all randomness from ``generator``.
@@ -100,7 +109,7 @@ class WeightPerturbation(Perturbation):
 class HookPerturbation(Perturbation):
     """Damage done to what a layer computes, through forward hooks; weights are left untouched."""
 
-    kind: ClassVar[str] = "hooks"
+    kind: ClassVar[PerturbationKind | None] = HOOKS
 
     def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
         """Install the hooks that damage ``layer``'s computation at ``level``; return their handles.
@@ -112,21 +121,20 @@ class HookPerturbation(Perturbation):
 
 
 def contract_problem(obj: object) -> str:
-    """What keeps ``obj`` from being a perturbation the harness can run, in one phrase ("" if nothing)."""
-    kind = getattr(obj, "kind", None)
-    if kind not in ("weights", "hooks"):
+    """What keeps ``obj`` from being a perturbation the harness can run, beyond the fields of
+    :class:`Perturbation` (:mod:`lesionbench.contracts` checks those), in one phrase ("" if nothing)."""
+    try:
+        kind = perturbation_kind(getattr(obj, "kind", None))
+    except LesionbenchError:
         return "it must be a lesionbench.WeightPerturbation or lesionbench.HookPerturbation (field 'kind' is missing)"
-    method = "apply" if kind == "weights" else "hooks"
-    if not callable(getattr(obj, method, None)):
-        return f"a {kind} perturbation needs a method {method!r}"
-    axis = getattr(obj, "axis", None)
-    if not isinstance(axis, LevelAxis) or axis.scale not in ("linear", "log"):
-        return f"field 'axis' must be a lesionbench.LevelAxis with scale 'linear' or 'log', got {axis!r}"
-    if not isinstance(getattr(obj, "deterministic", None), bool):
-        return f"field 'deterministic' must be a bool, got {getattr(obj, 'deterministic', None)!r}"
-    for name in ("check_level", "check_layer", "targets"):
-        if not callable(getattr(obj, name, None)):
-            return f"field {name!r} must be a method"
+    if not callable(getattr(obj, kind.method, None)):
+        return f"a {kind} perturbation needs a method {kind.method!r}"
+    (low, high), levels = obj.level_range, obj.default_levels  # their types are checked by then
+    if low > high:
+        return f"field 'level_range' must be a pair (low, high) with low <= high, got {tuple(obj.level_range)!r}"
+    outside = [x for x in levels if not low <= x <= high]
+    if outside:
+        return f"default level {outside[0]} is outside its level_range {tuple(obj.level_range)}"
     return ""
 
 
@@ -280,16 +288,13 @@ def perturbed(
     if saved is None or not saved.covers(layer, also):
         saved = Snapshot(layer, also)
     handles: list[RemovableHandle] = []
-    functional = perturbation.kind == "hooks" and layer.applied_by in HOOKED_OPS
+    kind = perturbation_kind(perturbation.kind)
+    functional = kind.hooked and layer.applied_by in HOOKED_OPS
     try:
         with torch.no_grad():
-            if perturbation.kind == "hooks":
-                handles = list(perturbation.hooks(layer, level, generator) or [])
-            else:
-                layer.merge_adapters()  # a LoRA layer: damage acts on its effective weight
-                perturbation.apply(layer, level, generator)
+            handles = kind.start(perturbation, layer, level, generator)
         with HooksAtFunctionalUse(layer.module) if functional else nullcontext():
-            yield perturbation.kind == "hooks"
+            yield kind.hooked
     finally:
         for handle in handles:
             handle.remove()

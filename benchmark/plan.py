@@ -22,6 +22,7 @@ from lesionbench.data import RawDataset, stratified_subset
 from lesionbench.errors import LesionbenchError, internal_failure, plugin_failure
 from lesionbench.evaluate import resolve_device
 from lesionbench.graph import ModelGraph, check_module, run_once
+from lesionbench.kinds import perturbation_kind
 from lesionbench.layers import Layer, select_layers, spread_layers
 from lesionbench.model_sources import LoadedModel, create_model, resolve_source
 from lesionbench.perturbation import HOOKED_OPS, Perturbation, cell_seed, check_levels
@@ -313,7 +314,7 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
             own = p.targets(loaded.module, layers)  # e.g. residual stages: a model without any has no such blocks
         if own is not None:
             targets[name] = list(own)
-        elif p.kind == "hooks":
+        elif perturbation_kind(p.kind).hooked:
             targets[name] = hookable(layers, name, ref, bool(study.layers), notes)
     return PreparedModel(loaded, graph, layers, targets, dtype, notes, plugin)
 

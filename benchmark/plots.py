@@ -37,6 +37,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from lesionbench.kinds import axis_scale, format_level  # noqa: E402
 from lesionbench.scores import curves, layer_scores, to_axis  # noqa: E402
 
 DPI = 110
@@ -101,44 +102,15 @@ def pages(items: Sequence, row_height_in: float) -> list[list]:
 
 def _damage_positions(levels: np.ndarray, axis: str) -> tuple[np.ndarray, float | None]:
     """x positions of levels on a plot, and (log axes) where the clean point 0 was placed."""
-    levels = np.asarray(levels, dtype=float)
-    if axis != "log":
-        return levels, None
-    positive = levels[levels > 0]
-    if not len(positive):
-        return np.ones_like(levels), 1.0
-    decades = math.log10(positive.max() / positive.min())
-    clean_x = positive.min() / 10 ** max(1.0, decades / 4)  # a gap of a quarter of the span, at least a decade
-    return np.where(levels > 0, levels, clean_x), float(clean_x)
+    return axis_scale(axis).plot_positions(levels)
 
 
-def fmt_level(x: float) -> str:
-    """A level as a tick label: powers of ten below 0.01 as 1e-6, others as %g."""
-    if 0 < x < 0.01:
-        exponent = round(math.log10(x))
-        if math.isclose(x, 10.0**exponent, rel_tol=1e-9):
-            return f"1e{exponent}"
-    return f"{x:g}"
+fmt_level = format_level  # a level as a tick label (lesionbench.kinds.format_level)
 
 
 def _level_axis(ax, axis: str, clean_x: float | None, levels: Sequence[float]) -> None:
     """Scale and direction of an x axis; on a log axis the clean point gets a tick "0" and a break."""
-    if axis == "descending":
-        ax.invert_xaxis()  # damage grows to the right, as on every other plot
-    if axis != "log":
-        return
-    ax.set_xscale("log")
-    positive = sorted({float(x) for x in levels if x > 0})
-    ticks = positive if len(positive) <= 6 else positive[:: math.ceil(len(positive) / 6)]
-    if clean_x is None:
-        ax.set_xticks(ticks, [fmt_level(t) for t in ticks])
-        return
-    ax.set_xticks([clean_x, *ticks], ["0", *(fmt_level(t) for t in ticks)])
-    ax.minorticks_off()
-    if positive:  # the log axis has no 0: mark the gap between the clean point and the first level
-        gap = math.sqrt(clean_x * positive[0])
-        ax.text(gap, 0, "//", transform=ax.get_xaxis_transform(), ha="center", va="center", fontsize=9,
-                clip_on=False, bbox=dict(facecolor="white", edgecolor="none", pad=0.5))  # fmt: skip
+    axis_scale(axis).style_plot_axis(ax, clean_x, levels)
 
 
 def _suptitle(fig: Figure, *lines: str) -> None:

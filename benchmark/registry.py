@@ -5,24 +5,25 @@ registered first; third-party packages add theirs under the ``lesionbench`` entr
 Each plugin is loaded, and each of its hooks called, on its own, so that one plugin that fails to
 import or whose hook raises is reported by name without hiding the others. A plugin that
 implements a hook lesionbench does not define (a misspelling such as ``lesionbench_perturbation``)
-is refused by pluggy's own ``check_pending`` and reported by name; a contribution that breaks its
-kind's contract (a missing or ill-typed field) stops the command with one line naming the plugin
-and the field, because running with it would fail later with a traceback.
+is refused by pluggy's own ``check_pending`` and reported by name. Every contribution is checked
+against its kind's contract (:mod:`lesionbench.contracts`: one Protocol or base class per kind) as
+it is collected; one that breaks it (a missing or ill-typed field, a missing method) is refused
+with one line naming the plugin and what is wrong, and the others stay: a broken plugin hurts only
+itself. Asking for a refused contribution by name stops the command with that line.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import pluggy
 
-from lesionbench import __version__, hookspecs
+from lesionbench import __version__, contracts, hookspecs
 from lesionbench.errors import PluginError, unknown_name
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
@@ -111,6 +112,7 @@ class Registry:
     failures: list[PluginFailure] = field(default_factory=list)
     infos: dict[str, PluginInfo] = field(default_factory=dict)
     _cache: dict[str, dict[str, Contribution]] = field(default_factory=dict)
+    refused: dict[str, dict[str, PluginFailure]] = field(default_factory=dict)  # kind -> name -> why
 
     def plugin_names(self) -> list[str]:
         return sorted(name for name, _ in self.pm.list_name_plugin())
@@ -124,7 +126,7 @@ class Registry:
         return PluginInfo(name, module, "-", "-")
 
     def contributions(self, kind: str) -> dict[str, Contribution]:
-        """All contributions of one kind, by name; raises PluginError on a clash or a broken contract."""
+        """All contributions of one kind that fit its contract, by name; raises PluginError on a name clash."""
         if kind not in KINDS:
             raise unknown_name("kind", kind, KINDS)
         if kind not in self._cache:
@@ -141,12 +143,19 @@ class Registry:
                 self.failures.append(PluginFailure(impl.plugin_name, KINDS[kind], _describe(exc)))
                 continue
             for obj in items:
-                problem = contract_problem(kind, obj)
+                try:
+                    problem = contract_problem(kind, obj)
+                except Exception as exc:  # a field that raises when read: the contribution's own bug
+                    problem = f"reading it raised {_describe(exc)}"
                 if problem:
-                    raise PluginError(
-                        f"plugin {impl.plugin_name!r} contributed a {SINGULAR[kind]} "
-                        f"{_label(obj)}that breaks the contract: {problem}"
+                    failure = PluginFailure(
+                        impl.plugin_name, KINDS[kind],
+                        f"contributed a {SINGULAR[kind]} {_label(obj)}that breaks the contract: {problem}",
                     )
+                    self.failures.append(failure)
+                    if isinstance(getattr(obj, "name", None), str):
+                        self.refused.setdefault(kind, {})[obj.name] = failure
+                    continue
                 name = obj.name
                 if name in found:
                     raise PluginError(
@@ -162,6 +171,8 @@ class Registry:
 
     def get(self, kind: str, name: str) -> Any:
         items = self.contributions(kind)
+        if name not in items and name in self.refused.get(kind, {}):
+            raise PluginError(str(self.refused[kind][name]))
         if name not in items:
             raise unknown_name(SINGULAR[kind], name, items)
         return items[name].obj
@@ -191,73 +202,10 @@ def _default_name(plugin: object) -> str:
 
 # ------------------------------------------------------------------------------------ contracts
 
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str) and bool(v.strip())
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _levels_ok(obj: Any) -> str:
-    levels, span = obj.default_levels, obj.level_range
-    if not (isinstance(span, (tuple, list)) and len(span) == 2 and all(map(_is_number, span)) and span[0] <= span[1]):
-        return f"field 'level_range' must be a pair (low, high) of numbers, got {span!r}"
-    if not (isinstance(levels, (tuple, list)) and levels and all(map(_is_number, levels))):
-        return f"field 'default_levels' must be a non-empty sequence of numbers, got {levels!r}"
-    outside = [x for x in levels if not span[0] <= x <= span[1]]
-    if outside:
-        return f"default level {outside[0]} is outside its level_range {tuple(span)}"
-    identity = obj.identity_level
-    if identity is not None and not _is_number(identity):
-        return f"field 'identity_level' must be a number or None, got {identity!r}"
-    return ""
-
-
-# kind -> [(field, check, what it must be)]; a callable check gets the value
-_FIELDS: dict[str, list[tuple[str, Callable[[Any], bool], str]]] = {
-    "perturbations": [
-        ("name", _is_str, "a non-empty string"),
-        ("description", _is_str, "a non-empty string"),
-        ("default_levels", lambda v: True, ""),
-        ("level_range", lambda v: True, ""),
-        ("identity_level", lambda v: True, ""),
-    ],
-    "models": [
-        ("name", _is_str, "a non-empty string"),
-        ("description", _is_str, "a non-empty string"),
-        ("claims", callable, "a method"),
-        ("examples", callable, "a method"),
-        ("build", callable, "a method"),
-    ],
-    "datasets": [
-        ("name", _is_str, "a non-empty string"),
-        ("description", _is_str, "a non-empty string"),
-        ("default_path", lambda v: v is None or isinstance(v, str), "a string or None"),
-        ("load", callable, "a method"),
-    ],
-    "studies": [
-        ("name", _is_str, "a non-empty string"),
-        ("description", lambda v: isinstance(v, str), "a string"),
-        ("toml", lambda v: isinstance(v, str), "a string"),
-    ],
-}
-
-
 def contract_problem(kind: str, obj: Any) -> str:
-    """What is wrong with a contribution of ``kind``, in one phrase; "" when it fits the contract."""
-    _missing = object()
-    for name, check, what in _FIELDS[kind]:
-        value = getattr(obj, name, _missing)
-        if value is _missing:
-            return f"it has no field {name!r}"
-        if not check(value):
-            return f"field {name!r} must be {what}, got {value!r}"
-    if kind == "perturbations":
-        from lesionbench.perturbation import contract_problem as perturbation_problem
-
-        return _levels_ok(obj) or perturbation_problem(obj)
-    return ""
+    """What is wrong with a contribution of ``kind``, in one phrase; "" when it fits the contract
+    (:func:`lesionbench.contracts.problem`)."""
+    return contracts.problem(kind, obj)
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from lesionbench.errors import LesionbenchError
+from lesionbench.kinds import axis_scale
 # NONFINITE cells are scored, not dropped: an image whose logits hold NaN/Inf counts as wrong
 # (lesionbench.evaluate), so a network that emits NaN everywhere scores 0 retention, as chance would
 from lesionbench.store import CLEAN, NONFINITE, Outcomes
@@ -197,18 +198,13 @@ def at_chance(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
 
 
 def to_axis(levels, axis: str) -> np.ndarray:
-    """Positions on the scoring axis, where damage grows from left to right."""
-    levels = np.asarray(levels, dtype=float)
-    if axis == "log":
-        with np.errstate(divide="ignore"):
-            return np.log10(levels)
-    return -levels if axis == "descending" else levels
+    """Positions on the scoring axis, where damage grows from left to right (:meth:`AxisScale.to_coord`)."""
+    return axis_scale(axis).to_coord(levels)
 
 
 def from_axis(x: float, axis: str) -> float:
-    if not math.isfinite(x):
-        return x
-    return float(10**x) if axis == "log" else (-x if axis == "descending" else x)
+    """The level at scoring-axis position ``x``; ±inf and NaN stay as they are (:meth:`AxisScale.from_coord`)."""
+    return axis_scale(axis).from_coord(x)
 
 
 def layer_scores(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
@@ -224,8 +220,7 @@ def _scores_of_curves(c: pd.DataFrame) -> pd.DataFrame:
         if "scored" in g.columns and not g["scored"].iloc[0]:
             continue  # clean accuracy at chance: not scored (at_chance)
         axis = g["level_axis"].iloc[0]
-        if axis == "log":
-            g = g[g["level"] > 0]
+        g = g[axis_scale(axis).scored(g["level"])]
         if g.empty:
             continue
         x = to_axis(g["level"], axis)
@@ -605,7 +600,7 @@ def draw_quantile_factor(c: pd.DataFrame, n_images: np.ndarray | None = None, co
     n_all = np.full(len(c), np.inf) if n_images is None else np.asarray(n_images, dtype=float)
     for _key, idx in c.groupby(GROUP, sort=False).indices.items():
         g = c.iloc[idx]
-        keep = (g["level"] > 0).to_numpy() if g["level_axis"].iloc[0] == "log" else np.ones(len(g), bool)
+        keep = axis_scale(g["level_axis"].iloc[0]).scored(g["level"])
         x = to_axis(g["level"].to_numpy()[keep], g["level_axis"].iloc[0])
         if len(x) < 1:
             continue
@@ -659,8 +654,8 @@ def _layer_replicates(scores: pd.DataFrame, c: pd.DataFrame, r: np.ndarray) -> t
         idx = index[tuple(row[:-1])]
         axis = row[-1]
         levels = c["level"].to_numpy()[idx]
-        if axis == "log":
-            idx, levels = idx[levels > 0], levels[levels > 0]
+        scored = axis_scale(axis).scored(levels)
+        idx, levels = idx[scored], levels[scored]
         x = to_axis(levels, axis)
         order = np.argsort(x, kind="stable")
         members.append(idx[order])
@@ -692,8 +687,5 @@ def _layer_replicates(scores: pd.DataFrame, c: pd.DataFrame, r: np.ndarray) -> t
     cross = np.where(np.isnan(rr).any(axis=1), np.nan, cross)
     critical = np.empty_like(cross)
     for i, axis in enumerate(axes):
-        v = cross[i]
-        with np.errstate(over="ignore"):
-            moved = 10.0**v if axis == "log" else (-v if axis == "descending" else v)
-        critical[i] = np.where(np.isinf(v), v, moved)  # never reached stays +inf, as from_axis keeps it
+        critical[i] = axis_scale(axis).from_coord(cross[i])  # never reached stays +inf
     return area, critical

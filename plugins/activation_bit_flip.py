@@ -35,7 +35,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lesionbench import HookPerturbation, Layer, LesionbenchError, LevelAxis, hookimpl
-from lesionbench.plugins.bit_flip import INT_VIEW, LEVELS
+from lesionbench.damage import BIT_ERROR_LEVELS as LEVELS
+from lesionbench.damage import INT_VIEW
 
 Hook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
 SEED_BOUND = (1 << 63) - 1

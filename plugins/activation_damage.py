@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lesionbench.damage import FRACTION_LEVELS as FRACTIONS
+from lesionbench.damage import NOISE_LEVELS
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
 from lesionbench.perturbation import HookPerturbation, LevelAxis, count_for
-from lesionbench.plugins.synapse_knockout import LEVELS as FRACTIONS
-from lesionbench.plugins.weight_noise import LEVELS as NOISE_LEVELS
 
 Hook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
 

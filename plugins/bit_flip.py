@@ -15,18 +15,18 @@ from typing import ClassVar
 
 import torch
 
+from lesionbench.damage import BIT_ERROR_LEVELS as LEVELS
+from lesionbench.damage import apply_bit_masks
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
 from lesionbench.perturbation import LevelAxis, WeightPerturbation, binomial_count, distinct_positions
 
-LEVELS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 # (sign, exponent, mantissa) bit positions, least significant bit = 0
 FIELDS = {
     torch.float32: ((31,), tuple(range(23, 31)), tuple(range(0, 23))),
     torch.float16: ((15,), tuple(range(10, 15)), tuple(range(0, 10))),
     torch.bfloat16: ((15,), tuple(range(7, 15)), tuple(range(0, 7))),
 }
-INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def eligible_bits(dtype: torch.dtype, field: str) -> tuple[int, ...]:
@@ -54,15 +54,6 @@ def flip_bits(tensor: torch.Tensor, rate: float, generator: torch.Generator, fie
     masks.index_put_((element,), torch.ones_like(which) << which, accumulate=True)  # distinct bits: sum = or
     apply_bit_masks(tensor, masks, "xor")
     return count
-
-
-def apply_bit_masks(tensor: torch.Tensor, masks: torch.Tensor, op: str) -> None:
-    """XOR (``"xor"``) or OR (``"or"``) one int64 mask per element into the tensor's stored bits."""
-    view_dtype = INT_VIEW[tensor.element_size()]
-    flat = tensor.detach().reshape(-1).cpu().view(view_dtype).clone()
-    masks = masks.to(view_dtype)
-    flat = flat ^ masks if op == "xor" else flat | masks
-    tensor.copy_(flat.view(tensor.dtype).view(tensor.shape).to(tensor.device))
 
 
 class BitFlip(WeightPerturbation):

@@ -28,10 +28,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lesionbench.errors import LesionbenchError
+from lesionbench.damage import FRACTION_LEVELS as LEVELS
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
 from lesionbench.perturbation import HookPerturbation, LevelAxis, count_for
-from lesionbench.plugins.synapse_knockout import LEVELS
 
 DOWNSAMPLE_BLOCKS = {"BasicBlock", "Bottleneck", "PreActBasic", "PreActBottleneck", "Bottle2neck", "ResNestBottleneck"}
 SHORTCUT_BLOCKS = {"ConvNeXtBlock"}

@@ -25,8 +25,8 @@ from typing import ClassVar
 import torch
 
 from lesionbench import Layer, LevelAxis, WeightPerturbation, count_for, hookimpl
-from lesionbench.plugins.node_knockout import silence_units
-from lesionbench.plugins.synapse_knockout import LEVELS
+from lesionbench.damage import FRACTION_LEVELS as LEVELS
+from lesionbench.damage import silence_units
 
 
 def unit_norms(layer: Layer, order: int = 1) -> torch.Tensor:

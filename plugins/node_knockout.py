@@ -14,23 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from lesionbench.damage import FRACTION_LEVELS as LEVELS
+from lesionbench.damage import silence_units
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
 from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for
-from lesionbench.plugins.synapse_knockout import LEVELS
-
-
-def silence_units(layer: Layer, units: torch.Tensor) -> None:
-    """Make the given output units of ``layer`` emit zero, through every BatchNorm they feed."""
-    units = units.to(layer.module.weight.device)
-    layer.module.weight[layer.unit_index(units)] = 0
-    if layer.module.bias is not None:
-        layer.module.bias[units] = 0
-    for norm, channels in layer.norm_channels(units):
-        for name in ("weight", "bias", "running_mean"):
-            tensor = getattr(norm, name, None)
-            if tensor is not None:
-                tensor[channels] = 0
 
 
 class NodeKnockout(WeightPerturbation):

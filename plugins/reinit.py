@@ -21,10 +21,10 @@ from collections.abc import Mapping
 import torch
 
 from lesionbench.errors import LesionbenchError
+from lesionbench.damage import FRACTION_LEVELS as LEVELS
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
 from lesionbench.perturbation import LevelAxis, WeightPerturbation
-from lesionbench.plugins.synapse_knockout import LEVELS
 
 
 def interpolate_(layer: Layer, initial: Mapping[str, torch.Tensor], alpha: float) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from lesionbench.damage import FRACTION_LEVELS as LEVELS
+from lesionbench.damage import apply_bit_masks, zero_random_entries
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
 from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for
-from lesionbench.plugins.bit_flip import apply_bit_masks
-from lesionbench.plugins.synapse_knockout import LEVELS, zero_random_entries
 
 
 def force_one_bit(tensor: torch.Tensor, fraction: float, generator: torch.Generator) -> None:

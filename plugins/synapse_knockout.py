@@ -8,20 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from lesionbench.damage import FRACTION_LEVELS as LEVELS
+from lesionbench.damage import zero_random_entries
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
-from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for, random_subset_mask
-
-LEVELS = tuple(round(0.1 * i, 1) for i in range(11))
-
-
-def zero_random_entries(tensor: torch.Tensor, fraction: float, generator: torch.Generator) -> None:
-    """Zero floor(fraction·numel) uniformly chosen entries of ``tensor`` in place."""
-    k = count_for(fraction, tensor.numel())
-    if k == 0:
-        return
-    mask = random_subset_mask(tensor.numel(), k, generator)  # in logical order, whatever the memory layout
-    tensor.masked_fill_(mask.view(tensor.shape).to(tensor.device), 0)
+from lesionbench.perturbation import LevelAxis, WeightPerturbation
 
 
 class SynapseKnockout(WeightPerturbation):

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from lesionbench.damage import FRACTION_LEVELS as LEVELS
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
 from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for, positions_mask
-from lesionbench.plugins.synapse_knockout import LEVELS
 
 
 def redraw_entries(tensor: torch.Tensor, fraction: float, generator: torch.Generator) -> None:

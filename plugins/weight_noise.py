@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from lesionbench.damage import NOISE_LEVELS as LEVELS
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
 from lesionbench.perturbation import LevelAxis, WeightPerturbation
 
-LEVELS = tuple(round(0.2 * i, 1) for i in range(11))
 
 
 def add_scaled_noise(tensor: torch.Tensor, level: float, generator: torch.Generator) -> None:

@@ -365,18 +365,20 @@ def test_plugin_whose_hook_raises_is_reported_and_others_remain(site):
     assert "fashion_mnist" in datasets
 
 
-def test_contribution_without_a_name_stops_with_one_line_naming_plugin_and_field():
+def test_contribution_without_a_name_is_refused_in_one_line_naming_plugin_and_field():
     from lesionbench.hookspecs import hookimpl
+    from lesionbench.study import StudyPreset
 
     class Nameless:
         @hookimpl
         def lesionbench_studies(self):
-            return [object()]
+            return [object(), StudyPreset("kept", "a good one", "")]
 
     registry = create_registry([("nameless", Nameless())], entry_points=False, builtins=False)
-    with pytest.raises(PluginError, match=r"^plugin 'nameless' contributed a study that breaks the contract: "
-                                          r"it has no field 'name'$"):  # fmt: skip
-        registry.contributions("studies")
+    assert list(registry.contributions("studies")) == ["kept"]  # the broken one hurts only itself
+    (failure,) = registry.failures
+    assert str(failure) == ("plugin 'nameless' failed during lesionbench_studies: contributed a study that breaks "
+                            "the contract: it has no field 'name'")  # fmt: skip
 
 
 MISSING_LEVELS = '''
@@ -410,8 +412,13 @@ def lesionbench_perturbation():  # no trailing s
 
 def test_contribution_missing_a_field_is_refused_by_the_cli_in_one_line(site, monkeypatch, capsys):
     install_plugin(site, "nolevels", {"nolevels": "nolevels"}, {"nolevels": MISSING_LEVELS})
+    registry = create_registry()
+    perturbations = registry.contributions("perturbations")
+    assert "no_levels" not in perturbations and "synapse_knockout" in perturbations
+    (failure,) = [f for f in registry.failures if f.plugin == "nolevels"]
+    assert "'no_levels'" in failure.message and "no field 'default_levels'" in failure.message
     with pytest.raises(PluginError, match="plugin 'nolevels'.*'no_levels'.*no field 'default_levels'"):
-        create_registry().contributions("perturbations")
+        registry.get("perturbations", "no_levels")
     monkeypatch.setattr(registry_mod, "_default", None)
     assert main(["run", "demo", "--perturbations", "no_levels", "--out", str(site / "never")]) == 2
     err = capsys.readouterr().err.strip()

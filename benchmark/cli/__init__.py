@@ -257,9 +257,7 @@ def _level_columns(perturbation) -> tuple[str, str, str]:
     shown = ", ".join(levels if len(levels) <= 6 else [*levels[:2], "…", levels[-1]])
     lo, hi = perturbation.level_range
     axis = perturbation.axis
-    notes = ["log scale"] if axis.scale == "log" else []
-    if not axis.damage_grows:
-        notes.append("damage grows as it falls")
+    notes = [axis.kind.note] if axis.kind.note else []
     if perturbation.deterministic:
         notes.append("deterministic: one draw")
     return f"{shown} ({len(levels)})", f"{lo:g} – {hi:g}", axis.label + (f" ({'; '.join(notes)})" if notes else "")
