@@ -17,6 +17,10 @@ For plugin authors — implement hooks with :data:`hookimpl` and contribute:
   :class:`TextWindow` objects, tokenised by each language model's own preprocessing);
 * study presets: :class:`StudyPreset`.
 
+Helpers several built-in perturbations share (level grids, random masks, unit silencing, bit masks)
+are in :mod:`lesionbench.damage`; the checks every contribution must pass, for a plugin's own tests,
+in :mod:`lesionbench.testing`.
+
 Raise :class:`LesionbenchError` for anything a user must fix (one line, exit code 2).
 
 For scripts and notebooks: :func:`run`, :func:`lesioned`, :func:`load_results`,

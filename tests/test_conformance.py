@@ -7,11 +7,14 @@ their contract; those that build or load offline and fast are built or loaded to
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from lesionbench.perturbation import LevelAxis, WeightPerturbation
 from lesionbench.registry import get_registry
 from lesionbench.testing import (
     NotApplicable, check_contract, check_dataset, check_model_source, check_perturbation, check_study_preset, tiny_cnn, tiny_transformer,
@@ -85,3 +88,67 @@ def test_dataset_conforms(name, tmp_path):
 def test_study_preset_conforms(name):
     study = check_study_preset(REGISTRY.get("studies", name), REGISTRY)
     assert study.name == name
+
+
+# ---------------------------------------------------------------- the checks catch what they claim to
+
+
+class _Scale(WeightPerturbation):
+    """weight *= 1 − level: deterministic, identity at 0; subclasses break one rule each."""
+
+    def apply(self, layer, level, generator):
+        layer.module.weight.mul_(1 - level)
+
+
+class _Unseeded(_Scale):
+    def apply(self, layer, level, generator):
+        layer.module.weight.add_(torch.rand(layer.module.weight.shape) * level)  # the global RNG, not generator
+
+
+class _NotIdentity(_Scale):
+    def apply(self, layer, level, generator):
+        layer.module.weight.add_(1.0)
+
+
+class _LeavesHook(_Scale):
+    def apply(self, layer, level, generator):
+        layer.module.register_forward_hook(lambda _m, _i, out: out * (1 - level))
+
+
+class _Outside(_Scale):
+    def targets(self, model, layers):
+        self.__dict__["model"] = model  # frozen dataclass: keep the model to reach outside the layer
+        return None
+
+    def apply(self, layer, level, generator):
+        self.model.fc.bias.add_(level)
+
+
+class _Seeded(_Scale):
+    def apply(self, layer, level, generator):
+        layer.module.weight.add_(torch.rand(layer.module.weight.shape, generator=generator) * level)
+
+
+def _make(cls, **extra):
+    fields = dict(name=cls.__name__.lower(), description="a test perturbation", default_levels=(0.0, 0.5, 1.0),
+                  level_range=(0.0, 1.0), axis=LevelAxis("fraction p"))  # fmt: skip
+    return cls(**{**fields, **extra})
+
+
+@pytest.mark.parametrize("perturbation, message", [
+    (_make(_Unseeded), "the same seed gives different outputs"),
+    (_make(_NotIdentity), "its identity level changes"),
+    (_make(_LeavesHook), "leaves a hook installed"),
+    (_make(_Outside), "changed 'fc.bias', outside the layer"),
+    (_make(_Seeded, deterministic=True), "declared deterministic but two seeds give different outputs"),
+    (_make(_Scale, default_levels=(0.0,)), "changes nothing on any layer"),
+    (_make(_Scale, default_levels=(0.0, 2.0)), "breaks the contract: default level 2.0 is outside its level_range"),
+])  # fmt: skip
+def test_check_perturbation_catches_a_broken_rule(perturbation, message, tiny_models):
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        check_perturbation(perturbation, tiny_models[0])
+
+
+def test_check_perturbation_passes_a_good_one_on_every_layer(tiny_models):
+    checked = check_perturbation(_make(_Scale, deterministic=True), tiny_models[0])
+    assert checked == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2", "fc"]
