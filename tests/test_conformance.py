@@ -16,6 +16,7 @@ from PIL import Image
 
 from lesionbench.perturbation import LevelAxis, WeightPerturbation
 from lesionbench.registry import get_registry
+from lesionbench.study import StudyPreset
 from lesionbench.testing import (
     NotApplicable, check_contract, check_dataset, check_model_source, check_perturbation, check_study_preset, tiny_cnn, tiny_transformer,
 )
@@ -152,3 +153,30 @@ def test_check_perturbation_catches_a_broken_rule(perturbation, message, tiny_mo
 def test_check_perturbation_passes_a_good_one_on_every_layer(tiny_models):
     checked = check_perturbation(_make(_Scale, deterministic=True), tiny_models[0])
     assert checked == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2", "fc"]
+
+
+class _Source:
+    name, description = "src", "a model source"
+
+    def claims(self, arch):
+        return arch == "net"
+
+    def examples(self):
+        return ["net"]
+
+
+@pytest.mark.parametrize("kind, obj, message", [
+    ("models", _Source(), "it has no method 'build'"),
+    ("datasets", type("D", (), {"name": "d", "description": "x", "default_path": 3, "load": lambda s, p, t: None})(),
+     "field 'default_path' must be a string or None, got 3"),
+    ("perturbations", _make(_Scale, default_levels=("a",)),
+     "field 'default_levels' must be a non-empty sequence of finite numbers, got ('a',)"),
+    ("perturbations", _make(_Scale, level_range=(0.0, float("nan"))),
+     "field 'level_range' must be a sequence (a finite number, a finite number), got (0.0, nan)"),
+    ("perturbations", _make(_Scale, axis="log"), "field 'axis' must be a lesionbench.LevelAxis, got 'log'"),
+    ("studies", StudyPreset(" ", "", "x = 1"), "field 'name' must be a non-empty string"),
+])  # fmt: skip
+def test_contracts_are_read_from_each_kinds_class(kind, obj, message):
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        check_contract(kind, obj)
+    assert REGISTRY.contributions(kind)  # every built-in of the kind fits the same check
