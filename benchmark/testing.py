@@ -145,7 +145,7 @@ def check_perturbation(perturbation: Any, model: TinyModel | None = None, seeds:
     pass ``check_levels`` and ``check_level``; on every layer it accepts, (1) the identity level (if
     any) leaves the output and every tensor bit-identical, (2) the same seed gives the same output, a
     ``deterministic`` one gives it for any seed, (3) a weights perturbation changes no tensor outside
-    the layer and the BatchNorms it feeds, (4) after the cell the model is bit-identical to before and
+    the layer and the BatchNorms it feeds, and the output keeps its shape and dtype, (4) after the cell the model is bit-identical to before and
     no hook is left, and (5) some level changes what the model computes. Returns the names of the
     layers checked; raises :class:`NotApplicable` when it damages no layer of ``model``.
     """
@@ -201,6 +201,9 @@ def _check_perturbation(perturbation: Any, model: TinyModel, seeds: Sequence[int
         before = {k: t.detach().clone() for k, t in model.module.state_dict(keep_vars=True).items() if id(t) not in own}
         outside = (lambda: _unchanged_outside(model.module, before, own, name, layer.name)) if not kind.hooked else None
         first = cell(layer, worst, seeds[0], outside)
+        if first.shape != clean.shape or first.dtype != clean.dtype:
+            raise _fail("perturbation", name, f"layer {layer.name!r}: the output is {first.dtype} {tuple(first.shape)}, "
+                        f"not {clean.dtype} {tuple(clean.shape)} as without damage")  # fmt: skip
         again = cell(layer, worst, seeds[0])
         if not _same(first, again):
             raise _fail("perturbation", name, f"layer {layer.name!r} at level {worst:g}: the same seed gives different outputs")
