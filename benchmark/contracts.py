@@ -44,7 +44,9 @@ def _load(target: str) -> Any:
 
 
 def contract_of(kind: str) -> type:
-    """The contract class of ``kind`` (KeyError for a kind without one)."""
+    """The contract class of ``kind``; LookupError for a kind without one (a kind must have one)."""
+    if kind not in CONTRACTS:
+        raise LookupError(f"plugin kind {kind!r} has no contract class in lesionbench.contracts.CONTRACTS")
     return _load(CONTRACTS[kind])
 
 

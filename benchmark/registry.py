@@ -134,6 +134,7 @@ class Registry:
         return self._cache[kind]
 
     def _collect(self, kind: str) -> dict[str, Contribution]:
+        contracts.contract_of(kind)  # a kind without a contract is lesionbench's bug, not a plugin's: raise
         caller = getattr(self.pm.hook, KINDS[kind])
         found: dict[str, Contribution] = {}
         for impl in reversed(caller.get_hookimpls()):  # registration order
