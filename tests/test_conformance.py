@@ -180,3 +180,13 @@ def test_contracts_are_read_from_each_kinds_class(kind, obj, message):
     with pytest.raises(AssertionError, match=re.escape(message)):
         check_contract(kind, obj)
     assert REGISTRY.contributions(kind)  # every built-in of the kind fits the same check
+
+
+def test_every_kind_has_a_contract_class():
+    from lesionbench.contracts import CONTRACTS, contract_of
+    from lesionbench.registry import KINDS
+
+    assert set(KINDS) <= set(CONTRACTS)  # a new kind names its Protocol or base class in CONTRACTS
+    for kind in KINDS:
+        contract = contract_of(kind)
+        assert isinstance(contract, type) and contract.__module__.startswith("lesionbench"), kind
