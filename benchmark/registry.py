@@ -57,6 +57,10 @@ BUILTIN_PLUGINS = {
     "efficientnet_lite": "lesionbench.models.efficientnet_lite",
     "int8": "lesionbench.models.int8",
     "huggingface": "lesionbench.models.huggingface",
+    # reporters (issue #26): the leaderboard's output formats
+    "markdown": "lesionbench.reporters.markdown",
+    "json": "lesionbench.reporters.json_report",
+    "html": "lesionbench.reporters.html_report",
 }
 
 # kind -> hook name; the kind is what `lesionbench list KIND` takes.
@@ -67,6 +71,9 @@ KINDS = {
     "studies": "lesionbench_studies",
 }
 SINGULAR = {"models": "model", "perturbations": "perturbation", "datasets": "dataset", "studies": "study"}
+# reporters (issue #26)
+KINDS["reporters"] = "lesionbench_reporters"
+SINGULAR["reporters"] = "reporter"
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,13 @@ _FIELDS: dict[str, list[tuple[str, Callable[[Any], bool], str]]] = {
         ("name", _is_str, "a non-empty string"),
         ("description", lambda v: isinstance(v, str), "a string"),
         ("toml", lambda v: isinstance(v, str), "a string"),
+    ],
+    # reporters (issue #26)
+    "reporters": [
+        ("name", _is_str, "a non-empty string"),
+        ("description", _is_str, "a non-empty string"),
+        ("suffix", lambda v: isinstance(v, str) and v.startswith(".") and len(v) > 1, "a file suffix such as '.md'"),
+        ("render", callable, "a method"),
     ],
 }
 
