@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:  # numpy and pandas load on first use: the reporters are plugins, loaded by `lesionbench list`
+    import pandas as pd
 
 # The leaderboard's fixed prose (Markdown emphasis; the HTML reporter turns it into tags).
 HOW_TO_READ = (
@@ -77,7 +78,7 @@ def critical_text(value: float, low: float | None, high: float | None, max_level
     """A layer's p½ with its interval, as :func:`format_critical` writes each end (no interval
     when both ends are "never")."""
     text = format_critical(value, max_level, axis)
-    if has_interval(low, high) and not (np.isinf(low) and np.isinf(high)):
+    if has_interval(low, high) and not (math.isinf(low) and math.isinf(high)):
         ends = [format_critical(v, max_level, axis).replace("> ", ">").replace("< ", "<") for v in (low, high)]
         text += f" [{ends[0]}, {ends[1]}]"
     return text
@@ -85,6 +86,8 @@ def critical_text(value: float, low: float | None, high: float | None, max_level
 
 def grid_text(levels: Sequence[float]) -> str:
     """A level grid in a few characters: ``0, 0.1, …, 1 (11)`` for an even grid, else every level."""
+    import numpy as np
+
     levels = sorted(float(v) for v in levels)
     if len(levels) > 4:
         steps = np.diff(levels)
@@ -95,5 +98,14 @@ def grid_text(levels: Sequence[float]) -> str:
 
 def table(rows: Sequence[Mapping[str, str]] | pd.DataFrame, columns: Sequence[str] | None = None) -> str:
     """A Markdown (GitHub pipe) table of already formatted strings, by ``DataFrame.to_markdown``."""
+    import pandas as pd
+
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=columns)
     return frame.to_markdown(index=False, tablefmt="github", disable_numparse=True)
+
+
+def not_scored() -> str:
+    """What a model at chance shows instead of a score (:data:`lesionbench.scores.NOT_SCORED`)."""
+    from lesionbench.scores import NOT_SCORED  # scores loads pandas: only when a board is rendered
+
+    return NOT_SCORED

@@ -15,10 +15,9 @@ from html import escape
 
 from lesionbench.board import Entry, Leaderboard, ModelPage, Score, Track
 from lesionbench.board_text import (COLUMNS_NOTE, HOW_TO_READ, INTERVALS, NO_INTERVALS, critical_text, fmt, grid_text,
-                                    with_interval)  # fmt: skip
+                                    not_scored, with_interval)  # fmt: skip
 from lesionbench.hookspecs import hookimpl
 from lesionbench.reporters import MAIN
-from lesionbench.scores import NOT_SCORED
 
 IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg", ".gif", ".webp")
 STYLE = """
@@ -131,7 +130,7 @@ def _track(t: Track) -> list[str]:
             ("device", "device"), ("study_seconds", "study time")]  # fmt: skip
     rows = [_entry(e, t.ranked) for e in t.entries]
     rows += [[_td("–"), f'<td><a href="#{anchor(u.page)}">{escape(u.model)}</a></td>', _td(fmt(u.clean_top1, 3),
-              u.clean_top1), _td(fmt(u.clean_top5, 3), u.clean_top5), _td(NOT_SCORED), *[_td("–")] * (len(head) - 5)]
+              u.clean_top1), _td(fmt(u.clean_top5, 3), u.clean_top5), _td(not_scored()), *[_td("–")] * (len(head) - 5)]
              for u in t.unscored]  # fmt: skip
     out += [_table(head, rows, "sortable ranked"), f"<p>{_inline(COLUMNS_NOTE)}</p>"]
     if t.headline:
@@ -167,7 +166,7 @@ def _model(page: ModelPage, t: Track) -> str:
     out = [f'<section class="model" id="{anchor(page.page)}"><h4>{escape(page.model)} — {escape(t.title)}</h4>']
     if page.unscored is not None:
         u = page.unscored
-        out.append(f"<p>{NOT_SCORED} ({t.metric} {u.clean:.3f} on {u.n_images:g} images, chance {u.chance:g}): were "
+        out.append(f"<p>{not_scored()} ({t.metric} {u.clean:.3f} on {u.n_images:g} images, chance {u.chance:g}): were "
                    "its weights loaded?</p>")  # fmt: skip
     items = []
     for f in page.fragile:

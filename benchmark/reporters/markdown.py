@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 from lesionbench.board import ClassDamage, Entry, Leaderboard, ModelPage, Track
 from lesionbench.board_text import (COLUMNS_NOTE, HOW_TO_READ, INTERVALS, NO_INTERVALS, critical_text, fmt, grid_text,
-                                    md, table, with_interval)  # fmt: skip
+                                    md, not_scored, table, with_interval)  # fmt: skip
 from lesionbench.hookspecs import hookimpl
 from lesionbench.reporters import MAIN
-from lesionbench.scores import NOT_SCORED
 
 LEADERBOARD_PAGE = "LEADERBOARD.md"  # what a model page links back to
 MODEL_PAGES = "models"
@@ -104,7 +103,7 @@ def _ranked(track: Track, link) -> list[str]:
     for u in track.unscored:
         row = dict.fromkeys(rows[0] if rows else (), "–")
         rows.append({**row, "#": "–", "model": f"[{md(u.model)}]({link(pages[u.model])})",
-                     "clean top-1": fmt(u.clean_top1, 3), "clean top-5": fmt(u.clean_top5, 3), "overall": NOT_SCORED})  # fmt: skip
+                     "clean top-1": fmt(u.clean_top1, 3), "clean top-5": fmt(u.clean_top5, 3), "overall": not_scored()})  # fmt: skip
     lines += [table(rows), "", COLUMNS_NOTE, ""]
     if not inline:
         lines += ["Mean layer score per ranked perturbation:", "", table(list(per_pert.values())), ""]
@@ -175,7 +174,7 @@ def _model_section(page: ModelPage, metric: str) -> list[str]:
     lines = [f'<a id="{anchor(page.model)}"></a>', "", f"### {md(page.model)}", ""]
     if page.unscored is not None:
         u = page.unscored
-        return lines + [f"{NOT_SCORED} ({metric} {u.clean:.3f} on {u.n_images:g} images, chance {u.chance:g}): "
+        return lines + [f"{not_scored()} ({metric} {u.clean:.3f} on {u.n_images:g} images, chance {u.chance:g}): "
                         "were its weights loaded?", ""]  # fmt: skip
     for f in page.fragile:
         text = (f"- Most fragile under {md(f.perturbation)}: **{md(f.layer)}** (score "
