@@ -26,7 +26,7 @@ table{border-collapse:collapse;margin:.6em 0 1.2em;font-variant-numeric:tabular-
 th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}
 th{background:#f3f3f3;cursor:pointer;user-select:none}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
-td.critical{font-weight:bold}td.undetermined{font-style:italic}
+td[data-value]{white-space:nowrap}td.critical{font-weight:bold}td.undetermined{font-style:italic}
 img{max-width:100%;height:auto}figure{margin:.5em 0}
 """
 # Click a header: sort its table's rows by data-value (numbers) or text; again: the other way.
