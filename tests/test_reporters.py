@@ -91,6 +91,43 @@ def test_json_reader_refuses_another_schema_and_a_malformed_document(tmp_path):
         load(tmp_path / "missing.json")
 
 
+def test_a_board_without_intervals_or_scores_round_trips_too():
+    """No outcomes (no intervals: nulls), a model at chance (unscored), two tracks, no ranked perturbation on one."""
+    import pandas as pd
+    from test_leaderboard import results
+
+    from lesionbench.leaderboard import build_leaderboard
+
+    a, b = results("a", "d1"), results("b", "d1", clean=0.1)  # b at chance on 100 images of 10 classes
+    c, d = results("c", "d2", perts=("p",)), results("d", "d2", perts=("q",))  # nothing shared on d2
+    board = build_leaderboard(pd.concat([a, b, c, d], ignore_index=True))
+    assert [len(t.unscored) for t in board.tracks] == [1, 0] and board.tracks[1].ranked == []
+    assert board.bootstrap is None and board.tracks[0].entries[0].overall.low is None
+    text = dumps(board)
+    assert loads(text) == board and '"low": null' in text and '"rank": null' in text
+
+
+def test_a_reporter_that_breaks_the_contract_is_refused_naming_its_plugin():
+    from lesionbench import hookimpl
+    from lesionbench.errors import PluginError
+    from lesionbench.registry import create_registry
+
+    class NoDot:
+        name, description, suffix = "nodot", "a reporter whose suffix has no dot", "csv"
+
+        def render(self, board, single=False):
+            return {"": ""}
+
+    class Plugin:
+        @hookimpl
+        def lesionbench_reporters(self):
+            return [NoDot()]
+
+    registry = create_registry([("nodot_plugin", Plugin())], entry_points=False, builtins=False)
+    with pytest.raises(PluginError, match=r"'nodot_plugin'.*'nodot'.*suffix"):
+        registry.contributions("reporters")
+
+
 # ---------------------------------------------------------------- HTML in a real browser
 
 
