@@ -196,11 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--format", default="md", metavar="NAME",
                        help="a reporter: md, json, html or a plugin's (lesionbench list reporters; default: md)")
     board.add_argument("--plots", type=Path, metavar="DIR", help="figure directory (default: plots/ beside --out)")
-    board.add_argument("--no-plots", action="store_true", help="only the Markdown (default: draw the figures)")
+    board.add_argument("--no-plots", action="store_true", help="only the leaderboard's documents (default: draw the figures)")
     board.add_argument("--metric", choices=["top1", "top5"],
                        help="score from this metric (default: the one each run's manifest records)")
     board.add_argument("--title", default="lesionbench leaderboard",
-                       help="the Markdown title (default: lesionbench leaderboard)")
+                       help="the leaderboard's title (default: lesionbench leaderboard)")
 
     cmp = _sub(sub, "compare", "CI gate: exit 1 when a layer score or clean accuracy drops, significantly")
     cmp.add_argument("new", type=Path, help="new results.csv or run directory")
