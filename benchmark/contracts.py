@@ -26,10 +26,12 @@ CONTRACTS: dict[str, str] = {
     "models": "lesionbench.model_sources:ModelSource",
     "datasets": "lesionbench.data:DatasetSource",
     "studies": "lesionbench.study:StudyPreset",
+    "reporters": "lesionbench.reporters:Reporter",
 }
 # kind -> "module:function": rules beyond the contract's types, function(obj) -> problem or ""
 RULES: dict[str, str] = {
     "perturbations": "lesionbench.perturbation:contract_problem",
+    "reporters": "lesionbench.reporters:contract_problem",
 }
 # str fields that must not be blank, by kind (a study preset's description may be)
 NON_BLANK: dict[str, tuple[str, ...]] = {"studies": ("name",)}

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from lesionbench.data import DatasetSource
     from lesionbench.model_sources import ModelSource
     from lesionbench.perturbation import Perturbation
+    from lesionbench.reporters import Reporter
     from lesionbench.study import StudyPreset
 
 PROJECT = "lesionbench"
@@ -86,4 +87,16 @@ def lesionbench_studies() -> Sequence[StudyPreset]:
 
     Presets are what ``lesionbench run NAME`` accepts besides a path to a study file; their TOML
     is validated when a study uses them.
+    """
+
+
+# --- reporters (issue #26): the leaderboard's output formats
+@hookspec
+def lesionbench_reporters() -> Sequence[Reporter]:
+    """Return the leaderboard reporters this plugin contributes (``--format NAME``).
+
+    Each is a :class:`lesionbench.reporters.Reporter`: a unique ``name`` (what ``lesionbench
+    leaderboard --format`` takes), a ``description``, the main document's ``suffix`` (``".md"``) and
+    ``render(board, single)``, which turns a :class:`lesionbench.board.Leaderboard` into documents
+    (text by relative path, the main one under ``""``) without writing any file.
     """

@@ -23,7 +23,6 @@ break mark).
 from __future__ import annotations
 
 import math
-import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,142 +36,11 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from lesionbench.kinds import axis_scale, format_level  # noqa: E402
 from lesionbench.scores import curves, layer_scores, to_axis  # noqa: E402
-
-DPI = 110
-MAX_WIDTH_IN = 11.0  # × DPI ≈ 1,210 px: readable at a page width of 1,200 px
-MAX_PAGE_HEIGHT_IN = 13.0  # a taller grid is split over several files
-MAX_COLUMNS = 4
-MAX_COLOURED_LAYERS = 10  # beyond this, grey context and a few highlighted layers
-FALLBACK_UNIT = "level p"  # result files written before level_unit was recorded
-STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
-         "xtick.labelsize": 8, "ytick.labelsize": 8}  # fmt: skip
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
-
-
-def safe_name(text: str) -> str:
-    """A file-name-safe version of a model or plugin name: no separators, no traversal."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._")
-    return cleaned or "unnamed"
-
-
-# ------------------------------------------------------------------------------ shared pieces
-
-
-def palette(n: int) -> list:
-    """``n`` qualitative colours, neighbours far apart (tab10, then tab20 for more)."""
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def model_styles(keys: Sequence) -> dict:
-    """key → (colour, marker), fixed for a figure: the same model looks the same in every panel."""
-    colours = palette(len(keys))
-    return {k: (colours[i], MARKERS[i % len(MARKERS)]) for i, k in enumerate(keys)}
-
-
-def level_unit(df: pd.DataFrame, perturbation: str) -> str:
-    """The x-axis label of a perturbation: its recorded unit, or "level p" for older files."""
-    if "level_unit" in df.columns:
-        units = df.loc[df["perturbation"] == perturbation, "level_unit"].dropna().astype(str)
-        units = [u for u in units.unique() if u]
-        if units:
-            return units[0]
-    return FALLBACK_UNIT
-
-
-def _grid(n: int, panel_w: float, panel_h: float, extra_h: float = 0.9, **kw):
-    cols = min(MAX_COLUMNS, max(1, n))
-    rows = math.ceil(n / cols)
-    width = min(MAX_WIDTH_IN, max(6.0, panel_w * cols + 0.9))  # at least wide enough for the title
-    fig, axes = plt.subplots(rows, cols, figsize=(width, panel_h * rows + extra_h), layout="constrained",
-                             squeeze=False, **kw)  # fmt: skip
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, axes
-
-
-def pages(items: Sequence, row_height_in: float) -> list[list]:
-    """``items`` in chunks, each a grid of at most MAX_COLUMNS columns no taller than a page."""
-    rows_per_page = max(1, int(MAX_PAGE_HEIGHT_IN // max(row_height_in, 0.1)))
-    per_page = rows_per_page * MAX_COLUMNS
-    return [list(items[i : i + per_page]) for i in range(0, len(items), per_page)] or [[]]
-
-
-def _damage_positions(levels: np.ndarray, axis: str) -> tuple[np.ndarray, float | None]:
-    """x positions of levels on a plot, and (log axes) where the clean point 0 was placed."""
-    return axis_scale(axis).plot_positions(levels)
-
-
-fmt_level = format_level  # a level as a tick label (lesionbench.kinds.format_level)
-
-
-def _level_axis(ax, axis: str, clean_x: float | None, levels: Sequence[float]) -> None:
-    """Scale and direction of an x axis; on a log axis the clean point gets a tick "0" and a break."""
-    axis_scale(axis).style_plot_axis(ax, clean_x, levels)
-
-
-def _suptitle(fig: Figure, *lines: str) -> None:
-    """A figure title wrapped to the figure's width (about 13 characters an inch at 10 pt)."""
-    width = int(fig.get_figwidth() * 13)
-    fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines), fontsize=10)
-
-
-def _chance_line(ax, chance: float) -> None:
-    ax.axhline(chance, color="0.35", ls="--", lw=1, zorder=1)
-    ax.set_ylim(-0.05, 1.03)  # below 0 so a chance line at 0.001 (ImageNet) stands clear of the axis
-
-
-def _model_facts(df: pd.DataFrame, model: str, perts: Sequence[str] | None = None) -> dict:
-    """Dataset, number of images and most draws per level behind a model's rows (under ``perts``), for titles."""
-    rows = df[df["model"] == model]
-    clean = rows[rows["perturbation"] == "clean"]
-    images = clean["n_images"].dropna()
-    cells = rows[rows["perturbation"] != "clean"]
-    if perts is not None:
-        cells = cells[cells["perturbation"].isin(perts)]
-    damaged = cells[cells["level"] != 0] if (cells["level"] != 0).any() else cells  # level 0 is the clean row
-    per_level = damaged.groupby(["layer", "perturbation", "level"])["draw"].nunique()
-    return dict(
-        dataset=str(rows["dataset"].iloc[0]) if len(rows) else "?",
-        images=int(images.iloc[0]) if len(images) else None,
-        draws=(int(per_level.min()), int(per_level.max())) if len(per_level) else (0, 0),
-    )
-
-
-def _facts_line(facts: dict, draws: int | None = None) -> str:
-    """"fashion_mnist, 500 images, 5 draws per level" (a range of draws where perturbations differ)."""
-    lo, hi = facts["draws"] if draws is None else (draws, draws)
-    images = f"{facts['images']:,} images" if facts["images"] else "images unknown"
-    count = f"{hi} draw{'s' if hi != 1 else ''}" if lo == hi else f"{lo}–{hi} draws"
-    return f"{facts['dataset']}, {images}, {count} per level"
-
-
-# ------------------------------------------------------------------------------ Figure 1
-
-
-def with_band(c: pd.DataFrame, bands: pd.DataFrame | None) -> pd.DataFrame:
-    """Curves with ``band_low``/``band_high`` and ``bootstrapped``: the bootstrap band where
-    ``bands`` (rows keyed by model, dataset, layer, perturbation, level) has one, else the
-    t-interval over draws (``ci_low``/``ci_high``)."""
-    keys = ["model", "dataset", "layer", "perturbation", "level"]
-    if bands is not None and len(c):
-        c = c.merge(bands[keys + ["band_low", "band_high"]], on=keys, how="left")
-    else:
-        c = c.assign(band_low=float("nan"), band_high=float("nan"))
-    missing = c["band_low"].isna() | c["band_high"].isna()
-    c["bootstrapped"] = ~missing
-    c.loc[missing, "band_low"], c.loc[missing, "band_high"] = c.loc[missing, "ci_low"], c.loc[missing, "ci_high"]
-    return c
-
-
-def _band_caption(c: pd.DataFrame, draws: int) -> str:
-    if c["bootstrapped"].all() and len(c):
-        return "shaded: 95% interval, bootstrap over images and draws"
-    if c["bootstrapped"].any():
-        return "shaded: 95% interval (bootstrap over images and draws; t over draws where no outcomes were kept)"
-    return f"shaded: 95% t-interval of the mean over {draws} draws" if draws > 1 else "no band"
+from lesionbench.plot_base import (DPI, MARKERS, MAX_COLOURED_LAYERS, MAX_COLUMNS, MAX_PAGE_HEIGHT_IN, MAX_WIDTH_IN,  # noqa: E402,F401
+                                   STYLE, band_caption, chance_line, damage_positions, draw_level_axis, facts_line,
+                                   fmt_level, level_unit, model_styles, pages, palette, panel_grid, plot_facts,
+                                   safe_name, save_figure, suptitle, with_band)  # fmt: skip
 
 
 def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metric: str,
@@ -183,12 +51,12 @@ def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metr
         c = curves(df[df["model"] == model], metric)
     c = with_band(c[c["perturbation"] == perturbation], bands)
     axis = c["level_axis"].iloc[0] if len(c) else "linear"
-    facts = _model_facts(df, model)
+    facts = plot_facts(df, model)
     draws = int(c["n"].max()) if len(c) else 0
     layers = c.drop_duplicates("layer").sort_values("layer_index")
     scored = layer_scores(df[(df["model"] == model) & df["perturbation"].isin(["clean", perturbation])], metric)
     score = dict(zip(scored["layer"], scored["score"]))
-    x_all, clean_x = _damage_positions(c["level"], axis)
+    x_all, clean_x = damage_positions(c["level"], axis)
     c = c.assign(x=x_all)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(9.0, 4.8), layout="constrained")
@@ -210,7 +78,7 @@ def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metr
                 ax.fill_between(g["x"], g["band_low"].clip(0, 1), g["band_high"].clip(0, 1), color=colour, alpha=0.12,
                                 lw=0, zorder=2)  # fmt: skip
         chance = float(c["chance"].iloc[0]) if len(c) else 0.0
-        _chance_line(ax, chance)
+        chance_line(ax, chance)
         handles, labels = ax.get_legend_handles_labels()
         handles.append(Line2D([], [], color="0.35", ls="--", lw=1))
         labels.append(f"chance ({chance:g})")
@@ -218,11 +86,11 @@ def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metr
             handles.append(Line2D([], [], color="0.75", lw=0.8))
             labels.append(f"the other {len(names) - len(highlighted)} layers")
         fig.legend(handles, labels, loc="outside right center", title=f"layer ({len(names)} studied)")
-        _level_axis(ax, axis, clean_x, c["level"].unique())
+        draw_level_axis(ax, axis, clean_x, c["level"].unique())
         ax.set_xlabel(level_unit(df, perturbation))
         ax.set_ylabel(f"{metric} accuracy")
-        band = _band_caption(c, draws)
-        _suptitle(fig, f"{model} under {perturbation}", f"{_facts_line(facts, draws)}; {band}")
+        band = band_caption(c, draws)
+        suptitle(fig, f"{model} under {perturbation}", f"{facts_line(facts, draws)}; {band}")
     return fig
 
 
@@ -244,7 +112,7 @@ def _highlights(names: list[str], score: Mapping[str, float]) -> dict[str, str]:
 def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str, out: Path,
                     c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None) -> Path:  # fmt: skip
     """Figure 1 for one model and perturbation, written to ``out`` (PNG)."""
-    return _save(accuracy_curves_figure(df, model, perturbation, metric, c, bands), out)
+    return save_figure(accuracy_curves_figure(df, model, perturbation, metric, c, bands), out)
 
 
 # ------------------------------------------------------------------------------ heatmap
@@ -282,10 +150,10 @@ def retention_heatmap_figure(df: pd.DataFrame, model: str, metric: str, perts: S
     perts = list(perts if perts is not None else sorted(c["perturbation"].unique()))
     rows = heatmap_rows(mine[mine["perturbation"].isin(perts)])
     index = pd.MultiIndex.from_tuples(rows, names=["layer_index", "layer"])
-    facts = _model_facts(df, model, perts)
+    facts = plot_facts(df, model, perts)
     cmap = plt.get_cmap("magma").with_extremes(bad="0.88")
     with plt.rc_context(STYLE):
-        fig, axes = _grid(len(perts), 2.5, heatmap_row_height(len(rows)), extra_h=0.8, sharey=True)
+        fig, axes = panel_grid(len(perts), 2.5, heatmap_row_height(len(rows)), extra_h=0.8, sharey=True)
         image = None
         for ax, p in zip(axes.flat, perts):
             g = c[c["perturbation"] == p]
@@ -304,15 +172,15 @@ def retention_heatmap_figure(df: pd.DataFrame, model: str, metric: str, perts: S
             ax.set_ylabel("layer (input → output)")
         if image is not None:
             fig.colorbar(image, ax=axes.ravel().tolist(), label="retention r(p)", shrink=0.9, aspect=30)
-        _suptitle(fig, f"{model}: retention by layer and level ({metric}; 1 = clean, 0 = chance; grey = not studied)",
-                  _facts_line(facts))  # fmt: skip
+        suptitle(fig, f"{model}: retention by layer and level ({metric}; 1 = clean, 0 = chance; grey = not studied)",
+                  facts_line(facts))  # fmt: skip
     return fig
 
 
 def retention_heatmap(df: pd.DataFrame, model: str, metric: str, out: Path, perts: Sequence[str] | None = None,
                       c: pd.DataFrame | None = None) -> Path:  # fmt: skip
     """The heatmap of one model (``perts``: the perturbations on this page), written to ``out``."""
-    return _save(retention_heatmap_figure(df, model, metric, perts, c), out)
+    return save_figure(retention_heatmap_figure(df, model, metric, perts, c), out)
 
 
 # ------------------------------------------------------------------------------ score vs depth
@@ -326,9 +194,9 @@ def score_vs_depth_figure(df: pd.DataFrame, metrics: Mapping[str, str], perts: S
     keys = sorted(set(zip(s["model"], s["dataset"])))
     styles = model_styles(keys)
     perts = list(perts if perts is not None else sorted(s["perturbation"].unique()))
-    facts = {key: _model_facts(df[df["dataset"] == key[1]], key[0]) for key in keys}
+    facts = {key: plot_facts(df[df["dataset"] == key[1]], key[0]) for key in keys}
     with plt.rc_context(STYLE):
-        fig, axes = _grid(len(perts), 2.55, 2.3, extra_h=0.9 + 0.22 * math.ceil(len(keys) / 2), sharey=True)
+        fig, axes = panel_grid(len(perts), 2.55, 2.3, extra_h=0.9 + 0.22 * math.ceil(len(keys) / 2), sharey=True)
         for ax, p in zip(axes.flat, perts):
             for key, g in s[s["perturbation"] == p].groupby(["model", "dataset"], sort=True):
                 colour, marker = styles[key]
@@ -348,10 +216,10 @@ def score_vs_depth_figure(df: pd.DataFrame, metrics: Mapping[str, str], perts: S
             if visible:
                 visible[-1].set_xlabel("relative depth (0 = first layer)")
         handles = [Line2D([], [], color=styles[k][0], marker=styles[k][1], lw=1.3, ms=4) for k in keys]
-        labels = [f"{k[0]}: {_facts_line(facts[k])}" for k in keys]
+        labels = [f"{k[0]}: {facts_line(facts[k])}" for k in keys]
         fig.legend(handles, labels, loc="outside lower center", ncol=1 if len(keys) < 3 else 2, frameon=False)
         metric_text = ", ".join(sorted({metrics.get(d, "top1") for _, d in keys}))
-        _suptitle(fig, f"Layer-robustness score against depth (from {metric_text}; 1 = untouched, 0 = chance)",
+        suptitle(fig, f"Layer-robustness score against depth (from {metric_text}; 1 = untouched, 0 = chance)",
                   "dotted: 0.5, below which a layer is critical")  # fmt: skip
     return fig
 
@@ -362,14 +230,7 @@ def _key_label(key: tuple[str, str]) -> str:
 
 def score_vs_depth(df: pd.DataFrame, metrics: Mapping[str, str], out: Path, perts: Sequence[str] | None = None) -> Path:
     """The score-vs-depth figure (``perts``: the perturbations on this page), written to ``out``."""
-    return _save(score_vs_depth_figure(df, metrics, perts), out)
-
-
-def _save(fig: Figure, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
-    return out
+    return save_figure(score_vs_depth_figure(df, metrics, perts), out)
 
 
 # ------------------------------------------------------------------------------ all figures

@@ -1,7 +1,9 @@
 """From result files to the published artefacts: plots next to the results and the leaderboard.
 
 This is the only place that writes the leaderboard; ``lesionbench leaderboard`` and the end of
-``lesionbench run`` both come through here, so the two cannot drift apart.
+``lesionbench run`` both come through here, so the two cannot drift apart. :func:`collect` draws
+the figures and builds the leaderboard's data; :func:`write_documents` renders it with a reporter
+(``md``, ``json``, ``html`` or a plugin's) and writes each document atomically.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from lesionbench.errors import LesionbenchError
-from lesionbench.leaderboard import (LEADERBOARD_PAGE, MIN_CLASS_IMAGES, MODEL_PAGES, images_per_class,
-                                     most_fragile_layers, ranked_perturbations, relative_link, render_pages,
+from lesionbench.board import Leaderboard
+from lesionbench.leaderboard import (MIN_CLASS_IMAGES, MODEL_PAGES, build_leaderboard, images_per_class,
+                                     most_fragile_layers, ranked_perturbations, relative_link, reporter,
                                      track_bootstraps)  # fmt: skip
 from lesionbench.store import CLEAN, RESULTS, read_results_with_outcomes
 
@@ -58,24 +61,52 @@ def publish(
     draw: bool = True,
     title: str = "lesionbench leaderboard",
     metric: str | None = None,
+    format: str = "md",
 ) -> Path:
-    """Write plots (into ``plots_dir``, default beside ``out_md``) and the Markdown leaderboard:
-    ``out_md`` (ranked tables per track, each with its headline figure) and a page per model and
-    track in ``models/`` beside it. Returns ``out_md``.
+    """Write plots (into ``plots_dir``, default beside ``out_md``) and the leaderboard in ``format``
+    (a reporter's name; default Markdown: ``out_md`` with ranked tables per track, each with its
+    headline figure, and a page per model and track in ``models/`` beside it). Returns ``out_md``.
 
     Per-image outcomes beside the result files give every score its bootstrap interval (computed
-    once, for the tables and the plots' bands). The Markdown is written last and atomically, so
-    its presence says the figures are whole. Raises LesionbenchError for result files that break
-    the schema or hold no rows, and for a write that fails (a full disk: one line, nothing torn
-    left as the leaderboard)."""
+    once, for the tables and the plots' bands). The documents are written last and atomically, so
+    their presence says the figures are whole. Raises LesionbenchError for result files that break
+    the schema or hold no rows, for an unknown format, and for a write that fails (a full disk: one
+    line, nothing torn left as the leaderboard)."""
+    render = reporter(format)  # an unknown format fails before any figure is drawn
     try:
-        return _publish(results, out_md, plots_dir, draw, title, metric)
+        board = collect(results, Path(out_md).parent, plots_dir, draw, title, metric)
+        return write_documents(render.render(board), Path(out_md), render.suffix)
     except OSError as exc:
         raise LesionbenchError(f"cannot write the leaderboard {str(out_md)!r} or its figures "
                                f"({exc.strerror or exc})") from None  # fmt: skip
 
 
-def _publish(results, out_md, plots_dir, draw, title, metric) -> Path:
+def write_documents(documents: dict[str, str], out: Path, suffix: str) -> Path:
+    """Write a reporter's documents: the main one (key ``""``) to ``out``, the others beside it, each
+    atomically (a temporary file renamed); model pages of ``suffix`` left from models no longer in
+    the results are removed. Returns ``out``."""
+    from lesionbench.reporters import MAIN
+
+    pages = dict(documents)
+    pages[out.name] = pages.pop(MAIN)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stale = set((out.parent / MODEL_PAGES).glob(f"*--*{suffix}")) - {out.parent / name for name in pages}
+    for name, text in pages.items():
+        path = out.parent / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    for path in stale:  # pages of models no longer in these results
+        path.unlink()
+    return out
+
+
+def collect(results: Sequence[Path | str], out_dir: Path, plots_dir: Path | None = None, draw: bool = True,
+            title: str = "lesionbench leaderboard", metric: str | None = None) -> Leaderboard:  # fmt: skip
+    """The leaderboard's data for result files (or run directories), with the figures drawn into
+    ``plots_dir`` (default ``out_dir/plots``; only their paths when not ``draw``) and every path
+    relative to ``out_dir``, where the leaderboard's main document goes."""
     files = resolve_results(results)
     df, outcomes = read_results_with_outcomes(files, allow_empty=False)  # each file read once
     df = declared_units(df)
@@ -93,8 +124,8 @@ def _publish(results, out_md, plots_dir, draw, title, metric) -> Path:
         metrics.setdefault(dataset, metric or "top1")
     boots = track_bootstraps(df, outcomes, metrics)
     per_class, names = _per_class(df, outcomes, boots, metrics)
-    out_md = Path(out_md)
-    plots_dir = Path(plots_dir) if plots_dir is not None else out_md.parent / "plots"
+    out_dir = Path(out_dir)
+    plots_dir = Path(plots_dir) if plots_dir is not None else out_dir / "plots"
     links = {}
     if draw:
         from lesionbench.plots import write_all
@@ -122,24 +153,12 @@ def _publish(results, out_md, plots_dir, draw, title, metric) -> Path:
         for model, path in zip(sorted(pc["model"].unique()), paths):
             drawn.setdefault(model, []).append(("per-class retention", path))
     for model, items in drawn.items():
-        links[model] = [(label, relative_link(path, out_md.parent)) for label, path in items]
-    headlines = {dataset: relative_link(path, out_md.parent)
+        links[model] = [(label, relative_link(path, out_dir)) for label, path in items]
+    headlines = {dataset: relative_link(path, out_dir)
                  for dataset, path in _headline_figures(df, metrics, boots, plots_dir, draw).items()}  # fmt: skip
-    sources = [relative_link(f, out_md.parent) for f in files]
-    pages = render_pages(df.drop(columns="outcome"), metrics, links, title=title, sources=sources, titles=titles,
-                         boots=boots, per_class=per_class, class_names=names, headlines=headlines)  # fmt: skip
-    pages[out_md.name] = pages.pop(LEADERBOARD_PAGE)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    stale = set((out_md.parent / MODEL_PAGES).glob("*--*.md")) - {out_md.parent / name for name in pages}
-    for name, text in pages.items():
-        path = out_md.parent / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    for path in stale:  # pages of models no longer in these results
-        path.unlink()
-    return out_md
+    sources = [relative_link(f, out_dir) for f in files]
+    return build_leaderboard(df.drop(columns="outcome"), metrics, links, title=title, sources=sources, titles=titles,
+                             boots=boots, per_class=per_class, class_names=names, headlines=headlines)  # fmt: skip
 
 
 def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: Path, draw: bool) -> dict[str, Path]:

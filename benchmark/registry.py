@@ -58,6 +58,10 @@ BUILTIN_PLUGINS = {
     "efficientnet_lite": "lesionbench.models.efficientnet_lite",
     "int8": "lesionbench.models.int8",
     "huggingface": "lesionbench.models.huggingface",
+    # reporters (issue #26): the leaderboard's output formats
+    "markdown": "lesionbench.reporters.markdown",
+    "json": "lesionbench.reporters.json_report",
+    "html": "lesionbench.reporters.html_report",
 }
 
 # kind -> hook name; the kind is what `lesionbench list KIND` takes.
@@ -68,6 +72,9 @@ KINDS = {
     "studies": "lesionbench_studies",
 }
 SINGULAR = {"models": "model", "perturbations": "perturbation", "datasets": "dataset", "studies": "study"}
+# reporters (issue #26)
+KINDS["reporters"] = "lesionbench_reporters"
+SINGULAR["reporters"] = "reporter"
 
 
 @dataclass(frozen=True)

@@ -140,10 +140,11 @@ def test_too_few_images_per_class_are_not_read_as_class_damage(tmp_path):
 
 def test_plugin_names_in_the_class_damage_lines_are_escaped_for_markdown():
     from lesionbench.leaderboard import _class_damage
+    from lesionbench.reporters.markdown import _class_damage as markdown_lines
 
     df = table({"a|b": {0.0: [1, 1, 1], 1.0: [0.2, 0.9, 0.5]}}, model="net*", perturbation="p_[x]", n_images=[10, 10, 10])
     scores = pd.DataFrame({"model": ["net*"], "perturbation": ["p_[x]"], "layer": ["a|b"], "layer_index": [0],
                            "score": [0.5]})  # fmt: skip
-    lines = _class_damage(df, scores, ["p_[x]"], ["c|0", "c1", "c2"])
+    lines = markdown_lines(_class_damage(df, scores, ["p_[x]"], ["c|0", "c1", "c2"]))
     (line,) = [ln for ln in lines if ln.startswith("- ")]
     assert line.startswith(r"- **net\***, p\_\[x\] at a\|b: hurt most c\|0 (0.60), c2 (0.75); least c1 (0.95)")

@@ -189,16 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     _sub(sub, "plugins", "list loaded plugins, their distributions and what each contributes")
 
-    board = _sub(sub, "leaderboard", "render the Markdown leaderboard (and figures) from result files")
+    board = _sub(sub, "leaderboard", "render the leaderboard (and figures) from result files: Markdown, JSON, HTML")
     board.add_argument("results", nargs="+", type=Path, help="results.csv files or directories holding them")
-    board.add_argument("--out", type=Path, default=Path("leaderboard/LEADERBOARD.md"), metavar="FILE",
-                       help="the Markdown file (default: leaderboard/LEADERBOARD.md)")
+    board.add_argument("--out", type=Path, metavar="FILE",
+                       help="the leaderboard's file (default: leaderboard/LEADERBOARD.md, .json, .html: the format's)")
+    board.add_argument("--format", default="md", metavar="NAME",
+                       help="a reporter: md, json, html or a plugin's (lesionbench list reporters; default: md)")
     board.add_argument("--plots", type=Path, metavar="DIR", help="figure directory (default: plots/ beside --out)")
-    board.add_argument("--no-plots", action="store_true", help="only the Markdown (default: draw the figures)")
+    board.add_argument("--no-plots", action="store_true", help="only the leaderboard's documents (default: draw the figures)")
     board.add_argument("--metric", choices=["top1", "top5"],
                        help="score from this metric (default: the one each run's manifest records)")
     board.add_argument("--title", default="lesionbench leaderboard",
-                       help="the Markdown title (default: lesionbench leaderboard)")
+                       help="the leaderboard's title (default: lesionbench leaderboard)")
 
     cmp = _sub(sub, "compare", "CI gate: exit 1 when a layer score or clean accuracy drops, significantly")
     cmp.add_argument("new", type=Path, help="new results.csv or run directory")
@@ -306,7 +308,11 @@ def cmd_train(args) -> int:
 def cmd_leaderboard(args) -> int:
     from lesionbench.publish import publish
 
-    out = publish(args.results, args.out, args.plots, draw=not args.no_plots, title=args.title, metric=args.metric)
+    from lesionbench.leaderboard import reporter
+
+    out = args.out or Path("leaderboard") / f"LEADERBOARD{reporter(args.format).suffix}"  # unknown format: exit 2
+    out = publish(args.results, out, args.plots, draw=not args.no_plots, title=args.title, metric=args.metric,
+                  format=args.format)  # fmt: skip
     console.print(f"wrote {out}")
     return 0
 
