@@ -402,12 +402,12 @@ def test_cat_onto_an_empty_tensor_runs_and_units_keep_their_offsets(data, regist
 
 
 def test_an_internal_failure_is_reported_as_lesionbench_s_not_the_plugin_s(data, registry, monkeypatch):
-    import lesionbench.graph as graph_module
+    import lesionbench.unit_spans as unit_spans
 
     def broken(*_args, **_kwargs):
         raise IndexError("tuple index out of range")
 
-    monkeypatch.setattr(graph_module, "follow_units", broken)
+    monkeypatch.setattr(unit_spans, "follow_units", broken)  # the probe calls it through its module
     with pytest.raises(LesionbenchError) as info:
         run(study("case3:CatEmpty", [], "synapse_knockout", [0.0], data), registry=registry)
     message = str(info.value)
