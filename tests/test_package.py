@@ -184,6 +184,14 @@ def test_import_graph_has_no_cycles():
         assert "import argparse" not in source and "from rich" not in source, f"{name} knows argparse or rich"
 
 
+@pytest.mark.xfail(strict=False, reason="until #26 branches merge")
+def test_no_module_is_over_400_lines():
+    """A module does one job: none of benchmark/, plugins/, models/ over 400 lines (split along its seams)."""
+    lines = {name: len(path.read_text().splitlines()) for name, path in module_files().items()}
+    assert len(lines) > 40, "the package's modules were not found"
+    assert {name: n for name, n in lines.items() if n > 400} == {}
+
+
 def _run_cli(args: list[str], cwd: Path, extra_path: list[Path] = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="250", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([*(str(p) for p in extra_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
