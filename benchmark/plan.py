@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from lesionbench import adaptive
+from lesionbench.adaptive import extra_draws  # noqa: F401 - re-exported (its home before adaptive.py)
 from lesionbench.data import RawDataset, stratified_subset
 from lesionbench.errors import LesionbenchError, internal_failure, plugin_failure
 from lesionbench.evaluate import resolve_device
@@ -120,27 +121,10 @@ class Plan:
 
     def extra_cells(self, cells: list[Cell], values: Mapping[tuple[float, int], float]) -> list[Cell]:
         """Adaptive draws: the draws to add to a block whose cells so far are ``cells`` with metric
-        ``values`` by (level, draw) (a cell missing or NaN there — failed — counts as a draw made
-        but not as a value).
-
-        Per level: while the 95% t-interval of the mean over its draws, 2·t(0.975, n−1)·s/√n, is
-        not narrower than ``target_ci`` and fewer than ``max_draws`` draws were made, add the draws
-        that interval says are needed (at least one). Draw k is the cell it would be without
-        adaptivity (same seed), so the decision is deterministic and resumable."""
+        ``values`` by (level, draw) (the policy: :func:`lesionbench.adaptive.extra_cells`)."""
         if not self.adaptive:
             return []
-        by_level: dict[float, list[Cell]] = {}
-        for c in cells:
-            by_level.setdefault(c.level, []).append(c)
-        out = []
-        for level, made in by_level.items():
-            if len(made) < 2:  # the identity level, a deterministic perturbation: one draw says it all
-                continue
-            add = extra_draws([values.get((c.level, c.draw), math.nan) for c in made], self.study.target_ci,
-                              self.study.max_draws)  # fmt: skip
-            first = max(c.draw for c in made) + 1
-            out += [replace(made[0], draw=first + k) for k in range(add)]
-        return out
+        return adaptive.extra_cells(cells, values, self.study.target_ci, self.study.max_draws)
 
     def block_values(self, name: str, cells: list[Cell], done: Mapping) -> dict[tuple[float, int], float]:
         """The study metric, by (level, draw), of each cell of ``cells`` already in ``done`` (key → (top1, top5))."""
@@ -196,26 +180,6 @@ class Plan:
     def seed(self, name: str, cell: Cell) -> int:
         """The seed of a cell's generator: what the cell is, never where or when it runs."""
         return cell_seed(self.study.seed, name, cell.layer.name, cell.perturbation.name, cell.level, cell.draw)
-
-
-def extra_draws(values: list[float], target: float, cap: int) -> int:
-    """How many draws to add to a level whose ``len(values)`` draws gave ``values`` (NaN: failed).
-
-    0 when the 95% t-interval of their mean, 2·t(0.975, n−1)·s/√n over the finite values, is
-    narrower than ``target``, or ``cap`` draws were made; else enough to bring the interval under
-    ``target`` at the current spread (at least one), capped at ``cap``."""
-    n = len(values)
-    finite = [v for v in values if math.isfinite(v)]
-    if n >= cap or len(finite) < 2:
-        return 0
-    s = float(np.std(finite, ddof=1))
-    from scipy import stats  # here: a study without adaptive draws never loads scipy
-
-    t = float(stats.t.ppf(0.975, len(finite) - 1))
-    if 2 * t * s / math.sqrt(len(finite)) < target:
-        return 0
-    needed = math.ceil((2 * t * s / target) ** 2)
-    return min(cap, max(n + 1, needed)) - n
 
 
 def check_device(name: str) -> torch.device:

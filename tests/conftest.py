@@ -1,14 +1,38 @@
-"""Shared test helpers: small data sets the tests make themselves (no download, no shared/ files)."""
+"""Shared test fixtures and helpers.
+
+* ``registry`` (the built-in plugins, plus a module's own ``PLUGINS``) and ``perts`` (its
+  perturbations by name);
+* ``fashion``: a small Fashion-MNIST ``test`` split of random images the suite makes itself
+  (:func:`write_fashion` for other sizes);
+* ``study``: a factory of study dicts for :func:`lesionbench.run` / ``parse_study``;
+* ``@pytest.mark.golden(path, what)``: a test that needs data the clone does not make (the installed
+  Fashion-MNIST, the shared ImageNet sample). It is skipped, with the reason, where the data is
+  missing, but fails loudly where the environment variable ``CI`` is set (``.ci/run`` sets it):
+  a CI that silently skipped the golden tests would pass without checking anything.
+"""
 
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lesionbench.cli import NOT_SCORED_EXIT
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (make data)
+SHARED_DATA = Path(os.environ.get("LESIONBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+IMAGENET_SAMPLE = Path(os.environ.get("LESIONBENCH_IMAGENET_SAMPLE", SHARED_DATA / "imagenet-sample"))
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+# The exit statuses of a run that finished: 0, or 3 when its model's clean accuracy is at chance and
+# it is not scored (the suite's random images and untrained nets often are).
+FINISHED = (0, NOT_SCORED_EXIT)
 
 
 def write_fashion(root: Path, n: int = 60, labels: np.ndarray | None = None) -> Path:
@@ -26,6 +50,86 @@ def write_fashion(root: Path, n: int = 60, labels: np.ndarray | None = None) -> 
     return root
 
 
-# The exit statuses of a run that finished: 0, or 3 when its model's clean accuracy is at chance and
-# it is not scored (the suite's random images and untrained nets often are).
-FINISHED = (0, NOT_SCORED_EXIT)
+# ------------------------------------------------------------------------------------ golden data
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "golden(path, what, modules=()): needs data (and packages) the clone does not make: skipped "
+        "where missing, failed where env CI is set",
+    )  # fmt: skip
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("golden"):
+        path, what = Path(mark.args[0]), mark.args[1]
+        missing = [] if path.exists() else [f"{what} is not at {path}"]
+        for module in mark.kwargs.get("modules", ()):
+            try:
+                __import__(module)
+            except ImportError:
+                missing.append(f"the package {module!r} is not installed (make setup)")
+        if missing:
+            why = "; ".join(missing)
+            if IN_CI:
+                pytest.fail(f"golden test without its data in CI (CI={os.environ['CI']}): {why}", pytrace=False)
+            pytest.skip(why)
+
+
+def needs_fashion_mnist() -> pytest.MarkDecorator:
+    return pytest.mark.golden(FASHION_MNIST, "Fashion-MNIST (make data)")
+
+
+def needs_imagenet_sample(*modules: str) -> pytest.MarkDecorator:
+    return pytest.mark.golden(IMAGENET_SAMPLE, "the shared ImageNet sample (../shared/data)", modules=modules)
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def registry(request: pytest.FixtureRequest):
+    """The built-in plugins' registry, with the test module's own ``PLUGINS`` ((name, plugin) pairs)
+    registered beside them; one per module, so a module's plugins never reach another's tests."""
+    from lesionbench.registry import create_registry
+
+    plugins = list(getattr(request.module, "PLUGINS", ()))
+    return create_registry(plugins) if plugins else create_registry()
+
+
+@pytest.fixture(scope="module")
+def perts(registry) -> dict:
+    """The registered perturbations by name."""
+    return {name: c.obj for name, c in registry.contributions("perturbations").items()}
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory) -> Path:
+    """A Fashion-MNIST ``test`` split of 60 random images (:func:`write_fashion`)."""
+    return write_fashion(tmp_path_factory.mktemp("data") / "fashion")
+
+
+def make_study(models: str | dict | Sequence[str | dict], layers: Sequence[str], perturbations: str | Sequence[str],
+               levels: Sequence[float] | dict, data: Path | None = None, *, name: str = "case", draws: int = 1,
+               n_images: int = 40, seed: int = 0, **extra) -> dict:  # fmt: skip
+    """A study as a dict: the models (a ref, a ``{"ref": …, "options": …}`` table, or a list of them),
+    the layers, the perturbations (each at ``levels``, or ``levels`` by perturbation), on the CPU,
+    on the Fashion-MNIST ``test`` split at ``data`` (the installed one when None); ``extra`` keys
+    override or add any study option."""
+    models = [models] if isinstance(models, (str, dict)) else list(models)
+    perturbations = [perturbations] if isinstance(perturbations, str) else list(perturbations)
+    dataset = {"name": "fashion_mnist", "n_images": n_images} | ({"path": str(data)} if data else {})
+    return {
+        "name": name, "models": [m if isinstance(m, dict) else {"ref": m} for m in models], "layers": list(layers),
+        "perturbations": perturbations,
+        "levels": dict(levels) if isinstance(levels, dict) else {p: list(levels) for p in perturbations},
+        "draws": draws, "device": "cpu", "seed": seed, "dataset": dataset,
+    } | extra  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def study(request: pytest.FixtureRequest) -> Callable[..., dict]:
+    """:func:`make_study`, with the test module's ``STUDY_DEFAULTS`` (a dict of its keyword
+    arguments) as defaults."""
+    defaults = dict(getattr(request.module, "STUDY_DEFAULTS", {}))
+    return lambda *args, **kwargs: make_study(*args, **(defaults | kwargs))

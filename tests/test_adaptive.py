@@ -12,7 +12,7 @@ import pytest
 
 import lesionbench
 from lesionbench.errors import LesionbenchError
-from lesionbench.plan import extra_draws
+from lesionbench.adaptive import extra_draws
 from lesionbench.study import parse_study
 from test_compare_significance import one_thread, trained  # noqa: F401 - fixtures
 

@@ -24,16 +24,6 @@ NEW = ["quantize", "quantize_per_channel", "reinit", "rerandomize", "activation_
 
 
 @pytest.fixture(scope="module")
-def registry():
-    return create_registry()
-
-
-@pytest.fixture(scope="module")
-def perts(registry):
-    return {name: c.obj for name, c in registry.contributions("perturbations").items()}
-
-
-@pytest.fixture(scope="module")
 def sources(registry):
     return {name: c.obj for name, c in registry.contributions("models").items()}
 

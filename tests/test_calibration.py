@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.special import ndtr
 
+from conftest import needs_fashion_mnist
 from lesionbench.calibration import SLOPES, SPREADS, run, simulate, truth
 from lesionbench.scores import layer_scores
 
@@ -38,11 +39,8 @@ def test_the_truth_is_what_many_images_and_draws_converge_to():
     assert abs(df.loc[df["perturbation"] == "clean", "top1"].iloc[0] - clean) < 0.01
 
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Fashion-MNIST (make data)")
+@needs_fashion_mnist()
 def test_the_seed_gate_benchmark_runs(tmp_path):
     """benchmarks/seed_gate.py with one re-run: the conv1-noise model fails the gate, the re-run passes it."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_gate.py"

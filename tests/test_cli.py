@@ -54,11 +54,6 @@ def study_text(data: Path, model: str = '{ref = "fashion_alexnet", weights = "no
 
 
 @pytest.fixture(scope="module")
-def fashion(tmp_path_factory) -> Path:
-    return write_fashion(tmp_path_factory.mktemp("data") / "fashion")
-
-
-@pytest.fixture(scope="module")
 def study(tmp_path_factory, fashion) -> Path:
     path = tmp_path_factory.mktemp("study") / "tiny.toml"
     path.write_text(study_text(fashion))
@@ -75,7 +70,7 @@ def wide_console(monkeypatch):
 def reference(tmp_path_factory, study) -> tuple[Path, pd.DataFrame]:
     """One uninterrupted run of the tiny study, shared by the tests that compare against it."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    assert main(["run", str(study), "--out", str(out)]) in FINISHED
+    assert main(["run", str(study), "--out", str(out), "--no-plots"]) in FINISHED
     return out, read(out)
 
 
@@ -134,12 +129,12 @@ def test_runs_are_deterministic_and_seed_dependent(reference, study, tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(12345)  # whatever the global generator holds must not matter
         torch.rand(1000)
-        assert main(["run", str(study), "--out", str(again)]) in FINISHED
+        assert main(["run", str(study), "--out", str(again), "--no-plots"]) in FINISHED
     cols = KEY + ["seed", "top1", "top5", "loss"]
     pd.testing.assert_frame_equal(ordered(first)[cols], ordered(read(again))[cols])
 
     other = tmp_path / "other"
-    assert main(["run", str(study), "--out", str(other), "--seed", "7"]) in FINISHED
+    assert main(["run", str(study), "--out", str(other), "--seed", "7", "--no-plots"]) in FINISHED
     a, b = ordered(first), ordered(read(other))
     assert list(a[KEY].itertuples(index=False)) == list(b[KEY].itertuples(index=False))
     cells = a["perturbation"] != "clean"
@@ -164,7 +159,7 @@ def test_model_is_bit_identical_after_a_run(study, tmp_path):
 
 def test_debug_run_is_clean(study, tmp_path):
     out = tmp_path / "dbg"
-    assert main(["run", str(study), "--out", str(out), "--debug", "--perturbations", "node_knockout",
+    assert main(["run", str(study), "--out", str(out), "--no-plots", "--debug", "--perturbations", "node_knockout",
                  "--levels", "0,0.5"]) in FINISHED  # fmt: skip
     df = read(out)
     assert set(df["perturbation"]) == {"clean", "node_knockout"}
@@ -175,12 +170,12 @@ def test_debug_run_is_clean(study, tmp_path):
 def test_resume_after_a_crash_equals_the_uninterrupted_run(reference, study, tmp_path):
     ref_dir, ref = reference
     out = tmp_path / "crashed"
-    assert main(["run", str(study), "--out", str(out)]) in FINISHED
+    assert main(["run", str(study), "--out", str(out), "--no-plots"]) in FINISHED
     lines = (out / "results.csv").read_text().splitlines(keepends=True)
     torn = lines[5][: len(lines[5]) // 2]
     (out / "results.csv").write_text("".join(lines[:5]) + torn)  # header, 4 rows, half a row
 
-    assert main(["run", "--resume", str(out)]) in FINISHED
+    assert main(["run", "--resume", str(out), "--no-plots"]) in FINISHED
     resumed = read(out)
     assert len(resumed) == len(ref)
     pd.testing.assert_frame_equal(ordered(resumed), ordered(ref))
@@ -330,7 +325,7 @@ def test_labels_beyond_the_model_classes(tmp_path, capsys):
     expect_bad(["run", str(path)], tmp_path / "o", capsys, "label 12", "10 classes", "fashion_alexnet")
     # and with enough output units the same data runs
     path.write_text(study_text(data, model='{ref = "fashion_alexnet", weights = "none", options = {num_classes = 13}}'))
-    assert main(["run", str(path), "--out", str(tmp_path / "ok"), "--layers", "fc8",
+    assert main(["run", str(path), "--out", str(tmp_path / "ok"), "--no-plots", "--layers", "fc8",
                  "--perturbations", "node_knockout", "--levels", "0,1", "--draws", "1"]) in FINISHED  # fmt: skip
 
 

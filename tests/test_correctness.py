@@ -11,7 +11,6 @@ called, tuple outputs, half precision, the class count, and the bit-flip count's
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +21,7 @@ from scipy import stats
 from torch import nn
 from torchvision import transforms
 
-from conftest import write_fashion
+from conftest import needs_fashion_mnist, write_fashion
 from lesionbench.api import run
 from lesionbench.errors import LesionbenchError
 from lesionbench.graph import ModelGraph, discover_layers
@@ -31,8 +30,7 @@ from lesionbench.model_sources import LoadedModel
 from lesionbench.perturbation import binomial_count, generator_for
 from lesionbench.registry import create_registry
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (make data)")
+needs_fashion = needs_fashion_mnist()
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 
 
@@ -189,17 +187,8 @@ class Plugin:
         return [Source()]
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return create_registry([("repro", Plugin())])
-
-
-def study(model, layers, perturbation, levels, draws=2, n_images=64, data=None, **extra) -> dict:
-    ref = model if isinstance(model, dict) else {"ref": model}
-    out = {"name": "case", "models": [ref], "layers": layers, "perturbations": [perturbation],
-           "levels": {perturbation: levels}, "draws": draws, "device": "cpu", "seed": 0,
-           "dataset": {"name": "fashion_mnist", "n_images": n_images} | ({"path": str(data)} if data else {})}  # fmt: skip
-    return out | extra
+PLUGINS = [("repro", Plugin())]  # beside the built-ins in conftest's registry fixture
+STUDY_DEFAULTS = {"name": "case", "draws": 2, "n_images": 64}  # conftest's study fixture
 
 
 def fast_and_naive(spec: dict, registry) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -215,14 +204,14 @@ def damaged(df: pd.DataFrame) -> pd.DataFrame:
 
 
 @needs_fashion
-def test_in_place_statement_keeps_its_dependency_in_the_fast_engine(registry):
+def test_in_place_statement_keeps_its_dependency_in_the_fast_engine(study, registry):
     fast, naive = fast_and_naive(study("repro:InplaceStmt", ["c2"], "synapse_knockout", [0.0, 0.5]), registry)
     np.testing.assert_allclose(damaged(fast)["loss"], damaged(naive)["loss"], rtol=1e-6)
     assert list(damaged(naive)["loss"].round(4)) == [2.3099, 2.3243]  # the case's right values
     assert damaged(fast)["loss"].nunique() == 2  # not the clean network's output for every draw
 
 
-def test_in_place_write_into_a_view_falls_back_to_full_passes_and_says_so(tmp_path, registry):
+def test_in_place_write_into_a_view_falls_back_to_full_passes_and_says_so(study, tmp_path, registry):
     data = write_fashion(tmp_path / "fashion", n=40)
     spec = study("repro:ViewInplace", ["c2"], "weight_noise", [0.0, 1.0], n_images=40, data=data)
     fast, naive = fast_and_naive(spec, registry)
@@ -238,7 +227,7 @@ def test_in_place_write_into_a_view_falls_back_to_full_passes_and_says_so(tmp_pa
 
 
 @needs_fashion
-def test_bn_recalibration_on_a_cached_shortcut_equals_the_naive_engine():
+def test_bn_recalibration_on_a_cached_shortcut_equals_the_naive_engine(study):
     layers = ["layer2.0.conv1", "layer2.0.conv2", "layer3.0.conv1"]  # main-path convs of downsampling blocks
     spec = study("fashion_resnet", layers, "synapse_knockout", [0.0, 0.5], n_images=100, bn_recalibrate=True,
                  calibration_images=100)  # fmt: skip
@@ -264,7 +253,7 @@ def test_only_the_batchnorms_the_damage_reaches_are_recalibrated():
 
 
 @needs_fashion
-def test_parameters_sharing_storage_are_a_tie(registry):
+def test_parameters_sharing_storage_are_a_tie(study, registry):
     fast, naive = fast_and_naive(study("repro:TiedStorage", ["b"], "synapse_knockout", [0.0, 0.5]), registry)
     np.testing.assert_allclose(damaged(fast)["loss"], damaged(naive)["loss"], rtol=1e-6)
     assert list(damaged(naive)["loss"].round(4))[:1] == [2.3218]  # the case's right value (first draw)
@@ -276,7 +265,7 @@ def test_parameters_sharing_storage_are_a_tie(registry):
 # ------------------------------------------------------------------------------------ 4. parametrized
 
 
-def test_parametrized_weight_is_refused_by_name_and_left_out_otherwise(tmp_path, registry):
+def test_parametrized_weight_is_refused_by_name_and_left_out_otherwise(study, tmp_path, registry):
     data = write_fashion(tmp_path / "fashion", n=40)
     with pytest.raises(LesionbenchError, match=r"layer 'c1' of model 'repro:WeightNorm' cannot be perturbed: .*parametrization"):
         run(study("repro:WeightNorm", ["c1"], "synapse_knockout", [0.0, 1.0], n_images=40, data=data), registry=registry)
@@ -301,7 +290,7 @@ def test_the_norm_a_unit_feeds_is_found_through_activations_and_at_every_use():
 
 
 @needs_fashion
-def test_node_knockout_of_identical_functions_is_identical(registry):
+def test_node_knockout_of_identical_functions_is_identical(study, registry):
     results = []
     for inplace in (False, True):
         df = run(study({"ref": "repro:ReluBN", "options": {"inplace": inplace}}, ["c1"], "node_knockout", [0.0, 1.0]),
@@ -327,7 +316,7 @@ def test_layers_the_forward_pass_uses_without_calling_them_are_found():
                                             "encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_0.mlp.3"]  # fmt: skip
 
 
-def test_attention_out_proj_is_perturbed_and_fast_equals_naive(tmp_path, registry):
+def test_attention_out_proj_is_perturbed_and_fast_equals_naive(study, tmp_path, registry):
     data = write_fashion(tmp_path / "fashion", n=40)
     spec = study("repro:MHA", ["attn.out_proj"], "synapse_knockout", [0.0, 1.0], n_images=40, data=data)
     fast, naive = fast_and_naive(spec, registry)
@@ -339,7 +328,7 @@ def test_attention_out_proj_is_perturbed_and_fast_equals_naive(tmp_path, registr
 # ------------------------------------------------------------------------------------ 7. outputs
 
 
-def test_logits_come_from_the_first_element_or_the_logits_key(tmp_path, registry):
+def test_logits_come_from_the_first_element_or_the_logits_key(study, tmp_path, registry):
     data = write_fashion(tmp_path / "fashion", n=40)
     for arch in ("TupleOut", "DictOut"):
         df = run(study(f"repro:{arch}", ["c1"], "synapse_knockout", [0.0, 1.0], n_images=40, data=data),
@@ -347,7 +336,7 @@ def test_logits_come_from_the_first_element_or_the_logits_key(tmp_path, registry
         assert df["error"].eq("").all() and np.isfinite(df["loss"]).all(), arch
 
 
-def test_a_model_without_class_scores_is_refused_before_anything_is_written(tmp_path, registry):
+def test_a_model_without_class_scores_is_refused_before_anything_is_written(study, tmp_path, registry):
     from lesionbench.api import run as api_run
 
     data = write_fashion(tmp_path / "fashion", n=40)
@@ -361,7 +350,7 @@ def test_a_model_without_class_scores_is_refused_before_anything_is_written(tmp_
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_models_run_and_bit_flips_act_in_their_dtype(tmp_path, registry, dtype):
+def test_half_precision_models_run_and_bit_flips_act_in_their_dtype(study, tmp_path, registry, dtype):
     data = write_fashion(tmp_path / "fashion", n=40)
     spec = study({"ref": "repro:TupleOut", "options": {"dtype": dtype}}, ["c1"], "bit_flip", [0.0, 1e-3], n_images=40,
                  data=data)  # fmt: skip
@@ -375,7 +364,7 @@ def test_half_precision_models_run_and_bit_flips_act_in_their_dtype(tmp_path, re
 # ------------------------------------------------------------------------------------ 9. class count
 
 
-def test_class_count_comes_from_the_output_not_the_declaration_order(tmp_path, registry):
+def test_class_count_comes_from_the_output_not_the_declaration_order(study, tmp_path, registry):
     data = write_fashion(tmp_path / "fashion", n=40)
     df = run(study("repro:DeclOrder", [], "synapse_knockout", [0.0, 0.5], n_images=40, data=data), registry=registry)
     assert set(df["layer"]) == {"", "c1", "proj", "head"}

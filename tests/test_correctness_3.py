@@ -26,7 +26,6 @@ from lesionbench.errors import LesionbenchError
 from lesionbench.graph import ModelGraph
 from lesionbench.hookspecs import hookimpl
 from lesionbench.model_sources import LoadedModel
-from lesionbench.registry import create_registry
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 
@@ -323,22 +322,12 @@ class Plugin:
         return [Source()]
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return create_registry([("case3", Plugin())])
-
+PLUGINS = [("case3", Plugin())]  # beside the built-ins in conftest's registry fixture
+STUDY_DEFAULTS = {"name": "case3"}  # conftest's study fixture: draws 1, 40 images
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_fashion(tmp_path_factory.mktemp("fashion") / "fashion", n=40)
-
-
-def study(model, layers, perturbations, levels, data, draws=1, **extra) -> dict:
-    ref = model if isinstance(model, dict) else {"ref": model}
-    perturbations = [perturbations] if isinstance(perturbations, str) else perturbations
-    return {"name": "case3", "models": [ref], "layers": layers, "perturbations": perturbations,
-            "levels": {p: levels for p in perturbations}, "draws": draws, "device": "cpu", "seed": 0,
-            "dataset": {"name": "fashion_mnist", "n_images": 40, "path": str(data)}} | extra  # fmt: skip
 
 
 def fast_and_naive(spec: dict, registry) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -346,7 +335,7 @@ def fast_and_naive(spec: dict, registry) -> tuple[pd.DataFrame, pd.DataFrame]:
     return frames[0], frames[1]
 
 
-def clean_loss(arch: str, data, registry, **options) -> float:
+def clean_loss(study, arch: str, data, registry, **options) -> float:
     """The loss of the case's model (with ``options``, e.g. the silencing oracle), undamaged."""
     df = run(study({"ref": f"case3:{arch}", "options": options}, [], "synapse_knockout", [0.0], data), registry=registry)
     return float(df.loc[df["perturbation"] == "clean", "loss"].iloc[0])
@@ -360,7 +349,7 @@ def loss_at(df: pd.DataFrame, perturbation: str, level: float, layer: str | None
 # ------------------------------------------------------------------------------------ Conv1D
 
 
-def test_transformers_conv1d_is_a_layer_whose_units_are_the_weight_columns(data, registry):
+def test_transformers_conv1d_is_a_layer_whose_units_are_the_weight_columns(study, data, registry):
     pytest.importorskip("transformers")
     graph = ModelGraph.of(HFConv1D().eval(), torch.zeros(1, 1, 28, 28))
     fc = next(l for l in graph.layers if l.name == "fc")
@@ -370,10 +359,10 @@ def test_transformers_conv1d_is_a_layer_whose_units_are_the_weight_columns(data,
                  data, draws=2)  # fmt: skip
     fast, naive = fast_and_naive(spec, registry)
     np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
-    silenced = clean_loss("HFConv1D", data, registry, silence=["fc"])  # the oracle: fc emits zeros
+    silenced = clean_loss(study, "HFConv1D", data, registry, silence=["fc"])  # the oracle: fc emits zeros
     for perturbation in ("node_knockout", "filter_prune", "synapse_knockout"):
         np.testing.assert_allclose(loss_at(fast, perturbation, 1.0), silenced, rtol=1e-6)
-    clean = clean_loss("HFConv1D", data, registry)
+    clean = clean_loss(study, "HFConv1D", data, registry)
     assert (loss_at(fast, "node_knockout", 0.5) != clean).all()  # half the columns silenced changes the output
 
 
@@ -393,7 +382,7 @@ def test_conv1d_node_knockout_zeroes_whole_columns():
 # ------------------------------------------------------------------------------------ cat with (0,)
 
 
-def test_cat_onto_an_empty_tensor_runs_and_units_keep_their_offsets(data, registry):
+def test_cat_onto_an_empty_tensor_runs_and_units_keep_their_offsets(study, data, registry):
     graph = ModelGraph.of(CatEmpty().eval(), torch.zeros(1, 1, 28, 28))
     assert [l.name for l in graph.layers] == ["branches.0", "branches.1", "branches.2", "head"]
     fast, naive = fast_and_naive(study("case3:CatEmpty", [], "synapse_knockout", [0.0, 1.0], data), registry)
@@ -401,13 +390,13 @@ def test_cat_onto_an_empty_tensor_runs_and_units_keep_their_offsets(data, regist
     assert fast["error"].eq("").all()
 
 
-def test_an_internal_failure_is_reported_as_lesionbench_s_not_the_plugin_s(data, registry, monkeypatch):
-    import lesionbench.graph as graph_module
+def test_an_internal_failure_is_reported_as_lesionbench_s_not_the_plugin_s(study, data, registry, monkeypatch):
+    import lesionbench.unit_spans as unit_spans
 
     def broken(*_args, **_kwargs):
         raise IndexError("tuple index out of range")
 
-    monkeypatch.setattr(graph_module, "follow_units", broken)
+    monkeypatch.setattr(unit_spans, "follow_units", broken)  # the probe calls it through its module
     with pytest.raises(LesionbenchError) as info:
         run(study("case3:CatEmpty", [], "synapse_knockout", [0.0], data), registry=registry)
     message = str(info.value)
@@ -419,11 +408,11 @@ def test_an_internal_failure_is_reported_as_lesionbench_s_not_the_plugin_s(data,
 
 
 @pytest.mark.parametrize(("arch", "layer", "norm"), [("ConvGN", "c1", "norm"), ("TransposeBN", "fc", "bn")])
-def test_node_knockout_silences_the_unit_after_the_norm_it_feeds(data, registry, arch, layer, norm):
+def test_node_knockout_silences_the_unit_after_the_norm_it_feeds(study, data, registry, arch, layer, norm):
     spec = study(f"case3:{arch}", [layer], ["node_knockout", "filter_prune", "synapse_knockout"], [0.0, 1.0], data)
     fast, naive = fast_and_naive(spec, registry)
     np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
-    oracle = clean_loss(arch, data, registry, silence=[layer, norm])  # zero at the layer and after its norm
+    oracle = clean_loss(study, arch, data, registry, silence=[layer, norm])  # zero at the layer and after its norm
     for perturbation in ("node_knockout", "filter_prune"):
         np.testing.assert_allclose(loss_at(fast, perturbation, 1.0), oracle, rtol=1e-6)
     assert not np.allclose(loss_at(fast, "synapse_knockout", 1.0), oracle)  # the norm's shift alone differs
@@ -481,7 +470,7 @@ def _positions(silent: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ QAT observers
 
 
-def test_qat_observers_do_not_move_and_the_model_comes_back_bit_identical(data, registry):
+def test_qat_observers_do_not_move_and_the_model_comes_back_bit_identical(study, data, registry):
     spec = study("case3:QATFakeQuant", [], ["synapse_knockout", "node_knockout"], [0.0, 0.5, 1.0], data)
     frames = []
     for engine in ("fast", "naive"):
@@ -496,7 +485,7 @@ def test_qat_observers_do_not_move_and_the_model_comes_back_bit_identical(data, 
         assert [m.training for m in model.modules()] == [m.training for m in before.modules()]
         frames.append(df)
     np.testing.assert_array_equal(frames[0]["loss"], frames[1]["loss"])  # order of evaluation does not matter
-    oracle = clean_loss("QATFakeQuant", data, registry, frozen=True)  # observers off by PyTorch's own switch
+    oracle = clean_loss(study, "QATFakeQuant", data, registry, frozen=True)  # observers off by PyTorch's own switch
     assert float(frames[0].loc[frames[0]["perturbation"] == "clean", "loss"].iloc[0]) == oracle
 
 
@@ -506,14 +495,14 @@ def test_qat_observers_do_not_move_and_the_model_comes_back_bit_identical(data, 
 HOOKS = ["activation_knockout", "activation_noise", "activation_bit_flip"]
 
 
-def test_hook_perturbations_refuse_by_name_a_layer_their_hook_cannot_see(data, registry):
+def test_hook_perturbations_refuse_by_name_a_layer_their_hook_cannot_see(study, data, registry):
     for perturbation in HOOKS:
         with pytest.raises(LesionbenchError, match=r"layer 'attn.out_proj' of model 'case3:MHAAct': its weight is "
                                                    r"applied by 'multi_head_attention_forward'"):  # fmt: skip
             run(study("case3:MHAAct", ["attn.out_proj"], perturbation, [0.0, 1.0], data), registry=registry)
 
 
-def test_hook_perturbations_damage_a_layer_called_as_forward_or_through_f_linear(data, registry):
+def test_hook_perturbations_damage_a_layer_called_as_forward_or_through_f_linear(study, data, registry):
     graph = ModelGraph.of(ForwardCall().eval(), torch.zeros(1, 1, 28, 28))
     assert {l.name: l.applied_by for l in graph.layers} == {"c1": "", "fc": "linear", "head": "linear"}
     spec = study("case3:ForwardCall", ["fc", "head"], HOOKS + ["synapse_knockout"], [0.0, 1.0], data)
@@ -543,7 +532,7 @@ def test_lesioned_refuses_a_hook_perturbation_on_a_layer_its_hook_cannot_see():
             pass
 
 
-def test_hook_perturbations_leave_out_unseen_layers_and_say_so_in_run_log(data, registry, tmp_path):
+def test_hook_perturbations_leave_out_unseen_layers_and_say_so_in_run_log(study, data, registry, tmp_path):
     df = run(study("case3:MHAAct", [], ["activation_knockout", "synapse_knockout"], [0.0, 1.0], data), tmp_path / "r",
              registry=registry)  # fmt: skip
     hooked = df[df["perturbation"] == "activation_knockout"]
@@ -559,14 +548,14 @@ def test_hook_perturbations_leave_out_unseen_layers_and_say_so_in_run_log(data, 
 # ------------------------------------------------------------------------------------ LoRA
 
 
-def test_a_lora_wrapped_layer_is_one_layer_damaged_through_its_effective_weight(data, registry):
+def test_a_lora_wrapped_layer_is_one_layer_damaged_through_its_effective_weight(study, data, registry):
     graph = ModelGraph.of(LoRA().eval(), torch.zeros(1, 1, 28, 28))
     assert [l.name for l in graph.layers] == ["c1", "fc.base_layer", "head"]
     assert {"fc.lora_A.default", "fc.lora_B.default"} <= set(graph.left_out)
     perturbations = ["node_knockout", "synapse_knockout", "filter_prune", "activation_knockout"]
     fast, naive = fast_and_naive(study("case3:LoRA", ["fc.base_layer"], perturbations, [0.0, 0.5, 1.0], data), registry)
     np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
-    oracle = clean_loss("LoRA", data, registry, silence=["fc"])  # the wrapper's output (base + s·B·A) zeroed
+    oracle = clean_loss(study, "LoRA", data, registry, silence=["fc"])  # the wrapper's output (base + s·B·A) zeroed
     for perturbation in perturbations:
         np.testing.assert_allclose(loss_at(fast, perturbation, 1.0), oracle, rtol=1e-6)
     model, x = LoRA().eval(), torch.randn(2, 1, 28, 28)
@@ -581,14 +570,14 @@ def test_a_lora_wrapped_layer_is_one_layer_damaged_through_its_effective_weight(
 # ------------------------------------------------------------------------------------ left out, refused
 
 
-def test_a_dynamically_quantised_linear_is_named_in_run_log(data, registry, tmp_path):
+def test_a_dynamically_quantised_linear_is_named_in_run_log(study, data, registry, tmp_path):
     df = run(study("case3:DynQuant", [], "synapse_knockout", [0.0, 1.0], data), tmp_path / "r", registry=registry)
     assert set(df["layer"]) == {"", "c1"}
     log = (tmp_path / "r" / "run.log").read_text()
     assert "case3:DynQuant: head left out: a quantized torch.ao.nn.quantized.dynamic" in log and "packed" in log
 
 
-def test_weights_read_that_are_no_layer_s_are_named(data, registry, tmp_path):
+def test_weights_read_that_are_no_layer_s_are_named(study, data, registry, tmp_path):
     run(study("case3:MHAAct", [], "synapse_knockout", [0.0], data), tmp_path / "r", registry=registry)
     log = (tmp_path / "r" / "run.log").read_text()
     assert "attn.in_proj_weight left out: a weight of MultiheadAttention that 'multi_head_attention_forward' reads" in log
@@ -599,7 +588,7 @@ def test_weights_read_that_are_no_layer_s_are_named(data, registry, tmp_path):
     ("AllPruned", r"has no layer lesionbench can perturb \(c1: its weight is recomputed as weight_orig × weight_mask "
                   r"by torch.nn.utils.prune.*; head: "),
 ])  # fmt: skip
-def test_unsupported_models_are_refused_with_the_reason(data, registry, tmp_path, arch, message):
+def test_unsupported_models_are_refused_with_the_reason(study, data, registry, tmp_path, arch, message):
     with pytest.raises(LesionbenchError, match=message):
         run(study(f"case3:{arch}", [], "synapse_knockout", [0.0, 1.0], data), tmp_path / "r", registry=registry)
     assert not (tmp_path / "r").exists()

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from conftest import needs_fashion_mnist
 from lesionbench.data import EvalSetCache, RawDataset, build_eval_set, stratified_subset
 from lesionbench.errors import LesionbenchError
 from lesionbench.plugins.fashion_mnist import CLASSES, FashionMNIST, read_idx
@@ -346,7 +347,7 @@ def test_eval_set_cache_separates_datasets():
     assert calls_a == [1, 3] and calls_b == [1, 3]
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed")
+@needs_fashion_mnist()
 @pytest.mark.parametrize("track", ["fashion-mnist", "beyond-paper", "int8-fashion"])
 def test_the_default_subset_seed_selects_the_images_the_committed_tracks_evaluated(track):
     """The evaluation images follow ``dataset.subset_seed`` (default 0), not the study seed (a rerun

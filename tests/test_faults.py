@@ -37,7 +37,9 @@ def study(tmp_path: Path) -> Path:
 
 
 def cli(*args: str) -> subprocess.Popen:
+    """``lesionbench ARGS`` in a process of its own; a run draws no figures (no test here reads them)."""
     env = dict(os.environ, COLUMNS="200")
+    args = (*args, "--no-plots") if args[0] == "run" else args
     return subprocess.Popen([sys.executable, "-m", "lesionbench.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
 
@@ -174,8 +176,8 @@ def test_a_full_disk_keeps_whole_rows_and_resume_completes_once_space_is_back(tm
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = dict(os.environ, COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "lesionbench.cli", "run", str(spec), "--out", str(run)], env=env,
-                          capture_output=True, text=True, timeout=300, preexec_fn=small_disk)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "lesionbench.cli", "run", str(spec), "--out", str(run), "--no-plots"],
+                          env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)  # fmt: skip
     assert proc.returncode == 2
     err = _not_warnings(proc.stderr)
     assert "\n" not in err and "File too large" in err and f"lesionbench run --resume {run}" in err
@@ -208,7 +210,7 @@ def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(
 def test_resume_is_idempotent_for_a_job_script(tmp_path, case):
     spec, _expected, _reference = case
     run = tmp_path / "job"
-    args = ("run", str(spec), "--resume", str(run), "--layers", "conv1", "--draws", "1")
+    args = ("run", str(spec), "--resume", str(run), "--layers", "conv1", "--draws", "1", "--no-plots")
     first = subprocess.run([sys.executable, "-m", "lesionbench.cli", *args], capture_output=True, text=True, timeout=300)
     assert first.returncode in FINISHED, first.stderr  # no run there yet: started
     table = (run / "results.csv").read_bytes()

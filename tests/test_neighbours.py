@@ -16,11 +16,6 @@ from lesionbench.plugins.activation_bit_flip import flip_bits_per_image
 from lesionbench.registry import create_registry
 
 
-@pytest.fixture(scope="module")
-def perts():
-    return {name: c.obj for name, c in create_registry().contributions("perturbations").items()}
-
-
 def conv_bn(cout=12, cin=3):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(cout)).eval()

@@ -184,6 +184,14 @@ def test_import_graph_has_no_cycles():
         assert "import argparse" not in source and "from rich" not in source, f"{name} knows argparse or rich"
 
 
+@pytest.mark.xfail(strict=False, reason="until #26 branches merge")
+def test_no_module_is_over_400_lines():
+    """A module does one job: none of benchmark/, plugins/, models/ over 400 lines (split along its seams)."""
+    lines = {name: len(path.read_text().splitlines()) for name, path in module_files().items()}
+    assert len(lines) > 40, "the package's modules were not found"
+    assert {name: n for name, n in lines.items() if n > 400} == {}
+
+
 def _run_cli(args: list[str], cwd: Path, extra_path: list[Path] = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="250", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([*(str(p) for p in extra_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -208,7 +216,7 @@ def test_a_project_with_its_own_models_plugins_and_benchmark_is_not_disturbed(tm
     assert "warning" not in listing.stderr
 
     run = _run_cli(["run", "demo", "--models", "fashion_alexnet", "--layers", "fc8", "--levels", "0,1", "--draws", "1",
-                    "--n-images", "20", "--data", str(data), "--device", "cpu", "--out", str(tmp_path / "out")],
+                    "--n-images", "20", "--data", str(data), "--device", "cpu", "--out", str(tmp_path / "out"), "--no-plots"],
                    project, [project])  # fmt: skip
     assert run.returncode in FINISHED, run.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:
@@ -253,7 +261,7 @@ def test_the_readme_plugin_example_installs_and_runs(tmp_path):
         path = "{data}"
         n_images = 20
         """))
-    run = _run_cli(["run", str(study), "--out", str(tmp_path / "out")], tmp_path, [site])
+    run = _run_cli(["run", str(study), "--out", str(tmp_path / "out"), "--no-plots"], tmp_path, [site])
     assert run.returncode in FINISHED, run.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["perturbation"] == "sign_flip"]

@@ -18,13 +18,6 @@ from lesionbench.perturbation import (
     model_checksum,
     perturbed,
 )
-from lesionbench.registry import create_registry
-
-
-@pytest.fixture(scope="module")
-def perts():
-    registry = create_registry()
-    return {name: c.obj for name, c in registry.contributions("perturbations").items()}
 
 
 class ConvBNNet(nn.Module):

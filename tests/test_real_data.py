@@ -1,29 +1,20 @@
-"""Checks on real data that a developer machine or CI may have; each skips cleanly when absent."""
+"""Checks on real data a clone does not make: each skips, with the reason, where its data is absent, and fails
+where env CI is set (conftest's ``golden`` mark)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import IMAGENET_SAMPLE, needs_fashion_mnist, needs_imagenet_sample
 from lesionbench.data import build_eval_set
 from lesionbench.evaluate import evaluate
 from lesionbench.model_sources import create_model
-from lesionbench.registry import create_registry
-
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-SHARED = Path(os.environ.get("LESIONBENCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-IMAGENET_SAMPLE = SHARED / "imagenet-sample"
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return create_registry()
 
-
-@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@needs_fashion_mnist()
 def test_shipped_default_model_reaches_its_recorded_accuracy(registry):
     """The committed weights give the test accuracy their JSON record states (≥ 90%)."""
     from lesionbench.models.fashion import training_record
@@ -39,7 +30,7 @@ def test_shipped_default_model_reaches_its_recorded_accuracy(registry):
     assert result.top1 == pytest.approx(record["test_top1"], abs=2e-4)
 
 
-@pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason="shared ImageNet sample not present")
+@needs_imagenet_sample()
 def test_flat_imagenet_sample_gets_imagenet_class_indices(registry):
     raw = registry.get("datasets", "image_folder").load(str(IMAGENET_SAMPLE), "val")
     assert len(raw) == 1000 and raw.num_classes == 1000

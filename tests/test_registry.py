@@ -210,7 +210,7 @@ def test_third_party_plugin_through_the_cli_subprocess(tmp_path):
     assert "myplug" in line
 
     out = tmp_path / "out"
-    run = _cli(["run", str(study), "--perturbations", "sign_flip", "--out", str(out)], site, tmp_path)
+    run = _cli(["run", str(study), "--perturbations", "sign_flip", "--out", str(out), "--no-plots"], site, tmp_path)
     assert run.returncode in FINISHED, run.stderr
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))

