@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from lesionbench.class_damage import classes_hurt, hurt_lines
+from lesionbench.layer_score import DEFAULT_SCORE
 from lesionbench.scores import (BOOTSTRAP_SEED, METHOD, NOT_SCORED, REPLICATES, Bootstrap, at_chance, bootstrap,
                                 clean_accuracy, interval, layer_scores)  # fmt: skip
 from lesionbench.store import CLEAN, Outcomes
@@ -129,15 +130,17 @@ def draws_text(df: pd.DataFrame) -> str:
 
 
 def track_bootstraps(df: pd.DataFrame, outcomes: Outcomes | None, metrics: Mapping[str, str] | None = None,
-                     replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED) -> dict[str, Bootstrap]:  # fmt: skip
-    """One bootstrap per track (dataset) that has per-image outcomes, with the track's metric."""
+                     replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED,
+                     score: str = DEFAULT_SCORE) -> dict[str, Bootstrap]:  # fmt: skip
+    """One bootstrap per track (dataset) that has per-image outcomes, with the track's metric and
+    the layer score ``score`` (a registered score's name)."""
     if outcomes is None or len(outcomes) == 0 or "outcome" not in df.columns or not (df["outcome"] >= 0).any():
         return {}
     metrics = dict(metrics or {})
     out = {}
     for dataset, dg in df.groupby("dataset", sort=True):
         if (dg["outcome"] >= 0).any():
-            out[dataset] = bootstrap(dg, outcomes, metrics.get(dataset, "top1"), replicates, seed)
+            out[dataset] = bootstrap(dg, outcomes, metrics.get(dataset, "top1"), replicates, seed, score=score)
     return out
 
 
@@ -173,6 +176,7 @@ def render_pages(
     class_names: Mapping[str, Sequence[str]] | None = None,
     headlines: Mapping[str, str] | None = None,
     model_pages: bool = True,
+    score: str = DEFAULT_SCORE,
 ) -> dict[str, str]:
     """The leaderboard as pages: relative path → Markdown text.
 
@@ -188,17 +192,17 @@ def render_pages(
     read them, then each track's details (level grids, fragile layers per perturbation, classes
     hurt). With ``model_pages`` each model's layer tables are a page of their own
     (:func:`model_page`, linked from the ranked table; plot links made relative to it); without,
-    they follow on the same page under ``### <model>``."""
+    they follow on the same page under ``### <model>``. ``score``: the layer score's registered name."""
     metrics = dict(metrics or {})
     plot_links = dict(plot_links or {})
     titles = {**KNOWN_TITLES, **dict(titles or {})}
     headlines = dict(headlines or {})
-    boots = dict(boots) if boots is not None else track_bootstraps(df, outcomes, metrics)
+    boots = dict(boots) if boots is not None else track_bootstraps(df, outcomes, metrics, score=score)
     ranked, details, models_md, pages = [], [], [], {}
     for dataset, dg in df.groupby("dataset", sort=True):
         metric = metrics.get(dataset, "top1")
         boot = boots.get(dataset)
-        scores = boot.layers if boot is not None else layer_scores(dg, metric)
+        scores = boot.layers if boot is not None else layer_scores(dg, metric, score)
         track_title = titles.get(dataset, dataset)
         link = (lambda m, d=dataset: model_page(d, m)) if model_pages else (lambda m: f"#{_anchor(m)}")
         head, detail, sections = _track(dataset, track_title, metric, dg, scores, boot, link,

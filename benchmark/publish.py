@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from lesionbench.errors import LesionbenchError
+from lesionbench.layer_score import DEFAULT_SCORE
 from lesionbench.leaderboard import (LEADERBOARD_PAGE, MIN_CLASS_IMAGES, MODEL_PAGES, images_per_class,
                                      most_fragile_layers, ranked_perturbations, relative_link, render_pages,
                                      track_bootstraps)  # fmt: skip
@@ -58,6 +59,7 @@ def publish(
     draw: bool = True,
     title: str = "lesionbench leaderboard",
     metric: str | None = None,
+    score: str = DEFAULT_SCORE,
 ) -> Path:
     """Write plots (into ``plots_dir``, default beside ``out_md``) and the Markdown leaderboard:
     ``out_md`` (ranked tables per track, each with its headline figure) and a page per model and
@@ -67,15 +69,15 @@ def publish(
     once, for the tables and the plots' bands). The Markdown is written last and atomically, so
     its presence says the figures are whole. Raises LesionbenchError for result files that break
     the schema or hold no rows, and for a write that fails (a full disk: one line, nothing torn
-    left as the leaderboard)."""
+    left as the leaderboard). ``score``: the layer score's registered name (default ``area``)."""
     try:
-        return _publish(results, out_md, plots_dir, draw, title, metric)
+        return _publish(results, out_md, plots_dir, draw, title, metric, score)
     except OSError as exc:
         raise LesionbenchError(f"cannot write the leaderboard {str(out_md)!r} or its figures "
                                f"({exc.strerror or exc})") from None  # fmt: skip
 
 
-def _publish(results, out_md, plots_dir, draw, title, metric) -> Path:
+def _publish(results, out_md, plots_dir, draw, title, metric, score=DEFAULT_SCORE) -> Path:
     files = resolve_results(results)
     df, outcomes = read_results_with_outcomes(files, allow_empty=False)  # each file read once
     df = declared_units(df)
@@ -91,7 +93,7 @@ def _publish(results, out_md, plots_dir, draw, title, metric) -> Path:
             titles.setdefault(dataset, study["dataset"]["title"])
     for dataset in df["dataset"].unique():
         metrics.setdefault(dataset, metric or "top1")
-    boots = track_bootstraps(df, outcomes, metrics)
+    boots = track_bootstraps(df, outcomes, metrics, score=score)
     per_class, names = _per_class(df, outcomes, boots, metrics)
     out_md = Path(out_md)
     plots_dir = Path(plots_dir) if plots_dir is not None else out_md.parent / "plots"
@@ -124,10 +126,11 @@ def _publish(results, out_md, plots_dir, draw, title, metric) -> Path:
     for model, items in drawn.items():
         links[model] = [(label, relative_link(path, out_md.parent)) for label, path in items]
     headlines = {dataset: relative_link(path, out_md.parent)
-                 for dataset, path in _headline_figures(df, metrics, boots, plots_dir, draw).items()}  # fmt: skip
+                 for dataset, path in _headline_figures(df, metrics, boots, plots_dir, draw, score).items()}  # fmt: skip
     sources = [relative_link(f, out_md.parent) for f in files]
     pages = render_pages(df.drop(columns="outcome"), metrics, links, title=title, sources=sources, titles=titles,
-                         boots=boots, per_class=per_class, class_names=names, headlines=headlines)  # fmt: skip
+                         boots=boots, per_class=per_class, class_names=names, headlines=headlines,
+                         score=score)  # fmt: skip
     pages[out_md.name] = pages.pop(LEADERBOARD_PAGE)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     stale = set((out_md.parent / MODEL_PAGES).glob("*--*.md")) - {out_md.parent / name for name in pages}
@@ -142,7 +145,8 @@ def _publish(results, out_md, plots_dir, draw, title, metric) -> Path:
     return out_md
 
 
-def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: Path, draw: bool) -> dict[str, Path]:
+def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: Path, draw: bool,
+                      score: str = DEFAULT_SCORE) -> dict[str, Path]:  # fmt: skip
     """dataset → its headline figure, layer score against relative depth of every model of the track
     under (at most four of) the ranked perturbations; drawn when ``draw``, else only its path."""
     from lesionbench.plots import safe_name
@@ -155,7 +159,7 @@ def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: P
             from lesionbench.scores import layer_scores
 
             track = df[df["dataset"] == dataset]
-            scores = boots[dataset].layers if dataset in boots else layer_scores(track, metrics.get(dataset, "top1"))
+            scores = boots[dataset].layers if dataset in boots else layer_scores(track, metrics.get(dataset, "top1"), score)
             shared = ranked_perturbations(track, scores)[0] or sorted(dg["perturbation"].unique())
             score_vs_depth(track, metrics, path, shared[:4])
         out[dataset] = path
