@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from lesionbench.executors import ExecutorPlugin
     from lesionbench.model_sources import ModelSource
     from lesionbench.perturbation import Perturbation
-    from lesionbench.score_kinds import Score
+    from lesionbench.layer_score import Score
     from lesionbench.study import StudyPreset
 
 PROJECT = "lesionbench"

@@ -370,8 +370,7 @@ def get_registry(disable: Iterable[str] | None = None) -> Registry:
     registry in use was built with builds it again, and later calls without ``disable`` keep it.
     """
     global _default, _disabled
-    if disable is not None and frozenset(disable) != _disabled:
-        _default, _disabled = None, frozenset(disable)
-    if _default is None:
-        _default = create_registry(disable=_disabled)
+    wanted = _disabled if disable is None else frozenset(disable)
+    if _default is None or wanted != _disabled:
+        _default, _disabled = create_registry(disable=wanted), wanted  # a bad name leaves the last one in use
     return _default

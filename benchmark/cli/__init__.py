@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lesionbench.cli.parser import build_parser
@@ -63,7 +64,7 @@ def cmd_list(args) -> int:
             table.add_row(name, c.plugin, *_level_columns(c.obj), c.description)
         elif args.kind == "executors":  # with the options --executor-option KEY=VALUE takes
             options = "; ".join(f"{k}: {v}" for k, v in c.obj.options.items())
-            table.add_row(name, c.plugin, c.description + (f" Options: {options}." if options else ""))
+            table.add_row(name, c.plugin, escape(c.description + (f" Options: {options}." if options else "")))
         else:
             table.add_row(name, c.plugin, c.description)
     print_table(console, table)
