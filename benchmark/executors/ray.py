@@ -18,9 +18,11 @@ set once and puts it into the object store once; tasks receive the reference ins
 worker fetches it only when it builds a runner, never decodes images itself. Each task returns
 its block's rows (cells not already in the run directory) together with the model's clean row
 (each worker's runner evaluates the clean model once anyway: the identity level's rows are that
-result); the driver appends the clean row once per model and a block's rows once, when its task returns
-(a retried task returns once), ticking the progress bar once per cell, so ``--resume`` works
-across executors through ``RunDir.completed()`` exactly as in the local executor.
+result); the shared driver (:func:`lesionbench.executors.driver.drive`, the local executor's too)
+appends the clean row once per model and a block's rows once, when its task returns (a retried
+task returns once), ticking the progress bar once per cell, so ``--resume`` works across
+executors. A task is submitted with its job's identity (model and block), which also names it in
+an error. The worker side is :mod:`lesionbench.executors.ray_worker`.
 
 Numbers equal a local run's: every cell is seeded from what it is, not from where or when it
 runs, and a worker uses as many torch threads as the driver (each task asks Ray for that many
