@@ -102,7 +102,7 @@ def _publish(results, out_md, plots_dir, draw, title, metric, score=DEFAULT_SCOR
         from lesionbench.plots import write_all
 
         bands = pd.concat([b.curves for b in boots.values()], ignore_index=True) if boots else None
-        drawn = write_all(df, metrics, plots_dir, bands=bands)
+        drawn = write_all(df, metrics, plots_dir, bands=bands, score=score)
     else:
         from lesionbench.plots import planned_paths
 
@@ -161,7 +161,7 @@ def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: P
             track = df[df["dataset"] == dataset]
             scores = boots[dataset].layers if dataset in boots else layer_scores(track, metrics.get(dataset, "top1"), score)
             shared = ranked_perturbations(track, scores)[0] or sorted(dg["perturbation"].unique())
-            score_vs_depth(track, metrics, path, shared[:4])
+            score_vs_depth(track, metrics, path, shared[:4], score)
         out[dataset] = path
     return out
 

@@ -170,36 +170,43 @@ def test_a_toy_score_from_a_plugin_is_chosen_by_name_in_compare_and_the_leaderbo
     assert not (tmp_path / "no.md").exists()
 
 
+TOY_REPORTER = '''
+"""A toy reporter: one line per ranked model, with its overall score."""
+from lesionbench import hookimpl
+
+
+class Lines:
+    name = "toy"
+    description = "One line per ranked model."
+    suffix = ".txt"
+
+    def render(self, board, single=False):
+        return {"": "".join(f"{e.model} {e.overall.value:.4f}\\n" for t in board.tracks for e in t.entries)}
+
+
+@hookimpl
+def lesionbench_reporters():
+    return [Lines()]
+'''
+
+
 @pytest.fixture
 def toy_reporter(toy_site):
-    """The toy reporter module of the same package (hook ``lesionbench_reporters``)."""
+    """The toy reporter module of the same package (hook ``lesionbench_reporters``, the contract of
+    ``lesionbench.reporters.Reporter``), installed beside the toy executor and score."""
     if "reporters" not in KINDS:
         pytest.skip("reporters kind not merged yet")
-    install(toy_site, {"toy_executor": TOY_EXECUTOR, "toy_score": TOY_SCORE, "toy_reporter": '''
-        """A toy reporter: one line per model with its rank."""
-        from lesionbench import hookimpl
-
-
-        class Lines:
-            name = "toy"
-            description = "One line per model."
-
-            def render(self, data):
-                return "".join(f"{row['model']}\\n" for track in data["tracks"] for row in track["ranking"])
-
-
-        @hookimpl
-        def lesionbench_reporters():
-            return [Lines()]
-        '''})
+    install(toy_site, {"toy_executor": TOY_EXECUTOR, "toy_score": TOY_SCORE, "toy_reporter": TOY_REPORTER})
     return toy_site
 
 
-def test_a_toy_reporter_from_a_plugin_renders_the_leaderboard(toy_reporter, tmp_path):
-    eye_run(tmp_path / "run")
+def test_a_toy_reporter_from_a_plugin_renders_the_leaderboard_with_the_toy_score(toy_reporter, tmp_path):
+    df = eye_run(tmp_path / "run")
     out = tmp_path / "board.txt"
-    assert main(["leaderboard", str(tmp_path / "run"), "--format", "toy", "--no-plots", "--out", str(out)]) == 0
-    assert out.read_text().split() == ["eye"]
+    assert main(["leaderboard", str(tmp_path / "run"), "--format", "toy", "--score", "toy_min", "--no-plots",
+                 "--out", str(out)]) == 0  # fmt: skip
+    lowest = float(lesionbench.layer_scores(df, score="toy_min")["score"].iloc[0])
+    assert out.read_text() == f"eye {lowest:.4f}\n"
 
 
 # ---------------------------------------------------------------- switching a built-in off
