@@ -15,7 +15,9 @@ For plugin authors — implement hooks with :data:`hookimpl` and contribute:
 * models: :class:`ModelSource` objects building a :class:`LoadedModel` from a :class:`ModelSpec`;
 * datasets: :class:`DatasetSource` objects returning a :class:`RawDataset` (a text dataset's items are
   :class:`TextWindow` objects, tokenised by each language model's own preprocessing);
-* study presets: :class:`StudyPreset`.
+* study presets: :class:`StudyPreset`;
+* executors: :class:`ExecutorPlugin` (see :mod:`lesionbench.executors.driver` for the shared loop);
+* layer scores: objects following :class:`Score` (``name``, ``description``, ``of(x, r)``).
 
 Helpers several built-in perturbations share (level grids, random masks, unit silencing, bit masks)
 are in :mod:`lesionbench.damage`; the checks every contribution must pass, for a plugin's own tests,
@@ -73,8 +75,11 @@ _EXPORTS = {
     "layer_scores": "lesionbench.scores",
     "curves": "lesionbench.scores",
     "model_summary": "lesionbench.scores",
-    "bootstrap": "lesionbench.scores",
-    "per_class_accuracy": "lesionbench.scores",
+    "bootstrap": "lesionbench.bootstrap",
+    "per_class_accuracy": "lesionbench.per_image",
+    # executors and scores as plugin kinds (issue #26)
+    "ExecutorPlugin": "lesionbench.executors",
+    "Score": "lesionbench.layer_score",
 }
 
 __all__ = sorted(_EXPORTS)

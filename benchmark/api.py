@@ -25,7 +25,7 @@ from torch import nn
 from lesionbench import __version__
 from lesionbench.data import RawDataset
 from lesionbench.errors import LesionbenchError
-from lesionbench.executors import Tick, create_executor
+from lesionbench.executors import DEFAULT_EXECUTOR, Tick, create_executor
 from lesionbench.graph import ModelGraph, check_module
 from lesionbench.hookspecs import hookimpl
 from lesionbench.kinds import perturbation_kind
@@ -57,18 +57,19 @@ def run_study(
     resume: bool = False,
     progress: ProgressFactory | None = None,
     debug: bool = False,
-    executor: str = "local",
-    ray_address: str | None = None,
+    executor: str = DEFAULT_EXECUTOR,
+    executor_options: Mapping[str, Any] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> Store:
     """Prepare (every check), then create or reopen the store, then execute; returns the store.
 
     ``out`` None keeps the rows in memory. ``resume`` finishes an earlier run in ``out`` (a
-    directory made by another study is refused before anything runs). ``executor="ray"`` runs
-    the blocks on a Ray cluster (``ray_address``: None starts a local one, ``auto`` joins this
-    node's cluster, ``ray://host:10001`` a remote one). A run directory's lock is released at the end.
+    directory made by another study is refused before anything runs). ``executor``: a registered
+    executor's name (``lesionbench list executors``), ``executor_options`` the options it takes
+    (``executor="ray", executor_options={"address": "auto"}`` joins this node's Ray cluster). A run
+    directory's lock is released at the end.
     """
-    chosen = create_executor(executor, ray_address)
+    chosen = create_executor(executor, executor_options, registry)
     plan = chosen.prepare(study, registry)
     if on_plan is not None:
         on_plan(plan)
@@ -197,6 +198,9 @@ def run(
     with_outcomes: bool = False,
     progress: bool | Callable[[int, int, str], object] = True,
     dataset_name: str = "tensors",
+    executor: str = DEFAULT_EXECUTOR,
+    executor_options: Mapping[str, Any] | None = None,
+    disable: Sequence[str] = (),
     **options: Any,
 ) -> pd.DataFrame | tuple[pd.DataFrame, Outcomes]:
     """Run a study and return its results table (one row per cell, as ``results.csv``); with
@@ -220,6 +224,9 @@ def run(
     CI); False is silent; a callable is called as ``progress(done, total, cell_description)`` after
     each cell (``done``, ``total``: counts of cells).
 
+    ``executor``/``executor_options``: where the blocks run (``lesionbench list executors``; default
+    ``local``). ``disable``: plugin names left out, as ``lesionbench -p no:NAME`` (not with ``registry``).
+
     Raises :class:`LesionbenchError` for bad input, before anything is evaluated.
     """
     if isinstance(data, (str, Path)):  # a dataset path, as the command line's --data
@@ -240,7 +247,7 @@ def run(
     elif modules:
         raise LesionbenchError("a model given as an object needs data=(images, labels) or a DataLoader")
     if registry is None:
-        registry = create_registry(extra) if extra else get_registry()
+        registry = create_registry(extra, disable=disable) if extra or disable else get_registry()
     else:
         for name, plugin in extra:
             registry.register(plugin, name)
@@ -264,7 +271,8 @@ def run(
     modes = {n: m.training for n, m in modules.items()}
     try:
         store = run_study(parsed, registry, Path(out) if out is not None else None, resume=resume,
-                          progress=_progress_factory(progress))  # fmt: skip
+                          progress=_progress_factory(progress), executor=executor,
+                          executor_options=executor_options)  # fmt: skip
     finally:
         for n, m in modules.items():
             m.train(modes[n])

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from lesionbench.layer_score import DEFAULT_SCORE
 from lesionbench.scores import BOOTSTRAP_SEED, REPLICATES, Bootstrap, bootstrap, clean_accuracy, interval
 from lesionbench.store import CLEAN, Outcomes
 
@@ -62,15 +63,17 @@ def draws_range(df: pd.DataFrame) -> list[int] | None:
 
 
 def track_bootstraps(df: pd.DataFrame, outcomes: Outcomes | None, metrics: Mapping[str, str] | None = None,
-                     replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED) -> dict[str, Bootstrap]:  # fmt: skip
-    """One bootstrap per track (dataset) that has per-image outcomes, with the track's metric."""
+                     replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED,
+                     score: str = DEFAULT_SCORE) -> dict[str, Bootstrap]:  # fmt: skip
+    """One bootstrap per track (dataset) that has per-image outcomes, with the track's metric and
+    the layer score ``score`` (a registered score's name)."""
     if outcomes is None or len(outcomes) == 0 or "outcome" not in df.columns or not (df["outcome"] >= 0).any():
         return {}
     metrics = dict(metrics or {})
     out = {}
     for dataset, dg in df.groupby("dataset", sort=True):
         if (dg["outcome"] >= 0).any():
-            out[dataset] = bootstrap(dg, outcomes, metrics.get(dataset, "top1"), replicates, seed)
+            out[dataset] = bootstrap(dg, outcomes, metrics.get(dataset, "top1"), replicates, seed, score=score)
     return out
 
 

@@ -17,7 +17,9 @@ import pandas as pd
 
 from lesionbench.errors import LesionbenchError
 from lesionbench.leaderboard import md, table
-from lesionbench.scores import BOOTSTRAP_SEED, REPLICATES, bootstrap, clean_accuracy, interval, layer_scores
+from lesionbench.bootstrap import BOOTSTRAP_SEED, REPLICATES, bootstrap, interval
+from lesionbench.layer_score import DEFAULT_SCORE
+from lesionbench.scores import clean_accuracy, layer_scores
 from lesionbench.store import CLEAN, Outcomes
 
 KEYS = ["model", "dataset", "layer", "perturbation"]
@@ -54,17 +56,17 @@ class Comparison:
 
 def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, metric: str = "top1",
             new_outcomes: Outcomes | None = None, base_outcomes: Outcomes | None = None,
-            replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED) -> Comparison:  # fmt: skip
+            replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED, score: str = DEFAULT_SCORE) -> Comparison:  # fmt: skip
     """Match the two tables' layer scores and clean accuracies; flag significant drops beyond ``max_drop``.
 
     ``new_outcomes``/``base_outcomes``: the per-image outcomes the tables' ``outcome`` columns point
     into (:func:`lesionbench.store.read_results_with_outcomes`); with both, each change gets its
     95% interval and a regression must be significant (:data:`TEST`). Raises LesionbenchError for a
-    bad ``max_drop`` or tables with nothing in common.
+    bad ``max_drop`` or tables with nothing in common. ``score``: the layer score's registered name.
     """
     if not math.isfinite(max_drop) or max_drop < 0:
         raise LesionbenchError(f"--max-drop must be a non-negative number, got {max_drop}")
-    ns, bs = layer_scores(new, metric), layer_scores(baseline, metric)
+    ns, bs = layer_scores(new, metric, score), layer_scores(baseline, metric, score)
     merged = ns.merge(bs, on=KEYS, suffixes=("_new", "_base"), how="outer", indicator=True)
     both = merged[merged["_merge"] == "both"]
     missing = missing_cells(new, baseline)  # fails the gate even where no score could be compared
@@ -85,7 +87,7 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
                                       "verdict_new", "verdict_base"])  # fmt: skip
     out["delta"] = out["new"] - out["baseline"]
     out["low"], out["high"] = np.nan, np.nan
-    tested = _intervals(out, new, baseline, new_outcomes, base_outcomes, metric, replicates, seed)
+    tested = _intervals(out, new, baseline, new_outcomes, base_outcomes, metric, replicates, seed, score)
     out["significant"] = out["high"] < 0  # a drop beyond doubt; NaN (untested) compares False
     beyond = out["delta"] < -max_drop - 1e-12
     out["regression"] = beyond & (out["significant"] | out["low"].isna())
@@ -111,7 +113,7 @@ def missing_cells(new: pd.DataFrame, baseline: pd.DataFrame) -> list[str]:
 
 
 def _intervals(out: pd.DataFrame, new: pd.DataFrame, baseline: pd.DataFrame, new_outcomes, base_outcomes,
-               metric: str, replicates: int, seed: int) -> bool:  # fmt: skip
+               metric: str, replicates: int, seed: int, score: str = DEFAULT_SCORE) -> bool:  # fmt: skip
     """Fill ``low``/``high`` of each change from one bootstrap over both runs; False when there are no outcomes."""
     if new_outcomes is None or base_outcomes is None or "outcome" not in new or "outcome" not in baseline:
         return False
@@ -130,7 +132,7 @@ def _intervals(out: pd.DataFrame, new: pd.DataFrame, baseline: pd.DataFrame, new
     outcomes = Outcomes.concat(Outcomes(keys[0], new_outcomes.top1, new_outcomes.top5, new_outcomes.images),
                                Outcomes(keys[1], base_outcomes.top1, base_outcomes.top5, base_outcomes.images))  # fmt: skip
     both = pd.concat(tagged, ignore_index=True)
-    boot = bootstrap(both, outcomes, metric, replicates, seed)
+    boot = bootstrap(both, outcomes, metric, replicates, seed, score=score)
     index = {tuple(k): i for i, k in enumerate(boot.layers[KEYS].itertuples(index=False))}
     clean5 = bootstrap(both[both["perturbation"] == CLEAN], outcomes, "top5", replicates, seed).clean
     cleans = {"top1": boot.clean if metric == "top1" else bootstrap(both[both["perturbation"] == CLEAN], outcomes,

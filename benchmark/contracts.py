@@ -27,6 +27,8 @@ CONTRACTS: dict[str, str] = {
     "datasets": "lesionbench.data:DatasetSource",
     "studies": "lesionbench.study:StudyPreset",
     "reporters": "lesionbench.reporters:Reporter",
+    "executors": "lesionbench.executors:ExecutorPlugin",
+    "scores": "lesionbench.layer_score:Score",
 }
 # kind -> "module:function": rules beyond the contract's types, function(obj) -> problem or ""
 RULES: dict[str, str] = {

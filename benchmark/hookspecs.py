@@ -36,8 +36,10 @@ import pluggy
 
 if TYPE_CHECKING:
     from lesionbench.data import DatasetSource
+    from lesionbench.executors import ExecutorPlugin
     from lesionbench.model_sources import ModelSource
     from lesionbench.perturbation import Perturbation
+    from lesionbench.layer_score import Score
     from lesionbench.reporters import Reporter
     from lesionbench.study import StudyPreset
 
@@ -99,4 +101,33 @@ def lesionbench_reporters() -> Sequence[Reporter]:
     leaderboard --format`` takes), a ``description``, the main document's ``suffix`` (``".md"``) and
     ``render(board, single)``, which turns a :class:`lesionbench.board.Leaderboard` into documents
     (text by relative path, the main one under ``""``) without writing any file.
+    """
+
+
+# ---------------------------------------------------------------- executors and scores (issue #26)
+
+
+@hookspec
+def lesionbench_executors() -> Sequence[ExecutorPlugin]:
+    """Return the executors this plugin contributes (``lesionbench run --executor NAME``).
+
+    Each is a :class:`lesionbench.ExecutorPlugin`: a ``name``, a ``description``, the ``options``
+    it accepts (name → one-line help; given as ``--executor-option KEY=VALUE`` or
+    ``executor_options={...}``) and ``create(**options)`` returning an object with ``prepare(study,
+    registry) -> Plan`` and ``session(plan, registry)``, a context manager yielding
+    ``execute(store, tick, debug)``. Most executors build ``execute`` from
+    :func:`lesionbench.executors.driver.drive`, which writes rows, resumes and ticks progress the
+    same way for every executor; they supply only where a block is evaluated.
+    """
+
+
+@hookspec
+def lesionbench_scores() -> Sequence[Score]:
+    """Return the layer scores this plugin contributes (``--score NAME``; the default ``area``).
+
+    Each is a :class:`lesionbench.Score`: a ``name``, a ``description`` and ``of(x, r)``, which maps
+    positions ``x`` (float64 [levels], increasing, on the scoring axis: damage grows to the right)
+    and retention curves ``r`` (float64 [levels, replicates], in [0, 1]) to one score per replicate
+    (float64 [replicates]). The point estimate and every bootstrap replicate go through the same
+    ``of``, so a score is written once.
     """

@@ -29,6 +29,7 @@ from lesionbench.board_stats import (depth_thirds, draws_range, evaluation_secon
                                      ranking, track_bootstraps)  # fmt: skip
 from lesionbench.board_text import format_critical, grid_text, md, table, with_interval  # noqa: F401 (public names)
 from lesionbench.class_damage import KEY, class_label, classes_hurt
+from lesionbench.layer_score import DEFAULT_SCORE
 from lesionbench.scores import METHOD, Bootstrap, at_chance, layer_scores
 from lesionbench.store import CLEAN, Outcomes
 
@@ -69,6 +70,7 @@ def build_leaderboard(
     per_class: Mapping[str, pd.DataFrame] | None = None,
     class_names: Mapping[str, Sequence[str]] | None = None,
     headlines: Mapping[str, str] | None = None,
+    score: str = DEFAULT_SCORE,
 ) -> Leaderboard:
     """The leaderboard of a results table (the store's columns) as plain data.
 
@@ -78,17 +80,18 @@ def build_leaderboard(
     column) give intervals, or ``boots`` (dataset → :class:`lesionbench.scores.Bootstrap`) already
     computed; ``per_class`` (dataset → :func:`lesionbench.per_class_accuracy`'s table) adds the
     classes each model's most fragile layers hurt most, named by ``class_names`` (dataset → name per
-    label); ``headlines`` (dataset → relative path of the track's headline figure). Raises what
+    label); ``headlines`` (dataset → relative path of the track's headline figure); ``score``: the
+    layer score's registered name (default ``area``). Raises what
     :func:`lesionbench.scores.bootstrap` raises for outcomes that do not match the table."""
     metrics = dict(metrics or {})
     plot_links = dict(plot_links or {})
     titles = {**KNOWN_TITLES, **dict(titles or {})}
-    boots = dict(boots) if boots is not None else track_bootstraps(df, outcomes, metrics)
+    boots = dict(boots) if boots is not None else track_bootstraps(df, outcomes, metrics, score=score)
     tracks = []
     for dataset, dg in df.groupby("dataset", sort=True):
         metric = metrics.get(dataset, "top1")
         boot = boots.get(dataset)
-        scores = boot.layers if boot is not None else layer_scores(dg, metric)
+        scores = boot.layers if boot is not None else layer_scores(dg, metric, score)
         track = _track(dataset, titles.get(dataset, dataset), metric, dg, scores, boot,
                        (per_class or {}).get(dataset), (class_names or {}).get(dataset))  # fmt: skip
         track.headline = (headlines or {}).get(dataset)

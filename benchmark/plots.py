@@ -36,6 +36,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from lesionbench.layer_score import DEFAULT_SCORE  # noqa: E402
 from lesionbench.scores import curves, layer_scores, to_axis  # noqa: E402
 from lesionbench.plot_base import (DPI, MARKERS, MAX_COLOURED_LAYERS, MAX_COLUMNS, MAX_PAGE_HEIGHT_IN, MAX_WIDTH_IN,  # noqa: E402,F401
                                    STYLE, band_caption, chance_line, damage_positions, draw_level_axis, facts_line,
@@ -44,9 +45,10 @@ from lesionbench.plot_base import (DPI, MARKERS, MAX_COLOURED_LAYERS, MAX_COLUMN
 
 
 def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metric: str,
-                           c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None) -> Figure:  # fmt: skip
+                           c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None,
+                           score: str = DEFAULT_SCORE) -> Figure:  # fmt: skip
     """Accuracy against level for every layer of ``model`` under ``perturbation`` (not saved);
-    ``bands``: bootstrap bands (see :func:`with_band`)."""
+    ``bands``: bootstrap bands (see :func:`with_band`); ``score``: the layer score's registered name."""
     if c is None:
         c = curves(df[df["model"] == model], metric)
     c = with_band(c[c["perturbation"] == perturbation], bands)
@@ -54,7 +56,7 @@ def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metr
     facts = plot_facts(df, model)
     draws = int(c["n"].max()) if len(c) else 0
     layers = c.drop_duplicates("layer").sort_values("layer_index")
-    scored = layer_scores(df[(df["model"] == model) & df["perturbation"].isin(["clean", perturbation])], metric)
+    scored = layer_scores(df[(df["model"] == model) & df["perturbation"].isin(["clean", perturbation])], metric, score)
     score = dict(zip(scored["layer"], scored["score"]))
     x_all, clean_x = damage_positions(c["level"], axis)
     c = c.assign(x=x_all)
@@ -110,9 +112,10 @@ def _highlights(names: list[str], score: Mapping[str, float]) -> dict[str, str]:
 
 
 def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str, out: Path,
-                    c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None) -> Path:  # fmt: skip
+                    c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None,
+                    score: str = DEFAULT_SCORE) -> Path:  # fmt: skip
     """Figure 1 for one model and perturbation, written to ``out`` (PNG)."""
-    return save_figure(accuracy_curves_figure(df, model, perturbation, metric, c, bands), out)
+    return save_figure(accuracy_curves_figure(df, model, perturbation, metric, c, bands, score), out)
 
 
 # ------------------------------------------------------------------------------ heatmap
@@ -186,10 +189,12 @@ def retention_heatmap(df: pd.DataFrame, model: str, metric: str, out: Path, pert
 # ------------------------------------------------------------------------------ score vs depth
 
 
-def score_vs_depth_figure(df: pd.DataFrame, metrics: Mapping[str, str], perts: Sequence[str] | None = None) -> Figure:
-    """Layer score against relative depth, a panel per perturbation; each model keeps one colour
-    and marker in every panel and the legend names every model of the table (not saved)."""
-    frames = [layer_scores(g, metrics.get(d, "top1")) for d, g in df.groupby("dataset")]
+def score_vs_depth_figure(df: pd.DataFrame, metrics: Mapping[str, str], perts: Sequence[str] | None = None,
+                          score: str = DEFAULT_SCORE) -> Figure:  # fmt: skip
+    """Layer score (``score``, a registered name) against relative depth, a panel per perturbation;
+    each model keeps one colour and marker in every panel and the legend names every model of the
+    table (not saved)."""
+    frames = [layer_scores(g, metrics.get(d, "top1"), score) for d, g in df.groupby("dataset")]
     s = pd.concat(frames, ignore_index=True)
     keys = sorted(set(zip(s["model"], s["dataset"])))
     styles = model_styles(keys)
@@ -228,9 +233,10 @@ def _key_label(key: tuple[str, str]) -> str:
     return f"{key[0]} ({key[1]})"
 
 
-def score_vs_depth(df: pd.DataFrame, metrics: Mapping[str, str], out: Path, perts: Sequence[str] | None = None) -> Path:
+def score_vs_depth(df: pd.DataFrame, metrics: Mapping[str, str], out: Path, perts: Sequence[str] | None = None,
+                   score: str = DEFAULT_SCORE) -> Path:  # fmt: skip
     """The score-vs-depth figure (``perts``: the perturbations on this page), written to ``out``."""
-    return save_figure(score_vs_depth_figure(df, metrics, perts), out)
+    return save_figure(score_vs_depth_figure(df, metrics, perts, score), out)
 
 
 # ------------------------------------------------------------------------------ all figures
@@ -271,11 +277,11 @@ def planned_paths(df: pd.DataFrame, out_dir: Path) -> dict[str, list[tuple[str, 
 
 
 def write_all(df: pd.DataFrame, metrics: Mapping[str, str], out_dir: Path,
-              bands: pd.DataFrame | None = None) -> dict[str, list[tuple[str, Path]]]:  # fmt: skip
+              bands: pd.DataFrame | None = None, score: str = DEFAULT_SCORE) -> dict[str, list[tuple[str, Path]]]:  # fmt: skip
     """Draw every figure for a results table; returns model → [(label, path)] for the leaderboard.
 
     ``metrics`` maps dataset → the metric scores come from (default top1); ``bands``: bootstrap
-    bands for the accuracy curves (see :func:`with_band`)."""
+    bands for the accuracy curves (see :func:`with_band`); ``score``: the layer score's registered name."""
     layout = _layout(df, out_dir)
     for (model, dataset), _g in df[df["perturbation"] != "clean"].groupby(["model", "dataset"], sort=True):
         metric = metrics.get(dataset, "top1")
@@ -286,9 +292,9 @@ def write_all(df: pd.DataFrame, metrics: Mapping[str, str], out_dir: Path,
             if not path.name.startswith(stem):  # the same model on another dataset
                 continue
             if kind == "curves":
-                accuracy_curves(track, model, perts[0], metric, path, c, bands)
+                accuracy_curves(track, model, perts[0], metric, path, c, bands, score)
             else:
                 retention_heatmap(track, model, metric, path, perts, c)
     for _label, path, _kind, perts in layout.get(None, []):
-        score_vs_depth(df, metrics, path, perts)
+        score_vs_depth(df, metrics, path, perts, score)
     return planned_paths(df, out_dir)

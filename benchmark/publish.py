@@ -17,6 +17,7 @@ import pandas as pd
 
 from lesionbench.errors import LesionbenchError
 from lesionbench.board import Leaderboard
+from lesionbench.layer_score import DEFAULT_SCORE
 from lesionbench.leaderboard import (MIN_CLASS_IMAGES, MODEL_PAGES, build_leaderboard, images_per_class,
                                      most_fragile_layers, ranked_perturbations, relative_link, reporter,
                                      track_bootstraps)  # fmt: skip
@@ -62,19 +63,21 @@ def publish(
     title: str = "lesionbench leaderboard",
     metric: str | None = None,
     format: str = "md",
+    score: str = DEFAULT_SCORE,
 ) -> Path:
     """Write plots (into ``plots_dir``, default beside ``out_md``) and the leaderboard in ``format``
     (a reporter's name; default Markdown: ``out_md`` with ranked tables per track, each with its
     headline figure, and a page per model and track in ``models/`` beside it). Returns ``out_md``.
 
     Per-image outcomes beside the result files give every score its bootstrap interval (computed
-    once, for the tables and the plots' bands). The documents are written last and atomically, so
+    once, for the tables and the plots' bands; ``score``: the layer score's registered name, default
+    ``area``). The documents are written last and atomically, so
     their presence says the figures are whole. Raises LesionbenchError for result files that break
     the schema or hold no rows, for an unknown format, and for a write that fails (a full disk: one
     line, nothing torn left as the leaderboard)."""
     render = reporter(format)  # an unknown format fails before any figure is drawn
     try:
-        board = collect(results, Path(out_md).parent, plots_dir, draw, title, metric)
+        board = collect(results, Path(out_md).parent, plots_dir, draw, title, metric, score)
         return write_documents(render.render(board), Path(out_md), render.suffix)
     except OSError as exc:
         raise LesionbenchError(f"cannot write the leaderboard {str(out_md)!r} or its figures "
@@ -103,7 +106,8 @@ def write_documents(documents: dict[str, str], out: Path, suffix: str) -> Path:
 
 
 def collect(results: Sequence[Path | str], out_dir: Path, plots_dir: Path | None = None, draw: bool = True,
-            title: str = "lesionbench leaderboard", metric: str | None = None) -> Leaderboard:  # fmt: skip
+            title: str = "lesionbench leaderboard", metric: str | None = None,
+            score: str = DEFAULT_SCORE) -> Leaderboard:  # fmt: skip
     """The leaderboard's data for result files (or run directories), with the figures drawn into
     ``plots_dir`` (default ``out_dir/plots``; only their paths when not ``draw``) and every path
     relative to ``out_dir``, where the leaderboard's main document goes."""
@@ -122,7 +126,7 @@ def collect(results: Sequence[Path | str], out_dir: Path, plots_dir: Path | None
             titles.setdefault(dataset, study["dataset"]["title"])
     for dataset in df["dataset"].unique():
         metrics.setdefault(dataset, metric or "top1")
-    boots = track_bootstraps(df, outcomes, metrics)
+    boots = track_bootstraps(df, outcomes, metrics, score=score)
     per_class, names = _per_class(df, outcomes, boots, metrics)
     out_dir = Path(out_dir)
     plots_dir = Path(plots_dir) if plots_dir is not None else out_dir / "plots"
@@ -131,7 +135,7 @@ def collect(results: Sequence[Path | str], out_dir: Path, plots_dir: Path | None
         from lesionbench.plots import write_all
 
         bands = pd.concat([b.curves for b in boots.values()], ignore_index=True) if boots else None
-        drawn = write_all(df, metrics, plots_dir, bands=bands)
+        drawn = write_all(df, metrics, plots_dir, bands=bands, score=score)
     else:
         from lesionbench.plots import planned_paths
 
@@ -155,13 +159,15 @@ def collect(results: Sequence[Path | str], out_dir: Path, plots_dir: Path | None
     for model, items in drawn.items():
         links[model] = [(label, relative_link(path, out_dir)) for label, path in items]
     headlines = {dataset: relative_link(path, out_dir)
-                 for dataset, path in _headline_figures(df, metrics, boots, plots_dir, draw).items()}  # fmt: skip
+                 for dataset, path in _headline_figures(df, metrics, boots, plots_dir, draw, score).items()}  # fmt: skip
     sources = [relative_link(f, out_dir) for f in files]
     return build_leaderboard(df.drop(columns="outcome"), metrics, links, title=title, sources=sources, titles=titles,
-                             boots=boots, per_class=per_class, class_names=names, headlines=headlines)  # fmt: skip
+                             boots=boots, per_class=per_class, class_names=names, headlines=headlines,
+                             score=score)  # fmt: skip
 
 
-def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: Path, draw: bool) -> dict[str, Path]:
+def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: Path, draw: bool,
+                      score: str = DEFAULT_SCORE) -> dict[str, Path]:  # fmt: skip
     """dataset → its headline figure, layer score against relative depth of every model of the track
     under (at most four of) the ranked perturbations; drawn when ``draw``, else only its path."""
     from lesionbench.plots import safe_name
@@ -174,9 +180,9 @@ def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: P
             from lesionbench.scores import layer_scores
 
             track = df[df["dataset"] == dataset]
-            scores = boots[dataset].layers if dataset in boots else layer_scores(track, metrics.get(dataset, "top1"))
+            scores = boots[dataset].layers if dataset in boots else layer_scores(track, metrics.get(dataset, "top1"), score)
             shared = ranked_perturbations(track, scores)[0] or sorted(dg["perturbation"].unique())
-            score_vs_depth(track, metrics, path, shared[:4])
+            score_vs_depth(track, metrics, path, shared[:4], score)
         out[dataset] = path
     return out
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -63,6 +63,12 @@ BUILTIN_PLUGINS = {
     "json": "lesionbench.reporters.json_report",
     "html": "lesionbench.reporters.html_report",
 }
+# executors and scores (issue #26): the built-in ones are plugins like the rest
+BUILTIN_PLUGINS |= {
+    "local": "lesionbench.executors.local",
+    "ray": "lesionbench.executors.ray",
+    "area_score": "lesionbench.plugins.area_score",
+}
 
 # kind -> hook name; the kind is what `lesionbench list KIND` takes.
 KINDS = {
@@ -75,6 +81,9 @@ SINGULAR = {"models": "model", "perturbations": "perturbation", "datasets": "dat
 # reporters (issue #26)
 KINDS["reporters"] = "lesionbench_reporters"
 SINGULAR["reporters"] = "reporter"
+# executors and scores (issue #26)
+KINDS |= {"executors": "lesionbench_executors", "scores": "lesionbench_scores"}
+SINGULAR |= {"executors": "executor", "scores": "score"}
 
 
 @dataclass(frozen=True)
@@ -249,14 +258,24 @@ def _unknown_hook(message: str) -> str:
 
 
 def create_registry(
-    extra_plugins: Iterable[tuple[str, object]] = (), entry_points: bool = True, builtins: bool = True
+    extra_plugins: Iterable[tuple[str, object]] = (), entry_points: bool = True, builtins: bool = True,
+    disable: Iterable[str] = (),
 ) -> Registry:
-    """Build a registry: the built-ins, then the ``lesionbench`` entry points, then ``extra_plugins``."""
+    """Build a registry: the built-ins, then the ``lesionbench`` entry points, then ``extra_plugins``.
+
+    ``disable``: plugin names (built-in or entry point) left out, as pytest's ``-p no:NAME``;
+    what they contribute is then unknown. Raises PluginError for a name no plugin has.
+    """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     registry = Registry(pm)
+    disable = set(disable)
+    if disable - set(BUILTIN_PLUGINS) - {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}:
+        raise unknown_name("plugin to disable", sorted(disable - set(BUILTIN_PLUGINS))[0], BUILTIN_PLUGINS)
     if builtins:
         for name, module in BUILTIN_PLUGINS.items():
+            if name in disable:
+                continue
             try:
                 plugin = importlib.import_module(module)
             except Exception as exc:  # a model family whose optional dependency is missing, say
@@ -266,7 +285,7 @@ def create_registry(
     if entry_points:
         seen: set[tuple[str, str]] = set()
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if (ep.name, ep.value) in seen:  # the same distribution visible twice on sys.path
+            if (ep.name, ep.value) in seen or ep.name in disable:  # the same distribution visible twice on sys.path
                 continue
             seen.add((ep.name, ep.value))
             try:
@@ -278,16 +297,24 @@ def create_registry(
             info = PluginInfo(ep.name, ep.value, dist.name if dist else "-", dist.version if dist else "-")
             _register(registry, plugin, ep.name, info)
     for name, plugin in extra_plugins:
+        if name in disable:
+            continue
         _register(registry, plugin, name, PluginInfo(name, _module_of(plugin), "-", "-"))
     return registry
 
 
 _default: Registry | None = None
+_disabled: frozenset[str] = frozenset()
 
 
-def get_registry() -> Registry:
-    """The process-wide registry: built-ins and installed entry points (created on first use)."""
-    global _default
-    if _default is None:
-        _default = create_registry()
+def get_registry(disable: Iterable[str] | None = None) -> Registry:
+    """The process-wide registry: built-ins and installed entry points (created on first use).
+
+    ``disable``: plugin names left out (``lesionbench -p no:NAME``); giving a different set than the
+    registry in use was built with builds it again, and later calls without ``disable`` keep it.
+    """
+    global _default, _disabled
+    wanted = _disabled if disable is None else frozenset(disable)
+    if _default is None or wanted != _disabled:
+        _default, _disabled = create_registry(disable=wanted), wanted  # a bad name leaves the last one in use
     return _default

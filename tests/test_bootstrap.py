@@ -14,7 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lesionbench.scores import bootstrap, interval, layer_scores, per_class_accuracy
+from lesionbench.bootstrap import bootstrap, interval
+from lesionbench.per_image import per_class_accuracy
+from lesionbench.registry import get_registry
+from lesionbench.scores import layer_scores
 from lesionbench.store import Outcomes, Subset
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -82,11 +85,23 @@ def test_intervals_cover_the_true_scores_about_95_percent_of_the_time():
     assert 0.8 < np.mean(widths) / true_spread < 1.25, (np.mean(widths), true_spread)
 
 
-def test_point_estimates_are_layer_scores_and_intervals_hold_them():
+def hand_area_score(df: pd.DataFrame, layer: str) -> float:
+    """The area score of one layer written out from its definition, independently of lesionbench:
+    mean top-1 over draws per level, retention (acc − 0.1) / (clean − 0.1) clipped to [0, 1],
+    trapezoids over the levels, divided by the range."""
+    clean = float(df.loc[df["perturbation"] == "clean", "top1"].iloc[0])
+    mine = df[df["layer"] == layer]
+    levels = sorted(set(mine["level"]))
+    r = [min(1.0, max(0.0, (mine.loc[mine["level"] == x, "top1"].mean() - 0.1) / (clean - 0.1))) for x in levels]
+    area = sum((levels[i + 1] - levels[i]) * (r[i] + r[i + 1]) / 2 for i in range(len(levels) - 1))
+    return area / (levels[-1] - levels[0])
+
+
+def test_point_estimates_are_the_defined_score_and_intervals_hold_them():
     df, outcomes = simulate(np.random.default_rng(0), {"m": {"a": 0.7, "b": 0.3, "c": 1.0}})
     b = bootstrap(df, outcomes, replicates=300)
-    point = layer_scores(df).drop(columns="verdict")
-    pd.testing.assert_frame_equal(b.layers[point.columns], point)
+    for r in b.layers.itertuples():
+        assert r.score == pytest.approx(hand_area_score(df, r.layer), abs=1e-12)
     # verdicts from the intervals: critical below 0.50, robust above, undetermined across
     for r in b.layers.itertuples():
         expected = "critical" if r.score_high < 0.495 else "robust" if r.score_low >= 0.505 else r.verdict
@@ -190,3 +205,20 @@ def test_runs_of_one_model_on_other_images_of_the_same_number_are_refused():
         bootstrap(*two_runs(np.arange(100, 300)), replicates=50)
     same = bootstrap(*two_runs(np.arange(200)), replicates=50)
     assert same.has_interval("m")
+
+
+@pytest.mark.parametrize("score", sorted(get_registry().contributions("scores")))
+def test_the_point_estimate_is_the_bootstraps_identity_replicate_for_every_registered_score(score):
+    """A replicate that resamples nothing (every image once, every draw once) goes through the
+    bootstrap's whole pipeline — accuracies recomputed from the per-image outcomes, curves, retention,
+    the score and the critical level per replicate — and must land on the point estimate, which is
+    computed from the results table's accuracies."""
+    df, outcomes = simulate(np.random.default_rng(4), {"m": {"a": 0.7, "b": 0.3}, "n": {"a": 1.0, "b": 0.1}})
+    point = layer_scores(df, score=score)
+    b = bootstrap(df, outcomes, replicates=3, score=score, resample="identity")
+    assert b.score == score and len(b.layers) == len(point) == 4
+    np.testing.assert_allclose(b.score_reps, np.repeat(point["score"].to_numpy()[:, None], 3, axis=1), rtol=0, atol=1e-6)
+    for column in ("critical_low", "critical_high"):
+        np.testing.assert_allclose(b.layers[column], point["critical_level"], rtol=1e-6)
+    random = bootstrap(df, outcomes, replicates=50, score=score)  # and a real resample does move it
+    assert (random.score_reps.std(axis=1) > 0).all()

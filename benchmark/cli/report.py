@@ -8,6 +8,7 @@ from rich.table import Table
 
 from lesionbench.cli.tables import print_table
 from lesionbench.leaderboard import format_critical, with_interval
+from lesionbench.layer_score import DEFAULT_SCORE
 from lesionbench.scores import NOT_SCORED, at_chance, layer_scores
 from lesionbench.study import Study
 
@@ -15,11 +16,13 @@ from lesionbench.study import Study
 STYLES = {"critical": "red", "robust": "green", "undetermined": "yellow"}
 
 
-def print_summary(df: pd.DataFrame, study: Study, console: Console, scores: pd.DataFrame | None = None) -> bool:
+def print_summary(df: pd.DataFrame, study: Study, console: Console, scores: pd.DataFrame | None = None,
+                  score=DEFAULT_SCORE) -> bool:  # fmt: skip
     """Print each model's layer scores and most fragile layer; returns True when a model was not
     scored (clean accuracy at chance). ``scores``: :func:`lesionbench.bootstrap`'s ``layers`` (with
-    intervals and interval verdicts), else :func:`layer_scores` (verdicts from the score alone)."""
-    scores = layer_scores(df, study.metric) if scores is None else scores
+    intervals and interval verdicts), else :func:`layer_scores` (verdicts from the score alone) of
+    ``score`` (a registered score's name or the score)."""
+    scores = layer_scores(df, study.metric, score) if scores is None else scores
     for model, g in scores.groupby("model", sort=False):
         table = Table(title=f"{model}: layer-robustness score ({study.metric}; 1 = untouched, 0 = chance)")
         table.add_column("layer")

@@ -18,9 +18,11 @@ set once and puts it into the object store once; tasks receive the reference ins
 worker fetches it only when it builds a runner, never decodes images itself. Each task returns
 its block's rows (cells not already in the run directory) together with the model's clean row
 (each worker's runner evaluates the clean model once anyway: the identity level's rows are that
-result); the driver appends the clean row once per model and a block's rows once, when its task returns
-(a retried task returns once), ticking the progress bar once per cell, so ``--resume`` works
-across executors through ``RunDir.completed()`` exactly as in the local executor.
+result); the shared driver (:func:`lesionbench.executors.driver.drive`, the local executor's too)
+appends the clean row once per model and a block's rows once, when its task returns (a retried
+task returns once), ticking the progress bar once per cell, so ``--resume`` works across
+executors. A task is submitted with its job's identity (model and block), which also names it in
+an error. The worker side is :mod:`lesionbench.executors.ray_worker`.
 
 Numbers equal a local run's: every cell is seeded from what it is, not from where or when it
 runs, and a worker uses as many torch threads as the driver (each task asks Ray for that many
@@ -30,31 +32,27 @@ CPUs), since Ray's workers would otherwise run with one thread (``OMP_NUM_THREAD
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
-import socket
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from lesionbench.cells import ModelRunner, eval_sets
-from lesionbench.data import EvalSetCache
 from lesionbench.errors import LesionbenchError
-from lesionbench.plan import Plan, prepare
-from lesionbench.registry import Registry, get_registry
-from lesionbench.store import Store
-from lesionbench.study import Study, parse_study
+from lesionbench.executors import ExecutorPlugin
+from lesionbench.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # the heavy modules load when a run starts, not when the plugin is listed
+    from lesionbench.executors.driver import Finished, Job
+    from lesionbench.plan import Plan
+    from lesionbench.registry import Registry
+    from lesionbench.study import Study
 
 log = logging.getLogger("lesionbench")
 
 INSTALL_HINT = "pip install lesionbench[ray]"
 MAX_RETRIES = 3  # a block whose worker dies is run again, on any worker, up to this many times
-RUNNERS_PER_WORKER = 2  # model runners a worker keeps (the driver submits blocks model by model)
 
 
 def require_ray():
@@ -68,6 +66,8 @@ def require_ray():
 
 def check_device_name(name: str) -> None:
     """The study's device as a name (the driver needs no GPU: workers have them)."""
+    import torch
+
     if name in (None, "", "auto"):
         return
     try:
@@ -92,6 +92,8 @@ class RayCluster:
 
     def device_for(self, study: Study) -> str:
         """``cuda`` when the study asks for it (or says auto and the cluster has GPUs), else ``cpu``."""
+        import torch
+
         gpus = self.ray.cluster_resources().get("GPU", 0)
         name = study.device
         if name in (None, "", "auto"):
@@ -167,98 +169,69 @@ class RayExecutor:
 
     def prepare(self, study: Study, registry: Registry) -> Plan:
         """The driver's plan: every check, on the CPU (the driver evaluates nothing)."""
+        from lesionbench.plan import prepare
+
         require_ray()  # before anything else: one line, nothing written
         return prepare(driver_study(study), registry)
 
     @contextmanager
     def session(self, plan: Plan, registry: Registry) -> Iterator:
+        from lesionbench.executors.driver import drive
+
         with ray_cluster(self.address) as cluster:
             worker_study = replace(plan.study, device=cluster.device_for(plan.study))
             probe(cluster, worker_study, registry)  # a plugin missing on workers: nothing written
-            yield lambda store, tick, debug: execute_ray(cluster, plan, store, registry, tick, debug, worker_study)
+            backend = ray_backend(cluster, registry, worker_study)
+            yield lambda store, tick, debug: drive(plan, store, tick, debug, backend)
 
 
-def execute_ray(
-    cluster: RayCluster,
-    plan: Plan,
-    run: Store,
-    registry: Registry,
-    progress: Callable[[str], None] | None = None,
-    debug: bool = False,
-    worker_study: Study | None = None,
-) -> None:
-    """Evaluate every cell of ``plan`` not already in ``run`` on Ray, appending rows as blocks finish.
+def ray_backend(cluster: RayCluster, registry: Registry, worker_study: Study) -> Callable[..., Iterator[Finished]]:
+    """The driver's backend on Ray: one task per job, results as tasks finish.
 
-    ``plan`` is the driver's (prepared on the CPU); ``worker_study`` what workers prepare (the
-    device resolved for the cluster).
+    ``worker_study`` is what workers prepare (the device resolved for the cluster); the plan the
+    driver holds was prepared on the CPU. Each evaluation set goes into the object store once.
     """
-    ray = cluster.ray
-    tick = progress or (lambda _desc: None)
-    study = worker_study or plan.study
-    study_dict = portable(study).to_dict()
-    key = study_key(study_dict)
-    plugins = plugin_modules(registry)
-    task, threads = _remote(cluster, study, run_block)
 
-    done = run.completed()
-    cache = EvalSetCache()
-    put: dict[int, Any] = {}  # id(EvalSet) -> its object ref: each set goes into the store once
+    def evaluate(plan: Plan, jobs: Sequence[Job], debug: bool, note: Callable[[str], None]) -> Iterator[Finished]:
+        from itertools import groupby
 
-    def ref_of(eval_set):
-        if eval_set is None:
-            return None
-        if id(eval_set) not in put:
-            put[id(eval_set)] = ray.put(eval_set)
-        return put[id(eval_set)]
+        from lesionbench.cells import eval_sets
+        from lesionbench.data import EvalSetCache
+        from lesionbench.executors.driver import Finished
+        from lesionbench.executors.ray_worker import run_block
 
-    pending: dict[Any, tuple[str, list[str]]] = {}  # task -> (model, labels of its cells)
-    clean_needed: set[str] = set()
-    notes_seen: set[str] = set()
-    try:
-        for prepared in plan.models:
-            name = prepared.loaded.name
-            if plan.key(name) in done:
-                tick(f"{name}: clean (done earlier)")
-            else:
-                clean_needed.add(name)
-            todo = []
-            for block in plan.blocks(prepared):
-                cells = plan.block_cells(prepared, block)
-                labels = [plan.label(name, c) for c in cells]
-                if plan.settled(prepared, block, done):  # adaptive draws included
-                    for label in labels:
-                        tick(label)
-                    continue
-                todo.append((block, plan.done_of(name, block, done), labels))
-            if not todo and name not in clean_needed:
-                continue
-            refs = [ref_of(s) for s in eval_sets(plan, cache, prepared)]
-            if not todo:  # every cell written earlier but the clean row: a task for the clean row alone
-                todo.append((None, set(), []))
-            for block, block_done, labels in todo:
-                ref = task.remote(study_dict, key, plugins, name, block, block_done, [refs[0]], [refs[1]],
-                                  threads, debug)  # fmt: skip
-                pending[ref] = (name, labels)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                name, labels = pending.pop(ref)
-                result = _get(ray, ref, labels[0].rsplit(" ", 2)[0] if labels else f"{name} · clean")
-                if name in clean_needed:
-                    run.append(result["clean"])
-                    clean_needed.discard(name)
-                    tick(f"{name}: clean")
-                for row in result["rows"]:
-                    run.append(row)
-                for label in labels:
-                    tick(label)
-                for note in result["notes"]:
-                    if note not in notes_seen:
-                        notes_seen.add(note)
-                        run.note(note)
-    finally:
-        for ref in pending:
-            ray.cancel(ref)
+        ray = cluster.ray
+        study_dict = portable(worker_study).to_dict()
+        key = study_key(study_dict)
+        plugins = plugin_modules(registry)
+        task, threads = _remote(cluster, worker_study, run_block)
+        cache = EvalSetCache()
+        put: dict[int, Any] = {}  # id(EvalSet) -> its object ref: each set goes into the store once
+
+        def ref_of(eval_set):
+            if eval_set is not None and id(eval_set) not in put:
+                put[id(eval_set)] = ray.put(eval_set)
+            return None if eval_set is None else put[id(eval_set)]
+
+        pending: dict[Any, Job] = {}
+        try:
+            for name, group in groupby(jobs, key=lambda j: j.model):
+                refs = [ref_of(s) for s in eval_sets(plan, cache, plan.model(name))]
+                for job in group:
+                    ref = task.remote(study_dict, key, plugins, name, job.block, job.done, [refs[0]], [refs[1]],
+                                      threads, debug)  # fmt: skip
+                    pending[ref] = job
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    job = pending.pop(ref)
+                    result = _get(ray, ref, job.describe())  # the job's identity, not a parsed label
+                    yield Finished(job, lambda r=result: r["clean"], result["rows"], lambda r=result: r["notes"])
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+
+    return evaluate
 
 
 def _get(ray, ref, what: str = "the study on a worker") -> dict:
@@ -287,6 +260,8 @@ def _get(ray, ref, what: str = "the study on a worker") -> dict:
 
 def probe(cluster: RayCluster, study: Study, registry) -> None:
     """Prepare the study on one worker before anything is written: a missing plugin fails here."""
+    from lesionbench.executors.ray_worker import check_worker
+
     ray = cluster.ray
     study_dict = portable(study).to_dict()
     task, threads = _remote(cluster, study, check_worker)
@@ -299,6 +274,8 @@ def _remote(cluster: RayCluster, study: Study, fn):
     On a GPU: one GPU per task. On the CPU: as many CPUs (and torch threads) as the driver uses,
     capped at the largest node, so the floats equal a local run's and no node is oversubscribed.
     """
+    import torch
+
     gpu = torch.device(study.device).type == "cuda"
     threads = 1 if gpu else min(torch.get_num_threads(), cluster.max_node_cpus())
     options = {"num_cpus": threads, "num_gpus": 1 if gpu else 0}
@@ -306,105 +283,8 @@ def _remote(cluster: RayCluster, study: Study, fn):
     return cluster.ray.remote(max_calls=0, max_retries=MAX_RETRIES, **options)(fn), threads
 
 
-# ------------------------------------------------------------------------------------ worker
-
-class WorkerState:
-    """What a Ray worker process keeps between tasks: the study it prepared and its model runners.
-
-    One per process (:data:`WORKER`): Ray reuses worker processes across tasks, and a task is a
-    plain function, so this is where a worker remembers what it built.
-    """
-
-    def __init__(self) -> None:
-        self.key: str | None = None  # the study prepared here (one study at a time)
-        self.plan: Plan | None = None
-        self.runners: OrderedDict[str, ModelRunner] = OrderedDict()  # model -> runner
-        self.notes: dict[str, list[str]] = {}
-
-    def plan_for(self, study_dict: dict, key: str, plugins: dict[str, str]) -> Plan:
-        """The study prepared in this worker process, once; a plugin missing here is named."""
-        if key == self.key and self.plan is not None:
-            return self.plan
-        for runner in self.runners.values():  # another study: let the last one's models go
-            runner.close()
-        self.__init__()
-        registry = get_registry()
-        try:
-            plan = prepare(parse_study(study_dict), registry)
-        except (LesionbenchError, ImportError) as exc:
-            missing = _missing_plugins(registry, plugins)
-            if missing:
-                raise LesionbenchError(
-                    f"Ray worker {socket.gethostname()} cannot load {missing}; the plugin packages must be "
-                    f"installed on every worker (there: {str(exc).split('. ')[0]})"
-                ) from None
-            if isinstance(exc, ModuleNotFoundError):
-                raise LesionbenchError(
-                    f"Ray worker {socket.gethostname()} cannot import {exc.name!r}, which the study needs; it must be "
-                    "installed on every worker"
-                ) from None
-            raise
-        self.key, self.plan = key, plan
-        return plan
-
-    def runner(self, model: str, eval_ref: list, calibration_ref: list, debug: bool) -> ModelRunner:
-        """The model's runner in this worker, built once (evaluation set fetched, not decoded)."""
-        import ray
-
-        if model in self.runners:
-            self.runners.move_to_end(model)
-            return self.runners[model]
-        while len(self.runners) >= RUNNERS_PER_WORKER:
-            _, old = self.runners.popitem(last=False)
-            old.close()
-        eval_set = ray.get(eval_ref[0])
-        calibration = ray.get(calibration_ref[0]) if calibration_ref[0] is not None else None
-        notes = self.notes.setdefault(model, [])
-        runner = ModelRunner(self.plan, self.plan.model(model), eval_set, calibration, debug=debug, note=notes.append)
-        self.runners[model] = runner
-        return runner
-
-
-WORKER = WorkerState()
-
-
-def _missing_plugins(registry, plugins: dict[str, str]) -> str:
-    """The driver's plugins that did not load here, each with the module it lacks."""
-    here = set(registry.plugin_names())
-    failures = {f.plugin: f.message for f in registry.failures if f.stage == "load"}
-    out = []
-    for name, module in sorted(plugins.items()):
-        if name in here:
-            continue
-        why = failures.get(name)
-        if why is None:
-            try:
-                importlib.import_module(module)
-                why = "not registered here (its distribution's entry point is missing)"
-            except ModuleNotFoundError as exc:
-                why = f"No module named {exc.name!r}"
-            except Exception as exc:  # noqa: BLE001 - reported, not handled
-                why = f"{type(exc).__name__}: {exc}"
-        out.append(f"plugin {name!r} (module {module!r}: {why})")
-    return "; ".join(out)
-
-
-def check_worker(study_dict: dict, key: str, plugins: dict[str, str], threads: int) -> bool:
-    """A Ray task: prepare the study here (and keep it for the blocks that follow)."""
-    torch.set_num_threads(threads)
-    WORKER.plan_for(study_dict, key, plugins)
-    return True
-
-
-def run_block(study_dict: dict, key: str, plugins: dict[str, str], model: str, block, done: dict,
-              eval_ref: list, calibration_ref: list, threads: int, debug: bool) -> dict:  # fmt: skip
-    """A Ray task: the rows of one block not in ``done`` (``block`` None: only the clean row)."""
-    torch.set_num_threads(threads)
-    WORKER.plan_for(study_dict, key, plugins)
-    runner = WORKER.runner(model, eval_ref, calibration_ref, debug)
-    try:
-        rows = [] if block is None else [row for row, _label in runner.block_rows(block, done) if row is not None]
-    finally:  # blocks are spread over workers: a cache kept here would outlive the study, so it goes now
-        runner.engine.close()
-    notes = WORKER.notes.get(model, []) + runner.notes()
-    return {"clean": runner.clean_row(), "rows": rows, "notes": notes}
+@hookimpl
+def lesionbench_executors():
+    return [ExecutorPlugin("ray", "One Ray task per block on a Ray cluster (pip install 'lesionbench[ray]').", RayExecutor,
+                           {"address": "the Ray cluster: auto (this node's cluster) or ray://host:10001 (default: start "
+                                       "a local one)"})]  # fmt: skip
