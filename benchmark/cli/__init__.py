@@ -37,6 +37,7 @@ examples:
   lesionbench run imagenet-track --data /path/to/imagenet/val
   lesionbench run --models fashion_vgg --dataset fashion_mnist --perturbations weight_noise
   lesionbench run --resume runs/demo       finish an interrupted run
+  lesionbench run --resume runs/demo --redo weight_noise   evaluate its weight_noise cells again
   lesionbench list perturbations           what each one does, its levels, range and unit
   lesionbench leaderboard runs --out LEADERBOARD.md
   lesionbench compare runs/new runs/baseline
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, metavar="DIR",
                      help="finish the cells missing from the run in DIR; starts the study there if DIR holds no run "
                           "yet, and says so (exit 0) if the run is complete (default: start a new run in --out)")
+    run.add_argument("--redo", type=_names, metavar="A,B",
+                     help="with --resume: drop every cell of these perturbations and evaluate them again with this "
+                          "lesionbench, keeping the other rows (after a perturbation's definition changed; the "
+                          "manifest records it) (default: none)")  # fmt: skip
     run.add_argument("--dry-run", action="store_true",
                      help="print the cells and an estimate of the time, as lesionbench plan does; run nothing (default: off)")
     run.add_argument("--debug", action="store_true",
@@ -353,6 +358,8 @@ def cmd_run(args) -> int:
     if args.resume is not None and not resume and args.study is None:  # never a default study in a --resume
         raise LesionbenchError(f"{str(args.resume)!r} holds no run yet: name the study to start it there "
                                f"(lesionbench run STUDY --resume {shlex.quote(str(args.resume))})")  # fmt: skip
+    if getattr(args, "redo", None) and not resume:
+        raise LesionbenchError("--redo needs --resume DIR naming a run that holds results")
     if resume:  # the study recorded in the run; a study named as well must be that one (the fingerprint says)
         with RunDir.open_existing(args.resume) as earlier:  # only to read the study; locked again to run
             study = parse_study(earlier.manifest()["study"])
@@ -368,7 +375,7 @@ def cmd_run(args) -> int:
     args.run_dir = out  # for the interruption message
     run = run_study(study, registry, out, resume=resume,
                     progress=lambda total: rich_progress(console, total), debug=args.debug,
-                    executor=args.executor, ray_address=args.ray_address)  # fmt: skip
+                    executor=args.executor, ray_address=args.ray_address, redo=getattr(args, "redo", None) or ())  # fmt: skip
     board = run.path / "LEADERBOARD.md"  # written last by publish: its presence means the run is finished
     no_publish = getattr(args, "no_publish", False)
     if run.already_complete and (board.is_file() or no_publish):
