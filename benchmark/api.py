@@ -60,14 +60,17 @@ def run_study(
     executor: str = DEFAULT_EXECUTOR,
     executor_options: Mapping[str, Any] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    redo: Sequence[str] = (),
 ) -> Store:
     """Prepare (every check), then create or reopen the store, then execute; returns the store.
 
     ``out`` None keeps the rows in memory. ``resume`` finishes an earlier run in ``out`` (a
     directory made by another study is refused before anything runs). ``executor``: a registered
     executor's name (``lesionbench list executors``), ``executor_options`` the options it takes
-    (``executor="ray", executor_options={"address": "auto"}`` joins this node's Ray cluster). A run
-    directory's lock is released at the end.
+    (``executor="ray", executor_options={"address": "auto"}`` joins this node's Ray cluster). ``redo`` (with ``resume``)
+    names perturbations of the study whose cells are dropped and evaluated again
+    (:meth:`RunDir.forget`); a name not in the study raises LesionbenchError. A run directory's lock
+    is released at the end.
     """
     chosen = create_executor(executor, executor_options, registry)
     plan = chosen.prepare(study, registry)
@@ -81,6 +84,12 @@ def run_study(
         store = RunDir.open_existing(out, plan.fingerprint(), subset)  # a different study is refused before connecting
         store.note(f"run resumed: lesionbench {__version__}, study {plan.study.name!r}")
         try:
+            if redo:
+                unknown = [p for p in redo if p not in plan.perturbations]
+                if unknown:
+                    raise LesionbenchError(f"--redo {', '.join(unknown)}: not a perturbation of the study in "
+                                           f"{str(out)!r} (its perturbations: {', '.join(plan.perturbations)})")  # fmt: skip
+                store.forget(list(redo))
             check_plan(store.frame(), plan, store.results_path)  # every row a cell of this study's plan
         except BaseException:
             store.close()

@@ -42,8 +42,41 @@ from lesionbench.columns import (CLEAN, COLUMNS, KEY_COLUMNS, LOCK, MANIFEST, NO
                                  OUTCOMES, RESULTS, CellKey, Subset, cell_key)  # fmt: skip
 from lesionbench.outcomes import (Outcomes, _outcome_schema, _OutcomeWriter, _valid_stream_bytes,
                                   read_outcome_file)  # fmt: skip
-from lesionbench.schema import BINDING, RESULTS_SCHEMA, read_manifest, row_checksum, schema_version
+from lesionbench.schema import BINDING, BN_SUFFIX, RESULTS_SCHEMA, read_manifest, row_checksum, schema_version
 from lesionbench.results_io import _cell, _num, _write_atomic, read_results, read_results_with_outcomes
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` whole and durably (a sibling written and fsynced, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _without_batches(path: Path, perturbations: set[str]) -> bytes:
+    """The Arrow IPC stream in ``path`` (whole messages only) without the record batches whose cell
+    is of one of ``perturbations``; every other message is kept byte for byte."""
+    import pyarrow as pa
+
+    with open(path, "rb") as f:
+        data = f.read(_valid_stream_bytes(path))
+    src, kept, schema, start = pa.BufferReader(pa.py_buffer(data)), [], None, 0
+    while start < len(data):
+        message = pa.ipc.read_message(src)
+        end = src.tell()
+        if schema is None:
+            schema = pa.ipc.read_schema(message)
+        else:
+            batch = pa.ipc.read_record_batch(message, schema)
+            if batch.num_rows and batch.column("perturbation")[0].as_py() in perturbations:
+                start = end
+                continue
+        kept.append(data[start:end])
+        start = end
+    return b"".join(kept)
 
 
 class Store(Protocol):
@@ -289,10 +322,44 @@ class RunDir:
         if not lost:
             return
         self.note(f"{len(lost)} rows had unreadable per-image outcomes; their cells are evaluated again")
+        self._drop_rows(lost)
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        """Rewrite ``results.csv`` atomically without the data rows ``rows`` (0-based, as :meth:`frame` numbers them)."""
         with open(self.results_path, encoding="utf-8") as f:
             lines = f.readlines()
-        drop = {i + 1 for i in lost}  # line 0 is the header
+        drop = {i + 1 for i in rows}  # line 0 is the header
         _write_atomic(self.results_path, "".join(line for i, line in enumerate(lines) if i not in drop))
+
+    def forget(self, perturbations: list[str]) -> int:
+        """Drop every cell of ``perturbations`` — its row and its per-image outcome batch — so that
+        ``--resume`` evaluates those cells again with this lesionbench (``run --resume DIR --redo``,
+        after a perturbation's definition changed). A name also covers its BatchNorm-recalibrated
+        rows (``weight_noise`` → ``weight_noise+bn_recalibrate``). Every other row, and the bytes
+        of every other outcome batch, stay as they are; the manifest's ``recomputed`` list records
+        what was dropped, when, and by which lesionbench and torch.
+
+        Each file is replaced atomically, rows first: a kill in between leaves outcome batches
+        without rows, which readers ignore and ``--resume`` overwrites. Returns the number of rows
+        dropped; raises LesionbenchError when none is of ``perturbations``."""
+        df = self.frame()
+        mine = df["perturbation"].str.removesuffix(BN_SUFFIX).isin(perturbations).to_numpy()
+        if not mine.any():
+            found = sorted(set(df["perturbation"]) - {CLEAN})
+            raise LesionbenchError(f"{str(self.path)!r} has no rows of {', '.join(perturbations)} to redo "
+                                   f"(its perturbations: {', '.join(found) or 'none'})")  # fmt: skip
+        cells = int(mine.sum())
+        self.note(f"redo {', '.join(perturbations)}: {cells} cells dropped, evaluated again by lesionbench "
+                  f"{lesionbench.__version__}, torch {torch.__version__}")  # fmt: skip
+        self._drop_rows(list(np.flatnonzero(mine)))
+        if self.outcomes_path.is_file():
+            _write_bytes_atomic(self.outcomes_path, _without_batches(self.outcomes_path, set(df["perturbation"][mine])))
+        manifest = self.manifest()
+        manifest.setdefault("recomputed", []).append({
+            "perturbations": list(perturbations), "cells": cells, "lesionbench": lesionbench.__version__,
+            "torch": torch.__version__, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+        _write_bytes_atomic(self.manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+        return cells
 
     def columns(self) -> list[str]:
         """The header of this run's results file: rows appended on resume keep its layout."""

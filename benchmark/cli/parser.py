@@ -26,6 +26,7 @@ examples:
   lesionbench run imagenet-track --data /path/to/imagenet/val
   lesionbench run --models fashion_vgg --dataset fashion_mnist --perturbations weight_noise
   lesionbench run --resume runs/demo       finish an interrupted run
+  lesionbench run --resume runs/demo --redo weight_noise   evaluate its weight_noise cells again
   lesionbench list perturbations           what each one does, its levels, range and unit
   lesionbench leaderboard runs --out LEADERBOARD.md
   lesionbench compare runs/new runs/baseline
@@ -143,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, metavar="DIR",
                      help="finish the cells missing from the run in DIR; starts the study there if DIR holds no run "
                           "yet, and says so (exit 0) if the run is complete (default: start a new run in --out)")
+    run.add_argument("--redo", type=_names, metavar="A,B",
+                     help="with --resume: drop every cell of these perturbations and evaluate them again with this "
+                          "lesionbench, keeping the other rows (after a perturbation's definition changed; the "
+                          "manifest records it) (default: none)")  # fmt: skip
     run.add_argument("--dry-run", action="store_true",
                      help="print the cells and an estimate of the time, as lesionbench plan does; run nothing (default: off)")
     run.add_argument("--debug", action="store_true",

@@ -50,6 +50,8 @@ def cmd_run(args, console, warn) -> int:
                                                                             or any(args.resume.iterdir())):  # fmt: skip
         raise LesionbenchError(f"{str(args.resume)!r} is not a lesionbench run directory (no manifest.json) and not "
                                "empty: refusing to start a run in it")  # fmt: skip
+    if getattr(args, "redo", None) and not resume:
+        raise LesionbenchError("--redo needs --resume DIR naming a run that holds results")
     if args.resume is not None and not resume and args.study is None:  # never a default study in a --resume
         raise LesionbenchError(f"{str(args.resume)!r} holds no run yet: name the study to start it there "
                                f"(lesionbench run STUDY --resume {shlex.quote(str(args.resume))})")  # fmt: skip
@@ -68,7 +70,8 @@ def cmd_run(args, console, warn) -> int:
     args.run_dir = out  # for the interruption message
     run = run_study(study, registry, out, resume=resume,
                     progress=lambda total: rich_progress(console, total), debug=args.debug,
-                    executor=chosen.name, executor_options=executor_options(args))  # fmt: skip
+                    executor=chosen.name, executor_options=executor_options(args),
+                    redo=getattr(args, "redo", None) or ())  # fmt: skip
     board = run.path / "LEADERBOARD.md"  # written last by publish: its presence means the run is finished
     no_publish = getattr(args, "no_publish", False)
     if run.already_complete and (board.is_file() or no_publish):
