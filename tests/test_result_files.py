@@ -308,6 +308,23 @@ def test_verify_rejects_a_single_edited_row_even_with_its_checksum_forged(run, c
     assert "REJECTED" in out and "loss 0.5 in the file" in out
 
 
+def test_verify_accepts_a_loss_that_differs_only_in_float32_rounding_and_rejects_one_beyond(run, capsys):
+    """A mean loss moves in its last bits with the thread count (committed rows against a re-run here
+    differed by 3e-8 relative): exact mode must not call that a forgery, but 1e-4 is one."""
+    from lesionbench.store import read_results
+
+    for i in range(len(read_results(run))):  # every row, the clean pass included, in its last bits
+        loss = float(read_results(run)["loss"].iloc[i])
+        set_field(run, i, "loss", repr(loss * (1 + 3e-7)), rebind=True)
+    assert main(["verify", str(run), "--sample", "4"]) == 0, capsys.readouterr().out
+    i = perturbed_row(run)
+    loss = float(read_results(run)["loss"].iloc[i])
+    set_field(run, i, "loss", repr(loss * (1 + 1e-4)), rebind=True)
+    capsys.readouterr()
+    assert main(["verify", str(run), "--sample", "8"]) == 1
+    assert "REJECTED" in capsys.readouterr().out.replace("\n", "")
+
+
 def test_verify_rejects_a_single_edited_per_image_outcome(run, capsys):
     import pyarrow as pa
 
