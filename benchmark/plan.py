@@ -132,7 +132,7 @@ class Plan:
         for c in cells:
             by_level.setdefault(c.level, []).append(c)
         out = []
-        for level, made in by_level.items():
+        for made in by_level.values():
             if len(made) < 2:  # the identity level, a deterministic perturbation: one draw says it all
                 continue
             add = extra_draws([values.get((c.level, c.draw), math.nan) for c in made], self.study.target_ci,

@@ -8,7 +8,7 @@ in this process; ``ray`` runs one task per block on a Ray cluster. Both write th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
