@@ -10,7 +10,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # and type checkers follow (a new module needs `make install` again).
 EDITABLE = -e . --config-settings editable_mode=strict
 
-.PHONY: torch install setup data run test docs bench
+.PHONY: torch install setup data run test lint docs bench
 
 torch:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || \
@@ -49,6 +49,12 @@ run: install data
 
 test: setup data
 	$(PYTHON) -m pytest -q
+
+# Lint and format checks (ruff, configured in pyproject.toml): `ruff check --fix .` and `ruff format .` mend most
+# of what they report.
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 # The documentation site, warnings as errors: docs/_build/html/index.html
 docs: setup

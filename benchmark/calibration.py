@@ -70,7 +70,7 @@ def simulate(rng: np.random.Generator, classes: int, draws: int, spread: float, 
     chance = chance_of(classes)
     labels = rng.integers(0, classes, n_images)
     ease = rng.normal(EASE_MEAN, EASE_SD, n_images)
-    keys, probit, scale = [], [], []
+    keys, probit = [], []
     for model in models:
         keys.append((model, "", -1, "clean", 0.0, 0))
         probit.append(ease)

@@ -24,8 +24,8 @@ OPTIONAL = {"error": "", "nonfinite_weights": float("nan"), "level_axis": "linea
 NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
            "seconds", "images_per_s", "num_classes", "nonfinite_weights", "nonfinite_outputs", "flip_rate",
            "chance_top1", "chance_top5"]  # fmt: skip
-CLEAN = "clean"
-NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf  # the perturbation name of the one unperturbed evaluation per model
+CLEAN = "clean"  # the perturbation name of the one unperturbed evaluation per model
+NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf
 RESULTS = "results.csv"
 OUTCOMES = "outcomes.arrow"
 MANIFEST = "manifest.json"

@@ -150,7 +150,7 @@ class ModelGraph:
     @property
     def untraceable(self) -> str:
         """Why there is no fx graph ("" when there is one)."""
-        self.fx
+        self.fx  # noqa: B018 - the property traces on first access, filling _fx
         return self._fx[1]
 
     def norms_reached(self, layer: Layer) -> list[nn.Module]:

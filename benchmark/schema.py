@@ -57,7 +57,11 @@ def schema_version(manifest: dict | None) -> int:
 
 def read_manifest(path: Path) -> dict | None:
     """The manifest beside a results file (None when there is none); a damaged manifest or one
-    naming an unknown metric or schema is refused in one line."""
+    naming an unknown metric or schema is refused in one line (:class:`SchemaViolation`).
+
+    Every results schema from 1 (no ``results_schema`` key: the files written before it was
+    recorded) to :data:`RESULTS_SCHEMA` is read; a later one (a run written by a newer lesionbench)
+    is refused rather than misread."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -70,9 +74,12 @@ def read_manifest(path: Path) -> dict | None:
         raise SchemaViolation(f"{str(path)!r} is unreadable or damaged ({type(exc).__name__}: {exc})") from None
     if metric not in METRICS:
         raise SchemaViolation(f"{str(path)!r}, field study.metric: {metric!r} is not a metric (top1 or top5)")
-    if version not in (1, RESULTS_SCHEMA):
-        raise SchemaViolation(f"{str(path)!r}, field results_schema: {version!r} is not a results schema this "
-                              f"lesionbench reads (1 or {RESULTS_SCHEMA})")  # fmt: skip
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise SchemaViolation(f"{str(path)!r}, field results_schema: {version!r} is not a results schema (a whole "
+                              f"number, 1 to {RESULTS_SCHEMA} for this lesionbench)")  # fmt: skip
+    if version > RESULTS_SCHEMA:
+        raise SchemaViolation(f"{str(path)!r}, field results_schema: {version} is newer than this lesionbench reads "
+                              f"(1 to {RESULTS_SCHEMA}); the run was written by a newer lesionbench: upgrade to read it")  # fmt: skip
     return manifest
 
 

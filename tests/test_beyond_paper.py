@@ -208,7 +208,7 @@ def test_fashion_models_know_the_weights_their_training_started_from(sources, tm
 
         started = {}
 
-        def capture(spec, srcs):
+        def capture(spec, srcs, started=started):  # this architecture's
             started.update({k: v.clone() for k, v in real(spec, srcs).module.state_dict().items()})
             raise Started
 

@@ -32,7 +32,7 @@ def simulate(rng, sensitivity: dict[str, dict[str, float]], n_images=400, draws=
     for model, layers in sensitivity.items():
         u = u_shared if shared_images else rng.random(n_images)
 
-        def cell(layer, index, level, draw, threshold):
+        def cell(layer, index, level, draw, threshold, u=u, model=model, layers=layers):  # this model's
             correct = u > threshold
             pred = np.where(correct, labels, (labels + 1) % classes).astype(np.int32)
             top1.append(pred)

@@ -78,7 +78,7 @@ def test_runs_on_other_images_are_said_so_and_not_paired(trained, tmp_path, caps
     run's images are then resampled on their own, and every change still gets its interval."""
     net, x, y = trained
     base = study(net, x, y, tmp_path / "base", seed=0)
-    same = study(net, x, y, tmp_path / "same", seed=1)
+    study(net, x, y, tmp_path / "same", seed=1)
     other = study(net, x, y, tmp_path / "other", seed=1, subset_seed=5)
     assert set(base["n_images"]) == set(other["n_images"]) == {800}
     assert main(["compare", str(tmp_path / "same"), str(tmp_path / "base")]) == 0

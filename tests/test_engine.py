@@ -66,7 +66,7 @@ def test_caches_step_from_layer_to_layer_in_one_forward_pass(arch):
     by_engine = 0
     with torch.inference_mode():
         for layer in layers:
-            for block in range(2):  # a second block of the layer recomputes nothing
+            for _block in range(2):  # a second block of the layer recomputes nothing
                 before = len(calls)
                 with engine.for_layer(layer):
                     pass
@@ -237,7 +237,7 @@ def test_spilled_files_go_after_an_error_midway_or_with_their_owner(tmp_path, mo
     def inputs(i):  # the third batch fails, after two were spilled
         if i == 2:
             raise KeyboardInterrupt
-        return engine._images(i)
+        return engine._images(i)  # noqa: F821 - called before the `del engine` below
 
     with pytest.raises(KeyboardInterrupt):
         engine._boundary_values(prefix, "conv3", inputs)

@@ -310,6 +310,7 @@ def test_fashion_alexnet_checkpoint_loads_and_file_is_untouched(tmp_path, source
     loaded = create_model(ModelSpec("fashion_alexnet", checkpoint=str(path)), sources)
     assert_same_state(loaded.module, state)
     assert loaded.module(torch.zeros(1, *loaded.input_size)).shape[-1] == 10
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == stat_before.st_mtime_ns  # file untouched
     assert loaded.input_size == (1, 28, 28)
     assert not loaded.module.training
     out = loaded.preprocess(Image.new("RGB", (40, 30), (10, 200, 30)))

@@ -39,7 +39,7 @@ def test_each_model_has_one_colour_in_every_panel_and_the_legend_names_every_mod
         results("c", dataset="other", perts=("r",), layers={"k1": [0.9, 0.3, 0.2], "k2": [0.9, 0.8, 0.7]}),
     )
     expected = {}
-    for dataset, g in df.groupby("dataset"):
+    for _dataset, g in df.groupby("dataset"):
         s = layer_scores(g, "top1")
         for (model, pert), sg in s.groupby(["model", "perturbation"]):
             expected[(model, pert)] = list(sg.sort_values("relative_depth")["score"])

@@ -95,7 +95,7 @@ def run_dataloader(module, folder: Path, transform, layers, perts, levels, draws
         loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
         with perturbed(layer, p, lv, generator_for(cell_seed(0, "m", layer.name, p.name, lv, d))):
             batches = list(loader)
-            evaluate_batches(lambda i: module(batches[i][0].to(device)), [y for _, y in batches], device)
+            evaluate_batches(lambda i, batches=batches: module(batches[i][0].to(device)), [y for _, y in batches], device)
     return clock() - t0
 
 

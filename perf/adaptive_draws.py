@@ -40,7 +40,7 @@ def width(values: np.ndarray) -> float:
 def strategies(df: pd.DataFrame, target: float, cap: int, first: int = 5) -> pd.DataFrame:
     cells = df[df["perturbation"] != CLEAN]
     rows = []
-    for (layer, pert, level), g in cells.groupby(["layer", "perturbation", "level"]):
+    for _cell, g in cells.groupby(["layer", "perturbation", "level"]):
         v = g.sort_values("draw")["top1"].to_numpy()
         if len(v) == 1:  # identity level / deterministic: one cell whatever the strategy
             rows += [dict(strategy=s, cells=1, width=np.nan) for s in ("fixed 5", "fixed 20", "adaptive")]
