@@ -10,7 +10,7 @@ import torch
 
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
-from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for, random_subset_mask
+from lesionbench.perturbation import LevelAxis, WeightPerturbation, count_for, random_subset_mask, zero_entries
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -21,7 +21,7 @@ def zero_random_entries(tensor: torch.Tensor, fraction: float, generator: torch.
     if k == 0:
         return
     mask = random_subset_mask(tensor.numel(), k, generator)  # in logical order, whatever the memory layout
-    tensor.masked_fill_(mask.view(tensor.shape).to(tensor.device), 0)
+    zero_entries(tensor, mask.view(tensor.shape))
 
 
 class SynapseKnockout(WeightPerturbation):
