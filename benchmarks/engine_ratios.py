@@ -223,7 +223,7 @@ def measure(name: str, kind: str, args) -> tuple[float, int, int, float, float |
 
 def workload(name: str, args) -> tuple[str, int, int, dict, dict]:
     """Every measurement of a workload, each in a fresh process, one after another."""
-    kinds = ["fast", "naive_memory", "lower_bound", "unavoidable"]
+    kinds = ["fast", "lower_bound", "unavoidable", "naive_memory"]
     if "batched" not in args.skip:
         kinds.append("fast_batched")
         if resolve_device(args.device).type == "cuda":  # on the CPU the default is one pass per cell already

@@ -340,6 +340,28 @@ def test_coin_path_masks_keep_their_draws():
         assert _digest(random_subset_mask(3_000_000, k, generator_for(20261206))) == digest
 
 
+# sha256 prefixes of add_scaled_noise(w, 0.7, seed 13) on sin-of-index weights, recorded at commit
+# 1295b40 (one torch.randn of the whole tensor); now drawn in chunks of 1M: several chunks with a
+# tail of 0, 52,524 and 5 entries (not multiples of 16), a tensor under 16 entries, other dtypes
+NOISE_GOLDEN = [
+    ((1500, 2048), torch.float32, "a91928d6203a0f6c"),
+    ((1100, 1001), torch.float32, "792b3ba7ffc1193f"),
+    ((1048581,), torch.float32, "e23b3d2bade816b6"),
+    ((7,), torch.float32, "071f4ef2e9933720"),
+    ((1100, 1001), torch.float16, "8c42f2ce9a343a6f"),
+    ((1100, 1001), torch.float64, "ef97a341a92d721b"),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, digest", NOISE_GOLDEN)
+def test_weight_noise_keeps_the_values_of_earlier_versions(shape, dtype, digest):
+    from lesionbench.plugins.weight_noise import add_scaled_noise
+
+    weights = torch.arange(math.prod(shape), dtype=torch.float64).mul(0.618).sin().mul(3).to(dtype).view(shape)
+    add_scaled_noise(weights, 0.7, generator_for(13))
+    assert _digest(weights) == digest
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
                                    torch.int64])  # fmt: skip
 @pytest.mark.parametrize("channels_last", [False, True])
