@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lesionbench.perturbation import count_for, random_subset_mask
+from lesionbench.perturbation import count_for, random_subset_mask, zero_entries
 
 if TYPE_CHECKING:
     from lesionbench.layers import Layer
@@ -44,7 +44,7 @@ def zero_random_entries(tensor: torch.Tensor, fraction: float, generator: torch.
     if k == 0:
         return
     mask = random_subset_mask(tensor.numel(), k, generator)  # in logical order, whatever the memory layout
-    tensor.masked_fill_(mask.view(tensor.shape).to(tensor.device), 0)
+    zero_entries(tensor, mask.view(tensor.shape).to(tensor.device))  # bit-identical to masked_fill_(mask, 0)
 
 
 def silence_units(layer: Layer, units: torch.Tensor) -> None:

@@ -282,6 +282,103 @@ def test_random_streams_are_pinned_to_golden_values():
     assert cell_seed(0, "fashion_alexnet", "features.0", "synapse_knockout", 0.5, 0) == 5693587327153279271
 
 
+def _formula_weights(shape, dtype):
+    """Weights from a fixed formula: sin of the index, with NaN, -inf and -0.0 sprinkled in."""
+    n = math.prod(shape)
+    if not dtype.is_floating_point:
+        return torch.arange(n).remainder(255).sub(127).to(dtype).view(shape)
+    x = torch.arange(n, dtype=torch.float64).mul(0.618).sin().mul(3)
+    x[::997], x[1::1009], x[2::1013] = float("nan"), float("-inf"), -0.0
+    return x.to(dtype).view(shape)
+
+
+def _digest(tensor):
+    import hashlib
+
+    return hashlib.sha256(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+# sha256 prefixes of synapse knockout at levels 0.5 and 0.3 (seed 11) on _formula_weights, recorded
+# from the implementation before zero_entries (commit 1295b40, masked_fill_): the faster zeroing
+# must leave every committed result's draws and values as they were
+SYNAPSE_GOLDEN = [
+    ((1500, 2048), torch.float32, False, ["097dc1b652f0d8dd", "11dfb99973d488f0"]),  # coin path (≥ 2M)
+    ((64, 96, 19, 19), torch.float32, True, ["28ff47bbdd590487", "d72fb0cff91cb2f5"]),  # channels_last
+    ((300, 40), torch.float32, False, ["98b41567f4468860", "c1b2a2da946cf27c"]),  # permutation path
+    ((1500, 2048), torch.float16, False, ["105e66291f423ff5", "332f4491b7e68622"]),
+    ((1500, 2048), torch.bfloat16, False, ["d132972fb20b63aa", "39299622cdd56a60"]),
+    ((1500, 2048), torch.float64, False, ["51bd9fb1f970e634", "f161852e3c3a35ff"]),
+    ((1500, 2048), torch.int8, False, ["4b449d50f8e4b3b1", "f5c549f99f8b6795"]),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, channels_last, digests", SYNAPSE_GOLDEN)
+def test_synapse_knockout_keeps_the_values_of_earlier_versions(shape, dtype, channels_last, digests):
+    from lesionbench.plugins.synapse_knockout import zero_random_entries
+
+    weights = _formula_weights(shape, dtype)
+    if channels_last:
+        weights = weights.contiguous(memory_format=torch.channels_last)
+    for level, digest in zip((0.5, 0.3), digests):
+        damaged = weights.clone(memory_format=torch.preserve_format)
+        zero_random_entries(damaged, level, generator_for(11))
+        assert _digest(damaged) == digest, (shape, dtype, level)
+
+
+def test_coin_path_masks_keep_their_draws():
+    """Masks of 3M entries (coins, then the fix-up) at three sizes of k, recorded at commit 1295b40."""
+    from lesionbench.perturbation import random_subset_mask
+
+    for k, digest in ((1_500_000, "1e0518c51e494913"), (900_001, "546c01bd015f3a75"), (2_999_000, "d8935d44f60f61a0")):
+        assert _digest(random_subset_mask(3_000_000, k, generator_for(20261206))) == digest
+
+
+# sha256 prefixes of add_scaled_noise(w, 0.7, seed 13) on sin-of-index weights, recorded at commit
+# 1295b40 (one torch.randn of the whole tensor); now drawn in chunks of 1M: several chunks with a
+# tail of 0, 52,524 and 5 entries (not multiples of 16), a tensor under 16 entries, other dtypes
+NOISE_GOLDEN = [
+    ((1500, 2048), torch.float32, "a91928d6203a0f6c"),
+    ((1100, 1001), torch.float32, "792b3ba7ffc1193f"),
+    ((1048581,), torch.float32, "e23b3d2bade816b6"),
+    ((7,), torch.float32, "071f4ef2e9933720"),
+    ((1100, 1001), torch.float16, "8c42f2ce9a343a6f"),
+    ((1100, 1001), torch.float64, "ef97a341a92d721b"),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, digest", NOISE_GOLDEN)
+def test_weight_noise_keeps_the_values_of_earlier_versions(shape, dtype, digest):
+    from lesionbench.plugins.weight_noise import add_scaled_noise
+
+    weights = torch.arange(math.prod(shape), dtype=torch.float64).mul(0.618).sin().mul(3).to(dtype).view(shape)
+    add_scaled_noise(weights, 0.7, generator_for(13))
+    assert _digest(weights) == digest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
+                                   torch.int64])  # fmt: skip
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_zero_entries_zeroes_exactly_the_masked_entries_bit_for_bit(dtype, channels_last, monkeypatch):
+    """Masked entries become all-zero bits (+0.0, also from NaN, -inf and -0.0); the others keep
+    their bits, whatever the layout; several chunks of rows."""
+    import lesionbench.perturbation as P
+
+    monkeypatch.setattr(P, "ZERO_CHUNK", 7 * 5 * 3)  # 7 rows a chunk: chunks end mid-tensor
+    weights = _formula_weights((23, 5, 3, 1), dtype)
+    if channels_last:
+        weights = weights.contiguous(memory_format=torch.channels_last)
+    mask = torch.rand(weights.shape, generator=generator_for(5)) < 0.5
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[weights.element_size()]
+    before = weights.contiguous().view(bits)
+    damaged = nn.Parameter(weights.clone(memory_format=torch.preserve_format), requires_grad=dtype.is_floating_point)
+    with torch.no_grad():
+        P.zero_entries(damaged, mask)
+    after = damaged.detach().contiguous().view(bits)
+    assert torch.equal(after[mask], torch.zeros(int(mask.sum()), dtype=bits))
+    assert torch.equal(after[~mask], before[~mask])
+    assert damaged.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 def test_default_levels_match_the_paper(perts):
     assert perts["synapse_knockout"].default_levels == tuple(round(0.1 * i, 1) for i in range(11))
     assert perts["node_knockout"].default_levels == perts["synapse_knockout"].default_levels
