@@ -345,8 +345,9 @@ def build(spec: Spec) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[Expec
         module, c, found, open_end = _block(b, c, f"blocks.{i}", parts)
         blocks.append(module)
         expects += found
-    kinds = {b[0] for b in spec.blocks}
-    if len(kinds) == 1 and kinds <= {"mha", "dec"}:  # the model's blocks: one class, each holding attention
+    shapes = {tuple((n, tuple(t.shape)) for n, t in b.named_parameters()) for b in blocks}
+    if len({type(b) for b in blocks}) == 1 and len(shapes) == 1 and spec.blocks[0][0] in ("mha", "dec"):
+        # the model's blocks: one class, alike in their parameters, each holding attention
         parts.block_lists.insert(0, ("blocks", [f"blocks.{i}" for i in range(len(blocks))]))
     if spec.head_norm and open_end:  # pooled and flattened, the last layer's units are the head norm's channels
         expects[-1].norms.append(("head.bn", 1, list(range(c))))

@@ -214,7 +214,7 @@ def _owners(param: str) -> list[str]:
 def _run(model, images, labels, perturbations, levels, engine, failures, refused, out=None, initial=None) -> pd.DataFrame:
     """One study of every layer; a perturbation that refuses a layer (one line, before the run) is
     recorded in ``refused`` and the study runs again without it."""
-    while True:
+    for attempt in itertools.count():
         registry = create_registry(entry_points=False, builtins=False)
         registry.register(_Checked(model, perturbations, failures, refused), "checked-builtins")
         wanted = [n for n in perturbations if n not in refused]
@@ -222,7 +222,8 @@ def _run(model, images, labels, perturbations, levels, engine, failures, refused
                  "engine": engine, "seed": 0, "models": [{"ref": "model", "init_checkpoint": str(initial)}]}  # fmt: skip
         known = len(refused)
         try:
-            return lesionbench.run(study, out, model=model, data=(images, labels), registry=registry)
+            where = None if out is None else out if attempt == 0 else out.with_name(f"{out.name}-{attempt}")
+            return lesionbench.run(study, where, model=model, data=(images, labels), registry=registry)
         except LesionbenchError as exc:
             absent = re.match(r"perturbation '(\w+)' finds nothing to perturb", str(exc))
             if absent:  # a perturbation of parts the model does not have: not a refusal, nothing to check
@@ -252,7 +253,8 @@ def check(spec: Spec, long: bool = False, only: Sequence[str] = ()) -> tuple[int
         torch.save(initial, Path(tmp) / "init.pt")
         args = (model, images, labels, perturbations, levels)
         naive = _run(*args, "naive", failures, refused, Path(tmp) / "run", Path(tmp) / "init.pt")
-        log = (Path(tmp) / "run" / "run.log").read_text() if (Path(tmp) / "run" / "run.log").exists() else ""
+        logs = sorted(Path(tmp).glob("run*/run.log"), key=lambda f: f.stat().st_mtime)  # the run that finished
+        log = logs[-1].read_text() if logs else ""
         fast = _run(*args, "fast", failures, refused, None, Path(tmp) / "init.pt")
     if differences(before, state_of(model)):
         failures.append(f"(e) after the runs: changed {differences(before, state_of(model))[:4]}")
@@ -356,8 +358,9 @@ def _without(twin: nn.Module, paths, images, labels) -> float:
 
 
 def _dropped_blocks(parts: Parts) -> list[str]:
-    """The blocks block_drop acts on, by its definition: the longest list (the first of equals)."""
-    return max(parts.block_lists, key=lambda item: len(item[1]), default=("", []))[1]
+    """The blocks block_drop acts on, by its definition: the longest list (the last of equals)."""
+    longest = max((len(children) for _path, children in parts.block_lists), default=0)
+    return [children for _path, children in parts.block_lists if len(children) == longest][-1] if longest else []
 
 
 def _unremovable(twin, images, parts: Parts) -> set[str]:

@@ -124,3 +124,17 @@ def test_hook_perturbations_and_head_knockout_damage_multihead_attention_out_pro
                 for h in (0, 1)]  # fmt: skip
     assert min(abs(rows[(attn, "head_knockout", 0.5)] - o) for o in one_head) < 1e-5
     assert abs(rows[(out, "activation_noise", 2.0)] - rows[("", "clean", 0.0)]) > 1e-4
+
+
+def test_block_drop_acts_on_the_decoder_layers_not_on_a_stack_that_changes_width():
+    """Found by the transformer fast mode (shrunk): a model whose only block is a LLaMA-layout decoder
+    stack (an embedding from 3 to 8 features, then one decoder layer): ``block_drop`` chose the model's
+    own one-element block list, whose stack changes the width, refused it at its first pass mid-run,
+    and left a half-written run directory. Blocks now have parameters alike and, of lists equally
+    long, the innermost is taken: the decoder layer is dropped, as (g) defines."""
+    from lesionbench.transformer_parts import transformer_blocks
+    from property_models import build
+
+    spec = Spec((("dec", "llama", 1, 2, 1, False),))
+    assert [path for path, _m in transformer_blocks(build(spec)[0])] == ["blocks.0.layers.0"]
+    assert failures_of(spec) == []
