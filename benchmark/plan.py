@@ -26,7 +26,7 @@ from lesionbench.graph import ModelGraph, check_module, run_once
 from lesionbench.kinds import perturbation_kind
 from lesionbench.layers import Layer, select_layers, spread_layers
 from lesionbench.model_sources import LoadedModel, create_model, resolve_source
-from lesionbench.perturbation import HOOKED_OPS, Perturbation, cell_seed, check_levels
+from lesionbench.perturbation import HOOKED_OPS, ROUTED_OPS, Perturbation, cell_seed, check_levels
 from lesionbench.registry import Registry
 from lesionbench.store import CLEAN, CellKey, cell_key
 from lesionbench.study import DatasetSpec, Study
@@ -287,17 +287,19 @@ def hookable(layers: list[Layer], perturbation: str, ref: str, named: bool, note
     """The layers a hook perturbation can damage: those whose output passes through their module's
     call, where its forward hook sees it, and those applied by a ``linear``/``convNd`` op outside it
     (a ``.forward()`` call, ``F.linear`` on its weight: the harness runs the hooks on that op's
-    output). A layer whose weight another op applies (attention's out_proj, inside
-    ``multi_head_attention_forward``) is refused when the study names it, else left out of this
+    output), and ``nn.MultiheadAttention``'s out_proj (applied inside ``multi_head_attention_forward``:
+    the harness calls the module there, see ``perturbation.OutProjectionCalled``). A layer whose
+    weight another op applies is refused when the study names it, else left out of this
     perturbation and named in run.log."""
+    hookable_ops = HOOKED_OPS | ROUTED_OPS
     for layer in layers:
-        if layer.applied_by and layer.applied_by not in HOOKED_OPS:
+        if layer.applied_by and layer.applied_by not in hookable_ops:
             why = (f"layer {layer.display!r} of model {ref!r}: its weight is applied by {layer.applied_by!r} outside "
                    f"the module's own call, so a forward hook never sees its output and {perturbation!r} cannot damage it")  # fmt: skip
             if named:
                 raise LesionbenchError(f"{why}; weight perturbations can, or leave the layer out of the study")
             notes.append(f"{why}: left out of {perturbation}")
-    return [layer for layer in layers if not layer.applied_by or layer.applied_by in HOOKED_OPS]
+    return [layer for layer in layers if not layer.applied_by or layer.applied_by in hookable_ops]
 
 
 def prepare(study: Study, registry: Registry) -> Plan:

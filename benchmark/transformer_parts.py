@@ -11,8 +11,11 @@ its ``Conv1D``) and timm's ViT/DeiT are all read the same way:
 - an **MLP** has an input projection and an output projection (``down_proj``; ``c_fc`` → ``c_proj``;
   ``fc1`` → ``fc2``) whose input features are its hidden neurons;
 - the **blocks** are the children of the longest ``nn.ModuleList``/``nn.Sequential`` whose
-  children are all of one class and each hold an attention module (``model.layers``,
-  ``transformer.h``, ViT ``blocks``).
+  children are all of one class, with parameters of the same names and shapes, and each hold an
+  attention module (``model.layers``, ``transformer.h``, ViT ``blocks``); of lists equally long,
+  the innermost (the last in ``named_modules`` order). Blocks alike in their parameters keep their
+  input's shape in any transformer; a list of blocks that change width (a stack of stacks whose
+  first embeds the input) is not a transformer's blocks.
 
 Each damage is done through a forward pre-hook on the output projection that zeroes chosen input
 features: exactly what "the head's (the neuron's) output is zero" means, for ``nn.Linear`` and
@@ -95,12 +98,16 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or not len(module):
             continue
         children = list(module.named_children())
-        if len({type(c) for _n, c in children}) != 1:
+        if len({type(c) for _n, c in children}) != 1 or len({_shapes(c) for _n, c in children}) != 1:
             continue
         if all(any(attention_heads(m) is not None for m in c.modules()) for _n, c in children):
-            if len(children) > len(best):
+            if len(children) >= len(best):
                 best = [(f"{path}.{n}" if path else n, c) for n, c in children]
     return best
+
+
+def _shapes(module: nn.Module) -> tuple:
+    return tuple((name, tuple(p.shape)) for name, p in module.named_parameters())
 
 
 def targets_holding(model: nn.Module, layers: Sequence[Layer], found: Callable[[nn.Module], object],

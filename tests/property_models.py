@@ -8,7 +8,8 @@ wrapper), and the channels of every per-channel norm its output units feed. Noth
 lesionbench anything.
 
 Images are [N, C, 4, 4]; token blocks see them as [N, 16, C]. The block kinds (conv, res, cat,
-shared, tied, mha, tok, param) and what each exercises: docs/explanation/property-harness.md.
+shared, tied, mha, tok, param; dec and stage from :mod:`property_transformers`) and what each
+exercises: docs/explanation/property-harness.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune
 from torch.nn.utils.parametrizations import weight_norm
+
+from property_transformers import Parts, decoder, stage
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -276,11 +279,15 @@ def _plain(path: str, norms=()) -> Expect:
     return Expect((path,), (f"{path}.weight", f"{path}.bias"), None, list(norms))
 
 
-def _block(spec: tuple, c: int, p: str) -> tuple[nn.Module, int, list[Expect], bool]:
+def _block(spec: tuple, c: int, p: str, parts: Parts) -> tuple[nn.Module, int, list[Expect], bool]:
     """One block from its spec, the channels it outputs, its layers' expectations (paths under ``p``),
     and whether the last layer's units are the block's output channels (only elementwise ops after it:
-    a norm behind the block is then one that layer feeds)."""
+    a norm behind the block is then one that layer feeds). Transformer parts go into ``parts``."""
     kind = spec[0]
+    if kind == "dec":
+        return decoder(spec, c, p, parts)
+    if kind == "stage":
+        return stage(spec, c, p, parts)
     if kind == "conv":
         _, cout, norm, act, act_first, call = spec
         m = ConvBlock(c, cout, norm, act, act_first, call)
@@ -310,7 +317,9 @@ def _block(spec: tuple, c: int, p: str) -> tuple[nn.Module, int, list[Expect], b
                                           Expect((f"{p}.b",), both + (f"{p}.b.bias",))], True  # fmt: skip
     if kind == "mha":
         _, heads, ln = spec
-        m = MHABlock(c, heads if c % heads == 0 else 1, ln)
+        heads = heads if c % heads == 0 else 1
+        m = MHABlock(c, heads, ln)
+        parts.attention.append((f"{p}.attn", f"{p}.attn.out_proj.weight", 1, heads, c // heads))
         return m, c, [_plain(f"{p}.attn.out_proj", [(f"{p}.ln", -1, list(range(c)))] if ln else [])], False
     if kind == "tok":
         _, cout, layer, norm = spec
@@ -327,14 +336,19 @@ def _block(spec: tuple, c: int, p: str) -> tuple[nn.Module, int, list[Expect], b
     return m, c, [Expect((f"{p}.conv",), (g, f"{p}.conv.bias"))], True
 
 
-def build(spec: Spec) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[Expect]]:
-    """The model (in the spec's dtype and mode), images [6, 3, 4, 4], labels [6] and its layers' expectations."""
+def build(spec: Spec) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[Expect], Parts]:
+    """The model (in the spec's dtype and mode), images [6, 3, 4, 4], labels [6], its layers'
+    expectations and its transformer parts."""
     torch.manual_seed(spec.seed)
-    blocks, expects, c = [], [], IN_CHANNELS
+    blocks, expects, c, parts = [], [], IN_CHANNELS, Parts()
     for i, b in enumerate(spec.blocks):
-        module, c, found, open_end = _block(b, c, f"blocks.{i}")
+        module, c, found, open_end = _block(b, c, f"blocks.{i}", parts)
         blocks.append(module)
         expects += found
+    shapes = {tuple((n, tuple(t.shape)) for n, t in b.named_parameters()) for b in blocks}
+    if len({type(b) for b in blocks}) == 1 and len(shapes) == 1 and spec.blocks[0][0] in ("mha", "dec"):
+        # the model's blocks: one class, alike in their parameters, each holding attention
+        parts.block_lists.insert(0, ("blocks", [f"blocks.{i}" for i in range(len(blocks))]))
     if spec.head_norm and open_end:  # pooled and flattened, the last layer's units are the head norm's channels
         expects[-1].norms.append(("head.bn", 1, list(range(c))))
     head = Head(c, spec.head_norm, spec.output, spec.pool)
@@ -355,7 +369,7 @@ def build(spec: Spec) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[Expec
         model(images)  # QAT observers calibrated, as after training
     dtype = getattr(torch, spec.dtype)
     model = model.to(dtype).train(spec.train_mode)
-    return model, images.to(dtype), labels, expects
+    return model, images.to(dtype), labels, expects, parts
 
 
 def reference_copy(model: nn.Module) -> nn.Module:
@@ -382,14 +396,19 @@ _mha = st.tuples(st.just("mha"), st.sampled_from((1, 2)), st.booleans())
 _tok = st.tuples(st.just("tok"), st.sampled_from((4, 6)), st.sampled_from(("linear", "conv1d", "lora", "qat")),
                  st.sampled_from(("none", "bn", "ln", "rms")))  # fmt: skip
 _param = st.tuples(st.just("param"), st.sampled_from(("weight_norm", "prune")))
-BLOCKS = st.one_of(_conv, _res, _cat, _shared, _tied, _mha, _tok, _param)
+_dec = st.tuples(st.just("dec"), st.sampled_from(("llama", "gpt2")), st.sampled_from((1, 2)), st.sampled_from((2, 4)),
+                 st.sampled_from((1, 2)), st.booleans())  # style, layers, query heads, key/value heads, rotary
+_stage = st.tuples(st.just("stage"), st.lists(st.booleans(), min_size=1, max_size=3).map(tuple))  # projecting shortcuts
+BLOCKS = st.one_of(_conv, _res, _cat, _shared, _tied, _mha, _tok, _param, _dec, _stage)
+TRANSFORMER_BLOCKS = st.one_of(_dec, _mha, _tok, _stage)
 
 
 @st.composite
-def specs(draw, max_blocks: int = 3) -> Spec:
-    """Hypothesis strategy: a :class:`Spec` of 1 to ``max_blocks`` blocks (QAT only in float32)."""
+def specs(draw, max_blocks: int = 3, blocks=BLOCKS) -> Spec:
+    """Hypothesis strategy: a :class:`Spec` of 1 to ``max_blocks`` blocks drawn from ``blocks`` (every
+    kind, or :data:`TRANSFORMER_BLOCKS`); QAT only in float32."""
     dtype = draw(st.sampled_from(("float32", "float32", "float16", "bfloat16")))
-    blocks = draw(st.lists(BLOCKS, min_size=1, max_size=max_blocks))
+    blocks = draw(st.lists(blocks, min_size=1, max_size=max_blocks))
     if dtype != "float32":  # fake quantisation is float32-only in PyTorch
         blocks = [("tok", b[1], "linear", b[3]) if b[0] == "tok" and b[2] == "qat" else b for b in blocks]
     return Spec(tuple(blocks), draw(st.booleans()), draw(st.sampled_from(("tensor", "tuple", "dict"))), dtype,

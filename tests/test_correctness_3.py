@@ -201,16 +201,28 @@ class TokensRMS(nn.Module):
 class MHAAct(nn.Module):
     """Attention whose out_proj weight is read by F.multi_head_attention_forward: never called as a module."""
 
-    def __init__(self):
+    def __init__(self, out_proj_silenced: bool = False):
         super().__init__()
         self.embed = nn.Conv2d(1, 16, 7, stride=7)
         self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
         self.head = nn.Linear(16 * 16, 10)
+        self.out_proj_silenced = out_proj_silenced  # the oracle: out_proj's output (the attention's) is zero
 
     def forward(self, x):
         t = self.embed(x).flatten(2).transpose(1, 2)
-        a, _ = self.attn(t, t, t, need_weights=False)
+        a = torch.zeros_like(t) if self.out_proj_silenced else self.attn(t, t, t, need_weights=False)[0]
         return self.head((t + a).flatten(1))
+
+
+class MatmulWeight(nn.Module):
+    """A layer whose weight is applied by ``x @ fc.weight.T``: no op whose output a forward hook can stand for."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc, self.head = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.Linear(8 * 196, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.relu(self.c1(x)).flatten(1) @ self.fc.weight.T + self.fc.bias))
 
 
 class ForwardCall(nn.Module):
@@ -281,7 +293,7 @@ def AllPruned():
 
 BUILT: dict[str, nn.Module] = {}  # the last model built of each case, to check it is left as it was
 ARCHS = {f.__name__: f for f in (HFConv1D, CatEmpty, ConvGN, TransposeBN, QATFakeQuant, MHAAct, ForwardCall, LoRA,
-                                  DynQuant, Scripted, AllPruned)}
+                                  DynQuant, Scripted, AllPruned, MatmulWeight)}
 
 
 # ------------------------------------------------------------------------------------ harness
@@ -497,9 +509,22 @@ HOOKS = ["activation_knockout", "activation_noise", "activation_bit_flip"]
 
 def test_hook_perturbations_refuse_by_name_a_layer_their_hook_cannot_see(study, data, registry):
     for perturbation in HOOKS:
-        with pytest.raises(LesionbenchError, match=r"layer 'attn.out_proj' of model 'case3:MHAAct': its weight is "
-                                                   r"applied by 'multi_head_attention_forward'"):  # fmt: skip
-            run(study("case3:MHAAct", ["attn.out_proj"], perturbation, [0.0, 1.0], data), registry=registry)
+        with pytest.raises(LesionbenchError, match=r"layer 'fc' of model 'case3:MatmulWeight': its weight is "
+                                                   r"applied by '\w+' outside the module's own call"):  # fmt: skip
+            run(study("case3:MatmulWeight", ["fc"], perturbation, [0.0, 1.0], data), registry=registry)
+
+
+def test_hook_perturbations_damage_multihead_attention_out_proj(study, data, registry):
+    """``out_proj`` is applied inside ``F.multi_head_attention_forward``; the harness calls it there."""
+    spec = study("case3:MHAAct", ["attn.out_proj"], HOOKS, [0.0], data)
+    spec["levels"] = {"activation_knockout": [0.0, 1.0], "activation_noise": [0.0, 2.0], "activation_bit_flip": [0.0, 0.1]}
+    fast, naive = fast_and_naive(spec, registry)
+    np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
+    clean = float(fast.loc[fast["perturbation"] == "clean", "loss"].iloc[0])
+    for perturbation, level in [("activation_knockout", 1.0), ("activation_noise", 2.0), ("activation_bit_flip", 0.1)]:
+        assert (loss_at(fast, perturbation, level) != clean).all(), perturbation
+    oracle = clean_loss(study, "MHAAct", data, registry, out_proj_silenced=True)
+    np.testing.assert_allclose(loss_at(fast, "activation_knockout", 1.0), oracle, rtol=1e-6)
 
 
 def test_hook_perturbations_damage_a_layer_called_as_forward_or_through_f_linear(study, data, registry):
@@ -526,20 +551,35 @@ def test_hook_perturbations_damage_a_layer_called_as_forward_or_through_f_linear
 def test_lesioned_refuses_a_hook_perturbation_on_a_layer_its_hook_cannot_see():
     from lesionbench.api import lesioned
 
-    model = MHAAct().eval()
-    with pytest.raises(LesionbenchError, match="applied by 'multi_head_attention_forward'"):
-        with lesioned(model, "attn.out_proj", "activation_noise", 1.0, example=torch.zeros(1, 1, 28, 28)):
+    model = MatmulWeight().eval()
+    with pytest.raises(LesionbenchError, match="outside the module's own call"):
+        with lesioned(model, "fc", "activation_noise", 1.0, example=torch.zeros(1, 1, 28, 28)):
             pass
 
 
+def test_lesioned_damages_multihead_attention_out_proj_and_restores_it():
+    from lesionbench.api import lesioned
+
+    torch.manual_seed(0)
+    model, x = MHAAct().eval(), torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        clean = model(x)
+        with lesioned(model, "attn.out_proj", "activation_knockout", 1.0, example=x[:1]):
+            damaged = model(x)
+        silenced = MHAAct(out_proj_silenced=True).eval()
+        silenced.load_state_dict(model.state_dict())
+        torch.testing.assert_close(damaged, silenced(x), rtol=1e-5, atol=1e-6)
+        assert torch.equal(model(x), clean)
+
+
 def test_hook_perturbations_leave_out_unseen_layers_and_say_so_in_run_log(study, data, registry, tmp_path):
-    df = run(study("case3:MHAAct", [], ["activation_knockout", "synapse_knockout"], [0.0, 1.0], data), tmp_path / "r",
-             registry=registry)  # fmt: skip
+    df = run(study("case3:MatmulWeight", [], ["activation_knockout", "synapse_knockout"], [0.0, 1.0], data),
+             tmp_path / "r", registry=registry)  # fmt: skip
     hooked = df[df["perturbation"] == "activation_knockout"]
-    assert set(hooked["layer"]) == {"embed", "head"}  # never a row scoring out_proj as perfectly robust
-    assert "attn.out_proj" in set(df[df["perturbation"] == "synapse_knockout"]["layer"])
+    assert set(hooked["layer"]) == {"c1", "head"}  # never a row scoring fc as perfectly robust
+    assert "fc" in set(df[df["perturbation"] == "synapse_knockout"]["layer"])
     log = (tmp_path / "r" / "run.log").read_text()
-    assert "'attn.out_proj' of model 'case3:MHAAct': its weight is applied by 'multi_head_attention_forward'" in log
+    assert "'fc' of model 'case3:MatmulWeight': its weight is applied by" in log
     assert "left out of activation_knockout" in log
     clean = float(df.loc[df["perturbation"] == "clean", "loss"].iloc[0])
     assert (loss_at(df, "activation_knockout", 1.0) != clean).all()  # every hooked row is damaged

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 import lesionbench.plugins.node_knockout as node_knockout
 import lesionbench.plugins.synapse_knockout as synapse_knockout
 from lesionbench import perturbation
-from property_models import Spec, specs
+from property_models import TRANSFORMER_BLOCKS, Spec, specs
 from property_oracles import check
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,44 @@ def test_the_six_invariants_hold_on_generated_models(spec):
     cells, failures, _refused = check(spec)
     assert cells > 0
     assert not failures, f"{spec}\n" + "\n".join(failures)
+
+
+@settings(FAST, max_examples=5)
+@given(specs(max_blocks=2, blocks=TRANSFORMER_BLOCKS))
+def test_the_invariants_hold_on_generated_transformers(spec):
+    """The same check on models drawn from the transformer patterns only (decoder stacks in the LLaMA
+    and GPT-2 layouts, attention, token layers, residual stages), where (g) has the most to check."""
+    torch.set_num_threads(1)
+    cells, failures, _refused = check(spec)
+    assert cells > 0
+    assert not failures, f"{spec}\n" + "\n".join(failures)
+
+
+LLAMA = Spec((("dec", "llama", 1, 4, 2, True),))  # grouped-query attention: 4 query heads, 2 key/value heads
+LLAMA2 = Spec((("dec", "llama", 2, 2, 1, True),))  # two decoder layers: block_drop acts on them
+
+
+def test_the_oracles_catch_a_head_knockout_that_silences_part_of_a_head(monkeypatch):
+    """(g) is not blind: a head knockout that zeroes only the first half of each chosen head's slice fails."""
+    import lesionbench.plugins.head_knockout as head_knockout
+
+    real = head_knockout.head_features
+    monkeypatch.setattr(head_knockout, "head_features", lambda heads, chosen: real(heads, chosen)[:: 2])
+    failures = check(LLAMA, only=["head_knockout"])[1]
+    assert {f.split(":")[0] for f in failures} == {"(g) blocks.0.layers.0.self_attn"}
+
+
+def test_the_oracles_catch_a_block_drop_and_a_neuron_knockout_that_do_nothing(monkeypatch):
+    import lesionbench.plugins.block_drop as block_drop
+    import lesionbench.plugins.mlp_neuron_knockout as mlp_neuron_knockout
+
+    monkeypatch.setattr(block_drop, "identity_hook", lambda name: lambda module, args, kwargs, output: None)
+    monkeypatch.setattr(mlp_neuron_knockout, "zero_features", lambda module, features: module.register_forward_pre_hook(lambda m, a: None))
+    failures = [f.split(" loss")[0] for f in check(LLAMA2, only=["mlp_neuron_knockout", "block_drop"])[1]]
+    assert sorted(failures) == ["(g) blocks.0.layers.0.mlp: mlp_neuron_knockout 0.125",
+                                "(g) blocks.0.layers.0.mlp: mlp_neuron_knockout 1.0", "(g) blocks.0.layers.0: block_drop 1.0",
+                                "(g) blocks.0.layers.1.mlp: mlp_neuron_knockout 0.125",
+                                "(g) blocks.0.layers.1.mlp: mlp_neuron_knockout 1.0", "(g) blocks.0.layers.1: block_drop 1.0"]  # fmt: skip
 
 
 def test_the_oracles_catch_a_node_knockout_that_forgets_the_norm(monkeypatch):
