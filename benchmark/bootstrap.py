@@ -207,7 +207,7 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     clean_reps = {(m, d): acc[i] for i, (m, d) in enumerate(zip(clean["model"], clean["dataset"]))}
     # curve points: draws resampled within each level
     group = cells.groupby(GROUP + ["level"], sort=True).ngroup().to_numpy()  # = the rows of c, in order
-    # V_i = 0 in the factor (conservative): with the binomial V_i the fragile layer covered 0.93 (benchmarks/calibration.py)
+    # V_i = 0 in the factor (conservative): with the binomial V_i the fragile layer covered 0.93 (perf/calibration.py)
     curve = _resample_draws(acc[n_clean:], group, len(c), rng, scale=draw_quantile_factor(c))
     curve[_draw_variance_unknown(c)] = np.nan  # no interval where one draw of a random damage is all there is
     band_low, band_high = interval(curve, axis=1)

@@ -1,6 +1,6 @@
 """Adaptive draws against fixed 5 and 20 draws on the demo: cells spent and interval widths reached.
 
-    python benchmarks/adaptive_draws.py [--out runs/adaptive-demo] [--target-ci 0.02] [--max-draws 20] [--threads N]
+    python perf/adaptive_draws.py [--out runs/adaptive-demo] [--target-ci 0.02] [--max-draws 20] [--threads N]
                                          [--levels 0,0.25,0.5,0.75]
 
 Runs the demo study once with 20 draws per level (``lesionbench run demo --draws 20``; reused if

@@ -5,7 +5,7 @@ intervals of the fragile / middle / robust layer scores, of the overall score an
 of two layers hold the truth, and how often two equal models get different ranks or two equal
 layers are called different. Prints a Markdown table, one line at a time as each row is done.
 
-    nice python benchmarks/calibration.py [--studies 200] [--replicates 400]
+    nice python perf/calibration.py [--studies 200] [--replicates 400]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fast engine vs the naive loop, measured in one run; prints a Markdown table of ratios.
 
-    python benchmarks/engine_ratios.py [--device cpu|cuda] [--images N] [--draws K]
+    python perf/engine_ratios.py [--device cpu|cuda] [--images N] [--draws K]
                                        [--levels 0.5,1.0 | --levels paper] [--skip dataloader,batched]
 
 Two workloads, every layer × the paper's three perturbations:

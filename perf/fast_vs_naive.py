@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/fast_vs_naive.py                      # shipped nets: Fashion-MNIST, EfficientNet-Lite0/1/2 if installed
-    python benchmarks/fast_vs_naive.py --cases ../shared/cases   # and the correctness-case models there
+    python perf/fast_vs_naive.py                      # shipped nets: Fashion-MNIST, EfficientNet-Lite0/1/2 if installed
+    python perf/fast_vs_naive.py --cases ../shared/cases   # and the correctness-case models there
 
 For each model it runs one study twice (``engine = "fast"`` and ``"naive"``): every layer, every
 perturbation lesionbench has, two levels each (the middle and the end of the default levels), one

@@ -1,6 +1,6 @@
 """Fault injection: interrupt a tiny study at uniformly random instants, finish it, compare with an uninterrupted run.
 
-    python benchmarks/faults.py [--trials 50] [--disk-trials 10] [--out DIR] [--seed 0] [--json FILE] [--signals ...]
+    python perf/faults.py [--trials 50] [--disk-trials 10] [--out DIR] [--seed 0] [--json FILE] [--signals ...]
 
 The study (one untrained Fashion-MNIST AlexNet on 20 synthetic images, two layers, weight noise at
 two levels, two draws: 9 cells) runs through the command line, figures and leaderboard included.

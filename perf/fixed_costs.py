@@ -1,6 +1,6 @@
 """Where a demo-sized run's CPU time goes: imports, the study, publishing; and damaging a large layer.
 
-    python benchmarks/fixed_costs.py [--out runs/fixed-costs] [--run-args '--n-images 20 ...'] [--damage-size 37748736]
+    python perf/fixed_costs.py [--out runs/fixed-costs] [--run-args '--n-images 20 ...'] [--damage-size 37748736]
 
 In one process, CPU time (``time.process_time``, all threads) of:
 

@@ -1,6 +1,6 @@
 """The paper's protocol on AlexNet at 224 px, 50,000 synthetic images, on a GPU: the table for the docs.
 
-    python benchmarks/gpu_paper_protocol.py [--device cuda] [--images 50000] [--size 224]
+    python perf/gpu_paper_protocol.py [--device cuda] [--images 50000] [--size 224]
                                             [--layers all|conv1,fc6] [--draws 5] [--levels paper|0.5,1.0]
                                             [--batch 256] [--configs naive,fast,fast_batched,...]
 

@@ -1,6 +1,6 @@
 """A sharded study equals the unsharded one, row for row and image for image, on real ImageNet images.
 
-    python benchmarks/imagenet_shards.py [--data ../shared/data/imagenet-sample] [--images 1000]
+    python perf/imagenet_shards.py [--data ../shared/data/imagenet-sample] [--images 1000]
                                          [--model efficientnet_lite0] [--layer-count 3] [--draws 2]
                                          [--perturbations synapse_knockout,node_knockout,weight_noise]
                                          [--budget 16M] [--batch 50]

@@ -1,6 +1,6 @@
 """How long the ``llm-track`` preset will take on an idle machine (issue #28).
 
-    python benchmarks/llm_track_timing.py [--windows 8] [--cores 2] [--scaling 1.7]
+    python perf/llm_track_timing.py [--windows 8] [--cores 2] [--scaling 1.7]
 
 Plans the preset (SmolLM2-135M, its layers, perturbations, levels and draws) and counts the full
 passes it makes: every damaged cell, plus the clean one (an identity level reuses the clean pass;

@@ -1,6 +1,6 @@
 """What per-image outcomes cost the demo, measured inside one ``lesionbench run demo``.
 
-    python benchmarks/outcome_cost.py [--out runs/outcome-cost] [--threads N]
+    python perf/outcome_cost.py [--out runs/outcome-cost] [--threads N]
 
 Runs the demo through the command line's own entry point (``lesionbench run demo --out DIR``: the
 study, the end-of-run summary, the leaderboard and its plots) in this process, with timers around

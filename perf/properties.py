@@ -1,7 +1,7 @@
 """The property harness's long mode (issue #23): many generated models, every layer × built-in
 perturbation at two levels, both engines, the six invariants a–f of ``tests/property_oracles.py``.
 
-    nice python benchmarks/properties.py --examples 300 --max-blocks 5 > properties.log
+    nice python perf/properties.py --examples 300 --max-blocks 5 > properties.log
 
 Prints one line per model that fails (its spec and failures) as it goes, and a last line
 ``M models, C cells, F failures (K kinds)``. Exit status 1 when anything failed. Failures are not

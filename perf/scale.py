@@ -1,6 +1,6 @@
 """Memory and time of a study as the evaluation set grows: 1,000 / 10,000 / 50,000 synthetic images.
 
-    python benchmarks/scale.py [--images 1000,10000] [--engines fast,naive,bound] [--layers conv2,fc6]
+    python perf/scale.py [--images 1000,10000] [--engines fast,naive,bound] [--layers conv2,fc6]
                                [--size 224] [--batch 100] [--threads 1] [--budget 1G] [--out DIR] [--table FILE]
 
 An AlexNet-shaped network (``torchvision:alexnet``, random weights, seed 0) on the ``synthetic``

@@ -1,6 +1,6 @@
 """Scoring the committed leaderboard with intervals: seconds for ``publish`` (read, bootstrap, render).
 
-    python benchmarks/scoring_cost.py [--replicates 1000]
+    python perf/scoring_cost.py [--replicates 1000]
 
 Copies the committed runs (``leaderboard/results/``, each with its per-image ``outcomes.arrow``) to a
 temporary directory and times :func:`lesionbench.publish.publish` (no plots) over all of them twice:

@@ -9,7 +9,7 @@ claims exits 0 in at least 95% of them. First, the same study of the model with 
 ``--noise`` × std(W) added to conv1's weights (seed 0 of numpy) must exit 1. Each result is printed as
 it comes; the run directories stay under ``--out``.
 
-    nice python benchmarks/seed_gate.py --out /tmp/seed_gate [--reruns 20]
+    nice python perf/seed_gate.py --out /tmp/seed_gate [--reruns 20]
 
 Needs Fashion-MNIST (``make data``). An interrupted benchmark resumes where it
 stopped when started again with the same ``--out``.

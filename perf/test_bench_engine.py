@@ -1,8 +1,8 @@
 """pytest-benchmark timings of one layer × perturbation block: fast engine vs naive loop.
 
-Run with ``python -m pytest benchmarks/ --benchmark-only`` (not part of ``make test``); compare
+Run with ``python -m pytest perf/ --benchmark-only`` (not part of ``make test``); compare
 the rows of the table it prints. Each round starts a new engine, so the fast engine's time
-includes filling the layer's cache (which a study pays once per layer, for all its blocks). ``benchmarks/engine_ratios.py`` gives whole-study ratios.
+includes filling the layer's cache (which a study pays once per layer, for all its blocks). ``perf/engine_ratios.py`` gives whole-study ratios.
 """
 
 from __future__ import annotations

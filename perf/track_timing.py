@@ -1,6 +1,6 @@
 """How long the ImageNet track will take, from a few cells per model (issue #17).
 
-    python benchmarks/track_timing.py --data IMAGENET_FOLDER [--models efficientnet_lite0,...] [--images 100]
+    python perf/track_timing.py --data IMAGENET_FOLDER [--models efficientnet_lite0,...] [--images 100]
 
 Per model of the ``imagenet-track`` preset: one cell at each of its layers (weight noise 1.0, one
 draw) on ``--images`` images, through :func:`lesionbench.api.run` with the preset's own settings;

@@ -1,6 +1,6 @@
 """The timm CNN zoo through the fast engine: does every family give the naive loop's numbers?
 
-    python benchmarks/zoo_survey.py [--only resnet18d,vgg11] [--images 8] [--layers 6] [--threads 2]
+    python perf/zoo_survey.py [--only resnet18d,vgg11] [--images 8] [--layers 6] [--threads 2]
 
 For each family of :data:`ZOO` (the smallest timm variant, random weights, a small input where the
 architecture allows one) the script runs ``--layers`` layers spread evenly over the network's depth

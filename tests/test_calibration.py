@@ -1,6 +1,6 @@
 """The bootstrap's 95% intervals hold the known truth of simulated studies at the draw counts the
 committed tracks use (2 draws, realistic draw-to-draw spread): see lesionbench.calibration, and
-benchmarks/calibration.py for the full table."""
+perf/calibration.py for the full table."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def test_the_truth_is_what_many_images_and_draws_converge_to():
 @pytest.mark.slow
 @needs_fashion_mnist()
 def test_the_seed_gate_benchmark_runs(tmp_path):
-    """benchmarks/seed_gate.py with one re-run: the conv1-noise model fails the gate, the re-run passes it."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_gate.py"
+    """perf/seed_gate.py with one re-run: the conv1-noise model fails the gate, the re-run passes it."""
+    script = Path(__file__).resolve().parents[1] / "perf" / "seed_gate.py"
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "gate"), "--reruns", "1"],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

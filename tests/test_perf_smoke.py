@@ -1,6 +1,6 @@
-"""Every script in benchmarks/ runs, on tiny settings, as a user would run it: none can rot unseen.
+"""Every script in perf/ runs, on tiny settings, as a user would run it: none can rot unseen.
 
-Each is started as its own process (``python benchmarks/NAME.py ...``) with settings small enough
+Each is started as its own process (``python perf/NAME.py ...``) with settings small enough
 for the suite; what is checked is that it exits 0 and prints the table (or line) it exists for.
 Timings themselves are never asserted: a benchmark's numbers belong in its own full run.
 """
@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import write_fashion
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
+BENCHMARKS = ROOT / "perf"
 
 
 @pytest.fixture(scope="module")

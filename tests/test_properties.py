@@ -2,7 +2,7 @@
 
 The models come from :mod:`property_models` (a grammar of real patterns), the oracles from
 :mod:`property_oracles` (written from the definitions, not from lesionbench's code). The long
-mode, with many more models and two levels per perturbation, is ``benchmarks/properties.py``;
+mode, with many more models and two levels per perturbation, is ``perf/properties.py``;
 every failure either mode found is kept, shrunk, in ``test_properties_regressions.py``.
 """
 
@@ -106,11 +106,11 @@ def test_a_cell_that_fails_is_a_failure_not_a_skipped_check(monkeypatch):
 
 
 def test_the_long_mode_prints_its_counts(capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "perf"))
     try:
         from properties import main
     finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.path.remove(str(ROOT / "perf"))
     status = main(["--examples", "1", "--max-blocks", "1", "--seed", "3"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"1 models, \d+ cells, \d+ failures \(\d models, \d+ kinds\)", last), last

@@ -1,4 +1,4 @@
-"""Failures the property harness found (``test_properties.py``, ``benchmarks/properties.py``), each
+"""Failures the property harness found (``test_properties.py``, ``perf/properties.py``), each
 shrunk to the smallest generated model that showed it and kept as an ordinary test.
 
 Each model is a :class:`property_models.Spec`; ``check`` runs every layer × built-in perturbation

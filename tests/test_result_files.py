@@ -358,8 +358,8 @@ def test_the_chance_that_forged_cells_pass_is_hypergeometric():
 
 
 def test_the_fault_benchmark_smoke(tmp_path):
-    """A few trials of benchmarks/faults.py (the full run is in the docs): none lost."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "faults.py"
+    """A few trials of perf/faults.py (the full run is in the docs): none lost."""
+    script = Path(__file__).resolve().parents[1] / "perf" / "faults.py"
     proc = subprocess.run([sys.executable, str(script), "--trials", "1", "--disk-trials", "0", "--signals", "SIGTERM",
                            "--out", str(tmp_path / "f"), "--json", str(tmp_path / "f.json")],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
