@@ -75,7 +75,7 @@ _EXPORTS = {
     "layer_scores": "lesionbench.scores",
     "curves": "lesionbench.scores",
     "model_summary": "lesionbench.scores",
-    "bootstrap": "lesionbench.bootstrap",
+    "bootstrap": "lesionbench.bootstrapping",
     "per_class_accuracy": "lesionbench.per_image",
     # executors and scores as plugin kinds (issue #26)
     "ExecutorPlugin": "lesionbench.executors",

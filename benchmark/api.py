@@ -399,7 +399,7 @@ def load_results(*paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
 def load_outcomes(*paths: str | Path | Sequence[str | Path]) -> tuple[pd.DataFrame, Outcomes]:
     """The results table of ``results.csv`` files or run directories, with an ``outcome`` column,
     and the per-image outcomes it points into (``outcomes.arrow`` of each run; runs made before
-    outcomes were kept contribute rows with ``outcome`` -1). For :func:`lesionbench.bootstrap`
+    outcomes were kept contribute rows with ``outcome`` -1). For :func:`lesionbench.bootstrapping`
     and :func:`lesionbench.per_class_accuracy`."""
     if not _paths(paths):
         raise LesionbenchError("load_outcomes needs at least one results file or run directory")

@@ -18,7 +18,7 @@ up to 0.47; here about 0.45) and is harsher than it in how many cells are noisy:
 damaged cells (35% on that track) have a draw-to-draw variance larger than one draw's binomial
 variance p(1 − p)/n (:func:`run` reports both).
 
-Every simulated study goes through the public :func:`lesionbench.bootstrap`; :func:`run` counts how
+Every simulated study goes through the public :func:`lesionbench.bootstrapping`; :func:`run` counts how
 often its 95% intervals hold the truth, and how often two equal models get different ranks or two
 equal layers are called different.
 """

@@ -17,7 +17,7 @@ import pandas as pd
 
 from lesionbench.errors import LesionbenchError
 from lesionbench.leaderboard import md, table
-from lesionbench.bootstrap import BOOTSTRAP_SEED, REPLICATES, bootstrap, interval
+from lesionbench.bootstrapping import BOOTSTRAP_SEED, REPLICATES, bootstrap, interval
 from lesionbench.layer_score import DEFAULT_SCORE
 from lesionbench.scores import clean_accuracy, layer_scores
 from lesionbench.store import CLEAN, Outcomes

@@ -10,7 +10,7 @@ model whose clean accuracy is not beyond chance (a binomial test, :func:`at_chan
 
 The layer score itself is a plugin kind (:mod:`lesionbench.layer_score`: ``area``, the above, by
 default; ``score=NAME`` picks another registered one). With per-image outcomes (``outcomes.arrow``),
-:func:`lesionbench.bootstrap.bootstrap` gives every score a 95% interval by a paired bootstrap over
+:func:`lesionbench.bootstrapping.bootstrap` gives every score a 95% interval by a paired bootstrap over
 images and draws, :func:`lesionbench.per_image.per_class_accuracy` the accuracy per class (both
 also importable from here, as before).
 
@@ -269,7 +269,7 @@ _MOVED = {  # name -> the module it lives in now; ``from lesionbench.scores impo
     **dict.fromkeys(["per_class_accuracy", "_hits", "_check_same_images"], "lesionbench.per_image"),
     **dict.fromkeys(["REPLICATES", "BOOTSTRAP_SEED", "CONFIDENCE", "METHOD", "Bootstrap", "interval", "bootstrap",
                      "draw_quantile_factor", "_resample_draws", "_draw_variance_unknown", "_layer_replicates"],
-                    "lesionbench.bootstrap"),
+                    "lesionbench.bootstrapping"),
 }  # fmt: skip
 
 

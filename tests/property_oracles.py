@@ -34,6 +34,7 @@ assert that it is empty and the long mode can count them.
 from __future__ import annotations
 
 import copy
+import importlib
 import itertools
 import math
 import re
@@ -217,6 +218,7 @@ def _run(model, images, labels, perturbations, levels, engine, failures, refused
     for attempt in itertools.count():
         registry = create_registry(entry_points=False, builtins=False)
         registry.register(_Checked(model, perturbations, failures, refused), "checked-builtins")
+        registry.register(importlib.import_module("lesionbench.executors.local"), "local")  # executors are plugins
         wanted = [n for n in perturbations if n not in refused]
         study = {"perturbations": wanted, "levels": {n: levels[n] for n in wanted}, "draws": 1, "device": "cpu",
                  "engine": engine, "seed": 0, "models": [{"ref": "model", "init_checkpoint": str(initial)}]}  # fmt: skip

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lesionbench.bootstrap import bootstrap, interval
+from lesionbench.bootstrapping import bootstrap, interval
 from lesionbench.per_image import per_class_accuracy
 from lesionbench.registry import get_registry
 from lesionbench.scores import layer_scores

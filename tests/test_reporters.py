@@ -107,9 +107,8 @@ def test_a_board_without_intervals_or_scores_round_trips_too():
     assert loads(text) == board and '"low": null' in text and '"rank": null' in text
 
 
-def test_a_reporter_that_breaks_the_contract_is_refused_naming_its_plugin():
+def test_a_reporter_that_breaks_the_contract_is_left_out_and_named_with_its_plugin():
     from lesionbench import hookimpl
-    from lesionbench.errors import PluginError
     from lesionbench.registry import create_registry
 
     class NoDot:
@@ -124,8 +123,9 @@ def test_a_reporter_that_breaks_the_contract_is_refused_naming_its_plugin():
             return [NoDot()]
 
     registry = create_registry([("nodot_plugin", Plugin())], entry_points=False, builtins=False)
-    with pytest.raises(PluginError, match=r"'nodot_plugin'.*'nodot'.*suffix"):
-        registry.contributions("reporters")
+    assert "nodot" not in registry.contributions("reporters")  # left out: a broken plugin hurts only itself
+    failures = {f.plugin: f.message for f in registry.failures}
+    assert "suffix" in failures["nodot_plugin"] and "nodot" in failures["nodot_plugin"]
 
 
 # ---------------------------------------------------------------- HTML in a real browser

@@ -19,7 +19,7 @@ STYLES = {"critical": "red", "robust": "green", "undetermined": "yellow"}
 def print_summary(df: pd.DataFrame, study: Study, console: Console, scores: pd.DataFrame | None = None,
                   score=DEFAULT_SCORE) -> bool:  # fmt: skip
     """Print each model's layer scores and most fragile layer; returns True when a model was not
-    scored (clean accuracy at chance). ``scores``: :func:`lesionbench.bootstrap`'s ``layers`` (with
+    scored (clean accuracy at chance). ``scores``: :func:`lesionbench.bootstrapping`'s ``layers`` (with
     intervals and interval verdicts), else :func:`layer_scores` (verdicts from the score alone) of
     ``score`` (a registered score's name or the score)."""
     scores = layer_scores(df, study.metric, score) if scores is None else scores

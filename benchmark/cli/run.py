@@ -96,7 +96,7 @@ def cmd_run(args, console, warn) -> int:
 
 def _bootstrapped_scores(results_path: Path, metric: str, score):
     """The run's layer scores with intervals and interval verdicts, or None without per-image outcomes."""
-    from lesionbench.bootstrap import bootstrap
+    from lesionbench.bootstrapping import bootstrap
     from lesionbench.store import read_results_with_outcomes
 
     df, outcomes = read_results_with_outcomes(results_path)
