@@ -277,12 +277,13 @@ def lesionbench_reporters():
 
 def test_a_reporter_from_a_plugin_is_listed_and_chosen_with_format(tmp_path, monkeypatch, capsys):
     site = tmp_path / "site"
-    (site / "toy_reporter-0.1.dist-info").mkdir(parents=True)
-    (site / "toy_reporter.py").write_text(textwrap.dedent(TOY))
-    (site / "toy_reporter-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-reporter\nVersion: 0.1\n")
-    (site / "toy_reporter-0.1.dist-info" / "entry_points.txt").write_text("[lesionbench]\ntoy = toy_reporter\n")
+    (site / "rankcsv_reporter-0.1.dist-info").mkdir(parents=True)
+    (site / "rankcsv_reporter.py").write_text(textwrap.dedent(TOY))  # a name no other test imports
+    (site / "rankcsv_reporter-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: rankcsv-reporter\nVersion: 0.1\n")
+    (site / "rankcsv_reporter-0.1.dist-info" / "entry_points.txt").write_text("[lesionbench]\nrankcsv = rankcsv_reporter\n")
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(registry_mod, "_default", None)  # the CLI finds the entry point afresh
+    monkeypatch.setattr(registry_mod, "_disabled", frozenset())  # whatever -p no:NAME an earlier test left
     try:
         assert main(["list", "reporters"]) == 0
         assert "rankcsv" in capsys.readouterr().out
@@ -293,7 +294,7 @@ def test_a_reporter_from_a_plugin_is_listed_and_chosen_with_format(tmp_path, mon
         assert main(["leaderboard", str(results), "--format", "nope", "--out", str(tmp_path / "c")]) == 2
         assert "unknown reporter 'nope'" in capsys.readouterr().err and not (tmp_path / "c").exists()
     finally:
-        sys.modules.pop("toy_reporter", None)
+        sys.modules.pop("rankcsv_reporter", None)
         registry_mod._default = None
     rows = (tmp_path / "b.csv").read_text().splitlines()
     board = load(tmp_path / "b.json")
