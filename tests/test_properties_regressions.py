@@ -153,4 +153,5 @@ def test_reinit_of_a_storage_tied_layer_in_half_precision_moves_both_users():
         block = build(Spec((("tied", True),), dtype=dtype))[0].blocks[0]
         assert block.a.weight.dtype == getattr(torch, dtype)
         assert block.a.weight.untyped_storage().data_ptr() == block.b.weight.untyped_storage().data_ptr()
-    assert failures_of(Spec((("tied", True),), dtype="float16")) == []
+    torch.set_num_threads(1)
+    assert check(Spec((("tied", True),), dtype="float16"), only=("reinit",))[1] == []
