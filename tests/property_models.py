@@ -157,7 +157,16 @@ class TiedBlock(nn.Module):
     def __init__(self, c: int, storage: bool) -> None:
         super().__init__()
         self.a, self.b = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+        self.storage = storage
         self.b.weight = nn.Parameter(self.a.weight.data) if storage else self.a.weight
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` converts each Parameter on its own, which unties two Parameters sharing one
+        storage (the same Parameter object stays tied): tie them again, as the spec says."""
+        super()._apply(fn, recurse)
+        if self.storage:
+            self.b.weight = nn.Parameter(self.a.weight.data, requires_grad=self.a.weight.requires_grad)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(torch.tanh(self.a(x)))

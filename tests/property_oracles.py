@@ -287,16 +287,16 @@ def check(spec: Spec, long: bool = False, only: Sequence[str] = ()) -> tuple[int
         rows = naive[naive.layer == name].set_index(["perturbation", "level"])["loss"]
         zeroed = oracle_loss(twin, images, labels, e.zero)
         got = rows.get(("synapse_knockout", 1.0), math.nan)
-        if "synapse_knockout" not in refused and not _close(got, zeroed, tol):  # (b)
+        if "synapse_knockout" in levels and "synapse_knockout" not in refused and not _close(got, zeroed, tol):  # (b)
             failures.append(f"(b) {name}: synapse_knockout p=1 loss {got:.6f}, weight zeroed {zeroed:.6f}")
         silenced = oracle_loss(twin, images, labels, e.zero, e.site, e.norms)
         got = rows.get(("node_knockout", 1.0), math.nan)
-        if "node_knockout" not in refused and not _close(got, silenced, tol):  # (c)
+        if "node_knockout" in levels and "node_knockout" not in refused and not _close(got, silenced, tol):  # (c)
             failures.append(f"(c) {name}: node_knockout p=1 loss {got:.6f}, units silenced {silenced:.6f}")
         if "reinit" in levels and "reinit" not in refused:  # (g) reinit
             failures += _reinit_failures(twin, images, labels, e, name, initial, rows, levels["reinit"], tol)
         if not _close(zeroed, clean_oracle, tol):  # (d)
-            for h in (h for h in HOOKS if h not in refused):
+            for h in (h for h in HOOKS if h in perturbations and h not in refused):
                 got = rows.get((h, strongest(perturbations[h])))
                 if got is None and not any(mentioned(line, name) and mentioned(line, h) for line in log.splitlines()):
                     failures.append(f"(d) {name}: no {h} cell, and run.log does not say why")

@@ -139,3 +139,19 @@ def test_block_drop_acts_on_the_decoder_layers_not_on_a_stack_that_changes_width
     spec = Spec((("dec", "llama", 1, 2, 1, False),))
     assert [path for path, _m in transformer_blocks(build(spec)[0])] == ["blocks.0.layers.0"]
     assert failures_of(spec) == []
+
+
+def test_reinit_of_a_storage_tied_layer_in_half_precision_moves_both_users():
+    """Found (long run, 2026-12-06): two Parameters sharing one storage, built in float32 and then
+    ``.to(float16)``, came out untied (``Module.to`` converts each Parameter on its own), so the
+    generated model was not the spec's: (g) expected reinit of ``a`` to move ``b``'s weight too and
+    failed (loss 1.7001 against 1.7067 at α = 1). The generator ties them again after a dtype change;
+    lesionbench damages whatever ties the model it is given has."""
+    from property_models import build
+
+    for dtype in ("float16", "bfloat16", "float32"):
+        block = build(Spec((("tied", True),), dtype=dtype))[0].blocks[0]
+        assert block.a.weight.dtype == getattr(torch, dtype)
+        assert block.a.weight.untyped_storage().data_ptr() == block.b.weight.untyped_storage().data_ptr()
+    torch.set_num_threads(1)
+    assert check(Spec((("tied", True),), dtype="float16"), only=("reinit",))[1] == []
