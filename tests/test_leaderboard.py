@@ -211,9 +211,10 @@ def test_non_finite_cells_are_scored_as_measured_not_dropped():
     df = results(layers={"conv1": [0.9, 0.9, 0.9]})
     broken = (df["layer"] == "conv1") & (df["level"] == 1.0)
     df.loc[broken, ["error", "loss", "top1"]] = ["non-finite logits", np.nan, 0.0]  # every image NaN
-    assert layer_scores(df).iloc[0]["score"] == pytest.approx(0.75)  # r = 1, 1, 0 — not 1.0 from dropping it
+    floor = 0.25  # the area of r = 1, 0, 0 over levels 0, 0.5, 1: the scores are rescaled from it to 1
+    assert layer_scores(df).iloc[0]["score"] == pytest.approx((0.75 - floor) / (1 - floor))  # r = 1, 1, 0 — not 1.0 from dropping it
     df.loc[broken, "top1"] = 0.82  # 10 of 100 images NaN: r = (0.82 - 0.1) / 0.8 = 0.9
-    assert layer_scores(df).iloc[0]["score"] == pytest.approx((1 + 1) / 4 + (1 + 0.9) / 4)
+    assert layer_scores(df).iloc[0]["score"] == pytest.approx(((1 + 1) / 4 + (1 + 0.9) / 4 - floor) / (1 - floor))
 
 
 def test_with_outcomes_every_score_has_an_interval_and_indistinguishable_models_share_a_rank():
