@@ -58,6 +58,7 @@ _EXPORTS = {
     "zero_features": "lesionbench.transformer_parts",
     "head_features": "lesionbench.transformer_parts",
     "identity_hook": "lesionbench.transformer_parts",
+    "keeps_shape_hook": "lesionbench.transformer_parts",
     "ModelSource": "lesionbench.model_sources",
     "ModelSpec": "lesionbench.model_sources",
     "LoadedModel": "lesionbench.model_sources",

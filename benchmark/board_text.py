@@ -14,9 +14,10 @@ if TYPE_CHECKING:  # numpy and pandas load on first use: the reporters are plugi
 # The leaderboard's fixed prose (Markdown emphasis; the HTML reporter turns it into tags).
 HOW_TO_READ = (
     "**Layer-robustness score**: area under the retention curve r(p) = clip((acc(p) − chance) / "
-    "(acc(0) − chance), 0, 1) over the level range, divided by the range — 1 means the layer's "
-    "damage never cost accuracy, 0 means chance from the first step. It depends on the level grid, so "
-    "models are ranked only on perturbations run with the same grid. **p½**: the level where r "
+    "(acc(0) − chance), 0, 1) over the level range, divided by the range, rescaled so that on every level "
+    "grid 1 means the layer's damage never cost accuracy and 0 means chance at every damaged level (retention "
+    "c at every damaged level scores c; on the grid (0, 1) the score is the retention at 1). Its weighting "
+    "depends on the grid, so models are ranked only on perturbations run with the same grid. **p½**: the level where r "
     "first falls to 0.5. **Verdicts**: a layer is *critical* when its score's 95% interval lies below 0.50 "
     "(printed **bold**), *robust* when it lies at or above 0.50, *undetermined* when it contains 0.50 (printed "
     "_italic_); without an interval, from the score alone. A model whose clean accuracy is not beyond chance "

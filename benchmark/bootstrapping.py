@@ -336,6 +336,6 @@ def _layer_replicates(scores: pd.DataFrame, c: pd.DataFrame, r: np.ndarray, scor
         levels = c["level"].to_numpy()[idx]
         scored = axis_scale(axis).scored(levels)
         idx, levels = idx[scored], levels[scored]
-        area[i], positions = layer_values(score, to_axis(levels, axis), r[idx])
+        area[i], positions = layer_values(score, to_axis(levels, axis), r[idx], axis_scale(axis).undamaged(levels))
         critical[i] = levels_of(positions, axis)
     return area, critical

@@ -123,6 +123,12 @@ class AxisScale(_Named):
         """bool [len(levels)]: the levels that have a place on the scoring coordinate (all, on most axes)."""
         return np.ones(len(np.asarray(levels)), dtype=bool)
 
+    def undamaged(self, levels: Sequence[float] | np.ndarray) -> np.ndarray:
+        """bool [len(levels)]: the levels that do no damage, where retention is 1 by definition: level 0
+        on an axis where damage grows from 0 (a fraction, a σ multiple, a count); none where fewer is
+        worse (bit widths). The layer score is rescaled by them (:func:`lesionbench.layer_score.layer_values`)."""
+        return np.asarray(levels, dtype=float) == 0
+
     def to_coord(self, levels: Sequence[float] | np.ndarray) -> np.ndarray:
         """float64 [len(levels)]: positions on the scoring coordinate."""
         return np.asarray(levels, dtype=float)
@@ -155,6 +161,9 @@ class DescendingScale(AxisScale):
 
     name = "descending"
     note = "damage grows as it falls"
+
+    def undamaged(self, levels: Sequence[float] | np.ndarray) -> np.ndarray:
+        return np.zeros(len(np.asarray(levels)), dtype=bool)
 
     def to_coord(self, levels: Sequence[float] | np.ndarray) -> np.ndarray:
         return -np.asarray(levels, dtype=float)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from lesionbench.registry import Registry
 
 DEFAULT_SCORE = "area"
-THRESHOLD = 0.5  # retention at the critical level; a layer is critical when its score is below it
+THRESHOLD = 0.5  # retention at the critical level; a layer is critical when its (grid-rescaled) score is below it
 
 
 @runtime_checkable
@@ -43,7 +43,9 @@ class Score(Protocol):
 class AreaScore:
     """The area under retention over the level range, divided by the range (trapezoids); a single
     level (or a range of width 0) scores the mean retention. 1: the damage never cost accuracy; 0:
-    chance from the first step. Source: the layer-robustness score of this benchmark (README)."""
+    chance at every level (:func:`layer_values` rescales it on a grid holding an undamaged level, so
+    that 0 means chance at every damaged level there too). Source: the layer-robustness score of this
+    benchmark (README; docs/explanation/scores-on-any-grid.md)."""
 
     name = DEFAULT_SCORE
     description = "Area under the retention curve over the level range, divided by the range (the default)."
@@ -71,10 +73,30 @@ def critical_positions(x: np.ndarray, r: np.ndarray, threshold: float = THRESHOL
     return np.where(np.isnan(r).any(axis=0), np.nan, cross)
 
 
-def layer_values(score: Score, x: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def grid_extremes(score: Score, x: np.ndarray, undamaged: np.ndarray) -> tuple[float, float]:
+    """What ``score`` gives, on the level grid ``x`` [levels] (increasing), to the two extreme curves:
+    chance at every damaged level (retention 1 at the ``undamaged`` levels, bool [levels], 0 at the
+    others) and no loss anywhere (1 everywhere). Returns (floor, ceiling) as floats."""
+    ends = np.stack([np.asarray(undamaged, dtype=float), np.ones(len(x))], axis=1)  # [levels, 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        floor, ceiling = (float(v) for v in np.asarray(score.of(x, ends), dtype=float))
+    return floor, ceiling
+
+
+def layer_values(score: Score, x: np.ndarray, r: np.ndarray,
+                 undamaged: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(score [curves], critical position [curves]) of the curves ``r`` [levels, curves] on ``x``.
 
     ``x`` need not be sorted: both are put in increasing order of ``x`` (stable) first.
+    ``undamaged``, bool [levels] (in the order of ``x`` as given): the levels that do no damage
+    (level 0 of an axis on which damage grows, :meth:`lesionbench.kinds.AxisScale.undamaged`), where
+    retention is 1 by definition. When the grid has one, the score is rescaled so that it means the
+    same on every grid: s' = (s − floor) / (ceiling − floor), with floor and ceiling what the score
+    gives to "chance at every damaged level" and to "no loss" on this grid (:func:`grid_extremes`),
+    clipped to [0, 1]. Without it, the area score of the grid (0, 1) would be (1 + r)/2, never below
+    0.50 however harmful the damage, and of (0, 0.1, …, 1) 0.05 at the least; rescaled, both are 0
+    when every damaged level is at chance and 1 when none costs accuracy (docs/explanation/scores-on-any-grid.md).
+    A grid with no undamaged level (log axes, bit widths) is left as it is: its floor is already 0.
 
     Raises:
         LesionbenchError: the score returned something else than one finite-or-NaN number per curve.
@@ -87,6 +109,12 @@ def layer_values(score: Score, x: np.ndarray, r: np.ndarray) -> tuple[np.ndarray
     if values.shape != (r.shape[1],):
         raise LesionbenchError(f"score {score.name!r} returned shape {values.shape} for {r.shape[1]} curves, "
                                f"not ({r.shape[1]},)")  # fmt: skip
+    if undamaged is not None:
+        undamaged = np.asarray(undamaged, dtype=bool)[order]
+        if undamaged.any() and not undamaged.all():
+            floor, ceiling = grid_extremes(score, x, undamaged)
+            if ceiling > floor:
+                values = np.clip((values - floor) / (ceiling - floor), 0.0, 1.0)
     values = np.where(np.isnan(r).any(axis=0), np.nan, values)
     return values, critical_positions(x, r)
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from lesionbench.columns import KEY_COLUMNS, Subset
 from lesionbench.errors import LesionbenchError
+from lesionbench.names import legacy_layer_names
 
 
 @dataclass
@@ -200,6 +201,7 @@ def read_outcome_file(path: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
     subset = Subset.from_json(meta[b"lesionbench.subset"])
     keys = pd.DataFrame({c: table.column(c).to_numpy(zero_copy_only=False) for c in KEY_COLUMNS})
     keys.insert(1, "dataset", subset.dataset)
+    keys["layer"] = legacy_layer_names(keys["model"], keys["layer"])  # as results.csv is read (lesionbench.names)
     n, cells = len(subset.indices), table.num_rows
     top1 = table.column("top1").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(cells, n) if cells else np.zeros((0, n), np.int32)
     top5 = table.column("top5").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(cells, n) if cells else np.zeros((0, n), bool)

@@ -88,6 +88,15 @@ class Perturbation:
         """Raise :class:`LesionbenchError` for a layer this perturbation cannot damage (called for
         every layer before a study starts)."""
 
+    def check_hooks(self, layer: Layer) -> list[RemovableHandle]:
+        """Forward hooks on the clean model that refuse, before a study starts, a layer this
+        perturbation cannot damage for what it computes (a block that changes its input's shape, an
+        output whose dtype the damage cannot hold): each raises :class:`LesionbenchError` naming the
+        layer and changes nothing. The harness installs them on every layer (target), runs one
+        example through the model and removes them (:func:`lesionbench.plan.check_by_forward`).
+        Return their handles; none by default."""
+        return []
+
     def targets(self, model: nn.Module, layers: Sequence[Layer]) -> Sequence[Layer] | None:
         """The layer axis, when it is not the study's layers (e.g. residual stages); None: the layers."""
         return None

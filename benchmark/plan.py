@@ -26,6 +26,7 @@ from lesionbench.graph import ModelGraph, check_module, run_once
 from lesionbench.kinds import perturbation_kind
 from lesionbench.layers import Layer, select_layers, spread_layers
 from lesionbench.model_sources import LoadedModel, create_model, resolve_source
+from lesionbench.names import named
 from lesionbench.perturbation import HOOKED_OPS, ROUTED_OPS, Perturbation, cell_seed, check_levels
 from lesionbench.registry import Registry
 from lesionbench.store import CLEAN, CellKey, cell_key
@@ -277,7 +278,7 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
         with blame(registry.owner("perturbations", name), f"finding what {name!r} perturbs in {loaded.name!r}"):
             own = p.targets(loaded.module, layers)  # e.g. residual stages: a model without any has no such blocks
         if own is not None:
-            targets[name] = list(own)
+            targets[name] = named(list(own), layers, loaded.aliases)  # one naming rule for targets and layers
         elif perturbation_kind(p.kind).hooked:
             targets[name] = hookable(layers, name, ref, bool(study.layers), notes)
     return PreparedModel(loaded, graph, layers, targets, dtype, notes, plugin)
@@ -336,7 +337,33 @@ def prepare(study: Study, registry: Registry) -> Plan:
         with blame(registry.owner("perturbations", name), f"checking the layers {name!r} perturbs"):
             for layer in (t for m in models for t in m.targets_of(name)):
                 p.check_layer(layer)  # a plugin's own precondition (initial weights known…), before anything runs
+        for m in models:
+            check_by_forward(m, name, p, registry.owner("perturbations", name))
     return Plan(study, perturbations, raw, indices, models, calibration)
+
+
+def check_by_forward(prepared: PreparedModel, name: str, perturbation: Perturbation, plugin: str) -> None:
+    """Refuse, before anything runs, a target the perturbation cannot damage for what it computes:
+    its :meth:`~lesionbench.perturbation.Perturbation.check_hooks` on every target of the model, one
+    example (zeros, as the model's first check) through the clean model, the hooks removed however
+    it ends. Nothing to do (no forward pass) when the perturbation declares no check hooks.
+
+    Raises:
+        LesionbenchError: one line naming the perturbation, the model and what a hook refused.
+    """
+    handles = []
+    loaded = prepared.loaded
+    try:
+        with blame(plugin, f"checking what {name!r} perturbs in {loaded.name!r} on one input"):
+            for layer in prepared.targets_of(name):
+                handles.extend(perturbation.check_hooks(layer) or [])
+            if handles:
+                run_once(loaded.module, torch.zeros(1, *loaded.input_size, dtype=prepared.dtype))
+    except LesionbenchError as exc:
+        raise LesionbenchError(f"perturbation {name!r} cannot damage model {loaded.name!r}: {exc}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def calibration_subset(labels: np.ndarray, eval_indices: np.ndarray, study: Study) -> np.ndarray:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from lesionbench.columns import COLUMNS, KEY_COLUMNS, NUMERIC, OPTIONAL, OUTCOMES, RESULTS
 from lesionbench.errors import LesionbenchError
+from lesionbench.names import legacy_layer_names
 from lesionbench.outcomes import Outcomes, read_outcome_file
 from lesionbench.schema import BINDING, SchemaViolation, check_outcomes, check_rows, manifest_beside, schema_version
 
@@ -81,7 +82,7 @@ def _read_one(p: Path) -> pd.DataFrame:
     for column, default in OPTIONAL.items():
         if column not in df.columns:
             df[column] = default
-    df["layer"] = df["layer"].fillna("")
+    df["layer"] = legacy_layer_names(df["model"], df["layer"].fillna(""))  # keys from before the naming rule
     df["error"] = df["error"].fillna("")
     df["level_axis"] = df["level_axis"].replace("", "linear").fillna("linear")
     df["level_unit"] = df["level_unit"].fillna("")

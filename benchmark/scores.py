@@ -3,7 +3,9 @@
 For each model × layer × perturbation the mean over draws of the score metric gives a curve
 acc(p). Its retention r(p) = clip((acc(p) − chance) / (acc(0) − chance), 0, 1) rescales it so that
 1 is the clean model and 0 is chance; the **layer-robustness score** is the area under r over the
-level range divided by that range. The **critical level** p½ is where r first falls to 0.5. A
+level range divided by that range, rescaled so that chance at every damaged level is 0 and no loss
+is 1 on any level grid (a grid holding the undamaged level 0 would otherwise have a floor above 0:
+(1 + r)/2 on the grid (0, 1); :func:`lesionbench.layer_score.layer_values`). The **critical level** p½ is where r first falls to 0.5. A
 layer is *critical* when its score, to two decimals, is below 0.50; with a 95% interval, critical
 / robust / undetermined as the interval lies below, above or across 0.50 (:func:`verdict`). A
 model whose clean accuracy is not beyond chance (a binomial test, :func:`at_chance`) is not scored.
@@ -128,10 +130,13 @@ def retention(acc, clean, chance):
     return np.clip(np.nan_to_num(r, nan=0.0), 0.0, 1.0)
 
 
-def area_score(levels, r) -> float:
-    """Area under r over the level range, divided by the range (trapezoids): the ``area`` score of
-    one curve (:class:`lesionbench.layer_score.AreaScore`)."""
-    return float(layer_values(AreaScore(), levels, np.asarray(r, dtype=float)[:, None])[0][0])
+def area_score(levels, r, axis: str = "linear") -> float:
+    """The ``area`` layer score of one curve on a level grid: the area under r over the level range,
+    divided by the range (trapezoids; :class:`lesionbench.layer_score.AreaScore`), rescaled so that
+    chance at every damaged level scores 0 and no loss 1 whatever the grid
+    (:func:`lesionbench.layer_score.layer_values`; level 0 of a linear axis is the undamaged one)."""
+    undamaged = axis_scale(axis).undamaged(levels)
+    return float(layer_values(AreaScore(), levels, np.asarray(r, dtype=float)[:, None], undamaged)[0][0])
 
 
 def critical_level(levels, r, threshold: float = THRESHOLD) -> float:
@@ -229,7 +234,8 @@ def _scores_of_curves(c: pd.DataFrame, score: str | Score = DEFAULT_SCORE) -> pd
         if g.empty:
             continue
         x = to_axis(g["level"], axis)
-        value, critical = layer_values(chosen, x, g["retention"].to_numpy(dtype=float)[:, None])
+        value, critical = layer_values(chosen, x, g["retention"].to_numpy(dtype=float)[:, None],
+                                       axis_scale(axis).undamaged(g["level"]))  # fmt: skip
         rows.append(
             dict(
                 zip(GROUP, key),

@@ -112,10 +112,23 @@ def _layers(perturbation: Any, model: TinyModel) -> list:
     for layer in layers if own is None else list(own):
         try:
             perturbation.check_layer(layer)
+            _check_by_forward(perturbation, layer, model)
         except LesionbenchError:
             continue
         accepted.append(layer)
     return accepted
+
+
+def _check_by_forward(perturbation: Any, layer: Any, model: TinyModel) -> None:
+    """The perturbation's plan-time check hooks on ``layer``, on one example (as lesionbench.plan runs them)."""
+    handles = list(perturbation.check_hooks(layer) or []) if hasattr(perturbation, "check_hooks") else []
+    try:
+        if handles:
+            with torch.no_grad():
+                model.module(model.example[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _forward(model: TinyModel) -> torch.Tensor:

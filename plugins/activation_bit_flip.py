@@ -109,7 +109,21 @@ def single_fault_hook(faults: int, rng: np.random.Generator) -> Hook:
     return lambda _module, _inputs, output: flip_bits_per_image(output, draw)
 
 
+def bits_check_hooks(_perturbation: HookPerturbation, layer: Layer) -> list[RemovableHandle]:
+    """Before the study: the layer's output must be one whose bits can be flipped (:func:`stored_bits`)."""
+
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        try:
+            stored_bits(output)
+        except LesionbenchError as exc:
+            raise LesionbenchError(f"layer {layer.display!r}: {exc}") from None
+
+    return [layer.output_module.register_forward_hook(hook)]
+
+
 class ActivationBitFlip(HookPerturbation):
+    check_hooks = bits_check_hooks
+
     def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
         if level == 0:
             return []
@@ -117,6 +131,8 @@ class ActivationBitFlip(HookPerturbation):
 
 
 class ActivationBitFlipSingle(HookPerturbation):
+    check_hooks = bits_check_hooks
+
     def check_level(self, level: float) -> None:
         """Checked for every level before a study starts."""
         if level != int(level):

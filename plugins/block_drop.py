@@ -7,13 +7,15 @@ pre-norm transformer computes x + attn(norm(x)) and then + mlp(norm(·)); removi
 input hidden states x on unchanged (a forward hook discards what it computed). The layer axis is
 the block: every transformer block of the model (``model.layers.N``, GPT-2 ``transformer.h.N``,
 ViT ``blocks.N``) is a target, whatever the study's layers, at relative depth N/(blocks − 1).
-Level 1 removes the block, 0 is the clean model; deterministic (one draw).
+Level 1 removes the block, 0 is the clean model; deterministic (one draw). A block that does not keep
+its input's shape is refused before the study starts (``check_hooks``).
 """
 
 from __future__ import annotations
 
 from lesionbench import (
-    HookPerturbation, Layer, LesionbenchError, LevelAxis, display_names, hookimpl, identity_hook, transformer_blocks,
+    HookPerturbation, Layer, LesionbenchError, LevelAxis, display_names, hookimpl, identity_hook, keeps_shape_hook,
+    transformer_blocks,
 )
 
 
@@ -28,6 +30,10 @@ class BlockDrop(HookPerturbation):
     def check_level(self, level):
         if level not in (0.0, 1.0):
             raise LesionbenchError(f"block_drop takes levels 0 (kept) and 1 (removed), got {level}")
+
+    def check_hooks(self, layer):
+        """Before the study: a block whose output has another shape than its input cannot be removed."""
+        return [layer.module.register_forward_hook(keeps_shape_hook(layer.display), with_kwargs=True)]
 
     def hooks(self, layer, level, generator):
         if level == 0:

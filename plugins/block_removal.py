@@ -15,8 +15,9 @@ Which blocks are residual, and removable (identity shortcut, so output shape = i
   removable when ``downsample`` is None or nn.Identity (no projection);
 - a ConvNeXtBlock with a ``shortcut``: removable when the shortcut is nn.Identity.
 
-Attributes alone are not trusted for other classes (a Swin stage also has ``downsample``); a
-removed block whose output shape differs from its input is refused at the first forward pass.
+Attributes alone are not trusted for other classes (a Swin stage also has ``downsample``); a stage
+with a removable block whose output shape differs from its input is refused before the study starts
+(``check_hooks``: one forward pass of the clean model).
 """
 
 from __future__ import annotations
@@ -74,14 +75,21 @@ def stages(model: nn.Module, layers: Sequence[Layer]) -> list[Layer]:
     ]
 
 
+def shortcut_input(name: str, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """The block's input, when its output has the input's shape. Raises LesionbenchError otherwise."""
+    x = inputs[0]
+    if not isinstance(output, torch.Tensor) or output.shape != x.shape:
+        raise LesionbenchError(f"block {name!r} does not keep its input's shape, so it has no identity shortcut")
+    return x
+
+
 def skip_hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
-    def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = inputs[0]
-        if not isinstance(output, torch.Tensor) or output.shape != x.shape:
-            raise LesionbenchError(
-                f"block_removal: block {name!r} does not keep its input's shape, so it has no identity shortcut"
-            )
-        return x
+    return lambda _module, inputs, output: shortcut_input(name, inputs, output)
+
+
+def shape_check_hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+    def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        shortcut_input(name, inputs, output)
 
     return hook
 
@@ -89,6 +97,11 @@ def skip_hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Ten
 class BlockRemoval(HookPerturbation):
     def targets(self, model: nn.Module, layers: Sequence[Layer]) -> list[Layer]:
         return stages(model, layers)
+
+    def check_hooks(self, layer: Layer) -> list[RemovableHandle]:
+        """Before the study: every removable block of the stage must keep its input's shape."""
+        return [block.register_forward_hook(shape_check_hook(f"{layer.name}.{name}"))
+                for name, block in removable_blocks(layer.module)]  # fmt: skip
 
     def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
         blocks = removable_blocks(layer.module)

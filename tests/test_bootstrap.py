@@ -57,7 +57,10 @@ def simulate(rng, sensitivity: dict[str, dict[str, float]], n_images=400, draws=
 
 
 def true_score(k: float) -> float:
-    return 1 - k / 2
+    """The area of r = 1 − k·p over [0, 1], 1 − k/2, rescaled between the grid's floor (r = 1 at 0 and
+    0 at the other LEVELS: half the first step, 0.125) and 1."""
+    floor = LEVELS[1] / 2
+    return (1 - k / 2 - floor) / (1 - floor)
 
 
 def test_intervals_cover_the_true_scores_about_95_percent_of_the_time():
@@ -88,13 +91,16 @@ def test_intervals_cover_the_true_scores_about_95_percent_of_the_time():
 def hand_area_score(df: pd.DataFrame, layer: str) -> float:
     """The area score of one layer written out from its definition, independently of lesionbench:
     mean top-1 over draws per level, retention (acc − 0.1) / (clean − 0.1) clipped to [0, 1],
-    trapezoids over the levels, divided by the range."""
+    trapezoids over the levels, divided by the range, rescaled between the floor of the grid (r = 1 at
+    level 0, 0 elsewhere: half its first step) and 1."""
     clean = float(df.loc[df["perturbation"] == "clean", "top1"].iloc[0])
     mine = df[df["layer"] == layer]
     levels = sorted(set(mine["level"]))
     r = [min(1.0, max(0.0, (mine.loc[mine["level"] == x, "top1"].mean() - 0.1) / (clean - 0.1))) for x in levels]
     area = sum((levels[i + 1] - levels[i]) * (r[i] + r[i + 1]) / 2 for i in range(len(levels) - 1))
-    return area / (levels[-1] - levels[0])
+    span = levels[-1] - levels[0]
+    floor = (levels[1] - levels[0]) / 2 / span if levels[0] == 0 else 0.0
+    return (area / span - floor) / (1 - floor)
 
 
 def test_point_estimates_are_the_defined_score_and_intervals_hold_them():

@@ -63,10 +63,11 @@ def test_render_ranks_models_and_names_the_most_fragile_layer():
     weak = results("weak")
     text = render(pd.concat([weak, strong], ignore_index=True))
     assert "strong" in row_starting(text, "1")[1] and "weak" in row_starting(text, "2")[1]
-    assert "Most fragile under p: **conv1** (score 0.25, critical)" in text
+    # levels 0, 0.5, 1: scores rescaled from the grid's floor 0.25 (r = 1, 0, 0) to 1
+    assert "Most fragile under p: **conv1** (score 0.00, critical)" in text  # r = 1, 0, 0
     weak_section = text.split("### weak")[1]
-    assert row_starting(weak_section, "conv1", "0.00") == ["conv1", "0.00", "**0.25**", "0.25"]
-    assert row_starting(weak_section, "fc8", "1.00") == ["fc8", "1.00", "0.88", "1.00"]
+    assert row_starting(weak_section, "conv1", "0.00") == ["conv1", "0.00", "**0.00**", "0.25"]
+    assert row_starting(weak_section, "fc8", "1.00") == ["fc8", "1.00", "0.83", "1.00"]  # (0.875 − 0.25) / 0.75
 
 
 def test_overall_ranks_on_shared_perturbations_and_each_perturbation_says_where_fragility_is():
@@ -81,9 +82,9 @@ def test_overall_ranks_on_shared_perturbations_and_each_perturbation_says_where_
     first = row_starting(text, "1")
     assert "[a]" in first[1]  # a's p scores beat b's; a's collapse under "extra" does not count
     # a's weakest layer is its weakest under p (fc8), not conv1 under "extra", which b was not run under
-    assert row_starting(text, "1")[header.index("weakest layer")] == "fc8 (0.88, p)"
+    assert row_starting(text, "1")[header.index("weakest layer")] == "fc8 (0.83, p)"
     assert "Not ranked — not run on every model: extra." in text
-    assert row_starting(text, "extra", "1") == ["extra", "1", "0.25", "1.00", "1.00", "a: conv1 (0.25)"]
+    assert row_starting(text, "extra", "1") == ["extra", "1", "0.00", "1.00", "1.00", "a: conv1 (0.00)"]
     assert row_starting(text, "p", "2")[:2] == ["p", "2"]
 
 
@@ -155,10 +156,10 @@ def test_compare_flags_only_drops_beyond_the_threshold():
     base = results()
     same = compare(base, base, 0.05)
     assert same.regressions.empty and len(same.table) == 2 + 2  # 2 layer scores + clean top-1/top-5
-    worse = results(layers={"conv1": [0.9, 0.1, 0.1], "fc8": [0.9, 0.5, 0.5]})  # fc8 score 0.875 -> 0.625
+    worse = results(layers={"conv1": [0.9, 0.1, 0.1], "fc8": [0.9, 0.5, 0.5]})  # fc8 score 0.833 -> 0.5
     c = compare(worse, base, 0.05)
     assert list(c.regressions["what"]) == ["fc8 · p score"]
-    assert compare(worse, base, 0.25).regressions.empty
+    assert compare(worse, base, 0.35).regressions.empty
     assert "❌ regression" in to_markdown(c, 0.05)
     clean_drop = compare(results(clean=0.8), base, 0.05)
     assert "clean top-1" in set(clean_drop.regressions["what"])
@@ -170,7 +171,8 @@ def test_compare_cli_exit_codes(tmp_path, capsys):
     assert main(["compare", str(base), str(base)]) == 0
     assert main(["compare", str(worse), str(base), "--max-drop", "0.05"]) == 1
     out = capsys.readouterr().out
-    assert row_starting(out, "m", "d", "fc8 · p score") == ["m", "d", "fc8 · p score", "0.875", "0.625", "-0.250", "robust", "❌ regression"]
+    # r = 1, 1, 0.5 → (0.875 − 0.25) / 0.75; r = 1, 0.5, 0.5 → 0.5 (the grid's floor is 0.25)
+    assert row_starting(out, "m", "d", "fc8 · p score") == ["m", "d", "fc8 · p score", "0.833", "0.500", "-0.333", "robust", "❌ regression"]
     assert "the threshold alone decides" in out  # tables without per-image outcomes
     assert main(["compare", str(worse), str(base), "--max-drop", "0.5"]) == 0
     assert main(["compare", str(tmp_path / "missing.csv"), str(base)]) == 2
@@ -211,9 +213,10 @@ def test_non_finite_cells_are_scored_as_measured_not_dropped():
     df = results(layers={"conv1": [0.9, 0.9, 0.9]})
     broken = (df["layer"] == "conv1") & (df["level"] == 1.0)
     df.loc[broken, ["error", "loss", "top1"]] = ["non-finite logits", np.nan, 0.0]  # every image NaN
-    assert layer_scores(df).iloc[0]["score"] == pytest.approx(0.75)  # r = 1, 1, 0 — not 1.0 from dropping it
+    floor = 0.25  # the area of r = 1, 0, 0 over levels 0, 0.5, 1: the scores are rescaled from it to 1
+    assert layer_scores(df).iloc[0]["score"] == pytest.approx((0.75 - floor) / (1 - floor))  # r = 1, 1, 0 — not 1.0 from dropping it
     df.loc[broken, "top1"] = 0.82  # 10 of 100 images NaN: r = (0.82 - 0.1) / 0.8 = 0.9
-    assert layer_scores(df).iloc[0]["score"] == pytest.approx((1 + 1) / 4 + (1 + 0.9) / 4)
+    assert layer_scores(df).iloc[0]["score"] == pytest.approx(((1 + 1) / 4 + (1 + 0.9) / 4 - floor) / (1 - floor))
 
 
 def test_with_outcomes_every_score_has_an_interval_and_indistinguishable_models_share_a_rank():
@@ -254,7 +257,7 @@ def test_the_label_agrees_with_the_printed_score_at_one_half():
     from lesionbench.scores import verdict
 
     assert verdict(0.4951) == "robust" and verdict(0.4949) == "critical"  # printed 0.50 and 0.49
-    df = results(layers={"conv1": [0.9, 0.5, 0.1 + 0.8 * 0.0]})  # r = 1, 0.5, 0 → score 0.5 exactly
+    df = results(layers={"conv1": [0.9, 0.5, 0.5]})  # r = 1, 0.5, 0.5 → score 0.5 exactly (0.5 at every damaged level)
     text = render(df)
     assert "**conv1** (score 0.50, robust)" in text
 

@@ -136,6 +136,20 @@ def test_fast_equals_naive_and_the_outcomes_are_window_hit_counts(tiny, tmp_path
     assert set(at_chance(df, "top1")["model"]) == set(df["model"])
 
 
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_blocks_and_layers_are_named_by_one_rule_whether_or_not_they_hold_a_studied_layer(tiny, model):
+    """Only block 0 holds a studied layer: block 1 is named as transformers names it too
+    (``model.layers.1``, not the wrapper's ``lm.model.layers.1``), in the rows and in run.log."""
+    first = {"llama": "model.layers.0.self_attn.q_proj", "gpt2": "transformer.h.0.attn.c_attn"}[model]
+    blocks = {"llama": "model.layers", "gpt2": "transformer.h"}[model]
+    study = _study(tiny, model, layers=[first], perturbations=["block_drop", "synapse_knockout"], draws=1,
+                   levels={"block_drop": [0.0, 1.0], "synapse_knockout": [0.0, 0.5]})  # fmt: skip
+    rows = lesionbench.run(study, progress=False)
+    named = rows.groupby("perturbation")["layer"].unique()
+    assert sorted(named["block_drop"]) == [f"{blocks}.0", f"{blocks}.1"]
+    assert list(named["synapse_knockout"]) == [first]
+
+
 def test_bootstrap_resamples_whole_windows():
     # two windows of 4 tokens, one all hits and one none: a resample of windows has top-1 0, 1/2 or 1;
     # a resample of tokens would give other fractions too

@@ -35,11 +35,13 @@ def test_retention_rescales_clean_to_one_and_chance_to_zero_and_clips():
     assert r.tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0, 1.0])
 
 
-def test_area_score_is_normalised_area():
+def test_area_score_is_the_normalised_area_rescaled_between_the_grids_extremes():
     assert area_score([0, 1], [1, 1]) == 1.0
-    assert area_score([0, 1], [1, 0]) == 0.5
-    assert area_score([0, 0.5, 1], [1, 0, 0]) == pytest.approx(0.25)
-    assert area_score([0, 1, 2], [1, 1, 0]) == pytest.approx(0.75)  # divided by the range, 2
+    assert area_score([0, 1], [1, 0]) == 0.0  # the raw area, (1 + 0)/2, would be 0.5
+    assert area_score([0, 0.5, 1], [1, 0, 0]) == 0.0
+    # raw area 1.5 / 2 (divided by the range); the floor, r = (1, 0, 0), is 0.5 / 2
+    assert area_score([0, 1, 2], [1, 1, 0]) == pytest.approx((0.75 - 0.25) / (1 - 0.25))
+    assert area_score([0.5, 1], [1, 0]) == pytest.approx(0.5)  # no undamaged level: the area as it is
 
 
 def test_critical_level_interpolates_and_is_inf_when_never_reached():
@@ -56,17 +58,18 @@ def test_layer_scores_on_a_hand_made_table():
         }
     )
     s = layer_scores(df).set_index("layer")
-    assert s.loc["conv1", "score"] == pytest.approx(0.25)
+    assert s.loc["conv1", "score"] == pytest.approx(0.0)  # chance at every damaged level
     assert s.loc["conv1", "critical_level"] == pytest.approx(0.25)
     assert s.loc["conv1", "verdict"] == "critical"
-    assert s.loc["fc8", "score"] == pytest.approx((1 + 1) / 2 * 0.5 + (1 + 0.5) / 2 * 0.5)
+    raw, floor = (1 + 1) / 2 * 0.5 + (1 + 0.5) / 2 * 0.5, 0.5 / 2  # floor: r = (1, 0, 0)
+    assert s.loc["fc8", "score"] == pytest.approx((raw - floor) / (1 - floor))
     assert s.loc["fc8", "critical_level"] == 1.0
     assert s.loc["fc8", "verdict"] == "robust"
     summary = model_summary(layer_scores(df)).iloc[0]
     assert summary.weakest_layer == "conv1"
-    assert summary.first_layer_score == pytest.approx(0.25)
-    assert summary.last_layer_score == pytest.approx(0.875)
-    assert summary.mean_score == pytest.approx((0.25 + 0.875) / 2)
+    assert summary.first_layer_score == pytest.approx(0.0)
+    assert summary.last_layer_score == pytest.approx(5 / 6)
+    assert summary.mean_score == pytest.approx((0.0 + 5 / 6) / 2)
 
 
 def test_curves_give_relative_drop_and_a_t_interval():
@@ -98,7 +101,8 @@ def test_log_levels_count_every_decade_the_same_and_leave_out_level_zero():
     df["level_axis"] = "log"
     log = layer_scores(df).iloc[0]
     assert log["score"] == pytest.approx(7 / 8)  # trapezoids over 4 decades, the last one half lost
-    assert linear["score"] == pytest.approx(0.55)  # the last decade is 90% of the linear range
+    floor = 0.5e-7 / 1e-3  # r = 1 at 0, 0 from 1e-7 on
+    assert linear["score"] == pytest.approx((0.55 - floor) / (1 - floor))  # the last decade is 90% of the range
     assert log["critical_level"] == pytest.approx(10**-3.5)  # halfway through the last decade
     assert log["max_level"] == pytest.approx(1e-3)
 
@@ -137,7 +141,7 @@ def test_runs_of_one_model_on_different_images_are_refused_not_scored_against_on
     # the same evaluation in two runs (as the Fashion-MNIST runs share their images) scores as one
     same = table({"fc8": [(0.0, [0.85]), (1.0, [0.5])]}, clean=0.85).assign(n_images=100)
     scores = layer_scores(pd.concat([small, same], ignore_index=True)).set_index("layer")
-    assert scores.loc["fc8", "score"] == pytest.approx((1 + (0.5 - 0.1) / 0.75) / 2)
+    assert scores.loc["fc8", "score"] == pytest.approx((0.5 - 0.1) / 0.75)  # retention at its one damaged level
 
 
 def test_verdicts_follow_the_interval_and_fall_back_to_the_score_without_one():

@@ -16,7 +16,7 @@ lesionbench: damage a trained network one layer at a time and measure how much a
 
 A study (models × layers × perturbations × levels × random draws) runs into a crash-safe run
 directory (results.csv, manifest.json, run.log); its layer-robustness scores (1 = the layer's
-damage never cost accuracy, 0 = chance from the first step), a Markdown leaderboard and figures
+damage never cost accuracy, 0 = chance at every damaged level), a Markdown leaderboard and figures
 are written beside it."""
 
 EPILOG = """\
