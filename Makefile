@@ -47,8 +47,10 @@ run: install data
 	rm -rf runs/demo
 	lesionbench run demo --out runs/demo
 
+# One worker per core (pytest-xdist), each test file on one worker (its module fixtures made once), the
+# longest files first (tests/conftest.py: LONGEST_FIRST); each worker's torch gets its share of the cores.
 test: setup data
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 # Lint and format checks (ruff, configured in pyproject.toml): `ruff check --fix .` and `ruff format .` mend most
 # of what they report.

@@ -4,7 +4,9 @@
   perturbations by name);
 * ``fashion``: a small Fashion-MNIST ``test`` split of random images the suite makes itself
   (:func:`write_fashion` for other sizes);
-* ``study``: a factory of study dicts for :func:`lesionbench.run` / ``parse_study``;
+* ``study``: a factory of study dicts for :func:`lesionbench.run` / ``parse_study``, and
+  ``study_file``: the same studies written as TOML study files for the CLI (both take the test
+  module's ``STUDY_DEFAULTS``);
 * ``@pytest.mark.golden(path, what)``: a test that needs data the clone does not make (the installed
   Fashion-MNIST, the shared ImageNet sample). It is skipped, with the reason, where the data is
   missing, but fails loudly where the environment variable ``CI`` is set (``.ci/run`` sets it):
@@ -58,6 +60,41 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "golden(path, what, modules=()): needs data (and packages) the clone does not make: skipped "
         "where missing, failed where env CI is set",
     )  # fmt: skip
+    share_the_cores()
+
+
+# The test files with the longest tests (by the slowest durations of a whole serial run: 842 s,
+# 2026-12-06), longest first. Collection puts them first, the rest keep their order; ``make test``
+# (``--dist loadfile --no-loadscope-reorder``) gives each worker the next file when it is done with one,
+# so the long files start first and no worker is left alone with one of them at the end.
+LONGEST_FIRST = (
+    "test_faults.py", "test_alexnet_baseline.py", "test_properties.py", "test_reproduce.py", "test_package.py",
+    "test_adaptive.py", "test_engine.py", "test_bootstrap.py", "test_llm.py", "test_api.py", "test_result_files.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def share_the_cores() -> None:
+    """Under pytest-xdist (``make test``: ``-n auto``), each worker's torch, and the ``lesionbench``
+    processes its tests start, use the worker's share of the cores (at least one thread), so that N
+    workers do not each start a thread per core (N × cores threads on the cores: slower than one
+    worker). An ``OMP_NUM_THREADS`` set by the caller is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
+        return
+    import torch
+
+    threads = os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // workers)))
+    torch.set_num_threads(int(threads))
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -127,9 +164,29 @@ def make_study(models: str | dict | Sequence[str | dict], layers: Sequence[str],
     } | extra  # fmt: skip
 
 
+def _module_study(request: pytest.FixtureRequest) -> Callable[..., dict]:
+    """:func:`make_study` with the requesting test module's ``STUDY_DEFAULTS`` as defaults."""
+    defaults = dict(getattr(request.module, "STUDY_DEFAULTS", {}))
+    return lambda *args, **kwargs: make_study(*args, **(defaults | kwargs))
+
+
 @pytest.fixture(scope="module")
 def study(request: pytest.FixtureRequest) -> Callable[..., dict]:
     """:func:`make_study`, with the test module's ``STUDY_DEFAULTS`` (a dict of its keyword
     arguments) as defaults."""
-    defaults = dict(getattr(request.module, "STUDY_DEFAULTS", {}))
-    return lambda *args, **kwargs: make_study(*args, **(defaults | kwargs))
+    return _module_study(request)
+
+
+@pytest.fixture(scope="module")
+def study_file(request: pytest.FixtureRequest) -> Callable[..., Path]:
+    """``study_file(path, *args, **kwargs)``: the study of ``study(*args, **kwargs)`` (module defaults
+    included) written to ``path`` as a TOML study file, for ``lesionbench run PATH``; returns ``path``."""
+    import tomli_w
+
+    make = _module_study(request)
+
+    def write(path: Path, *args, **kwargs) -> Path:
+        path.write_text(tomli_w.dumps(make(*args, **kwargs)))
+        return path
+
+    return write

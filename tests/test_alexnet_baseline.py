@@ -51,7 +51,7 @@ def test_alexnet_baseline_runs_end_to_end_on_the_placed_weights(alexnet_home, tm
     data = image_folder(tmp_path / "val")
     out = tmp_path / "run"
     code = main(["run", "alexnet-baseline", "--data", str(data), "--out", str(out), "--device", "cpu",
-                 "--draws", "1", "--levels", "0,0.5", "--n-images", "8"])  # fmt: skip
+                 "--draws", "1", "--levels", "0,0.5", "--n-images", "8", "--no-plots"])  # fmt: skip
     assert code in FINISHED
     rows = read_results(out)
     damaged = rows[rows["perturbation"] != "clean"]

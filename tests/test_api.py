@@ -44,7 +44,7 @@ def test_run_in_memory_gives_the_rows_of_the_cli_and_writes_nothing(tmp_path, mo
         f'[levels]\nsynapse_knockout = [0.0, 0.5]\nnode_knockout = [0.0, 0.5]\n'
         f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\nn_images = 40\n'
     )
-    assert main(["run", str(study), "--out", str(tmp_path / "cli"), "--no-plots"]) in FINISHED
+    assert main(["run", str(study), "--out", str(tmp_path / "cli"), "--no-publish"]) in FINISHED
     cli = lesionbench.load_results(tmp_path / "cli")
     # several runs one by one or as one list; anything else is one clear error, not a TypeError
     pd.testing.assert_frame_equal(lesionbench.load_results([tmp_path / "cli", tmp_path / "cli"]),

@@ -280,7 +280,7 @@ def test_fast_and_naive_engines_write_the_same_results(model, data, tmp_path):
     frames = {}
     for engine in ("fast", "naive"):
         out = tmp_path / engine
-        assert main(["run", str(study), "--out", str(out), "--engine", engine]) in FINISHED
+        assert main(["run", str(study), "--out", str(out), "--engine", engine, "--no-publish"]) in FINISHED
         frames[engine] = read_results(out).sort_values(KEY, ignore_index=True)
     fast, naive = frames["fast"], frames["naive"]
     assert len(fast) == len(naive) > 0
@@ -304,7 +304,7 @@ def test_channels_last_and_autocast_are_study_options(data, tmp_path):
     runs = {}
     for name, flags in {"plain": [], "nhwc": ["--channels-last"], "amp": ["--autocast"]}.items():
         out = tmp_path / name
-        assert main(["run", str(study), "--out", str(out), *flags]) in FINISHED
+        assert main(["run", str(study), "--out", str(out), *flags, "--no-publish"]) in FINISHED
         runs[name] = read_results(out).sort_values(KEY, ignore_index=True)
     plain, nhwc, amp = runs["plain"], runs["nhwc"], runs["amp"]
     pd.testing.assert_frame_equal(plain[NUMBERS], nhwc[NUMBERS], rtol=1e-4, atol=1e-5)

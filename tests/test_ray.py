@@ -159,7 +159,7 @@ def study(tmp_path_factory) -> Path:
 def reference(ray_cluster, study, tmp_path_factory) -> pd.DataFrame:
     """The local executor's table (the faults plugin is loaded, but not armed)."""
     out = tmp_path_factory.mktemp("local") / "run"
-    assert main(["run", str(study), "--out", str(out)]) in FINISHED
+    assert main(["run", str(study), "--out", str(out), "--no-publish"]) in FINISHED
     df = read_results(out)
     assert len(df) == N_CELLS and (df["error"] == "").all()
     return df
@@ -177,7 +177,7 @@ def assert_same_table(got: pd.DataFrame, expected: pd.DataFrame) -> None:
 
 def test_a_ray_run_equals_the_local_run_cell_for_cell(ray_cluster, reference, study, tmp_path):
     out = tmp_path / "ray"
-    assert main(["run", str(study), "--out", str(out), "--executor", "ray"]) in FINISHED
+    assert main(["run", str(study), "--out", str(out), "--executor", "ray", "--no-publish"]) in FINISHED
     assert_same_table(read_results(out), reference)
     assert len(set(reference["loss"])) > 5  # the perturbations did change the numbers
     # the per-image outcomes came back from the workers with their rows
@@ -193,7 +193,7 @@ def test_a_killed_worker_costs_only_its_block(ray_cluster, reference, study, tmp
     armed = ray_cluster
     armed.write_text("")
     out = tmp_path / "killed"
-    assert main(["run", str(study), "--out", str(out), "--executor", "ray"]) in FINISHED
+    assert main(["run", str(study), "--out", str(out), "--executor", "ray", "--no-publish"]) in FINISHED
     assert not armed.exists() and Path(f"{armed}.fired").exists(), "no worker was killed"
     assert_same_table(read_results(out), reference)
 
@@ -201,18 +201,18 @@ def test_a_killed_worker_costs_only_its_block(ray_cluster, reference, study, tmp
 @pytest.mark.parametrize("first, then", [("ray", "local"), ("local", "ray")])
 def test_resume_across_executors_equals_the_full_run(ray_cluster, reference, study, tmp_path, first, then):
     out = tmp_path / "run"
-    assert main(["run", str(study), "--out", str(out), "--executor", first]) in FINISHED
+    assert main(["run", str(study), "--out", str(out), "--executor", first, "--no-publish"]) in FINISHED
     lines = (out / "results.csv").read_text().splitlines(keepends=True)
     kept = lines[:8]  # the header, 7 rows, and half a row: a run stopped partway
     (out / "results.csv").write_text("".join(kept) + lines[8][: len(lines[8]) // 2])
-    assert main(["run", "--resume", str(out), "--executor", then]) in FINISHED
+    assert main(["run", "--resume", str(out), "--executor", then, "--no-publish"]) in FINISHED
     assert (out / "results.csv").read_text().splitlines(keepends=True)[:8] == kept
     assert_same_table(read_results(out), reference)
 
 
 def test_resume_with_only_the_clean_row_missing_ticks_once_per_cell(ray_cluster, reference, study, tmp_path):
     out = tmp_path / "run"
-    assert main(["run", str(study), "--out", str(out)]) in FINISHED
+    assert main(["run", str(study), "--out", str(out), "--no-publish"]) in FINISHED
     lines = (out / "results.csv").read_text().splitlines(keepends=True)
     (out / "results.csv").write_text("".join(line for line in lines if ",clean," not in line))
     ticks = []

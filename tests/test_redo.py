@@ -24,16 +24,12 @@ TIMING = ["seconds", "images_per_s", "checksum"]  # wall-clock (and the checksum
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory) -> Path:
+def fresh(tmp_path_factory, study_file) -> Path:
     root = tmp_path_factory.mktemp("redo")
     data = write_fashion(root / "fashion", n=40)
-    study = root / "s.toml"
-    study.write_text(
-        'name = "redo"\nmodels = [{ref = "fashion_alexnet", weights = "none"}]\nlayers = ["conv1", "fc8"]\n'
-        'perturbations = ["weight_noise", "synapse_knockout"]\nlevels = {weight_noise = [0.5, 1.0], '
-        'synapse_knockout = [0.5]}\ndraws = 2\nseed = 3\ndevice = "cpu"\nbatch_size = 20\n'
-        f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\nn_images = 20\n'
-    )
+    study = study_file(root / "s.toml", {"ref": "fashion_alexnet", "weights": "none"}, ["conv1", "fc8"],
+                       ["weight_noise", "synapse_knockout"], {"weight_noise": [0.5, 1.0], "synapse_knockout": [0.5]},
+                       data, name="redo", draws=2, seed=3, n_images=20, batch_size=20)  # fmt: skip
     assert main(["run", str(study), "--out", str(root / "fresh"), "--no-publish"]) in FINISHED
     return root / "fresh"
 

@@ -25,16 +25,12 @@ KEY = ["model", "layer", "perturbation", "level", "draw"]
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
+def study(tmp_path_factory, study_file) -> Path:
+    """This module's study file (in place of conftest's ``study`` factory)."""
     root = tmp_path_factory.mktemp("trust")
     data = write_fashion(root / "fashion", n=40)
-    path = root / "s.toml"
-    path.write_text(
-        'name = "trust"\nmodels = [{ref = "fashion_alexnet", weights = "none"}]\nlayers = ["conv1", "fc8"]\n'
-        'perturbations = ["weight_noise"]\nlevels = {weight_noise = [0.5, 1.0]}\ndraws = 1\nseed = 3\n'
-        f'device = "cpu"\nbatch_size = 20\n[dataset]\nname = "fashion_mnist"\npath = "{data}"\nn_images = 20\n'
-    )
-    return path
+    return study_file(root / "s.toml", {"ref": "fashion_alexnet", "weights": "none"}, ["conv1", "fc8"], "weight_noise",
+                      [0.5, 1.0], data, name="trust", seed=3, n_images=20, batch_size=20)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

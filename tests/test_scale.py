@@ -145,7 +145,8 @@ def test_a_sharded_study_equals_the_unsharded_one_row_for_row_and_image_for_imag
     for name, budget in (("whole", "1G"), ("sharded", "12K")):
         monkeypatch.setenv("LESIONBENCH_MEMORY_BUDGET", budget)
         out = tmp_path / name
-        assert main(["run", str(study), "--out", str(out), "--perturbations", "synapse_knockout,weight_noise"]) in FINISHED
+        assert main(["run", str(study), "--out", str(out), "--perturbations", "synapse_knockout,weight_noise",
+                     "--no-publish"]) in FINISHED
         frame, outcomes = load_outcomes(out)
         runs[name] = (frame.sort_values(KEY, ignore_index=True), outcomes, (out / "run.log").read_text())
     (whole, whole_out, whole_notes), (sharded, sharded_out, sharded_notes) = runs["whole"], runs["sharded"]
