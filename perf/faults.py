@@ -4,10 +4,11 @@
 
 The study (one untrained Fashion-MNIST AlexNet on 20 synthetic images, two layers, weight noise at
 two levels, two draws: 9 cells) runs through the command line, figures and leaderboard included.
-One uninterrupted run gives the reference and its wall time T (start-up to the leaderboard). Then,
-for each of SIGKILL, SIGTERM and SIGINT, ``--trials`` runs are each sent the signal at an instant
-drawn uniformly from [0, T] (start-up, evaluation and publishing all get hit in proportion to
-their time) and then finished as a user would: with the command the interrupted run printed
+One uninterrupted run gives the reference and its CPU time T (user + system, start-up to the
+leaderboard). Then, for each of SIGKILL, SIGTERM and SIGINT, ``--trials`` runs are each sent the
+signal once they have used a CPU time drawn uniformly from [0, T] (start-up, evaluation and
+publishing all get hit in proportion to their work; CPU time, not wall time, because on a shared
+machine the wall time stretches with the load and would skew the phases) and then finished as a user would: with the command the interrupted run printed
 (``lesionbench run --resume DIR``, or the same command again when nothing was written), or after a
 SIGKILL with the job-script form ``lesionbench run STUDY --resume DIR``. A full disk is imitated
 with RLIMIT_FSIZE (writes past the limit fail with EFBIG, as tests/test_faults.py does): a limit
@@ -17,10 +18,10 @@ largest figure hits publishing; the run is then resumed with no limit.
 Cheaper trials. Importing torch, torchvision, timm, matplotlib… is about 70 % of a run's CPU time. A
 *zygote* process imports every module the reference run imported, once, and forks a child per
 command: ``lesionbench.cli.main`` in a copy of a process that has done nothing but import. The
-imports are the first T − T_f seconds of a fresh run (T_f: the wall time of a forked uninterrupted
-run, whose final state must equal the reference's, else the benchmark stops): an instant t in that
-span interrupts a fresh ``python -m lesionbench.cli`` process at t (start-up is hit in proportion to
-its time), a later instant interrupts a forked run at t − (T − T_f). Full-disk runs and every
+imports are the first T − T_f CPU seconds of a fresh run (T_f: the CPU time of a forked
+uninterrupted run, whose final state must equal the reference's, else the benchmark stops): an
+instant t in that span interrupts a fresh ``python -m lesionbench.cli`` process at t (start-up is
+hit in proportion to its work), a later instant interrupts a forked run at t − (T − T_f). Full-disk runs and every
 finishing command are forked (no fault is injected while they import). Every run has one thread
 (``OMP_NUM_THREADS=1``), the reference included, so ``--jobs N`` trials (each in its own directory)
 share the cores.
@@ -90,7 +91,7 @@ atexit.register(lambda: open(out, "w").write("\\n".join(sorted(sys.modules))))
 runpy.run_module("lesionbench.cli", run_name="__main__", alter_sys=True)
 """
 # Imports the listed modules, then forks one child per request line {"args", "stderr", "limit"}: it
-# answers the child's pid, then its exit status (negative: killed by that signal).
+# answers the child's pid, then its exit status (negative: killed by that signal) and CPU seconds.
 ZYGOTE = """import importlib, json, os, resource, signal, sys
 for name in open(sys.argv[1]).read().split():
     if name != "__main__" and not name.endswith(".__main__"):
@@ -114,7 +115,8 @@ for line in sys.stdin:
         sys.argv = ["lesionbench", *request["args"]]
         sys.exit(main())
     print(pid, flush=True)
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+    _, status, usage = os.wait4(pid, 0)
+    print(os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, flush=True)
 """
 
 
@@ -144,10 +146,12 @@ class Fresh:
 class Zygote:
     """A process that has imported what a run imports and forks a ``lesionbench`` command per request."""
 
-    def __init__(self, preload: Path):
+    def __init__(self, preload: Path, started: list | None = None):
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(preload)], env=ENV, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, preexec_fn=_child())  # fmt: skip
         self.buffer = b""
+        if started is not None:
+            started.append(self)  # closed however the benchmark ends, even while importing
         if self.line(None) != "ready":
             raise RuntimeError("the zygote did not start")
 
@@ -177,13 +181,39 @@ class Zygote:
 
 class Forked:
     def __init__(self, zygote: Zygote, pid: int):
-        self.zygote, self.pid = zygote, pid
+        self.zygote, self.pid, self.code, self.cpu = zygote, pid, None, None
 
     def wait(self, timeout: float | None) -> int:
-        status = self.zygote.line(timeout)
-        if status is None:
-            raise subprocess.TimeoutExpired(str(self.pid), timeout)
-        return int(status)
+        if self.code is None:
+            status = self.zygote.line(timeout)
+            if status is None:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            code, cpu = status.split()
+            self.code, self.cpu = int(code), float(cpu)
+        return self.code
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_until_cpu(proc, seconds: float) -> int | None:
+    """Wait until ``proc`` has used ``seconds`` of CPU (None) or has ended first (its exit status).
+
+    The instants are CPU time, not wall time: on a shared machine a run's wall time stretches with
+    the load, its CPU time hardly does, so each phase is hit in proportion to its own work."""
+    while True:
+        try:
+            return proc.wait(0.01)
+        except subprocess.TimeoutExpired:
+            used = cpu_seconds(proc.pid)
+            if used is not None and used >= seconds:
+                return None
 
 
 def state(run: Path) -> tuple:
@@ -232,14 +262,13 @@ def trial(plan: dict, where: Path, study: Path, reference: tuple, record: dict, 
     where.mkdir(parents=True)
     run, kind, when, limit, timeout = where / "run", plan["fault"], plan["at"], plan["limit"], record["timeout_s"]
     args = ["run", str(study), "--out", str(run)]
-    forked = kind.startswith("disk") or when >= record["import_s"]
+    forked = kind.startswith("disk") or when >= record["import_cpu_s"]
     proc = zygote.run(args, where / "interrupted.err", limit) if forked else Fresh(args, where / "interrupted.err")
     live.add(proc.pid)
     first, hit, hung = None, False, False
     if not kind.startswith("disk"):
-        try:
-            first = proc.wait(when - record["import_s"] if forked else when)  # it finished before the instant
-        except subprocess.TimeoutExpired:
+        first = run_until_cpu(proc, when - record["import_cpu_s"] if forked else when)  # None: the instant came
+        if first is None:
             try:
                 os.kill(proc.pid, getattr(signal, kind))
                 hit = True
@@ -283,7 +312,7 @@ def prepare_reference(out: Path, study: Path) -> tuple[dict, tuple]:
     path, ref, forked = out / "reference.json", out / "reference", out / "reference-forked"
     try:
         record = json.loads(path.read_text())
-        if record["study"] != study.read_text():
+        if record["study"] != study.read_text() or "cpu_s" not in record:
             raise ValueError("another study")
         reference = state(ref)
         print(f"reference reused: {out / 'reference.json'} (lesionbench {record['version']}, {record['commit']})")
@@ -294,25 +323,27 @@ def prepare_reference(out: Path, study: Path) -> tuple[dict, tuple]:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if (out / "trials.jsonl").is_file():  # trials against another reference (other instants): kept aside
         (out / "trials.jsonl").rename(out / f"trials-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
-    start = time.perf_counter()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     rc, _ = _wait(Fresh([str(out / "preload.txt"), "run", str(study), "--out", str(ref)], out / "reference.err",
-                        prefix=("-c", RECORD)), 1800)  # fmt: skip
-    wall = time.perf_counter() - start
+                        prefix=("-c", RECORD)), 3600)  # fmt: skip
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if rc not in FINISHED:
         sys.exit(f"the reference run failed: {(out / 'reference.err').read_text()}")
     reference = state(ref)
     zygote = Zygote(out / "preload.txt")
     try:
         start = time.perf_counter()
-        rc, _ = _wait(zygote.run(["run", str(study), "--out", str(forked)], out / "reference-forked.err"), 1800)
-        forked_wall = time.perf_counter() - start
+        child = zygote.run(["run", str(study), "--out", str(forked)], out / "reference-forked.err")
+        rc, _ = _wait(child, 3600)
+        forked_wall, forked_cpu = time.perf_counter() - start, child.cpu
     finally:
         zygote.close()
     if rc not in FINISHED or state(forked) != reference:
         sys.exit(f"a forked run does not equal a fresh one: {(out / 'reference-forked.err').read_text()[-2000:]}")
     sizes = {p.name: p.stat().st_size for p in ref.rglob("*") if p.is_file()}
-    record = {"wall_s": wall, "forked_s": forked_wall, "import_s": max(0.0, wall - forked_wall),
-              "timeout_s": max(600.0, 20 * wall), "sizes": sizes, "study": study.read_text(),
+    record = {"wall_s": wall, "forked_wall_s": forked_wall, "cpu_s": cpu, "forked_cpu_s": forked_cpu,
+              "import_cpu_s": max(0.0, cpu - forked_cpu), "timeout_s": max(600.0, 20 * wall), "sizes": sizes, "study": study.read_text(),
               "commit": commit(), "version": lesionbench.__version__}  # fmt: skip
     path.write_text(json.dumps(record, indent=1))
     return record, reference
@@ -328,7 +359,7 @@ def make_plan(args, record: dict) -> list[dict]:
     for kind in (k for k in args.signals.split(",") if k):
         for i in range(args.trials):
             rng = random.Random(f"{args.seed}:{kind}:{i}")
-            plan.append({"id": f"{kind}#{i}", "fault": kind, "at": round(rng.uniform(0, record["wall_s"]), 3),
+            plan.append({"id": f"{kind}#{i}", "fault": kind, "at": round(rng.uniform(0, record["cpu_s"]), 3),
                          "limit": None})  # fmt: skip
     for kind, low, high in (("disk (rows)", 600, rows_top), ("disk (plots)", files + 1, largest)):
         for i in range(args.disk_trials):
@@ -361,8 +392,8 @@ def summarise(plan: list[dict], done: dict[str, dict], record: dict) -> dict:
                          "lost": sum(t["outcome"] != "survived" for t in mine),
                          "hit": sum(t["detail"]["hit"] or kind.startswith("disk") for t in mine),
                          "tracebacks": sum(t["detail"]["traceback"] or t["detail"]["finish_traceback"] for t in mine)}  # fmt: skip
-    print(f"\nuninterrupted run: {record['wall_s']:.1f} s, of which start-up imports {record['import_s']:.1f} s "
-          f"(instants drawn uniformly in [0, {record['wall_s']:.1f}] s)")  # fmt: skip
+    print(f"\nuninterrupted run: {record['cpu_s']:.1f} CPU s ({record['wall_s']:.1f} s wall), of which start-up "
+          f"imports {record['import_cpu_s']:.1f} CPU s (instants drawn uniformly in [0, {record['cpu_s']:.1f}] CPU s)")  # fmt: skip
     print(f"{'fault':<14}{'tried':>7}{'survived':>10}{'lost':>6}{'hit':>6}{'tracebacks':>12}")
     for kind, s in summary.items():
         print(f"{kind:<14}{s['tried']:>7}{s['survived']:>10}{s['lost']:>6}{s['hit']:>6}{s['tracebacks']:>12}")
@@ -388,8 +419,8 @@ def main() -> None:
     study = args.out / "study.toml"
     study.write_text(STUDY.format(data=data.resolve()))
     record, reference = prepare_reference(args.out, study)
-    print(f"reference: {len(reference[0].splitlines()) - 1} rows in {record['wall_s']:.1f} s (forked: "
-          f"{record['forked_s']:.1f} s); outcomes.arrow {record['sizes']['outcomes.arrow']} B", flush=True)  # fmt: skip
+    print(f"reference: {len(reference[0].splitlines()) - 1} rows in {record['cpu_s']:.1f} CPU s, {record['wall_s']:.1f} s "
+          f"wall (forked: {record['forked_cpu_s']:.1f} CPU s); outcomes.arrow {record['sizes']['outcomes.arrow']} B", flush=True)  # fmt: skip
     plan = make_plan(args, record)
     log_path = args.out / "trials.jsonl"
     done = read_log(log_path, plan)
@@ -402,8 +433,7 @@ def main() -> None:
         if stopping.is_set():
             return None
         if not hasattr(local, "zygote"):
-            local.zygote = Zygote(args.out / "preload.txt")
-            zygotes.append(local.zygote)
+            local.zygote = Zygote(args.out / "preload.txt", zygotes)
         slot = re.sub(r"\W+", "-", p["id"])
         result = trial(p, args.out / "trials" / slot, study, reference, record, local.zygote, live)
         if stopping.is_set():
@@ -429,7 +459,7 @@ def main() -> None:
                 continue
             count += 1
             d = t["detail"]
-            print(f"{count}/{len(plan)} {t['id']} at {t['at']:.2f} s ({d['mode']}) limit {t['limit']} exit {d['exit']} "
+            print(f"{count}/{len(plan)} {t['id']} at {t['at']:.2f} CPU s ({d['mode']}) limit {t['limit']} exit {d['exit']} "
                   f"→ finish {d['finish_exit']}: {t['outcome'].upper() if t['outcome'] == 'lost' else t['outcome']}"
                   f"{' (traceback)' if d['traceback'] or d['finish_traceback'] else ''} {d['stderr']}", flush=True)  # fmt: skip
     except KeyboardInterrupt:
@@ -449,7 +479,7 @@ def main() -> None:
     summary = summarise(plan, done, record)
     if args.json:
         trials = [done[p["id"]] for p in plan if p["id"] in done]
-        args.json.write_text(json.dumps({"wall_s": record["wall_s"], "import_s": record["import_s"],
+        args.json.write_text(json.dumps({"cpu_s": record["cpu_s"], "import_cpu_s": record["import_cpu_s"],
                                          "summary": summary, "trials": trials}, indent=1))  # fmt: skip
     if stopping.is_set():
         os._exit(143)  # worker threads still waiting on killed runs are not joined
