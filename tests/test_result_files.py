@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import lesionbench
 from conftest import FINISHED, write_fashion
 from lesionbench.cli import main
 
@@ -354,11 +355,22 @@ def test_the_chance_that_forged_cells_pass_is_hypergeometric():
 
 
 def test_the_fault_benchmark_smoke(tmp_path):
-    """A few trials of perf/faults.py (the full run is in the docs): none lost."""
+    """A few trials of perf/faults.py (the full run is in the docs): none lost; run again with more
+    trials, it reuses the reference and the trial log and runs only the new trial."""
     script = Path(__file__).resolve().parents[1] / "perf" / "faults.py"
-    proc = subprocess.run([sys.executable, str(script), "--trials", "1", "--disk-trials", "0", "--signals", "SIGTERM",
-                           "--out", str(tmp_path / "f"), "--json", str(tmp_path / "f.json")],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+
+    def bench(trials: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), "--trials", str(trials), "--disk-trials", "0", "--signals",
+                               "SIGTERM", "--out", str(tmp_path / "f"), "--json", str(tmp_path / "f.json")],
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+
+    first = bench(1)
+    assert first.returncode == 0, first.stderr
+    second = bench(2)
+    assert second.returncode == 0, second.stderr
+    assert "reference reused" in second.stdout and "1 of 2 trials already in" in second.stdout, second.stdout
+    log = [json.loads(line) for line in (tmp_path / "f" / "trials.jsonl").read_text().splitlines()]
+    assert [t["id"] for t in log] == ["SIGTERM#0", "SIGTERM#1"]
+    assert all(t["lesionbench"] == lesionbench.__version__ and t["commit"] for t in log)
     summary = json.loads((tmp_path / "f.json").read_text())["summary"]
-    assert summary["SIGTERM"] == {"tried": 1, "survived": 1, "lost": 0, "tracebacks": 0}
+    assert summary["SIGTERM"] | {"hit": 0} == {"tried": 2, "survived": 2, "lost": 0, "hit": 0, "tracebacks": 0}

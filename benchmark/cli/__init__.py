@@ -230,20 +230,28 @@ def main(argv: list[str] | None = None) -> int:
     bad = [p for p in args.plugin_switches if not p.startswith("no:") or not p[3:]]
     if bad:
         parser.error(f"-p takes no:NAME (switch the plugin NAME off), got {bad[0]!r}")
+    from lesionbench.cli.interrupts import exit_promptly
+
     previous = signal.signal(signal.SIGTERM, _terminate)
     if not any(isinstance(h, _WarningsToConsole) for h in log.handlers):
         log.addHandler(_WarningsToConsole(logging.WARNING))
-    try:
-        get_registry(disable=disabled)  # the registry every command then uses (-p no:NAME left out)
-        return COMMANDS[args.command](args)
-    except LesionbenchError as exc:
-        err_console.print(f"lesionbench: error: {exc}", highlight=False, markup=False, soft_wrap=True)
-        return 2
-    except KeyboardInterrupt as exc:  # the cell in flight is dropped: rows are written whole or not at all
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+
+    def stopped(terminated: bool) -> str:  # the cell in flight is dropped: rows are written whole or not at all
         hint = _resume_hint(getattr(args, "run_dir", None), argv if argv is not None else sys.argv[1:])
-        err_console.print(f"lesionbench: {what}{hint}", highlight=False, markup=False, soft_wrap=True)
-        return 143 if isinstance(exc, Terminated) else 130
+        return f"lesionbench: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}"
+
+    try:  # a main thread stuck in native code is not waited for (see lesionbench.cli.interrupts)
+        with exit_promptly(lambda signum: stopped(signum == signal.SIGTERM)) as handled:
+            try:
+                get_registry(disable=disabled)  # the registry every command then uses (-p no:NAME left out)
+                return COMMANDS[args.command](args)
+            except LesionbenchError as exc:
+                err_console.print(f"lesionbench: error: {exc}", highlight=False, markup=False, soft_wrap=True)
+                return 2
+            except KeyboardInterrupt as exc:
+                handled.set()
+                err_console.print(stopped(isinstance(exc, Terminated)), highlight=False, markup=False, soft_wrap=True)
+                return 143 if isinstance(exc, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
 
