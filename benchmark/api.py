@@ -7,12 +7,14 @@
   it bit for bit on exit, for users with their own evaluation loop.
 * :func:`load_results` — result files or run directories → one DataFrame, for the score functions;
   :func:`load_outcomes` — the same with the per-image outcomes (intervals, per-class accuracy).
+
+:func:`run` and the readers are here; :func:`run_study` (what ``run`` and the command line share) is
+:mod:`lesionbench.api_runner`'s and :func:`lesioned` :mod:`lesionbench.api_lesioned`'s, both re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,108 +24,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lesionbench import __version__
+from lesionbench.api_lesioned import lesioned
+from lesionbench.api_runner import ProgressFactory, all_done, plugin_versions, run_study, subset_of
 from lesionbench.data import RawDataset
 from lesionbench.errors import LesionbenchError
-from lesionbench.executors import DEFAULT_EXECUTOR, Tick, create_executor
-from lesionbench.graph import ModelGraph, check_module
+from lesionbench.executors import DEFAULT_EXECUTOR
 from lesionbench.hookspecs import hookimpl
-from lesionbench.kinds import perturbation_kind
-from lesionbench.layers import select_layers
 from lesionbench.model_sources import LoadedModel, ModelSpec
-from lesionbench.perturbation import Perturbation, cell_seed, check_levels, generator_for, perturbed
-from lesionbench.plan import Plan, hookable, model_dtype
 from lesionbench.registry import Registry, create_registry, get_registry
-from lesionbench.schema import check_plan
-from lesionbench.store import MemoryStore, Outcomes, RunDir, Store, Subset, read_results, read_results_with_outcomes
+from lesionbench.store import Outcomes, read_results, read_results_with_outcomes
 from lesionbench.study import Study, load_study, parse_study, with_overrides
-
-ProgressFactory = Callable[[int], AbstractContextManager[Tick]]
-
-
-def plugin_versions(registry: Registry) -> dict[str, dict[str, str]]:
-    """Each loaded plugin's module, distribution and version: what a manifest records."""
-    out = {}
-    for name in registry.plugin_names():
-        info = registry.info(name)
-        out[name] = {"module": info.module, "distribution": info.distribution, "version": info.version}
-    return out
-
-
-def run_study(
-    study: Study,
-    registry: Registry,
-    out: Path | None = None,
-    resume: bool = False,
-    progress: ProgressFactory | None = None,
-    debug: bool = False,
-    executor: str = DEFAULT_EXECUTOR,
-    executor_options: Mapping[str, Any] | None = None,
-    on_plan: Callable[[Plan], None] | None = None,
-    redo: Sequence[str] = (),
-) -> Store:
-    """Prepare (every check), then create or reopen the store, then execute; returns the store.
-
-    ``out`` None keeps the rows in memory. ``resume`` finishes an earlier run in ``out`` (a
-    directory made by another study is refused before anything runs). ``executor``: a registered
-    executor's name (``lesionbench list executors``), ``executor_options`` the options it takes
-    (``executor="ray", executor_options={"address": "auto"}`` joins this node's Ray cluster). ``redo`` (with ``resume``)
-    names perturbations of the study whose cells are dropped and evaluated again
-    (:meth:`RunDir.forget`); a name not in the study raises LesionbenchError. A run directory's lock
-    is released at the end.
-    """
-    chosen = create_executor(executor, executor_options, registry)
-    plan = chosen.prepare(study, registry)
-    if on_plan is not None:
-        on_plan(plan)
-    store: Store
-    subset = subset_of(plan)
-    if out is None:
-        store = MemoryStore(subset=subset)
-    elif resume:
-        store = RunDir.open_existing(out, plan.fingerprint(), subset)  # a different study is refused before connecting
-        store.note(f"run resumed: lesionbench {__version__}, study {plan.study.name!r}")
-        try:
-            if redo:
-                unknown = [p for p in redo if p not in plan.perturbations]
-                if unknown:
-                    raise LesionbenchError(f"--redo {', '.join(unknown)}: not a perturbation of the study in "
-                                           f"{str(out)!r} (its perturbations: {', '.join(plan.perturbations)})")  # fmt: skip
-                store.forget(list(redo))
-            check_plan(store.frame(), plan, store.results_path)  # every row a cell of this study's plan
-        except BaseException:
-            store.close()
-            raise
-        if all_done(plan, store):
-            store.already_complete = True
-            store.close()
-            return store
-    else:
-        store = None  # created once the session is up: a cluster that cannot be reached leaves nothing behind
-    try:
-        with chosen.session(plan, registry) as execute:
-            if store is None:
-                store = RunDir.create(out, study.to_dict(), plan.fingerprint(), plugin_versions(registry), subset)
-            with (progress or (lambda _total: nullcontext(lambda _d: None)))(plan.total()) as tick:
-                execute(store, tick, debug)
-    finally:
-        if isinstance(store, RunDir):
-            store.close()
-    return store
-
-
-def subset_of(plan: Plan) -> Subset:
-    """The plan's evaluation subset as the store records it beside the per-image outcomes."""
-    return Subset(plan.study.dataset.name, plan.study.dataset.split, np.asarray(plan.indices, np.int64),
-                  np.asarray(plan.raw.labels[plan.indices], np.int64), plan.raw.tokens)  # fmt: skip
-
-
-def all_done(plan: Plan, store: Store) -> bool:
-    """Whether ``store`` holds every cell of ``plan``, adaptive draws included (a resumed run with nothing left to do)."""
-    done = store.completed()
-    return all(plan.key(m.loaded.name) in done and all(plan.settled(m, b, done) for b in plan.blocks(m))
-               for m in plan.models)  # fmt: skip
-
 
 # ------------------------------------------------------------------------------------ run()
 
@@ -318,64 +228,7 @@ class _Plugin:
         return self._datasets
 
 
-# ------------------------------------------------------------------------------------ lesioned()
-
-
-def _example_for(model: nn.Module) -> torch.Tensor | None:
-    """A one-image input, when the model says its input size (timm's cfg) or starts with a Linear."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    dtype = model_dtype(model)
-    if isinstance(cfg, Mapping) and cfg.get("input_size"):
-        return torch.zeros(1, *cfg["input_size"], dtype=dtype)
-    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
-    if isinstance(first, nn.Linear):
-        return torch.zeros(1, first.in_features, dtype=dtype)
-    return None
-
-
-@contextmanager
-def lesioned(
-    model: nn.Module,
-    layer: str,
-    perturbation: str | Perturbation,
-    level: float,
-    *,
-    seed: int = 0,
-    draw: int = 0,
-    model_name: str = "model",
-    example: torch.Tensor | None = None,
-    registry: Registry | None = None,
-) -> Iterator[nn.Module]:
-    """Damage one layer of ``model`` as a study's cell would, yield the model, restore it on exit.
-
-    The damage is the one a study with seed ``seed`` draws for model ``model_name``, layer
-    ``layer`` (module path or alias), level ``level`` and draw ``draw``: the same generator seed
-    and the same layer analysis (``example``, one input batch, finds the BatchNorms a unit feeds;
-    it may be omitted for timm models and models whose first layer is Linear). Every tensor is
-    put back bit for bit on exit, also after an exception.
-
-    Raises :class:`LesionbenchError` for an unknown layer or perturbation or a level out of range.
-    """
-    registry = registry or get_registry()
-    p = registry.get("perturbations", perturbation) if isinstance(perturbation, str) else perturbation
-    (level,) = check_levels(p, [level])
-    p.check_level(level)
-    if example is None:
-        example = _example_for(model)
-        if example is None:
-            raise LesionbenchError("pass example=<an input batch> so that the layer's place in the network can be found")
-    check_module(model, model_name)
-    device = next((t.device for t in model.parameters()), torch.device("cpu"))
-    graph = ModelGraph.of(model, example[:1].to(device=device, dtype=model_dtype(model)))
-    if layer in graph.left_out:
-        raise LesionbenchError(f"layer {layer!r} cannot be perturbed: {graph.left_out[layer]}")
-    (target,) = select_layers(graph.layers, [layer])
-    if perturbation_kind(p.kind).hooked:
-        hookable([target], p.name, model_name, True, [])
-    p.check_layer(target)
-    seed_value = cell_seed(seed, model_name, target.name, p.name, level, draw)
-    with perturbed(target, p, level, generator_for(seed_value)):
-        yield model
+# ------------------------------------------------------------------------------------ load_results()
 
 
 def _paths(paths: tuple) -> list:
@@ -406,4 +259,6 @@ def load_outcomes(*paths: str | Path | Sequence[str | Path]) -> tuple[pd.DataFra
     return read_results_with_outcomes(_paths(paths), allow_empty=False)
 
 
-__all__ = ["lesioned", "load_outcomes", "load_results", "run", "run_study"]
+# run_study and its helpers are lesionbench.api_runner's, lesioned is lesionbench.api_lesioned's: imported from here as before
+__all__ = ["ProgressFactory", "all_done", "lesioned", "load_outcomes", "load_results", "plugin_versions", "run", "run_study",
+           "subset_of"]  # fmt: skip

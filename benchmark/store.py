@@ -14,6 +14,11 @@ evaluation subset, by position in the subset; -1 for an image the model could no
 dataset and its label. A cell's batch is written and fsynced *before* its row, so every row
 written has its outcomes; on resume a torn batch is cut off, and a batch whose row never came
 (the cell in flight at a crash) is ignored when reading and written again when the cell is.
+
+Here: :class:`RunDir`, the run directory's lifecycle (create, reopen, lock, append, read back). Its files
+rewritten in place on resume and redo are :mod:`lesionbench.run_rewrite`; the rows kept in memory,
+:class:`~lesionbench.memory_store.MemoryStore`, and the :class:`~lesionbench.memory_store.Store` protocol
+are re-exported from :mod:`lesionbench.memory_store`, the readers from :mod:`lesionbench.results_io`.
 """
 
 from __future__ import annotations
@@ -28,114 +33,21 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
 import pandas as pd
 import torch
 from filelock import FileLock
 
 import lesionbench
-from lesionbench import runlock
+from lesionbench import run_rewrite, runlock
 from lesionbench.errors import LesionbenchError
 from lesionbench.columns import (CLEAN, COLUMNS, KEY_COLUMNS, LOCK, MANIFEST, NONFINITE, NUMERIC, OPTIONAL, OUTCOME,
                                  OUTCOMES, RESULTS, CellKey, Subset, cell_key)  # fmt: skip
+from lesionbench.memory_store import MemoryStore, Store
 from lesionbench.outcomes import (Outcomes, _outcome_schema, _OutcomeWriter, _valid_stream_bytes,
                                   read_outcome_file)  # fmt: skip
-from lesionbench.schema import BINDING, BN_SUFFIX, RESULTS_SCHEMA, read_manifest, row_checksum, schema_version
+from lesionbench.schema import BINDING, RESULTS_SCHEMA, read_manifest, row_checksum, schema_version
 from lesionbench.results_io import _cell, _num, _write_atomic, read_results, read_results_with_outcomes
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` whole and durably (a sibling written and fsynced, then renamed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _without_batches(path: Path, perturbations: set[str]) -> bytes:
-    """The Arrow IPC stream in ``path`` (whole messages only) without the record batches whose cell
-    is of one of ``perturbations``; every other message is kept byte for byte."""
-    import pyarrow as pa
-
-    with open(path, "rb") as f:
-        data = f.read(_valid_stream_bytes(path))
-    src, kept, schema, start = pa.BufferReader(pa.py_buffer(data)), [], None, 0
-    while start < len(data):
-        message = pa.ipc.read_message(src)
-        end = src.tell()
-        if schema is None:
-            schema = pa.ipc.read_schema(message)
-        else:
-            batch = pa.ipc.read_record_batch(message, schema)
-            if batch.num_rows and batch.column("perturbation")[0].as_py() in perturbations:
-                start = end
-                continue
-        kept.append(data[start:end])
-        start = end
-    return b"".join(kept)
-
-
-class Store(Protocol):
-    """Where an executor puts rows: a run directory on disk, or a table in memory (the Python API).
-
-    A row may carry its cell's per-image outcomes under the key :data:`OUTCOME`."""
-
-    def append(self, row: dict) -> None: ...
-
-    def completed(self) -> dict[CellKey, tuple[float, float]]: ...
-
-    def note(self, text: str) -> None: ...
-
-    def frame(self) -> pd.DataFrame: ...
-
-
-@dataclass
-class MemoryStore:
-    """Rows (and their per-image outcomes) kept in memory: ``lesionbench.run(study)`` with no output directory."""
-
-    rows: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    subset: Subset | None = None
-    _outcomes: list = field(default_factory=list, repr=False)  # per row: (top1, top5) or None
-
-    def append(self, row: dict) -> None:
-        self.rows.append({c: row.get(c) for c in COLUMNS})
-        self._outcomes.append(row.get(OUTCOME))
-
-    def completed(self) -> dict[CellKey, tuple[float, float]]:
-        """Each cell written so far, with its (top1, top5)."""
-        return {cell_key(r["model"], r["layer"], r["perturbation"], r["level"], r["draw"]): (_num(r["top1"]), _num(r["top5"]))
-                for r in self.rows}  # fmt: skip
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
-
-    def frame(self) -> pd.DataFrame:
-        df = pd.DataFrame(self.rows, columns=COLUMNS)
-        df["error"] = df["error"].fillna("")
-        # floats as read_results gives them; seeds stay 64-bit integers (a float64 cannot hold them)
-        return df.astype({c: float for c in NUMERIC if c != "seed"} | {"seed": "int64"})
-
-    def outcomes(self) -> tuple[pd.DataFrame, Outcomes]:
-        """The results table with an ``outcome`` column, and the outcomes it points into (see
-        :func:`read_results_with_outcomes`)."""
-        df = self.frame()
-        keep = [i for i, o in enumerate(self._outcomes) if o is not None]
-        if self.subset is None or not keep:
-            df["outcome"] = -1
-            return df, Outcomes.empty()
-        keys = df.loc[keep, ["model", "dataset"] + KEY_COLUMNS[1:]].reset_index(drop=True)
-        top1 = np.stack([self._outcomes[i][0] for i in keep]).astype(np.int32)
-        top5 = np.stack([self._outcomes[i][1] for i in keep]).astype(np.int32 if self.subset.tokens else bool)
-        position = np.full(len(df), -1, np.int64)
-        position[keep] = np.arange(len(keep))
-        df["outcome"] = position
-        return df, Outcomes.from_runs([(keys, top1, top5, self.subset)])
-
 
 
 @dataclass
@@ -246,7 +158,7 @@ class RunDir:
         """An earlier run to resume, locked; refuses one made by a different study, and rows that
         break the results schema. With ``subset``, outcomes of the cells still to run are kept (in a
         new outcomes file for a run made before them); rows whose outcomes are unreadable are
-        dropped (see :meth:`_repair_outcomes`), so the resumed run evaluates those cells again."""
+        dropped (see :func:`lesionbench.run_rewrite.repair_outcomes`), so the resumed run evaluates those cells again."""
         run = cls(Path(path), subset=subset)
         if not run.manifest_path.is_file() or not run.results_path.is_file():
             raise LesionbenchError(f"{str(run.path)!r} is not a lesionbench run directory (no {MANIFEST})")
@@ -264,10 +176,10 @@ class RunDir:
             )
         run._acquire()
         try:
-            run._repair_tail()
+            run_rewrite.repair_tail(run)
             run.frame()  # the rows must be this run's, whole and well-formed, before any is trusted
             if subset is not None and run.outcomes_path.is_file():
-                run._repair_outcomes(schema_version(manifest) if manifest.get("outcomes") else 1)
+                run_rewrite.repair_outcomes(run, schema_version(manifest) if manifest.get("outcomes") else 1)
         except BaseException:
             run.close()
             raise
@@ -289,77 +201,13 @@ class RunDir:
             raise LesionbenchError(f"{str(self.manifest_path)!r} is unreadable or damaged (no fingerprint)")
         return manifest
 
-    def _repair_tail(self) -> None:
-        """Cut a torn last line left by a crash mid-write, and a torn last outcome batch."""
-        with open(self.results_path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-        if self.outcomes_path.is_file():
-            good = _valid_stream_bytes(self.outcomes_path)
-            if good < self.outcomes_path.stat().st_size:
-                with open(self.outcomes_path, "rb+") as f:
-                    f.truncate(good)
-                    f.flush()
-                    os.fsync(f.fileno())
-
-    def _repair_outcomes(self, version: int) -> None:
-        """Rows whose per-image outcomes cannot be read (a damaged ``outcomes.arrow``: a batch cut or
-        corrupted in the middle, an unreadable schema) are dropped from ``results.csv`` — rewritten
-        atomically, the damaged file kept as ``outcomes.arrow.damaged`` — so ``--resume``
-        evaluates those cells again (same seeds: the same numbers). Rows of a failed cell, and of
-        schema-1 runs (some made before outcomes were kept) need none."""
-        try:
-            found = read_outcome_file(self.outcomes_path)
-        except LesionbenchError:
-            found = None
-        df = self.frame()
-        have = set() if found is None else {cell_key(*k) for k in found[0][KEY_COLUMNS].itertuples(index=False)}
-        lost = [i for i, (k, error) in enumerate(zip(df[KEY_COLUMNS].itertuples(index=False), df["error"]))
-                if version >= 2 and error == "" and cell_key(*k) not in have]  # fmt: skip
-        if found is None:
-            os.replace(self.outcomes_path, self.outcomes_path.with_name(OUTCOMES + ".damaged"))
-        if not lost:
-            return
-        self.note(f"{len(lost)} rows had unreadable per-image outcomes; their cells are evaluated again")
-        self._drop_rows(lost)
-
-    def _drop_rows(self, rows: list[int]) -> None:
-        """Rewrite ``results.csv`` atomically without the data rows ``rows`` (0-based, as :meth:`frame` numbers them)."""
-        with open(self.results_path, encoding="utf-8") as f:
-            lines = f.readlines()
-        drop = {i + 1 for i in rows}  # line 0 is the header
-        _write_atomic(self.results_path, "".join(line for i, line in enumerate(lines) if i not in drop))
 
     def forget(self, perturbations: list[str]) -> int:
-        """Drop every cell of ``perturbations`` — its row and its per-image outcome batch — so that
-        ``--resume`` evaluates those cells again with this lesionbench (``run --resume DIR --redo``,
-        after a perturbation's definition changed). A name also covers its BatchNorm-recalibrated
-        rows (``weight_noise`` → ``weight_noise+bn_recalibrate``). Every other row, and the bytes
-        of every other outcome batch, stay as they are; the manifest's ``recomputed`` list records
-        what was dropped, when, and by which lesionbench and torch.
-
-        Each file is replaced atomically, rows first: a kill in between leaves outcome batches
-        without rows, which readers ignore and ``--resume`` overwrites. Returns the number of rows
-        dropped; raises LesionbenchError when none is of ``perturbations``."""
-        df = self.frame()
-        mine = df["perturbation"].str.removesuffix(BN_SUFFIX).isin(perturbations).to_numpy()
-        if not mine.any():
-            found = sorted(set(df["perturbation"]) - {CLEAN})
-            raise LesionbenchError(f"{str(self.path)!r} has no rows of {', '.join(perturbations)} to redo "
-                                   f"(its perturbations: {', '.join(found) or 'none'})")  # fmt: skip
-        cells = int(mine.sum())
-        self.note(f"redo {', '.join(perturbations)}: {cells} cells dropped, evaluated again by lesionbench "
-                  f"{lesionbench.__version__}, torch {torch.__version__}")  # fmt: skip
-        self._drop_rows(list(np.flatnonzero(mine)))
-        if self.outcomes_path.is_file():
-            _write_bytes_atomic(self.outcomes_path, _without_batches(self.outcomes_path, set(df["perturbation"][mine])))
-        manifest = self.manifest()
-        manifest.setdefault("recomputed", []).append({
-            "perturbations": list(perturbations), "cells": cells, "lesionbench": lesionbench.__version__,
-            "torch": torch.__version__, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
-        _write_bytes_atomic(self.manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
-        return cells
+        """Drop every cell of ``perturbations`` (rows and outcome batches; a name also covers its
+        BatchNorm-recalibrated rows) so that ``--resume`` evaluates them again, and record it in the
+        manifest: ``run --resume DIR --redo``. Returns the number of rows dropped; raises
+        LesionbenchError when none is of ``perturbations``. See :func:`lesionbench.run_rewrite.forget`."""
+        return run_rewrite.forget(self, perturbations)
 
     def columns(self) -> list[str]:
         """The header of this run's results file: rows appended on resume keep its layout."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -212,7 +213,8 @@ def _check_perturbation(perturbation: Any, model: TinyModel, seeds: Sequence[int
                 raise _fail("perturbation", name, f"its identity level changes the output of layer {layer.name!r}")
         own = {id(t) for m in layer.modules() for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
         before = {k: t.detach().clone() for k, t in model.module.state_dict(keep_vars=True).items() if id(t) not in own}
-        outside = (lambda: _unchanged_outside(model.module, before, own, name, layer.name)) if not kind.hooked else None
+        # bound now (partial), not looked up when called: the loop's names move on
+        outside = partial(_unchanged_outside, model.module, before, own, name, layer.name) if not kind.hooked else None
         first = cell(layer, worst, seeds[0], outside)
         if first.shape != clean.shape or first.dtype != clean.dtype:
             raise _fail("perturbation", name, f"layer {layer.name!r}: the output is {first.dtype} {tuple(first.shape)}, "

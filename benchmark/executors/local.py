@@ -38,7 +38,7 @@ def evaluate_here(plan: Plan, jobs: Sequence[Job], debug: bool, note: Callable[[
         with _blamed_on(prepared, name, note):  # the model's own code failed in its clean pass
             runner = ModelRunner(plan, prepared, *eval_sets(plan, cache, prepared), debug=debug, note=note)
 
-        def guarded(rows):  # the runner's work, however the driver pulls it
+        def guarded(rows, prepared=prepared, name=name):  # the runner's work, however (and whenever) the driver pulls it
             with _blamed_on(prepared, name, note):
                 yield from rows
 
