@@ -19,9 +19,11 @@ from lesionbench.plan import Cell, Plan
 def cell_row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: EvalResult | None,
              error: str = "", nonfinite: int | None = None, nonfinite_out: int | None = None) -> dict:  # fmt: skip
     """The result row of ``cell`` of ``model`` (the clean row when ``cell`` is None): the columns of
-    :data:`lesionbench.columns.COLUMNS` but the per-image ones (:meth:`ModelRunner.with_outcomes`
-    adds those); ``seed`` None is the study's. ``result`` None (a failed cell) leaves the measured
-    columns out; ``nonfinite`` counts NaN/Inf weights, ``nonfinite_out`` NaN/Inf layer outputs."""
+    :data:`lesionbench.columns.COLUMNS` but ``flip_rate`` and the per-image outcomes (added by
+    :meth:`lesionbench.cells.ModelRunner.with_outcomes`) and the clean row's ``chance_top1``/``chance_top5``
+    (:func:`unigram_chance`); ``seed`` None is the study's. ``result``
+    None (a failed cell) leaves the measured columns out; ``nonfinite`` counts NaN/Inf weights,
+    ``nonfinite_out`` NaN/Inf layer outputs."""
     row = {
         "model": model,
         "dataset": plan.study.dataset.name,
