@@ -4,6 +4,10 @@
 into rows: each cell perturbs one layer in place, (re-estimates BatchNorm statistics,) evaluates
 and restores. With the fast engine a block's draws can be captured as damaged copies and
 evaluated together in one batched pass. Executors (local, Ray) call it; it knows nothing of them.
+
+What a row holds is in :mod:`lesionbench.rows`, the BatchNorm re-estimation in
+:mod:`lesionbench.recalibration` (``recalibrate``, ``chance_warning`` and ``unigram_chance`` stay
+importable from here).
 """
 
 from __future__ import annotations
@@ -16,73 +20,20 @@ from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
-from torch import nn
 
 from lesionbench.data import EvalSet, EvalSetCache
 from lesionbench.engine import create_engine
 from lesionbench.errors import LesionbenchError
 from lesionbench.evaluate import EvalResult, merge_results, resolve_device
-from lesionbench.kinds import LINEAR
-from lesionbench.layers import Layer, is_layer
+from lesionbench.layers import Layer
 from lesionbench.perturbation import Snapshot, generator_for, model_checksum, nonfinite_count, nonfinite_outputs, perturbed
 from lesionbench.plan import Block, Cell, Plan, PreparedModel
+from lesionbench.recalibration import norms_reached, recalibrate
+from lesionbench.rows import cell_row, chance_warning, unigram_chance
 from lesionbench.state import frozen_observers
-from lesionbench.store import CLEAN, NONFINITE, OUTCOME
+from lesionbench.store import NONFINITE, OUTCOME
 
 log = logging.getLogger("lesionbench")
-
-
-def _row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: EvalResult | None,
-         error: str = "", nonfinite: int | None = None, nonfinite_out: int | None = None) -> dict:  # fmt: skip
-    row = {
-        "model": model,
-        "dataset": plan.study.dataset.name,
-        "layer": cell.layer.display if cell else "",
-        "layer_index": cell.layer.index if cell else -1,
-        "relative_depth": cell.layer.relative_depth if cell else float("nan"),
-        "perturbation": plan.row_name(cell.perturbation) if cell else CLEAN,
-        "level": float(cell.level) if cell else 0.0,
-        "draw": cell.draw if cell else 0,
-        "seed": seed if seed is not None else plan.study.seed,
-        "num_classes": plan.raw.num_classes,
-        "error": error,
-        "nonfinite_weights": nonfinite if nonfinite is not None else (0 if cell else None),
-        "nonfinite_outputs": nonfinite_out,  # hook perturbations only: NaN/Inf values the damaged layer emitted
-        "level_axis": cell.perturbation.axis.kind.name if cell else LINEAR.name,
-        "level_unit": cell.perturbation.axis.label if cell else "",
-    }
-    if result is not None:
-        row.update(
-            top1=result.top1, top5=result.top5, loss=result.loss, n_images=result.n_images,
-            seconds=result.seconds, images_per_s=result.images_per_s, device=result.device,
-        )  # fmt: skip
-    return row
-
-
-def chance_warning(name: str, clean: EvalResult, num_classes: int, metric: str) -> str:
-    """A one-line warning when a model's clean accuracy is not beyond chance, else "".
-
-    Beyond chance is :func:`lesionbench.scores.beyond_chance` (a one-sided exact binomial test at
-    level 0.05 against k/classes for top-k over the evaluated images): such a model is not scored.
-    """
-    from lesionbench.scores import NOT_SCORED, beyond_chance, chance_level
-
-    chance = chance_level(metric, num_classes)
-    accuracy, n = float(getattr(clean, metric)), max(1, clean.n_images)
-    if chance >= 1.0 or beyond_chance(accuracy, n, chance):
-        return ""
-    return (f"{name}: clean {metric} accuracy {accuracy:.3f} on {clean.n_images} images is at chance ({chance:g}); "
-            f"were its weights loaded? It is {NOT_SCORED}.")  # fmt: skip
-
-
-def unigram_chance(targets: torch.Tensor) -> dict[str, float]:
-    """Chance for next-token prediction: the top-1 and top-5 accuracy on ``targets`` (int64 [windows,
-    T]) of the unigram-frequency predictor, which always names the 1 (5) most frequent tokens of these
-    targets — the best prediction that ignores the context, as k/classes is for balanced classes.
-    Returned as the clean row's ``chance_top1`` / ``chance_top5`` (fractions)."""
-    counts = torch.bincount(targets.reshape(-1)).sort(descending=True).values.double()
-    total = float(counts.sum())
-    return {f"chance_top{k}": float(counts[:k].sum()) / total for k in (1, 5)}
 
 
 class ModelRunner:
@@ -119,14 +70,7 @@ class ModelRunner:
         self.engine = create_engine(study.engine, prepared.graph, images, labels, study.batch_size,
                                     self.device, study.autocast)  # fmt: skip
         self.clean = self.engine.full()
-        if self.chance:  # text: no better than the unigram predictor (a model built without its weights…)
-            given = self.chance[f"chance_{study.metric}"]
-            warning = "" if getattr(self.clean, study.metric) > given else (
-                f"{self.name}: clean next-token {study.metric} accuracy {getattr(self.clean, study.metric):.3f} is no "
-                f"better than the unigram predictor's ({given:.3f}); were its weights loaded? Its layer scores will "
-                "mean nothing.")  # fmt: skip
-        else:
-            warning = chance_warning(self.name, self.clean, plan.raw.num_classes, study.metric)
+        warning = chance_warning(self.name, self.clean, plan.raw.num_classes, study.metric, self.chance)
         if warning:  # e.g. a model built without its weights: every score of the study would be 0
             log.warning(warning)
             note(warning)
@@ -156,7 +100,7 @@ class ModelRunner:
         return row
 
     def clean_row(self) -> dict:
-        row = _row(self.plan, self.name, None, None, self.clean) | self.chance
+        row = cell_row(self.plan, self.name, None, None, self.clean) | self.chance
         return self.with_outcomes(row, self.clean)
 
     def block_rows(self, block: Block, done=frozenset()) -> Iterator[tuple[dict | None, str]]:
@@ -176,7 +120,7 @@ class ModelRunner:
                 yield None, plan.label(self.name, c)
             return
         layer = cells[0].layer
-        saved = Snapshot(layer, self._norms_reached(layer) if self.calibration is not None else ())
+        saved = Snapshot(layer, norms_reached(self.prepared.graph, layer) if self.calibration is not None else ())
         column = "top1" if plan.study.metric == "top1" else "top5"
         shards = self.engine.shards(layer)
         todo, made, values = cells, [], {}
@@ -304,7 +248,7 @@ class ModelRunner:
             return
         for (cell, seed, _copies, nonfinite), result in zip(batch, results):
             error = NONFINITE if not math.isfinite(result.loss) else ""
-            row = _row(self.plan, self.name, cell, seed, result, error, nonfinite)
+            row = cell_row(self.plan, self.name, cell, seed, result, error, nonfinite)
             yield self.with_outcomes(row, result), self.plan.label(self.name, cell)
 
     def _check_restored(self, label: str) -> None:
@@ -329,7 +273,7 @@ class ModelRunner:
         plan = self.plan
         seed = self._seed(cell)
         if cell.is_identity:  # the clean pass's numbers, reused: no evaluation, so no time of its own
-            row = _row(plan, self.name, cell, seed, self.clean) | {"seconds": 0.0, "images_per_s": float("nan")}
+            row = cell_row(plan, self.name, cell, seed, self.clean) | {"seconds": 0.0, "images_per_s": float("nan")}
             return self.with_outcomes(row, self.clean)
         norms = saved.also  # the BatchNorms to re-estimate (bn_recalibrate), found once per block
         error, result, nonfinite, outputs = "", None, None, None
@@ -348,44 +292,13 @@ class ModelRunner:
             self.note(f"{plan.label(self.name, cell)} failed:\n{''.join(traceback.format_exception(exc)).rstrip()}")
         if result is not None and not math.isfinite(result.loss):
             error = error or NONFINITE
-        row = _row(plan, self.name, cell, seed, result, error, nonfinite, outputs[0] if outputs and result else None)
+        row = cell_row(plan, self.name, cell, seed, result, error, nonfinite, outputs[0] if outputs and result else None)
         return self.with_outcomes(row, result)
-
-    def _norms_reached(self, layer: Layer) -> list[nn.Module]:
-        """The BatchNorms whose input the damage reaches, on any branch (a stage: through any of its layers)."""
-        graph = self.prepared.graph
-        if is_layer(layer.module):
-            return graph.norms_reached(layer)
-        inside = {id(m) for m in layer.module.modules()}
-        found: list[nn.Module] = []
-        for inner in graph.layers:
-            if id(inner.module) in inside:
-                found.extend(n for n in graph.norms_reached(inner) if n not in found)
-        return found
 
     def close(self) -> None:
         self.engine.close()
         self._frozen.close()
         self.prepared.loaded.module.to("cpu")
-
-
-def recalibrate(module: nn.Module, norms: list[nn.Module], images: torch.Tensor, batch_size: int,
-                device: torch.device) -> None:  # fmt: skip
-    """Re-estimate the running statistics of ``norms`` on ``images`` (a cumulative average), the
-    rest of the network staying in eval mode; the caller restores the old statistics."""
-    saved = [(m, m.momentum) for m in norms]
-    try:
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        with torch.no_grad():
-            for b in range(0, len(images), batch_size):
-                module(images[b : b + batch_size].to(device, non_blocking=True))
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-            m.eval()
 
 
 def eval_sets(plan: Plan, cache: EvalSetCache, prepared: PreparedModel) -> tuple[EvalSet, EvalSet | None]:

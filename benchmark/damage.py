@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lesionbench.perturbation import count_for, random_subset_mask, zero_entries
+from lesionbench.draws import count_for, random_subset_mask, zero_entries
 
 if TYPE_CHECKING:
     from lesionbench.layers import Layer

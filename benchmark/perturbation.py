@@ -3,26 +3,39 @@
 A perturbation changes one layer's tensors in place; :func:`perturbed` snapshots only the tensors
 of the modules it may touch (the layer and the BatchNorm it feeds), so a study never deep-copies
 a model, and puts them back bit for bit however the block exits.
+
+The damage primitives (counts, random masks, zeroing by mask) are in :mod:`lesionbench.draws`, the
+hooks that reach a layer applied without calling its module in :mod:`lesionbench.hook_routing`; both
+stay importable from here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+# The damage primitives and the hook routing live in their own modules; their names stay importable
+# from here, where plugins have always imported them (to change PERMUTE_BELOW or ZERO_CHUNK, set
+# them on lesionbench.draws).
+from lesionbench.draws import PERMUTE_BELOW as PERMUTE_BELOW
+from lesionbench.draws import ZERO_CHUNK as ZERO_CHUNK
+from lesionbench.draws import binomial_count as binomial_count
+from lesionbench.draws import count_for as count_for
+from lesionbench.draws import distinct_positions as distinct_positions
+from lesionbench.draws import positions_mask as positions_mask
+from lesionbench.draws import random_subset_mask as random_subset_mask
+from lesionbench.draws import zero_entries as zero_entries
 from lesionbench.errors import LesionbenchError
+from lesionbench.hook_routing import HOOKED_OPS, HooksAtFunctionalUse, OutProjectionCalled, attention_out_projections
+from lesionbench.hook_routing import ROUTED_OPS as ROUTED_OPS
 from lesionbench.kinds import (
     DESCENDING, HOOKS, LINEAR, LOG, WEIGHTS, AxisScale, PerturbationKind, axis_scale, perturbation_kind,
 )
@@ -178,114 +191,6 @@ def generator_for(seed: int) -> torch.Generator:
     return g
 
 
-def count_for(fraction: float, size: int) -> int:
-    """floor(fraction·size), immune to float round-off such as 0.7·10 = 7.000000000000001."""
-    return int(math.floor(round(fraction * size, 9)))
-
-
-def positions_mask(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A boolean mask shaped like ``tensor`` (on its device), True at the given flat positions.
-
-    Positions count in the tensor's logical (row-major) order, so the same draw hits the same
-    entries whatever the memory layout (e.g. channels_last).
-    """
-    mask = torch.zeros(tensor.numel(), dtype=torch.bool)
-    mask[positions] = True
-    return mask.view(tensor.shape).to(tensor.device)
-
-
-PERMUTE_BELOW = 1 << 21  # entries (2.1M: above every committed result's tensors); see random_subset_mask
-
-
-def random_subset_mask(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """A flat boolean mask with exactly ``k`` of ``n`` entries True, every k-subset equally likely.
-
-    Below 2M entries: the first k of a random permutation. Above, a permutation costs seconds (1.5 s
-    for the 37.7M weights of AlexNet's fc6), so instead one coin per entry with probability about
-    k/n (8 random bits each, 7 coins per 64-bit draw: a fifth of the generator calls of
-    ``torch.rand``), then the surplus or shortfall removed or added at random positions. The result
-    does not change in distribution when positions are permuted and always has k entries, so it is
-    uniform over k-subsets, as the permutation is.
-    """
-    if k <= 0 or k >= n:
-        return torch.full((n,), k > 0, dtype=torch.bool)
-    if n < PERMUTE_BELOW:
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[torch.randperm(n, generator=generator)[:k]] = True
-        return mask
-    threshold = round(256 * k / n)
-    if threshold in (0, 256):  # every coin would land the same way: all the work is in the fix below
-        mask = torch.full((n,), threshold == 256, dtype=torch.bool)
-    else:
-        words = torch.empty((n + 6) // 7, dtype=torch.int64).random_(generator=generator)  # 63 random bits each
-        low = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the seven full bytes
-        # compared where they lie: the result is a fresh [words, 7] tensor, so no copy of the coins
-        mask = torch.lt(words.view(torch.uint8).view(-1, 8)[:, low], threshold).reshape(-1)[:n]
-    have = int(torch.count_nonzero(mask))
-    if have != k:
-        wrong = have > k  # the value of the entries to flip
-        need, pool = abs(have - k), have if wrong else n - have
-        picked = torch.empty(0, dtype=torch.int64)
-        while len(picked) < need:  # distinct positions holding the wrong value, by rejection
-            draws = torch.randint(0, n, (int(1.25 * (need - len(picked)) * n / pool) + 64,), generator=generator)
-            picked = torch.cat([picked, draws[mask[draws] == wrong]]).unique()
-        mask[picked[torch.randperm(len(picked), generator=generator)[:need]]] = not wrong
-    return mask
-
-
-# masked_fill_ by bits: the integer type of each width (a dtype missing here is filled by masked_fill_)
-_BITS = {1: (torch.int8, np.int8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32), 8: (torch.int64, np.int64)}
-_BY_BITS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
-ZERO_CHUNK = 1 << 20  # entries per chunk: a 4 MB word mask at float32, which stays in cache
-
-
-def zero_entries(tensor: torch.Tensor, mask: torch.Tensor) -> None:
-    """``tensor.masked_fill_(mask, 0)``, bit for bit; on the CPU without a branch per entry.
-
-    ``mask`` is a CPU bool tensor shaped like ``tensor`` (logical order, whatever the layout).
-    ``masked_fill_`` on the CPU branches on every entry, and a random mask mispredicts half of those
-    branches: 0.19 s for the 37.7M weights of AlexNet's fc6. Here the tensor's bits are ANDed with a
-    word per entry that is all ones (kept) or all zeros (zeroed), built from the mask a chunk of
-    rows at a time: four times faster. All-zero bits are +0.0 in every IEEE and bfloat16 format and
-    0 in every integer type, exactly what ``masked_fill_(mask, 0)`` writes (a zeroed -0.0, NaN or
-    Inf becomes +0.0; a kept one is untouched). On other devices and dtypes: ``masked_fill_``.
-    """
-    if tensor.device.type != "cpu" or tensor.dtype not in _BY_BITS or tensor.dim() == 0:
-        tensor.masked_fill_(mask.to(tensor.device), 0)
-        return
-    bits, np_bits = _BITS[tensor.element_size()]
-    flags = mask.numpy().view(np.uint8)  # 1: zero it
-    rows = max(1, ZERO_CHUNK // max(1, tensor[0].numel()))
-    for start in range(0, tensor.shape[0], rows):
-        keep = np.subtract(flags[start : start + rows], 1, dtype=np_bits)  # 1 → 0 (zero), 0 → -1 (all ones)
-        tensor[start : start + rows].view(bits).bitwise_and_(torch.from_numpy(keep))
-
-
-def binomial_count(trials: int, p: float, generator: torch.Generator) -> int:
-    """A draw from Binomial(trials, p), exactly, seeded from ``generator``.
-
-    ``torch.binomial`` works in float32: for the 1.2e9 bits of AlexNet's fc6 its variance is
-    1.2–1.8× the binomial's and its mean is biased at p = 1e-7. NumPy's generator samples the
-    binomial exactly (BTPE / inversion, 64-bit counts); its seed is drawn from ``generator``, so
-    the count is as reproducible as any other draw of a cell.
-    """
-    if trials <= 0 or p <= 0:
-        return 0
-    if p >= 1:
-        return int(trials)
-    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
-    return int(np.random.default_rng(seed).binomial(int(trials), float(p)))
-
-
-def distinct_positions(total: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` distinct positions in range(total), uniformly, for count ≪ total (no permutation)."""
-    chosen = torch.empty(0, dtype=torch.int64)
-    while len(chosen) < count:
-        more = torch.randint(0, total, (count - len(chosen),), generator=generator)
-        chosen = torch.cat([chosen, more]).unique(sorted=False)
-    return chosen[:count]
-
-
 class Snapshot:
     """Clean copies of the tensors a perturbation of ``layer`` may change (and of ``also``).
 
@@ -339,76 +244,6 @@ def perturbed(
         for handle in handles:
             handle.remove()
         saved.restore()
-
-
-# Ops whose output has the layout of the module's own output (units on the last axis for linear, on
-# axis 1 for a conv): a forward hook means the same thing when run on them.
-HOOKED_OPS = {"linear", "conv1d", "conv2d", "conv3d"}
-# Ops that apply a layer's weight inside a larger computation, where the harness calls the layer's
-# module on that op's input instead (:class:`OutProjectionCalled`): hooks and pre-hooks then run.
-ROUTED_OPS = {"multi_head_attention_forward"}
-_MHA_SIGNATURE = inspect.signature(nn.functional.multi_head_attention_forward)
-
-
-def attention_out_projections(layer: Layer) -> list[nn.Module]:
-    """The ``out_proj`` of every ``nn.MultiheadAttention`` in the layer (an attention module whose
-    heads are knocked out, a block) and the layer's own module when ``multi_head_attention_forward``
-    applies it: the modules :class:`OutProjectionCalled` must call for their hooks to run."""
-    found = [m.out_proj for m in layer.module.modules() if isinstance(m, nn.MultiheadAttention)]
-    return found + ([layer.module] if layer.applied_by in ROUTED_OPS and layer.module not in found else [])
-
-
-class OutProjectionCalled(TorchFunctionMode):
-    """Apply the output projection of ``F.multi_head_attention_forward`` (how ``nn.MultiheadAttention``
-    computes; it reads ``out_proj.weight`` and ``out_proj.bias`` as tensors and never calls
-    ``out_proj``) through the projection module's own call, for the modules ``out_projections``.
-
-    The attention is computed with an identity output projection (no bias), which gives the
-    concatenated head outputs [L, N, E] exactly (x·I = x), and ``out_proj`` is then called on them
-    batch first ([N, L, E], as a ``batch_first`` layer would see them; an unbatched [L, E] as one
-    item): its forward pre-hooks (head knockout) and forward hooks (activation perturbations) run
-    on the projection's real input and output, per image. The attention weights are returned
-    unchanged. Same function as PyTorch's up to the rounding of one matrix product."""
-
-    def __init__(self, out_projections: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.out = {id(m.weight): m for m in out_projections}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") not in ROUTED_OPS:
-            return func(*args, **kwargs)
-        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
-        weight = bound.arguments.get("out_proj_weight")
-        module = self.out.get(id(weight))
-        if module is None:
-            return func(*args, **kwargs)
-        bound.arguments["out_proj_weight"] = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
-        bound.arguments["out_proj_bias"] = None
-        heads, attention = func(*bound.args, **bound.kwargs)
-        batched = heads.dim() == 3
-        out = module(heads.transpose(0, 1) if batched else heads.unsqueeze(0))
-        return (out.transpose(0, 1) if batched else out.squeeze(0)), attention
-
-
-class HooksAtFunctionalUse(TorchFunctionMode):
-    """Run ``module``'s forward hooks on the output of every ``linear``/``convNd`` op that applies its
-    weight, for a layer applied without its module being called (``layer.forward(x)``,
-    ``F.linear(x, layer.weight, layer.bias)``): hook perturbations then damage what it computes."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
-        if getattr(func, "__name__", "") in HOOKED_OPS and weight is self.module.weight:
-            for hook in list(self.module._forward_hooks.values()):
-                result = hook(self.module, (args[0] if args else kwargs.get("input"),), out)
-                out = out if result is None else result
-        return out
 
 
 def nonfinite_count(layer: Layer) -> int:

@@ -23,11 +23,12 @@ from lesionbench.data import RawDataset, stratified_subset
 from lesionbench.errors import LesionbenchError, internal_failure, plugin_failure
 from lesionbench.evaluate import resolve_device
 from lesionbench.graph import ModelGraph, check_module, run_once
+from lesionbench.hook_routing import HOOKED_OPS, ROUTED_OPS
 from lesionbench.kinds import perturbation_kind
 from lesionbench.layers import Layer, select_layers, spread_layers
 from lesionbench.model_sources import LoadedModel, create_model, resolve_source
 from lesionbench.names import named
-from lesionbench.perturbation import HOOKED_OPS, ROUTED_OPS, Perturbation, cell_seed, check_levels
+from lesionbench.perturbation import Perturbation, cell_seed, check_levels
 from lesionbench.registry import Registry
 from lesionbench.store import CLEAN, CellKey, cell_key
 from lesionbench.study import DatasetSpec, Study

@@ -361,7 +361,7 @@ def test_weight_noise_keeps_the_values_of_earlier_versions(shape, dtype, digest)
 def test_zero_entries_zeroes_exactly_the_masked_entries_bit_for_bit(dtype, channels_last, monkeypatch):
     """Masked entries become all-zero bits (+0.0, also from NaN, -inf and -0.0); the others keep
     their bits, whatever the layout; several chunks of rows."""
-    import lesionbench.perturbation as P
+    import lesionbench.draws as P
 
     monkeypatch.setattr(P, "ZERO_CHUNK", 7 * 5 * 3)  # 7 rows a chunk: chunks end mid-tensor
     weights = _formula_weights((23, 5, 3, 1), dtype)
@@ -402,7 +402,7 @@ def test_random_subset_mask_is_exact_and_uniform_on_both_paths(monkeypatch):
 
     from scipy import stats
 
-    import lesionbench.perturbation as P
+    import lesionbench.draws as P
 
     n = P.PERMUTE_BELOW + 12345
     for k in (0, 1, 1000, n // 3, n // 2, n - 7, n):  # coins all off, some, all on; exact k each time
@@ -428,7 +428,7 @@ def test_small_tensors_keep_the_permutation_draws_of_earlier_versions():
 def test_coin_path_has_no_position_pattern():
     """Coins come 7 to a 64-bit draw: every position class (mod 7, mod 8) is hit at the same rate,
     so no byte of the draw (e.g. the top one, whose high bit is always 0) leaks into the mask."""
-    import lesionbench.perturbation as P
+    import lesionbench.draws as P
 
     n = P.PERMUTE_BELOW + 12345
     mask = P.random_subset_mask(n, n // 4, generator_for(11))
