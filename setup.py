@@ -11,8 +11,8 @@ from setuptools import find_packages, setup
 PACKAGE_DIR = {"lesionbench": "benchmark", "lesionbench.plugins": "plugins", "lesionbench.models": "models"}
 
 setup(
-    packages=[f"{name}.{sub}" if sub else name
-              for name, folder in PACKAGE_DIR.items()
-              for sub in ["", *find_packages(folder)]],  # fmt: skip
+    packages=[
+        f"{name}.{sub}" if sub else name for name, folder in PACKAGE_DIR.items() for sub in ["", *find_packages(folder)]
+    ],
     package_dir=PACKAGE_DIR,
 )

@@ -44,14 +44,17 @@ class _TensorData:
     description = "images and labels given to lesionbench.run() as tensors or a DataLoader"
     default_path = None
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None, name: str = "tensors") -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None, name: str = "tensors"
+    ) -> None:
         self.images, self.labels, self.name = images, labels, name
         self.num_classes = num_classes or int(labels.max()) + 1
 
     def load(self, path: str | None, split: str) -> RawDataset:
         images = self.images
-        return RawDataset(self.name, "<memory>", self.labels.numpy().astype(np.int64), self.num_classes,
-                          lambda i: images[i])  # fmt: skip
+        return RawDataset(
+            self.name, "<memory>", self.labels.numpy().astype(np.int64), self.num_classes, lambda i: images[i]
+        )
 
 
 class _ModuleSource:
@@ -85,7 +88,9 @@ def _collect(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             batches = [(b[0], b[1]) for b in data]
         except (TypeError, IndexError):
-            raise LesionbenchError("data must be an (images, labels) pair of tensors or a DataLoader of such pairs") from None
+            raise LesionbenchError(
+                "data must be an (images, labels) pair of tensors or a DataLoader of such pairs"
+            ) from None
         if not batches:
             raise LesionbenchError("the DataLoader given as data yields no batches")
         images, labels = torch.cat([b[0] for b in batches]), torch.cat([torch.as_tensor(b[1]) for b in batches])
@@ -102,7 +107,9 @@ def _as_study(study: Any, registry: Registry) -> Study:
     if isinstance(study, (str, Path)):
         presets = {k: c.obj for k, c in registry.contributions("studies").items()}
         return load_study(str(study), presets)
-    raise LesionbenchError(f"study must be a preset name, a TOML path, a mapping or a Study, not {type(study).__name__}")
+    raise LesionbenchError(
+        f"study must be a preset name, a TOML path, a mapping or a Study, not {type(study).__name__}"
+    )
 
 
 def run(
@@ -182,16 +189,27 @@ def run(
         if modules:
             parsed = replace(parsed, models=tuple(ModelSpec(n) for n in modules))
     if data is not None:
-        dataset = replace(parsed.dataset, name=dataset_name, path=None, split="test",
-                          n_images=options.pop("n_images", None),
-                          subset_seed=options.pop("subset_seed", parsed.dataset.subset_seed))  # fmt: skip
+        dataset = replace(
+            parsed.dataset,
+            name=dataset_name,
+            path=None,
+            split="test",
+            n_images=options.pop("n_images", None),
+            subset_seed=options.pop("subset_seed", parsed.dataset.subset_seed),
+        )
         parsed = replace(parsed, dataset=dataset)
     parsed = with_overrides(parsed, **options)
     modes = {n: m.training for n, m in modules.items()}
     try:
-        store = run_study(parsed, registry, Path(out) if out is not None else None, resume=resume,
-                          progress=_progress_factory(progress), executor=executor,
-                          executor_options=executor_options)  # fmt: skip
+        store = run_study(
+            parsed,
+            registry,
+            Path(out) if out is not None else None,
+            resume=resume,
+            progress=_progress_factory(progress),
+            executor=executor,
+            executor_options=executor_options,
+        )
     finally:
         for n, m in modules.items():
             m.train(modes[n])
@@ -260,5 +278,14 @@ def load_outcomes(*paths: str | Path | Sequence[str | Path]) -> tuple[pd.DataFra
 
 
 # run_study and its helpers are lesionbench.api_runner's, lesioned is lesionbench.api_lesioned's: imported from here as before
-__all__ = ["ProgressFactory", "all_done", "lesioned", "load_outcomes", "load_results", "plugin_versions", "run", "run_study",
-           "subset_of"]  # fmt: skip
+__all__ = [
+    "ProgressFactory",
+    "all_done",
+    "lesioned",
+    "load_outcomes",
+    "load_results",
+    "plugin_versions",
+    "run",
+    "run_study",
+    "subset_of",
+]

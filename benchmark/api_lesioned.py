@@ -62,7 +62,9 @@ def lesioned(
     if example is None:
         example = _example_for(model)
         if example is None:
-            raise LesionbenchError("pass example=<an input batch> so that the layer's place in the network can be found")
+            raise LesionbenchError(
+                "pass example=<an input batch> so that the layer's place in the network can be found"
+            )
     check_module(model, model_name)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     graph = ModelGraph.of(model, example[:1].to(device=device, dtype=model_dtype(model)))

@@ -72,8 +72,10 @@ def run_study(
             if redo:
                 unknown = [p for p in redo if p not in plan.perturbations]
                 if unknown:
-                    raise LesionbenchError(f"--redo {', '.join(unknown)}: not a perturbation of the study in "
-                                           f"{str(out)!r} (its perturbations: {', '.join(plan.perturbations)})")  # fmt: skip
+                    raise LesionbenchError(
+                        f"--redo {', '.join(unknown)}: not a perturbation of the study in "
+                        f"{str(out)!r} (its perturbations: {', '.join(plan.perturbations)})"
+                    )
                 store.forget(list(redo))
             check_plan(store.frame(), plan, store.results_path)  # every row a cell of this study's plan
         except BaseException:
@@ -99,12 +101,18 @@ def run_study(
 
 def subset_of(plan: Plan) -> Subset:
     """The plan's evaluation subset as the store records it beside the per-image outcomes."""
-    return Subset(plan.study.dataset.name, plan.study.dataset.split, np.asarray(plan.indices, np.int64),
-                  np.asarray(plan.raw.labels[plan.indices], np.int64), plan.raw.tokens)  # fmt: skip
+    return Subset(
+        plan.study.dataset.name,
+        plan.study.dataset.split,
+        np.asarray(plan.indices, np.int64),
+        np.asarray(plan.raw.labels[plan.indices], np.int64),
+        plan.raw.tokens,
+    )
 
 
 def all_done(plan: Plan, store: Store) -> bool:
     """Whether ``store`` holds every cell of ``plan``, adaptive draws included (a resumed run with nothing left to do)."""
     done = store.completed()
-    return all(plan.key(m.loaded.name) in done and all(plan.settled(m, b, done) for b in plan.blocks(m))
-               for m in plan.models)  # fmt: skip
+    return all(
+        plan.key(m.loaded.name) in done and all(plan.settled(m, b, done) for b in plan.blocks(m)) for m in plan.models
+    )

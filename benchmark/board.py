@@ -301,8 +301,13 @@ def json_schema() -> dict:
                 defs[tp.__name__] = {}  # a placeholder while its fields are described
                 hints = typing.get_type_hints(tp)
                 props = {f.name: of(hints[f.name]) for f in dataclasses.fields(tp)}
-                defs[tp.__name__] = {"type": "object", "properties": props, "required": list(props),
-                                     "additionalProperties": False, "description": (tp.__doc__ or "").strip()}  # fmt: skip
+                defs[tp.__name__] = {
+                    "type": "object",
+                    "properties": props,
+                    "required": list(props),
+                    "additionalProperties": False,
+                    "description": (tp.__doc__ or "").strip(),
+                }
             return {"$ref": f"#/$defs/{tp.__name__}"}
         if origin is list:
             return {"type": "array", "items": of(args[0])}
@@ -313,8 +318,13 @@ def json_schema() -> dict:
         return {int: {"type": "integer"}, str: {"type": "string"}, bool: {"type": "boolean"}}[tp]
 
     root = of(Leaderboard)
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA, "title": "lesionbench leaderboard",
-              **defs["Leaderboard"], "$defs": {k: v for k, v in sorted(defs.items()) if k != "Leaderboard"}}  # fmt: skip
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA,
+        "title": "lesionbench leaderboard",
+        **defs["Leaderboard"],
+        "$defs": {k: v for k, v in sorted(defs.items()) if k != "Leaderboard"},
+    }
     schema["properties"]["schema"] = {"const": SCHEMA}
     del root
     return schema

@@ -62,9 +62,14 @@ def draws_range(df: pd.DataFrame) -> list[int] | None:
     return [int(spread.min()), int(spread.max())]
 
 
-def track_bootstraps(df: pd.DataFrame, outcomes: Outcomes | None, metrics: Mapping[str, str] | None = None,
-                     replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED,
-                     score: str = DEFAULT_SCORE) -> dict[str, Bootstrap]:  # fmt: skip
+def track_bootstraps(
+    df: pd.DataFrame,
+    outcomes: Outcomes | None,
+    metrics: Mapping[str, str] | None = None,
+    replicates: int = REPLICATES,
+    seed: int = BOOTSTRAP_SEED,
+    score: str = DEFAULT_SCORE,
+) -> dict[str, Bootstrap]:
     """One bootstrap per track (dataset) that has per-image outcomes, with the track's metric and
     the layer score ``score`` (a registered score's name)."""
     if outcomes is None or len(outcomes) == 0 or "outcome" not in df.columns or not (df["outcome"] >= 0).any():
@@ -94,22 +99,28 @@ def ranked_perturbations(dg: pd.DataFrame, scores: pd.DataFrame) -> tuple[list[s
     return shared, partial, regridded
 
 
-def ranking(boot: Bootstrap | None, scores: pd.DataFrame, dataset: str, shared: list[str], models: list[str]) -> pd.DataFrame:
+def ranking(
+    boot: Bootstrap | None, scores: pd.DataFrame, dataset: str, shared: list[str], models: list[str]
+) -> pd.DataFrame:
     """model, overall, low, high, rank: with ties from the bootstrap, or by the point value."""
     if not models:  # every model at chance: none scored
         return pd.DataFrame(columns=["model", "overall", "low", "high", "rank"])
     if boot is not None and shared:
         return boot.overall(dataset, shared, models)
     s = scores[scores["perturbation"].isin(shared)]
-    overall = {m: float(s[s["model"] == m].groupby("perturbation")["score"].mean().mean()) if shared else float("nan")
-               for m in models}  # fmt: skip
+    overall = {
+        m: float(s[s["model"] == m].groupby("perturbation")["score"].mean().mean()) if shared else float("nan")
+        for m in models
+    }
     out = pd.DataFrame({"model": models, "overall": [overall[m] for m in models], "low": np.nan, "high": np.nan})
     out = out.sort_values("overall", ascending=False, ignore_index=True)
     out["rank"] = np.arange(1, len(out) + 1)
     return out
 
 
-def mean_score(boot: Bootstrap | None, mine: pd.DataFrame, model: str, dataset: str, p: str) -> tuple[float, float, float]:
+def mean_score(
+    boot: Bootstrap | None, mine: pd.DataFrame, model: str, dataset: str, p: str
+) -> tuple[float, float, float]:
     """A model's mean layer score under one perturbation, with its interval when there is one."""
     value = float(mine.loc[mine["perturbation"] == p, "score"].mean())
     if boot is None:

@@ -69,8 +69,9 @@ def has_interval(low: float | None, high: float | None) -> bool:
     return low is not None and high is not None and low == low and high == high
 
 
-def with_interval(value: float | None, low: float | None = float("nan"), high: float | None = float("nan"),
-                  digits: int = 2) -> str:  # fmt: skip
+def with_interval(
+    value: float | None, low: float | None = float("nan"), high: float | None = float("nan"), digits: int = 2
+) -> str:
     """``0.87 [0.84, 0.90]``, or ``0.87`` without an interval."""
     if has_interval(low, high):
         return f"{fmt(value, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"

@@ -22,10 +22,12 @@ from lesionbench.store import CLEAN, NONFINITE, Outcomes
 REPLICATES = 1000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
-METHOD = ("paired percentile bootstrap: images resampled with replacement once per replicate for every cell of a "
-          "track (cells on the same images move together), draws resampled within each level with their full "
-          "between-draw variance (Davison & Hinkley 1997, §3.8) and a Satterthwaite t factor per layer score; no "
-          "interval for a single draw of a random damage")  # fmt: skip
+METHOD = (
+    "paired percentile bootstrap: images resampled with replacement once per replicate for every cell of a "
+    "track (cells on the same images move together), draws resampled within each level with their full "
+    "between-draw variance (Davison & Hinkley 1997, §3.8) and a Satterthwaite t factor per layer score; no "
+    "interval for a single draw of a random damage"
+)
 
 
 @dataclass
@@ -140,8 +142,15 @@ class Resample:
         return self.rng.integers(0, shape[2], size=shape)
 
 
-def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replicates: int = REPLICATES,
-              seed: int = BOOTSTRAP_SEED, score: str | Score = DEFAULT_SCORE, resample: str = "random") -> Bootstrap:  # fmt: skip
+def bootstrap(
+    df: pd.DataFrame,
+    outcomes: Outcomes,
+    metric: str = "top1",
+    replicates: int = REPLICATES,
+    seed: int = BOOTSTRAP_SEED,
+    score: str | Score = DEFAULT_SCORE,
+    resample: str = "random",
+) -> Bootstrap:
     """Confidence intervals for every score of a results table by a paired bootstrap.
 
     Each replicate draws the evaluation images with replacement — once for the whole track (one
@@ -186,8 +195,9 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     # (an older run without them leaves only its own perturbations without intervals)
     ok_rows = have.loc[cells.index] >= 0
     pair = pd.Series(list(zip(df["model"], df["perturbation"])), index=df.index)
-    lacking = set(pair.loc[cells.index][~ok_rows]) | {(m, p) for m in clean.loc[have.loc[clean.index] < 0, "model"]
-                                                      for p in df["perturbation"].unique()}  # fmt: skip
+    lacking = set(pair.loc[cells.index][~ok_rows]) | {
+        (m, p) for m in clean.loc[have.loc[clean.index] < 0, "model"] for p in df["perturbation"].unique()
+    }
     rows = pd.concat([clean, cells])
     out = pair.loc[rows.index].isin(lacking) & (rows["perturbation"] != CLEAN)
     out |= rows["model"].isin(clean.loc[have.loc[clean.index] < 0, "model"])
@@ -213,7 +223,9 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     band_low, band_high = interval(curve, axis=1)
     c = c.assign(band_low=band_low, band_high=band_high)
     # retention, then layer scores and critical levels, per replicate
-    clean_of = np.array([clean_reps.get((m, d), np.full(B, np.nan)) for m, d in zip(c["model"], c["dataset"])]).reshape(len(c), B)
+    clean_of = np.array([clean_reps.get((m, d), np.full(B, np.nan)) for m, d in zip(c["model"], c["dataset"])]).reshape(
+        len(c), B
+    )
     chance = c["chance"].to_numpy()[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(clean_of - chance > 0, (curve - chance) / (clean_of - chance), 0.0)
@@ -226,8 +238,15 @@ def bootstrap(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1", replic
     return Bootstrap(scores, c, score_reps, B, seed, metric, clean_reps, chosen.name)
 
 
-def _resample_draws(acc: np.ndarray, group: np.ndarray, n_groups: int, rng: Resample,
-                    chunk: int = 4_000_000, adjust: bool = True, scale: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+def _resample_draws(
+    acc: np.ndarray,
+    group: np.ndarray,
+    n_groups: int,
+    rng: Resample,
+    chunk: int = 4_000_000,
+    adjust: bool = True,
+    scale: np.ndarray | None = None,
+) -> np.ndarray:
     """Mean over each group's draws, the draws resampled with replacement per replicate: [n_groups, B].
 
     ``adjust``: the resampled mean's deviation from the group's own mean is inflated by sqrt(d/(d−1))
@@ -259,7 +278,9 @@ def _resample_draws(acc: np.ndarray, group: np.ndarray, n_groups: int, rng: Resa
     return out
 
 
-def draw_quantile_factor(c: pd.DataFrame, n_images: np.ndarray | None = None, confidence: float = CONFIDENCE) -> np.ndarray:
+def draw_quantile_factor(
+    c: pd.DataFrame, n_images: np.ndarray | None = None, confidence: float = CONFIDENCE
+) -> np.ndarray:
     """Per row of :func:`curves` ``c``: the widening of its draw deviations that turns the normal
     quantile of a percentile interval into Student's t with the layer score's degrees of freedom.
 
@@ -287,7 +308,11 @@ def draw_quantile_factor(c: pd.DataFrame, n_images: np.ndarray | None = None, co
             continue
         order = np.argsort(x, kind="stable")
         xs = x[order]
-        w = np.ones(1) if len(xs) == 1 or xs[-1] == xs[0] else np.diff(np.concatenate([[xs[0]], (xs[1:] + xs[:-1]) / 2, [xs[-1]]]))
+        w = (
+            np.ones(1)
+            if len(xs) == 1 or xs[-1] == xs[0]
+            else np.diff(np.concatenate([[xs[0]], (xs[1:] + xs[:-1]) / 2, [xs[-1]]]))
+        )
         weights = np.zeros(len(x))
         weights[order] = w
         n = g["n"].to_numpy()[keep].astype(float)
@@ -324,7 +349,9 @@ def _draw_variance_unknown(c: pd.DataFrame) -> np.ndarray:
     return single & ~c["perturbation"].str.split("+").str[0].isin(fixed).to_numpy()  # "quantize+bn_recalibrate"
 
 
-def _layer_replicates(scores: pd.DataFrame, c: pd.DataFrame, r: np.ndarray, score: Score) -> tuple[np.ndarray, np.ndarray]:
+def _layer_replicates(
+    scores: pd.DataFrame, c: pd.DataFrame, r: np.ndarray, score: Score
+) -> tuple[np.ndarray, np.ndarray]:
     """Layer score and critical level per replicate, for each row of ``scores``, from retention
     replicates ``r`` [len(c), B]: :func:`lesionbench.layer_score.layer_values`, as for the point
     estimate, on the replicates of each layer's curve [levels, B]."""

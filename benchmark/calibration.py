@@ -56,16 +56,24 @@ def truth(classes: int, spread: float) -> dict[str, float]:
     clean = chance + (1 - chance) * ndtr(EASE_MEAN / np.sqrt(1 + EASE_SD**2))
     out = {}
     for layer, k in SLOPES.items():
-        acc = [chance + (1 - chance) * ndtr((EASE_MEAN - k * p) / np.sqrt(1 + EASE_SD**2 + sigma(k, p, spread) ** 2))
-               for p in LEVELS]  # fmt: skip
+        acc = [
+            chance + (1 - chance) * ndtr((EASE_MEAN - k * p) / np.sqrt(1 + EASE_SD**2 + sigma(k, p, spread) ** 2))
+            for p in LEVELS
+        ]
         r = np.clip((np.asarray(acc) - chance) / (clean - chance), 0, 1)
         out[layer] = float(np.trapezoid(r, LEVELS) / (LEVELS[-1] - LEVELS[0]))
     out["overall"] = float(np.mean([out[k] for k in SLOPES]))
     return out
 
 
-def simulate(rng: np.random.Generator, classes: int, draws: int, spread: float, n_images: int = 500,
-             models: tuple[str, ...] = ("A", "B")) -> tuple[pd.DataFrame, Outcomes]:  # fmt: skip
+def simulate(
+    rng: np.random.Generator,
+    classes: int,
+    draws: int,
+    spread: float,
+    n_images: int = 500,
+    models: tuple[str, ...] = ("A", "B"),
+) -> tuple[pd.DataFrame, Outcomes]:
     """One study: a results table with its ``outcome`` column, and its per-image Outcomes."""
     chance = chance_of(classes)
     labels = rng.integers(0, classes, n_images)
@@ -84,9 +92,18 @@ def simulate(rng: np.random.Generator, classes: int, draws: int, spread: float, 
     hit = rng.random(p_hit.shape) < p_hit
     top1 = np.where(hit, labels, (labels + 1) % classes).astype(np.int32)
     df = pd.DataFrame(keys, columns=["model", "layer", "layer_index", "perturbation", "level", "draw"])
-    df = df.assign(dataset="sim", relative_depth=df["layer_index"] / 3, top1=hit.mean(axis=1), top5=1.0,
-                   num_classes=classes, error="", level_axis="linear", n_images=n_images, device="cpu",
-                   outcome=np.arange(len(df)))  # fmt: skip
+    df = df.assign(
+        dataset="sim",
+        relative_depth=df["layer_index"] / 3,
+        top1=hit.mean(axis=1),
+        top5=1.0,
+        num_classes=classes,
+        error="",
+        level_axis="linear",
+        n_images=n_images,
+        device="cpu",
+        outcome=np.arange(len(df)),
+    )
     df.loc[df["perturbation"] == "clean", "relative_depth"] = np.nan
     subset = Subset("sim", "test", np.arange(n_images), labels)
     cells = df[["model", "dataset", "layer", "perturbation", "level", "draw"]]
@@ -128,18 +145,26 @@ def _flagged(b, new: int, base: int, max_drop: float) -> bool:
     return bool(delta < -max_drop and high < 0)
 
 
-def run(classes: int, draws: int, spread: float, studies: int = 200, n_images: int = 500, replicates: int = 400,
-        seed: int = 0, max_drop: float = 0.05) -> dict:  # fmt: skip
+def run(
+    classes: int,
+    draws: int,
+    spread: float,
+    studies: int = 200,
+    n_images: int = 500,
+    replicates: int = 400,
+    seed: int = 0,
+    max_drop: float = 0.05,
+) -> dict:
     """Coverage of the 95% intervals over ``studies`` simulated studies, and split rates.
 
-    Returns a dict: ``cover_<layer>`` for each layer kind, ``cover_overall`` (model A's overall
-    score), ``cover_difference`` (fragile − robust of model A), ``equal_models_split`` (A and B,
-    equal in truth, get different ranks), ``equal_layers_split`` (middle and twin, equal in truth,
-    called different beyond doubt), ``gate_false_alarm`` (``lesionbench compare``'s rule, a drop of more
-than ``max_drop`` whose interval excludes 0, fails B against A on some layer: the gate's false alarms
-for a re-run with another seed on the same images), ``withheld`` (studies without intervals: one draw of a random
-damage, see :func:`lesionbench.scores.bootstrap`; the other fractions are of the rest), ``noisy_cells`` and ``largest_gap`` (how large the simulated
-    draw effects are: see the module docstring). Same arguments → same numbers.
+        Returns a dict: ``cover_<layer>`` for each layer kind, ``cover_overall`` (model A's overall
+        score), ``cover_difference`` (fragile − robust of model A), ``equal_models_split`` (A and B,
+        equal in truth, get different ranks), ``equal_layers_split`` (middle and twin, equal in truth,
+        called different beyond doubt), ``gate_false_alarm`` (``lesionbench compare``'s rule, a drop of more
+    than ``max_drop`` whose interval excludes 0, fails B against A on some layer: the gate's false alarms
+    for a re-run with another seed on the same images), ``withheld`` (studies without intervals: one draw of a random
+    damage, see :func:`lesionbench.scores.bootstrap`; the other fractions are of the rest), ``noisy_cells`` and ``largest_gap`` (how large the simulated
+        draw effects are: see the module docstring). Same arguments → same numbers.
     """
     rng = np.random.default_rng(seed)
     true = truth(classes, spread)
@@ -169,6 +194,8 @@ damage, see :func:`lesionbench.scores.bootstrap`; the other fractions are of the
             var, mean = g.var(ddof=1), g.mean()
             t.noisy_cells += int((var > mean * (1 - mean) / n_images).sum())
             t.cells += len(var)
-            gap = cells[cells["draw"] <= 1].groupby(["model", "layer", "level"])["top1"].agg(lambda s: s.max() - s.min())
+            gap = (
+                cells[cells["draw"] <= 1].groupby(["model", "layer", "level"])["top1"].agg(lambda s: s.max() - s.min())
+            )
             t.largest_gap = max(t.largest_gap, float(gap.max()))
     return t.row()

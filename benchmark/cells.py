@@ -26,7 +26,14 @@ from lesionbench.engine import create_engine
 from lesionbench.errors import LesionbenchError
 from lesionbench.evaluate import EvalResult, merge_results, resolve_device
 from lesionbench.layers import Layer
-from lesionbench.perturbation import Snapshot, generator_for, model_checksum, nonfinite_count, nonfinite_outputs, perturbed
+from lesionbench.perturbation import (
+    Snapshot,
+    generator_for,
+    model_checksum,
+    nonfinite_count,
+    nonfinite_outputs,
+    perturbed,
+)
 from lesionbench.plan import Block, Cell, Plan, PreparedModel
 from lesionbench.recalibration import norms_reached, recalibrate
 from lesionbench.rows import cell_row, chance_warning, unigram_chance
@@ -42,8 +49,15 @@ class ModelRunner:
     Both executors use it: the local one in-process, the Ray one inside each worker.
     """
 
-    def __init__(self, plan: Plan, prepared: PreparedModel, eval_set: EvalSet, calibration: EvalSet | None = None,
-                 debug: bool = False, note: Callable[[str], None] = lambda _t: None):  # fmt: skip
+    def __init__(
+        self,
+        plan: Plan,
+        prepared: PreparedModel,
+        eval_set: EvalSet,
+        calibration: EvalSet | None = None,
+        debug: bool = False,
+        note: Callable[[str], None] = lambda _t: None,
+    ):
         study = plan.study
         self.plan, self.prepared, self.debug, self.note = plan, prepared, debug, note
         self.name = prepared.loaded.name
@@ -67,8 +81,9 @@ class ModelRunner:
         targets = prepared.loaded.targets
         labels = targets(eval_set.images) if targets is not None else eval_set.labels
         self.chance = unigram_chance(labels) if labels.dim() == 2 else {}
-        self.engine = create_engine(study.engine, prepared.graph, images, labels, study.batch_size,
-                                    self.device, study.autocast)  # fmt: skip
+        self.engine = create_engine(
+            study.engine, prepared.graph, images, labels, study.batch_size, self.device, study.autocast
+        )
         self.clean = self.engine.full()
         warning = chance_warning(self.name, self.clean, plan.raw.num_classes, study.metric, self.chance)
         if warning:  # e.g. a model built without its weights: every score of the study would be 0
@@ -135,8 +150,9 @@ class ModelRunner:
             todo = plan.extra_cells(made, values)
             self.added += sum(self.key(c) not in done for c in todo)
 
-    def _evaluate_shards(self, cells: list[Cell], layer: Layer, shards: list[tuple[int, int]], saved: Snapshot,
-                         done) -> Iterator[tuple[dict | None, str]]:  # fmt: skip
+    def _evaluate_shards(
+        self, cells: list[Cell], layer: Layer, shards: list[tuple[int, int]], saved: Snapshot, done
+    ) -> Iterator[tuple[dict | None, str]]:
         """One round of a block's cells over every shard of the images, each cell with the same
         damage (same seed) on each shard; a cell's row comes once all its shards are merged."""
         if len(shards) == 1:
@@ -175,8 +191,14 @@ class ModelRunner:
         outputs = [r.get("nonfinite_outputs") for r in rows]
         if outputs[0] is not None:
             row["nonfinite_outputs"] = sum(outputs)
-        row.update(top1=merged.top1, top5=merged.top5, loss=merged.loss, n_images=merged.n_images,
-                   seconds=merged.seconds, images_per_s=merged.images_per_s)  # fmt: skip
+        row.update(
+            top1=merged.top1,
+            top5=merged.top5,
+            loss=merged.loss,
+            n_images=merged.n_images,
+            seconds=merged.seconds,
+            images_per_s=merged.images_per_s,
+        )
         row["error"] = next((r["error"] for r in rows if r["error"] and r["error"] != NONFINITE), "")
         if not row["error"] and not math.isfinite(merged.loss):
             row["error"] = NONFINITE
@@ -185,10 +207,11 @@ class ModelRunner:
     def _evaluate(self, cells: list[Cell], run_eval, saved: Snapshot, done) -> Iterator[tuple[dict | None, str]]:
         """One round of a block's cells: one at a time, or captured and evaluated in batched passes."""
         batchable = (
-            run_eval.many is not None and self.calibration is None
+            run_eval.many is not None
+            and self.calibration is None
             and (self.plan.study.batch_draws if self.plan.study.batch_draws is not None else self.device.type == "cuda")
             and sum(not c.is_identity and self.key(c) not in done for c in cells) > 1
-        )  # fmt: skip
+        )
         pending: list[tuple[Cell, int, dict[str, torch.Tensor], int]] = []
         for cell in cells:
             label = self.plan.label(self.name, cell)
@@ -262,10 +285,14 @@ class ModelRunner:
         return self.plan.key(self.name, cell)
 
     def notes(self) -> list[str]:
-        extra = [f"adaptive draws (target_ci {self.plan.study.target_ci}): {self.added} cells added"] if self.added else []
+        extra = (
+            [f"adaptive draws (target_ci {self.plan.study.target_ci}): {self.added} cells added"] if self.added else []
+        )
         if self.shard_passes:
-            extra.append(f"images in shards of at most {getattr(self.engine, 'budget_bytes', 0)} bytes of cache: "
-                         f"{self.shard_passes} extra cell passes (damage applied once per shard)")
+            extra.append(
+                f"images in shards of at most {getattr(self.engine, 'budget_bytes', 0)} bytes of cache: "
+                f"{self.shard_passes} extra cell passes (damage applied once per shard)"
+            )
         return [f"{self.name}: {n}" for n in getattr(self.engine, "notes", []) + extra]
 
     def _cell_row(self, cell: Cell, run_eval: Callable[[], EvalResult], saved: Snapshot) -> dict:
@@ -278,7 +305,9 @@ class ModelRunner:
         norms = saved.also  # the BatchNorms to re-estimate (bn_recalibrate), found once per block
         error, result, nonfinite, outputs = "", None, None, None
         try:
-            with perturbed(cell.layer, cell.perturbation, cell.level, generator_for(seed), also=norms, saved=saved) as hooked:
+            with perturbed(
+                cell.layer, cell.perturbation, cell.level, generator_for(seed), also=norms, saved=saved
+            ) as hooked:
                 nonfinite = nonfinite_count(cell.layer)
                 if norms:
                     recalibrate(self.module, norms, self.calibration, plan.study.batch_size, self.device)
@@ -292,7 +321,9 @@ class ModelRunner:
             self.note(f"{plan.label(self.name, cell)} failed:\n{''.join(traceback.format_exception(exc)).rstrip()}")
         if result is not None and not math.isfinite(result.loss):
             error = error or NONFINITE
-        row = cell_row(plan, self.name, cell, seed, result, error, nonfinite, outputs[0] if outputs and result else None)
+        row = cell_row(
+            plan, self.name, cell, seed, result, error, nonfinite, outputs[0] if outputs and result else None
+        )
         return self.with_outcomes(row, result)
 
     def close(self) -> None:

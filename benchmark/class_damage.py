@@ -43,9 +43,13 @@ def fragile_layers(per_class: pd.DataFrame) -> pd.DataFrame:
     if per_class.empty:
         return pd.DataFrame(columns=cols)
     df = per_class.assign(weighted=per_class["retention"] * per_class["n_images"])
-    level = df.groupby(KEY + ["layer", "layer_index", "level"], sort=False)[["weighted", "n_images"]].sum().reset_index()
+    level = (
+        df.groupby(KEY + ["layer", "layer_index", "level"], sort=False)[["weighted", "n_images"]].sum().reset_index()
+    )
     level["retention"] = level["weighted"] / level["n_images"]
-    layer = level.groupby(KEY + ["layer", "layer_index"], sort=False)["retention"].mean().rename("fragility").reset_index()
+    layer = (
+        level.groupby(KEY + ["layer", "layer_index"], sort=False)["retention"].mean().rename("fragility").reset_index()
+    )
     layer = layer.sort_values(KEY + ["fragility", "layer_index"], kind="stable")
     return layer.drop_duplicates(KEY).reset_index(drop=True)[cols]
 
@@ -64,9 +68,11 @@ def classes_hurt(per_class: pd.DataFrame, fragile: pd.DataFrame | None = None) -
     at = per_class.merge(fragile[["model", "perturbation", "layer"]], on=["model", "perturbation", "layer"])
     if at.empty:
         return pd.DataFrame(columns=cols)
-    out = at.groupby(KEY + ["layer", "class"], sort=False).agg(
-        clean=("clean", "first"), accuracy=("accuracy", "mean"), retention=("retention", "mean")
-    ).reset_index()
+    out = (
+        at.groupby(KEY + ["layer", "class"], sort=False)
+        .agg(clean=("clean", "first"), accuracy=("accuracy", "mean"), retention=("retention", "mean"))
+        .reset_index()
+    )
     out = out.sort_values(KEY + ["retention", "class"], kind="stable", ignore_index=True)
     out["rank"] = out.groupby(KEY, sort=False).cumcount() + 1
     return out[cols]
@@ -82,13 +88,17 @@ def class_label(label: int, class_names: Sequence[str] | Mapping[int, str] | Non
     return f"class {label}"
 
 
-def hurt_lines(hurt: pd.DataFrame, k: int = 2, class_names: Sequence[str] | Mapping[int, str] | None = None) -> list[str]:
+def hurt_lines(
+    hurt: pd.DataFrame, k: int = 2, class_names: Sequence[str] | Mapping[int, str] | None = None
+) -> list[str]:
     """One Markdown line per model × perturbation naming the ``k`` classes hurt most and the one
     hurt least, with their mean retention, from :func:`classes_hurt`'s table."""
     lines = []
     for (model, _dataset, perturbation), g in hurt.groupby(KEY, sort=True):
         g = g.sort_values("rank")
-        most = ", ".join(f"{class_label(r['class'], class_names)} ({r['retention']:.2f})" for _, r in g.head(k).iterrows())
+        most = ", ".join(
+            f"{class_label(r['class'], class_names)} ({r['retention']:.2f})" for _, r in g.head(k).iterrows()
+        )
         least = g.iloc[-1]
         lines.append(
             f"- **{model}**, {perturbation} at {g['layer'].iloc[0]}: hurt most {most}; least "
@@ -99,6 +109,8 @@ def hurt_lines(hurt: pd.DataFrame, k: int = 2, class_names: Sequence[str] | Mapp
 
 def retention_grid(per_class: pd.DataFrame, model: str, perturbation: str, layer: str) -> pd.DataFrame:
     """Classes (rows, by label) × levels (columns, ascending) of retention for one layer."""
-    g = per_class[(per_class["model"] == model) & (per_class["perturbation"] == perturbation) & (per_class["layer"] == layer)]
+    g = per_class[
+        (per_class["model"] == model) & (per_class["perturbation"] == perturbation) & (per_class["layer"] == layer)
+    ]
     grid = g.pivot_table(index="class", columns="level", values="retention", aggfunc="mean")
     return grid.sort_index().reindex(sorted(grid.columns), axis=1).astype(np.float64)

@@ -27,8 +27,13 @@ from lesionbench.plots import safe_name  # noqa: E402
 MAX_COLUMNS = 4
 
 
-def class_retention_figure(per_class: pd.DataFrame, model: str, class_names: Sequence[str] | Mapping[int, str] | None = None,
-                           fragile: pd.DataFrame | None = None, units: Mapping[str, str] | None = None) -> Figure:  # fmt: skip
+def class_retention_figure(
+    per_class: pd.DataFrame,
+    model: str,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    fragile: pd.DataFrame | None = None,
+    units: Mapping[str, str] | None = None,
+) -> Figure:
     """One panel per perturbation of ``model``: retention per class (rows) and level (columns) at
     its most fragile layer (``fragile``: columns model, perturbation, layer, to choose others).
     ``units`` (perturbation → what its level is, e.g. "fraction p of weights zeroed") label the x axes."""
@@ -38,8 +43,7 @@ def class_retention_figure(per_class: pd.DataFrame, model: str, class_names: Seq
     cols = min(MAX_COLUMNS, n)
     nrows = math.ceil(n / cols)
     width = 2.4 * cols + 1.2
-    fig, axes = plt.subplots(nrows, cols, figsize=(width, 0.32 * 10 * nrows + 1.6), layout="constrained",
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(nrows, cols, figsize=(width, 0.32 * 10 * nrows + 1.6), layout="constrained", squeeze=False)
     image = None
     for ax, (_, row) in zip(axes.flat, rows.iterrows()):
         grid = retention_grid(per_class, model, row["perturbation"], row["layer"])
@@ -49,7 +53,7 @@ def class_retention_figure(per_class: pd.DataFrame, model: str, class_names: Seq
         ax.set_title("\n".join(textwrap.wrap(f"{row['perturbation']} at {row['layer']}", 28)), fontsize=9)
         unit = (units or {}).get(row["perturbation"]) or "level"
         ax.set_xlabel("\n".join(textwrap.wrap(unit, 30)), fontsize=8)
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(rows) :]:
         ax.set_visible(False)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="retention per class")
@@ -58,9 +62,13 @@ def class_retention_figure(per_class: pd.DataFrame, model: str, class_names: Seq
     return fig
 
 
-def class_retention_heatmaps(per_class: pd.DataFrame, out_dir: Path,
-                             class_names: Sequence[str] | Mapping[int, str] | None = None,
-                             fragile: pd.DataFrame | None = None, units: Mapping[str, str] | None = None) -> list[Path]:  # fmt: skip
+def class_retention_heatmaps(
+    per_class: pd.DataFrame,
+    out_dir: Path,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    fragile: pd.DataFrame | None = None,
+    units: Mapping[str, str] | None = None,
+) -> list[Path]:
     """Write ``<dataset>__<model>__classes.png`` for every model in ``per_class``; their paths.
     ``fragile`` (columns model, perturbation, layer) chooses each panel's layer (default: the
     lowest mean per-class retention, :func:`lesionbench.class_damage.fragile_layers`)."""

@@ -12,18 +12,63 @@ from dataclasses import dataclass
 import numpy as np
 
 COLUMNS = [
-    "model", "dataset", "layer", "layer_index", "relative_depth", "perturbation", "level", "draw",
-    "seed", "top1", "top5", "loss", "n_images", "seconds", "images_per_s", "device", "num_classes", "error",
-    "nonfinite_weights", "level_axis", "level_unit", "nonfinite_outputs", "flip_rate", "chance_top1", "chance_top5",
-]  # fmt: skip
+    "model",
+    "dataset",
+    "layer",
+    "layer_index",
+    "relative_depth",
+    "perturbation",
+    "level",
+    "draw",
+    "seed",
+    "top1",
+    "top5",
+    "loss",
+    "n_images",
+    "seconds",
+    "images_per_s",
+    "device",
+    "num_classes",
+    "error",
+    "nonfinite_weights",
+    "level_axis",
+    "level_unit",
+    "nonfinite_outputs",
+    "flip_rate",
+    "chance_top1",
+    "chance_top5",
+]
 # Columns older result files may lack, with what they meant then (flip_rate: not measured).
-OPTIONAL = {"error": "", "nonfinite_weights": float("nan"), "level_axis": "linear", "level_unit": "",
-            "nonfinite_outputs": float("nan"), "flip_rate": float("nan"),
-            # the clean row's chance accuracy where it is not k/classes (text: the unigram predictor's)
-            "chance_top1": float("nan"), "chance_top5": float("nan")}  # fmt: skip
-NUMERIC = ["layer_index", "relative_depth", "level", "draw", "seed", "top1", "top5", "loss", "n_images",
-           "seconds", "images_per_s", "num_classes", "nonfinite_weights", "nonfinite_outputs", "flip_rate",
-           "chance_top1", "chance_top5"]  # fmt: skip
+OPTIONAL = {
+    "error": "",
+    "nonfinite_weights": float("nan"),
+    "level_axis": "linear",
+    "level_unit": "",
+    "nonfinite_outputs": float("nan"),
+    "flip_rate": float("nan"),
+    # the clean row's chance accuracy where it is not k/classes (text: the unigram predictor's)
+    "chance_top1": float("nan"),
+    "chance_top5": float("nan"),
+}
+NUMERIC = [
+    "layer_index",
+    "relative_depth",
+    "level",
+    "draw",
+    "seed",
+    "top1",
+    "top5",
+    "loss",
+    "n_images",
+    "seconds",
+    "images_per_s",
+    "num_classes",
+    "nonfinite_weights",
+    "nonfinite_outputs",
+    "flip_rate",
+    "chance_top1",
+    "chance_top5",
+]
 CLEAN = "clean"  # the perturbation name of the one unperturbed evaluation per model
 NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf
 RESULTS = "results.csv"
@@ -54,12 +99,23 @@ class Subset:
 
     def to_json(self) -> str:
         extra = {"tokens": self.tokens} if self.tokens else {}
-        return json.dumps({"dataset": self.dataset, "split": self.split, "indices": self.indices.tolist(),
-                           "labels": self.labels.tolist()} | extra)  # fmt: skip
+        return json.dumps(
+            {
+                "dataset": self.dataset,
+                "split": self.split,
+                "indices": self.indices.tolist(),
+                "labels": self.labels.tolist(),
+            }
+            | extra
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Subset:
         d = json.loads(text)
-        return cls(d["dataset"], d["split"], np.asarray(d["indices"], np.int64), np.asarray(d["labels"], np.int64),
-                   d.get("tokens"))  # fmt: skip
-
+        return cls(
+            d["dataset"],
+            d["split"],
+            np.asarray(d["indices"], np.int64),
+            np.asarray(d["labels"], np.int64),
+            d.get("tokens"),
+        )

@@ -15,18 +15,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from lesionbench.errors import LesionbenchError
-from lesionbench.leaderboard import md, table
 from lesionbench.bootstrapping import BOOTSTRAP_SEED, REPLICATES, bootstrap, interval
+from lesionbench.errors import LesionbenchError
 from lesionbench.layer_score import DEFAULT_SCORE
+from lesionbench.leaderboard import md, table
 from lesionbench.scores import clean_accuracy, layer_scores
 from lesionbench.store import CLEAN, Outcomes
 
 KEYS = ["model", "dataset", "layer", "perturbation"]
-TEST = ("paired bootstrap test: images resampled jointly for both runs (an image both evaluated counts for "
-        "both in every replicate; runs on different images are not paired), draws resampled within each level "
-        "with their full between-draw variance; significant when the two-sided 95% interval of the change "
-        "excludes 0")  # fmt: skip
+TEST = (
+    "paired bootstrap test: images resampled jointly for both runs (an image both evaluated counts for "
+    "both in every replicate; runs on different images are not paired), draws resampled within each level "
+    "with their full between-draw variance; significant when the two-sided 95% interval of the change "
+    "excludes 0"
+)
 _SIDES = ("\x1fnew", "\x1fbase")
 
 
@@ -54,9 +56,17 @@ class Comparison:
         return self.table[self.table["regression"]]
 
 
-def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, metric: str = "top1",
-            new_outcomes: Outcomes | None = None, base_outcomes: Outcomes | None = None,
-            replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED, score: str = DEFAULT_SCORE) -> Comparison:  # fmt: skip
+def compare(
+    new: pd.DataFrame,
+    baseline: pd.DataFrame,
+    max_drop: float = 0.05,
+    metric: str = "top1",
+    new_outcomes: Outcomes | None = None,
+    base_outcomes: Outcomes | None = None,
+    replicates: int = REPLICATES,
+    seed: int = BOOTSTRAP_SEED,
+    score: str = DEFAULT_SCORE,
+) -> Comparison:
     """Match the two tables' layer scores and clean accuracies; flag significant drops beyond ``max_drop``.
 
     ``new_outcomes``/``base_outcomes``: the per-image outcomes the tables' ``outcome`` columns point
@@ -71,20 +81,41 @@ def compare(new: pd.DataFrame, baseline: pd.DataFrame, max_drop: float = 0.05, m
     both = merged[merged["_merge"] == "both"]
     missing = missing_cells(new, baseline)  # fails the gate even where no score could be compared
     rows = [
-        dict(model=r.model, dataset=r.dataset, what=f"{r.layer} · {r.perturbation} score", layer=r.layer,
-             perturbation=r.perturbation, new=r.score_new, baseline=r.score_base, verdict_new=r.verdict_new,
-             verdict_base=r.verdict_base)  # fmt: skip
+        dict(
+            model=r.model,
+            dataset=r.dataset,
+            what=f"{r.layer} · {r.perturbation} score",
+            layer=r.layer,
+            perturbation=r.perturbation,
+            new=r.score_new,
+            baseline=r.score_base,
+            verdict_new=r.verdict_new,
+            verdict_base=r.verdict_base,
+        )
         for r in both.itertuples()
     ]
     for label, m in (("clean top-1", "top1"), ("clean top-5", "top5")):
         a, b = clean_accuracy(new, m), clean_accuracy(baseline, m)
         for r in a.merge(b, on=["model", "dataset"], suffixes=("_new", "_base")).itertuples():
-            rows.append(dict(model=r.model, dataset=r.dataset, what=label, layer="", perturbation=m, new=r.clean_new,
-                             baseline=r.clean_base, verdict_new="", verdict_base=""))  # fmt: skip
+            rows.append(
+                dict(
+                    model=r.model,
+                    dataset=r.dataset,
+                    what=label,
+                    layer="",
+                    perturbation=m,
+                    new=r.clean_new,
+                    baseline=r.clean_base,
+                    verdict_new="",
+                    verdict_base="",
+                )
+            )
     if not rows:  # (a model at chance has no layer scores; its clean accuracy is still compared)
         raise LesionbenchError("the two results tables share no model × layer × perturbation to compare")
-    out = pd.DataFrame(rows, columns=["model", "dataset", "what", "layer", "perturbation", "new", "baseline",
-                                      "verdict_new", "verdict_base"])  # fmt: skip
+    out = pd.DataFrame(
+        rows,
+        columns=["model", "dataset", "what", "layer", "perturbation", "new", "baseline", "verdict_new", "verdict_base"],
+    )
     out["delta"] = out["new"] - out["baseline"]
     out["low"], out["high"] = np.nan, np.nan
     tested = _intervals(out, new, baseline, new_outcomes, base_outcomes, metric, replicates, seed, score)
@@ -112,8 +143,17 @@ def missing_cells(new: pd.DataFrame, baseline: pd.DataFrame) -> list[str]:
     return [f"{r.model} {r.layer or '(clean)'} {r.perturbation} {r.level:g} #{int(r.draw)}" for r in gone.itertuples()]
 
 
-def _intervals(out: pd.DataFrame, new: pd.DataFrame, baseline: pd.DataFrame, new_outcomes, base_outcomes,
-               metric: str, replicates: int, seed: int, score: str = DEFAULT_SCORE) -> bool:  # fmt: skip
+def _intervals(
+    out: pd.DataFrame,
+    new: pd.DataFrame,
+    baseline: pd.DataFrame,
+    new_outcomes,
+    base_outcomes,
+    metric: str,
+    replicates: int,
+    seed: int,
+    score: str = DEFAULT_SCORE,
+) -> bool:
     """Fill ``low``/``high`` of each change from one bootstrap over both runs; False when there are no outcomes."""
     if new_outcomes is None or base_outcomes is None or "outcome" not in new or "outcome" not in baseline:
         return False
@@ -129,14 +169,20 @@ def _intervals(out: pd.DataFrame, new: pd.DataFrame, baseline: pd.DataFrame, new
         t["outcome"] = np.where(t["outcome"] >= 0, t["outcome"] + offset, -1)
         tagged.append(t)
     keys = [o.keys.assign(model=o.keys["model"] + side) for o, side in zip((new_outcomes, base_outcomes), _SIDES)]
-    outcomes = Outcomes.concat(Outcomes(keys[0], new_outcomes.top1, new_outcomes.top5, new_outcomes.images),
-                               Outcomes(keys[1], base_outcomes.top1, base_outcomes.top5, base_outcomes.images))  # fmt: skip
+    outcomes = Outcomes.concat(
+        Outcomes(keys[0], new_outcomes.top1, new_outcomes.top5, new_outcomes.images),
+        Outcomes(keys[1], base_outcomes.top1, base_outcomes.top5, base_outcomes.images),
+    )
     both = pd.concat(tagged, ignore_index=True)
     boot = bootstrap(both, outcomes, metric, replicates, seed, score=score)
     index = {tuple(k): i for i, k in enumerate(boot.layers[KEYS].itertuples(index=False))}
     clean5 = bootstrap(both[both["perturbation"] == CLEAN], outcomes, "top5", replicates, seed).clean
-    cleans = {"top1": boot.clean if metric == "top1" else bootstrap(both[both["perturbation"] == CLEAN], outcomes,
-                                                                      "top1", replicates, seed).clean, "top5": clean5}  # fmt: skip
+    cleans = {
+        "top1": boot.clean
+        if metric == "top1"
+        else bootstrap(both[both["perturbation"] == CLEAN], outcomes, "top1", replicates, seed).clean,
+        "top5": clean5,
+    }
     for i, r in out.iterrows():
         da, db = (r["dataset"] + side if r["model"] in unpaired else r["dataset"] for side in _SIDES)
         if r["layer"] == "" and r["perturbation"] in cleans:
@@ -165,16 +211,22 @@ def _images_of(df: pd.DataFrame, outcomes: Outcomes) -> dict[str, frozenset]:
     return out
 
 
-def _other_images(new: pd.DataFrame, baseline: pd.DataFrame, new_outcomes: Outcomes | None,
-                  base_outcomes: Outcomes | None) -> dict[str, str]:  # fmt: skip
+def _other_images(
+    new: pd.DataFrame, baseline: pd.DataFrame, new_outcomes: Outcomes | None, base_outcomes: Outcomes | None
+) -> dict[str, str]:
     """Models whose two runs evaluated different images, each with a one-line description."""
     if new_outcomes is None or base_outcomes is None or "outcome" not in new or "outcome" not in baseline:
         return {}
     a, b = _images_of(new, new_outcomes), _images_of(baseline, base_outcomes)
-    return {m: (f"{m}: the runs evaluated different images ({len(a[m])} in new, {len(b[m])} in baseline, "
-                f"{len(a[m] & b[m])} in common; an older run's subset followed the study seed): its changes are "
-                "not paired, each run's images are resampled on their own")
-            for m in sorted(set(a) & set(b)) if a[m] != b[m]}  # fmt: skip
+    return {
+        m: (
+            f"{m}: the runs evaluated different images ({len(a[m])} in new, {len(b[m])} in baseline, "
+            f"{len(a[m] & b[m])} in common; an older run's subset followed the study seed): its changes are "
+            "not paired, each run's images are resampled on their own"
+        )
+        for m in sorted(set(a) & set(b))
+        if a[m] != b[m]
+    }
 
 
 def summarise_missing(missing: pd.DataFrame, other: pd.DataFrame, most: int = 6) -> list[str]:
@@ -230,8 +282,11 @@ def _levels(levels: tuple) -> str:
 
 def to_markdown(c: Comparison, max_drop: float, show_all: bool = False) -> str:
     shown = c.table if show_all else c.table[(c.table["delta"].abs() > 1e-9) | c.table["regression"]]
-    rule = (f"a drop of more than {max_drop:g} that is significant ({TEST})" if c.tested else
-            f"a drop of more than {max_drop:g} (no per-image outcomes on both sides: the threshold alone decides)")  # fmt: skip
+    rule = (
+        f"a drop of more than {max_drop:g} that is significant ({TEST})"
+        if c.tested
+        else f"a drop of more than {max_drop:g} (no per-image outcomes on both sides: the threshold alone decides)"
+    )
     lines = [
         f"### lesionbench compare (max drop {max_drop:g})",
         "",
@@ -240,8 +295,11 @@ def to_markdown(c: Comparison, max_drop: float, show_all: bool = False) -> str:
     ]
     if c.missing_cells:
         shown_cells = ", ".join(c.missing_cells[:5]) + (", …" if len(c.missing_cells) > 5 else "")
-        lines += [f"**❌ The new run lacks {len(c.missing_cells)} cells the baseline has** ({md(shown_cells)}): the "
-                  "comparison fails until the new run is finished (lesionbench run --resume).", ""]  # fmt: skip
+        lines += [
+            f"**❌ The new run lacks {len(c.missing_cells)} cells the baseline has** ({md(shown_cells)}): the "
+            "comparison fails until the new run is finished (lesionbench run --resume).",
+            "",
+        ]
     if c.warnings:
         lines += ["**The two runs were not measured alike** (differences may come from this):", ""]
         lines += [f"- ⚠ {md(w)}" for w in c.warnings] + [""]
@@ -253,11 +311,23 @@ def to_markdown(c: Comparison, max_drop: float, show_all: bool = False) -> str:
             if not r.regression and r.delta < -max_drop - 1e-12:
                 flag = "not significant"
             verdict = r.verdict_base if r.verdict_base == r.verdict_new else f"{r.verdict_base} → {r.verdict_new}"
-            rows.append({"model": md(r.model), "dataset": md(r.dataset), "quantity": md(r.what),
-                         "baseline": f"{r.baseline:.3f}", "new": f"{r.new:.3f}",
-                         "Δ [95% interval]" if c.tested else "Δ": change, "verdict": verdict, "": flag})  # fmt: skip
+            rows.append(
+                {
+                    "model": md(r.model),
+                    "dataset": md(r.dataset),
+                    "quantity": md(r.what),
+                    "baseline": f"{r.baseline:.3f}",
+                    "new": f"{r.new:.3f}",
+                    "Δ [95% interval]" if c.tested else "Δ": change,
+                    "verdict": verdict,
+                    "": flag,
+                }
+            )
         lines += [table(rows), ""]
-    for title, summary in (("Only in new", c.only_new_summary), ("Only in baseline (not compared)", c.only_baseline_summary)):
+    for title, summary in (
+        ("Only in new", c.only_new_summary),
+        ("Only in baseline (not compared)", c.only_baseline_summary),
+    ):
         if summary:
             lines += [f"{title}:", ""] + [f"- {md(x)}" for x in summary] + [""]
     return "\n".join(lines).rstrip() + "\n"

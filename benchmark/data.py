@@ -115,8 +115,9 @@ def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarra
     return np.sort(np.asarray(order[:n], dtype=np.int64))
 
 
-def build_eval_set(raw: RawDataset, indices: np.ndarray, preprocess: Callable[[Any], torch.Tensor],
-                   memory_bytes: int | None = None) -> EvalSet:  # fmt: skip
+def build_eval_set(
+    raw: RawDataset, indices: np.ndarray, preprocess: Callable[[Any], torch.Tensor], memory_bytes: int | None = None
+) -> EvalSet:
     """Decode and preprocess the chosen images once; unreadable files are skipped and counted.
 
     Where ``preprocess`` ends in "to tensor, normalise" (see :func:`lesionbench.pixels.split_normalisation`)
@@ -131,8 +132,13 @@ def build_eval_set(raw: RawDataset, indices: np.ndarray, preprocess: Callable[[A
     split = split_normalisation(preprocess)
     if split is not None:
         try:
-            return _fill(raw, indices, split[0], memory_budget() if memory_bytes is None else memory_bytes,
-                         lambda store: Pixels(store, split[1], split[2]))  # fmt: skip
+            return _fill(
+                raw,
+                indices,
+                split[0],
+                memory_budget() if memory_bytes is None else memory_bytes,
+                lambda store: Pixels(store, split[1], split[2]),
+            )
         except NotCompact:  # an image that is not 8-bit after resize and crop: float32 for the whole set
             pass
     return _fill(raw, indices, preprocess, None, lambda store: store)
@@ -165,7 +171,13 @@ def _fill(raw: RawDataset, indices: np.ndarray, preprocess, memory_bytes: int | 
         raise LesionbenchError(f"dataset {raw.name!r} at {raw.path!r} yielded no readable images")
     kept_arr = np.asarray(kept, dtype=np.int64)
     return EvalSet(
-        images=wrap(store if len(kept) == len(indices) else store.head(len(kept)) if hasattr(store, "head") else store[: len(kept)]),
+        images=wrap(
+            store
+            if len(kept) == len(indices)
+            else store.head(len(kept))
+            if hasattr(store, "head")
+            else store[: len(kept)]
+        ),
         labels=torch.as_tensor(raw.labels[kept_arr], dtype=torch.long),
         indices=kept_arr,
         skipped=skipped,

@@ -72,7 +72,17 @@ def random_subset_mask(n: int, k: int, generator: torch.Generator) -> torch.Tens
 
 # masked_fill_ by bits: the integer type of each width (a dtype missing here is filled by masked_fill_)
 _BITS = {1: (torch.int8, np.int8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32), 8: (torch.int64, np.int64)}
-_BY_BITS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+_BY_BITS = {
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+}
 ZERO_CHUNK = 1 << 20  # entries per chunk: a 4 MB word mask at float32, which stays in cache
 
 

@@ -36,8 +36,16 @@ from lesionbench.suffix_engine import SuffixEngine
 ENGINES = ("fast", "naive")
 
 
-def create_engine(name: str, graph: ModelGraph, images, labels, batch_size, device, autocast: bool = False,
-                  budget_bytes: int | None = None):  # fmt: skip
+def create_engine(
+    name: str,
+    graph: ModelGraph,
+    images,
+    labels,
+    batch_size,
+    device,
+    autocast: bool = False,
+    budget_bytes: int | None = None,
+):
     """The single door to an engine by name."""
     if name == "naive":
         return NaiveEngine(graph, images, labels, batch_size, device, autocast)

@@ -14,11 +14,11 @@ class PluginError(LesionbenchError):
     """A plugin clashed with another or failed to load."""
 
 
-def plugin_failure(plugin: str, what: str, exc: BaseException, log_to: Callable[[str], None] | None = None) -> PluginError:
+def plugin_failure(
+    plugin: str, what: str, exc: BaseException, log_to: Callable[[str], None] | None = None
+) -> PluginError:
     """One line for a plugin's own bug, naming the plugin; the traceback goes to ``log_to`` (the
     run's log) or, before a run directory exists, to a file in the temporary directory."""
-    import tempfile
-    import traceback
 
     where = _keep_traceback(f"plugin {plugin!r} failed while {what}", exc, log_to)
     return PluginError(f"plugin {plugin!r} failed while {what}: {_first_line(exc)} (traceback in {where})")
@@ -27,8 +27,10 @@ def plugin_failure(plugin: str, what: str, exc: BaseException, log_to: Callable[
 def internal_failure(what: str, exc: BaseException) -> LesionbenchError:
     """One line for lesionbench's own bug (not a plugin's): the model ran, lesionbench's code failed."""
     where = _keep_traceback(f"lesionbench failed while {what}", exc, None)
-    return LesionbenchError(f"lesionbench failed while {what}: {_first_line(exc)}; this is a bug in lesionbench, "
-                            f"not in the model or its plugin: please report it with the traceback in {where}")  # fmt: skip
+    return LesionbenchError(
+        f"lesionbench failed while {what}: {_first_line(exc)}; this is a bug in lesionbench, "
+        f"not in the model or its plugin: please report it with the traceback in {where}"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

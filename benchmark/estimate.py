@@ -19,7 +19,9 @@ from lesionbench.data import build_eval_set
 from lesionbench.evaluate import evaluate, resolve_device
 from lesionbench.plan import Plan, PreparedModel, model_dtype
 
-PROBE_IMAGES = 64  # images timed per model (at most a batch): per-batch overhead shared as in a run, quick for a big net
+PROBE_IMAGES = (
+    64  # images timed per model (at most a batch): per-batch overhead shared as in a run, quick for a big net
+)
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,23 @@ def estimate(plan: Plan, measure: bool = True, probe_images: int = PROBE_IMAGES)
         cells = plan.cells(prepared)
         extra = 0
         if plan.adaptive:  # a random block may grow to max_draws draws per level
-            extra = sum(max(0, plan.study.max_draws - plan.study.draws) * len({c.level for c in plan.block_cells(prepared, b)
-                        if not c.is_identity and not c.perturbation.deterministic}) for b in blocks)  # fmt: skip
+            extra = sum(
+                max(0, plan.study.max_draws - plan.study.draws)
+                * len(
+                    {
+                        c.level
+                        for c in plan.block_cells(prepared, b)
+                        if not c.is_identity and not c.perturbation.deterministic
+                    }
+                )
+                for b in blocks
+            )
         seconds = _pass_seconds(plan, prepared, probe_images) if measure else None
-        out.append(ModelEstimate(prepared.loaded.name, len({b.layer for b in blocks}), len(blocks), len(cells) + 1,
-                                 extra, seconds))  # fmt: skip
+        out.append(
+            ModelEstimate(
+                prepared.loaded.name, len({b.layer for b in blocks}), len(blocks), len(cells) + 1, extra, seconds
+            )
+        )
     return out
 
 

@@ -44,15 +44,62 @@ class _Tracer(fx.Tracer):
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
 
 
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior,
-                      operator.ixor, operator.ipow, operator.ifloordiv, operator.imod, operator.ilshift,
-                      operator.irshift, operator.imatmul}  # fmt: skip
-_VIEW_METHODS = {"view", "view_as", "reshape", "transpose", "permute", "t", "expand", "expand_as", "narrow", "select",
-                 "squeeze", "unsqueeze", "flatten", "unflatten", "chunk", "split", "unbind", "as_strided",
-                 "diagonal", "movedim", "swapaxes", "__getitem__", "unfold", "detach"}  # fmt: skip
-_VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.transpose, torch.permute, torch.reshape, torch.squeeze,
-                   torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.select, torch.unbind,
-                   torch.movedim}  # fmt: skip
+_INPLACE_FUNCTIONS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ipow,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ilshift,
+    operator.irshift,
+    operator.imatmul,
+}
+_VIEW_METHODS = {
+    "view",
+    "view_as",
+    "reshape",
+    "transpose",
+    "permute",
+    "t",
+    "expand",
+    "expand_as",
+    "narrow",
+    "select",
+    "squeeze",
+    "unsqueeze",
+    "flatten",
+    "unflatten",
+    "chunk",
+    "split",
+    "unbind",
+    "as_strided",
+    "diagonal",
+    "movedim",
+    "swapaxes",
+    "__getitem__",
+    "unfold",
+    "detach",
+}
+_VIEW_FUNCTIONS = {
+    operator.getitem,
+    torch.flatten,
+    torch.transpose,
+    torch.permute,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.chunk,
+    torch.split,
+    torch.narrow,
+    torch.select,
+    torch.unbind,
+    torch.movedim,
+}
 
 
 def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -43,10 +43,27 @@ from lesionbench.probe import (
 from lesionbench.unit_spans import UnitSpan, follow_units, norm_channel_axis
 
 __all__ = [  # the analysis, and the names of its parts that were always imported from here
-    "ModelGraph", "discover_layers", "Split", "is_inplace", "make_inplace_explicit", "split_at", "trace",
-    "transition", "Probe", "check_module", "lora_wrappers", "module_tensors", "packed_weight", "probe",
-    "run_once", "storages", "unsupported_weight", "UnitSpan", "follow_units", "norm_channel_axis",
-]  # fmt: skip
+    "ModelGraph",
+    "discover_layers",
+    "Split",
+    "is_inplace",
+    "make_inplace_explicit",
+    "split_at",
+    "trace",
+    "transition",
+    "Probe",
+    "check_module",
+    "lora_wrappers",
+    "module_tensors",
+    "packed_weight",
+    "probe",
+    "run_once",
+    "storages",
+    "unsupported_weight",
+    "UnitSpan",
+    "follow_units",
+    "norm_channel_axis",
+]
 
 log = logging.getLogger("lesionbench")
 
@@ -85,20 +102,27 @@ class ModelGraph:
         left_out = {}
         for base, (_wrapper, adapters) in wrappers.items():
             for part in (m for a, b, _s in adapters for m in (a, b)):
-                left_out[names[part]] = (f"part of the LoRA adapter of {names[base]}, studied as one layer with it "
-                                         "(effective weight base + s·B·A)")  # fmt: skip
+                left_out[names[part]] = (
+                    f"part of the LoRA adapter of {names[base]}, studied as one layer with it "
+                    "(effective weight base + s·B·A)"
+                )
         for name, m in module.named_modules():
             if is_layer(m) and m not in seen.order and name not in left_out:
                 left_out[name] = unsupported_weight(m) or "the forward pass never reads its weight"
             elif packed_weight(m):
                 left_out[name] = packed_weight(m)
             elif isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(f"{k}.") for k in left_out):
-                left_out[name] = ("a TorchScript submodule: its compiled code's weight reads cannot be watched, so "
-                                  "the layers inside it are not studied (give its nn.Module instead)")  # fmt: skip
+                left_out[name] = (
+                    "a TorchScript submodule: its compiled code's weight reads cannot be watched, so "
+                    "the layers inside it are not studied (give its nn.Module instead)"
+                )
         for name, op in seen.other_weights.items():
             owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-            left_out.setdefault(name, f"a weight of {type(owner).__name__} that {op!r} reads, not a Conv/Linear/Conv1D "
-                                      "layer's: no perturbation reaches it")  # fmt: skip
+            left_out.setdefault(
+                name,
+                f"a weight of {type(owner).__name__} that {op!r} reads, not a Conv/Linear/Conv1D "
+                "layer's: no perturbation reaches it",
+            )
         order = [m for m in seen.order if names[m] not in left_out]
         n = len(order)
         layers = []

@@ -37,9 +37,9 @@ import pluggy
 if TYPE_CHECKING:
     from lesionbench.data import DatasetSource
     from lesionbench.executors import ExecutorPlugin
+    from lesionbench.layer_score import Score
     from lesionbench.model_sources import ModelSource
     from lesionbench.perturbation import Perturbation
-    from lesionbench.layer_score import Score
     from lesionbench.reporters import Reporter
     from lesionbench.study import StudyPreset
 

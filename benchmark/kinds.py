@@ -220,8 +220,17 @@ class LogScale(AxisScale):
         ax.minorticks_off()
         if positive:  # the log axis has no 0: mark the gap between the clean point and the first level
             gap = math.sqrt(clean_x * positive[0])
-            ax.text(gap, 0, "//", transform=ax.get_xaxis_transform(), ha="center", va="center", fontsize=9,
-                    clip_on=False, bbox=dict(facecolor="white", edgecolor="none", pad=0.5))  # fmt: skip
+            ax.text(
+                gap,
+                0,
+                "//",
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="center",
+                fontsize=9,
+                clip_on=False,
+                bbox=dict(facecolor="white", edgecolor="none", pad=0.5),
+            )
 
 
 LINEAR = LinearScale()

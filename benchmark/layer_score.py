@@ -83,8 +83,9 @@ def grid_extremes(score: Score, x: np.ndarray, undamaged: np.ndarray) -> tuple[f
     return floor, ceiling
 
 
-def layer_values(score: Score, x: np.ndarray, r: np.ndarray,
-                 undamaged: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def layer_values(
+    score: Score, x: np.ndarray, r: np.ndarray, undamaged: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(score [curves], critical position [curves]) of the curves ``r`` [levels, curves] on ``x``.
 
     ``x`` need not be sorted: both are put in increasing order of ``x`` (stable) first.
@@ -107,8 +108,9 @@ def layer_values(score: Score, x: np.ndarray, r: np.ndarray,
     with np.errstate(invalid="ignore", divide="ignore"):
         values = np.asarray(score.of(x, r), dtype=float)
     if values.shape != (r.shape[1],):
-        raise LesionbenchError(f"score {score.name!r} returned shape {values.shape} for {r.shape[1]} curves, "
-                               f"not ({r.shape[1]},)")  # fmt: skip
+        raise LesionbenchError(
+            f"score {score.name!r} returned shape {values.shape} for {r.shape[1]} curves, not ({r.shape[1]},)"
+        )
     if undamaged is not None:
         undamaged = np.asarray(undamaged, dtype=bool)[order]
         if undamaged.any() and not undamaged.all():

@@ -151,7 +151,11 @@ class Layer:
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """The layer's, its adapters' and its norms' parameters and buffers, under their names in the model."""
         out = {}
-        named = [(self.name, self.module), *zip(self.adapter_names, self.adapter_modules()), *zip(self.norm_names, self.norms)]
+        named = [
+            (self.name, self.module),
+            *zip(self.adapter_names, self.adapter_modules()),
+            *zip(self.norm_names, self.norms),
+        ]
         for prefix, module in named:
             for kind in (module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
                 out.update({f"{prefix}.{k}": t for k, t in kind})

@@ -21,21 +21,68 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesionbench.board import (BootstrapInfo, Cell, ClassDamage, ClassHurt, ClassScore, Depth, Entry, Fragile, Grid,
-                               LayerRow, LayerTable, Leaderboard, Link, ModelPage, Score, Track, Unscored, Weakest,
-                               num)  # fmt: skip
-from lesionbench.board_stats import (depth_thirds, draws_range, evaluation_seconds, images_per_class, layer_groups,
-                                     level_grids, mean_score, model_facts, most_fragile_layers, ranked_perturbations,
-                                     ranking, track_bootstraps)  # fmt: skip
+from lesionbench.board import (
+    BootstrapInfo,
+    Cell,
+    ClassDamage,
+    ClassHurt,
+    ClassScore,
+    Depth,
+    Entry,
+    Fragile,
+    Grid,
+    LayerRow,
+    LayerTable,
+    Leaderboard,
+    Link,
+    ModelPage,
+    Score,
+    Track,
+    Unscored,
+    Weakest,
+    num,
+)
+from lesionbench.board_stats import (
+    depth_thirds,
+    draws_range,
+    evaluation_seconds,
+    images_per_class,
+    layer_groups,
+    level_grids,
+    mean_score,
+    model_facts,
+    most_fragile_layers,
+    ranked_perturbations,
+    ranking,
+    track_bootstraps,
+)
 from lesionbench.board_text import format_critical, grid_text, md, table, with_interval  # noqa: F401 (public names)
 from lesionbench.class_damage import KEY, class_label, classes_hurt
 from lesionbench.layer_score import DEFAULT_SCORE
 from lesionbench.scores import METHOD, Bootstrap, at_chance, layer_scores
 from lesionbench.store import CLEAN, Outcomes
 
-__all__ = ["build_leaderboard", "render", "render_pages", "reporter", "track_bootstraps", "evaluation_seconds",
-           "model_page", "metric_of", "relative_link", "md", "table", "with_interval", "format_critical", "grid_text",
-           "images_per_class", "most_fragile_layers", "ranked_perturbations", "LEADERBOARD_PAGE", "MODEL_PAGES"]  # fmt: skip
+__all__ = [
+    "build_leaderboard",
+    "render",
+    "render_pages",
+    "reporter",
+    "track_bootstraps",
+    "evaluation_seconds",
+    "model_page",
+    "metric_of",
+    "relative_link",
+    "md",
+    "table",
+    "with_interval",
+    "format_critical",
+    "grid_text",
+    "images_per_class",
+    "most_fragile_layers",
+    "ranked_perturbations",
+    "LEADERBOARD_PAGE",
+    "MODEL_PAGES",
+]
 
 # What a track is called when its manifest gives no dataset title: the data, not the plugin.
 KNOWN_TITLES = {"fashion_mnist": "Fashion-MNIST"}
@@ -92,8 +139,16 @@ def build_leaderboard(
         metric = metrics.get(dataset, "top1")
         boot = boots.get(dataset)
         scores = boot.layers if boot is not None else layer_scores(dg, metric, score)
-        track = _track(dataset, titles.get(dataset, dataset), metric, dg, scores, boot,
-                       (per_class or {}).get(dataset), (class_names or {}).get(dataset))  # fmt: skip
+        track = _track(
+            dataset,
+            titles.get(dataset, dataset),
+            metric,
+            dg,
+            scores,
+            boot,
+            (per_class or {}).get(dataset),
+            (class_names or {}).get(dataset),
+        )
         track.headline = (headlines or {}).get(dataset)
         for page in track.models:
             page.plots = [Link(label, path) for label, path in plot_links.get(page.model, ())]
@@ -105,8 +160,16 @@ def build_leaderboard(
     return Leaderboard(title, [str(s) for s in sources], info, tracks)
 
 
-def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.DataFrame, boot: Bootstrap | None,
-           per_class: pd.DataFrame | None, class_names: Sequence[str] | None) -> Track:  # fmt: skip
+def _track(
+    dataset: str,
+    title: str,
+    metric: str,
+    dg: pd.DataFrame,
+    scores: pd.DataFrame,
+    boot: Bootstrap | None,
+    per_class: pd.DataFrame | None,
+    class_names: Sequence[str] | None,
+) -> Track:
     facts = model_facts(dg).set_index("model")
     models = sorted(scores["model"].unique())
     shared, partial, regridded = ranked_perturbations(dg, scores)
@@ -123,19 +186,54 @@ def _track(dataset: str, title: str, metric: str, dg: pd.DataFrame, scores: pd.D
             first, last = num(firsts.first().mean()), num(firsts.last().mean())
         used = dg[(dg["model"] == m) & dg["perturbation"].isin(shared)]
         clean = dg[(dg["model"] == m) & (dg["perturbation"] == CLEAN)]
-        entries.append(Entry(
-            model=m, page=slug(dataset, m), rank=int(r.rank) if shared else None, clean_top1=num(f.clean_top1),
-            clean_top5=num(f.clean_top5), overall=Score(num(r.overall), num(r.low), num(r.high)),
-            perturbations={p: Score(*map(num, mean_score(boot, mine, m, dataset, p))) for p in shared},
-            weakest=weakest, first_layer=first, last_layer=last, n_images=int(f.n_images), draws=draws_range(used),
-            images_per_s=num(f.images_per_s), device=str(f.device), study_seconds=evaluation_seconds(used, clean)))  # fmt: skip
-    unscored = [Unscored(r.model, slug(dataset, r.model), num(facts.loc[r.model].clean_top1),
-                         num(facts.loc[r.model].clean_top5), float(r.clean), float(r.n_images), float(r.chance))
-                for r in at_chance(dg, metric).itertuples()]  # fmt: skip
+        entries.append(
+            Entry(
+                model=m,
+                page=slug(dataset, m),
+                rank=int(r.rank) if shared else None,
+                clean_top1=num(f.clean_top1),
+                clean_top5=num(f.clean_top5),
+                overall=Score(num(r.overall), num(r.low), num(r.high)),
+                perturbations={p: Score(*map(num, mean_score(boot, mine, m, dataset, p))) for p in shared},
+                weakest=weakest,
+                first_layer=first,
+                last_layer=last,
+                n_images=int(f.n_images),
+                draws=draws_range(used),
+                images_per_s=num(f.images_per_s),
+                device=str(f.device),
+                study_seconds=evaluation_seconds(used, clean),
+            )
+        )
+    unscored = [
+        Unscored(
+            r.model,
+            slug(dataset, r.model),
+            num(facts.loc[r.model].clean_top1),
+            num(facts.loc[r.model].clean_top5),
+            float(r.clean),
+            float(r.n_images),
+            float(r.chance),
+        )
+        for r in at_chance(dg, metric).itertuples()
+    ]
     pages = [_model_page(dataset, m, scores[scores["model"] == m], boot) for m in ranks["model"]]
     pages += [ModelPage(u.model, u.page, unscored=u) for u in unscored]
-    return Track(dataset, title, metric, shared, partial, regridded, entries, unscored, None, _grids(dg),
-                 _depth(scores), _class_damage(per_class, scores, shared, class_names), pages)  # fmt: skip
+    return Track(
+        dataset,
+        title,
+        metric,
+        shared,
+        partial,
+        regridded,
+        entries,
+        unscored,
+        None,
+        _grids(dg),
+        _depth(scores),
+        _class_damage(per_class, scores, shared, class_names),
+        pages,
+    )
 
 
 def _grids(dg: pd.DataFrame) -> list[Grid]:
@@ -160,13 +258,19 @@ def _depth(scores: pd.DataFrame) -> list[Depth]:
     for p in sorted(scores["perturbation"].unique()):
         g = scores[scores["perturbation"] == p]
         w = g.loc[g["score"].idxmin()]
-        out.append(Depth(p, int(g["model"].nunique()), *map(num, depth_thirds(g)), str(w.model), str(w.layer),
-                         num(w.score)))  # fmt: skip
+        out.append(
+            Depth(p, int(g["model"].nunique()), *map(num, depth_thirds(g)), str(w.model), str(w.layer), num(w.score))
+        )
     return out
 
 
-def _class_damage(per_class: pd.DataFrame | None, scores: pd.DataFrame, shared: list[str],
-                  class_names: Sequence[str] | None, k: int = 2) -> ClassDamage | None:  # fmt: skip
+def _class_damage(
+    per_class: pd.DataFrame | None,
+    scores: pd.DataFrame,
+    shared: list[str],
+    class_names: Sequence[str] | None,
+    k: int = 2,
+) -> ClassDamage | None:
     """Which ``k`` classes each model's most fragile layer (per ranked perturbation) hurts most, and least."""
     if per_class is None or per_class.empty or not shared:
         return None
@@ -202,8 +306,11 @@ def _model_page(dataset: str, model: str, scores: pd.DataFrame, boot: Bootstrap 
             cells = {}
             for p in group:
                 r = lg[lg["perturbation"] == p].iloc[0]
-                critical = Score(float(r.critical_level), num(getattr(r, "critical_low", np.nan)),
-                                 num(getattr(r, "critical_high", np.nan)))  # fmt: skip
+                critical = Score(
+                    float(r.critical_level),
+                    num(getattr(r, "critical_low", np.nan)),
+                    num(getattr(r, "critical_high", np.nan)),
+                )
                 cells[p] = Cell(_score(r), str(r.verdict), critical, float(r.max_level), str(r.level_axis))
             rows.append(LayerRow(str(layer), int(index), num(lg["relative_depth"].iloc[0]), cells))
         tables.append(LayerTable(list(group), rows))

@@ -45,8 +45,13 @@ class MemoryStore:
 
     def completed(self) -> dict[CellKey, tuple[float, float]]:
         """Each cell written so far, with its (top1, top5)."""
-        return {cell_key(r["model"], r["layer"], r["perturbation"], r["level"], r["draw"]): (_num(r["top1"]), _num(r["top5"]))
-                for r in self.rows}  # fmt: skip
+        return {
+            cell_key(r["model"], r["layer"], r["perturbation"], r["level"], r["draw"]): (
+                _num(r["top1"]),
+                _num(r["top5"]),
+            )
+            for r in self.rows
+        }
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -109,7 +109,9 @@ def create_model(spec: ModelSpec | str, sources: Mapping[str, ModelSource]) -> L
         loaded = source.build(spec)
     except (TypeError, ValueError) as exc:  # options the builder does not take, or of the wrong type
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LesionbenchError(f"model {spec.ref!r} could not be built with options {dict(spec.options)}: {first}") from None
+        raise LesionbenchError(
+            f"model {spec.ref!r} could not be built with options {dict(spec.options)}: {first}"
+        ) from None
     loaded.module.eval()
     if spec.init_checkpoint:
         initial = load_state_dict(spec.init_checkpoint)
@@ -147,8 +149,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break
-    if not isinstance(obj, dict) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
         raise LesionbenchError(f"checkpoint {str(path)!r} is not a state dict (a mapping of names to tensors)")
     return obj

@@ -49,8 +49,15 @@ class NaiveEngine:
 
     name = "naive"
 
-    def __init__(self, graph: ModelGraph, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 device: torch.device, autocast: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        graph: ModelGraph,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+        autocast: bool = False,
+    ):
         self.graph, self.module, self.images, self.labels = graph, graph.module, images, labels
         self.batch_size, self.device, self.autocast = batch_size, device, autocast
         self.notes: list[str] = []
@@ -77,8 +84,16 @@ class NaiveEngine:
             yield LayerEval(self.full)
             return
         start, stop = shard
-        yield LayerEval(lambda: evaluate(self.module, _Range(self.images, start), self.labels[start:stop],
-                                         self.batch_size, self.device, self.autocast))  # fmt: skip
+        yield LayerEval(
+            lambda: evaluate(
+                self.module,
+                _Range(self.images, start),
+                self.labels[start:stop],
+                self.batch_size,
+                self.device,
+                self.autocast,
+            )
+        )
 
     def close(self) -> None:
         """Nothing is cached."""

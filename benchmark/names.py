@@ -37,8 +37,9 @@ def named(targets: Sequence[Layer], layers: Sequence[Layer], aliases: Mapping[st
     from lesionbench.transformer_parts import display_names
 
     names = {**display_names(layers), **aliases}
-    return [t if names.get(t.name, t.name) == t.display else replace(t, display=names.get(t.name, t.name))
-            for t in targets]  # fmt: skip
+    return [
+        t if names.get(t.name, t.name) == t.display else replace(t, display=names.get(t.name, t.name)) for t in targets
+    ]
 
 
 def wrapper_prefixes(models: Sequence[str]) -> dict[str, str]:
@@ -78,5 +79,5 @@ def legacy_layer_names(models: Sequence[str], layers: Sequence[str]) -> np.ndarr
     for i, (model, layer) in enumerate(zip(models, layers)):
         prefix = prefixes.get(model)
         if prefix and isinstance(layer, str) and layer.startswith(prefix):
-            out[i] = layer[len(prefix):]
+            out[i] = layer[len(prefix) :]
     return out

@@ -47,8 +47,12 @@ class Outcomes:
 
     @classmethod
     def empty(cls) -> Outcomes:
-        return cls(pd.DataFrame(columns=["model", "dataset"] + KEY_COLUMNS[1:]), np.zeros((0, 0), np.int32),
-                   np.zeros((0, 0), bool), pd.DataFrame(columns=["dataset", "split", "index", "label", "tokens"]))  # fmt: skip
+        return cls(
+            pd.DataFrame(columns=["model", "dataset"] + KEY_COLUMNS[1:]),
+            np.zeros((0, 0), np.int32),
+            np.zeros((0, 0), bool),
+            pd.DataFrame(columns=["dataset", "split", "index", "label", "tokens"]),
+        )
 
     @classmethod
     def from_runs(cls, parts: list[tuple[pd.DataFrame, np.ndarray, np.ndarray, Subset]]) -> Outcomes:
@@ -56,8 +60,12 @@ class Outcomes:
         with columns in its subset's order, onto the union of their images."""
         if not parts:
             return cls.empty()
-        frames = [pd.DataFrame({"dataset": s.dataset, "split": s.split, "index": s.indices, "label": s.labels,
-                                "tokens": s.tokens or 1}) for _k, _t1, _t5, s in parts]  # fmt: skip
+        frames = [
+            pd.DataFrame(
+                {"dataset": s.dataset, "split": s.split, "index": s.indices, "label": s.labels, "tokens": s.tokens or 1}
+            )
+            for _k, _t1, _t5, s in parts
+        ]
         images = pd.concat(frames, ignore_index=True).drop_duplicates(["dataset", "split", "index"], ignore_index=True)
         column = {k: i for i, k in enumerate(zip(images["dataset"], images["split"], images["index"]))}
         n_cells = sum(len(k) for k, *_ in parts)
@@ -84,10 +92,22 @@ class Outcomes:
                 if rows.size:
                     img = o.images.iloc[cols]
                     tokens = int(img["tokens"].max()) if "tokens" in img.columns else 1
-                    subset = Subset(dataset, split, img["index"].to_numpy(np.int64), img["label"].to_numpy(np.int64),
-                                    tokens if tokens > 1 else None)  # fmt: skip
-                    parts.append((rows + offset, o.keys.iloc[rows], o.top1[np.ix_(rows, cols)], o.top5[np.ix_(rows, cols)],
-                                  subset))  # fmt: skip
+                    subset = Subset(
+                        dataset,
+                        split,
+                        img["index"].to_numpy(np.int64),
+                        img["label"].to_numpy(np.int64),
+                        tokens if tokens > 1 else None,
+                    )
+                    parts.append(
+                        (
+                            rows + offset,
+                            o.keys.iloc[rows],
+                            o.top1[np.ix_(rows, cols)],
+                            o.top5[np.ix_(rows, cols)],
+                            subset,
+                        )
+                    )
             offset += len(o)
         keys = pd.concat([o.keys for o in many], ignore_index=True) if many else cls.empty().keys
         if not parts:
@@ -103,9 +123,15 @@ class Outcomes:
 def _outcome_schema(subset: Subset):
     import pyarrow as pa
 
-    fields = [("model", pa.string()), ("layer", pa.string()), ("perturbation", pa.string()), ("level", pa.float64()),
-              ("draw", pa.int64()), ("top1", pa.list_(pa.int32())),
-              ("top5", pa.list_(pa.int32() if subset.tokens else pa.bool_()))]  # fmt: skip
+    fields = [
+        ("model", pa.string()),
+        ("layer", pa.string()),
+        ("perturbation", pa.string()),
+        ("level", pa.float64()),
+        ("draw", pa.int64()),
+        ("top1", pa.list_(pa.int32())),
+        ("top5", pa.list_(pa.int32() if subset.tokens else pa.bool_())),
+    ]
     return pa.schema(fields, metadata={"lesionbench.subset": subset.to_json()})
 
 
@@ -156,7 +182,10 @@ class _OutcomeWriter:
         pa = self.pa
         values = [[row["model"]], [row["layer"]], [row["perturbation"]], [float(row["level"])], [int(row["draw"])]]
         arrays = [pa.array(v, f.type) for v, f in zip(values, self.schema)]
-        for flat, f in ((np.asarray(top1, np.int32), self.schema.field("top1")), (np.asarray(top5, self.schema.field("top5").type.value_type.to_pandas_dtype()), self.schema.field("top5"))):
+        for flat, f in (
+            (np.asarray(top1, np.int32), self.schema.field("top1")),
+            (np.asarray(top5, self.schema.field("top5").type.value_type.to_pandas_dtype()), self.schema.field("top5")),
+        ):
             arrays.append(pa.ListArray.from_arrays(pa.array([0, len(flat)], pa.int32()), pa.array(flat), type=f.type))
         self.writer.write_batch(pa.record_batch(arrays, schema=self.schema))
         self._write(self._take())
@@ -203,8 +232,15 @@ def read_outcome_file(path: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
     keys.insert(1, "dataset", subset.dataset)
     keys["layer"] = legacy_layer_names(keys["model"], keys["layer"])  # as results.csv is read (lesionbench.names)
     n, cells = len(subset.indices), table.num_rows
-    top1 = table.column("top1").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(cells, n) if cells else np.zeros((0, n), np.int32)
-    top5 = table.column("top5").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(cells, n) if cells else np.zeros((0, n), bool)
+    top1 = (
+        table.column("top1").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(cells, n)
+        if cells
+        else np.zeros((0, n), np.int32)
+    )
+    top5 = (
+        table.column("top5").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(cells, n)
+        if cells
+        else np.zeros((0, n), bool)
+    )
     last = ~keys.duplicated(KEY_COLUMNS, keep="last").to_numpy()
     return keys[last].reset_index(drop=True), top1[last], top5[last].astype(np.int32 if subset.tokens else bool), subset
-

@@ -28,8 +28,12 @@ def _check_same_images(df: pd.DataFrame, outcomes: Outcomes, metric: str) -> Non
         evaluated = _hits(outcomes, runs["outcome"].to_numpy(), metric)[1]
         if not (evaluated == evaluated[0]).all():
             counts = ", ".join(str(int(n)) for n in evaluated.sum(axis=1))
-            raise _mixed_runs(model, dataset, f"has runs evaluated on different images ({counts} images, "
-                              f"{int(evaluated.all(axis=0).sum())} in common)")  # fmt: skip
+            raise _mixed_runs(
+                model,
+                dataset,
+                f"has runs evaluated on different images ({counts} images, "
+                f"{int(evaluated.all(axis=0).sum())} in common)",
+            )
 
 
 def _hits(outcomes: Outcomes, rows: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -96,15 +100,24 @@ def per_class_accuracy(df: pd.DataFrame, outcomes: Outcomes, metric: str = "top1
     long["n_images"] = n.ravel()
     long["accuracy"] = acc.ravel()
     long = long[long["n_images"] > 0]
-    out = long.groupby(GROUP + ["level", "class"], sort=True).agg(n_images=("n_images", "first"),
-                                                                   accuracy=("accuracy", "mean")).reset_index()  # fmt: skip
+    out = (
+        long.groupby(GROUP + ["level", "class"], sort=True)
+        .agg(n_images=("n_images", "first"), accuracy=("accuracy", "mean"))
+        .reset_index()
+    )
     clean_acc, _ = by_class(clean)
-    ref = pd.DataFrame({"model": clean["model"].repeat(len(classes)).to_numpy(),
-                        "dataset": clean["dataset"].repeat(len(classes)).to_numpy(),
-                        "class": np.tile(classes, len(clean)), "clean": clean_acc.ravel(),
-                        "chance": np.repeat([chance_level(metric, int(k)) for k in clean["num_classes"]], len(classes))})  # fmt: skip
+    ref = pd.DataFrame(
+        {
+            "model": clean["model"].repeat(len(classes)).to_numpy(),
+            "dataset": clean["dataset"].repeat(len(classes)).to_numpy(),
+            "class": np.tile(classes, len(clean)),
+            "clean": clean_acc.ravel(),
+            "chance": np.repeat([chance_level(metric, int(k)) for k in clean["num_classes"]], len(classes)),
+        }
+    )
     out = out.merge(ref, on=["model", "dataset", "class"], how="left")
     out["retention"] = retention(out["accuracy"], out["clean"], out["chance"])
     out["n_images"] = out["n_images"].astype(int)
-    return out.drop(columns="chance").sort_values(["model", "perturbation", "layer_index", "level", "class"],
-                                                  ignore_index=True)[out_cols]  # fmt: skip
+    return out.drop(columns="chance").sort_values(
+        ["model", "perturbation", "layer_index", "level", "class"], ignore_index=True
+    )[out_cols]

@@ -37,7 +37,15 @@ from lesionbench.errors import LesionbenchError
 from lesionbench.hook_routing import HOOKED_OPS, HooksAtFunctionalUse, OutProjectionCalled, attention_out_projections
 from lesionbench.hook_routing import ROUTED_OPS as ROUTED_OPS
 from lesionbench.kinds import (
-    DESCENDING, HOOKS, LINEAR, LOG, WEIGHTS, AxisScale, PerturbationKind, axis_scale, perturbation_kind,
+    DESCENDING,
+    HOOKS,
+    LINEAR,
+    LOG,
+    WEIGHTS,
+    AxisScale,
+    PerturbationKind,
+    axis_scale,
+    perturbation_kind,
 )
 from lesionbench.layers import Layer
 
@@ -237,8 +245,10 @@ def perturbed(
     try:
         with torch.no_grad():
             handles = kind.start(perturbation, layer, level, generator)
-        with HooksAtFunctionalUse(layer.module) if functional else nullcontext(), \
-                OutProjectionCalled(routed) if routed else nullcontext():  # fmt: skip
+        with (
+            HooksAtFunctionalUse(layer.module) if functional else nullcontext(),
+            OutProjectionCalled(routed) if routed else nullcontext(),
+        ):
             yield kind.hooked
     finally:
         for handle in handles:

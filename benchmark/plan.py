@@ -232,13 +232,22 @@ def resolve_perturbations(study: Study, registry: Registry) -> dict[str, tuple[P
     return perturbations
 
 
-def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: RawDataset, max_label: int,
-                  registry: Registry, plugin: str) -> PreparedModel:  # fmt: skip
+def prepare_model(
+    loaded: LoadedModel,
+    study: Study,
+    perturbations: dict,
+    raw: RawDataset,
+    max_label: int,
+    registry: Registry,
+    plugin: str,
+) -> PreparedModel:
     """A built model analysed and checked: its graph, the study's layers, each perturbation's targets."""
     device = resolve_device(study.device)
     if device.type not in loaded.devices:
-        raise LesionbenchError(f"model {loaded.name!r} runs on {' or '.join(loaded.devices)} only, not on {device}: "
-                               f"set device = {loaded.devices[0]!r} in the study or --device {loaded.devices[0]}")  # fmt: skip
+        raise LesionbenchError(
+            f"model {loaded.name!r} runs on {' or '.join(loaded.devices)} only, not on {device}: "
+            f"set device = {loaded.devices[0]!r} in the study or --device {loaded.devices[0]}"
+        )
     if bool(raw.tokens) != (loaded.targets is not None):  # text needs a language model, and vice versa
         need = "a language model (hf: a causal LM)" if raw.tokens else "a text dataset (e.g. 'text')"
         what = f"dataset {raw.name!r} is text" if raw.tokens else f"model {loaded.name!r} is a language model"
@@ -264,13 +273,21 @@ def prepare_model(loaded: LoadedModel, study: Study, perturbations: dict, raw: R
             raise LesionbenchError(f"layer {wanted!r} of model {ref!r} cannot be perturbed: {graph.left_out[wanted]}")
     if not graph.layers:
         why = "; ".join(f"{name}: {reason}" for name, reason in graph.left_out.items())
-        raise LesionbenchError(f"model {ref!r} has no layer lesionbench can perturb" + (f" ({why})" if why else
-                               " (no Conv, Linear or transformers Conv1D module whose weight the forward pass reads)"))  # fmt: skip
+        raise LesionbenchError(
+            f"model {ref!r} has no layer lesionbench can perturb"
+            + (
+                f" ({why})"
+                if why
+                else " (no Conv, Linear or transformers Conv1D module whose weight the forward pass reads)"
+            )
+        )
     notes = [f"{ref}: {name} left out: {why}" for name, why in graph.left_out.items() if not study.layers]
     if study.layer_count is not None:  # the same relative depths in every model, whatever its layers' names
         layers = spread_layers(graph.layers, study.layer_count)
         if len(layers) < study.layer_count:
-            notes.append(f"{ref}: has {len(graph.layers)} layers, so {len(layers)} of layer_count = {study.layer_count} are distinct")
+            notes.append(
+                f"{ref}: has {len(graph.layers)} layers, so {len(layers)} of layer_count = {study.layer_count} are distinct"
+            )
     else:
         layers = select_layers(graph.layers, study.layers)
     layers = _with_initial(layers, loaded)
@@ -296,8 +313,10 @@ def hookable(layers: list[Layer], perturbation: str, ref: str, named: bool, note
     hookable_ops = HOOKED_OPS | ROUTED_OPS
     for layer in layers:
         if layer.applied_by and layer.applied_by not in hookable_ops:
-            why = (f"layer {layer.display!r} of model {ref!r}: its weight is applied by {layer.applied_by!r} outside "
-                   f"the module's own call, so a forward hook never sees its output and {perturbation!r} cannot damage it")  # fmt: skip
+            why = (
+                f"layer {layer.display!r} of model {ref!r}: its weight is applied by {layer.applied_by!r} outside "
+                f"the module's own call, so a forward hook never sees its output and {perturbation!r} cannot damage it"
+            )
             if named:
                 raise LesionbenchError(f"{why}; weight perturbations can, or leave the layer out of the study")
             notes.append(f"{why}: left out of {perturbation}")
@@ -315,8 +334,10 @@ def prepare(study: Study, registry: Registry) -> Plan:
         raise LesionbenchError(f"dataset {study.dataset.name!r} is empty")
     wanted = study.dataset.n_images
     if wanted is not None and wanted > len(raw) and wanted != DatasetSpec().n_images:  # the default is capped
-        raise LesionbenchError(f"n_images {wanted} is more than the {len(raw)} images of dataset "
-                               f"{study.dataset.name!r} (split {study.dataset.split!r}); ask for at most {len(raw)}")  # fmt: skip
+        raise LesionbenchError(
+            f"n_images {wanted} is more than the {len(raw)} images of dataset "
+            f"{study.dataset.name!r} (split {study.dataset.split!r}); ask for at most {len(raw)}"
+        )
     indices = stratified_subset(raw.labels, wanted, study.dataset.subset_seed)  # not study.seed
     calibration = calibration_subset(raw.labels, indices, study) if study.bn_recalibrate else None
     sources = {k: c.obj for k, c in registry.contributions("models").items()}
@@ -329,7 +350,9 @@ def prepare(study: Study, registry: Registry) -> Plan:
         seen.add(spec.ref)
         plugin = registry.owner("models", resolve_source(spec, sources))
         with torch.random.fork_rng(devices=[]), blame(plugin, f"building model {spec.ref!r}"):
-            torch.manual_seed(cell_seed(study.seed, spec.ref, "", "init", 0.0, 0))  # weights not from a file: the seed's
+            torch.manual_seed(
+                cell_seed(study.seed, spec.ref, "", "init", 0.0, 0)
+            )  # weights not from a file: the seed's
             loaded = create_model(spec, sources)
         models.append(prepare_model(loaded, study, perturbations, raw, max_label, registry, plugin))
     for name, (p, _levels) in perturbations.items():
@@ -386,6 +409,6 @@ def _with_initial(layers: list[Layer], loaded: LoadedModel) -> list[Layer]:
     out = []
     for layer in layers:
         prefix = f"{layer.name}."
-        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         out.append(replace(layer, initial=own or None))
     return out

@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from lesionbench.kinds import axis_scale, format_level  # noqa: E402
 
+from lesionbench.kinds import axis_scale, format_level  # noqa: E402
 
 DPI = 110
 MAX_WIDTH_IN = 11.0  # × DPI ≈ 1,210 px: readable at a page width of 1,200 px
@@ -28,8 +28,14 @@ MAX_PAGE_HEIGHT_IN = 13.0  # a taller grid is split over several files
 MAX_COLUMNS = 4
 MAX_COLOURED_LAYERS = 10  # beyond this, grey context and a few highlighted layers
 FALLBACK_UNIT = "level p"  # result files written before level_unit was recorded
-STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
-         "xtick.labelsize": 8, "ytick.labelsize": 8}  # fmt: skip
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 
 
@@ -68,8 +74,9 @@ def panel_grid(n: int, panel_w: float, panel_h: float, extra_h: float = 0.9, **k
     cols = min(MAX_COLUMNS, max(1, n))
     rows = math.ceil(n / cols)
     width = min(MAX_WIDTH_IN, max(6.0, panel_w * cols + 0.9))  # at least wide enough for the title
-    fig, axes = plt.subplots(rows, cols, figsize=(width, panel_h * rows + extra_h), layout="constrained",
-                             squeeze=False, **kw)  # fmt: skip
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(width, panel_h * rows + extra_h), layout="constrained", squeeze=False, **kw
+    )
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, axes
@@ -124,7 +131,7 @@ def plot_facts(df: pd.DataFrame, model: str, perts: Sequence[str] | None = None)
 
 
 def facts_line(facts: dict, draws: int | None = None) -> str:
-    """"fashion_mnist, 500 images, 5 draws per level" (a range of draws where perturbations differ)."""
+    """ "fashion_mnist, 500 images, 5 draws per level" (a range of draws where perturbations differ)."""
     lo, hi = facts["draws"] if draws is None else (draws, draws)
     images = f"{facts['images']:,} images" if facts["images"] else "images unknown"
     count = f"{hi} draw{'s' if hi != 1 else ''}" if lo == hi else f"{lo}–{hi} draws"
@@ -155,7 +162,6 @@ def band_caption(c: pd.DataFrame, draws: int) -> str:
     if c["bootstrapped"].any():
         return "shaded: 95% interval (bootstrap over images and draws; t over draws where no outcomes were kept)"
     return f"shaded: 95% t-interval of the mean over {draws} draws" if draws > 1 else "no band"
-
 
 
 def save_figure(fig: Figure, out: Path) -> Path:

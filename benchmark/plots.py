@@ -37,16 +37,40 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from lesionbench.layer_score import DEFAULT_SCORE  # noqa: E402
+from lesionbench.plot_base import (
+    MARKERS,
+    MAX_COLOURED_LAYERS,
+    MAX_WIDTH_IN,  # noqa: E402,F401
+    STYLE,
+    band_caption,
+    chance_line,
+    damage_positions,
+    draw_level_axis,
+    facts_line,
+    fmt_level,
+    level_unit,
+    model_styles,
+    pages,
+    palette,
+    panel_grid,
+    plot_facts,
+    safe_name,
+    save_figure,
+    suptitle,
+    with_band,
+)
 from lesionbench.scores import curves, layer_scores, to_axis  # noqa: E402
-from lesionbench.plot_base import (DPI, MARKERS, MAX_COLOURED_LAYERS, MAX_COLUMNS, MAX_PAGE_HEIGHT_IN, MAX_WIDTH_IN,  # noqa: E402,F401
-                                   STYLE, band_caption, chance_line, damage_positions, draw_level_axis, facts_line,
-                                   fmt_level, level_unit, model_styles, pages, palette, panel_grid, plot_facts,
-                                   safe_name, save_figure, suptitle, with_band)  # fmt: skip
 
 
-def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metric: str,
-                           c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None,
-                           score: str = DEFAULT_SCORE) -> Figure:  # fmt: skip
+def accuracy_curves_figure(
+    df: pd.DataFrame,
+    model: str,
+    perturbation: str,
+    metric: str,
+    c: pd.DataFrame | None = None,
+    bands: pd.DataFrame | None = None,
+    score: str = DEFAULT_SCORE,
+) -> Figure:
     """Accuracy against level for every layer of ``model`` under ``perturbation`` (not saved);
     ``bands``: bootstrap bands (see :func:`with_band`); ``score``: the layer score's registered name."""
     if c is None:
@@ -74,11 +98,19 @@ def accuracy_curves_figure(df: pd.DataFrame, model: str, perturbation: str, metr
         for i, (name, label) in enumerate(highlighted.items()):
             g = c[c["layer"] == name].sort_values("x")
             colour = colours[i]
-            ax.plot(g["x"], g["mean"], marker=MARKERS[i % len(MARKERS)], ms=4, lw=1.6, color=colour, zorder=3,
-                    label=label)  # fmt: skip
+            ax.plot(
+                g["x"], g["mean"], marker=MARKERS[i % len(MARKERS)], ms=4, lw=1.6, color=colour, zorder=3, label=label
+            )
             if draws > 1 or g["bootstrapped"].any():
-                ax.fill_between(g["x"], g["band_low"].clip(0, 1), g["band_high"].clip(0, 1), color=colour, alpha=0.12,
-                                lw=0, zorder=2)  # fmt: skip
+                ax.fill_between(
+                    g["x"],
+                    g["band_low"].clip(0, 1),
+                    g["band_high"].clip(0, 1),
+                    color=colour,
+                    alpha=0.12,
+                    lw=0,
+                    zorder=2,
+                )
         chance = float(c["chance"].iloc[0]) if len(c) else 0.0
         chance_line(ax, chance)
         handles, labels = ax.get_legend_handles_labels()
@@ -111,9 +143,16 @@ def _highlights(names: list[str], score: Mapping[str, float]) -> dict[str, str]:
     return {n: f"{n} ({', '.join(picks[n])}" + (f"; score {score[n]:.2f})" if n in score else ")") for n in ordered}
 
 
-def accuracy_curves(df: pd.DataFrame, model: str, perturbation: str, metric: str, out: Path,
-                    c: pd.DataFrame | None = None, bands: pd.DataFrame | None = None,
-                    score: str = DEFAULT_SCORE) -> Path:  # fmt: skip
+def accuracy_curves(
+    df: pd.DataFrame,
+    model: str,
+    perturbation: str,
+    metric: str,
+    out: Path,
+    c: pd.DataFrame | None = None,
+    bands: pd.DataFrame | None = None,
+    score: str = DEFAULT_SCORE,
+) -> Path:
     """Figure 1 for one model and perturbation, written to ``out`` (PNG)."""
     return save_figure(accuracy_curves_figure(df, model, perturbation, metric, c, bands, score), out)
 
@@ -143,8 +182,9 @@ def heatmap_row_height(n_rows: int) -> float:
     return 0.16 * n_rows + 0.75
 
 
-def retention_heatmap_figure(df: pd.DataFrame, model: str, metric: str, perts: Sequence[str] | None = None,
-                             c: pd.DataFrame | None = None) -> Figure:  # fmt: skip
+def retention_heatmap_figure(
+    df: pd.DataFrame, model: str, metric: str, perts: Sequence[str] | None = None, c: pd.DataFrame | None = None
+) -> Figure:
     """Retention by layer (rows, the same in every panel) and level (columns, damage growing to
     the right), one panel per perturbation (not saved)."""
     mine = df[df["model"] == model]
@@ -164,8 +204,14 @@ def retention_heatmap_figure(df: pd.DataFrame, model: str, metric: str, perts: S
             grid = g.pivot_table(index=["layer_index", "layer"], columns="level", values="retention").reindex(index)
             order = np.argsort(to_axis(grid.columns.to_numpy(), axis), kind="stable")  # damage grows rightwards
             grid = grid.iloc[:, order]
-            image = ax.imshow(np.ma.masked_invalid(grid.to_numpy(dtype=float)), aspect="auto", cmap=cmap, vmin=0,
-                              vmax=1, interpolation="nearest")  # fmt: skip
+            image = ax.imshow(
+                np.ma.masked_invalid(grid.to_numpy(dtype=float)),
+                aspect="auto",
+                cmap=cmap,
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
             ticks = list(range(0, len(grid.columns), max(1, math.ceil(len(grid.columns) / 5))))
             ax.set_xticks(ticks, [fmt_level(grid.columns[t]) for t in ticks])
             ax.set_xlabel(textwrap.fill(level_unit(mine, p), 30), fontsize=8)
@@ -175,13 +221,22 @@ def retention_heatmap_figure(df: pd.DataFrame, model: str, metric: str, perts: S
             ax.set_ylabel("layer (input → output)")
         if image is not None:
             fig.colorbar(image, ax=axes.ravel().tolist(), label="retention r(p)", shrink=0.9, aspect=30)
-        suptitle(fig, f"{model}: retention by layer and level ({metric}; 1 = clean, 0 = chance; grey = not studied)",
-                  facts_line(facts))  # fmt: skip
+        suptitle(
+            fig,
+            f"{model}: retention by layer and level ({metric}; 1 = clean, 0 = chance; grey = not studied)",
+            facts_line(facts),
+        )
     return fig
 
 
-def retention_heatmap(df: pd.DataFrame, model: str, metric: str, out: Path, perts: Sequence[str] | None = None,
-                      c: pd.DataFrame | None = None) -> Path:  # fmt: skip
+def retention_heatmap(
+    df: pd.DataFrame,
+    model: str,
+    metric: str,
+    out: Path,
+    perts: Sequence[str] | None = None,
+    c: pd.DataFrame | None = None,
+) -> Path:
     """The heatmap of one model (``perts``: the perturbations on this page), written to ``out``."""
     return save_figure(retention_heatmap_figure(df, model, metric, perts, c), out)
 
@@ -189,8 +244,9 @@ def retention_heatmap(df: pd.DataFrame, model: str, metric: str, out: Path, pert
 # ------------------------------------------------------------------------------ score vs depth
 
 
-def score_vs_depth_figure(df: pd.DataFrame, metrics: Mapping[str, str], perts: Sequence[str] | None = None,
-                          score: str = DEFAULT_SCORE) -> Figure:  # fmt: skip
+def score_vs_depth_figure(
+    df: pd.DataFrame, metrics: Mapping[str, str], perts: Sequence[str] | None = None, score: str = DEFAULT_SCORE
+) -> Figure:
     """Layer score (``score``, a registered name) against relative depth, a panel per perturbation;
     each model keeps one colour and marker in every panel and the legend names every model of the
     table (not saved)."""
@@ -206,8 +262,9 @@ def score_vs_depth_figure(df: pd.DataFrame, metrics: Mapping[str, str], perts: S
             for key, g in s[s["perturbation"] == p].groupby(["model", "dataset"], sort=True):
                 colour, marker = styles[key]
                 g = g.sort_values("relative_depth")
-                ax.plot(g["relative_depth"], g["score"], color=colour, marker=marker, ms=3.5, lw=1.3,
-                        label=_key_label(key))  # fmt: skip
+                ax.plot(
+                    g["relative_depth"], g["score"], color=colour, marker=marker, ms=3.5, lw=1.3, label=_key_label(key)
+                )
             ax.set_title(p)
             ax.set_ylim(-0.03, 1.03)
             ax.set_xlim(-0.05, 1.05)
@@ -224,8 +281,11 @@ def score_vs_depth_figure(df: pd.DataFrame, metrics: Mapping[str, str], perts: S
         labels = [f"{k[0]}: {facts_line(facts[k])}" for k in keys]
         fig.legend(handles, labels, loc="outside lower center", ncol=1 if len(keys) < 3 else 2, frameon=False)
         metric_text = ", ".join(sorted({metrics.get(d, "top1") for _, d in keys}))
-        suptitle(fig, f"Layer-robustness score against depth (from {metric_text}; 1 = untouched, 0 = chance)",
-                  "dotted: 0.5, below which a layer is critical")  # fmt: skip
+        suptitle(
+            fig,
+            f"Layer-robustness score against depth (from {metric_text}; 1 = untouched, 0 = chance)",
+            "dotted: 0.5, below which a layer is critical",
+        )
     return fig
 
 
@@ -233,8 +293,13 @@ def _key_label(key: tuple[str, str]) -> str:
     return f"{key[0]} ({key[1]})"
 
 
-def score_vs_depth(df: pd.DataFrame, metrics: Mapping[str, str], out: Path, perts: Sequence[str] | None = None,
-                   score: str = DEFAULT_SCORE) -> Path:  # fmt: skip
+def score_vs_depth(
+    df: pd.DataFrame,
+    metrics: Mapping[str, str],
+    out: Path,
+    perts: Sequence[str] | None = None,
+    score: str = DEFAULT_SCORE,
+) -> Path:
     """The score-vs-depth figure (``perts``: the perturbations on this page), written to ``out``."""
     return save_figure(score_vs_depth_figure(df, metrics, perts, score), out)
 
@@ -258,14 +323,21 @@ def _layout(df: pd.DataFrame, out_dir: Path) -> dict:
         perts = sorted(g["perturbation"].unique())
         mine = out.setdefault(model, [])
         mine += [(p, out_dir / f"{stem}__{safe_name(p)}.png", "curves", [p]) for p in perts]
-        chunks = [chunk for group in heatmap_groups(g) for chunk in
-                  pages(group, heatmap_row_height(len(heatmap_rows(g[g["perturbation"].isin(group)]))))]  # fmt: skip
-        mine += [(label, path, "heatmap", chunk) for label, path, chunk in
-                 _paged(f"{stem}__heatmap", chunks, out_dir, "heatmap")]  # fmt: skip
+        chunks = [
+            chunk
+            for group in heatmap_groups(g)
+            for chunk in pages(group, heatmap_row_height(len(heatmap_rows(g[g["perturbation"].isin(group)]))))
+        ]
+        mine += [
+            (label, path, "heatmap", chunk)
+            for label, path, chunk in _paged(f"{stem}__heatmap", chunks, out_dir, "heatmap")
+        ]
     if out:
         perts = sorted(cells["perturbation"].unique())
-        out[None] = [(label, path, "depth", chunk) for label, path, chunk in
-                     _paged("score_vs_depth", pages(perts, 2.3), out_dir, "score vs depth, all models")]  # fmt: skip
+        out[None] = [
+            (label, path, "depth", chunk)
+            for label, path, chunk in _paged("score_vs_depth", pages(perts, 2.3), out_dir, "score vs depth, all models")
+        ]
     return out
 
 
@@ -276,8 +348,13 @@ def planned_paths(df: pd.DataFrame, out_dir: Path) -> dict[str, list[tuple[str, 
     return {model: [(label, path) for label, path, _k, _p in items] + shared for model, items in layout.items()}
 
 
-def write_all(df: pd.DataFrame, metrics: Mapping[str, str], out_dir: Path,
-              bands: pd.DataFrame | None = None, score: str = DEFAULT_SCORE) -> dict[str, list[tuple[str, Path]]]:  # fmt: skip
+def write_all(
+    df: pd.DataFrame,
+    metrics: Mapping[str, str],
+    out_dir: Path,
+    bands: pd.DataFrame | None = None,
+    score: str = DEFAULT_SCORE,
+) -> dict[str, list[tuple[str, Path]]]:
     """Draw every figure for a results table; returns model → [(label, path)] for the leaderboard.
 
     ``metrics`` maps dataset → the metric scores come from (default top1); ``bands``: bootstrap

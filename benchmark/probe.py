@@ -41,8 +41,10 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
 def unsupported_weight(module: nn.Module) -> str:
     """Why damage to ``module``'s stored weight would not reach its forward pass ("" if it would)."""
     if "weight_orig" in module._parameters and "weight_mask" in module._buffers:
-        return ("its weight is recomputed as weight_orig × weight_mask by torch.nn.utils.prune at every call "
-                "(make the pruning permanent with torch.nn.utils.prune.remove(module, 'weight') to study it)")  # fmt: skip
+        return (
+            "its weight is recomputed as weight_orig × weight_mask by torch.nn.utils.prune at every call "
+            "(make the pruning permanent with torch.nn.utils.prune.remove(module, 'weight') to study it)"
+        )
     if parametrize.is_parametrized(module, "weight"):
         return "its weight is computed by a parametrization (weight_norm, spectral_norm, …) at every call"
     if "weight" not in module._parameters:
@@ -178,9 +180,14 @@ def probe(module: nn.Module, example: torch.Tensor) -> Probe:
     watch.wrapped = {wrapper: base for base, (wrapper, _adapters) in wrappers.items()}
     adapters = {id(t) for _w, adapters in wrappers.values() for a, b, _s in adapters for t in (a.weight, b.weight)}
     watch.weight_names = {
-        id(t): name for name, t in [*module.named_parameters(), *module.named_buffers()]
-        if t.is_floating_point() and t.dim() >= 2 and id(t) not in layer_of and id(t) not in norm_of and id(t) not in adapters
-    }  # fmt: skip
+        id(t): name
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if t.is_floating_point()
+        and t.dim() >= 2
+        and id(t) not in layer_of
+        and id(t) not in norm_of
+        and id(t) not in adapters
+    }
     output = run_once(module, example, watch)
     return Probe(watch.order, watch.feeds, watch.downstream, output, watch.functional, watch.other_weights)
 
@@ -198,7 +205,9 @@ def run_once(module: nn.Module, example: torch.Tensor, mode: TorchFunctionMode |
             m.training = training
 
 
-def lora_wrappers(module: nn.Module) -> dict[nn.Module, tuple[nn.Module, tuple[tuple[nn.Module, nn.Module, float], ...]]]:
+def lora_wrappers(
+    module: nn.Module,
+) -> dict[nn.Module, tuple[nn.Module, tuple[tuple[nn.Module, nn.Module, float], ...]]]:
     """LoRA-wrapped layers in peft's layout: base layer -> (wrapper, ((A, B, scaling) per adapter)).
 
     A wrapper has ``base_layer`` (a Linear or Conv1D), ``lora_A`` and ``lora_B`` (ModuleDicts keyed
@@ -235,9 +244,11 @@ def packed_weight(module: nn.Module) -> str:
         return ""
     if not (callable(getattr(module, "weight", None)) or hasattr(module, "_all_weight_values")):
         return ""
-    return (f"a quantized {type(module).__module__}.{type(module).__name__}: its int8 weight is packed for the "
-            "kernel, not a stored tensor a perturbation can change (study the float model, or int8:<model>, "
-            "whose int8 layers lesionbench can damage)")  # fmt: skip
+    return (
+        f"a quantized {type(module).__module__}.{type(module).__name__}: its int8 weight is packed for the "
+        "kernel, not a stored tensor a perturbation can change (study the float model, or int8:<model>, "
+        "whose int8 layers lesionbench can damage)"
+    )
 
 
 def _adapter_pair(base: nn.Module, a: nn.Module, b: nn.Module) -> bool:
@@ -248,9 +259,16 @@ def _adapter_pair(base: nn.Module, a: nn.Module, b: nn.Module) -> bool:
     if kind_of(base) == "linear":
         return isinstance(a, nn.Linear) and isinstance(b, nn.Linear)
     same = ("kernel_size", "stride", "padding", "dilation")
-    return (type(a) is type(b) and isinstance(base, type(a)) and a.groups == b.groups == base.groups == 1
-            and all(getattr(a, k) == getattr(base, k) for k in same) and set(b.kernel_size) == {1}
-            and set(b.stride) == {1} and isinstance(b.padding, tuple) and set(b.padding) == {0})  # fmt: skip
+    return (
+        type(a) is type(b)
+        and isinstance(base, type(a))
+        and a.groups == b.groups == base.groups == 1
+        and all(getattr(a, k) == getattr(base, k) for k in same)
+        and set(b.kernel_size) == {1}
+        and set(b.stride) == {1}
+        and isinstance(b.padding, tuple)
+        and set(b.padding) == {0}
+    )
 
 
 def check_module(module: nn.Module, name: str) -> None:

@@ -15,12 +15,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from lesionbench.errors import LesionbenchError
 from lesionbench.board import Leaderboard
+from lesionbench.errors import LesionbenchError
 from lesionbench.layer_score import DEFAULT_SCORE
-from lesionbench.leaderboard import (MIN_CLASS_IMAGES, MODEL_PAGES, build_leaderboard, images_per_class,
-                                     most_fragile_layers, ranked_perturbations, relative_link, reporter,
-                                     track_bootstraps)  # fmt: skip
+from lesionbench.leaderboard import (
+    MIN_CLASS_IMAGES,
+    MODEL_PAGES,
+    build_leaderboard,
+    images_per_class,
+    most_fragile_layers,
+    ranked_perturbations,
+    relative_link,
+    reporter,
+    track_bootstraps,
+)
 from lesionbench.store import CLEAN, RESULTS, read_results_with_outcomes
 
 
@@ -51,7 +59,9 @@ def declared_units(df: pd.DataFrame) -> pd.DataFrame:
         return df
     declared = {name: c.obj.axis.label for name, c in get_registry().contributions("perturbations").items()}
     df = df.copy()
-    df.loc[missing, "level_unit"] = [declared.get(p.removesuffix(BN_SUFFIX), "") for p in df.loc[missing, "perturbation"]]
+    df.loc[missing, "level_unit"] = [
+        declared.get(p.removesuffix(BN_SUFFIX), "") for p in df.loc[missing, "perturbation"]
+    ]
     return df
 
 
@@ -80,8 +90,9 @@ def publish(
         board = collect(results, Path(out_md).parent, plots_dir, draw, title, metric, score)
         return write_documents(render.render(board), Path(out_md), render.suffix)
     except OSError as exc:
-        raise LesionbenchError(f"cannot write the leaderboard {str(out_md)!r} or its figures "
-                               f"({exc.strerror or exc})") from None  # fmt: skip
+        raise LesionbenchError(
+            f"cannot write the leaderboard {str(out_md)!r} or its figures ({exc.strerror or exc})"
+        ) from None
 
 
 def write_documents(documents: dict[str, str], out: Path, suffix: str) -> Path:
@@ -105,9 +116,15 @@ def write_documents(documents: dict[str, str], out: Path, suffix: str) -> Path:
     return out
 
 
-def collect(results: Sequence[Path | str], out_dir: Path, plots_dir: Path | None = None, draw: bool = True,
-            title: str = "lesionbench leaderboard", metric: str | None = None,
-            score: str = DEFAULT_SCORE) -> Leaderboard:  # fmt: skip
+def collect(
+    results: Sequence[Path | str],
+    out_dir: Path,
+    plots_dir: Path | None = None,
+    draw: bool = True,
+    title: str = "lesionbench leaderboard",
+    metric: str | None = None,
+    score: str = DEFAULT_SCORE,
+) -> Leaderboard:
     """The leaderboard's data for result files (or run directories), with the figures drawn into
     ``plots_dir`` (default ``out_dir/plots``; only their paths when not ``draw``) and every path
     relative to ``out_dir``, where the leaderboard's main document goes."""
@@ -158,16 +175,29 @@ def collect(results: Sequence[Path | str], out_dir: Path, plots_dir: Path | None
             drawn.setdefault(model, []).append(("per-class retention", path))
     for model, items in drawn.items():
         links[model] = [(label, relative_link(path, out_dir)) for label, path in items]
-    headlines = {dataset: relative_link(path, out_dir)
-                 for dataset, path in _headline_figures(df, metrics, boots, plots_dir, draw, score).items()}  # fmt: skip
+    headlines = {
+        dataset: relative_link(path, out_dir)
+        for dataset, path in _headline_figures(df, metrics, boots, plots_dir, draw, score).items()
+    }
     sources = [relative_link(f, out_dir) for f in files]
-    return build_leaderboard(df.drop(columns="outcome"), metrics, links, title=title, sources=sources, titles=titles,
-                             boots=boots, per_class=per_class, class_names=names, headlines=headlines,
-                             score=score)  # fmt: skip
+    return build_leaderboard(
+        df.drop(columns="outcome"),
+        metrics,
+        links,
+        title=title,
+        sources=sources,
+        titles=titles,
+        boots=boots,
+        per_class=per_class,
+        class_names=names,
+        headlines=headlines,
+        score=score,
+    )
 
 
-def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: Path, draw: bool,
-                      score: str = DEFAULT_SCORE) -> dict[str, Path]:  # fmt: skip
+def _headline_figures(
+    df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: Path, draw: bool, score: str = DEFAULT_SCORE
+) -> dict[str, Path]:
     """dataset → its headline figure, layer score against relative depth of every model of the track
     under (at most four of) the ranked perturbations; drawn when ``draw``, else only its path."""
     from lesionbench.plots import safe_name
@@ -180,7 +210,9 @@ def _headline_figures(df: pd.DataFrame, metrics: dict, boots: dict, plots_dir: P
             from lesionbench.scores import layer_scores
 
             track = df[df["dataset"] == dataset]
-            scores = boots[dataset].layers if dataset in boots else layer_scores(track, metrics.get(dataset, "top1"), score)
+            scores = (
+                boots[dataset].layers if dataset in boots else layer_scores(track, metrics.get(dataset, "top1"), score)
+            )
             shared = ranked_perturbations(track, scores)[0] or sorted(dg["perturbation"].unique())
             score_vs_depth(track, metrics, path, shared[:4], score)
         out[dataset] = path

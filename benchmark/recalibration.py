@@ -26,8 +26,9 @@ def norms_reached(graph: ModelGraph, layer: Layer) -> list[nn.Module]:
     return found
 
 
-def recalibrate(module: nn.Module, norms: list[nn.Module], images: torch.Tensor, batch_size: int,
-                device: torch.device) -> None:  # fmt: skip
+def recalibrate(
+    module: nn.Module, norms: list[nn.Module], images: torch.Tensor, batch_size: int, device: torch.device
+) -> None:
     """Re-estimate the running statistics of ``norms`` on ``images`` (a cumulative average), the
     rest of the network staying in eval mode; the caller restores the old statistics."""
     saved = [(m, m.momentum) for m in norms]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -166,7 +166,8 @@ class Registry:
                     problem = f"reading it raised {_describe(exc)}"
                 if problem:
                     failure = PluginFailure(
-                        impl.plugin_name, KINDS[kind],
+                        impl.plugin_name,
+                        KINDS[kind],
                         f"contributed a {SINGULAR[kind]} {_label(obj)}that breaks the contract: {problem}",
                     )
                     self.failures.append(failure)
@@ -219,6 +220,7 @@ def _default_name(plugin: object) -> str:
 
 # ------------------------------------------------------------------------------------ contracts
 
+
 def contract_problem(kind: str, obj: Any) -> str:
     """What is wrong with a contribution of ``kind``, in one phrase; "" when it fits the contract
     (:func:`lesionbench.contracts.problem`)."""
@@ -226,6 +228,7 @@ def contract_problem(kind: str, obj: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------ loading
+
 
 def _register(registry: Registry, plugin: object, name: str, info: PluginInfo) -> bool:
     """Register one plugin, then let pluggy check it implements only hooks lesionbench defines."""
@@ -258,7 +261,9 @@ def _unknown_hook(message: str) -> str:
 
 
 def create_registry(
-    extra_plugins: Iterable[tuple[str, object]] = (), entry_points: bool = True, builtins: bool = True,
+    extra_plugins: Iterable[tuple[str, object]] = (),
+    entry_points: bool = True,
+    builtins: bool = True,
     disable: Iterable[str] = (),
 ) -> Registry:
     """Build a registry: the built-ins, then the ``lesionbench`` entry points, then ``extra_plugins``.

@@ -50,8 +50,10 @@ def read_results(paths: Path | str | Iterable[Path | str], allow_empty: bool = T
             p = p / RESULTS
         df = _read_one(p)
         if not allow_empty and df.empty:
-            raise SchemaViolation(f"results file {str(p)!r} holds no rows (a header only: the run has not finished "
-                                  "a cell); nothing to score")  # fmt: skip
+            raise SchemaViolation(
+                f"results file {str(p)!r} holds no rows (a header only: the run has not finished "
+                "a cell); nothing to score"
+            )
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
@@ -69,8 +71,18 @@ def _read_one(p: Path) -> pd.DataFrame:
             io.BytesIO(data),
             keep_default_na=False,  # a layer may be called "NA"; only numeric columns have NaN
             na_values={c: ["", "nan", "NaN"] for c in NUMERIC},
-            dtype={"model": str, "dataset": str, "layer": str, "perturbation": str, "device": str, "error": str,
-                   "level_axis": str, "level_unit": str, "run": str, "checksum": str},  # fmt: skip
+            dtype={
+                "model": str,
+                "dataset": str,
+                "layer": str,
+                "perturbation": str,
+                "device": str,
+                "error": str,
+                "level_axis": str,
+                "level_unit": str,
+                "run": str,
+                "checksum": str,
+            },
         )
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise SchemaViolation(f"results file {str(p)!r} is not a readable CSV: {str(exc).strip()}") from None
@@ -89,8 +101,9 @@ def _read_one(p: Path) -> pd.DataFrame:
     return df
 
 
-def read_results_with_outcomes(paths: Path | str | Iterable[Path | str],
-                               allow_empty: bool = True) -> tuple[pd.DataFrame, Outcomes]:  # fmt: skip
+def read_results_with_outcomes(
+    paths: Path | str | Iterable[Path | str], allow_empty: bool = True
+) -> tuple[pd.DataFrame, Outcomes]:
     """:func:`read_results`, plus each run's per-image outcomes (``outcomes.arrow`` beside its
     ``results.csv``, where there is one), each row checked against its outcomes
     (:func:`lesionbench.schema.check_outcomes`).
@@ -123,8 +136,15 @@ def read_results_with_outcomes(paths: Path | str | Iterable[Path | str],
             parts.append((keys, top1[used], top5[used], subset))
             offset += len(used)
         elif version >= 2:
-            check_outcomes(df, np.zeros((0, 0), np.int32), np.zeros((0, 0), bool), np.zeros(0, np.int64), results,
-                           results.parent / OUTCOMES, version)  # fmt: skip
+            check_outcomes(
+                df,
+                np.zeros((0, 0), np.int32),
+                np.zeros((0, 0), bool),
+                np.zeros(0, np.int64),
+                results,
+                results.parent / OUTCOMES,
+                version,
+            )
         frames.append(df)
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     df["outcome"] = df["outcome"].astype(np.int64)

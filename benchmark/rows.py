@@ -16,8 +16,16 @@ from lesionbench.kinds import LINEAR
 from lesionbench.plan import Cell, Plan
 
 
-def cell_row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result: EvalResult | None,
-             error: str = "", nonfinite: int | None = None, nonfinite_out: int | None = None) -> dict:  # fmt: skip
+def cell_row(
+    plan: Plan,
+    model: str,
+    cell: Cell | None,
+    seed: int | None,
+    result: EvalResult | None,
+    error: str = "",
+    nonfinite: int | None = None,
+    nonfinite_out: int | None = None,
+) -> dict:
     """The result row of ``cell`` of ``model`` (the clean row when ``cell`` is None): the columns of
     :data:`lesionbench.columns.COLUMNS` but ``flip_rate`` and the per-image outcomes (added by
     :meth:`lesionbench.cells.ModelRunner.with_outcomes`) and the clean row's ``chance_top1``/``chance_top5``
@@ -43,14 +51,20 @@ def cell_row(plan: Plan, model: str, cell: Cell | None, seed: int | None, result
     }
     if result is not None:
         row.update(
-            top1=result.top1, top5=result.top5, loss=result.loss, n_images=result.n_images,
-            seconds=result.seconds, images_per_s=result.images_per_s, device=result.device,
-        )  # fmt: skip
+            top1=result.top1,
+            top5=result.top5,
+            loss=result.loss,
+            n_images=result.n_images,
+            seconds=result.seconds,
+            images_per_s=result.images_per_s,
+            device=result.device,
+        )
     return row
 
 
-def chance_warning(name: str, clean: EvalResult, num_classes: int, metric: str,
-                   unigram: dict[str, float] | None = None) -> str:  # fmt: skip
+def chance_warning(
+    name: str, clean: EvalResult, num_classes: int, metric: str, unigram: dict[str, float] | None = None
+) -> str:
     """A one-line warning when a model's clean accuracy is not beyond chance, else "".
 
     Beyond chance is :func:`lesionbench.scores.beyond_chance` (a one-sided exact binomial test at
@@ -60,18 +74,25 @@ def chance_warning(name: str, clean: EvalResult, num_classes: int, metric: str,
     """
     if unigram:  # text: no better than the unigram predictor (a model built without its weights…)
         given, accuracy = unigram[f"chance_{metric}"], getattr(clean, metric)
-        return "" if accuracy > given else (
-            f"{name}: clean next-token {metric} accuracy {accuracy:.3f} is no "
-            f"better than the unigram predictor's ({given:.3f}); were its weights loaded? Its layer scores will "
-            "mean nothing.")  # fmt: skip
+        return (
+            ""
+            if accuracy > given
+            else (
+                f"{name}: clean next-token {metric} accuracy {accuracy:.3f} is no "
+                f"better than the unigram predictor's ({given:.3f}); were its weights loaded? Its layer scores will "
+                "mean nothing."
+            )
+        )
     from lesionbench.scores import NOT_SCORED, beyond_chance, chance_level
 
     chance = chance_level(metric, num_classes)
     accuracy, n = float(getattr(clean, metric)), max(1, clean.n_images)
     if chance >= 1.0 or beyond_chance(accuracy, n, chance):
         return ""
-    return (f"{name}: clean {metric} accuracy {accuracy:.3f} on {clean.n_images} images is at chance ({chance:g}); "
-            f"were its weights loaded? It is {NOT_SCORED}.")  # fmt: skip
+    return (
+        f"{name}: clean {metric} accuracy {accuracy:.3f} on {clean.n_images} images is at chance ({chance:g}); "
+        f"were its weights loaded? It is {NOT_SCORED}."
+    )
 
 
 def unigram_chance(targets: torch.Tensor) -> dict[str, float]:

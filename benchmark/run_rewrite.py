@@ -57,8 +57,11 @@ def repair_outcomes(run: RunDir, version: int) -> None:
         found = None
     df = run.frame()
     have = set() if found is None else {cell_key(*k) for k in found[0][KEY_COLUMNS].itertuples(index=False)}
-    lost = [i for i, (k, error) in enumerate(zip(df[KEY_COLUMNS].itertuples(index=False), df["error"]))
-            if version >= 2 and error == "" and cell_key(*k) not in have]  # fmt: skip
+    lost = [
+        i
+        for i, (k, error) in enumerate(zip(df[KEY_COLUMNS].itertuples(index=False), df["error"]))
+        if version >= 2 and error == "" and cell_key(*k) not in have
+    ]
     if found is None:
         os.replace(run.outcomes_path, run.outcomes_path.with_name(OUTCOMES + ".damaged"))
     if not lost:
@@ -90,18 +93,28 @@ def forget(run: RunDir, perturbations: list[str]) -> int:
     mine = df["perturbation"].str.removesuffix(BN_SUFFIX).isin(perturbations).to_numpy()
     if not mine.any():
         found = sorted(set(df["perturbation"]) - {CLEAN})
-        raise LesionbenchError(f"{str(run.path)!r} has no rows of {', '.join(perturbations)} to redo "
-                               f"(its perturbations: {', '.join(found) or 'none'})")  # fmt: skip
+        raise LesionbenchError(
+            f"{str(run.path)!r} has no rows of {', '.join(perturbations)} to redo "
+            f"(its perturbations: {', '.join(found) or 'none'})"
+        )
     cells = int(mine.sum())
-    run.note(f"redo {', '.join(perturbations)}: {cells} cells dropped, evaluated again by lesionbench "
-             f"{lesionbench.__version__}, torch {torch.__version__}")  # fmt: skip
+    run.note(
+        f"redo {', '.join(perturbations)}: {cells} cells dropped, evaluated again by lesionbench "
+        f"{lesionbench.__version__}, torch {torch.__version__}"
+    )
     drop_rows(run, list(np.flatnonzero(mine)))
     if run.outcomes_path.is_file():
         write_bytes_atomic(run.outcomes_path, without_batches(run.outcomes_path, set(df["perturbation"][mine])))
     manifest = run.manifest()
-    manifest.setdefault("recomputed", []).append({
-        "perturbations": list(perturbations), "cells": cells, "lesionbench": lesionbench.__version__,
-        "torch": torch.__version__, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+    manifest.setdefault("recomputed", []).append(
+        {
+            "perturbations": list(perturbations),
+            "cells": cells,
+            "lesionbench": lesionbench.__version__,
+            "torch": torch.__version__,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
     write_bytes_atomic(run.manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     return cells
 

@@ -44,7 +44,9 @@ def acquire(directory: Path) -> FileLock:
         if _holds(lock, path):
             return lock
         lock.release()
-    raise LesionbenchError(f"could not lock {str(path)!r}: other runs keep starting and finishing in {str(directory)!r}")
+    raise LesionbenchError(
+        f"could not lock {str(path)!r}: other runs keep starting and finishing in {str(directory)!r}"
+    )
 
 
 def release(lock: FileLock, directory: Path) -> None:

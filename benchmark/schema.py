@@ -75,11 +75,15 @@ def read_manifest(path: Path) -> dict | None:
     if metric not in METRICS:
         raise SchemaViolation(f"{str(path)!r}, field study.metric: {metric!r} is not a metric (top1 or top5)")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise SchemaViolation(f"{str(path)!r}, field results_schema: {version!r} is not a results schema (a whole "
-                              f"number, 1 to {RESULTS_SCHEMA} for this lesionbench)")  # fmt: skip
+        raise SchemaViolation(
+            f"{str(path)!r}, field results_schema: {version!r} is not a results schema (a whole "
+            f"number, 1 to {RESULTS_SCHEMA} for this lesionbench)"
+        )
     if version > RESULTS_SCHEMA:
-        raise SchemaViolation(f"{str(path)!r}, field results_schema: {version} is newer than this lesionbench reads "
-                              f"(1 to {RESULTS_SCHEMA}); the run was written by a newer lesionbench: upgrade to read it")  # fmt: skip
+        raise SchemaViolation(
+            f"{str(path)!r}, field results_schema: {version} is newer than this lesionbench reads "
+            f"(1 to {RESULTS_SCHEMA}); the run was written by a newer lesionbench: upgrade to read it"
+        )
     return manifest
 
 
@@ -105,17 +109,27 @@ def _pandera():
     has_error = lambda d: d["error"].fillna("") != ""  # noqa: E731
     return pa.DataFrameSchema(
         {
-            "model": text, "dataset": text, "perturbation": text,
-            "layer_index": num(pa.Check.ge(-1), whole), "relative_depth": num(fraction),
+            "model": text,
+            "dataset": text,
+            "perturbation": text,
+            "layer_index": num(pa.Check.ge(-1), whole),
+            "relative_depth": num(fraction),
             "level": num(pa.Check(np.isfinite, name="finite", error="finite"), nullable=False),
             "draw": num(pa.Check.ge(0), whole, nullable=False),
             "seed": pa.Column("Int64", coerce=True, nullable=True),
-            "top1": num(fraction), "top5": num(fraction), "loss": num(pa.Check.ge(0)),
-            "n_images": num(pa.Check.ge(1), whole), "seconds": num(pa.Check.ge(0)), "images_per_s": num(pa.Check.ge(0)),
-            "num_classes": num(pa.Check.ge(1), whole), "nonfinite_weights": num(pa.Check.ge(0), whole),
-            "nonfinite_outputs": num(pa.Check.ge(0), whole), "flip_rate": num(fraction),
-            "chance_top1": num(fraction), "chance_top5": num(fraction),
-        },  # fmt: skip
+            "top1": num(fraction),
+            "top5": num(fraction),
+            "loss": num(pa.Check.ge(0)),
+            "n_images": num(pa.Check.ge(1), whole),
+            "seconds": num(pa.Check.ge(0)),
+            "images_per_s": num(pa.Check.ge(0)),
+            "num_classes": num(pa.Check.ge(1), whole),
+            "nonfinite_weights": num(pa.Check.ge(0), whole),
+            "nonfinite_outputs": num(pa.Check.ge(0), whole),
+            "flip_rate": num(fraction),
+            "chance_top1": num(fraction),
+            "chance_top5": num(fraction),
+        },
         checks=[
             pa.Check(lambda d: ~(d["top1"] > d["top5"]), name="top1 ≤ top5", error="top1 ≤ top5"),
             pa.Check(lambda d: d["top1"].notna() | has_error(d), name="top1 given", error="top1 given"),
@@ -127,9 +141,12 @@ def _pandera():
 
 _SCHEMA = None
 _FIELD_OF = {"top1 ≤ top5": "top1", "top1 given": "top1", "top5 given": "top5", "loss finite": "loss"}
-_WHY = {"top1 ≤ top5": "is above top5", "top1 given": "is missing in a row that records no error",
-        "top5 given": "is missing in a row that records no error",
-        "loss finite": "is not a finite number in a row that records no error"}  # fmt: skip
+_WHY = {
+    "top1 ≤ top5": "is above top5",
+    "top1 given": "is missing in a row that records no error",
+    "top5 given": "is missing in a row that records no error",
+    "loss finite": "is not a finite number in a row that records no error",
+}
 
 
 def check_rows(raw: pd.DataFrame, path: Path, manifest: dict | None, torn: bool = False) -> None:
@@ -140,8 +157,10 @@ def check_rows(raw: pd.DataFrame, path: Path, manifest: dict | None, torn: bool 
 
     path = Path(path)
     if torn:
-        raise SchemaViolation(f"results file {str(path)!r}, row {len(raw)} (line {len(raw) + 1}), every field: the "
-                              "last line is torn (no line end); finish the run with lesionbench run --resume")  # fmt: skip
+        raise SchemaViolation(
+            f"results file {str(path)!r}, row {len(raw)} (line {len(raw) + 1}), every field: the "
+            "last line is torn (no line end); finish the run with lesionbench run --resume"
+        )
     _check_binding(raw, path, manifest)
     raw = raw.assign(**{c: "" for c in OPTIONAL if c not in raw.columns})  # older files lack these
     numbers = raw.replace({"": np.nan, "nan": np.nan, "NaN": np.nan})
@@ -157,14 +176,17 @@ def check_rows(raw: pd.DataFrame, path: Path, manifest: dict | None, torn: bool 
         located = cases[cases["index"].notna()].copy()
         if located.empty:
             first = cases.iloc[0]
-            raise SchemaViolation(f"results file {str(path)!r}, field {first['column']}: fails {first['check']}") from None
+            raise SchemaViolation(
+                f"results file {str(path)!r}, field {first['column']}: fails {first['check']}"
+            ) from None
         located["index"] = located["index"].astype(int)
         first = located.sort_values("index", kind="stable").iloc[0]
         check = str(first["check"])
         field = _FIELD_OF.get(check) or (first["column"] if isinstance(first["column"], str) else "?")
         value = raw.iloc[first["index"]].get(field, "")
-        why = (_WHY.get(check) or (f"{value!r} is not a number" if check.startswith(("coerce_dtype", "dtype"))
-                                   else f"{value!r} fails {check}"))  # fmt: skip
+        why = _WHY.get(check) or (
+            f"{value!r} is not a number" if check.startswith(("coerce_dtype", "dtype")) else f"{value!r} fails {check}"
+        )
         if check in _WHY:
             why = f"{value!r} {why}"
         raise SchemaViolation(f"{_where(path, raw, first['index'])}, field {field}: {why}") from None
@@ -172,8 +194,10 @@ def check_rows(raw: pd.DataFrame, path: Path, manifest: dict | None, torn: bool 
     repeated = keys.duplicated(keep=False).to_numpy()
     if repeated.any():
         first, second = np.flatnonzero(repeated)[:2]
-        raise SchemaViolation(f"{_where(path, raw, int(second))}, field {'/'.join(KEY_COLUMNS)}: repeats the cell of "
-                              f"row {first + 1}; a cell has one row")  # fmt: skip
+        raise SchemaViolation(
+            f"{_where(path, raw, int(second))}, field {'/'.join(KEY_COLUMNS)}: repeats the cell of "
+            f"row {first + 1}; a cell has one row"
+        )
     _check_study(raw, typed, path, manifest)
 
 
@@ -181,8 +205,10 @@ def _check_binding(raw: pd.DataFrame, path: Path, manifest: dict | None) -> None
     version = schema_version(manifest)
     bound = all(c in raw.columns for c in BINDING)
     if version >= 2 and not bound:
-        raise SchemaViolation(f"results file {str(path)!r}, header, field run/checksum: missing, but its manifest "
-                              f"declares results schema {version}, whose rows carry them (a file from another run?)")  # fmt: skip
+        raise SchemaViolation(
+            f"results file {str(path)!r}, header, field run/checksum: missing, but its manifest "
+            f"declares results schema {version}, whose rows carry them (a file from another run?)"
+        )
     if not bound:
         return
     if list(raw.columns[-2:]) != BINDING:
@@ -192,11 +218,14 @@ def _check_binding(raw: pd.DataFrame, path: Path, manifest: dict | None) -> None
     expected = manifest.get("fingerprint") if manifest else raw["run"].iloc[0] if len(raw) else None
     for i, (run, checksum) in enumerate(zip(raw["run"], raw["checksum"])):
         if run != expected:
-            raise SchemaViolation(f"{_where(path, raw, i)}, field run: {run!r} is not this run's fingerprint "
-                                  f"{expected!r} (a row from another run)")  # fmt: skip
+            raise SchemaViolation(
+                f"{_where(path, raw, i)}, field run: {run!r} is not this run's fingerprint "
+                f"{expected!r} (a row from another run)"
+            )
         if checksum != row_checksum(run, cells[i]):
-            raise SchemaViolation(f"{_where(path, raw, i)}, field checksum: does not match the row (edited, "
-                                  "or torn at the end)")  # fmt: skip
+            raise SchemaViolation(
+                f"{_where(path, raw, i)}, field checksum: does not match the row (edited, or torn at the end)"
+            )
 
 
 def _check_study(raw: pd.DataFrame, typed: pd.DataFrame, path: Path, manifest: dict | None) -> None:
@@ -206,17 +235,20 @@ def _check_study(raw: pd.DataFrame, typed: pd.DataFrame, path: Path, manifest: d
         return
     dataset = (study.get("dataset") or {}).get("name")
     names = {p if isinstance(p, str) else (p or {}).get("name") for p in study.get("perturbations") or []}
-    cap = (max(int(study["draws"]), int(study.get("max_draws", 0)) if study.get("target_ci") is not None else 0)
-           if "draws" in study else float("inf"))  # fmt: skip
+    cap = (
+        max(int(study["draws"]), int(study.get("max_draws", 0)) if study.get("target_ci") is not None else 0)
+        if "draws" in study
+        else float("inf")
+    )
     for i, (d, p, draw) in enumerate(zip(typed["dataset"], typed["perturbation"], typed["draw"])):
         if dataset is not None and d != dataset:
             raise SchemaViolation(f"{_where(path, raw, i)}, field dataset: {d!r} is not the manifest's {dataset!r}")
         if p != CLEAN and names and p.removesuffix(BN_SUFFIX) not in names:
-            raise SchemaViolation(f"{_where(path, raw, i)}, field perturbation: {p!r} is not one the manifest's "
-                                  "study names")  # fmt: skip
+            raise SchemaViolation(
+                f"{_where(path, raw, i)}, field perturbation: {p!r} is not one the manifest's study names"
+            )
         if draw >= cap:
-            raise SchemaViolation(f"{_where(path, raw, i)}, field draw: {int(draw)} is beyond the study's "
-                                  f"{cap} draws")  # fmt: skip
+            raise SchemaViolation(f"{_where(path, raw, i)}, field draw: {int(draw)} is beyond the study's {cap} draws")
 
 
 def check_plan(df: pd.DataFrame, plan, path: Path) -> None:
@@ -232,14 +264,24 @@ def check_plan(df: pd.DataFrame, plan, path: Path) -> None:
             allowed.add(plan.key(name, cell)[:4])
     for i, key in enumerate(zip(df["model"], df["layer"], df["perturbation"], df["level"].astype(float))):
         if key not in allowed:
-            raise SchemaViolation(f"{_where(path, df, i)}, field {'/'.join(KEY_COLUMNS[:4])}: not a cell of the study "
-                                  "recorded in the manifest (rows of another study?)")  # fmt: skip
+            raise SchemaViolation(
+                f"{_where(path, df, i)}, field {'/'.join(KEY_COLUMNS[:4])}: not a cell of the study "
+                "recorded in the manifest (rows of another study?)"
+            )
         if df["draw"].iloc[i] >= cap:
             raise SchemaViolation(f"{_where(path, df, i)}, field draw: beyond the study's {cap} draws")
 
 
-def check_outcomes(df: pd.DataFrame, top1: np.ndarray, top5: np.ndarray, labels: np.ndarray, path: Path,
-                   outcomes_path: Path, version: int, tokens: int | None = None) -> None:  # fmt: skip
+def check_outcomes(
+    df: pd.DataFrame,
+    top1: np.ndarray,
+    top5: np.ndarray,
+    labels: np.ndarray,
+    path: Path,
+    outcomes_path: Path,
+    version: int,
+    tokens: int | None = None,
+) -> None:
     """Each row with per-image outcomes (``df["outcome"]`` ≥ 0, a row of ``top1``/``top5``, int32 and
     bool [cells, images], ``labels`` int64 [images]) must state the accuracy they give: top-1 =
     (images whose prediction is the label) / (images evaluated, prediction ≥ 0), top-5 likewise, and
@@ -250,8 +292,10 @@ def check_outcomes(df: pd.DataFrame, top1: np.ndarray, top5: np.ndarray, labels:
     if version >= 2:
         lacking = np.flatnonzero(~has & (df["error"].to_numpy() == ""))
         if lacking.size:
-            raise SchemaViolation(f"{_where(path, df, int(lacking[0]))}, field outcome: no per-image outcomes in "
-                                  f"{str(outcomes_path)!r} (finish the run with lesionbench run --resume)")  # fmt: skip
+            raise SchemaViolation(
+                f"{_where(path, df, int(lacking[0]))}, field outcome: no per-image outcomes in "
+                f"{str(outcomes_path)!r} (finish the run with lesionbench run --resume)"
+            )
     rows = np.flatnonzero(has)
     if not rows.size:
         return
@@ -270,8 +314,10 @@ def check_outcomes(df: pd.DataFrame, top1: np.ndarray, top5: np.ndarray, labels:
         bad = np.flatnonzero(~np.isclose(stated, value, rtol=0, atol=1e-12) & ~np.isnan(stated))
         if bad.size:
             i = int(bad[0])
-            raise SchemaViolation(f"{_where(path, df, int(rows[i]))}, field {column}: {stated[i]!r} disagrees with its "
-                                  f"per-image outcomes in {str(outcomes_path)!r}, which give {float(value[i])!r}")  # fmt: skip
+            raise SchemaViolation(
+                f"{_where(path, df, int(rows[i]))}, field {column}: {stated[i]!r} disagrees with its "
+                f"per-image outcomes in {str(outcomes_path)!r}, which give {float(value[i])!r}"
+            )
 
 
 def manifest_beside(results: Path) -> dict | None:

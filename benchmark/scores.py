@@ -31,6 +31,7 @@ import pandas as pd
 from lesionbench.errors import LesionbenchError
 from lesionbench.kinds import axis_scale
 from lesionbench.layer_score import DEFAULT_SCORE, THRESHOLD, AreaScore, Score, get_score, layer_values
+
 # NONFINITE cells are scored, not dropped: an image whose logits hold NaN/Inf counts as wrong
 # (lesionbench.evaluate), so a network that emits NaN everywhere scores 0 retention, as chance would
 from lesionbench.store import CLEAN, NONFINITE
@@ -66,8 +67,11 @@ def curves(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     clean = clean_accuracy(df, metric)
     out = out.merge(clean, on=["model", "dataset"], how="left")
     chance_models = at_chance(df, metric)
-    out["scored"] = ~pd.Series(list(zip(out["model"], out["dataset"]))).isin(
-        set(zip(chance_models["model"], chance_models["dataset"]))).to_numpy()  # fmt: skip
+    out["scored"] = (
+        ~pd.Series(list(zip(out["model"], out["dataset"])))
+        .isin(set(zip(chance_models["model"], chance_models["dataset"])))
+        .to_numpy()
+    )
     out["relative_drop"] = (out["mean"] - out["clean"]) / out["clean"]
     out["retention"] = retention(out["mean"], out["clean"], out["chance"])
     return out
@@ -84,7 +88,9 @@ def clean_accuracy(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
     clean = clean if given in clean.columns else clean.assign(**{given: np.nan})
     cols = ["model", "dataset", metric, "num_classes", given]
     out = clean[cols].drop_duplicates(["model", "dataset"]).rename(columns={metric: "clean"})
-    out["chance"] = [chance_level(metric, int(n)) if pd.isna(c) else float(c) for n, c in zip(out["num_classes"], out[given])]
+    out["chance"] = [
+        chance_level(metric, int(n)) if pd.isna(c) else float(c) for n, c in zip(out["num_classes"], out[given])
+    ]
     return out.drop(columns=["num_classes", given])
 
 
@@ -99,8 +105,10 @@ def _check_one_clean_evaluation(clean: pd.DataFrame, metric: str) -> None:
     Raises:
         LesionbenchError: naming the model, the dataset and the clean evaluations that differ.
     """
-    clean = clean.assign(n_images=clean["n_images"] if "n_images" in clean.columns else np.nan,
-                         device=clean["device"] if "device" in clean.columns else "?")  # fmt: skip
+    clean = clean.assign(
+        n_images=clean["n_images"] if "n_images" in clean.columns else np.nan,
+        device=clean["device"] if "device" in clean.columns else "?",
+    )
     spread = clean.groupby(["model", "dataset"])[["n_images", metric]].nunique()
     mixed = spread[(spread > 1).any(axis=1)]
     if mixed.empty:
@@ -109,8 +117,12 @@ def _check_one_clean_evaluation(clean: pd.DataFrame, metric: str) -> None:
     mine = clean[(clean["model"] == model) & (clean["dataset"] == dataset)]
     seen = mine[["n_images", "device", metric]].drop_duplicates().itertuples(index=False)
     evaluations = "; ".join(f"{int(n) if n == n else '?'} images on {d}, clean {metric} {v:.4f}" for n, d, v in seen)
-    raise _mixed_runs(model, dataset, f"has clean evaluations that disagree ({evaluations}): its runs were "
-                      "evaluated on different images or with different numerics")  # fmt: skip
+    raise _mixed_runs(
+        model,
+        dataset,
+        f"has clean evaluations that disagree ({evaluations}): its runs were "
+        "evaluated on different images or with different numerics",
+    )
 
 
 def _mixed_runs(model: str, dataset: str, what: str) -> LesionbenchError:
@@ -192,8 +204,9 @@ def at_chance(df: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
         own = clean[f"chance_{metric}"].to_numpy(float)
         chance = np.where(np.isnan(own), chance, own)
     keep = [not beyond_chance(c, m, ch) for c, m, ch in zip(clean[metric], n, chance)]
-    out = pd.DataFrame({"model": clean["model"], "dataset": clean["dataset"], "clean": clean[metric],
-                        "chance": chance, "n_images": n})  # fmt: skip
+    out = pd.DataFrame(
+        {"model": clean["model"], "dataset": clean["dataset"], "clean": clean[metric], "chance": chance, "n_images": n}
+    )
     return out[keep].reset_index(drop=True)
 
 
@@ -234,8 +247,9 @@ def _scores_of_curves(c: pd.DataFrame, score: str | Score = DEFAULT_SCORE) -> pd
         if g.empty:
             continue
         x = to_axis(g["level"], axis)
-        value, critical = layer_values(chosen, x, g["retention"].to_numpy(dtype=float)[:, None],
-                                       axis_scale(axis).undamaged(g["level"]))  # fmt: skip
+        value, critical = layer_values(
+            chosen, x, g["retention"].to_numpy(dtype=float)[:, None], axis_scale(axis).undamaged(g["level"])
+        )
         rows.append(
             dict(
                 zip(GROUP, key),
@@ -273,10 +287,23 @@ def model_summary(scores: pd.DataFrame) -> pd.DataFrame:
 
 _MOVED = {  # name -> the module it lives in now; ``from lesionbench.scores import bootstrap`` still works
     **dict.fromkeys(["per_class_accuracy", "_hits", "_check_same_images"], "lesionbench.per_image"),
-    **dict.fromkeys(["REPLICATES", "BOOTSTRAP_SEED", "CONFIDENCE", "METHOD", "Bootstrap", "interval", "bootstrap",
-                     "draw_quantile_factor", "_resample_draws", "_draw_variance_unknown", "_layer_replicates"],
-                    "lesionbench.bootstrapping"),
-}  # fmt: skip
+    **dict.fromkeys(
+        [
+            "REPLICATES",
+            "BOOTSTRAP_SEED",
+            "CONFIDENCE",
+            "METHOD",
+            "Bootstrap",
+            "interval",
+            "bootstrap",
+            "draw_quantile_factor",
+            "_resample_draws",
+            "_draw_variance_unknown",
+            "_layer_replicates",
+        ],
+        "lesionbench.bootstrapping",
+    ),
+}
 
 
 def __getattr__(name: str):

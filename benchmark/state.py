@@ -59,7 +59,11 @@ def frozen_observers(module: nn.Module) -> Iterator[int]:
         return
     owners = list(dict.fromkeys(m for f in [*fakes, *bare] for m in f.modules()))
     saved = [
-        (m, m.training, {k: t.detach().clone() for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None})
+        (
+            m,
+            m.training,
+            {k: t.detach().clone() for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None},
+        )
         for m in owners
     ]
     overridden = [m for m in bare if "forward" not in m.__dict__]

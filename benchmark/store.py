@@ -40,14 +40,27 @@ from filelock import FileLock
 
 import lesionbench
 from lesionbench import run_rewrite, runlock
+from lesionbench.columns import (
+    CLEAN,
+    COLUMNS,
+    KEY_COLUMNS,
+    LOCK,
+    MANIFEST,
+    NONFINITE,
+    NUMERIC,
+    OPTIONAL,
+    OUTCOME,
+    OUTCOMES,
+    RESULTS,
+    CellKey,
+    Subset,
+    cell_key,
+)
 from lesionbench.errors import LesionbenchError
-from lesionbench.columns import (CLEAN, COLUMNS, KEY_COLUMNS, LOCK, MANIFEST, NONFINITE, NUMERIC, OPTIONAL, OUTCOME,
-                                 OUTCOMES, RESULTS, CellKey, Subset, cell_key)  # fmt: skip
 from lesionbench.memory_store import MemoryStore, Store
-from lesionbench.outcomes import (Outcomes, _outcome_schema, _OutcomeWriter, _valid_stream_bytes,
-                                  read_outcome_file)  # fmt: skip
-from lesionbench.schema import BINDING, RESULTS_SCHEMA, read_manifest, row_checksum, schema_version
+from lesionbench.outcomes import Outcomes, _outcome_schema, _OutcomeWriter, _valid_stream_bytes, read_outcome_file
 from lesionbench.results_io import _cell, _num, _write_atomic, read_results, read_results_with_outcomes
+from lesionbench.schema import BINDING, RESULTS_SCHEMA, read_manifest, row_checksum, schema_version
 
 
 @dataclass
@@ -102,8 +115,9 @@ class RunDir:
         self.close()
 
     @classmethod
-    def create(cls, path: Path, study: dict, fingerprint: str, plugins: dict | None = None,
-               subset: Subset | None = None) -> RunDir:  # fmt: skip
+    def create(
+        cls, path: Path, study: dict, fingerprint: str, plugins: dict | None = None, subset: Subset | None = None
+    ) -> RunDir:
         """A fresh run directory, locked; refuses one that already holds results.
 
         ``study`` is the study as a mapping, ``fingerprint`` the plan's, ``plugins`` each loaded
@@ -120,8 +134,9 @@ class RunDir:
             raise LesionbenchError(f"{str(run.path)!r} exists and is not a directory")
         if run.path.is_dir() and any(run.path.iterdir()):
             if run.results_path.exists():
-                raise LesionbenchError(f"{str(run.path)!r} already holds results; resume with --resume {run.path} "
-                                       "or choose another --out")  # fmt: skip
+                raise LesionbenchError(
+                    f"{str(run.path)!r} already holds results; resume with --resume {run.path} or choose another --out"
+                )
             raise LesionbenchError(f"{str(run.path)!r} is not empty and holds no run; choose another --out")
         manifest = {
             "study": study,
@@ -150,7 +165,9 @@ class RunDir:
             shutil.rmtree(staging, ignore_errors=True)
             raise LesionbenchError(f"cannot write the run directory {str(run.path)!r}: {exc.strerror or exc}") from None
         run._acquire()
-        run.note(f"run started: lesionbench {lesionbench.__version__}, torch {torch.__version__}, fingerprint {fingerprint}")
+        run.note(
+            f"run started: lesionbench {lesionbench.__version__}, torch {torch.__version__}, fingerprint {fingerprint}"
+        )
         return run
 
     @classmethod
@@ -201,7 +218,6 @@ class RunDir:
             raise LesionbenchError(f"{str(self.manifest_path)!r} is unreadable or damaged (no fingerprint)")
         return manifest
 
-
     def forget(self, perturbations: list[str]) -> int:
         """Drop every cell of ``perturbations`` (rows and outcome batches; a name also covers its
         BatchNorm-recalibrated rows) so that ``--resume`` evaluates them again, and record it in the
@@ -236,7 +252,7 @@ class RunDir:
             self._columns = self.columns()
         buf = io.StringIO()
         cells = [_cell(row.get(c)) for c in self._columns]
-        if self._columns[-len(BINDING):] == BINDING:  # schema 2: bound to the run by its fingerprint and a checksum
+        if self._columns[-len(BINDING) :] == BINDING:  # schema 2: bound to the run by its fingerprint and a checksum
             cells[-2:] = [self.fingerprint, row_checksum(self.fingerprint, cells[: -len(BINDING)])]
         csv.writer(buf, lineterminator="\n").writerow(cells)
         data = buf.getvalue().encode("utf-8")
@@ -274,7 +290,32 @@ class RunDir:
         }
 
 
-__all__ = ["CLEAN", "COLUMNS", "KEY_COLUMNS", "LOCK", "MANIFEST", "NONFINITE", "NUMERIC", "OPTIONAL", "OUTCOME",
-           "OUTCOMES", "RESULTS", "CellKey", "MemoryStore", "Outcomes", "RunDir", "Store", "Subset", "_OutcomeWriter",
-           "_cell", "_num", "_outcome_schema", "_valid_stream_bytes", "_write_atomic", "cell_key", "read_outcome_file",
-           "read_results", "read_results_with_outcomes"]  # fmt: skip
+__all__ = [
+    "CLEAN",
+    "COLUMNS",
+    "KEY_COLUMNS",
+    "LOCK",
+    "MANIFEST",
+    "NONFINITE",
+    "NUMERIC",
+    "OPTIONAL",
+    "OUTCOME",
+    "OUTCOMES",
+    "RESULTS",
+    "CellKey",
+    "MemoryStore",
+    "Outcomes",
+    "RunDir",
+    "Store",
+    "Subset",
+    "_OutcomeWriter",
+    "_cell",
+    "_num",
+    "_outcome_schema",
+    "_valid_stream_bytes",
+    "_write_atomic",
+    "cell_key",
+    "read_outcome_file",
+    "read_results",
+    "read_results_with_outcomes",
+]

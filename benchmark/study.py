@@ -8,17 +8,29 @@ The study itself — the :class:`Study` dataclass and each option's declaration 
 from __future__ import annotations
 
 import numbers
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from lesionbench.errors import LesionbenchError, unknown_name
 from lesionbench.model_sources import ModelSpec
-from lesionbench.study_schema import (_DATASET_HINTS, _HINTS, DEFAULT_PERTURBATIONS, DatasetSpec, Study, StudyPreset,
-                                      _scalar_type, default_of, option, option_fields, option_type,
-                                      validate_scalars)  # fmt: skip
+from lesionbench.study_schema import (
+    _DATASET_HINTS,
+    _HINTS,
+    DEFAULT_PERTURBATIONS,
+    DatasetSpec,
+    Study,
+    StudyPreset,
+    _scalar_type,
+    default_of,
+    option,
+    option_fields,
+    option_type,
+    validate_scalars,
+)
 
 _MODEL_KEYS = {"ref": str, "weights": str, "checkpoint": str, "options": dict, "init_checkpoint": str}
 
@@ -48,8 +60,13 @@ def _model_spec(item: Any, i: int) -> ModelSpec:
         _check_table(item, _MODEL_KEYS, f"models[{i}].")
         if "ref" not in item:
             raise LesionbenchError(f"study key models[{i}] needs a 'ref' (e.g. 'timm:resnet18')")
-        return ModelSpec(item["ref"], item.get("weights"), item.get("checkpoint"), dict(item.get("options", {})),
-                         item.get("init_checkpoint"))  # fmt: skip
+        return ModelSpec(
+            item["ref"],
+            item.get("weights"),
+            item.get("checkpoint"),
+            dict(item.get("options", {})),
+            item.get("init_checkpoint"),
+        )
     raise LesionbenchError(f"study key models[{i}] must be a string or a table, got {type(item).__name__}")
 
 
@@ -105,17 +122,22 @@ def parse_study(data: dict[str, Any], default_name: str = "study", base_dir: Pat
         raise LesionbenchError("study needs at least one entry in 'models'")
     study = Study(**values)
     if base_dir is not None:  # checkpoints relative to the study file
+
         def relative(p: str | None) -> str | None:
             return str(base_dir / p) if p and not Path(p).is_absolute() else p
 
-        models = tuple(replace(m, checkpoint=relative(m.checkpoint), init_checkpoint=relative(m.init_checkpoint))
-                       for m in study.models)  # fmt: skip
+        models = tuple(
+            replace(m, checkpoint=relative(m.checkpoint), init_checkpoint=relative(m.init_checkpoint))
+            for m in study.models
+        )
         study = replace(study, models=models)
     validate_scalars(study)
     return study
 
 
-def parse_toml(text: str, default_name: str = "study", base_dir: Path | None = None, source: str | None = None) -> Study:
+def parse_toml(
+    text: str, default_name: str = "study", base_dir: Path | None = None, source: str | None = None
+) -> Study:
     """A study from TOML text; ``source`` (a file's path, a preset's name) is named in a syntax error."""
     try:
         data = tomllib.loads(text)
@@ -130,8 +152,9 @@ def load_study(name_or_path: str, presets: dict[str, StudyPreset]) -> Study:
     if path.suffix == ".toml" or path.is_file():
         if not path.is_file():
             raise LesionbenchError(f"study file {name_or_path!r} does not exist")
-        return parse_toml(path.read_text(), default_name=path.stem, base_dir=path.parent,
-                          source=f"study file {name_or_path!r}")  # fmt: skip
+        return parse_toml(
+            path.read_text(), default_name=path.stem, base_dir=path.parent, source=f"study file {name_or_path!r}"
+        )
     if name_or_path not in presets:
         raise unknown_name("study", name_or_path, presets)
     return parse_toml(presets[name_or_path].toml, default_name=name_or_path, source=f"study preset {name_or_path!r}")
@@ -182,9 +205,14 @@ def with_overrides(study: Study, **overrides: Any) -> Study:
 def _levels_override(study: Study, value: Any, perturbations: Sequence[str] | None) -> dict[str, tuple[float, ...]]:
     """``levels``: one list of numbers for every perturbation, or (as a study file's ``[levels]`` table) a
     mapping perturbation → list; perturbations a mapping leaves out keep the study's levels."""
+
     def grid(where: str, given: Any) -> tuple[float, ...]:
-        if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or not given or not all(
-                isinstance(x, numbers.Real) and not isinstance(x, bool) for x in given):  # fmt: skip
+        if (
+            isinstance(given, (str, bytes))
+            or not isinstance(given, Sequence)
+            or not given
+            or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in given)
+        ):
             raise LesionbenchError(f"{where} must be a non-empty list of numbers, got {given!r}")
         return tuple(float(x) for x in given)
 
@@ -194,5 +222,18 @@ def _levels_override(study: Study, value: Any, perturbations: Sequence[str] | No
     return {p: one for p in perturbations or study.perturbations}
 
 
-__all__ = ["DEFAULT_PERTURBATIONS", "DatasetSpec", "Study", "StudyPreset", "default_of", "load_study", "option",
-           "option_fields", "option_type", "parse_study", "parse_toml", "validate_scalars", "with_overrides"]  # fmt: skip
+__all__ = [
+    "DEFAULT_PERTURBATIONS",
+    "DatasetSpec",
+    "Study",
+    "StudyPreset",
+    "default_of",
+    "load_study",
+    "option",
+    "option_fields",
+    "option_type",
+    "parse_study",
+    "parse_toml",
+    "validate_scalars",
+    "with_overrides",
+]

@@ -22,8 +22,15 @@ from lesionbench.model_sources import ModelSpec
 DEFAULT_PERTURBATIONS = ("synapse_knockout", "node_knockout", "weight_noise")
 
 
-def option(default: Any, help: str, *, numbers: bool | str = False, flag: bool = True, minimum: float | None = None,
-           choices: tuple[str, ...] | None = None) -> Any:  # fmt: skip
+def option(
+    default: Any,
+    help: str,
+    *,
+    numbers: bool | str = False,
+    flag: bool = True,
+    minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
     """A study option. ``numbers``: True when it changes the numbers (always in the fingerprint),
     ``"when_on"`` when only its non-default values do (so runs made before it existed keep their
     fingerprint); ``flag``: the command line gets ``--name``. A dict default is copied per study."""
@@ -38,13 +45,23 @@ class DatasetSpec:
     name: str = option("fashion_mnist", "dataset plugin", numbers=True, flag=False)
     path: str | None = option(None, "dataset path (overrides the study's)", numbers=True, flag=False)
     split: str = option("test", "split of the dataset to evaluate on", numbers=True, flag=False)
-    n_images: int | None = option(1000, "size of the seeded, class-stratified evaluation subset", numbers=True,
-                                  flag=False, minimum=1)  # fmt: skip
-    subset_seed: int = option(0, "seed of the evaluation subset (and the BatchNorm calibration subset): its own, "
-                              "not the study seed, so a run with another seed evaluates the same images",
-                              numbers="when_on", flag=False, minimum=0)  # fmt: skip
-    title: str | None = option(None, "what leaderboards call the data (e.g. 'ImageNet (sample)'; default: a known "
-                               "dataset's name, else the plugin's)", flag=False)  # fmt: skip
+    n_images: int | None = option(
+        1000, "size of the seeded, class-stratified evaluation subset", numbers=True, flag=False, minimum=1
+    )
+    subset_seed: int = option(
+        0,
+        "seed of the evaluation subset (and the BatchNorm calibration subset): its own, "
+        "not the study seed, so a run with another seed evaluates the same images",
+        numbers="when_on",
+        flag=False,
+        minimum=0,
+    )
+    title: str | None = option(
+        None,
+        "what leaderboards call the data (e.g. 'ImageNet (sample)'; default: a known "
+        "dataset's name, else the plugin's)",
+        flag=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -54,34 +71,49 @@ class Study:
     models: tuple[ModelSpec, ...] = option((), "model references", numbers=True, flag=False)
     dataset: DatasetSpec = option(DatasetSpec(), "the dataset", numbers=True, flag=False)
     perturbations: tuple[str, ...] = option(DEFAULT_PERTURBATIONS, "perturbation names", numbers=True, flag=False)
-    levels: dict[str, tuple[float, ...]] = option({}, "levels per perturbation (default: each one's own)",
-                                                  numbers=True, flag=False)  # fmt: skip
-    layers: tuple[str, ...] = option((), "layer names or aliases (empty: every Conv/Linear layer)", numbers=True,
-                                     flag=False)  # fmt: skip
-    layer_count: int | None = option(None, "study N layers per model at the same relative depths 0, 1/(N-1), …, 1 "
-                                     "(each model's nearest layer; instead of 'layers')", numbers="when_on",
-                                     minimum=2)  # fmt: skip
+    levels: dict[str, tuple[float, ...]] = option(
+        {}, "levels per perturbation (default: each one's own)", numbers=True, flag=False
+    )
+    layers: tuple[str, ...] = option(
+        (), "layer names or aliases (empty: every Conv/Linear layer)", numbers=True, flag=False
+    )
+    layer_count: int | None = option(
+        None,
+        "study N layers per model at the same relative depths 0, 1/(N-1), …, 1 "
+        "(each model's nearest layer; instead of 'layers')",
+        numbers="when_on",
+        minimum=2,
+    )
     draws: int = option(5, "random draws per layer and level", numbers=True, minimum=1)
     # adaptive draws (off by default): more draws where a level's mean accuracy is still uncertain
-    target_ci: float | None = option(None, "adaptive draws: after 'draws' draws, add draws to a layer × level until "
-                                     "the 95 percent t-interval of its mean accuracy is narrower than this (e.g. 0.02)",
-                                     numbers="when_on", minimum=0)  # fmt: skip
-    max_draws: int = option(20, "adaptive draws: at most this many draws per layer × level (with target_ci)",
-                            numbers="when_on", minimum=1)  # fmt: skip
-    seed: int = option(0, "study seed (cells, random initialisations; the images are dataset.subset_seed's)",
-                       numbers=True, minimum=0)  # fmt: skip
+    target_ci: float | None = option(
+        None,
+        "adaptive draws: after 'draws' draws, add draws to a layer × level until "
+        "the 95 percent t-interval of its mean accuracy is narrower than this (e.g. 0.02)",
+        numbers="when_on",
+        minimum=0,
+    )
+    max_draws: int = option(
+        20, "adaptive draws: at most this many draws per layer × level (with target_ci)", numbers="when_on", minimum=1
+    )
+    seed: int = option(
+        0, "study seed (cells, random initialisations; the images are dataset.subset_seed's)", numbers=True, minimum=0
+    )
     device: str = option("auto", "cpu, cuda, cuda:1 or auto (cuda when available)")
     batch_size: int = option(256, "evaluation batch size", minimum=1)
     metric: str = option("top1", "what scores are computed from", choices=("top1", "top5"))
-    engine: str = option("fast", "fast: evaluate only what a perturbation changes; naive: full passes",
-                         choices=("fast", "naive"))  # fmt: skip
+    engine: str = option(
+        "fast", "fast: evaluate only what a perturbation changes; naive: full passes", choices=("fast", "naive")
+    )
     # None = on CUDA only: on the CPU the batched (grouped) convolutions measured slower than one pass per draw.
-    batch_draws: bool | None = option(None, "evaluate a layer's draws in one vmapped pass (default: on CUDA only)",
-                                      flag=False)  # fmt: skip
+    batch_draws: bool | None = option(
+        None, "evaluate a layer's draws in one vmapped pass (default: on CUDA only)", flag=False
+    )
     autocast: bool = option(False, "mixed precision (float16 on CUDA, bfloat16 on CPU)", numbers="when_on")
     channels_last: bool = option(False, "NHWC memory layout for models and images", numbers="when_on")
-    bn_recalibrate: bool = option(False, "re-estimate BatchNorm statistics on a calibration subset after each "
-                                  "perturbation", numbers="when_on")  # fmt: skip
+    bn_recalibrate: bool = option(
+        False, "re-estimate BatchNorm statistics on a calibration subset after each perturbation", numbers="when_on"
+    )
     calibration_images: int = option(200, "images of that calibration subset (with bn_recalibrate)", minimum=1)
 
     def numbers(self) -> dict[str, Any]:
@@ -92,9 +124,12 @@ class Study:
             if mode is True or (mode == "when_on" and value != default_of(f.name)):
                 payload[f.name] = _plain(value)
         # the dataset's own options that do not change the numbers (its title) stay out
-        payload["dataset"] = {f.name: _plain(getattr(self.dataset, f.name)) for f in fields(DatasetSpec)
-                              if f.metadata["numbers"] is True or (f.metadata["numbers"] == "when_on"
-                                                                   and getattr(self.dataset, f.name) != f.default)}  # fmt: skip
+        payload["dataset"] = {
+            f.name: _plain(getattr(self.dataset, f.name))
+            for f in fields(DatasetSpec)
+            if f.metadata["numbers"] is True
+            or (f.metadata["numbers"] == "when_on" and getattr(self.dataset, f.name) != f.default)
+        }
         if self.bn_recalibrate:
             payload["calibration_images"] = self.calibration_images
         return payload
@@ -125,7 +160,6 @@ class StudyPreset:
     name: str
     description: str
     toml: str
-
 
 
 # ------------------------------------------------------------------------------------ options

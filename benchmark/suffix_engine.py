@@ -54,8 +54,17 @@ class SuffixEngine(NaiveEngine):
 
     name = "fast"
 
-    def __init__(self, graph: ModelGraph, images, labels, batch_size, device, autocast: bool = False,
-                 budget_bytes: int | None = None, spill: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        graph: ModelGraph,
+        images,
+        labels,
+        batch_size,
+        device,
+        autocast: bool = False,
+        budget_bytes: int | None = None,
+        spill: bool = True,
+    ):
         super().__init__(graph, images, labels, batch_size, device, autocast)
         if budget_bytes is None:
             from lesionbench.memory import memory_budget
@@ -128,8 +137,13 @@ class SuffixEngine(NaiveEngine):
                 lambda params, *xs: torch.func.functional_call(suffix, params, xs),
                 in_dims=(0,) + (None,) * parts.n_boundary,
             )
-            return evaluate_batches(lambda i: batched(stacked, *self._read(cached, i)), labels, self.device, self.autocast,
-                                    variants=len(variants))  # fmt: skip
+            return evaluate_batches(
+                lambda i: batched(stacked, *self._read(cached, i)),
+                labels,
+                self.device,
+                self.autocast,
+                variants=len(variants),
+            )
 
         yield LayerEval(
             lambda: evaluate_batches(forward, labels, self.device, self.autocast),
@@ -160,12 +174,15 @@ class SuffixEngine(NaiveEngine):
             parts = self._split(layer)
             if parts is None:
                 if self.graph.fx is not None:
-                    self.notes.append(f"{layer.name}: no clean cut (not a graph node, or its tensors are read upstream): full passes")
+                    self.notes.append(
+                        f"{layer.name}: no clean cut (not a graph node, or its tensors are read upstream): full passes"
+                    )
                 return None
             step = transition(self.graph.fx, previous.split.boundary, parts.boundary) if previous is not None else None
             if step is not None:
-                values = self._boundary_values(step, layer.name, lambda i: self._read(previous.values, i),
-                                               consume=previous.values)  # fmt: skip
+                values = self._boundary_values(
+                    step, layer.name, lambda i: self._read(previous.values, i), consume=previous.values
+                )
             else:
                 if previous is not None:  # free it first: never two caches' worth of memory at once
                     previous.clear()
@@ -174,7 +191,9 @@ class SuffixEngine(NaiveEngine):
             if previous is not None:
                 previous.clear()
         if values is None:
-            self.notes.append(f"{layer.name}: cached activations exceed {self.budget_bytes} bytes and cannot be spilled: full passes")
+            self.notes.append(
+                f"{layer.name}: cached activations exceed {self.budget_bytes} bytes and cannot be spilled: full passes"
+            )
             return None
         self._cache = _Cache(layer.name, parts, values, self.batch_size, shard)
         return self._cache
@@ -193,8 +212,9 @@ class SuffixEngine(NaiveEngine):
             return tuple(image if v is _INPUT else v for v in batch)
         return batch
 
-    def _boundary_values(self, step: fx.GraphModule, layer_name: str, inputs: Callable[[int], tuple],
-                         consume: list | None = None) -> list[tuple[torch.Tensor, ...]] | SpilledBatches | None:  # fmt: skip
+    def _boundary_values(
+        self, step: fx.GraphModule, layer_name: str, inputs: Callable[[int], tuple], consume: list | None = None
+    ) -> list[tuple[torch.Tensor, ...]] | SpilledBatches | None:
         """``step``'s outputs for every batch of ``inputs``: on the device within the budget, past it
         spilled to memory-mapped files (read back page by page); None when spilling is off or the disk
         is full. Batches of a ``consume`` list are dropped as soon as they are used."""
@@ -228,7 +248,9 @@ class SuffixEngine(NaiveEngine):
                             spilled.clear()
                             return None
                         out = spilled
-                        self.notes.append(f"{layer_name}: cached activations exceed {self.budget_bytes} bytes: spilled to {spilled.dir}")
+                        self.notes.append(
+                            f"{layer_name}: cached activations exceed {self.budget_bytes} bytes: spilled to {spilled.dir}"
+                        )
                     try:
                         out.append(values)
                     except OSError:  # disk full: give up on caching this layer
@@ -246,9 +268,13 @@ _INPUT = object()  # stands for the batch of images itself: read again from the 
 def _is_input(value, image: torch.Tensor | None) -> bool:
     """Whether ``value`` is the image batch (the same memory, shape and strides): nothing to cache."""
     return (
-        image is not None and isinstance(value, torch.Tensor) and value.data_ptr() == image.data_ptr()
-        and value.shape == image.shape and value.stride() == image.stride() and value.dtype == image.dtype
-    )  # fmt: skip
+        image is not None
+        and isinstance(value, torch.Tensor)
+        and value.data_ptr() == image.data_ptr()
+        and value.shape == image.shape
+        and value.stride() == image.stride()
+        and value.dtype == image.dtype
+    )
 
 
 def _counted_bytes(values: tuple, image: torch.Tensor | None = None) -> int:

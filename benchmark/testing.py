@@ -106,8 +106,16 @@ def _layers(perturbation: Any, model: TinyModel) -> list:
 
     layers = list(ModelGraph.of(model.module, model.example[:1]).layers)
     if model.initial is not None:  # as lesionbench.plan attaches a model's initial state
-        layers = [replace(l, initial={k.removeprefix(f"{l.name}."): v for k, v in model.initial.items()
-                                      if k.startswith(f"{l.name}.")} or None) for l in layers]  # fmt: skip
+        layers = [
+            replace(
+                l,
+                initial={
+                    k.removeprefix(f"{l.name}."): v for k, v in model.initial.items() if k.startswith(f"{l.name}.")
+                }
+                or None,
+            )
+            for l in layers
+        ]
     own = perturbation.targets(model.module, layers)
     accepted = []
     for layer in layers if own is None else list(own):
@@ -139,7 +147,9 @@ def _forward(model: TinyModel) -> torch.Tensor:
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit for bit equal, NaN where NaN (damage may make NaN: it must make the same NaN)."""
-    return a.shape == b.shape and bool(torch.equal(a.isnan(), b.isnan())) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    return (
+        a.shape == b.shape and bool(torch.equal(a.isnan(), b.isnan())) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    )
 
 
 def _hook_count(module: nn.Module) -> int:
@@ -207,8 +217,12 @@ def _check_perturbation(perturbation: Any, model: TinyModel, seeds: Sequence[int
 
     for layer in layers:
         if perturbation.identity_level is not None:
-            ident = cell(layer, perturbation.identity_level, seeds[0],
-                         lambda: _same_tensors(model.module, checksum, name, "its identity level"))  # fmt: skip
+            ident = cell(
+                layer,
+                perturbation.identity_level,
+                seeds[0],
+                lambda: _same_tensors(model.module, checksum, name, "its identity level"),
+            )
             if not torch.equal(ident, clean):
                 raise _fail("perturbation", name, f"its identity level changes the output of layer {layer.name!r}")
         own = {id(t) for m in layer.modules() for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
@@ -217,18 +231,26 @@ def _check_perturbation(perturbation: Any, model: TinyModel, seeds: Sequence[int
         outside = partial(_unchanged_outside, model.module, before, own, name, layer.name) if not kind.hooked else None
         first = cell(layer, worst, seeds[0], outside)
         if first.shape != clean.shape or first.dtype != clean.dtype:
-            raise _fail("perturbation", name, f"layer {layer.name!r}: the output is {first.dtype} {tuple(first.shape)}, "
-                        f"not {clean.dtype} {tuple(clean.shape)} as without damage")  # fmt: skip
+            raise _fail(
+                "perturbation",
+                name,
+                f"layer {layer.name!r}: the output is {first.dtype} {tuple(first.shape)}, "
+                f"not {clean.dtype} {tuple(clean.shape)} as without damage",
+            )
         again = cell(layer, worst, seeds[0])
         if not _same(first, again):
-            raise _fail("perturbation", name, f"layer {layer.name!r} at level {worst:g}: the same seed gives different outputs")
+            raise _fail(
+                "perturbation", name, f"layer {layer.name!r} at level {worst:g}: the same seed gives different outputs"
+            )
         if perturbation.deterministic:
             other = cell(layer, worst, seeds[-1])
             if not _same(first, other):
                 raise _fail("perturbation", name, "is declared deterministic but two seeds give different outputs")
         changed = changed or not _same(first, clean)
     if not changed:
-        raise _fail("perturbation", name, f"its most damaging level {worst:g} changes nothing on any layer of {model.name}")
+        raise _fail(
+            "perturbation", name, f"its most damaging level {worst:g} changes nothing on any layer of {model.name}"
+        )
     return [layer.name for layer in layers]
 
 
@@ -242,9 +264,9 @@ def _unchanged_outside(module: nn.Module, before: dict, own: set, name: str, lay
         if id(tensor) in own or key not in before:
             continue
         if not torch.equal(tensor.detach(), before[key]):
-            raise _fail("perturbation", name, f"damaging layer {layer!r} changed {key!r}, outside the layer and its norms")
-
-
+            raise _fail(
+                "perturbation", name, f"damaging layer {layer!r} changed {key!r}, outside the layer and its norms"
+            )
 
 
 def check_model_source(source: Any, arch: str | None = None) -> str | None:

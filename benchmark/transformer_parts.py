@@ -110,8 +110,13 @@ def _shapes(module: nn.Module) -> tuple:
     return tuple((name, tuple(p.shape)) for name, p in module.named_parameters())
 
 
-def targets_holding(model: nn.Module, layers: Sequence[Layer], found: Callable[[nn.Module], object],
-                    kind: str, names: dict[str, str] | None = None) -> list[Layer]:  # fmt: skip
+def targets_holding(
+    model: nn.Module,
+    layers: Sequence[Layer],
+    found: Callable[[nn.Module], object],
+    kind: str,
+    names: dict[str, str] | None = None,
+) -> list[Layer]:
     """One Layer per module of ``model`` for which ``found`` is not None and that holds one of
     ``layers``, in forward order; its index and depth are those of the first of ``layers`` inside
     it (so tables and depth plots put it in place). ``names`` maps module paths to display names."""
@@ -124,8 +129,16 @@ def targets_holding(model: nn.Module, layers: Sequence[Layer], found: Callable[[
         hits = [l for l in layers if id(l.module) in inside]
         if hits:
             first = min(hits, key=lambda l: l.index)
-            out.append(Layer(name=path, display=names.get(path, path), index=first.index,
-                             relative_depth=first.relative_depth, kind=kind, module=module))  # fmt: skip
+            out.append(
+                Layer(
+                    name=path,
+                    display=names.get(path, path),
+                    index=first.index,
+                    relative_depth=first.relative_depth,
+                    kind=kind,
+                    module=module,
+                )
+            )
     return sorted(out, key=lambda l: (l.index, l.name))
 
 

@@ -22,22 +22,74 @@ from lesionbench.layers import kind_of, unit_axis_of
 # Ops that map each value to one value in place of it (channel for channel): a unit silenced before
 # one of them is still the same unit after it, so a BatchNorm behind them is the one the unit feeds.
 ELEMENTWISE = {
-    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "gelu", "silu", "silu_",
-    "hardswish", "hardswish_", "hardsigmoid", "sigmoid", "sigmoid_", "tanh", "tanh_", "elu", "elu_", "selu",
-    "celu", "mish", "softplus", "dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout", "dropout1d",
-    "dropout2d", "dropout3d", "clamp", "clamp_", "clip", "clip_", "contiguous", "clone", "detach", "float", "half",
-    "bfloat16", "to", "type_as", "abs", "neg",
+    "relu",
+    "relu_",
+    "relu6",
+    "hardtanh",
+    "hardtanh_",
+    "leaky_relu",
+    "leaky_relu_",
+    "gelu",
+    "silu",
+    "silu_",
+    "hardswish",
+    "hardswish_",
+    "hardsigmoid",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "elu",
+    "elu_",
+    "selu",
+    "celu",
+    "mish",
+    "softplus",
+    "dropout",
+    "dropout_",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "clamp",
+    "clamp_",
+    "clip",
+    "clip_",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
+    "abs",
+    "neg",
     # fake quantization of activations (QAT's FakeQuantize modules): zero is always representable, so 0 stays 0
-    "fake_quantize_per_tensor_affine", "fake_quantize_per_channel_affine", "fused_moving_avg_obs_fake_quant",
-}  # fmt: skip
+    "fake_quantize_per_tensor_affine",
+    "fake_quantize_per_channel_affine",
+    "fused_moving_avg_obs_fake_quant",
+}
 
 
 # Ops that keep the channels of an [N, C, ...] value (a silent channel stays silent) and those that
 # only reshape a value, for following a layer's units to the BatchNorm they feed.
 CHANNEL_PRESERVING = {
-    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "interpolate", "pad",
-}  # fmt: skip
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "interpolate",
+    "pad",
+}
 RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 PERMUTES = {"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t"}
 REDUCTIONS = {"mean", "sum", "amax", "amin", "nanmean", "nansum"}  # over some axes: zeros give zero
@@ -61,6 +113,8 @@ def norm_channel_axis(name: str, args: tuple, kwargs: dict, value: torch.Tensor)
         shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else ())
         return -len(shape) if isinstance(shape, (tuple, list, torch.Size)) else -1
     return 1 - value.dim()
+
+
 SPLITS = {"split", "split_with_sizes", "chunk", "tensor_split", "narrow"}
 
 
@@ -120,8 +174,9 @@ def _sliced(spans: tuple[UnitSpan, ...], source: torch.Tensor, cuts: list[slice]
     return tuple(out)
 
 
-def follow_units(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tensor],
-                 units: dict[int, tuple[UnitSpan, ...]]) -> list[tuple[UnitSpan, ...]]:  # fmt: skip
+def follow_units(
+    name: str, args: tuple, kwargs: dict, outputs: list[torch.Tensor], units: dict[int, tuple[UnitSpan, ...]]
+) -> list[tuple[UnitSpan, ...]]:
     """Where the layers' units in an op's inputs lie in each of its outputs (empty: nowhere known)."""
     first = args[0] if args and isinstance(args[0], torch.Tensor) else None
     none: list[tuple[UnitSpan, ...]] = [()] * len(outputs)
@@ -153,8 +208,12 @@ def follow_units(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tenso
             else:  # the units' axis merged with the k − 1 after it (a flatten): each unit fills a block
                 for k in range(2, first.dim() - at + 1):
                     inner = math.prod(first.shape[at + 1 : at + k])
-                    if (t.shape[:at] == first.shape[:at] and at < t.dim() and t.shape[at] == first.shape[at] * inner
-                            and t.shape[at + 1 :] == first.shape[at + k :]):  # fmt: skip
+                    if (
+                        t.shape[:at] == first.shape[:at]
+                        and at < t.dim()
+                        and t.shape[at] == first.shape[at] * inner
+                        and t.shape[at + 1 :] == first.shape[at + k :]
+                    ):
                         kept.append(replace(s, axis=at - t.dim(), shift=s.shift * inner, width=s.width * inner))
                         break
         return [tuple(kept)] + none[1:]

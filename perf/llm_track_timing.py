@@ -51,8 +51,10 @@ def main() -> None:
     n = len(plan.indices)
     per_pass = per_window * n / args.scaling
     print(f"llm-track: {len(cells)} cells, {passes} full passes of {n} windows of {plan.raw.tokens} tokens")
-    print(f"one thread: {per_window:.2f} CPU s per window; one pass on {args.cores} idle cores: {per_pass:.0f} s "
-          f"(scaling {args.scaling})")  # fmt: skip
+    print(
+        f"one thread: {per_window:.2f} CPU s per window; one pass on {args.cores} idle cores: {per_pass:.0f} s "
+        f"(scaling {args.scaling})"
+    )
     print(f"estimated wall time on {args.cores} idle cores: {passes * per_pass / 3600:.2f} h")
 
 

@@ -31,8 +31,12 @@ import lesionbench.publish as publish
 import lesionbench.store as store
 from lesionbench.cli import main as cli
 
-spent: dict[str, float] = {"writing outcomes.arrow": 0.0, "runner bookkeeping": 0.0, "reading outcomes": 0.0,
-                           "bootstrap (1000 replicates)": 0.0}  # fmt: skip
+spent: dict[str, float] = {
+    "writing outcomes.arrow": 0.0,
+    "runner bookkeeping": 0.0,
+    "reading outcomes": 0.0,
+    "bootstrap (1000 replicates)": 0.0,
+}
 
 
 def timed(owner, name: str, key: str) -> None:
@@ -68,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/outcome-cost"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--run-args", default="", help="further `lesionbench run` flags, e.g. '--n-images 20 --draws 1'")
+    parser.add_argument(
+        "--run-args", default="", help="further `lesionbench run` flags, e.g. '--n-images 20 --draws 1'"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,8 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     store.read_results(args.out)
     spent["reading outcomes"] = max(0.0, spent["reading outcomes"] - (time.perf_counter() - t))
-    print(f"\nlesionbench run demo: {wall:.1f} s wall, {len(df)} cells, outcomes.arrow "
-          f"{(args.out / store.OUTCOMES).stat().st_size / 1e6:.2f} MB\n")
+    print(
+        f"\nlesionbench run demo: {wall:.1f} s wall, {len(df)} cells, outcomes.arrow "
+        f"{(args.out / store.OUTCOMES).stat().st_size / 1e6:.2f} MB\n"
+    )
     print("| what | seconds | share of the wall time |\n|---|---|---|")
     for what, s in spent.items():
         print(f"| {what} | {s:.2f} | {s / wall:.2%} |")

@@ -27,7 +27,6 @@ from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from property_models import specs  # noqa: E402
 from property_oracles import ABSENT, check  # noqa: E402
 
-
 QUOTED = re.compile(r"'[^']*'")  # a layer's name in a refusal: one line per kind of refusal
 
 
@@ -56,8 +55,13 @@ def _run(args: argparse.Namespace) -> int:
     totals, kinds, refusals, t0 = Counter(), Counter(), Counter(), time.perf_counter()
 
     @seed(args.seed)
-    @settings(max_examples=args.examples, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=args.examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(specs(max_blocks=args.max_blocks))
     def one(spec):
         cells, failures, refused = check(spec, long=True)
@@ -70,8 +74,11 @@ def _run(args: argparse.Namespace) -> int:
         if failures:
             print(f"FAIL {spec}", *(f"  {f}" for f in failures), sep="\n", flush=True)
         if totals["models"] % 10 == 0:
-            print(f"... {totals['models']} models, {totals['cells']} cells, {totals['failures']} failures "
-                  f"({totals['failed models']} models), {time.perf_counter() - t0:.0f} s", flush=True)
+            print(
+                f"... {totals['models']} models, {totals['cells']} cells, {totals['failures']} failures "
+                f"({totals['failed models']} models), {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
 
     one()
     for kind, n in kinds.most_common():
@@ -79,8 +86,10 @@ def _run(args: argparse.Namespace) -> int:
     for why, n in refusals.most_common():
         print(f"  {n:5d} models: refused before the run (not a failure) by {why}")
     print(f"{time.perf_counter() - t0:.0f} s")
-    print(f"{totals['models']} models, {totals['cells']} cells, {totals['failures']} failures "
-          f"({totals['failed models']} models, {len(kinds)} kinds)")  # fmt: skip
+    print(
+        f"{totals['models']} models, {totals['cells']} cells, {totals['failures']} failures "
+        f"({totals['failed models']} models, {len(kinds)} kinds)"
+    )
     return 1 if totals["failures"] else 0
 
 

@@ -32,11 +32,39 @@ MODEL = "torchvision:alexnet"
 def run_study(n: int, engine: str, args, out: Path) -> dict:
     """``lesionbench run`` under ``/usr/bin/time -v``: peak RSS (MiB) and CPU seconds."""
     run_dir = out / f"{engine}-{n}"
-    command = [sys.executable, "-m", "lesionbench.cli", "run", "--models", MODEL, "--dataset", "synthetic",
-               "--data", f"n={n},size={args.size},classes=1000", "--n-images", str(n), "--layers", args.layers,
-               "--perturbations", "synapse_knockout", "--levels", "0.5", "--draws", "1", "--seed", "0",
-               "--engine", engine, "--batch-size", str(args.batch), "--device", "cpu", "--no-publish",
-               "--out", str(run_dir)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lesionbench.cli",
+        "run",
+        "--models",
+        MODEL,
+        "--dataset",
+        "synthetic",
+        "--data",
+        f"n={n},size={args.size},classes=1000",
+        "--n-images",
+        str(n),
+        "--layers",
+        args.layers,
+        "--perturbations",
+        "synapse_knockout",
+        "--levels",
+        "0.5",
+        "--draws",
+        "1",
+        "--seed",
+        "0",
+        "--engine",
+        engine,
+        "--batch-size",
+        str(args.batch),
+        "--device",
+        "cpu",
+        "--no-publish",
+        "--out",
+        str(run_dir),
+    ]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     if args.budget:
         env["LESIONBENCH_MEMORY_BUDGET"] = args.budget
@@ -60,7 +88,12 @@ def bound(n: int, args) -> dict:
     import torchvision
 
     from lesionbench.graph import ModelGraph
-    from lesionbench.models.torchvision_models import ALEXNET_ALIASES, IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform
+    from lesionbench.models.torchvision_models import (
+        ALEXNET_ALIASES,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        imagenet_eval_transform,
+    )
     from lesionbench.pixels import normalise, split_normalisation
     from lesionbench.plugins.synthetic import synthetic_image
 
@@ -76,7 +109,9 @@ def bound(n: int, args) -> dict:
     spent = 0.0
     with torch.inference_mode():
         for b in range(0, n, args.batch):
-            pixels = torch.stack([to_uint8(synthetic_image(i, args.size, 1000)) for i in range(b, min(n, b + args.batch))])
+            pixels = torch.stack(
+                [to_uint8(synthetic_image(i, args.size, 1000)) for i in range(b, min(n, b + args.batch))]
+            )
             x = normalise(pixels, IMAGENET_MEAN, IMAGENET_STD)
             for cut in splits:
                 values = cut.prefix(x)
@@ -95,7 +130,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--budget", help="LESIONBENCH_MEMORY_BUDGET for the runs, e.g. 1G (default: from available memory)")
+    parser.add_argument(
+        "--budget", help="LESIONBENCH_MEMORY_BUDGET for the runs, e.g. 1G (default: from available memory)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/scale"))
     parser.add_argument("--table", type=Path, help="append each finished run's line here (default: OUT/scale.md)")
     parser.add_argument("--bound-only", type=int, help=argparse.SUPPRESS)  # the bound's own process
@@ -106,21 +143,37 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.table or args.out / "scale.md"
     if not table.exists():
-        table.write_text("| images | engine | layers | peak RSS (MiB) | CPU s | CPU ms per image-cell | cell ms per image |\n"
-                         "|---|---|---|---|---|---|---|\n")  # fmt: skip
+        table.write_text(
+            "| images | engine | layers | peak RSS (MiB) | CPU s | CPU ms per image-cell | cell ms per image |\n"
+            "|---|---|---|---|---|---|---|\n"
+        )
     for n in (int(x) for x in args.images.split(",")):
         for engine in args.engines.split(","):
             if engine == "bound":
-                cmd = [sys.executable, __file__, "--bound-only", str(n), "--layers", args.layers, "--size",
-                       str(args.size), "--batch", str(args.batch), "--threads", str(args.threads)]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--bound-only",
+                    str(n),
+                    "--layers",
+                    args.layers,
+                    "--size",
+                    str(args.size),
+                    "--batch",
+                    str(args.batch),
+                    "--threads",
+                    str(args.threads),
+                ]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 r = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 (our own child's repr of a dict)
                 per = r["cpu_s"] / (n * r["cells"])
             else:
                 r = run_study(n, engine, args, args.out)
                 per = r["cpu_s"] / (n * (r["cells"] + 1))
-            line = (f"| {n:,} | {engine} | {args.layers} | {r['rss_mib']:,.0f} | {r['cpu_s']:,.1f} | {1000 * per:.2f} | "
-                    f"{1000 * r['cell_s'] / (n * r['cells']):.2f} |")  # fmt: skip
+            line = (
+                f"| {n:,} | {engine} | {args.layers} | {r['rss_mib']:,.0f} | {r['cpu_s']:,.1f} | {1000 * per:.2f} | "
+                f"{1000 * r['cell_s'] / (n * r['cells']):.2f} |"
+            )
             print(line, flush=True)
             with open(table, "a") as f:
                 f.write(line + "\n")

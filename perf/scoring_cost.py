@@ -43,8 +43,10 @@ def main() -> None:
         started = time.perf_counter()
         publish([copy], Path(tmp) / "plain.md", draw=False)
         plain = time.perf_counter() - started
-    print(f"{cells} cells; publish without outcomes (runs of results schema 1 only) {plain:.1f} s; with outcomes and their bootstrap intervals "
-          f"{with_ci:.1f} s")
+    print(
+        f"{cells} cells; publish without outcomes (runs of results schema 1 only) {plain:.1f} s; with outcomes and their bootstrap intervals "
+        f"{with_ci:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -84,8 +84,11 @@ def main() -> None:
         passed += (forward == 0) + (backward == 0)
         total += 2
         print(f"seed {seed}: compare rerun base → {forward}, compare base rerun → {backward}", flush=True)
-    print(f"false alarms: {total - passed} of {total} comparisons exit 1 ({(total - passed) / total:.1%}); "
-          f"exit 0 in {passed / total:.1%}", flush=True)
+    print(
+        f"false alarms: {total - passed} of {total} comparisons exit 1 ({(total - passed) / total:.1%}); "
+        f"exit 0 in {passed / total:.1%}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

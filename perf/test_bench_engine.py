@@ -12,9 +12,9 @@ import torch
 
 from lesionbench.engine import NaiveEngine, SuffixEngine
 from lesionbench.graph import ModelGraph, discover_layers
+from lesionbench.models.fashion import FashionAlexNet
 from lesionbench.perturbation import generator_for, perturbed
 from lesionbench.registry import create_registry
-from lesionbench.models.fashion import FashionAlexNet
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 DRAWS = 3
@@ -59,7 +59,9 @@ def test_block(benchmark, setup, engine_cls, layer):
 
     def fresh():  # a new engine each round: the fast engine fills its cache in every timed round
         graph = ModelGraph.of(model, images[:1])
-        engine = (SuffixEngine if engine_cls == "batched" else engine_cls)(graph, images, labels, 256, torch.device("cpu"))
+        engine = (SuffixEngine if engine_cls == "batched" else engine_cls)(
+            graph, images, labels, 256, torch.device("cpu")
+        )
         return (engine, layers[layer], perturbation), {}
 
     benchmark.pedantic(run, setup=fresh, rounds=3, iterations=1)

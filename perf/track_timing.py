@@ -55,12 +55,22 @@ def main() -> None:
     per_layer = sum(study.draws * sum(lv != 0.0 for lv in study.levels[p]) for p in study.perturbations)
     n = study.dataset.n_images
     print(f"imagenet-track: {study.layer_count} layers × {per_layer} damaged cells per layer, {n} images\n")
-    print("| model | 1 cell per layer, in clean passes | clean pass, one thread, per image | estimated wall time, idle |")
+    print(
+        "| model | 1 cell per layer, in clean passes | clean pass, one thread, per image | estimated wall time, idle |"
+    )
     print("|---|---|---|---|")
     total = 0.0
     for model in models:
-        rows = run("imagenet-track", models=[model], perturbations=["weight_noise"], levels=[0.0, 1.0], draws=1,
-                   n_images=args.images, data=args.data, device="cpu")  # fmt: skip
+        rows = run(
+            "imagenet-track",
+            models=[model],
+            perturbations=["weight_noise"],
+            levels=[0.0, 1.0],
+            draws=1,
+            n_images=args.images,
+            data=args.data,
+            device="cpu",
+        )
         clean = rows.loc[rows["perturbation"] == "clean", "seconds"].iloc[0]
         cells = rows.loc[rows["level"] > 0, "seconds"].sum()
         passes = cells / clean * per_layer + 2  # every cell, the clean pass, the caches (one pass in all)

@@ -30,8 +30,8 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
 import timm
+import torch
 from torch import nn
 
 from lesionbench.api import run
@@ -109,7 +109,11 @@ def nonzero_init(model: nn.Module, images: torch.Tensor, seed: int) -> nn.Module
             if p.dim() >= 2 and small:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif p.dim() < 2 and not name.endswith("bias") and (small or p.numel() > 1 and bool((p == p.flatten()[0]).all())):
+            elif (
+                p.dim() < 2
+                and not name.endswith("bias")
+                and (small or p.numel() > 1 and bool((p == p.flatten()[0]).all()))
+            ):
                 p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
         batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in batchnorms:
@@ -154,8 +158,16 @@ def survey(family: str, name: str, kwargs: dict, side: int, n_images: int, layer
     for engine in ("fast", "naive"):
         out = root / f"{name}-{engine}"
         start = time.process_time()
-        study = {"perturbations": list(LEVELS), "levels": LEVELS, "draws": 1, "layer_count": layers, "seed": 0,
-                 "engine": engine, "batch_size": n_images, "device": "cpu"}  # fmt: skip
+        study = {
+            "perturbations": list(LEVELS),
+            "levels": LEVELS,
+            "draws": 1,
+            "layer_count": layers,
+            "seed": 0,
+            "engine": engine,
+            "batch_size": n_images,
+            "device": "cpu",
+        }
         results[engine] = run(study, out=out, model=model, data=(images, labels))
         seconds[engine] = time.process_time() - start
         notes[engine] = _notes(out)
@@ -168,7 +180,9 @@ def survey(family: str, name: str, kwargs: dict, side: int, n_images: int, layer
     moved = (naive.loc[damaged, "loss"] - clean).abs().max()
     cut, exact, uncut = every_cut(model, images)
     row.update(
-        cut=cut, exact=exact, uncut=uncut,
+        cut=cut,
+        exact=exact,
+        uncut=uncut,
         cells=int(damaged.sum()),
         ratio=seconds["fast"] / seconds["naive"],
         rel_loss=float(rel),
@@ -191,8 +205,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     only = set(args.only.split(",")) if args.only else None
-    print("| family | timm model | params | input | layers cut (exact) | cells | fast/naive time | max rel. loss diff | "
-          "top-1 equal | fast engine's run.log |")  # fmt: skip
+    print(
+        "| family | timm model | params | input | layers cut (exact) | cells | fast/naive time | max rel. loss diff | "
+        "top-1 equal | fast engine's run.log |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="zoo-survey-") as tmp:
         for family, name, kwargs, side in ZOO:
@@ -212,9 +228,11 @@ def main() -> None:
             cuts = f"{r['cut']}/{total}" + ("" if r["exact"] == r["cut"] else f" (**{r['cut'] - r['exact']} differ**)")
             if r["uncut"]:
                 cuts += f"; full passes: {', '.join(r['uncut'][:3])}{' …' if len(r['uncut']) > 3 else ''}"
-            print(f"| {family} | `{name}` | {r['params'] / 1e6:.1f}M | {side}² | {cuts} | {r['cells']} | "
-                  f"{r['ratio']:.2f} | {r['rel_loss']:.1e} | {'yes' if r['top1_equal'] else '**no**'} | {said} |",
-                  flush=True)  # fmt: skip
+            print(
+                f"| {family} | `{name}` | {r['params'] / 1e6:.1f}M | {side}² | {cuts} | {r['cells']} | "
+                f"{r['ratio']:.2f} | {r['rel_loss']:.1e} | {'yes' if r['top1_equal'] else '**no**'} | {said} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,9 @@ def flip_bits_per_image(output: torch.Tensor, draw: Callable[[int, int], np.ndar
     if not len(position):
         return output
     element, inverse = torch.unique(position // width, return_inverse=True)
-    masks = torch.zeros(len(element), dtype=torch.int64).index_add_(0, inverse, torch.ones_like(position) << (position % width))
+    masks = torch.zeros(len(element), dtype=torch.int64).index_add_(
+        0, inverse, torch.ones_like(position) << (position % width)
+    )
     ints = storage.view(INT_VIEW[storage.element_size()]).view(-1)  # the same memory, as integers
     device = ints.device
     ints[element.to(device)] ^= masks.to(ints.dtype).to(device)  # distinct bits per value: their sum is their or

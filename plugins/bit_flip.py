@@ -48,7 +48,11 @@ def flip_bits(tensor: torch.Tensor, rate: float, generator: torch.Generator, fie
     count = binomial_count(total, rate, generator)
     if count == 0:
         return 0
-    chosen = torch.randperm(total, generator=generator)[:count] if count > total // 8 else distinct_positions(total, count, generator)
+    chosen = (
+        torch.randperm(total, generator=generator)[:count]
+        if count > total // 8
+        else distinct_positions(total, count, generator)
+    )
     element, which = chosen // len(bits), torch.tensor(bits, dtype=torch.int64)[chosen % len(bits)]
     masks = torch.zeros(tensor.numel(), dtype=torch.int64)
     masks.index_put_((element,), torch.ones_like(which) << which, accumulate=True)  # distinct bits: sum = or

@@ -14,7 +14,14 @@ its input's shape is refused before the study starts (``check_hooks``).
 from __future__ import annotations
 
 from lesionbench import (
-    HookPerturbation, Layer, LesionbenchError, LevelAxis, display_names, hookimpl, identity_hook, keeps_shape_hook,
+    HookPerturbation,
+    Layer,
+    LesionbenchError,
+    LevelAxis,
+    display_names,
+    hookimpl,
+    identity_hook,
+    keeps_shape_hook,
     transformer_blocks,
 )
 
@@ -24,8 +31,12 @@ class BlockDrop(HookPerturbation):
         blocks = transformer_blocks(model)
         names = display_names(layers)
         last = max(len(blocks) - 1, 1)
-        return [Layer(name=path, display=names.get(path, path), index=i, relative_depth=i / last, kind="block",
-                      module=module) for i, (path, module) in enumerate(blocks)]  # fmt: skip
+        return [
+            Layer(
+                name=path, display=names.get(path, path), index=i, relative_depth=i / last, kind="block", module=module
+            )
+            for i, (path, module) in enumerate(blocks)
+        ]
 
     def check_level(self, level):
         if level not in (0.0, 1.0):

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lesionbench.errors import LesionbenchError
 from lesionbench.damage import FRACTION_LEVELS as LEVELS
+from lesionbench.errors import LesionbenchError
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
 from lesionbench.perturbation import HookPerturbation, LevelAxis, count_for
@@ -70,7 +70,9 @@ def stages(model: nn.Module, layers: Sequence[Layer]) -> list[Layer]:
     ordered = sorted(first.items(), key=lambda item: item[1][0].index)
     # A stage sits where its first studied layer sits, so tables and depth plots put it in place.
     return [
-        Layer(name=path, display=path, index=layer.index, relative_depth=layer.relative_depth, kind="stage", module=module)
+        Layer(
+            name=path, display=path, index=layer.index, relative_depth=layer.relative_depth, kind="stage", module=module
+        )
         for path, (layer, module) in ordered
     ]
 
@@ -100,8 +102,10 @@ class BlockRemoval(HookPerturbation):
 
     def check_hooks(self, layer: Layer) -> list[RemovableHandle]:
         """Before the study: every removable block of the stage must keep its input's shape."""
-        return [block.register_forward_hook(shape_check_hook(f"{layer.name}.{name}"))
-                for name, block in removable_blocks(layer.module)]  # fmt: skip
+        return [
+            block.register_forward_hook(shape_check_hook(f"{layer.name}.{name}"))
+            for name, block in removable_blocks(layer.module)
+        ]
 
     def hooks(self, layer: Layer, level: float, generator: torch.Generator) -> list[RemovableHandle]:
         blocks = removable_blocks(layer.module)

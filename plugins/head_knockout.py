@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 
 from lesionbench import (
-    HookPerturbation, LevelAxis, attention_heads, count_for, display_names, head_features, hookimpl, targets_holding,
+    HookPerturbation,
+    LevelAxis,
+    attention_heads,
+    count_for,
+    display_names,
+    head_features,
+    hookimpl,
+    targets_holding,
     zero_features,
 )
 

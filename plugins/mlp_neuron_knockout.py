@@ -14,7 +14,14 @@ from __future__ import annotations
 import torch
 
 from lesionbench import (
-    HookPerturbation, LevelAxis, count_for, display_names, hookimpl, mlp_output, targets_holding, zero_features,
+    HookPerturbation,
+    LevelAxis,
+    count_for,
+    display_names,
+    hookimpl,
+    mlp_output,
+    targets_holding,
+    zero_features,
 )
 
 LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)

@@ -68,8 +68,13 @@ class QuantizePerChannel(Quantize):
 @hookimpl
 def lesionbench_perturbations():
     # fewer bits, more harm; no randomness, so the harness evaluates one draw per level
-    common = dict(default_levels=LEVELS, level_range=(2.0, 16.0), identity_level=None, deterministic=True,
-                  axis=LevelAxis("bit width k", damage_grows=False))
+    common = dict(
+        default_levels=LEVELS,
+        level_range=(2.0, 16.0),
+        identity_level=None,
+        deterministic=True,
+        axis=LevelAxis("bit width k", damage_grows=False),
+    )
     return [
         Quantize(
             name="quantize",

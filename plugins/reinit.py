@@ -20,8 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
-from lesionbench.errors import LesionbenchError
 from lesionbench.damage import FRACTION_LEVELS as LEVELS
+from lesionbench.errors import LesionbenchError
 from lesionbench.hookspecs import hookimpl
 from lesionbench.layers import Layer
 from lesionbench.perturbation import LevelAxis, WeightPerturbation

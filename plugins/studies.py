@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from lesionbench.hookspecs import hookimpl
 from lesionbench.study import StudyPreset

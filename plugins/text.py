@@ -73,8 +73,10 @@ def windows(text: str, chars: int) -> list[str]:
 
 class TextSource:
     name = "text"
-    description = ("Next-token prediction on plain text (.txt files or bible:REFS), windows of 128 tokens of each "
-                   "model's own tokenizer; for causal language models (hf:).")  # fmt: skip
+    description = (
+        "Next-token prediction on plain text (.txt files or bible:REFS), windows of 128 tokens of each "
+        "model's own tokenizer; for causal language models (hf:)."
+    )
     default_path = DEFAULT_PATH
 
     def load(self, path: str | None, split: str) -> RawDataset:
@@ -90,8 +92,14 @@ class TextSource:
         items = windows(read_text(path), CHARS_PER_TOKEN * (tokens + 1))
         if not items:
             raise LesionbenchError(f"dataset text: {path!r} is shorter than one window of {tokens + 1} tokens")
-        return RawDataset(name=self.name, path=path, labels=np.zeros(len(items), np.int64), num_classes=1,
-                          decode=lambda i: TextWindow(items[i], tokens), tokens=tokens)  # fmt: skip
+        return RawDataset(
+            name=self.name,
+            path=path,
+            labels=np.zeros(len(items), np.int64),
+            num_classes=1,
+            decode=lambda i: TextWindow(items[i], tokens),
+            tokens=tokens,
+        )
 
 
 @hookimpl

@@ -31,7 +31,9 @@ def redraw_entries(tensor: torch.Tensor, fraction: float, generator: torch.Gener
     sources = torch.randperm(n, generator=generator)[:k]
     replacement = torch.zeros(n, dtype=tensor.dtype)
     replacement[positions] = values[sources].to(tensor.dtype)
-    tensor.copy_(torch.where(positions_mask(tensor, positions), replacement.view(tensor.shape).to(tensor.device), tensor))
+    tensor.copy_(
+        torch.where(positions_mask(tensor, positions), replacement.view(tensor.shape).to(tensor.device), tensor)
+    )
 
 
 class WeightDraw(WeightPerturbation):

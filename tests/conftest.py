@@ -57,9 +57,10 @@ def write_fashion(root: Path, n: int = 60, labels: np.ndarray | None = None) -> 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "golden(path, what, modules=()): needs data (and packages) the clone does not make: skipped "
+        "markers",
+        "golden(path, what, modules=()): needs data (and packages) the clone does not make: skipped "
         "where missing, failed where env CI is set",
-    )  # fmt: skip
+    )
     share_the_cores()
 
 
@@ -68,9 +69,18 @@ def pytest_configure(config: pytest.Config) -> None:
 # (``--dist loadfile --no-loadscope-reorder``) gives each worker the next file when it is done with one,
 # so the long files start first and no worker is left alone with one of them at the end.
 LONGEST_FIRST = (
-    "test_faults.py", "test_alexnet_baseline.py", "test_properties.py", "test_reproduce.py", "test_package.py",
-    "test_adaptive.py", "test_engine.py", "test_bootstrap.py", "test_llm.py", "test_api.py", "test_result_files.py",
-)  # fmt: skip
+    "test_faults.py",
+    "test_alexnet_baseline.py",
+    "test_properties.py",
+    "test_reproduce.py",
+    "test_package.py",
+    "test_adaptive.py",
+    "test_engine.py",
+    "test_bootstrap.py",
+    "test_llm.py",
+    "test_api.py",
+    "test_result_files.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -146,9 +156,19 @@ def fashion(tmp_path_factory) -> Path:
     return write_fashion(tmp_path_factory.mktemp("data") / "fashion")
 
 
-def make_study(models: str | dict | Sequence[str | dict], layers: Sequence[str], perturbations: str | Sequence[str],
-               levels: Sequence[float] | dict, data: Path | None = None, *, name: str = "case", draws: int = 1,
-               n_images: int = 40, seed: int = 0, **extra) -> dict:  # fmt: skip
+def make_study(
+    models: str | dict | Sequence[str | dict],
+    layers: Sequence[str],
+    perturbations: str | Sequence[str],
+    levels: Sequence[float] | dict,
+    data: Path | None = None,
+    *,
+    name: str = "case",
+    draws: int = 1,
+    n_images: int = 40,
+    seed: int = 0,
+    **extra,
+) -> dict:
     """A study as a dict: the models (a ref, a ``{"ref": …, "options": …}`` table, or a list of them),
     the layers, the perturbations (each at ``levels``, or ``levels`` by perturbation), on the CPU,
     on the Fashion-MNIST ``test`` split at ``data`` (the installed one when None); ``extra`` keys
@@ -157,11 +177,16 @@ def make_study(models: str | dict | Sequence[str | dict], layers: Sequence[str],
     perturbations = [perturbations] if isinstance(perturbations, str) else list(perturbations)
     dataset = {"name": "fashion_mnist", "n_images": n_images} | ({"path": str(data)} if data else {})
     return {
-        "name": name, "models": [m if isinstance(m, dict) else {"ref": m} for m in models], "layers": list(layers),
+        "name": name,
+        "models": [m if isinstance(m, dict) else {"ref": m} for m in models],
+        "layers": list(layers),
         "perturbations": perturbations,
         "levels": dict(levels) if isinstance(levels, dict) else {p: list(levels) for p in perturbations},
-        "draws": draws, "device": "cpu", "seed": seed, "dataset": dataset,
-    } | extra  # fmt: skip
+        "draws": draws,
+        "device": "cpu",
+        "seed": seed,
+        "dataset": dataset,
+    } | extra
 
 
 def _module_study(request: pytest.FixtureRequest) -> Callable[..., dict]:

@@ -68,8 +68,14 @@ class Expect:
 
 
 def _act(kind: str) -> nn.Module:
-    return {"relu": nn.ReLU(), "relu_inplace": nn.ReLU(inplace=True), "gelu": nn.GELU(), "silu": nn.SiLU(),
-            "tanh": nn.Tanh(), "none": nn.Identity()}[kind]  # fmt: skip
+    return {
+        "relu": nn.ReLU(),
+        "relu_inplace": nn.ReLU(inplace=True),
+        "gelu": nn.GELU(),
+        "silu": nn.SiLU(),
+        "tanh": nn.Tanh(),
+        "none": nn.Identity(),
+    }[kind]
 
 
 def _norm(kind: str, c: int) -> tuple[nn.Module, int]:
@@ -227,8 +233,11 @@ class TokenBlock(nn.Module):
             self.fc = torch.ao.nn.qat.Linear(cin, cout, qconfig=qconfig)
             self.fq = qconfig.activation()
         self.kind, self.norm_kind = kind, norm
-        self.norm = {"bn": lambda: nn.BatchNorm1d(cout), "ln": lambda: nn.LayerNorm(cout),
-                     "rms": lambda: nn.RMSNorm(cout)}.get(norm, nn.Identity)()  # fmt: skip
+        self.norm = {
+            "bn": lambda: nn.BatchNorm1d(cout),
+            "ln": lambda: nn.LayerNorm(cout),
+            "rms": lambda: nn.RMSNorm(cout),
+        }.get(norm, nn.Identity)()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.fc(tokens(x))
@@ -313,8 +322,12 @@ def _block(spec: tuple, c: int, p: str, parts: Parts) -> tuple[nn.Module, int, l
         m = CatBlock(c, c1, c2, cut)
         a = [u - lo for u in range(c1) if lo <= u < hi]
         b = [c1 + u - lo for u in range(c2) if lo <= c1 + u < hi]
-        return m, hi - lo, [_plain(f"{p}.a", [(f"{p}.bn", 1, a)] if a else []),
-                            _plain(f"{p}.b", [(f"{p}.bn", 1, b)] if b else [])], False  # fmt: skip
+        return (
+            m,
+            hi - lo,
+            [_plain(f"{p}.a", [(f"{p}.bn", 1, a)] if a else []), _plain(f"{p}.b", [(f"{p}.bn", 1, b)] if b else [])],
+            False,
+        )
     if kind == "shared":
         everything = list(range(c))
         fed = [(f"{p}.bn1", 1, everything), (f"{p}.bn2", 1, everything)]
@@ -322,8 +335,12 @@ def _block(spec: tuple, c: int, p: str, parts: Parts) -> tuple[nn.Module, int, l
     if kind == "tied":
         _, storage = spec
         both = (f"{p}.a.weight", f"{p}.b.weight")  # zeroing the shared weight zeroes it for both users
-        return TiedBlock(c, storage), c, [Expect((f"{p}.a",), both + (f"{p}.a.bias",)),
-                                          Expect((f"{p}.b",), both + (f"{p}.b.bias",))], True  # fmt: skip
+        return (
+            TiedBlock(c, storage),
+            c,
+            [Expect((f"{p}.a",), both + (f"{p}.a.bias",)), Expect((f"{p}.b",), both + (f"{p}.b.bias",))],
+            True,
+        )
     if kind == "mha":
         _, heads, ln = spec
         heads = heads if c % heads == 0 else 1
@@ -394,19 +411,39 @@ def logits(output) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ the strategy
 
-_conv = st.tuples(st.just("conv"), st.sampled_from((4, 6)), st.sampled_from(NORMS), st.sampled_from(ACTS),
-                  st.booleans(), st.sampled_from(("module", "functional", "forward")))  # fmt: skip
+_conv = st.tuples(
+    st.just("conv"),
+    st.sampled_from((4, 6)),
+    st.sampled_from(NORMS),
+    st.sampled_from(ACTS),
+    st.booleans(),
+    st.sampled_from(("module", "functional", "forward")),
+)
 _res = st.tuples(st.just("res"), st.sampled_from(NORMS), st.sampled_from(("add", "iadd", "add_")))
-_cat = st.tuples(st.just("cat"), st.sampled_from((2, 3)), st.sampled_from((2, 3)),
-                 st.one_of(st.none(), st.sampled_from(((0, 3), (1, 4), (2, 5)))))  # fmt: skip
+_cat = st.tuples(
+    st.just("cat"),
+    st.sampled_from((2, 3)),
+    st.sampled_from((2, 3)),
+    st.one_of(st.none(), st.sampled_from(((0, 3), (1, 4), (2, 5)))),
+)
 _shared = st.tuples(st.just("shared"))
 _tied = st.tuples(st.just("tied"), st.booleans())
 _mha = st.tuples(st.just("mha"), st.sampled_from((1, 2)), st.booleans())
-_tok = st.tuples(st.just("tok"), st.sampled_from((4, 6)), st.sampled_from(("linear", "conv1d", "lora", "qat")),
-                 st.sampled_from(("none", "bn", "ln", "rms")))  # fmt: skip
+_tok = st.tuples(
+    st.just("tok"),
+    st.sampled_from((4, 6)),
+    st.sampled_from(("linear", "conv1d", "lora", "qat")),
+    st.sampled_from(("none", "bn", "ln", "rms")),
+)
 _param = st.tuples(st.just("param"), st.sampled_from(("weight_norm", "prune")))
-_dec = st.tuples(st.just("dec"), st.sampled_from(("llama", "gpt2")), st.sampled_from((1, 2)), st.sampled_from((2, 4)),
-                 st.sampled_from((1, 2)), st.booleans())  # style, layers, query heads, key/value heads, rotary
+_dec = st.tuples(
+    st.just("dec"),
+    st.sampled_from(("llama", "gpt2")),
+    st.sampled_from((1, 2)),
+    st.sampled_from((2, 4)),
+    st.sampled_from((1, 2)),
+    st.booleans(),
+)  # style, layers, query heads, key/value heads, rotary
 _stage = st.tuples(st.just("stage"), st.lists(st.booleans(), min_size=1, max_size=3).map(tuple))  # projecting shortcuts
 BLOCKS = st.one_of(_conv, _res, _cat, _shared, _tied, _mha, _tok, _param, _dec, _stage)
 TRANSFORMER_BLOCKS = st.one_of(_dec, _mha, _tok, _stage)
@@ -420,6 +457,12 @@ def specs(draw, max_blocks: int = 3, blocks=BLOCKS) -> Spec:
     blocks = draw(st.lists(blocks, min_size=1, max_size=max_blocks))
     if dtype != "float32":  # fake quantisation is float32-only in PyTorch
         blocks = [("tok", b[1], "linear", b[3]) if b[0] == "tok" and b[2] == "qat" else b for b in blocks]
-    return Spec(tuple(blocks), draw(st.booleans()), draw(st.sampled_from(("tensor", "tuple", "dict"))), dtype,
-                draw(st.booleans()), draw(st.integers(0, 2**16)),
-                draw(st.sampled_from(("avg", "max", "mean", "amax"))))  # fmt: skip
+    return Spec(
+        tuple(blocks),
+        draw(st.booleans()),
+        draw(st.sampled_from(("tensor", "tuple", "dict"))),
+        dtype,
+        draw(st.booleans()),
+        draw(st.integers(0, 2**16)),
+        draw(st.sampled_from(("avg", "max", "mean", "amax"))),
+    )

@@ -39,8 +39,8 @@ import itertools
 import math
 import re
 import tempfile
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -53,7 +53,6 @@ import lesionbench
 from lesionbench import LesionbenchError, hookimpl
 from lesionbench.registry import create_registry
 from lesionbench.store import NONFINITE
-
 from property_models import Expect, Spec, build, logits, reference_copy
 from property_transformers import GPT2StyleBlock, Parts
 
@@ -212,7 +211,9 @@ def _owners(param: str) -> list[str]:
 # ------------------------------------------------------------------------------------ the check
 
 
-def _run(model, images, labels, perturbations, levels, engine, failures, refused, out=None, initial=None) -> pd.DataFrame:
+def _run(
+    model, images, labels, perturbations, levels, engine, failures, refused, out=None, initial=None
+) -> pd.DataFrame:
     """One study of every layer; a perturbation that refuses a layer (one line, before the run) is
     recorded in ``refused`` and the study runs again without it."""
     for attempt in itertools.count():
@@ -220,8 +221,15 @@ def _run(model, images, labels, perturbations, levels, engine, failures, refused
         registry.register(_Checked(model, perturbations, failures, refused), "checked-builtins")
         registry.register(importlib.import_module("lesionbench.executors.local"), "local")  # executors are plugins
         wanted = [n for n in perturbations if n not in refused]
-        study = {"perturbations": wanted, "levels": {n: levels[n] for n in wanted}, "draws": 1, "device": "cpu",
-                 "engine": engine, "seed": 0, "models": [{"ref": "model", "init_checkpoint": str(initial)}]}  # fmt: skip
+        study = {
+            "perturbations": wanted,
+            "levels": {n: levels[n] for n in wanted},
+            "draws": 1,
+            "device": "cpu",
+            "engine": engine,
+            "seed": 0,
+            "models": [{"ref": "model", "init_checkpoint": str(initial)}],
+        }
         known = len(refused)
         try:
             where = None if out is None else out if attempt == 0 else out.with_name(f"{out.name}-{attempt}")
@@ -272,9 +280,15 @@ def check(spec: Spec, long: bool = False, only: Sequence[str] = ()) -> tuple[int
     unremovable = _unremovable(twin, images, parts)
     for frame, engine in ((naive, "naive"), (fast, "fast")):  # a cell that failed is a failure of the harness
         error = frame.error.fillna("").astype(str)
-        refused_in_cell = frame.layer.isin(unremovable) & frame.perturbation.eq("block_drop") & error.str.contains("cannot be removed")
+        refused_in_cell = (
+            frame.layer.isin(unremovable)
+            & frame.perturbation.eq("block_drop")
+            & error.str.contains("cannot be removed")
+        )
         broken = frame[error.str.len().gt(0) & frame.error.ne(NONFINITE) & ~refused_in_cell]
-        failures += [f"(a) {engine} cell {r.layer}/{r.perturbation}/{r.level} failed: {r.error}" for r in broken.itertuples()]
+        failures += [
+            f"(a) {engine} cell {r.layer}/{r.perturbation}/{r.level} failed: {r.error}" for r in broken.itertuples()
+        ]
     clean = float(naive.loc[naive.perturbation == "clean", "loss"].iloc[0])
     clean_oracle = oracle_loss(twin, images, labels)
     if not _close(clean, clean_oracle, tol):
@@ -307,7 +321,9 @@ def check(spec: Spec, long: bool = False, only: Sequence[str] = ()) -> tuple[int
     declared = {n for e in expects for n in e.names}
     for name in sorted(studied - declared):  # (f) discovery is exact: nothing studied that is not a layer
         failures.append(f"(f) {name} is studied as a layer of its own")
-    for param in weights_read(twin, images) if not only else ():  # (f) complete: every weight read is a layer or explained
+    for param in (
+        weights_read(twin, images) if not only else ()
+    ):  # (f) complete: every weight read is a layer or explained
         if not any(o in studied or mentioned(log, o) for o in _owners(param)):
             failures.append(f"(f) {param} is read by the forward pass but is no layer and run.log says nothing")
     drift = list(dict.fromkeys(f for f in failures if f.startswith("(e) before")))
@@ -381,13 +397,19 @@ def _reinit_failures(twin, images, labels, e: Expect, name: str, initial: dict, 
     α·initial + (1 − α)·trained. Layers whose weight is recomputed (LoRA, parametrizations, pruning)
     are left to (a)-(f)."""
     own = [n.rsplit(".", 1)[1] for n in e.zero]
-    if e.site is not None or any(o not in ("weight", "bias") for o in own) or any(f"{name}.{o}" not in initial for o in own):
+    if (
+        e.site is not None
+        or any(o not in ("weight", "bias") for o in own)
+        or any(f"{name}.{o}" not in initial for o in own)
+    ):
         return []
     params = dict(twin.named_parameters(remove_duplicate=False))
     out = []
     for alpha in levels:
-        values = {n: alpha * initial[f"{name}.{o}"].to(params[n].dtype) + (1 - alpha) * params[n].detach()
-                  for n, o in zip(e.zero, own)}  # fmt: skip
+        values = {
+            n: alpha * initial[f"{name}.{o}"].to(params[n].dtype) + (1 - alpha) * params[n].detach()
+            for n, o in zip(e.zero, own)
+        }
         expected, got = _loss_of(twin, images, labels, values), rows.get(("reinit", alpha), math.nan)
         if not _close(got, expected, tol):
             out.append(f"(g) {name}: reinit α={alpha} loss {got:.6f}, the interpolated weights {expected:.6f}")
@@ -404,17 +426,31 @@ def _part_failures(naive, twin, images, labels, parts: Parts, levels, refused, u
         if got is None:
             out.append(f"(g) {path}: no {perturbation} cell at level {level}")
         elif not any(_close(got, o, tol) for o in oracles):
-            out.append(f"(g) {path}: {perturbation} {level} loss {got:.6f}, its definition {min(oracles, key=lambda o: abs(o - got)):.6f}")
+            out.append(
+                f"(g) {path}: {perturbation} {level} loss {got:.6f}, its definition {min(oracles, key=lambda o: abs(o - got)):.6f}"
+            )
 
     for path, weight, axis, heads, dim in parts.attention if "head_knockout" not in refused else ():
         for level in levels.get("head_knockout", []):
-            expect(path, "head_knockout", level, [
-                _columns_zeroed(twin, images, labels, weight, axis, [h * dim + j for h in chosen for j in range(dim)])
-                for chosen in _some_k(level, heads)])  # fmt: skip
+            expect(
+                path,
+                "head_knockout",
+                level,
+                [
+                    _columns_zeroed(
+                        twin, images, labels, weight, axis, [h * dim + j for h in chosen for j in range(dim)]
+                    )
+                    for chosen in _some_k(level, heads)
+                ],
+            )
     for path, weight, axis, neurons in parts.mlps if "mlp_neuron_knockout" not in refused else ():
         for level in levels.get("mlp_neuron_knockout", []):
-            expect(path, "mlp_neuron_knockout", level,
-                   [_columns_zeroed(twin, images, labels, weight, axis, chosen) for chosen in _some_k(level, neurons)])
+            expect(
+                path,
+                "mlp_neuron_knockout",
+                level,
+                [_columns_zeroed(twin, images, labels, weight, axis, chosen) for chosen in _some_k(level, neurons)],
+            )
     if "block_drop" in refused and refused["block_drop"] != ABSENT and not unremovable:
         out.append(f"(g) block_drop refused ({refused['block_drop']}), but every block it acts on keeps its shape")
     if "block_drop" not in refused and "block_drop" in levels:
@@ -431,5 +467,10 @@ def _part_failures(naive, twin, images, labels, parts: Parts, levels, refused, u
             continue
         for level in levels.get("block_removal", []):
             chosen = _some_k(level, len(removable))
-            expect(path, "block_removal", level, [_without(twin, [removable[i] for i in c], images, labels) for c in chosen])
+            expect(
+                path,
+                "block_removal",
+                level,
+                [_without(twin, [removable[i] for i in c], images, labels) for c in chosen],
+            )
     return out

@@ -122,8 +122,10 @@ class GPT2StyleAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         n, length, _ = hidden_states.shape
-        q, k, v = (t.view(n, length, self.n_head, self.head_dim).transpose(1, 2)
-                   for t in self.c_attn(hidden_states).split(WIDTH, dim=2))  # fmt: skip
+        q, k, v = (
+            t.view(n, length, self.n_head, self.head_dim).transpose(1, 2)
+            for t in self.c_attn(hidden_states).split(WIDTH, dim=2)
+        )
         scores = q @ k.transpose(-1, -2) / self.head_dim**0.5
         causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)  # eager attention's mask
@@ -143,7 +145,12 @@ class GPT2StyleMLP(nn.Module):
 class GPT2StyleBlock(nn.Module):
     def __init__(self, heads: int) -> None:
         super().__init__()
-        self.ln_1, self.attn, self.ln_2, self.mlp = nn.LayerNorm(WIDTH), GPT2StyleAttention(heads), nn.LayerNorm(WIDTH), GPT2StyleMLP()
+        self.ln_1, self.attn, self.ln_2, self.mlp = (
+            nn.LayerNorm(WIDTH),
+            GPT2StyleAttention(heads),
+            nn.LayerNorm(WIDTH),
+            GPT2StyleMLP(),
+        )
 
     def forward(self, hidden_states: torch.Tensor):
         attended, _ = self.attn(self.ln_1(hidden_states))
@@ -229,8 +236,10 @@ def stage(spec: tuple, c: int, p: str, parts: Parts):
     expects = []
     for i, project in enumerate(projects):
         q = f"{p}.{i}"
-        expects += [Expect((f"{q}.conv1",), (f"{q}.conv1.weight",), None, [(f"{q}.bn1", 1, everything)]),
-                    Expect((f"{q}.conv2",), (f"{q}.conv2.weight",), None, [(f"{q}.bn2", 1, everything)])]  # fmt: skip
+        expects += [
+            Expect((f"{q}.conv1",), (f"{q}.conv1.weight",), None, [(f"{q}.bn1", 1, everything)]),
+            Expect((f"{q}.conv2",), (f"{q}.conv2.weight",), None, [(f"{q}.bn2", 1, everything)]),
+        ]
         if project:
             expects.append(Expect((f"{q}.downsample",), (f"{q}.downsample.weight", f"{q}.downsample.bias")))
     parts.stages.append((p, [f"{p}.{i}" for i, project in enumerate(projects) if not project]))

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 import lesionbench
-from lesionbench.errors import LesionbenchError
 from lesionbench.adaptive import extra_draws
+from lesionbench.errors import LesionbenchError
 from lesionbench.study import parse_study
 from test_compare_significance import one_thread, trained  # noqa: F401 - fixtures
 
@@ -74,8 +74,17 @@ def test_an_adaptive_run_is_a_fixed_run_cut_where_the_rule_says_and_resumes_to_t
 def test_in_memory_outcomes_give_flip_rates_and_per_class_accuracy(trained):
     """``run(..., with_outcomes=True)`` with nothing written: the outcomes agree with the rows."""
     net, x, y = trained
-    df, outcomes = lesionbench.run(model=net, data=(x, y), seed=0, draws=2, n_images=200, device="cpu", layers=["4"],
-                                   perturbations=["node_knockout"], with_outcomes=True)  # fmt: skip
+    df, outcomes = lesionbench.run(
+        model=net,
+        data=(x, y),
+        seed=0,
+        draws=2,
+        n_images=200,
+        device="cpu",
+        layers=["4"],
+        perturbations=["node_knockout"],
+        with_outcomes=True,
+    )
     assert (df["outcome"] >= 0).all() and outcomes.top1.shape == (len(df), 200)
     labels = outcomes.images["label"].to_numpy()
     np.testing.assert_allclose(df["top1"], (outcomes.top1[df["outcome"]] == labels).mean(axis=1))

@@ -9,10 +9,10 @@ import torch
 import torchvision
 from PIL import Image
 
+from conftest import FINISHED  # noqa: E402
 from lesionbench.cli import main
 from lesionbench.models.torchvision_models import ALEXNET_ALIASES
 from lesionbench.store import read_results
-from conftest import FINISHED  # noqa: E402
 
 WEIGHTS_FILE = "alexnet-owt-7be5be79.pth"
 PAPER_LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
@@ -50,8 +50,25 @@ def test_weights_enum_points_at_the_file_the_readme_names():
 def test_alexnet_baseline_runs_end_to_end_on_the_placed_weights(alexnet_home, tmp_path):
     data = image_folder(tmp_path / "val")
     out = tmp_path / "run"
-    code = main(["run", "alexnet-baseline", "--data", str(data), "--out", str(out), "--device", "cpu",
-                 "--draws", "1", "--levels", "0,0.5", "--n-images", "8", "--no-plots"])  # fmt: skip
+    code = main(
+        [
+            "run",
+            "alexnet-baseline",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--draws",
+            "1",
+            "--levels",
+            "0,0.5",
+            "--n-images",
+            "8",
+            "--no-plots",
+        ]
+    )
     assert code in FINISHED
     rows = read_results(out)
     damaged = rows[rows["perturbation"] != "clean"]
@@ -99,8 +116,23 @@ def test_without_the_file_offline_the_error_names_it(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     data = image_folder(tmp_path / "val", per_class=1)
-    assert main(["run", "alexnet-baseline", "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu",
-                 "--n-images", "4"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "alexnet-baseline",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+                "--n-images",
+                "4",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert WEIGHTS_FILE in err and "$TORCH_HOME/hub/checkpoints" in err and "\n" not in err
     assert not (tmp_path / "o").exists()

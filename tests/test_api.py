@@ -16,17 +16,21 @@ from lesionbench.cli import main
 from lesionbench.errors import LesionbenchError
 from lesionbench.perturbation import model_checksum
 
-
-
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 NUMBERS = ["seed", "top1", "top5", "loss", "n_images", "layer_index", "relative_depth"]
 
 
 def small_study(data) -> dict:
-    return {"name": "api", "models": [{"ref": "fashion_alexnet"}], "layers": ["conv1", "fc8"],
-            "perturbations": ["synapse_knockout", "node_knockout"], "levels": {"synapse_knockout": [0.0, 0.5],
-            "node_knockout": [0.0, 0.5]}, "draws": 2, "device": "cpu",
-            "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 40}}  # fmt: skip
+    return {
+        "name": "api",
+        "models": [{"ref": "fashion_alexnet"}],
+        "layers": ["conv1", "fc8"],
+        "perturbations": ["synapse_knockout", "node_knockout"],
+        "levels": {"synapse_knockout": [0.0, 0.5], "node_knockout": [0.0, 0.5]},
+        "draws": 2,
+        "device": "cpu",
+        "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 40},
+    }
 
 
 def test_run_in_memory_gives_the_rows_of_the_cli_and_writes_nothing(tmp_path, monkeypatch):
@@ -41,14 +45,16 @@ def test_run_in_memory_gives_the_rows_of_the_cli_and_writes_nothing(tmp_path, mo
     study.write_text(
         'name = "api"\nmodels = ["fashion_alexnet"]\nlayers = ["conv1", "fc8"]\n'
         'perturbations = ["synapse_knockout", "node_knockout"]\ndraws = 2\ndevice = "cpu"\n'
-        f'[levels]\nsynapse_knockout = [0.0, 0.5]\nnode_knockout = [0.0, 0.5]\n'
+        f"[levels]\nsynapse_knockout = [0.0, 0.5]\nnode_knockout = [0.0, 0.5]\n"
         f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\nn_images = 40\n'
     )
     assert main(["run", str(study), "--out", str(tmp_path / "cli"), "--no-publish"]) in FINISHED
     cli = lesionbench.load_results(tmp_path / "cli")
     # several runs one by one or as one list; anything else is one clear error, not a TypeError
-    pd.testing.assert_frame_equal(lesionbench.load_results([tmp_path / "cli", tmp_path / "cli"]),
-                                  lesionbench.load_results(tmp_path / "cli", str(tmp_path / "cli")))  # fmt: skip
+    pd.testing.assert_frame_equal(
+        lesionbench.load_results([tmp_path / "cli", tmp_path / "cli"]),
+        lesionbench.load_results(tmp_path / "cli", str(tmp_path / "cli")),
+    )
     with pytest.raises(lesionbench.LesionbenchError, match="must be str or Path, got int"):
         lesionbench.load_outcomes([tmp_path / "cli", 3])
     a, b = df.sort_values(KEY, ignore_index=True), cli.sort_values(KEY, ignore_index=True)
@@ -56,8 +62,9 @@ def test_run_in_memory_gives_the_rows_of_the_cli_and_writes_nothing(tmp_path, mo
 
     out = lesionbench.run(small_study(data), out=tmp_path / "api-out")  # the same crash-safe directory
     assert (tmp_path / "api-out" / "results.csv").is_file() and (tmp_path / "api-out" / "manifest.json").is_file()
-    pd.testing.assert_frame_equal(out.sort_values(KEY, ignore_index=True)[KEY + NUMBERS], b[KEY + NUMBERS],
-                                  check_dtype=False)  # fmt: skip
+    pd.testing.assert_frame_equal(
+        out.sort_values(KEY, ignore_index=True)[KEY + NUMBERS], b[KEY + NUMBERS], check_dtype=False
+    )
 
 
 class Tiny(nn.Module):
@@ -117,13 +124,15 @@ def test_lesioned_damages_exactly_as_the_study_cell_and_restores_bit_for_bit():
     torch.manual_seed(0)
     model = Tiny().eval()
     images, labels = tiny_data()
-    df = lesionbench.run(model={"tiny": model}, data=(images, labels), perturbations=["node_knockout"],
-                         levels=[0.5], draws=2, seed=3)  # fmt: skip
+    df = lesionbench.run(
+        model={"tiny": model}, data=(images, labels), perturbations=["node_knockout"], levels=[0.5], draws=2, seed=3
+    )
     checksum = model_checksum(model)
     for draw in range(2):
         row = df[(df["layer"] == "conv") & (df["draw"] == draw) & (df["perturbation"] == "node_knockout")].iloc[0]
-        with lesionbench.lesioned(model, "conv", "node_knockout", 0.5, seed=3, draw=draw, model_name="tiny",
-                                  example=images[:1]) as damaged:  # fmt: skip
+        with lesionbench.lesioned(
+            model, "conv", "node_knockout", 0.5, seed=3, draw=draw, model_name="tiny", example=images[:1]
+        ) as damaged:
             assert (damaged.conv.weight.flatten(1).abs().sum(1) == 0).sum() == 3  # floor(0.5 · 6) units
             assert (damaged.bn.weight == 0).sum() == 3  # silenced through the BatchNorm, as a study does
             with torch.no_grad():
@@ -158,6 +167,19 @@ def test_public_surface_is_declared_and_documented():
     for name in lesionbench.__all__:
         obj = getattr(lesionbench, name)
         assert (obj.__doc__ or "").strip(), f"lesionbench.{name} has no docstring"
-    assert {"hookimpl", "WeightPerturbation", "HookPerturbation", "LevelAxis", "Layer", "ModelSource", "LoadedModel",
-            "DatasetSource", "RawDataset", "StudyPreset", "LesionbenchError", "run", "lesioned",
-            "load_results"} <= set(lesionbench.__all__)  # fmt: skip
+    assert {
+        "hookimpl",
+        "WeightPerturbation",
+        "HookPerturbation",
+        "LevelAxis",
+        "Layer",
+        "ModelSource",
+        "LoadedModel",
+        "DatasetSource",
+        "RawDataset",
+        "StudyPreset",
+        "LesionbenchError",
+        "run",
+        "lesioned",
+        "load_results",
+    } <= set(lesionbench.__all__)

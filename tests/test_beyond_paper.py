@@ -20,7 +20,15 @@ from lesionbench.model_sources import ModelSpec, create_model
 from lesionbench.perturbation import generator_for, model_checksum, perturbed
 from lesionbench.registry import create_registry
 
-NEW = ["quantize", "quantize_per_channel", "reinit", "rerandomize", "activation_knockout", "activation_noise", "block_removal"]
+NEW = [
+    "quantize",
+    "quantize_per_channel",
+    "reinit",
+    "rerandomize",
+    "activation_knockout",
+    "activation_noise",
+    "block_removal",
+]
 
 
 @pytest.fixture(scope="module")
@@ -357,11 +365,14 @@ def test_block_removal_targets_the_stages_that_have_identity_blocks(perts, resne
     assert [s.name for s in p.targets(model, layers)] == ["blocks.1", "blocks.2", "blocks.3", "blocks.4"]
 
 
-@pytest.mark.parametrize("which, stage, blocks", [
-    ("resnet", "layer1", ["layer1.0", "layer1.1"]),
-    ("resnet", "layer2", ["layer2.1"]),  # layer2.0 projects: it stays
-    ("mobilenet", "blocks.2", ["blocks.2.1", "blocks.2.2"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "which, stage, blocks",
+    [
+        ("resnet", "layer1", ["layer1.0", "layer1.1"]),
+        ("resnet", "layer2", ["layer2.1"]),  # layer2.0 projects: it stays
+        ("mobilenet", "blocks.2", ["blocks.2.1", "blocks.2.2"]),
+    ],
+)
 def test_block_removal_at_p1_is_the_network_without_those_blocks(perts, request, which, stage, blocks):
     model, layers = request.getfixturevalue(which)
     size = 32 if which == "resnet" else 64

@@ -23,8 +23,16 @@ from lesionbench.store import Outcomes, Subset
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def simulate(rng, sensitivity: dict[str, dict[str, float]], n_images=400, draws=5, sigma=0.1, classes=10,
-             shared_images=True, dataset="sim"):  # fmt: skip
+def simulate(
+    rng,
+    sensitivity: dict[str, dict[str, float]],
+    n_images=400,
+    draws=5,
+    sigma=0.1,
+    classes=10,
+    shared_images=True,
+    dataset="sim",
+):
     """A results table (with its ``outcome`` column) and its Outcomes: models → layers → k."""
     labels = np.arange(n_images) % classes
     rows, top1 = [], []
@@ -36,11 +44,29 @@ def simulate(rng, sensitivity: dict[str, dict[str, float]], n_images=400, draws=
             correct = u > threshold
             pred = np.where(correct, labels, (labels + 1) % classes).astype(np.int32)
             top1.append(pred)
-            rows.append(dict(model=model, dataset=dataset, layer=layer, layer_index=index,
-                             relative_depth=index / max(1, len(layers) - 1), perturbation="p", level=level,
-                             draw=draw, top1=correct.mean(), top5=1.0, num_classes=classes, error="",
-                             level_axis="linear", level_unit="fraction p", n_images=n_images, seconds=0.1,
-                             images_per_s=n_images / 0.1, device="cpu", outcome=len(rows)))  # fmt: skip
+            rows.append(
+                dict(
+                    model=model,
+                    dataset=dataset,
+                    layer=layer,
+                    layer_index=index,
+                    relative_depth=index / max(1, len(layers) - 1),
+                    perturbation="p",
+                    level=level,
+                    draw=draw,
+                    top1=correct.mean(),
+                    top5=1.0,
+                    num_classes=classes,
+                    error="",
+                    level_axis="linear",
+                    level_unit="fraction p",
+                    n_images=n_images,
+                    seconds=0.1,
+                    images_per_s=n_images / 0.1,
+                    device="cpu",
+                    outcome=len(rows),
+                )
+            )
 
         cell("", -1, 0.0, 0, 0.1)
         rows[-1].update(perturbation="clean", relative_depth=np.nan)
@@ -142,7 +168,9 @@ def test_shared_images_make_the_difference_of_two_models_precise():
     """The same images under two models: the paired difference is far narrower than either interval."""
     rng = np.random.default_rng(5)
     paired = bootstrap(*simulate(rng, {"x": {"a": 0.5}, "y": {"a": 0.55}}, sigma=0.0), replicates=400)
-    unpaired = bootstrap(*simulate(rng, {"x": {"a": 0.5}, "y": {"a": 0.55}}, sigma=0.0, shared_images=False), replicates=400)
+    unpaired = bootstrap(
+        *simulate(rng, {"x": {"a": 0.5}, "y": {"a": 0.55}}, sigma=0.0, shared_images=False), replicates=400
+    )
 
     def width(b):
         low, high = interval(b.overall_reps("x", "sim", ["p"]) - b.overall_reps("y", "sim", ["p"]))
@@ -202,12 +230,16 @@ def test_runs_of_one_model_on_other_images_of_the_same_number_are_refused():
     keys, t1 = outcomes.keys, outcomes.top1
 
     def two_runs(second_indices):
-        parts = [(keys, t1, t1 == labels, Subset("sim", "test", np.arange(200), labels)),
-                 (keys, t1, t1 == labels, Subset("sim", "test", second_indices, labels))]  # fmt: skip
+        parts = [
+            (keys, t1, t1 == labels, Subset("sim", "test", np.arange(200), labels)),
+            (keys, t1, t1 == labels, Subset("sim", "test", second_indices, labels)),
+        ]
         both = pd.concat([df, df.assign(outcome=df["outcome"] + len(df))], ignore_index=True)
         return both, Outcomes.from_runs(parts)
 
-    with pytest.raises(LesionbenchError, match=r"'m' on dataset 'sim'.*different images \(200, 200 images, 100 in common\)"):
+    with pytest.raises(
+        LesionbenchError, match=r"'m' on dataset 'sim'.*different images \(200, 200 images, 100 in common\)"
+    ):
         bootstrap(*two_runs(np.arange(100, 300)), replicates=50)
     same = bootstrap(*two_runs(np.arange(200)), replicates=50)
     assert same.has_interval("m")
@@ -223,7 +255,9 @@ def test_the_point_estimate_is_the_bootstraps_identity_replicate_for_every_regis
     point = layer_scores(df, score=score)
     b = bootstrap(df, outcomes, replicates=3, score=score, resample="identity")
     assert b.score == score and len(b.layers) == len(point) == 4
-    np.testing.assert_allclose(b.score_reps, np.repeat(point["score"].to_numpy()[:, None], 3, axis=1), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        b.score_reps, np.repeat(point["score"].to_numpy()[:, None], 3, axis=1), rtol=0, atol=1e-6
+    )
     for column in ("critical_low", "critical_high"):
         np.testing.assert_allclose(b.layers[column], point["critical_level"], rtol=1e-6)
     random = bootstrap(df, outcomes, replicates=50, score=score)  # and a real resample does move it

@@ -38,7 +38,9 @@ def _imported(path: Path) -> set[str]:
 def test_no_plugin_module_imports_another():
     offenders = {}
     for path in sorted((REPO / "plugins").glob("*.py")):
-        others = {n for n in _imported(path) if n.startswith("lesionbench.plugins")} - {f"lesionbench.plugins.{path.stem}"}
+        others = {n for n in _imported(path) if n.startswith("lesionbench.plugins")} - {
+            f"lesionbench.plugins.{path.stem}"
+        }
         if others:
             offenders[path.name] = sorted(others)
     assert offenders == {}
@@ -73,8 +75,19 @@ def test_a_builtin_failing_at_import_leaves_every_other_builtin_working(fresh_pl
     assert set(registry.plugin_names()) == set(registry_mod.BUILTIN_PLUGINS) - {"synapse_knockout"}
     perturbations = registry.contributions("perturbations")
     assert "synapse_knockout" not in perturbations
-    for name in ("node_knockout", "stuck_at_zero", "stuck_at_one", "filter_prune", "magnitude_prune", "reinit",
-                 "weight_draw", "activation_knockout", "block_removal", "bit_flip", "activation_bit_flip"):  # fmt: skip
+    for name in (
+        "node_knockout",
+        "stuck_at_zero",
+        "stuck_at_one",
+        "filter_prune",
+        "magnitude_prune",
+        "reinit",
+        "weight_draw",
+        "activation_knockout",
+        "block_removal",
+        "bit_flip",
+        "activation_bit_flip",
+    ):
         assert name in perturbations, name
 
 

@@ -44,8 +44,12 @@ def test_the_truth_is_what_many_images_and_draws_converge_to():
 def test_the_seed_gate_benchmark_runs(tmp_path):
     """perf/seed_gate.py with one re-run: the conv1-noise model fails the gate, the re-run passes it."""
     script = Path(__file__).resolve().parents[1] / "perf" / "seed_gate.py"
-    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "gate"), "--reruns", "1"],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "gate"), "--reruns", "1"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "compare damaged base → 1 " in done.stdout, done.stdout  # the real regression is caught
     assert "seed 1: compare rerun base → 0, compare base rerun → 0" in done.stdout, done.stdout  # no false alarm

@@ -97,5 +97,8 @@ def test_the_check_hooks_leave_the_model_as_it_was_and_a_model_that_fits_runs(tm
     data = (torch.randn(12, 8, 4), torch.arange(12) % 3)
     rows = lesionbench.run(model=model, data=data, perturbations=["block_drop"], draws=1, progress=False)
     assert sorted(rows.loc[rows["perturbation"] == "block_drop", "layer"].unique()) == [
-        "layers.0", "layers.1", "layers.2"]  # fmt: skip
+        "layers.0",
+        "layers.1",
+        "layers.2",
+    ]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -18,21 +18,40 @@ def table(retentions: dict, model="m", perturbation="p", n_images=None) -> pd.Da
     for i, (layer, levels) in enumerate(retentions.items()):
         for level, per_class in levels.items():
             for c, r in enumerate(per_class):
-                rows.append(dict(model=model, dataset="d", layer=layer, layer_index=i, relative_depth=i / 2,
-                                 perturbation=perturbation, level=level, **{"class": c},
-                                 n_images=(n_images or [10, 10, 10])[c], accuracy=0.9 * r, clean=0.9, retention=r))  # fmt: skip
+                rows.append(
+                    dict(
+                        model=model,
+                        dataset="d",
+                        layer=layer,
+                        layer_index=i,
+                        relative_depth=i / 2,
+                        perturbation=perturbation,
+                        level=level,
+                        **{"class": c},
+                        n_images=(n_images or [10, 10, 10])[c],
+                        accuracy=0.9 * r,
+                        clean=0.9,
+                        retention=r,
+                    )
+                )
     return pd.DataFrame(rows)
 
 
 def test_the_most_fragile_layer_has_the_lowest_image_weighted_mean_retention():
-    df = table({"conv1": {0.0: [1, 1, 1], 0.5: [0.9, 0.9, 0.0]},  # level means 1, 0.6 -> 0.8
-                "fc6": {0.0: [1, 1, 1], 0.5: [0.7, 0.7, 0.7]}})  # 1, 0.7 -> 0.85
+    df = table(
+        {
+            "conv1": {0.0: [1, 1, 1], 0.5: [0.9, 0.9, 0.0]},  # level means 1, 0.6 -> 0.8
+            "fc6": {0.0: [1, 1, 1], 0.5: [0.7, 0.7, 0.7]},
+        }
+    )  # 1, 0.7 -> 0.85
     f = fragile_layers(df)
     assert f[["model", "perturbation", "layer"]].values.tolist() == [["m", "p", "conv1"]]
     assert f["fragility"].iloc[0] == pytest.approx(0.8)
     # weighting by images: class 2 nearly empty, so conv1's collapse on it barely counts
-    light = table({"conv1": {0.0: [1, 1, 1], 0.5: [0.9, 0.9, 0.0]}, "fc6": {0.0: [1, 1, 1], 0.5: [0.7, 0.7, 0.7]}},
-                  n_images=[10, 10, 1])  # fmt: skip
+    light = table(
+        {"conv1": {0.0: [1, 1, 1], 0.5: [0.9, 0.9, 0.0]}, "fc6": {0.0: [1, 1, 1], 0.5: [0.7, 0.7, 0.7]}},
+        n_images=[10, 10, 1],
+    )
     assert fragile_layers(light)["layer"].iloc[0] == "fc6"
 
 
@@ -44,8 +63,12 @@ def test_ties_go_to_the_earlier_layer_and_the_lower_class():
 
 
 def test_classes_hurt_most_are_ranked_by_mean_retention_at_the_fragile_layer():
-    df = table({"conv1": {0.0: [1, 1, 1], 0.5: [0.8, 0.2, 0.5], 1.0: [0.6, 0.0, 0.1]},
-                "fc6": {0.0: [1, 1, 1], 0.5: [0.0, 1, 1], 1.0: [1, 1, 1]}})  # fmt: skip
+    df = table(
+        {
+            "conv1": {0.0: [1, 1, 1], 0.5: [0.8, 0.2, 0.5], 1.0: [0.6, 0.0, 0.1]},
+            "fc6": {0.0: [1, 1, 1], 0.5: [0.0, 1, 1], 1.0: [1, 1, 1]},
+        }
+    )
     hurt = classes_hurt(df)
     assert (hurt["layer"] == "conv1").all()
     assert hurt["class"].tolist() == [1, 2, 0]
@@ -57,8 +80,7 @@ def test_classes_hurt_most_are_ranked_by_mean_retention_at_the_fragile_layer():
 
 
 def test_the_leaderboard_line_names_the_classes_hurt_most_and_least():
-    df = pd.concat([table({"conv1": {0.5: [0.8, 0.2, 0.5]}}),
-                    table({"fc6": {0.5: [0.1, 0.9, 0.3]}}, perturbation="q")])  # fmt: skip
+    df = pd.concat([table({"conv1": {0.5: [0.8, 0.2, 0.5]}}), table({"fc6": {0.5: [0.1, 0.9, 0.3]}}, perturbation="q")])
     lines = hurt_lines(classes_hurt(df), k=2, class_names=["T-shirt", "Trouser", "Pullover"])
     assert lines == [
         "- **m**, p at conv1: hurt most Trouser (0.20), Pullover (0.50); least T-shirt (0.80) — mean retention over levels",
@@ -68,8 +90,12 @@ def test_the_leaderboard_line_names_the_classes_hurt_most_and_least():
 
 
 def test_the_heatmap_draws_each_models_fragile_layer_classes_by_levels(tmp_path):
-    df = pd.concat([table({"conv1": {0.0: [1, 1, 1], 1.0: [1.0, 0.0, 0.5]}, "fc6": {0.0: [1, 1, 1], 1.0: [1, 1, 1]}}),
-                    table({"conv1": {0.0: [1, 1, 1], 1.0: [1, 1, 1]}}, model="other")])  # fmt: skip
+    df = pd.concat(
+        [
+            table({"conv1": {0.0: [1, 1, 1], 1.0: [1.0, 0.0, 0.5]}, "fc6": {0.0: [1, 1, 1], 1.0: [1, 1, 1]}}),
+            table({"conv1": {0.0: [1, 1, 1], 1.0: [1, 1, 1]}}, model="other"),
+        ]
+    )
     grid = retention_grid(df, "m", "p", "conv1")
     assert grid.index.tolist() == [0, 1, 2] and grid.columns.tolist() == [0.0, 1.0]
     assert grid[1.0].tolist() == [1.0, 0.0, 0.5]
@@ -115,8 +141,16 @@ def test_a_published_leaderboard_names_the_class_the_fragile_layer_hurts(tmp_pat
     from lesionbench.publish import publish
 
     net, x, y = _one_weak_unit(per_class=20)
-    lesionbench.run(model=net, data=(x, y), out=tmp_path / "run", perturbations=["filter_prune"],
-                    levels=[0.0, 1 / 3], layers=["1"], seed=0, device="cpu")  # fmt: skip
+    lesionbench.run(
+        model=net,
+        data=(x, y),
+        out=tmp_path / "run",
+        perturbations=["filter_prune"],
+        levels=[0.0, 1 / 3],
+        layers=["1"],
+        seed=0,
+        device="cpu",
+    )
     text = publish([tmp_path / "run"], tmp_path / "LB.md").read_text()
     line = next(ln for ln in text.splitlines() if ln.startswith(r"- **model**, filter\_prune at 1:"))
     assert "hurt most class 1 (0.50)" in line  # retention 1 at level 0, 0 at one unit pruned
@@ -131,8 +165,16 @@ def test_too_few_images_per_class_are_not_read_as_class_damage(tmp_path):
     from lesionbench.publish import publish
 
     net, x, y = _one_weak_unit(per_class=4)
-    lesionbench.run(model=net, data=(x, y), out=tmp_path / "run", perturbations=["filter_prune"],
-                    levels=[0.0, 1 / 3], layers=["1"], seed=0, device="cpu")  # fmt: skip
+    lesionbench.run(
+        model=net,
+        data=(x, y),
+        out=tmp_path / "run",
+        perturbations=["filter_prune"],
+        levels=[0.0, 1 / 3],
+        layers=["1"],
+        seed=0,
+        device="cpu",
+    )
     text = publish([tmp_path / "run"], tmp_path / "LB.md").read_text()
     assert "Classes hurt most: not named — this track has 4 image(s) of some classes" in text
     assert not list((tmp_path / "plots").glob("*__classes.png"))
@@ -142,9 +184,12 @@ def test_plugin_names_in_the_class_damage_lines_are_escaped_for_markdown():
     from lesionbench.leaderboard import _class_damage
     from lesionbench.reporters.markdown import _class_damage as markdown_lines
 
-    df = table({"a|b": {0.0: [1, 1, 1], 1.0: [0.2, 0.9, 0.5]}}, model="net*", perturbation="p_[x]", n_images=[10, 10, 10])
-    scores = pd.DataFrame({"model": ["net*"], "perturbation": ["p_[x]"], "layer": ["a|b"], "layer_index": [0],
-                           "score": [0.5]})  # fmt: skip
+    df = table(
+        {"a|b": {0.0: [1, 1, 1], 1.0: [0.2, 0.9, 0.5]}}, model="net*", perturbation="p_[x]", n_images=[10, 10, 10]
+    )
+    scores = pd.DataFrame(
+        {"model": ["net*"], "perturbation": ["p_[x]"], "layer": ["a|b"], "layer_index": [0], "score": [0.5]}
+    )
     lines = markdown_lines(_class_damage(df, scores, ["p_[x]"], ["c|0", "c1", "c2"]))
     (line,) = [ln for ln in lines if ln.startswith("- ")]
     assert line.startswith(r"- **net\***, p\_\[x\] at a\|b: hurt most c\|0 (0.60), c2 (0.75); least c1 (0.95)")

@@ -15,16 +15,14 @@ import torch
 from rich.console import Console
 
 import lesionbench.cli as cli
+from conftest import FINISHED, write_fashion
 from lesionbench.cli import main
-from lesionbench.perturbation import model_checksum
-from lesionbench.registry import create_registry
 from lesionbench.executors.local import execute
+from lesionbench.perturbation import model_checksum
 from lesionbench.plan import prepare
+from lesionbench.registry import create_registry
 from lesionbench.store import COLUMNS, RunDir, read_results
 from lesionbench.study import load_study
-from conftest import FINISHED, write_fashion
-
-
 
 LAYERS = ["conv1", "fc8"]
 PERTURBATIONS = ["synapse_knockout", "weight_noise"]
@@ -159,8 +157,23 @@ def test_model_is_bit_identical_after_a_run(study, tmp_path):
 
 def test_debug_run_is_clean(study, tmp_path):
     out = tmp_path / "dbg"
-    assert main(["run", str(study), "--out", str(out), "--no-plots", "--debug", "--perturbations", "node_knockout",
-                 "--levels", "0,0.5"]) in FINISHED  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                str(study),
+                "--out",
+                str(out),
+                "--no-plots",
+                "--debug",
+                "--perturbations",
+                "node_knockout",
+                "--levels",
+                "0,0.5",
+            ]
+        )
+        in FINISHED
+    )
     df = read(out)
     assert set(df["perturbation"]) == {"clean", "node_knockout"}
     assert len(df) == 1 + len(LAYERS) * (1 + DRAWS)
@@ -231,8 +244,13 @@ def expect_bad(args: list[str], out: Path, capsys, *needles: str) -> str:
 
 
 def test_unknown_model(study, tmp_path, capsys):
-    err = expect_bad(["run", str(study), "--models", "fashion_alexnett"], tmp_path / "o", capsys,
-                     "unknown model 'fashion_alexnett'", "Did you mean 'fashion_alexnet'?")  # fmt: skip
+    err = expect_bad(
+        ["run", str(study), "--models", "fashion_alexnett"],
+        tmp_path / "o",
+        capsys,
+        "unknown model 'fashion_alexnett'",
+        "Did you mean 'fashion_alexnet'?",
+    )
     # every name offered is one the harness accepts
     valid = err.split("Valid: ", 1)[1].split(", ")
     assert "fashion_alexnet" in valid and "timm:<name>" in valid and "torchvision:<name>" in valid
@@ -244,18 +262,27 @@ def test_unknown_model(study, tmp_path, capsys):
 
 
 def test_unknown_model_source(study, tmp_path, capsys):
-    expect_bad(["run", str(study), "--models", "timmm:resnet18"], tmp_path / "o", capsys,
-               "unknown model source 'timmm'", "Did you mean 'timm'?")  # fmt: skip
+    expect_bad(
+        ["run", str(study), "--models", "timmm:resnet18"],
+        tmp_path / "o",
+        capsys,
+        "unknown model source 'timmm'",
+        "Did you mean 'timm'?",
+    )
 
 
 def test_unknown_layer(study, tmp_path, capsys):
-    expect_bad(["run", str(study), "--layers", "conv1,conv9"], tmp_path / "o", capsys,
-               "unknown layer 'conv9'", "fc8")  # fmt: skip
+    expect_bad(["run", str(study), "--layers", "conv1,conv9"], tmp_path / "o", capsys, "unknown layer 'conv9'", "fc8")
 
 
 def test_unknown_perturbation(study, tmp_path, capsys):
-    err = expect_bad(["run", str(study), "--perturbations", "synapse_knockot"], tmp_path / "o", capsys,
-                     "unknown perturbation 'synapse_knockot'", "Did you mean 'synapse_knockout'?")  # fmt: skip
+    err = expect_bad(
+        ["run", str(study), "--perturbations", "synapse_knockot"],
+        tmp_path / "o",
+        capsys,
+        "unknown perturbation 'synapse_knockot'",
+        "Did you mean 'synapse_knockout'?",
+    )
     for name in ("node_knockout", "synapse_knockout", "weight_noise"):
         assert name in err.split("Valid:", 1)[1]
 
@@ -263,8 +290,14 @@ def test_unknown_perturbation(study, tmp_path, capsys):
 def test_unknown_dataset(fashion, tmp_path, capsys):
     path = tmp_path / "s.toml"
     path.write_text(study_text(fashion).replace('name = "fashion_mnist"', 'name = "fashion_mnst"'))
-    expect_bad(["run", str(path)], tmp_path / "o", capsys,
-               "unknown dataset 'fashion_mnst'", "Did you mean 'fashion_mnist'?", "image_folder")  # fmt: skip
+    expect_bad(
+        ["run", str(path)],
+        tmp_path / "o",
+        capsys,
+        "unknown dataset 'fashion_mnst'",
+        "Did you mean 'fashion_mnist'?",
+        "image_folder",
+    )
 
 
 def test_unknown_study_preset(tmp_path, capsys):
@@ -325,8 +358,26 @@ def test_labels_beyond_the_model_classes(tmp_path, capsys):
     expect_bad(["run", str(path)], tmp_path / "o", capsys, "label 12", "10 classes", "fashion_alexnet")
     # and with enough output units the same data runs
     path.write_text(study_text(data, model='{ref = "fashion_alexnet", weights = "none", options = {num_classes = 13}}'))
-    assert main(["run", str(path), "--out", str(tmp_path / "ok"), "--no-plots", "--layers", "fc8",
-                 "--perturbations", "node_knockout", "--levels", "0,1", "--draws", "1"]) in FINISHED  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                str(path),
+                "--out",
+                str(tmp_path / "ok"),
+                "--no-plots",
+                "--layers",
+                "fc8",
+                "--perturbations",
+                "node_knockout",
+                "--levels",
+                "0,1",
+                "--draws",
+                "1",
+            ]
+        )
+        in FINISHED
+    )
 
 
 def test_checkpoint_carrying_a_pickled_object(tmp_path, fashion, capsys):

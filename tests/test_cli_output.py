@@ -20,15 +20,13 @@ from torch import nn
 import lesionbench
 import lesionbench.cli as cli
 import lesionbench.cli.progress as progress
+from conftest import FINISHED, write_fashion
 from lesionbench.cli import build_parser, main, weights_warnings
 from lesionbench.compare import compare, to_markdown
 from lesionbench.model_sources import ModelSpec
 from lesionbench.store import read_results
 from lesionbench.study import Study, with_overrides
-from conftest import FINISHED, write_fashion
 from test_leaderboard import results
-
-
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +66,12 @@ def test_plain_progress_prints_counts_and_eta_at_an_interval():
             now[0] = float(i)  # one cell a second
             tick(f"cell {i}")
     lines = out.file.getvalue().splitlines()
-    assert [l.split(" cells")[0] for l in lines] == ["progress: 1/10", "progress: 4/10", "progress: 7/10", "progress: 10/10"]
+    assert [l.split(" cells")[0] for l in lines] == [
+        "progress: 1/10",
+        "progress: 4/10",
+        "progress: 7/10",
+        "progress: 10/10",
+    ]
     assert lines[1] == "progress: 4/10 cells (40.0%), 0:00:03 elapsed, ETA 0:00:06 · cell 3"
     assert lines[-1].endswith("ETA 0:00:00 · cell 9")
 
@@ -95,7 +98,13 @@ def test_tables_keep_their_width_when_output_is_not_a_terminal(capsys):
     out = capsys.readouterr().out
     row = next(l for l in out.splitlines() if l.startswith("│ quantize "))
     assert max(len(l) for l in out.splitlines()) > 120  # wider than rich's default of 80
-    for needle in ("8, 7, …, 2 (7)", "2 – 16", "bit width k", "damage grows as it falls", "Round the weights to k bits"):
+    for needle in (
+        "8, 7, …, 2 (7)",
+        "2 – 16",
+        "bit width k",
+        "damage grows as it falls",
+        "Round the weights to k bits",
+    ):
         assert needle in row, (needle, row)
     log_row = next(l for l in out.splitlines() if l.startswith("│ bit_flip "))
     assert "bit error rate p (log scale)" in log_row
@@ -115,8 +124,10 @@ def test_list_models_names_what_each_source_builds(capsys):
 def test_models_flag_warns_when_the_study_named_weights_and_the_new_model_names_none(tmp_path, capsys):
     shipped = REPO / "models" / "weights" / "fashion_alexnet.pt"
     path = tmp_path / "weighted.toml"
-    path.write_text(f'name = "w"\nmodels = [{{ ref = "fashion_alexnet", checkpoint = "{shipped}" }}]\n'
-                    '[dataset]\nname = "fashion_mnist"\npath = "/nonexistent"\n')  # fmt: skip
+    path.write_text(
+        f'name = "w"\nmodels = [{{ ref = "fashion_alexnet", checkpoint = "{shipped}" }}]\n'
+        '[dataset]\nname = "fashion_mnist"\npath = "/nonexistent"\n'
+    )
     assert main(["run", str(path), "--models", "fashion_vgg", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("lesionbench: warning: --models fashion_vgg: no weights named")
@@ -151,8 +162,9 @@ def test_a_clean_accuracy_at_chance_is_warned(trained, warned, caplog):
     with torch.no_grad():
         model.weight.copy_(torch.eye(10) if trained else torch.zeros(10, 10))
     with caplog.at_level("WARNING", logger="lesionbench"):
-        lesionbench.run(model=model, data=_separable(), perturbations=["weight_noise"], levels=[0.0, 1.0], draws=1,
-                        device="cpu")  # fmt: skip
+        lesionbench.run(
+            model=model, data=_separable(), perturbations=["weight_noise"], levels=[0.0, 1.0], draws=1, device="cpu"
+        )
     messages = [r.getMessage() for r in caplog.records if "at chance" in r.getMessage()]
     assert bool(messages) == warned
     if warned:
@@ -222,8 +234,13 @@ def test_help_and_listings_import_no_heavy_library():
         "    try:\n        main(sys.argv[1:])\n    except SystemExit:\n        pass\n"
         f"print([m for m in {heavy!r} if m in sys.modules])"
     )
-    for argv, allowed in ((["--help"], []), (["run", "--help"], []), (["list", "models"], ["torch"]),
-                          (["list", "studies"], ["torch"]), (["plugins"], ["torch"])):  # fmt: skip
+    for argv, allowed in (
+        (["--help"], []),
+        (["run", "--help"], []),
+        (["list", "models"], ["torch"]),
+        (["list", "studies"], ["torch"]),
+        (["plugins"], ["torch"]),
+    ):
         done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
         assert json.loads(done.stdout.strip().splitlines()[-1].replace("'", '"')) == allowed, argv
 
@@ -232,8 +249,10 @@ def test_help_and_listings_import_no_heavy_library():
 
 
 def test_compare_summarises_what_only_one_side_has_and_warns_of_unlike_runs():
-    base = pd.concat([results("a", perts=("p", "q")), results("b", layers={f"l{i}": [0.9, 0.5, 0.5] for i in range(30)})],
-                     ignore_index=True)  # fmt: skip
+    base = pd.concat(
+        [results("a", perts=("p", "q")), results("b", layers={f"l{i}": [0.9, 0.5, 0.5] for i in range(30)})],
+        ignore_index=True,
+    )
     new = results("a", perts=("p",))
     new.loc[new["perturbation"] == "clean", "n_images"] = 50
     c = compare(new, base, 0.05)

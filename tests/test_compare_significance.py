@@ -44,8 +44,17 @@ def trained():
 
 
 def study(net, x, y, out, seed, **options):
-    return lesionbench.run(model=net, data=(x, y), out=out, seed=seed, draws=3, n_images=800, device="cpu",
-                           perturbations=["synapse_knockout", "weight_noise"], **options)  # fmt: skip
+    return lesionbench.run(
+        model=net,
+        data=(x, y),
+        out=out,
+        seed=seed,
+        draws=3,
+        n_images=800,
+        device="cpu",
+        perturbations=["synapse_knockout", "weight_noise"],
+        **options,
+    )
 
 
 def test_a_rerun_with_another_seed_passes_and_a_damaged_layer_fails(trained, tmp_path, capsys):
@@ -57,7 +66,10 @@ def test_a_rerun_with_another_seed_passes_and_a_damaged_layer_fails(trained, tmp
     assert "significant (paired bootstrap test" in out and "[" in out  # each change with its interval
 
     # noise is there: by the threshold alone a small --max-drop would have failed the rerun
-    (new, no), (base, bo) = read_results_with_outcomes(tmp_path / "rerun"), read_results_with_outcomes(tmp_path / "base")
+    (new, no), (base, bo) = (
+        read_results_with_outcomes(tmp_path / "rerun"),
+        read_results_with_outcomes(tmp_path / "base"),
+    )
     threshold_only = compare(new.drop(columns="outcome"), base.drop(columns="outcome"), 0.01)
     with_test = compare(new, base, 0.01, new_outcomes=no, base_outcomes=bo)
     assert len(threshold_only.regressions) > len(with_test.regressions)
@@ -87,6 +99,9 @@ def test_runs_on_other_images_are_said_so_and_not_paired(trained, tmp_path, caps
     out = capsys.readouterr().out
     assert "the runs evaluated different images" in out and "800 in new, 800 in baseline" in out and "not paired" in out
     (b, bo), (s, so), (o, oo) = (read_results_with_outcomes(tmp_path / d) for d in ("base", "same", "other"))
-    paired, unpaired = compare(s, b, new_outcomes=so, base_outcomes=bo), compare(o, b, new_outcomes=oo, base_outcomes=bo)
+    paired, unpaired = (
+        compare(s, b, new_outcomes=so, base_outcomes=bo),
+        compare(o, b, new_outcomes=oo, base_outcomes=bo),
+    )
     assert unpaired.tested and unpaired.table["low"].notna().all() and paired.warnings == []
     assert any("not paired" in w for w in unpaired.warnings)

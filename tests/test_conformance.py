@@ -14,13 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_fashion
 from lesionbench.perturbation import LevelAxis, WeightPerturbation
 from lesionbench.registry import get_registry
 from lesionbench.study import StudyPreset
 from lesionbench.testing import (
-    NotApplicable, check_contract, check_dataset, check_model_source, check_perturbation, check_study_preset, tiny_cnn, tiny_transformer,
+    NotApplicable,
+    check_contract,
+    check_dataset,
+    check_model_source,
+    check_perturbation,
+    check_study_preset,
+    tiny_cnn,
+    tiny_transformer,
 )
-from conftest import write_fashion
 
 REGISTRY = get_registry()
 PERTURBATIONS = sorted(REGISTRY.contributions("perturbations"))
@@ -131,20 +138,28 @@ class _Seeded(_Scale):
 
 
 def _make(cls, **extra):
-    fields = dict(name=cls.__name__.lower(), description="a test perturbation", default_levels=(0.0, 0.5, 1.0),
-                  level_range=(0.0, 1.0), axis=LevelAxis("fraction p"))  # fmt: skip
+    fields = dict(
+        name=cls.__name__.lower(),
+        description="a test perturbation",
+        default_levels=(0.0, 0.5, 1.0),
+        level_range=(0.0, 1.0),
+        axis=LevelAxis("fraction p"),
+    )
     return cls(**{**fields, **extra})
 
 
-@pytest.mark.parametrize("perturbation, message", [
-    (_make(_Unseeded), "the same seed gives different outputs"),
-    (_make(_NotIdentity), "its identity level changes"),
-    (_make(_LeavesHook), "leaves a hook installed"),
-    (_make(_Outside), "changed 'fc.bias', outside the layer"),
-    (_make(_Seeded, deterministic=True), "declared deterministic but two seeds give different outputs"),
-    (_make(_Scale, default_levels=(0.0,)), "changes nothing on any layer"),
-    (_make(_Scale, default_levels=(0.0, 2.0)), "breaks the contract: default level 2.0 is outside its level_range"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "perturbation, message",
+    [
+        (_make(_Unseeded), "the same seed gives different outputs"),
+        (_make(_NotIdentity), "its identity level changes"),
+        (_make(_LeavesHook), "leaves a hook installed"),
+        (_make(_Outside), "changed 'fc.bias', outside the layer"),
+        (_make(_Seeded, deterministic=True), "declared deterministic but two seeds give different outputs"),
+        (_make(_Scale, default_levels=(0.0,)), "changes nothing on any layer"),
+        (_make(_Scale, default_levels=(0.0, 2.0)), "breaks the contract: default level 2.0 is outside its level_range"),
+    ],
+)
 def test_check_perturbation_catches_a_broken_rule(perturbation, message, tiny_models):
     with pytest.raises(AssertionError, match=re.escape(message)):
         check_perturbation(perturbation, tiny_models[0])
@@ -165,17 +180,29 @@ class _Source:
         return ["net"]
 
 
-@pytest.mark.parametrize("kind, obj, message", [
-    ("models", _Source(), "it has no method 'build'"),
-    ("datasets", type("D", (), {"name": "d", "description": "x", "default_path": 3, "load": lambda s, p, t: None})(),
-     "field 'default_path' must be a string or None, got 3"),
-    ("perturbations", _make(_Scale, default_levels=("a",)),
-     "field 'default_levels' must be a non-empty sequence of finite numbers, got ('a',)"),
-    ("perturbations", _make(_Scale, level_range=(0.0, float("nan"))),
-     "field 'level_range' must be a sequence (a finite number, a finite number), got (0.0, nan)"),
-    ("perturbations", _make(_Scale, axis="log"), "field 'axis' must be a lesionbench.LevelAxis, got 'log'"),
-    ("studies", StudyPreset(" ", "", "x = 1"), "field 'name' must be a non-empty string"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, obj, message",
+    [
+        ("models", _Source(), "it has no method 'build'"),
+        (
+            "datasets",
+            type("D", (), {"name": "d", "description": "x", "default_path": 3, "load": lambda s, p, t: None})(),
+            "field 'default_path' must be a string or None, got 3",
+        ),
+        (
+            "perturbations",
+            _make(_Scale, default_levels=("a",)),
+            "field 'default_levels' must be a non-empty sequence of finite numbers, got ('a',)",
+        ),
+        (
+            "perturbations",
+            _make(_Scale, level_range=(0.0, float("nan"))),
+            "field 'level_range' must be a sequence (a finite number, a finite number), got (0.0, nan)",
+        ),
+        ("perturbations", _make(_Scale, axis="log"), "field 'axis' must be a lesionbench.LevelAxis, got 'log'"),
+        ("studies", StudyPreset(" ", "", "x = 1"), "field 'name' must be a non-empty string"),
+    ],
+)
 def test_contracts_are_read_from_each_kinds_class(kind, obj, message):
     with pytest.raises(AssertionError, match=re.escape(message)):
         check_contract(kind, obj)

@@ -11,7 +11,6 @@ called, tuple outputs, half precision, the class count, and the bit-flip count's
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -49,7 +48,12 @@ class InplaceStmt(nn.Module):  # in-place residual written as a statement
 class TiedStorage(nn.Module):  # b.weight: another Parameter over a.weight's memory
     def __init__(self):
         super().__init__()
-        self.inp, self.a, self.b, self.head = nn.Linear(784, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+        self.inp, self.a, self.b, self.head = (
+            nn.Linear(784, 32),
+            nn.Linear(32, 32),
+            nn.Linear(32, 32),
+            nn.Linear(32, 10),
+        )
         self.b.weight = nn.Parameter(self.a.weight.data)
 
     def forward(self, x):
@@ -153,8 +157,22 @@ class ViewInplace(nn.Module):  # writes in place into a view of a tensor read la
         return self.head(h)
 
 
-ARCHS = {c.__name__: c for c in (InplaceStmt, TiedStorage, WeightNorm, ReluBN, MHA, TupleOut, DeclOrder, DictOut,
-                                 SetOut, SharedConv, ViewInplace)}  # fmt: skip
+ARCHS = {
+    c.__name__: c
+    for c in (
+        InplaceStmt,
+        TiedStorage,
+        WeightNorm,
+        ReluBN,
+        MHA,
+        TupleOut,
+        DeclOrder,
+        DictOut,
+        SetOut,
+        SharedConv,
+        ViewInplace,
+    )
+}
 
 
 class Source:
@@ -173,12 +191,19 @@ class Source:
         dtype = opts.pop("dtype", None)
         torch.manual_seed(0)
         module = ARCHS[spec.arch](**opts).eval()
-        pre = transforms.Compose([transforms.Grayscale(1), transforms.Resize((28, 28)), transforms.ToTensor(),
-                                  transforms.Normalize((0.286,), (0.353,))])  # fmt: skip
+        pre = transforms.Compose(
+            [
+                transforms.Grayscale(1),
+                transforms.Resize((28, 28)),
+                transforms.ToTensor(),
+                transforms.Normalize((0.286,), (0.353,)),
+            ]
+        )
         if dtype:
             module = module.to(getattr(torch, dtype))
-        return LoadedModel(name=spec.ref, module=module, input_size=(1, 28, 28), preprocess=pre,
-                           preprocess_key="grey28")  # fmt: skip
+        return LoadedModel(
+            name=spec.ref, module=module, input_size=(1, 28, 28), preprocess=pre, preprocess_key="grey28"
+        )
 
 
 class Plugin:
@@ -192,7 +217,9 @@ STUDY_DEFAULTS = {"name": "case", "draws": 2, "n_images": 64}  # conftest's stud
 
 
 def fast_and_naive(spec: dict, registry) -> tuple[pd.DataFrame, pd.DataFrame]:
-    frames = [run(spec | {"engine": e}, registry=registry).sort_values(KEY, ignore_index=True) for e in ("fast", "naive")]
+    frames = [
+        run(spec | {"engine": e}, registry=registry).sort_values(KEY, ignore_index=True) for e in ("fast", "naive")
+    ]
     return frames[0], frames[1]
 
 
@@ -229,8 +256,15 @@ def test_in_place_write_into_a_view_falls_back_to_full_passes_and_says_so(study,
 @needs_fashion
 def test_bn_recalibration_on_a_cached_shortcut_equals_the_naive_engine(study):
     layers = ["layer2.0.conv1", "layer2.0.conv2", "layer3.0.conv1"]  # main-path convs of downsampling blocks
-    spec = study("fashion_resnet", layers, "synapse_knockout", [0.0, 0.5], n_images=100, bn_recalibrate=True,
-                 calibration_images=100)  # fmt: skip
+    spec = study(
+        "fashion_resnet",
+        layers,
+        "synapse_knockout",
+        [0.0, 0.5],
+        n_images=100,
+        bn_recalibrate=True,
+        calibration_images=100,
+    )
     fast, naive = fast_and_naive(spec, create_registry())
     np.testing.assert_allclose(damaged(fast)["loss"], damaged(naive)["loss"], rtol=1e-5)
     np.testing.assert_array_equal(damaged(fast)["top1"], damaged(naive)["top1"])
@@ -267,11 +301,16 @@ def test_parameters_sharing_storage_are_a_tie(study, registry):
 
 def test_parametrized_weight_is_refused_by_name_and_left_out_otherwise(study, tmp_path, registry):
     data = write_fashion(tmp_path / "fashion", n=40)
-    with pytest.raises(LesionbenchError, match=r"layer 'c1' of model 'repro:WeightNorm' cannot be perturbed: .*parametrization"):
-        run(study("repro:WeightNorm", ["c1"], "synapse_knockout", [0.0, 1.0], n_images=40, data=data), registry=registry)
+    with pytest.raises(
+        LesionbenchError, match=r"layer 'c1' of model 'repro:WeightNorm' cannot be perturbed: .*parametrization"
+    ):
+        run(
+            study("repro:WeightNorm", ["c1"], "synapse_knockout", [0.0, 1.0], n_images=40, data=data), registry=registry
+        )
     out = tmp_path / "run"
-    df = run(study("repro:WeightNorm", [], "synapse_knockout", [0.0, 1.0], n_images=40, data=data), out,
-             registry=registry)  # fmt: skip
+    df = run(
+        study("repro:WeightNorm", [], "synapse_knockout", [0.0, 1.0], n_images=40, data=data), out, registry=registry
+    )
     assert set(df["layer"]) == {"", "fc"}
     assert "c1 left out: its weight is computed by a parametrization" in (out / "run.log").read_text()
 
@@ -293,8 +332,10 @@ def test_the_norm_a_unit_feeds_is_found_through_activations_and_at_every_use():
 def test_node_knockout_of_identical_functions_is_identical(study, registry):
     results = []
     for inplace in (False, True):
-        df = run(study({"ref": "repro:ReluBN", "options": {"inplace": inplace}}, ["c1"], "node_knockout", [0.0, 1.0]),
-                 registry=registry)  # fmt: skip
+        df = run(
+            study({"ref": "repro:ReluBN", "options": {"inplace": inplace}}, ["c1"], "node_knockout", [0.0, 1.0]),
+            registry=registry,
+        )
         results.append(damaged(df)["loss"].to_numpy())
     np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
     assert round(float(results[0][0]), 4) == 2.3023  # the unit stays silent after the norm
@@ -312,8 +353,11 @@ def test_layers_the_forward_pass_uses_without_calling_them_are_found():
     vit = torchvision.models.vit_b_16().eval()
     layers = discover_layers(vit, torch.zeros(1, 3, 224, 224))
     assert len(layers) == 38 and layers[0].name == "conv_proj" and layers[-1].name == "heads.head"
-    assert [l.name for l in layers[1:4]] == ["encoder.layers.encoder_layer_0.self_attention.out_proj",
-                                            "encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_0.mlp.3"]  # fmt: skip
+    assert [l.name for l in layers[1:4]] == [
+        "encoder.layers.encoder_layer_0.self_attention.out_proj",
+        "encoder.layers.encoder_layer_0.mlp.0",
+        "encoder.layers.encoder_layer_0.mlp.3",
+    ]
 
 
 def test_attention_out_proj_is_perturbed_and_fast_equals_naive(study, tmp_path, registry):
@@ -331,8 +375,9 @@ def test_attention_out_proj_is_perturbed_and_fast_equals_naive(study, tmp_path, 
 def test_logits_come_from_the_first_element_or_the_logits_key(study, tmp_path, registry):
     data = write_fashion(tmp_path / "fashion", n=40)
     for arch in ("TupleOut", "DictOut"):
-        df = run(study(f"repro:{arch}", ["c1"], "synapse_knockout", [0.0, 1.0], n_images=40, data=data),
-                 registry=registry)  # fmt: skip
+        df = run(
+            study(f"repro:{arch}", ["c1"], "synapse_knockout", [0.0, 1.0], n_images=40, data=data), registry=registry
+        )
         assert df["error"].eq("").all() and np.isfinite(df["loss"]).all(), arch
 
 
@@ -341,8 +386,11 @@ def test_a_model_without_class_scores_is_refused_before_anything_is_written(stud
 
     data = write_fashion(tmp_path / "fashion", n=40)
     with pytest.raises(LesionbenchError, match="returns dict, not class scores"):
-        api_run(study("repro:SetOut", [], "synapse_knockout", [0.0], n_images=40, data=data), tmp_path / "out",
-                registry=registry)  # fmt: skip
+        api_run(
+            study("repro:SetOut", [], "synapse_knockout", [0.0], n_images=40, data=data),
+            tmp_path / "out",
+            registry=registry,
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -352,8 +400,9 @@ def test_a_model_without_class_scores_is_refused_before_anything_is_written(stud
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_models_run_and_bit_flips_act_in_their_dtype(study, tmp_path, registry, dtype):
     data = write_fashion(tmp_path / "fashion", n=40)
-    spec = study({"ref": "repro:TupleOut", "options": {"dtype": dtype}}, ["c1"], "bit_flip", [0.0, 1e-3], n_images=40,
-                 data=data)  # fmt: skip
+    spec = study(
+        {"ref": "repro:TupleOut", "options": {"dtype": dtype}}, ["c1"], "bit_flip", [0.0, 1e-3], n_images=40, data=data
+    )
     fast, naive = fast_and_naive(spec, registry)
     assert fast["error"].eq("").all() or fast["error"].eq("non-finite logits").any()
     np.testing.assert_allclose(damaged(fast)["loss"], damaged(naive)["loss"], rtol=1e-3)

@@ -139,7 +139,11 @@ def QATFakeQuant(frozen=False):
 class FlatBN(nn.Module):
     def __init__(self):
         super().__init__()
-        self.c1, self.bn, self.head = nn.Conv2d(1, 4, 3, stride=4, padding=1), nn.BatchNorm1d(4 * 7 * 7), nn.Linear(196, 10)
+        self.c1, self.bn, self.head = (
+            nn.Conv2d(1, 4, 3, stride=4, padding=1),
+            nn.BatchNorm1d(4 * 7 * 7),
+            nn.Linear(196, 10),
+        )
         _nontrivial(self.bn)
 
     def forward(self, x):
@@ -292,8 +296,23 @@ def AllPruned():
 
 
 BUILT: dict[str, nn.Module] = {}  # the last model built of each case, to check it is left as it was
-ARCHS = {f.__name__: f for f in (HFConv1D, CatEmpty, ConvGN, TransposeBN, QATFakeQuant, MHAAct, ForwardCall, LoRA,
-                                  DynQuant, Scripted, AllPruned, MatmulWeight)}
+ARCHS = {
+    f.__name__: f
+    for f in (
+        HFConv1D,
+        CatEmpty,
+        ConvGN,
+        TransposeBN,
+        QATFakeQuant,
+        MHAAct,
+        ForwardCall,
+        LoRA,
+        DynQuant,
+        Scripted,
+        AllPruned,
+        MatmulWeight,
+    )
+}
 
 
 # ------------------------------------------------------------------------------------ harness
@@ -322,10 +341,22 @@ class Source:
         silenced = list(opts.pop("silence", []))
         torch.manual_seed(0)
         module = silence(ARCHS[spec.arch](**opts).eval(), silenced)
-        pre = transforms.Compose([transforms.Grayscale(1), transforms.Resize((28, 28)), transforms.ToTensor(),
-                                  transforms.Normalize((0.286,), (0.353,))])  # fmt: skip
-        return LoadedModel(name=spec.ref, module=module, num_classes=10, input_size=(1, 28, 28), preprocess=pre,
-                           preprocess_key="repro3-grey28")  # fmt: skip
+        pre = transforms.Compose(
+            [
+                transforms.Grayscale(1),
+                transforms.Resize((28, 28)),
+                transforms.ToTensor(),
+                transforms.Normalize((0.286,), (0.353,)),
+            ]
+        )
+        return LoadedModel(
+            name=spec.ref,
+            module=module,
+            num_classes=10,
+            input_size=(1, 28, 28),
+            preprocess=pre,
+            preprocess_key="repro3-grey28",
+        )
 
 
 class Plugin:
@@ -337,19 +368,24 @@ class Plugin:
 PLUGINS = [("case3", Plugin())]  # beside the built-ins in conftest's registry fixture
 STUDY_DEFAULTS = {"name": "case3"}  # conftest's study fixture: draws 1, 40 images
 
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_fashion(tmp_path_factory.mktemp("fashion") / "fashion", n=40)
 
 
 def fast_and_naive(spec: dict, registry) -> tuple[pd.DataFrame, pd.DataFrame]:
-    frames = [run(spec | {"engine": e}, registry=registry).sort_values(KEY, ignore_index=True) for e in ("fast", "naive")]
+    frames = [
+        run(spec | {"engine": e}, registry=registry).sort_values(KEY, ignore_index=True) for e in ("fast", "naive")
+    ]
     return frames[0], frames[1]
 
 
 def clean_loss(study, arch: str, data, registry, **options) -> float:
     """The loss of the case's model (with ``options``, e.g. the silencing oracle), undamaged."""
-    df = run(study({"ref": f"case3:{arch}", "options": options}, [], "synapse_knockout", [0.0], data), registry=registry)
+    df = run(
+        study({"ref": f"case3:{arch}", "options": options}, [], "synapse_knockout", [0.0], data), registry=registry
+    )
     return float(df.loc[df["perturbation"] == "clean", "loss"].iloc[0])
 
 
@@ -367,8 +403,9 @@ def test_transformers_conv1d_is_a_layer_whose_units_are_the_weight_columns(study
     fc = next(l for l in graph.layers if l.name == "fc")
     assert [l.name for l in graph.layers] == ["c1", "fc", "head"] and not graph.left_out
     assert fc.out_units == 64 and fc.kind == "linear"  # weight [1568, 64]: 64 columns, one per unit
-    spec = study("case3:HFConv1D", ["fc"], ["node_knockout", "filter_prune", "synapse_knockout"], [0.0, 0.5, 1.0],
-                 data, draws=2)  # fmt: skip
+    spec = study(
+        "case3:HFConv1D", ["fc"], ["node_knockout", "filter_prune", "synapse_knockout"], [0.0, 0.5, 1.0], data, draws=2
+    )
     fast, naive = fast_and_naive(spec, registry)
     np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
     silenced = clean_loss(study, "HFConv1D", data, registry, silence=["fc"])  # the oracle: fc emits zeros
@@ -430,10 +467,18 @@ def test_node_knockout_silences_the_unit_after_the_norm_it_feeds(study, data, re
     assert not np.allclose(loss_at(fast, "synapse_knockout", 1.0), oracle)  # the norm's shift alone differs
 
 
-@pytest.mark.parametrize(("cls", "layer", "norm"), [
-    (ConvGN, "c1", "norm"), (TransposeBN, "fc", "bn"), (FlatBN, "c1", "bn"), (PermuteLN, "c1", "ln"),
-    (ConvIN, "c1", "n"), (StdConvGN, "c1", "n"), (TokensRMS, "fc", "n"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("cls", "layer", "norm"),
+    [
+        (ConvGN, "c1", "norm"),
+        (TransposeBN, "fc", "bn"),
+        (FlatBN, "c1", "bn"),
+        (PermuteLN, "c1", "ln"),
+        (ConvIN, "c1", "n"),
+        (StdConvGN, "c1", "n"),
+        (TokensRMS, "fc", "n"),
+    ],
+)
 def test_silenced_units_stay_silent_through_every_per_channel_norm(cls, layer, norm):
     from lesionbench.plugins.node_knockout import silence_units
 
@@ -448,7 +493,9 @@ def test_silenced_units_stay_silent_through_every_per_channel_norm(cls, layer, n
     zero_units = lambda out: out.index_fill(1 if isinstance(oracle.get_submodule(layer), nn.Conv2d) else -1, units, 0)  # noqa: E731
     oracle.get_submodule(layer).register_forward_hook(lambda _m, _i, out: zero_units(out))
     with torch.no_grad():
-        n_out = oracle.get_submodule(layer)(torch.zeros(1, 1, 28, 28) if layer == "c1" else torch.zeros(1, 16, 16)).shape
+        n_out = oracle.get_submodule(layer)(
+            torch.zeros(1, 1, 28, 28) if layer == "c1" else torch.zeros(1, 16, 16)
+        ).shape
         silence_units(found, units)
         got = model(x)
         silent = torch.zeros(n_out, dtype=torch.bool).index_fill(1 if layer == "c1" else -1, units, True)
@@ -509,15 +556,22 @@ HOOKS = ["activation_knockout", "activation_noise", "activation_bit_flip"]
 
 def test_hook_perturbations_refuse_by_name_a_layer_their_hook_cannot_see(study, data, registry):
     for perturbation in HOOKS:
-        with pytest.raises(LesionbenchError, match=r"layer 'fc' of model 'case3:MatmulWeight': its weight is "
-                                                   r"applied by '\w+' outside the module's own call"):  # fmt: skip
+        with pytest.raises(
+            LesionbenchError,
+            match=r"layer 'fc' of model 'case3:MatmulWeight': its weight is "
+            r"applied by '\w+' outside the module's own call",
+        ):
             run(study("case3:MatmulWeight", ["fc"], perturbation, [0.0, 1.0], data), registry=registry)
 
 
 def test_hook_perturbations_damage_multihead_attention_out_proj(study, data, registry):
     """``out_proj`` is applied inside ``F.multi_head_attention_forward``; the harness calls it there."""
     spec = study("case3:MHAAct", ["attn.out_proj"], HOOKS, [0.0], data)
-    spec["levels"] = {"activation_knockout": [0.0, 1.0], "activation_noise": [0.0, 2.0], "activation_bit_flip": [0.0, 0.1]}
+    spec["levels"] = {
+        "activation_knockout": [0.0, 1.0],
+        "activation_noise": [0.0, 2.0],
+        "activation_bit_flip": [0.0, 0.1],
+    }
     fast, naive = fast_and_naive(spec, registry)
     np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
     clean = float(fast.loc[fast["perturbation"] == "clean", "loss"].iloc[0])
@@ -531,8 +585,12 @@ def test_hook_perturbations_damage_a_layer_called_as_forward_or_through_f_linear
     graph = ModelGraph.of(ForwardCall().eval(), torch.zeros(1, 1, 28, 28))
     assert {l.name: l.applied_by for l in graph.layers} == {"c1": "", "fc": "linear", "head": "linear"}
     spec = study("case3:ForwardCall", ["fc", "head"], HOOKS + ["synapse_knockout"], [0.0, 1.0], data)
-    spec["levels"] = {"activation_knockout": [0.0, 1.0], "activation_noise": [0.0, 2.0],
-                      "activation_bit_flip": [0.0, 0.1], "synapse_knockout": [0.0, 1.0]}  # fmt: skip
+    spec["levels"] = {
+        "activation_knockout": [0.0, 1.0],
+        "activation_noise": [0.0, 2.0],
+        "activation_bit_flip": [0.0, 0.1],
+        "synapse_knockout": [0.0, 1.0],
+    }
     fast, naive = fast_and_naive(spec, registry)
     np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
     clean = float(fast.loc[fast["perturbation"] == "clean", "loss"].iloc[0])
@@ -573,8 +631,11 @@ def test_lesioned_damages_multihead_attention_out_proj_and_restores_it():
 
 
 def test_hook_perturbations_leave_out_unseen_layers_and_say_so_in_run_log(study, data, registry, tmp_path):
-    df = run(study("case3:MatmulWeight", [], ["activation_knockout", "synapse_knockout"], [0.0, 1.0], data),
-             tmp_path / "r", registry=registry)  # fmt: skip
+    df = run(
+        study("case3:MatmulWeight", [], ["activation_knockout", "synapse_knockout"], [0.0, 1.0], data),
+        tmp_path / "r",
+        registry=registry,
+    )
     hooked = df[df["perturbation"] == "activation_knockout"]
     assert set(hooked["layer"]) == {"c1", "head"}  # never a row scoring fc as perfectly robust
     assert "fc" in set(df[df["perturbation"] == "synapse_knockout"]["layer"])
@@ -620,14 +681,22 @@ def test_a_dynamically_quantised_linear_is_named_in_run_log(study, data, registr
 def test_weights_read_that_are_no_layer_s_are_named(study, data, registry, tmp_path):
     run(study("case3:MHAAct", [], "synapse_knockout", [0.0], data), tmp_path / "r", registry=registry)
     log = (tmp_path / "r" / "run.log").read_text()
-    assert "attn.in_proj_weight left out: a weight of MultiheadAttention that 'multi_head_attention_forward' reads" in log
+    assert (
+        "attn.in_proj_weight left out: a weight of MultiheadAttention that 'multi_head_attention_forward' reads" in log
+    )
 
 
-@pytest.mark.parametrize(("arch", "message"), [
-    ("Scripted", r"is a TorchScript module .* which lesionbench does not support"),
-    ("AllPruned", r"has no layer lesionbench can perturb \(c1: its weight is recomputed as weight_orig × weight_mask "
-                  r"by torch.nn.utils.prune.*; head: "),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        ("Scripted", r"is a TorchScript module .* which lesionbench does not support"),
+        (
+            "AllPruned",
+            r"has no layer lesionbench can perturb \(c1: its weight is recomputed as weight_orig × weight_mask "
+            r"by torch.nn.utils.prune.*; head: ",
+        ),
+    ],
+)
 def test_unsupported_models_are_refused_with_the_reason(study, data, registry, tmp_path, arch, message):
     with pytest.raises(LesionbenchError, match=message):
         run(study(f"case3:{arch}", [], "synapse_knockout", [0.0, 1.0], data), tmp_path / "r", registry=registry)

@@ -32,8 +32,12 @@ def test_every_relative_link_and_image_of_the_readme_exists():
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
-                           str(path)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_readme_shows_the_committed_workflow_and_it_is_a_valid_github_workflow(tmp_path):
@@ -77,8 +81,7 @@ def test_the_readme_python_quick_start_runs_as_written(capsys):
     images = torch.randn(24, 1, 4, 4)
     with torch.no_grad():
         labels = net(images).argmax(1)  # the net's own answers: clean accuracy 1, beyond chance, so it is scored
-    scope = {"my_net": net, "images": images, "labels": labels,
-             "my_own_evaluation": evaluation}  # fmt: skip
+    scope = {"my_net": net, "images": images, "labels": labels, "my_own_evaluation": evaluation}
     exec(compile(code, "README.md", "exec"), scope)
     scores = scope["lesionbench"].layer_scores(scope["df"])
     assert set(scores["layer"]) == {"conv1", "fc"} and set(scores["model"]) == {"mynet"}
@@ -98,12 +101,37 @@ def site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("site")
     torch.manual_seed(0)
     net = _Net()
-    lesionbench.run(model={"mynet": net}, data=(torch.randn(24, 1, 4, 4), torch.arange(24) % 3), out=root / "run",
-                    perturbations=["synapse_knockout"], levels=[0.0, 1.0], draws=1, device="cpu", progress=False)  # fmt: skip
+    lesionbench.run(
+        model={"mynet": net},
+        data=(torch.randn(24, 1, 4, 4), torch.arange(24) % 3),
+        out=root / "run",
+        perturbations=["synapse_knockout"],
+        levels=[0.0, 1.0],
+        draws=1,
+        device="cpu",
+        progress=False,
+    )
     publish([root / "run"], root / "leaderboard" / "LEADERBOARD.md")
-    built = subprocess.run([sys.executable, "-m", "sphinx", "-E", "-W", "--keep-going", "-q", "-b", "html",
-                            "-D", f"lesionbench_leaderboard={root / 'leaderboard'}", str(REPO / "docs"),
-                            str(root / "html")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-E",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            "-D",
+            f"lesionbench_leaderboard={root / 'leaderboard'}",
+            str(REPO / "docs"),
+            str(root / "html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     return root / "html"
 

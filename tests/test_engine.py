@@ -8,15 +8,13 @@ import timm
 import torch
 from torch import nn
 
+from conftest import FINISHED, write_fashion
 from lesionbench.cli import main
 from lesionbench.engine import NaiveEngine, SuffixEngine
 from lesionbench.graph import ModelGraph, discover_layers, split_at, transition
+from lesionbench.models.fashion import ARCHITECTURES
 from lesionbench.perturbation import HookPerturbation
 from lesionbench.store import read_results
-from conftest import FINISHED, write_fashion
-from lesionbench.models.fashion import ARCHITECTURES
-
-
 
 NUMBERS = ["top1", "top5", "loss", "seed", "n_images"]
 KEY = ["model", "layer", "perturbation", "level", "draw"]
@@ -72,7 +70,9 @@ def test_caches_step_from_layer_to_layer_in_one_forward_pass(arch):
                     pass
                 by_engine += len(calls) - before
             prefix = split_at(engine.graph.fx, layer.name).prefix
-            cached = [engine._read(engine._cache.values, i) for i in range(len(engine._cache.values))]  # inputs put back
+            cached = [
+                engine._read(engine._cache.values, i) for i in range(len(engine._cache.values))
+            ]  # inputs put back
             for b, values in zip(range(0, 20, 8), cached):
                 expected = prefix(images[b : b + 8])
                 assert len(values) == len(expected) and all(torch.equal(v, e) for v, e in zip(values, expected))
@@ -134,7 +134,6 @@ class InPlaceOnBoundary(nn.Module):
 def _fast_equals_naive(model, layer_name, draws=3):
     from lesionbench.engine import NaiveEngine
     from lesionbench.perturbation import generator_for, perturbed
-
     from lesionbench.registry import create_registry
 
     noise = create_registry().get("perturbations", "weight_noise")
@@ -217,7 +216,9 @@ def test_over_budget_layers_spill_to_disk_or_fall_back_and_say_so(tmp_path, monk
     spilling.close()
     assert not any(tmp_path.glob("lesionbench-spill-*/*.pt"))  # and closing removes the rest
     assert any("spilled" in n for n in spilling.notes)
-    no_spill = SuffixEngine(ModelGraph.of(model, images[:1]), images, labels, 4, torch.device("cpu"), budget_bytes=100, spill=False)
+    no_spill = SuffixEngine(
+        ModelGraph.of(model, images[:1]), images, labels, 4, torch.device("cpu"), budget_bytes=100, spill=False
+    )
     with no_spill.for_layer(layer) as run:
         assert run.one == no_spill.full
     assert any("exceed" in n and "full passes" in n for n in no_spill.notes)
@@ -317,14 +318,15 @@ def test_channels_last_and_autocast_are_study_options(data, tmp_path):
     assert len(set(fingerprints.values())) == 3
 
 
-@pytest.mark.parametrize("arch, layer_name", [("fashion_alexnet", "conv3"), ("fashion_resnet", "layer1.0.conv1"),
-                                              ("fashion_mobilenetv3", "blocks.2.1.conv_dw")])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch, layer_name",
+    [("fashion_alexnet", "conv3"), ("fashion_resnet", "layer1.0.conv1"), ("fashion_mobilenetv3", "blocks.2.1.conv_dw")],
+)
 def test_batched_draws_equal_one_pass_each(arch, layer_name):
     """``many`` (vmap over stacked perturbed copies) gives each copy's own numbers."""
-    from lesionbench.perturbation import generator_for, perturbed
-
     from lesionbench.model_sources import load_checkpoint_into
     from lesionbench.models.fashion import weights_path
+    from lesionbench.perturbation import generator_for, perturbed
 
     torch.manual_seed(0)
     model = ARCHITECTURES[arch]().eval()
@@ -357,9 +359,9 @@ class HookNoise(HookPerturbation):
 
 
 def test_hooked_perturbations_are_not_batched_and_match_the_naive_engine(tmp_path):
-    from lesionbench.registry import create_registry as make
     from lesionbench.executors.local import execute
     from lesionbench.plan import prepare
+    from lesionbench.registry import create_registry as make
     from lesionbench.store import RunDir
     from lesionbench.study import parse_study
 
@@ -368,12 +370,33 @@ def test_hooked_perturbations_are_not_batched_and_match_the_naive_engine(tmp_pat
 
     from lesionbench.hookspecs import hookimpl
 
-    registry = make([("hook-test", SimpleNamespace(lesionbench_perturbations=hookimpl(lambda: [HookNoise("hook_noise", "noise added by a hook", (0.0, 1.0), (0.0, 1.0))])))])
+    registry = make(
+        [
+            (
+                "hook-test",
+                SimpleNamespace(
+                    lesionbench_perturbations=hookimpl(
+                        lambda: [HookNoise("hook_noise", "noise added by a hook", (0.0, 1.0), (0.0, 1.0))]
+                    )
+                ),
+            )
+        ]
+    )
     frames = {}
     for engine in ("fast", "naive"):
-        study = parse_study({"name": "h", "models": [{"ref": "fashion_alexnet", "weights": "none"}], "layers": ["conv2"],
-                             "perturbations": ["hook_noise"], "draws": 3, "engine": engine, "device": "cpu", "batch_draws": True,
-                             "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 30}})  # fmt: skip
+        study = parse_study(
+            {
+                "name": "h",
+                "models": [{"ref": "fashion_alexnet", "weights": "none"}],
+                "layers": ["conv2"],
+                "perturbations": ["hook_noise"],
+                "draws": 3,
+                "engine": engine,
+                "device": "cpu",
+                "batch_draws": True,
+                "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 30},
+            }
+        )
         plan = prepare(study, registry)
         run = RunDir.create(tmp_path / engine, study.to_dict(), plan.fingerprint())
         execute(plan, run)

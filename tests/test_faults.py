@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import (
+    FINISHED,  # noqa: E402
+    write_fashion,
+)
 from lesionbench.store import OUTCOME, OUTCOMES, RunDir, Subset, read_results, read_results_with_outcomes
-from conftest import write_fashion
-from conftest import FINISHED  # noqa: E402
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 TIMING = ["seconds", "images_per_s"]
@@ -40,8 +42,9 @@ def cli(*args: str) -> subprocess.Popen:
     """``lesionbench ARGS`` in a process of its own; a run draws no figures (no test here reads them)."""
     env = dict(os.environ, COLUMNS="200")
     args = (*args, "--no-plots") if args[0] == "run" else args
-    return subprocess.Popen([sys.executable, "-m", "lesionbench.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "lesionbench.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def rows(path: Path) -> int:
@@ -103,8 +106,20 @@ def _row(draw: int, outcome: tuple | None = None) -> dict:
     """A row whose accuracies are those its outcomes give (labels 0, 1, 2, 0, 1, 2, 0, 1), as the schema requires."""
     labels = np.arange(8) % 3
     top1, top5 = ((outcome[0] == labels).mean(), np.mean(outcome[1])) if outcome is not None else (float("nan"),) * 2
-    row = dict(model="m", dataset="d", layer="l", perturbation="p", level=0.5, draw=draw, top1=float(top1),
-               top5=float(top5), loss=1.0, n_images=8, error="" if outcome is not None else "failed", num_classes=10)
+    row = dict(
+        model="m",
+        dataset="d",
+        layer="l",
+        perturbation="p",
+        level=0.5,
+        draw=draw,
+        top1=float(top1),
+        top5=float(top5),
+        loss=1.0,
+        n_images=8,
+        error="" if outcome is not None else "failed",
+        num_classes=10,
+    )
     return row | ({OUTCOME: outcome} if outcome is not None else {})
 
 
@@ -116,7 +131,9 @@ def test_a_torn_outcome_batch_and_an_outcome_without_its_row_are_repaired_on_res
         for k in range(3):
             run.append(_row(k, (top1(k), (top1(k) == np.arange(8) % 3) | (np.arange(8) < k))))  # top-5 ⊇ top-1
     size = (tmp_path / "r" / OUTCOMES).stat().st_size
-    with RunDir.open_existing(tmp_path / "r", "f", subset) as run:  # killed after the outcomes of draw 3, before its row
+    with RunDir.open_existing(
+        tmp_path / "r", "f", subset
+    ) as run:  # killed after the outcomes of draw 3, before its row
         from lesionbench.store import _OutcomeWriter
 
         orphan = _OutcomeWriter(run.outcomes_path, subset)
@@ -133,8 +150,11 @@ def test_a_torn_outcome_batch_and_an_outcome_without_its_row_are_repaired_on_res
     assert list(rows["outcome"][:4] >= 0) == [True] * 4 and rows["outcome"].iloc[4] == -1
     np.testing.assert_array_equal(outcomes.top1[rows["outcome"][:4]], np.stack([top1(k) for k in range(4)]))
     assert outcomes.top5[rows["outcome"].iloc[3]].all()  # the batch written with the row, not the orphan
-    assert list(outcomes.images["index"]) == list(range(100, 108)) and list(outcomes.images["label"]) == [0, 1, 2] * 2 + [0, 1]
-
+    assert list(outcomes.images["index"]) == list(range(100, 108)) and list(outcomes.images["label"]) == [
+        0,
+        1,
+        2,
+    ] * 2 + [0, 1]
 
 
 def _same_table(got: pd.DataFrame, expected: pd.DataFrame) -> None:
@@ -184,8 +204,11 @@ sys.exit(main(sys.argv[3:]))
 def test_sigterm_during_a_cell_stuck_in_native_code_exits_without_waiting_for_it(tmp_path, case):
     spec, expected, _reference = case
     run, marker, release = tmp_path / "stuck", tmp_path / "in-the-cell", tmp_path / "release"
-    proc = subprocess.Popen([sys.executable, "-c", STUCK, str(marker), str(release), "run", str(spec), "--out", str(run),
-                             "--no-plots"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK, str(marker), str(release), "run", str(spec), "--out", str(run), "--no-plots"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         while not marker.exists():
             assert proc.poll() is None, proc.stderr.read().decode()
@@ -214,8 +237,14 @@ def test_a_full_disk_keeps_whole_rows_and_resume_completes_once_space_is_back(tm
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = dict(os.environ, COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "lesionbench.cli", "run", str(spec), "--out", str(run), "--no-plots"],
-                          env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "lesionbench.cli", "run", str(spec), "--out", str(run), "--no-plots"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_disk,
+    )
     assert proc.returncode == 2
     err = _not_warnings(proc.stderr)
     assert "\n" not in err and "File too large" in err and f"lesionbench run --resume {run}" in err
@@ -237,11 +266,17 @@ def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(
     assert cli("run", str(spec), "--out", str(run), "--layers", "conv1", "--draws", "1").wait(timeout=300) in FINISHED
     before = (run / "results.csv").read_bytes()
     with RunDir.open_existing(run):  # the first run, still writing
-        second = subprocess.run([sys.executable, "-m", "lesionbench.cli", "run", "--resume", str(run)],
-                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        second = subprocess.run(
+            [sys.executable, "-m", "lesionbench.cli", "run", "--resume", str(run)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert second.returncode == 2
-    assert second.stderr.strip() == (f"lesionbench: error: another lesionbench run is writing to {str(run)!r} "
-                                     "(it holds .lock); wait for it to finish")  # fmt: skip
+    assert second.stderr.strip() == (
+        f"lesionbench: error: another lesionbench run is writing to {str(run)!r} "
+        "(it holds .lock); wait for it to finish"
+    )
     assert (run / "results.csv").read_bytes() == before
 
 
@@ -249,9 +284,13 @@ def test_resume_is_idempotent_for_a_job_script(tmp_path, case):
     spec, _expected, _reference = case
     run = tmp_path / "job"
     args = ("run", str(spec), "--resume", str(run), "--layers", "conv1", "--draws", "1", "--no-plots")
-    first = subprocess.run([sys.executable, "-m", "lesionbench.cli", *args], capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        [sys.executable, "-m", "lesionbench.cli", *args], capture_output=True, text=True, timeout=300
+    )
     assert first.returncode in FINISHED, first.stderr  # no run there yet: started
     table = (run / "results.csv").read_bytes()
-    again = subprocess.run([sys.executable, "-m", "lesionbench.cli", *args], capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "lesionbench.cli", *args], capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0 and f"{run} is complete: nothing to resume" in again.stdout.replace("\n", "")
     assert (run / "results.csv").read_bytes() == table

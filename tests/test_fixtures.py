@@ -9,8 +9,13 @@ STUDY_DEFAULTS = {"name": "fixtures", "draws": 3, "n_images": 20}
 
 
 def test_a_study_file_is_the_study_dict_the_cli_would_read(study, study_file, tmp_path):
-    args = ({"ref": "fashion_alexnet", "weights": "none"}, ["conv1", "fc8"], ["weight_noise", "synapse_knockout"],
-            {"weight_noise": [0.5, 1.0], "synapse_knockout": [0.5]}, tmp_path / "data")  # fmt: skip
+    args = (
+        {"ref": "fashion_alexnet", "weights": "none"},
+        ["conv1", "fc8"],
+        ["weight_noise", "synapse_knockout"],
+        {"weight_noise": [0.5, 1.0], "synapse_knockout": [0.5]},
+        tmp_path / "data",
+    )
     path = study_file(tmp_path / "s.toml", *args, seed=3, batch_size=20)
     read = load_study(str(path), {})
     assert read == parse_study(study(*args, seed=3, batch_size=20))

@@ -27,7 +27,9 @@ def test_missing_golden_data_skips_locally_and_fails_in_ci(tmp_path, monkeypatch
     assert f"the golden data is not at {tmp_path / 'nowhere'}" in str(info.value)
     assert ("golden test without its data in CI" in str(info.value)) is ci
     with pytest.raises(outcome, match="'not_a_module_lesionbench_ships' is not installed"):
-        conftest.pytest_runtest_setup(Item(pytest.mark.golden(tmp_path, "here", modules=["not_a_module_lesionbench_ships"])))
+        conftest.pytest_runtest_setup(
+            Item(pytest.mark.golden(tmp_path, "here", modules=["not_a_module_lesionbench_ships"]))
+        )
     conftest.pytest_runtest_setup(Item(pytest.mark.golden(tmp_path, "data that is here", modules=["pytest"])))
     conftest.pytest_runtest_setup(Item())  # no mark: nothing to check
 

@@ -12,7 +12,13 @@ from lesionbench.bootstrapping import bootstrap
 from lesionbench.scores import area_score, layer_scores
 from lesionbench.store import Outcomes, Subset
 
-GRIDS = [(0.0, 1.0), (0.0, 0.5, 1.0), tuple(np.round(np.arange(11) / 10, 2)), (0.0, 0.2, 0.5, 0.8), (0.0, 0.5, 1.0, 2.0)]
+GRIDS = [
+    (0.0, 1.0),
+    (0.0, 0.5, 1.0),
+    tuple(np.round(np.arange(11) / 10, 2)),
+    (0.0, 0.2, 0.5, 0.8),
+    (0.0, 0.5, 1.0, 2.0),
+]
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -34,13 +40,40 @@ def test_the_clean_level_counts_for_nothing_and_later_levels_keep_their_trapezoi
 
 
 def _table(levels_by_layer: dict[str, dict[float, float]], clean=0.9, classes=10) -> pd.DataFrame:
-    rows = [dict(model="m", dataset="d", layer="", layer_index=-1, relative_depth=np.nan, perturbation="clean",
-                 level=0.0, draw=0, top1=clean, top5=clean, num_classes=classes, error="")]  # fmt: skip
+    rows = [
+        dict(
+            model="m",
+            dataset="d",
+            layer="",
+            layer_index=-1,
+            relative_depth=np.nan,
+            perturbation="clean",
+            level=0.0,
+            draw=0,
+            top1=clean,
+            top5=clean,
+            num_classes=classes,
+            error="",
+        )
+    ]
     for i, (layer, accs) in enumerate(levels_by_layer.items()):
         for level, acc in accs.items():
-            rows.append(dict(model="m", dataset="d", layer=layer, layer_index=i, relative_depth=i / 2,
-                             perturbation="block_drop", level=level, draw=0, top1=acc, top5=acc,
-                             num_classes=classes, error=""))  # fmt: skip
+            rows.append(
+                dict(
+                    model="m",
+                    dataset="d",
+                    layer=layer,
+                    layer_index=i,
+                    relative_depth=i / 2,
+                    perturbation="block_drop",
+                    level=level,
+                    draw=0,
+                    top1=acc,
+                    top5=acc,
+                    num_classes=classes,
+                    error="",
+                )
+            )
     return pd.DataFrame(rows)
 
 
@@ -64,14 +97,37 @@ def test_the_bootstrap_interval_of_a_harmful_block_removal_lies_below_the_line()
     at_chance = rng.random(n) < 0.1
     kept = clean & (rng.random(n) < 0.95)
     rows, preds = [], []
-    for layer, index, level, correct in [("", -1, 0.0, clean), ("b0", 0, 0.0, clean), ("b0", 0, 1.0, at_chance),
-                                         ("b1", 1, 0.0, clean), ("b1", 1, 1.0, kept)]:  # fmt: skip
+    for layer, index, level, correct in [
+        ("", -1, 0.0, clean),
+        ("b0", 0, 0.0, clean),
+        ("b0", 0, 1.0, at_chance),
+        ("b1", 1, 0.0, clean),
+        ("b1", 1, 1.0, kept),
+    ]:
         preds.append(np.where(correct, labels, (labels + 1) % classes).astype(np.int32))
-        rows.append(dict(model="m", dataset="d", layer=layer, layer_index=index, relative_depth=float(max(index, 0)),
-                         perturbation="block_drop" if layer else "clean", level=level, draw=0,
-                         top1=correct.mean(), top5=1.0, num_classes=classes, error="", level_axis="linear",
-                         level_unit="", n_images=n, seconds=0.1, images_per_s=1.0, device="cpu",
-                         outcome=len(rows)))  # fmt: skip
+        rows.append(
+            dict(
+                model="m",
+                dataset="d",
+                layer=layer,
+                layer_index=index,
+                relative_depth=float(max(index, 0)),
+                perturbation="block_drop" if layer else "clean",
+                level=level,
+                draw=0,
+                top1=correct.mean(),
+                top5=1.0,
+                num_classes=classes,
+                error="",
+                level_axis="linear",
+                level_unit="",
+                n_images=n,
+                seconds=0.1,
+                images_per_s=1.0,
+                device="cpu",
+                outcome=len(rows),
+            )
+        )
     df = pd.DataFrame(rows)
     keys = df[["model", "dataset", "layer", "perturbation", "level", "draw"]]
     top1 = np.stack(preds)

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from lesionbench.perturbation import WeightPerturbation, generator_for, model_checksum, perturbed
-from lesionbench.registry import create_registry
+from conftest import write_fashion
 from lesionbench.executors.local import execute
+from lesionbench.perturbation import WeightPerturbation, generator_for, model_checksum, perturbed
 from lesionbench.plan import prepare
+from lesionbench.registry import create_registry
 from lesionbench.store import RunDir
 from lesionbench.study import parse_study
-from conftest import write_fashion
 
 
 class Exploding(WeightPerturbation):

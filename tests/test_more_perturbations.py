@@ -97,7 +97,9 @@ def test_magnitude_prune_is_kinder_than_random_knockout(perts):
 def bit_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per element, the XOR of the two tensors' bit patterns (as int64)."""
     view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
-    return (a.reshape(-1).view(view).to(torch.int64) ^ b.reshape(-1).view(view).to(torch.int64)) & ((1 << (8 * a.element_size())) - 1)
+    return (a.reshape(-1).view(view).to(torch.int64) ^ b.reshape(-1).view(view).to(torch.int64)) & (
+        (1 << (8 * a.element_size())) - 1
+    )
 
 
 def popcount(x: torch.Tensor) -> int:
@@ -119,7 +121,9 @@ def test_bit_flip_flips_the_expected_number_of_bits_in_the_tensors_own_dtype(dty
     assert abs(flipped - mean) < 5 * sd
 
 
-@pytest.mark.parametrize("field, keeps", [("sign", "magnitude"), ("exponent", "sign+mantissa"), ("mantissa", "sign+exponent")])
+@pytest.mark.parametrize(
+    "field, keeps", [("sign", "magnitude"), ("exponent", "sign+mantissa"), ("mantissa", "sign+exponent")]
+)
 def test_bit_flip_fields_touch_only_their_bits(field, keeps):
     from lesionbench.plugins.bit_flip import FIELDS, flip_bits
 

@@ -18,10 +18,18 @@ def test_a_model_sources_wrapper_prefix_is_dropped_from_stored_keys_of_its_model
     models = ["smollm2_135m", "smollm2_135m", "hf:/some/dir", "model", "alexnet", "smollm2_135m"]
     layers = ["lm.model.layers.1", "model.layers.0", "lm.transformer.h.3", "lm.fc", "lm.x", ""]
     assert list(legacy_layer_names(models, layers)) == [
-        "model.layers.1", "model.layers.0", "transformer.h.3", "lm.fc", "lm.x", ""]  # fmt: skip
+        "model.layers.1",
+        "model.layers.0",
+        "transformer.h.3",
+        "lm.fc",
+        "lm.x",
+        "",
+    ]
 
 
-@pytest.mark.skipif(not (LLM_TRACK / "results.csv").is_file(), reason="the committed text track is not in this checkout")
+@pytest.mark.skipif(
+    not (LLM_TRACK / "results.csv").is_file(), reason="the committed text track is not in this checkout"
+)
 def test_the_committed_text_track_reads_with_every_block_named_as_transformers_names_it():
     """Its file stores 18 of SmolLM2's 30 blocks as ``lm.model.layers.N`` (those holding no studied
     layer) and the others as ``model.layers.N``; read, all 30 are ``model.layers.N`` and every row

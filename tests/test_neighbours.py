@@ -29,7 +29,9 @@ def conv_bn(cout=12, cin=3):
 # ---------------------------------------------------------------- filter_prune
 
 
-@pytest.mark.parametrize("name,norm", [("filter_prune", lambda w: w.abs().sum(1)), ("filter_prune_l2", lambda w: w.pow(2).sum(1).sqrt())])
+@pytest.mark.parametrize(
+    "name,norm", [("filter_prune", lambda w: w.abs().sum(1)), ("filter_prune_l2", lambda w: w.pow(2).sum(1).sqrt())]
+)
 @pytest.mark.parametrize("p", [0.25, 0.5, 0.75])
 def test_filter_prune_zeros_exactly_the_k_smallest_norm_filters(perts, name, norm, p):
     model, layer = conv_bn()
@@ -191,16 +193,32 @@ def test_a_study_reports_nonfinite_outputs_of_activation_faults_and_leaves_weigh
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     images = torch.randn(1, 1, 8, 8).expand(30, -1, -1, -1).contiguous()  # one image: any evaluation order
     labels = torch.arange(30) % 3
-    df = lesionbench.run({"perturbations": ["activation_bit_flip", "filter_prune"], "layers": ["0"], "draws": 2,
-                          "levels": {"activation_bit_flip": [0.0, 0.05], "filter_prune": [0.0, 0.5]}, "device": "cpu"},
-                         model=model, data=(images, labels))  # fmt: skip
+    df = lesionbench.run(
+        {
+            "perturbations": ["activation_bit_flip", "filter_prune"],
+            "layers": ["0"],
+            "draws": 2,
+            "levels": {"activation_bit_flip": [0.0, 0.05], "filter_prune": [0.0, 0.5]},
+            "device": "cpu",
+        },
+        model=model,
+        data=(images, labels),
+    )
     flips = df[(df["perturbation"] == "activation_bit_flip") & (df["level"] == 0.05)]
     assert len(flips) == 2 and (flips["nonfinite_outputs"] > 0).all()  # 5% of bits: exponents hit, NaN/Inf out
     # the count is the harness's own: the same cell through lesioned() gives the same NaN/Inf values
     row = flips.sort_values("draw").iloc[0]
     (layer,) = discover_layers(model[:1], torch.zeros(1, 1, 8, 8))
     perts = {n: c.obj for n, c in create_registry().contributions("perturbations").items()}
-    with torch.no_grad(), perturbed(layer, perts["activation_bit_flip"], 0.05, generator_for(cell_seed(0, "model", "0", "activation_bit_flip", 0.05, 0))):
+    with (
+        torch.no_grad(),
+        perturbed(
+            layer,
+            perts["activation_bit_flip"],
+            0.05,
+            generator_for(cell_seed(0, "model", "0", "activation_bit_flip", 0.05, 0)),
+        ),
+    ):
         expected = int((~torch.isfinite(model[0](images))).sum())
     assert int(row["nonfinite_outputs"]) == expected
     pruned = df[df["perturbation"] == "filter_prune"]

@@ -15,14 +15,16 @@ import re
 import subprocess
 import sys
 import textwrap
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
-from conftest import write_fashion
-from conftest import FINISHED  # noqa: E402
+from conftest import (
+    FINISHED,  # noqa: E402
+    write_fashion,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"benchmark": "lesionbench", "plugins": "lesionbench.plugins", "models": "lesionbench.models"}
@@ -44,8 +46,12 @@ def module_files() -> dict[str, Path]:
 def wheel(tmp_path_factory) -> Path:
     """``pip wheel --no-deps .`` of the checkout, built once for this module's tests."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(out), str(REPO)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (found,) = out.glob("lesionbench-*.whl")
     return found
 
@@ -89,23 +95,58 @@ def test_the_wheel_works_installed_in_a_fresh_environment(wheel, tmp_path):
     """CI's release check: the wheel, not editable, in a new virtual environment (reusing this one's torch
     through ``--system-site-packages``) runs the command line and ``lesionbench.run``."""
     env_dir = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)], check=True,
-                   timeout=120)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)], check=True, timeout=120
+    )
     python, script = env_dir / "bin" / "python", env_dir / "bin" / "lesionbench"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(COLUMNS="200", CUDA_VISIBLE_DEVICES="")
-    where = subprocess.run([str(python), "-c", "import lesionbench; print(lesionbench.__file__)"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    where = subprocess.run(
+        [str(python), "-c", "import lesionbench; print(lesionbench.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert Path(where.stdout.strip()).resolve().is_relative_to(env_dir.resolve()), where.stdout + where.stderr
     helped = subprocess.run([str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "run" in helped.stdout, helped.stderr
     data = write_fashion(tmp_path / "fashion", n=20)
-    cli = subprocess.run([str(script), "run", "demo", "--models", "fashion_alexnet", "--layers", "fc8", "--levels", "0,1",
-                          "--draws", "1", "--n-images", "20", "--data", str(data), "--device", "cpu",
-                          "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+    cli = subprocess.run(
+        [
+            str(script),
+            "run",
+            "demo",
+            "--models",
+            "fashion_alexnet",
+            "--layers",
+            "fc8",
+            "--levels",
+            "0,1",
+            "--draws",
+            "1",
+            "--n-images",
+            "20",
+            "--data",
+            str(data),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode in FINISHED, cli.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1 + 3 * 2
@@ -133,8 +174,12 @@ def test_nothing_imports_the_repository_folders_by_their_own_names():
 def _imports(path: Path, name: str) -> set[str]:
     """The lesionbench modules ``path`` imports, anywhere in it but under ``if TYPE_CHECKING``."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for n in ast.walk(node)}  # fmt: skip
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
@@ -145,7 +190,9 @@ def _imports(path: Path, name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if base.startswith("lesionbench"):
                 found.add(base)
                 found.update(f"{base}.{a.name}" for a in node.names)
@@ -164,7 +211,7 @@ def test_import_graph_has_no_cycles():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -175,12 +222,24 @@ def test_import_graph_has_no_cycles():
         if name not in state:
             visit(name)
     # and the flow reads one way: nothing upstream imports the executors, the API or the CLI
-    upstream = ["lesionbench.study", "lesionbench.study_schema", "lesionbench.plan", "lesionbench.graph", "lesionbench.cells",
-                "lesionbench.store", "lesionbench.memory_store", "lesionbench.run_rewrite", "lesionbench.scores",
-                "lesionbench.leaderboard", "lesionbench.plots"]  # fmt: skip
+    upstream = [
+        "lesionbench.study",
+        "lesionbench.study_schema",
+        "lesionbench.plan",
+        "lesionbench.graph",
+        "lesionbench.cells",
+        "lesionbench.store",
+        "lesionbench.memory_store",
+        "lesionbench.run_rewrite",
+        "lesionbench.scores",
+        "lesionbench.leaderboard",
+        "lesionbench.plots",
+    ]
     assert set(upstream) <= set(graph), "a module of the one-way flow was renamed: update this list"
     for name in upstream:
-        assert not {m for m in graph[name] if m.startswith(("lesionbench.executors", "lesionbench.api", "lesionbench.cli"))}, name
+        assert not {
+            m for m in graph[name] if m.startswith(("lesionbench.executors", "lesionbench.api", "lesionbench.cli"))
+        }, name
     for name in [n for n in graph if not n.startswith("lesionbench.cli")]:
         source = files[name].read_text()
         assert "import argparse" not in source and "from rich" not in source, f"{name} knows argparse or rich"
@@ -196,8 +255,9 @@ def test_no_module_is_over_400_lines():
 def _run_cli(args: list[str], cwd: Path, extra_path: list[Path] = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="250", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([*(str(p) for p in extra_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, "-m", "lesionbench.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "lesionbench.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_a_project_with_its_own_models_plugins_and_benchmark_is_not_disturbed(tmp_path):
@@ -211,21 +271,56 @@ def test_a_project_with_its_own_models_plugins_and_benchmark_is_not_disturbed(tm
 
     listing = _run_cli(["list", "models"], project, [project])
     assert listing.returncode == 0, listing.stderr
-    for name in ("fashion_alexnet", "fashion_vgg", "fashion_resnet", "fashion_mobilenetv3", "timm:<name>",
-                 "torchvision:<name>", "efficientnet_lite0"):  # fmt: skip
+    for name in (
+        "fashion_alexnet",
+        "fashion_vgg",
+        "fashion_resnet",
+        "fashion_mobilenetv3",
+        "timm:<name>",
+        "torchvision:<name>",
+        "efficientnet_lite0",
+    ):
         assert name in listing.stdout, name
     assert "warning" not in listing.stderr
 
-    run = _run_cli(["run", "demo", "--models", "fashion_alexnet", "--layers", "fc8", "--levels", "0,1", "--draws", "1",
-                    "--n-images", "20", "--data", str(data), "--device", "cpu", "--out", str(tmp_path / "out"), "--no-plots"],
-                   project, [project])  # fmt: skip
+    run = _run_cli(
+        [
+            "run",
+            "demo",
+            "--models",
+            "fashion_alexnet",
+            "--layers",
+            "fc8",
+            "--levels",
+            "0,1",
+            "--draws",
+            "1",
+            "--n-images",
+            "20",
+            "--data",
+            str(data),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-plots",
+        ],
+        project,
+        [project],
+    )
     assert run.returncode in FINISHED, run.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1 + 3 * 2
 
     code = "import lesionbench.cli, lesionbench.api; import models.mynet, models, plugins; print(models.WHOSE, plugins.WHOSE, models.mynet.NAME)"
-    both = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(project)))  # fmt: skip
+    both = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(project)),
+    )
     assert both.returncode == 0, both.stderr
     assert both.stdout.strip() == "user models user plugins the user net"
 
@@ -251,7 +346,8 @@ def test_the_readme_plugin_example_installs_and_runs(tmp_path):
     assert "lesionbench-signflip 0.1.0" in line and "perturbation sign_flip" in line
     data = write_fashion(tmp_path / "fashion", n=40)
     study = tmp_path / "study.toml"
-    study.write_text(textwrap.dedent(f"""
+    study.write_text(
+        textwrap.dedent(f"""
         models = ["fashion_alexnet"]
         layers = ["fc8"]
         perturbations = ["sign_flip"]
@@ -261,7 +357,8 @@ def test_the_readme_plugin_example_installs_and_runs(tmp_path):
         name = "fashion_mnist"
         path = "{data}"
         n_images = 20
-        """))
+        """)
+    )
     run = _run_cli(["run", str(study), "--out", str(tmp_path / "out"), "--no-plots"], tmp_path, [site])
     assert run.returncode in FINISHED, run.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:

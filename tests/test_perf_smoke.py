@@ -41,16 +41,56 @@ def _args(name: str, tmp: Path, fashion: Path, imagenet: Path) -> list[str]:
     demo = ["--n-images", "20", "--data", str(fashion)]
     return {
         "adaptive_draws.py": ["--out", str(tmp / "adaptive"), "--max-draws", "3", "--levels", "0,0.5", *demo],
-        "engine_ratios.py": ["--only", "default", "--images", "2", "--batch", "8", "--draws", "1", "--levels", "0.5",
-                             "--skip", "dataloader,batched", "--threads", "1"],
+        "engine_ratios.py": [
+            "--only",
+            "default",
+            "--images",
+            "2",
+            "--batch",
+            "8",
+            "--draws",
+            "1",
+            "--levels",
+            "0.5",
+            "--skip",
+            "dataloader,batched",
+            "--threads",
+            "1",
+        ],
         "fast_vs_naive.py": ["--only", "fashion_alexnet", "--images", "4"],
-        "fixed_costs.py": ["--out", str(tmp / "fixed"), "--damage-size", "40960", "--run-args",
-                           f"--n-images 20 --data {fashion} --draws 1 --levels 0,0.5 --layers conv1,fc8"],
-        "gpu_paper_protocol.py": ["--device", "cpu", "--images", "64", "--size", "64", "--layers", "fc8", "--draws", "1",
-                                  "--levels", "0.5", "--batch", "32", "--configs", "naive,fast_batched"],
+        "fixed_costs.py": [
+            "--out",
+            str(tmp / "fixed"),
+            "--damage-size",
+            "40960",
+            "--run-args",
+            f"--n-images 20 --data {fashion} --draws 1 --levels 0,0.5 --layers conv1,fc8",
+        ],
+        "gpu_paper_protocol.py": [
+            "--device",
+            "cpu",
+            "--images",
+            "64",
+            "--size",
+            "64",
+            "--layers",
+            "fc8",
+            "--draws",
+            "1",
+            "--levels",
+            "0.5",
+            "--batch",
+            "32",
+            "--configs",
+            "naive,fast_batched",
+        ],
         "imagenet_shards.py": ["--data", str(imagenet), "--images", "6", "--batch", "2", "--budget", "100K"],
-        "outcome_cost.py": ["--out", str(tmp / "outcomes"), "--run-args",
-                            f"--n-images 20 --data {fashion} --draws 1 --levels 0,0.5 --layers conv1,fc8"],
+        "outcome_cost.py": [
+            "--out",
+            str(tmp / "outcomes"),
+            "--run-args",
+            f"--n-images 20 --data {fashion} --draws 1 --levels 0,0.5 --layers conv1,fc8",
+        ],
         "scale.py": ["--images", "8", "--size", "64", "--batch", "4", "--layers", "fc8", "--out", str(tmp / "scale")],
         "scoring_cost.py": [],
         "calibration.py": ["--studies", "2", "--replicates", "20", "--draws", "2", "--spreads", "realistic"],
@@ -97,8 +137,16 @@ def test_benchmark_runs_on_tiny_settings(name, tmp_path, fashion, imagenet):
         pytest.skip("scale.py measures peak memory with /usr/bin/time, which this machine lacks")
     env = os.environ | {"OMP_NUM_THREADS": "1", "LESIONBENCH_SPILL_DIR": str(tmp_path)}
     if name == "test_bench_engine.py":
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-                   str(BENCHMARKS / name)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-disable",
+            str(BENCHMARKS / name),
+        ]
     else:
         command = [sys.executable, str(BENCHMARKS / name), *_args(name, tmp_path, fashion, imagenet)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)

@@ -198,7 +198,7 @@ def test_restoration_undoes_a_plugin_that_swaps_the_parameter_object():
 def test_one_snapshot_serves_every_cell_of_a_block(perts):
     """A snapshot taken once restores the layer after each of many cells (a swapping plugin too);
     one taken of another layer is not trusted."""
-    from lesionbench.perturbation import WeightPerturbation, Snapshot
+    from lesionbench.perturbation import Snapshot, WeightPerturbation
 
     class Swapper(WeightPerturbation):
         def apply(self, layer, level, generator):
@@ -263,7 +263,9 @@ def test_cell_seed_is_stable_and_depends_on_every_field():
     import sys
 
     code = "from lesionbench.perturbation import cell_seed; print(cell_seed(0,'model','conv1','weight_noise',0.4,2))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": "123", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": "123", "PATH": ""}
+    )
     assert int(out.stdout) == 6506649381009459189
 
 
@@ -273,11 +275,18 @@ def test_random_streams_are_pinned_to_golden_values():
     from lesionbench.perturbation import binomial_count, random_subset_mask
 
     seed = 6506649381009459189
-    assert torch.nonzero(random_subset_mask(1000, 5, generator_for(seed))).flatten().tolist() == [113, 130, 359, 622, 951]
+    assert torch.nonzero(random_subset_mask(1000, 5, generator_for(seed))).flatten().tolist() == [
+        113,
+        130,
+        359,
+        622,
+        951,
+    ]
     coin_path = random_subset_mask(3_000_000, 4, generator_for(seed))  # ≥ 2M entries: coins, not a permutation
     assert torch.nonzero(coin_path).flatten().tolist() == [1009269, 1014079, 1645403, 2453951]
     assert torch.randn(3, generator=generator_for(seed)).tolist() == pytest.approx(
-        [-0.3191474378108978, 0.9723321199417114, -1.5208184719085693], abs=0, rel=1e-7)
+        [-0.3191474378108978, 0.9723321199417114, -1.5208184719085693], abs=0, rel=1e-7
+    )
     assert binomial_count(10**9, 1e-6, generator_for(seed)) == 1015
     assert cell_seed(0, "fashion_alexnet", "features.0", "synapse_knockout", 0.5, 0) == 5693587327153279271
 
@@ -355,8 +364,9 @@ def test_weight_noise_keeps_the_values_of_earlier_versions(shape, dtype, digest)
     assert _digest(weights) == digest
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
-                                   torch.int64])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int64]
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_zero_entries_zeroes_exactly_the_masked_entries_bit_for_bit(dtype, channels_last, monkeypatch):
     """Masked entries become all-zero bits (+0.0, also from NaN, -inf and -0.0); the others keep

@@ -45,7 +45,9 @@ def test_each_model_has_one_colour_in_every_panel_and_the_legend_names_every_mod
             expected[(model, pert)] = list(sg.sort_values("relative_depth")["score"])
     fig = score_vs_depth_figure(df, {})
     (legend,) = fig.legends
-    legend_colour = {t.get_text().split(":")[0]: to_rgba(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    legend_colour = {
+        t.get_text().split(":")[0]: to_rgba(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)
+    }
     assert set(legend_colour) == {"a", "b", "c"}
     assert len(set(legend_colour.values())) == 3
     seen = set()
@@ -55,7 +57,9 @@ def test_each_model_has_one_colour_in_every_panel_and_the_legend_names_every_mod
         pert = ax.get_title()
         for line in _lines(ax):
             ys = list(line.get_ydata())
-            owners = [m for (m, p), want in expected.items() if p == pert and len(want) == len(ys) and np.allclose(ys, want)]
+            owners = [
+                m for (m, p), want in expected.items() if p == pert and len(want) == len(ys) and np.allclose(ys, want)
+            ]
             assert len(owners) == 1, (pert, list(line.get_ydata()))
             assert to_rgba(line.get_color()) == legend_colour[owners[0]], (pert, owners[0])
             seen.add((owners[0], pert))
@@ -106,8 +110,12 @@ def test_log_axis_keeps_the_clean_point_names_its_unit_and_chance_stands_clear()
     """Bit error rates on a log axis: the clean accuracy is drawn at the left edge (tick "0"),
     the x axis says the unit, the ImageNet chance line (0.001) sits above the axis, and the
     title names dataset, image count and draws."""
-    df = _with_axis(results("m", dataset="imagenet_val", classes=1000, perts=("flip",)), (0.0, 1e-5, 1e-3),
-                    "log", "bit error rate p")  # fmt: skip
+    df = _with_axis(
+        results("m", dataset="imagenet_val", classes=1000, perts=("flip",)),
+        (0.0, 1e-5, 1e-3),
+        "log",
+        "bit error rate p",
+    )
     fig = accuracy_curves_figure(df, "m", "flip", "top1")
     ax = fig.axes[0]
     for line in _lines(ax):

@@ -22,11 +22,11 @@ from torch import nn
 import lesionbench
 import lesionbench.cli as cli
 import lesionbench.registry as registry_mod
+from conftest import FINISHED, write_fashion
 from lesionbench.cli import main
 from lesionbench.errors import LesionbenchError
-from lesionbench.registry import KINDS, create_registry, get_registry
+from lesionbench.registry import create_registry, get_registry
 from lesionbench.store import read_results
-from conftest import FINISHED, write_fashion
 
 TOY_EXECUTOR = '''
 """A toy executor: the local backend with the blocks in reverse order, each job logged to a file."""
@@ -112,24 +112,48 @@ def toy_site(tmp_path, monkeypatch, fresh):
 
 def test_a_toy_executor_from_a_plugin_runs_from_the_cli_and_writes_the_local_rows(toy_site, tmp_path, capsys):
     data = write_fashion(tmp_path / "fashion", n=20)
-    common = ["demo", "--models", "fashion_alexnet", "--layers", "conv1,fc8", "--perturbations",
-              "synapse_knockout,weight_noise", "--levels", "0,1", "--draws", "1", "--n-images", "20", "--data",
-              str(data), "--device", "cpu", "--no-publish"]  # fmt: skip
+    common = [
+        "demo",
+        "--models",
+        "fashion_alexnet",
+        "--layers",
+        "conv1,fc8",
+        "--perturbations",
+        "synapse_knockout,weight_noise",
+        "--levels",
+        "0,1",
+        "--draws",
+        "1",
+        "--n-images",
+        "20",
+        "--data",
+        str(data),
+        "--device",
+        "cpu",
+        "--no-publish",
+    ]
     assert main(["run", *common, "--out", str(tmp_path / "local")]) in FINISHED
     log = tmp_path / "jobs.txt"
-    assert main(["run", *common, "--out", str(tmp_path / "toy"), "--executor", "toy",
-                 "--executor-option", f"log={log}"]) in FINISHED  # fmt: skip
+    assert (
+        main(["run", *common, "--out", str(tmp_path / "toy"), "--executor", "toy", "--executor-option", f"log={log}"])
+        in FINISHED
+    )
     jobs = log.read_text().splitlines()  # the toy received each block's identity, in plan order
-    assert sorted(jobs) == sorted(f"fashion_alexnet · {layer} · {p}" for layer in ("conv1", "fc8")
-                                  for p in ("synapse_knockout", "weight_noise"))  # fmt: skip
+    assert sorted(jobs) == sorted(
+        f"fashion_alexnet · {layer} · {p}" for layer in ("conv1", "fc8") for p in ("synapse_knockout", "weight_noise")
+    )
     local, toy = read_results(tmp_path / "local"), read_results(tmp_path / "toy")
     blocks = lambda df: list(dict.fromkeys(zip(df["layer"], df["perturbation"])))  # noqa: E731
     assert blocks(toy)[1:] == blocks(local)[1:][::-1]  # written in the toy's order (after the clean row)
     key = ["layer", "perturbation", "level", "draw"]
     order = lambda df: df.sort_values(key, ignore_index=True)  # noqa: E731
-    pd.testing.assert_frame_equal(order(toy)[key + ["seed", "top1", "top5"]], order(local)[key + ["seed", "top1", "top5"]])
+    pd.testing.assert_frame_equal(
+        order(toy)[key + ["seed", "top1", "top5"]], order(local)[key + ["seed", "top1", "top5"]]
+    )
     capsys.readouterr()
-    assert main(["run", *common, "--out", str(tmp_path / "x"), "--executor", "toy", "--executor-option", "speed=2"]) == 2
+    assert (
+        main(["run", *common, "--out", str(tmp_path / "x"), "--executor", "toy", "--executor-option", "speed=2"]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "executor 'toy' takes no option 'speed'" in err and "\n" not in err and not (tmp_path / "x").exists()
 
@@ -144,8 +168,15 @@ def eye_run(out: Path) -> pd.DataFrame:
     with torch.no_grad():
         net[0].weight.copy_(torch.eye(10))
         net[0].bias.zero_()
-    return lesionbench.run(model={"eye": net}, data=(images, labels), out=out, perturbations=["synapse_knockout"],
-                           levels=[0, 0.25, 0.5], draws=2, progress=False)  # fmt: skip
+    return lesionbench.run(
+        model={"eye": net},
+        data=(images, labels),
+        out=out,
+        perturbations=["synapse_knockout"],
+        levels=[0, 0.25, 0.5],
+        draws=2,
+        progress=False,
+    )
 
 
 def test_a_toy_score_from_a_plugin_is_chosen_by_name_in_compare_and_the_leaderboard(toy_site, tmp_path, capsys):
@@ -159,8 +190,20 @@ def test_a_toy_score_from_a_plugin_is_chosen_by_name_in_compare_and_the_leaderbo
     assert main(["compare", str(tmp_path / "run"), str(tmp_path / "run"), "--all", "--score", "toy_min"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "synapse\\_knockout score" in line)
     assert f"| {lowest:.3f} " in row
-    assert main(["leaderboard", str(tmp_path / "run"), "--score", "toy_min", "--no-plots",
-                 "--out", str(tmp_path / "board" / "L.md")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "leaderboard",
+                str(tmp_path / "run"),
+                "--score",
+                "toy_min",
+                "--no-plots",
+                "--out",
+                str(tmp_path / "board" / "L.md"),
+            ]
+        )
+        == 0
+    )
     page = (tmp_path / "board" / "models" / "tensors--eye.md").read_text()
     assert f"(score {lowest:.2f} [" in page and f"(score {area:.2f} [" not in page
     capsys.readouterr()
@@ -201,8 +244,22 @@ def toy_reporter(toy_site):
 def test_a_toy_reporter_from_a_plugin_renders_the_leaderboard_with_the_toy_score(toy_reporter, tmp_path):
     df = eye_run(tmp_path / "run")
     out = tmp_path / "board.txt"
-    assert main(["leaderboard", str(tmp_path / "run"), "--format", "toy", "--score", "toy_min", "--no-plots",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "leaderboard",
+                str(tmp_path / "run"),
+                "--format",
+                "toy",
+                "--score",
+                "toy_min",
+                "--no-plots",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     lowest = float(lesionbench.layer_scores(df, score="toy_min")["score"].iloc[0])
     assert out.read_text() == f"eye {lowest:.4f}\n"
 
@@ -218,16 +275,60 @@ def test_disabling_a_builtin_perturbation_makes_it_unknown_and_leaves_the_others
     with pytest.raises(LesionbenchError, match="unknown perturbation 'synapse_knockout'"):
         registry.get("perturbations", "synapse_knockout")
     data = write_fashion(tmp_path / "fashion", n=20)
-    study = ["demo", "--models", "fashion_alexnet", "--layers", "fc8", "--levels", "0,1", "--draws", "1",
-             "--n-images", "20", "--data", str(data), "--device", "cpu", "--no-publish"]  # fmt: skip
+    study = [
+        "demo",
+        "--models",
+        "fashion_alexnet",
+        "--layers",
+        "fc8",
+        "--levels",
+        "0,1",
+        "--draws",
+        "1",
+        "--n-images",
+        "20",
+        "--data",
+        str(data),
+        "--device",
+        "cpu",
+        "--no-publish",
+    ]
     capsys.readouterr()
-    assert main(["-p", "no:synapse_knockout", "run", *study, "--perturbations", "synapse_knockout",
-                 "--out", str(tmp_path / "off")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "-p",
+                "no:synapse_knockout",
+                "run",
+                *study,
+                "--perturbations",
+                "synapse_knockout",
+                "--out",
+                str(tmp_path / "off"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert err.startswith("lesionbench: error:") and "unknown perturbation 'synapse_knockout'" in err and "\n" not in err
+    assert (
+        err.startswith("lesionbench: error:") and "unknown perturbation 'synapse_knockout'" in err and "\n" not in err
+    )
     assert not (tmp_path / "off").exists()
-    assert main(["-p", "no:synapse_knockout", "run", *study, "--perturbations", "node_knockout",
-                 "--out", str(tmp_path / "on")]) in FINISHED  # fmt: skip
+    assert (
+        main(
+            [
+                "-p",
+                "no:synapse_knockout",
+                "run",
+                *study,
+                "--perturbations",
+                "node_knockout",
+                "--out",
+                str(tmp_path / "on"),
+            ]
+        )
+        in FINISHED
+    )
     assert set(read_results(tmp_path / "on")["perturbation"]) == {"clean", "node_knockout"}
     assert main(["list", "perturbations"]) == 0  # without -p the next command has every built-in again
     assert "synapse_knockout" in get_registry().contributions("perturbations")

@@ -30,8 +30,15 @@ EXPECTED_CELLS = 1 + 2 * (1 + 2 * 2)
 def test_a_callback_sees_every_cell_counted_against_the_total():
     net, x, y = _tiny()
     seen = []
-    df = lesionbench.run(model=net, data=(x, y), perturbations=["synapse_knockout"], levels=[0.0, 0.5, 1.0],
-                         draws=2, device="cpu", progress=lambda done, total, cell: seen.append((done, total, cell)))  # fmt: skip
+    df = lesionbench.run(
+        model=net,
+        data=(x, y),
+        perturbations=["synapse_knockout"],
+        levels=[0.0, 0.5, 1.0],
+        draws=2,
+        device="cpu",
+        progress=lambda done, total, cell: seen.append((done, total, cell)),
+    )
     assert len(df) == EXPECTED_CELLS
     assert [s[0] for s in seen] == list(range(1, EXPECTED_CELLS + 1))
     assert {s[1] for s in seen} == {EXPECTED_CELLS}
@@ -40,14 +47,16 @@ def test_a_callback_sees_every_cell_counted_against_the_total():
 
 def test_progress_off_a_terminal_is_plain_lines_on_stderr_and_false_is_silent(capsys):
     net, x, y = _tiny()
-    lesionbench.run(model=net, data=(x, y), perturbations=["synapse_knockout"], levels=[0.0, 0.5, 1.0], draws=2,
-                    device="cpu")  # fmt: skip
+    lesionbench.run(
+        model=net, data=(x, y), perturbations=["synapse_knockout"], levels=[0.0, 0.5, 1.0], draws=2, device="cpu"
+    )
     out, err = capsys.readouterr()
     lines = [ln for ln in err.splitlines() if ln.startswith("progress:")]
     assert out == "" and lines[0].startswith(f"progress: 1/{EXPECTED_CELLS} cells")  # first cell at once
     assert lines[-1].startswith(f"progress: {EXPECTED_CELLS}/{EXPECTED_CELLS} cells (100.0%)")  # and the last
-    lesionbench.run(model=net, data=(x, y), perturbations=["synapse_knockout"], levels=[0.0, 1.0], device="cpu",
-                    progress=False)  # fmt: skip
+    lesionbench.run(
+        model=net, data=(x, y), perturbations=["synapse_knockout"], levels=[0.0, 1.0], device="cpu", progress=False
+    )
     out, err = capsys.readouterr()
     assert out == "" and "progress" not in err  # (a warning the CLI's log handler prints may remain)
     with pytest.raises(LesionbenchError, match="progress must be True, False or a callable"):
@@ -61,8 +70,24 @@ def test_the_dry_run_counts_the_cells_estimates_and_writes_nothing(tmp_path, mon
     work.mkdir()
     monkeypatch.chdir(work)
     monkeypatch.setenv("COLUMNS", "200")
-    flags = ["--models", "fashion_alexnet", "--layers", "conv1,fc8", "--perturbations", "synapse_knockout",
-             "--levels", "0,0.5,1", "--draws", "2", "--n-images", "20", "--data", str(data), "--device", "cpu"]  # fmt: skip
+    flags = [
+        "--models",
+        "fashion_alexnet",
+        "--layers",
+        "conv1,fc8",
+        "--perturbations",
+        "synapse_knockout",
+        "--levels",
+        "0,0.5,1",
+        "--draws",
+        "2",
+        "--n-images",
+        "20",
+        "--data",
+        str(data),
+        "--device",
+        "cpu",
+    ]
     assert main([*command, *flags]) == 0
     out = capsys.readouterr().out
     row = next(ln for ln in out.splitlines() if "fashion_alexnet" in ln)
@@ -74,7 +99,22 @@ def test_the_dry_run_counts_the_cells_estimates_and_writes_nothing(tmp_path, mon
 
 
 def test_the_dry_run_refuses_bad_input_as_run_does(tmp_path, capsys):
-    assert main(["plan", "demo", "--layers", "no_such_layer", "--data", str(write_fashion(tmp_path / "f", n=20)),
-                 "--n-images", "10", "--device", "cpu"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "plan",
+                "demo",
+                "--layers",
+                "no_such_layer",
+                "--data",
+                str(write_fashion(tmp_path / "f", n=20)),
+                "--n-images",
+                "10",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("lesionbench: error:") and "no_such_layer" in err and "Traceback" not in err

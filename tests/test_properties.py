@@ -22,8 +22,14 @@ from property_models import TRANSFORMER_BLOCKS, Spec, specs
 from property_oracles import check
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = settings(derandomize=True, max_examples=15, deadline=None, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+FAST = settings(
+    derandomize=True,
+    max_examples=15,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @FAST
@@ -55,7 +61,7 @@ def test_the_oracles_catch_a_head_knockout_that_silences_part_of_a_head(monkeypa
     import lesionbench.plugins.head_knockout as head_knockout
 
     real = head_knockout.head_features
-    monkeypatch.setattr(head_knockout, "head_features", lambda heads, chosen: real(heads, chosen)[:: 2])
+    monkeypatch.setattr(head_knockout, "head_features", lambda heads, chosen: real(heads, chosen)[::2])
     failures = check(LLAMA, only=["head_knockout"])[1]
     assert {f.split(":")[0] for f in failures} == {"(g) blocks.0.layers.0.self_attn"}
 
@@ -65,12 +71,20 @@ def test_the_oracles_catch_a_block_drop_and_a_neuron_knockout_that_do_nothing(mo
     import lesionbench.plugins.mlp_neuron_knockout as mlp_neuron_knockout
 
     monkeypatch.setattr(block_drop, "identity_hook", lambda name: lambda module, args, kwargs, output: None)
-    monkeypatch.setattr(mlp_neuron_knockout, "zero_features", lambda module, features: module.register_forward_pre_hook(lambda m, a: None))
+    monkeypatch.setattr(
+        mlp_neuron_knockout,
+        "zero_features",
+        lambda module, features: module.register_forward_pre_hook(lambda m, a: None),
+    )
     failures = [f.split(" loss")[0] for f in check(LLAMA2, only=["mlp_neuron_knockout", "block_drop"])[1]]
-    assert sorted(failures) == ["(g) blocks.0.layers.0.mlp: mlp_neuron_knockout 0.125",
-                                "(g) blocks.0.layers.0.mlp: mlp_neuron_knockout 1.0", "(g) blocks.0.layers.0: block_drop 1.0",
-                                "(g) blocks.0.layers.1.mlp: mlp_neuron_knockout 0.125",
-                                "(g) blocks.0.layers.1.mlp: mlp_neuron_knockout 1.0", "(g) blocks.0.layers.1: block_drop 1.0"]  # fmt: skip
+    assert sorted(failures) == [
+        "(g) blocks.0.layers.0.mlp: mlp_neuron_knockout 0.125",
+        "(g) blocks.0.layers.0.mlp: mlp_neuron_knockout 1.0",
+        "(g) blocks.0.layers.0: block_drop 1.0",
+        "(g) blocks.0.layers.1.mlp: mlp_neuron_knockout 0.125",
+        "(g) blocks.0.layers.1.mlp: mlp_neuron_knockout 1.0",
+        "(g) blocks.0.layers.1: block_drop 1.0",
+    ]
 
 
 def test_the_oracles_catch_a_node_knockout_that_forgets_the_norm(monkeypatch):

@@ -38,8 +38,12 @@ def test_rerandomize_refuses_a_layer_without_an_initialiser_before_anything_runs
     images, labels = torch.randn(6, 3, 2, 2), torch.arange(6) % 5
     refusal = r"rerandomize: layer '1' \(Conv1D\) has no reset_parameters"
     with pytest.raises(lesionbench.LesionbenchError, match=refusal):
-        lesionbench.run({"perturbations": ["rerandomize"], "draws": 1, "device": "cpu"}, tmp_path / "run",
-                        model=model, data=(images, labels))  # fmt: skip
+        lesionbench.run(
+            {"perturbations": ["rerandomize"], "draws": 1, "device": "cpu"},
+            tmp_path / "run",
+            model=model,
+            data=(images, labels),
+        )
     assert not (tmp_path / "run").exists()
     cells, failures, refused = check(Spec((("tok", 4, "conv1d", "bn"),)))
     refusals = [name for name, why in refused.items() if why != ABSENT]  # not the perturbations of absent parts
@@ -84,8 +88,9 @@ def _vit_b16_like() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     from torchvision.models import VisionTransformer
 
     torch.manual_seed(0)
-    model = VisionTransformer(image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16,
-                              num_classes=5).eval()  # fmt: skip
+    model = VisionTransformer(
+        image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=5
+    ).eval()
     for name, p in model.named_parameters():
         if name.endswith(("out_proj.bias", "head.weight")):
             nn.init.normal_(p, std=0.5)
@@ -110,19 +115,33 @@ def test_hook_perturbations_and_head_knockout_damage_multihead_attention_out_pro
     the two heads (its columns of the weight zero)."""
     torch.set_num_threads(1)
     model, images, labels = _vit_b16_like()
-    attn, out = "encoder.layers.encoder_layer_1.self_attention", "encoder.layers.encoder_layer_1.self_attention.out_proj"
-    study = {"perturbations": ["activation_knockout", "activation_noise", "head_knockout"], "draws": 1,
-             "levels": {"activation_knockout": [1.0], "activation_noise": [2.0], "head_knockout": [0.5, 1.0]},
-             "device": "cpu", "engine": engine, "layers": [out]}  # fmt: skip
+    attn, out = (
+        "encoder.layers.encoder_layer_1.self_attention",
+        "encoder.layers.encoder_layer_1.self_attention.out_proj",
+    )
+    study = {
+        "perturbations": ["activation_knockout", "activation_noise", "head_knockout"],
+        "draws": 1,
+        "levels": {"activation_knockout": [1.0], "activation_noise": [2.0], "head_knockout": [0.5, 1.0]},
+        "device": "cpu",
+        "engine": engine,
+        "layers": [out],
+    }
     rows = lesionbench.run(study, model=model, data=(images, labels)).set_index(["layer", "perturbation", "level"]).loss
     weight = model.get_submodule(out).weight
     zero = torch.zeros_like(weight)
     assert rows[(out, "activation_knockout", 1.0)] == pytest.approx(
-        _loss_with(model, images, labels, {f"{out}.weight": zero, f"{out}.bias": torch.zeros(8)}), abs=1e-5)
+        _loss_with(model, images, labels, {f"{out}.weight": zero, f"{out}.bias": torch.zeros(8)}), abs=1e-5
+    )
     assert rows[(attn, "head_knockout", 1.0)] == pytest.approx(
-        _loss_with(model, images, labels, {f"{out}.weight": zero}), abs=1e-5)
-    one_head = [_loss_with(model, images, labels, {f"{out}.weight": weight.detach().index_fill(1, torch.arange(h * 4, h * 4 + 4), 0)})
-                for h in (0, 1)]  # fmt: skip
+        _loss_with(model, images, labels, {f"{out}.weight": zero}), abs=1e-5
+    )
+    one_head = [
+        _loss_with(
+            model, images, labels, {f"{out}.weight": weight.detach().index_fill(1, torch.arange(h * 4, h * 4 + 4), 0)}
+        )
+        for h in (0, 1)
+    ]
     assert min(abs(rows[(attn, "head_knockout", 0.5)] - o) for o in one_head) < 1e-5
     assert abs(rows[(out, "activation_noise", 2.0)] - rows[("", "clean", 0.0)]) > 1e-4
 

@@ -23,16 +23,27 @@ from rich.console import Console
 
 import lesionbench.cli as cli
 import lesionbench.registry
+from conftest import write_fashion
+from lesionbench.api import run_study
 from lesionbench.cli import main
 from lesionbench.registry import get_registry
-from lesionbench.api import run_study
 from lesionbench.store import read_results, read_results_with_outcomes
 from lesionbench.study import load_study
-from conftest import write_fashion
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
-EXACT = ["dataset", "layer_index", "relative_depth", "seed", "top1", "top5", "n_images", "device",
-         "num_classes", "error", "nonfinite_weights"]  # fmt: skip
+EXACT = [
+    "dataset",
+    "layer_index",
+    "relative_depth",
+    "seed",
+    "top1",
+    "top5",
+    "n_images",
+    "device",
+    "num_classes",
+    "error",
+    "nonfinite_weights",
+]
 LAYERS = ["conv1", "fc7"]
 LEVELS = {"synapse_knockout": [0.0, 0.5, 1.0], "fault_scale": [0.0, 0.25, 0.5]}
 DRAWS = 2
@@ -71,7 +82,7 @@ def lesionbench_perturbations():
 
 from conftest import FINISHED  # noqa: E402
 
-DRIVER_ONLY = '''
+DRIVER_ONLY = """
 from lesionbench.hookspecs import hookimpl
 from lesionbench.perturbation import WeightPerturbation
 
@@ -85,7 +96,7 @@ class Nothing(WeightPerturbation):
 def lesionbench_perturbations():
     return [Nothing(name="driver_only", description="installed on the driver only",
                     default_levels=(0.0, 1.0), level_range=(0.0, 1.0))]
-'''
+"""
 
 
 def install(root: Path, module: str, source: str) -> Path:
@@ -142,9 +153,10 @@ def study_text(data: Path, perturbations=("synapse_knockout", "fault_scale"), le
     return (
         f'name = "tiny-ray"\nmodels = ["fashion_alexnet"]\nperturbations = {quoted(perturbations)}\n'
         f'layers = {quoted(LAYERS)}\ndraws = {DRAWS}\nseed = 3\ndevice = "cpu"\nbatch_size = 32\n'
-        "[levels]\n" + "".join(f"{p} = {levels[p]}\n" for p in perturbations)
+        "[levels]\n"
+        + "".join(f"{p} = {levels[p]}\n" for p in perturbations)
         + f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\nn_images = 50\n'
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")

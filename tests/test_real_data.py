@@ -3,7 +3,6 @@ where env CI is set (conftest's ``golden`` mark)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -11,7 +10,6 @@ from conftest import IMAGENET_SAMPLE, needs_fashion_mnist, needs_imagenet_sample
 from lesionbench.data import build_eval_set
 from lesionbench.evaluate import evaluate
 from lesionbench.model_sources import create_model
-
 
 
 @needs_fashion_mnist()

@@ -27,9 +27,19 @@ TIMING = ["seconds", "images_per_s", "checksum"]  # wall-clock (and the checksum
 def fresh(tmp_path_factory, study_file) -> Path:
     root = tmp_path_factory.mktemp("redo")
     data = write_fashion(root / "fashion", n=40)
-    study = study_file(root / "s.toml", {"ref": "fashion_alexnet", "weights": "none"}, ["conv1", "fc8"],
-                       ["weight_noise", "synapse_knockout"], {"weight_noise": [0.5, 1.0], "synapse_knockout": [0.5]},
-                       data, name="redo", draws=2, seed=3, n_images=20, batch_size=20)  # fmt: skip
+    study = study_file(
+        root / "s.toml",
+        {"ref": "fashion_alexnet", "weights": "none"},
+        ["conv1", "fc8"],
+        ["weight_noise", "synapse_knockout"],
+        {"weight_noise": [0.5, 1.0], "synapse_knockout": [0.5]},
+        data,
+        name="redo",
+        draws=2,
+        seed=3,
+        n_images=20,
+        batch_size=20,
+    )
     assert main(["run", str(study), "--out", str(root / "fresh"), "--no-publish"]) in FINISHED
     return root / "fresh"
 
@@ -44,7 +54,9 @@ def rows(run: Path) -> dict[tuple, dict]:
     import csv
 
     with open(run / "results.csv", newline="") as f:
-        return {(r["model"], r["layer"], r["perturbation"], float(r["level"]), int(r["draw"])): r for r in csv.DictReader(f)}
+        return {
+            (r["model"], r["layer"], r["perturbation"], float(r["level"]), int(r["draw"])): r for r in csv.DictReader(f)
+        }
 
 
 def stale_copy(fresh: Path, where: Path) -> Path:
@@ -86,7 +98,9 @@ def test_redo_gives_a_fresh_runs_rows_and_leaves_the_others_bit_identical(fresh,
     assert after_rows.keys() == reference.keys()
     for k, row in after_rows.items():
         if k in noise:  # evaluated again: what a fresh run with this code writes
-            assert {c: v for c, v in row.items() if c not in TIMING} == {c: v for c, v in reference[k].items() if c not in TIMING}
+            assert {c: v for c, v in row.items() if c not in TIMING} == {
+                c: v for c, v in reference[k].items() if c not in TIMING
+            }
             assert after_batches[k] == batches(fresh)[k] != before_batches[k]
         else:  # untouched, to the byte
             assert row == before_rows[k] and after_batches[k] == before_batches[k]

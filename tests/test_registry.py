@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 import lesionbench.registry as registry_mod
+from conftest import FINISHED
 from lesionbench.cli import main
 from lesionbench.errors import LesionbenchError, PluginError
 from lesionbench.registry import create_registry
-from conftest import FINISHED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ BUILTIN_PLUGINS = {
     "timm",
 }
 
-SIGN_FLIP = '''
+SIGN_FLIP = """
 import torch
 
 from lesionbench.hookspecs import hookimpl
@@ -65,7 +65,7 @@ def lesionbench_perturbations():
             level_range=(0.0, 1.0),
         )
     ]
-'''
+"""
 
 
 def install_plugin(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
@@ -230,7 +230,7 @@ def test_third_party_plugin_through_the_cli_subprocess(tmp_path):
 # ---------------------------------------------------------------- clashes and failures
 
 
-DUPLICATE_SYNAPSE = '''
+DUPLICATE_SYNAPSE = """
 from lesionbench.hookspecs import hookimpl
 from lesionbench.plugins.synapse_knockout import SynapseKnockout
 
@@ -239,7 +239,7 @@ from lesionbench.plugins.synapse_knockout import SynapseKnockout
 def lesionbench_perturbations():
     return [SynapseKnockout(name="synapse_knockout", description="again", default_levels=(0.0,),
                             level_range=(0.0, 1.0))]
-'''
+"""
 
 
 def test_duplicate_name_from_two_third_party_plugins_names_both(site):
@@ -305,11 +305,11 @@ def test_entry_point_name_taken_by_another_distribution_is_reported(site):
     assert {"synapse_knockout", "node_knockout"} <= perts
 
 
-BROKEN_IMPORT = '''
+BROKEN_IMPORT = """
 raise RuntimeError("boom while importing")
-'''
+"""
 
-BROKEN_HOOK = '''
+BROKEN_HOOK = """
 from lesionbench.hookspecs import hookimpl
 
 
@@ -330,7 +330,7 @@ def lesionbench_perturbations():
 @hookimpl
 def lesionbench_datasets():
     return [Source()]
-'''
+"""
 
 
 def test_plugin_failing_on_import_is_reported_and_others_load(site):
@@ -377,11 +377,13 @@ def test_contribution_without_a_name_is_refused_in_one_line_naming_plugin_and_fi
     registry = create_registry([("nameless", Nameless())], entry_points=False, builtins=False)
     assert list(registry.contributions("studies")) == ["kept"]  # the broken one hurts only itself
     (failure,) = registry.failures
-    assert str(failure) == ("plugin 'nameless' failed during lesionbench_studies: contributed a study that breaks "
-                            "the contract: it has no field 'name'")  # fmt: skip
+    assert str(failure) == (
+        "plugin 'nameless' failed during lesionbench_studies: contributed a study that breaks "
+        "the contract: it has no field 'name'"
+    )
 
 
-MISSING_LEVELS = '''
+MISSING_LEVELS = """
 from dataclasses import dataclass
 
 from lesionbench import hookimpl
@@ -398,16 +400,16 @@ class NoLevels:  # duck-typed, and missing default_levels
 @hookimpl
 def lesionbench_perturbations():
     return [NoLevels()]
-'''
+"""
 
-MISSPELLED_HOOK = '''
+MISSPELLED_HOOK = """
 from lesionbench import hookimpl
 
 
 @hookimpl
 def lesionbench_perturbation():  # no trailing s
     return []
-'''
+"""
 
 
 def test_contribution_missing_a_field_is_refused_by_the_cli_in_one_line(site, monkeypatch, capsys):
@@ -430,7 +432,9 @@ def test_misspelled_hook_is_reported_by_plugin_name(site):
     install_plugin(site, "typo", {"typo": "typo_mod"}, {"typo_mod": MISSPELLED_HOOK})
     registry = create_registry()
     (failure,) = [f for f in registry.failures if f.plugin == "typo"]
-    assert "lesionbench_perturbation" in failure.message and "did you mean 'lesionbench_perturbations'" in failure.message
+    assert (
+        "lesionbench_perturbation" in failure.message and "did you mean 'lesionbench_perturbations'" in failure.message
+    )
     assert "typo" not in registry.plugin_names()  # refused, the rest loads
     assert "synapse_knockout" in registry.contributions("perturbations")
 
@@ -454,7 +458,7 @@ def test_plugins_command_shows_failures_by_name(site, monkeypatch, capsys):
     assert any("synapse_knockout" in l and "perturbation synapse_knockout" in l for l in lines)
 
 
-BUGGY_MODEL = '''
+BUGGY_MODEL = """
 from lesionbench import hookimpl
 
 
@@ -474,7 +478,7 @@ class Source:
 @hookimpl
 def lesionbench_models():
     return [Source()]
-'''
+"""
 
 
 def test_a_plugins_own_bug_is_one_line_naming_it_with_the_traceback_kept(site, monkeypatch, capsys, tmp_path):
@@ -483,8 +487,11 @@ def test_a_plugins_own_bug_is_one_line_naming_it_with_the_traceback_kept(site, m
     assert main(["run", "demo", "--models", "buggy_net", "--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
-    found = re.match(r"lesionbench: error: plugin 'buggy' failed while building model 'buggy_net': KeyError: "
-                     r"'no such key' \(traceback in (\S+)\)$", err)  # fmt: skip
+    found = re.match(
+        r"lesionbench: error: plugin 'buggy' failed while building model 'buggy_net': KeyError: "
+        r"'no such key' \(traceback in (\S+)\)$",
+        err,
+    )
     assert found, err
-    assert "return {}[\"no such key\"]" in Path(found.group(1)).read_text()  # where the bug is
+    assert 'return {}["no such key"]' in Path(found.group(1)).read_text()  # where the bug is
     assert not (tmp_path / "never").exists()

@@ -22,13 +22,25 @@ from lesionbench.errors import LesionbenchError
 
 def _tiny():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(12, 1, 2, 2), torch.arange(12) % 3
+    return (
+        nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)),
+        torch.randn(12, 1, 2, 2),
+        torch.arange(12) % 3,
+    )
 
 
 def test_levels_take_the_study_files_mapping_and_keep_the_rest_default():
     net, x, y = _tiny()
-    df = lesionbench.run(model=net, data=(x, y), perturbations=["synapse_knockout", "weight_noise"], draws=1,
-                         levels={"weight_noise": [0, 1.5]}, layers=["3"], device="cpu", progress=False)  # fmt: skip
+    df = lesionbench.run(
+        model=net,
+        data=(x, y),
+        perturbations=["synapse_knockout", "weight_noise"],
+        draws=1,
+        levels={"weight_noise": [0, 1.5]},
+        layers=["3"],
+        device="cpu",
+        progress=False,
+    )
     levels = df[df["perturbation"] != "clean"].groupby("perturbation")["level"].apply(lambda s: sorted(set(s)))
     assert levels["weight_noise"] == [0.0, 1.5]
     assert levels["synapse_knockout"] == pytest.approx([i / 10 for i in range(11)])  # the paper's 0, 0.1, …, 1
@@ -38,8 +50,16 @@ def test_levels_take_the_study_files_mapping_and_keep_the_rest_default():
 
 def test_api_rows_are_named_by_the_mapping_and_dataset_name():
     net, x, y = _tiny()
-    df = lesionbench.run(model={"my_net": net}, data=(x, y), dataset_name="my_val", perturbations=["weight_noise"],
-                         levels=[0, 1], draws=1, device="cpu", progress=False)  # fmt: skip
+    df = lesionbench.run(
+        model={"my_net": net},
+        data=(x, y),
+        dataset_name="my_val",
+        perturbations=["weight_noise"],
+        levels=[0, 1],
+        draws=1,
+        device="cpu",
+        progress=False,
+    )
     assert set(df["model"]) == {"my_net"} and set(df["dataset"]) == {"my_val"}
     with pytest.raises(LesionbenchError, match="dataset_name must be a non-empty string"):
         lesionbench.run(model=net, data=(x, y), dataset_name="", device="cpu", progress=False)
@@ -48,11 +68,26 @@ def test_api_rows_are_named_by_the_mapping_and_dataset_name():
 def test_the_per_class_figure_keeps_its_titles_inside_and_names_the_level_unit():
     from lesionbench.class_plots import class_retention_figure
 
-    rows = [dict(model="a_model_with_a_long_name", dataset="d", perturbation="synapse_knockout", layer="features.0",
-                 layer_index=0, level=level, **{"class": c}, n_images=10, accuracy=1 - level, clean=1.0,
-                 retention=1 - level) for level in (0.0, 0.5, 1.0) for c in range(10)]  # fmt: skip
-    fig = class_retention_figure(pd.DataFrame(rows), "a_model_with_a_long_name",
-                                 units={"synapse_knockout": "fraction p of weights zeroed"})  # fmt: skip
+    rows = [
+        dict(
+            model="a_model_with_a_long_name",
+            dataset="d",
+            perturbation="synapse_knockout",
+            layer="features.0",
+            layer_index=0,
+            level=level,
+            **{"class": c},
+            n_images=10,
+            accuracy=1 - level,
+            clean=1.0,
+            retention=1 - level,
+        )
+        for level in (0.0, 0.5, 1.0)
+        for c in range(10)
+    ]
+    fig = class_retention_figure(
+        pd.DataFrame(rows), "a_model_with_a_long_name", units={"synapse_knockout": "fraction p of weights zeroed"}
+    )
     fig.canvas.draw()
     bounds = fig.bbox
     texts = [fig._suptitle, *(ax.title for ax in fig.axes if ax.get_visible())]
@@ -94,8 +129,16 @@ def test_a_toml_syntax_error_names_the_file(tmp_path, capsys):
 def test_a_finished_run_leaves_no_lock_and_always_a_run_log(tmp_path):
     net, x, y = _tiny()
     out = tmp_path / "run"
-    lesionbench.run(model=net, data=(x, y), out=out, perturbations=["weight_noise"], levels=[0, 1], draws=1,
-                    device="cpu", progress=False)  # fmt: skip
+    lesionbench.run(
+        model=net,
+        data=(x, y),
+        out=out,
+        perturbations=["weight_noise"],
+        levels=[0, 1],
+        draws=1,
+        device="cpu",
+        progress=False,
+    )
     names = {p.name for p in out.iterdir()}
     assert ".lock" not in names and "run.log" in names
     assert "run started" in (out / "run.log").read_text()

@@ -94,9 +94,9 @@ def test_json_reader_refuses_another_schema_and_a_malformed_document(tmp_path):
 def test_a_board_without_intervals_or_scores_round_trips_too():
     """No outcomes (no intervals: nulls), a model at chance (unscored), two tracks, no ranked perturbation on one."""
     import pandas as pd
-    from test_leaderboard import results
 
     from lesionbench.leaderboard import build_leaderboard
+    from test_leaderboard import results
 
     a, b = results("a", "d1"), results("b", "d1", clean=0.1)  # b at chance on 100 images of 10 classes
     c, d = results("c", "d2", perts=("p",)), results("d", "d2", perts=("q",))  # nothing shared on d2
@@ -142,9 +142,22 @@ def chromium() -> str:
 
 def load_in_chromium(page: Path) -> tuple[str, list[str]]:
     """The DOM after the page's scripts ran, and the console messages it logged."""
-    done = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
 
@@ -161,8 +174,15 @@ class Tables(HTMLParser):
         if tag == "section":
             self.sections.append(a.get("data-dataset") or a.get("id"))
         elif tag == "table":
-            self.tables.append({"class": a.get("class", ""), "ready": a.get("data-sortable"),
-                                "sections": list(self.sections), "head": [], "rows": []})  # fmt: skip
+            self.tables.append(
+                {
+                    "class": a.get("class", ""),
+                    "ready": a.get("data-sortable"),
+                    "sections": list(self.sections),
+                    "head": [],
+                    "rows": [],
+                }
+            )
         elif tag == "th":
             self.tables[-1]["head"].append(a.get("data-key"))
         elif tag == "tr" and self.tables and self.tables[-1]["head"]:
@@ -197,7 +217,9 @@ def check_score(cell: tuple[str | None, str], score: dict) -> None:
     value, text = cell
     assert float(value) == score["value"]
     numbers = re.findall(r"-?\d+\.\d+", text)
-    expected = [shown(score["value"])] + ([shown(score["low"]), shown(score["high"])] if score["low"] is not None else [])
+    expected = [shown(score["value"])] + (
+        [shown(score["low"]), shown(score["high"])] if score["low"] is not None else []
+    )
     assert numbers == expected, (text, score)
 
 
@@ -250,7 +272,7 @@ def test_html_loads_in_headless_chromium_without_console_errors_and_its_tables_h
 
 # ---------------------------------------------------------------- a reporter from a plugin
 
-TOY = '''
+TOY = """
 from dataclasses import dataclass
 
 from lesionbench import hookimpl
@@ -272,15 +294,19 @@ class RankCsv:
 @hookimpl
 def lesionbench_reporters():
     return [RankCsv()]
-'''
+"""
 
 
 def test_a_reporter_from_a_plugin_is_listed_and_chosen_with_format(tmp_path, monkeypatch, capsys):
     site = tmp_path / "site"
     (site / "rankcsv_reporter-0.1.dist-info").mkdir(parents=True)
     (site / "rankcsv_reporter.py").write_text(textwrap.dedent(TOY))  # a name no other test imports
-    (site / "rankcsv_reporter-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: rankcsv-reporter\nVersion: 0.1\n")
-    (site / "rankcsv_reporter-0.1.dist-info" / "entry_points.txt").write_text("[lesionbench]\nrankcsv = rankcsv_reporter\n")
+    (site / "rankcsv_reporter-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: rankcsv-reporter\nVersion: 0.1\n"
+    )
+    (site / "rankcsv_reporter-0.1.dist-info" / "entry_points.txt").write_text(
+        "[lesionbench]\nrankcsv = rankcsv_reporter\n"
+    )
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(registry_mod, "_default", None)  # the CLI finds the entry point afresh
     monkeypatch.setattr(registry_mod, "_disabled", frozenset())  # whatever -p no:NAME an earlier test left
@@ -289,8 +315,14 @@ def test_a_reporter_from_a_plugin_is_listed_and_chosen_with_format(tmp_path, mon
         assert "rankcsv" in capsys.readouterr().out
         results = tmp_path / "results"
         shutil.copytree(COMMITTED / "results" / "int8-fashion", results)
-        assert main(["leaderboard", str(results), "--format", "rankcsv", "--no-plots", "--out", str(tmp_path / "b.csv")]) == 0
-        assert main(["leaderboard", str(results), "--format", "json", "--no-plots", "--out", str(tmp_path / "b.json")]) == 0
+        assert (
+            main(["leaderboard", str(results), "--format", "rankcsv", "--no-plots", "--out", str(tmp_path / "b.csv")])
+            == 0
+        )
+        assert (
+            main(["leaderboard", str(results), "--format", "json", "--no-plots", "--out", str(tmp_path / "b.json")])
+            == 0
+        )
         assert main(["leaderboard", str(results), "--format", "nope", "--out", str(tmp_path / "c")]) == 2
         assert "unknown reporter 'nope'" in capsys.readouterr().err and not (tmp_path / "c").exists()
     finally:

@@ -13,6 +13,7 @@ class, so a smaller class-stratified subset is a subset of the larger one), and 
 predicted class and top-5 hit, in every cell the clean one included, must equal the track's
 committed outcome for that image (``outcomes.arrow``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,8 +57,11 @@ def assert_same_predictions(track: str, got: pd.DataFrame, outcomes) -> None:
     expected = committed[committed[KEY].apply(tuple, axis=1).isin(set(got[KEY].apply(tuple, axis=1)))]
     assert len(expected) == len(got), "the slice must be cells the track committed"
     expected = expected.sort_values(KEY, ignore_index=True)
-    pd.testing.assert_frame_equal(got[KEY + ["seed", "layer_index", "relative_depth"]],
-                                  expected[KEY + ["seed", "layer_index", "relative_depth"]], check_dtype=False)  # fmt: skip
+    pd.testing.assert_frame_equal(
+        got[KEY + ["seed", "layer_index", "relative_depth"]],
+        expected[KEY + ["seed", "layer_index", "relative_depth"]],
+        check_dtype=False,
+    )
     where = ["dataset", "split", "index"]
     column = {tuple(k): j for j, k in enumerate(theirs.images[where].itertuples(index=False))}
     mine = [column.get(tuple(k)) for k in outcomes.images[where].itertuples(index=False)]
@@ -65,8 +69,12 @@ def assert_same_predictions(track: str, got: pd.DataFrame, outcomes) -> None:
     assert len(mine) == IMAGENET_SLICE == got["n_images"].iloc[0]
     assert (theirs.images["label"].to_numpy()[mine] == outcomes.images["label"].to_numpy()).all()
     for (_, row), (_, before) in zip(got.iterrows(), expected.iterrows()):
-        np.testing.assert_array_equal(outcomes.top1[row["outcome"]], theirs.top1[before["outcome"], mine], err_msg=str(row[KEY]))
-        np.testing.assert_array_equal(outcomes.top5[row["outcome"]], theirs.top5[before["outcome"], mine], err_msg=str(row[KEY]))
+        np.testing.assert_array_equal(
+            outcomes.top1[row["outcome"]], theirs.top1[before["outcome"], mine], err_msg=str(row[KEY])
+        )
+        np.testing.assert_array_equal(
+            outcomes.top5[row["outcome"]], theirs.top5[before["outcome"], mine], err_msg=str(row[KEY])
+        )
         assert row["top1"] == pytest.approx((theirs.top1[before["outcome"], mine] == outcomes.images["label"]).mean())
 
 
@@ -75,8 +83,15 @@ def test_fashion_track_slice_reproduces_bit_for_bit():
     """fashion_resnet: its stem, a downsampling block's main-path conv and the classifier, the
     paper's two knockouts at two levels, both draws (12 damaged cells). (weight_noise is left out:
     its std is now numpy's ddof 0, as the authors', so its committed rows changed.)"""
-    got = run("fashion-track", models=["fashion_resnet"], layers=["conv1.0", "layer2.0.conv1", "fc"],
-              perturbations=["synapse_knockout", "node_knockout"], levels=[0.0, 0.8], draws=2, device="cpu")  # fmt: skip
+    got = run(
+        "fashion-track",
+        models=["fashion_resnet"],
+        layers=["conv1.0", "layer2.0.conv1", "fc"],
+        perturbations=["synapse_knockout", "node_knockout"],
+        levels=[0.0, 0.8],
+        draws=2,
+        device="cpu",
+    )
     assert len(got) == 1 + 3 * 2 * (1 + 2)
     assert_same("fashion-mnist", got[got["perturbation"] != "clean"])
 
@@ -85,8 +100,12 @@ def test_fashion_track_slice_reproduces_bit_for_bit():
 def test_beyond_paper_slice_reproduces_bit_for_bit():
     """fashion_alexnet under stuck-at-one bits, quantisation and activation noise: other random streams.
     (bit_flip is left out: its flip count is now drawn exactly, so its committed rows changed.)"""
-    got = run("beyond-paper", layers=["conv3", "fc7"], perturbations=["stuck_at_one", "quantize", "activation_noise"],
-              device="cpu")  # fmt: skip
+    got = run(
+        "beyond-paper",
+        layers=["conv3", "fc7"],
+        perturbations=["stuck_at_one", "quantize", "activation_noise"],
+        device="cpu",
+    )
     got = got[got["level"].isin([1e-3, 1e-1, 4.0, 0.8, 2.0]) & (got["perturbation"] != "clean")]
     assert len(got) >= 12
     assert_same("beyond-paper", got)
@@ -96,9 +115,18 @@ def test_beyond_paper_slice_reproduces_bit_for_bit():
 def test_imagenet_track_slice_reproduces_bit_for_bit():
     """EfficientNet-Lite0's stem under synapse and node knockout at 0.4, first draw, on the first 100
     of the track's images (channels_last, as the preset runs). (Not weight_noise: its std is now ddof 0.)"""
-    got, outcomes = run("imagenet-track", models=["efficientnet_lite0"], layers=["conv_stem"],
-                        perturbations=["synapse_knockout", "node_knockout"], levels=[0.4], draws=1, device="cpu",
-                        data=str(IMAGENET), n_images=IMAGENET_SLICE, with_outcomes=True)  # fmt: skip
+    got, outcomes = run(
+        "imagenet-track",
+        models=["efficientnet_lite0"],
+        layers=["conv_stem"],
+        perturbations=["synapse_knockout", "node_knockout"],
+        levels=[0.4],
+        draws=1,
+        device="cpu",
+        data=str(IMAGENET),
+        n_images=IMAGENET_SLICE,
+        with_outcomes=True,
+    )
     assert len(got) == 1 + 2
     assert_same_predictions("imagenet", got, outcomes)
 
@@ -108,8 +136,17 @@ def test_imagenet_track_lite2_slice_reproduces_bit_for_bit():
     """EfficientNet-Lite2, the track's last model, whose cells were made by several processes (the
     run was stopped and resumed): node knockout at 0.6, first draw, of ``blocks.1.1.conv_pw`` (made
     by an earlier process) and of the classifier (by the last), on the first 100 of its images."""
-    got, outcomes = run("imagenet-track", models=["efficientnet_lite2"], layers=["blocks.1.1.conv_pw", "classifier"],
-                        perturbations=["node_knockout"], levels=[0.6], draws=1, device="cpu", data=str(IMAGENET),
-                        n_images=IMAGENET_SLICE, with_outcomes=True)  # fmt: skip
+    got, outcomes = run(
+        "imagenet-track",
+        models=["efficientnet_lite2"],
+        layers=["blocks.1.1.conv_pw", "classifier"],
+        perturbations=["node_knockout"],
+        levels=[0.6],
+        draws=1,
+        device="cpu",
+        data=str(IMAGENET),
+        n_images=IMAGENET_SLICE,
+        with_outcomes=True,
+    )
     assert len(got) == 1 + 2
     assert_same_predictions("imagenet", got, outcomes)

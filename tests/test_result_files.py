@@ -21,7 +21,6 @@ import lesionbench
 from conftest import FINISHED, write_fashion
 from lesionbench.cli import main
 
-
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 
 
@@ -30,8 +29,18 @@ def study(tmp_path_factory, study_file) -> Path:
     """This module's study file (in place of conftest's ``study`` factory)."""
     root = tmp_path_factory.mktemp("trust")
     data = write_fashion(root / "fashion", n=40)
-    return study_file(root / "s.toml", {"ref": "fashion_alexnet", "weights": "none"}, ["conv1", "fc8"], "weight_noise",
-                      [0.5, 1.0], data, name="trust", seed=3, n_images=20, batch_size=20)  # fmt: skip
+    return study_file(
+        root / "s.toml",
+        {"ref": "fashion_alexnet", "weights": "none"},
+        ["conv1", "fc8"],
+        "weight_noise",
+        [0.5, 1.0],
+        data,
+        name="trust",
+        seed=3,
+        n_images=20,
+        batch_size=20,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +57,9 @@ def run(reference, tmp_path) -> Path:
 
 
 def one_line_error(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("lesionbench: warning:")]
+    err = [
+        line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("lesionbench: warning:")
+    ]
     assert len(err) == 1 and err[0].startswith("lesionbench: error: "), err
     assert "Traceback" not in err[0]
     return err[0]
@@ -99,7 +110,9 @@ def test_another_runs_results_copied_into_a_run_directory_are_refused_by_resume(
 
 
 def test_an_old_unbound_results_file_in_a_bound_run_is_refused(run, capsys):
-    shutil.copy(Path(__file__).resolve().parents[1] / "leaderboard/results/fashion-mnist/results.csv", run / "results.csv")
+    shutil.copy(
+        Path(__file__).resolve().parents[1] / "leaderboard/results/fashion-mnist/results.csv", run / "results.csv"
+    )
     assert main(["run", "--resume", str(run)]) == 2
     assert "field run/checksum: missing" in one_line_error(capsys)
 
@@ -225,14 +238,23 @@ def test_a_full_disk_while_plotting_is_one_line_and_resume_publishes(study, refe
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     run = tmp_path / "full"
-    proc = subprocess.run([sys.executable, "-m", "lesionbench.cli", "run", str(study), "--out", str(run)],
-                          capture_output=True, text=True, timeout=600, preexec_fn=small_disk)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "lesionbench.cli", "run", str(study), "--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=small_disk,
+    )
     err = [line for line in proc.stderr.strip().splitlines() if not line.startswith("lesionbench: warning:")]
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert "File too large" in err[0] and f"lesionbench run --resume {run}" in err[0]
     assert not (run / "LEADERBOARD.md").exists() and len(lines(run)) == len(lines(reference))
-    again = subprocess.run([sys.executable, "-m", "lesionbench.cli", "run", "--resume", str(run)],
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "lesionbench.cli", "run", "--resume", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode in FINISHED and "publishing its leaderboard" in again.stdout
     assert (run / "LEADERBOARD.md").is_file()
 
@@ -245,7 +267,9 @@ def test_a_run_killed_while_its_directory_was_prepared_leaves_no_run_and_starts_
     staging.mkdir()
     shutil.copy(reference / "manifest.json", staging / "manifest.json")
     assert not (tmp_path / "r").exists()
-    assert main(["run", str(study), "--resume", str(tmp_path / "r"), "--no-plots"]) in FINISHED  # the job-script form starts it
+    assert (
+        main(["run", str(study), "--resume", str(tmp_path / "r"), "--no-plots"]) in FINISHED
+    )  # the job-script form starts it
     assert not staging.exists()
     assert len(lines(tmp_path / "r")) == len(lines(reference))
 
@@ -260,7 +284,8 @@ def test_the_interrupt_hint_repeats_the_command_when_no_run_was_written(referenc
     from lesionbench.cli import _resume_hint
 
     assert _resume_hint(tmp_path / "none", ["run", "s.toml", "--out", "x y"]) == (
-        "; nothing was written: start it again with: lesionbench run s.toml --out 'x y'")
+        "; nothing was written: start it again with: lesionbench run s.toml --out 'x y'"
+    )
     assert _resume_hint(reference, ["run"]) == f"; finish it with: lesionbench run --resume {reference}"
 
 
@@ -283,8 +308,10 @@ def test_cells_whose_outcomes_are_unreadable_are_evaluated_again(run, reference)
     ref, ref_out = read_results_with_outcomes(reference)
     got, ref = got.sort_values(KEY, ignore_index=True), ref.sort_values(KEY, ignore_index=True)
     assert (got["outcome"] >= 0).all()
-    pd.testing.assert_frame_equal(got.drop(columns=["seconds", "images_per_s", "outcome"]),
-                                  ref.drop(columns=["seconds", "images_per_s", "outcome"]))  # fmt: skip
+    pd.testing.assert_frame_equal(
+        got.drop(columns=["seconds", "images_per_s", "outcome"]),
+        ref.drop(columns=["seconds", "images_per_s", "outcome"]),
+    )
     np.testing.assert_array_equal(got_out.top1[got["outcome"]], ref_out.top1[ref["outcome"]])
 
 
@@ -360,9 +387,25 @@ def test_the_fault_benchmark_smoke(tmp_path):
     script = Path(__file__).resolve().parents[1] / "perf" / "faults.py"
 
     def bench(trials: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), "--trials", str(trials), "--disk-trials", "0", "--signals",
-                               "SIGTERM", "--out", str(tmp_path / "f"), "--json", str(tmp_path / "f.json")],
-                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        return subprocess.run(
+            [
+                sys.executable,
+                str(script),
+                "--trials",
+                str(trials),
+                "--disk-trials",
+                "0",
+                "--signals",
+                "SIGTERM",
+                "--out",
+                str(tmp_path / "f"),
+                "--json",
+                str(tmp_path / "f.json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
 
     first = bench(1)
     assert first.returncode == 0, first.stderr

@@ -9,7 +9,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from conftest import write_fashion
+from conftest import (
+    FINISHED,  # noqa: E402
+    write_fashion,
+)
 from lesionbench.api import load_outcomes
 from lesionbench.cli import main
 from lesionbench.data import RawDataset, build_eval_set
@@ -21,7 +24,6 @@ from lesionbench.memory import parse_bytes
 from lesionbench.models.fashion import ARCHITECTURES, grey_28_preprocess
 from lesionbench.pixels import DiskStore, Pixels
 from lesionbench.plugins.synthetic import SyntheticImages, parse_shape
-from conftest import FINISHED  # noqa: E402
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 TIMING = ["seconds", "images_per_s"]
@@ -38,10 +40,14 @@ def _pictures(n: int, size: int = 37, mode: str = "RGB") -> list[Image.Image]:
 
 
 PIPELINES = {
-    "resize-crop-normalise": transforms.Compose([
-        transforms.Resize(20), transforms.CenterCrop(16), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ]),
+    "resize-crop-normalise": transforms.Compose(
+        [
+            transforms.Resize(20),
+            transforms.CenterCrop(16),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    ),
     "grey-28": grey_28_preprocess(),
 }
 
@@ -132,8 +138,9 @@ def fashion(tmp_path_factory):
 
 
 @pytest.mark.parametrize("batch_draws", [False, True])
-def test_a_sharded_study_equals_the_unsharded_one_row_for_row_and_image_for_image(fashion, tmp_path, monkeypatch,
-                                                                                  batch_draws):  # fmt: skip
+def test_a_sharded_study_equals_the_unsharded_one_row_for_row_and_image_for_image(
+    fashion, tmp_path, monkeypatch, batch_draws
+):
     study = tmp_path / "s.toml"
     study.write_text(
         'name = "shards"\nmodels = ["fashion_alexnet"]\nlayers = ["conv1", "conv3", "fc6", "fc8"]\ndraws = 2\n'
@@ -145,8 +152,20 @@ def test_a_sharded_study_equals_the_unsharded_one_row_for_row_and_image_for_imag
     for name, budget in (("whole", "1G"), ("sharded", "12K")):
         monkeypatch.setenv("LESIONBENCH_MEMORY_BUDGET", budget)
         out = tmp_path / name
-        assert main(["run", str(study), "--out", str(out), "--perturbations", "synapse_knockout,weight_noise",
-                     "--no-publish"]) in FINISHED
+        assert (
+            main(
+                [
+                    "run",
+                    str(study),
+                    "--out",
+                    str(out),
+                    "--perturbations",
+                    "synapse_knockout,weight_noise",
+                    "--no-publish",
+                ]
+            )
+            in FINISHED
+        )
         frame, outcomes = load_outcomes(out)
         runs[name] = (frame.sort_values(KEY, ignore_index=True), outcomes, (out / "run.log").read_text())
     (whole, whole_out, whole_notes), (sharded, sharded_out, sharded_notes) = runs["whole"], runs["sharded"]
@@ -176,8 +195,10 @@ def test_synthetic_images_are_deterministic_of_any_shape_and_need_no_files():
     assert SyntheticImages().load(None, "test").decode(0).size == (224, 224)
 
 
-@pytest.mark.parametrize("path, match", [("n=0", "at least 1"), ("size=big", "whole number"), ("pixels=3", "key=value"),
-                                         ("channels=2", "1 or 3")])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, match",
+    [("n=0", "at least 1"), ("size=big", "whole number"), ("pixels=3", "key=value"), ("channels=2", "1 or 3")],
+)
 def test_bad_synthetic_shapes_are_refused_in_one_line(path, match):
     with pytest.raises(LesionbenchError, match=match):
         parse_shape(path)

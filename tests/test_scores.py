@@ -13,14 +13,41 @@ from lesionbench.scores import area_score, chance_level, critical_level, curves,
 
 def table(curves_by_layer: dict[str, list[tuple[float, list[float]]]], clean=0.9, classes=10, metric="top1"):
     """A results table: clean row + per layer (level, [acc per draw])."""
-    rows = [dict(model="m", dataset="d", layer="", layer_index=-1, relative_depth=np.nan, perturbation="clean",
-                 level=0.0, draw=0, top1=clean, top5=clean, num_classes=classes, error="")]  # fmt: skip
+    rows = [
+        dict(
+            model="m",
+            dataset="d",
+            layer="",
+            layer_index=-1,
+            relative_depth=np.nan,
+            perturbation="clean",
+            level=0.0,
+            draw=0,
+            top1=clean,
+            top5=clean,
+            num_classes=classes,
+            error="",
+        )
+    ]
     for i, (layer, points) in enumerate(curves_by_layer.items()):
         for level, accs in points:
             for d, a in enumerate(accs):
-                rows.append(dict(model="m", dataset="d", layer=layer, layer_index=i,
-                                 relative_depth=i / max(1, len(curves_by_layer) - 1), perturbation="p",
-                                 level=level, draw=d, top1=a, top5=a, num_classes=classes, error=""))  # fmt: skip
+                rows.append(
+                    dict(
+                        model="m",
+                        dataset="d",
+                        layer=layer,
+                        layer_index=i,
+                        relative_depth=i / max(1, len(curves_by_layer) - 1),
+                        perturbation="p",
+                        level=level,
+                        draw=d,
+                        top1=a,
+                        top5=a,
+                        num_classes=classes,
+                        error="",
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -134,10 +161,16 @@ def test_runs_of_one_model_on_different_images_are_refused_not_scored_against_on
     # either difference alone is enough: as many images but another accuracy (another subset, or a
     # device whose numerics flip a prediction), or another number of images at the same accuracy
     other_device = large.assign(n_images=100, device="cuda")
-    with pytest.raises(LesionbenchError, match=r"100 images on cpu, clean top1 0\.8500; 100 images on cuda, clean top1 0\.8820"):
+    with pytest.raises(
+        LesionbenchError, match=r"100 images on cpu, clean top1 0\.8500; 100 images on cuda, clean top1 0\.8820"
+    ):
         layer_scores(pd.concat([small.assign(device="cpu"), other_device], ignore_index=True))
-    with pytest.raises(LesionbenchError, match=r"100 images on \?, clean top1 0\.8500; 500 images on \?, clean top1 0\.8500"):
-        layer_scores(pd.concat([small, large.assign(top1=lambda d: d["top1"].where(d["perturbation"] != "clean", 0.85))]))
+    with pytest.raises(
+        LesionbenchError, match=r"100 images on \?, clean top1 0\.8500; 500 images on \?, clean top1 0\.8500"
+    ):
+        layer_scores(
+            pd.concat([small, large.assign(top1=lambda d: d["top1"].where(d["perturbation"] != "clean", 0.85))])
+        )
     # the same evaluation in two runs (as the Fashion-MNIST runs share their images) scores as one
     same = table({"fc8": [(0.0, [0.85]), (1.0, [0.5])]}, clean=0.85).assign(n_images=100)
     scores = layer_scores(pd.concat([small, same], ignore_index=True)).set_index("layer")

@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from lesionbench.cli import main
-from lesionbench.hookspecs import hookimpl
-from lesionbench.registry import create_registry
+from conftest import write_fashion
 from lesionbench.cells import recalibrate
+from lesionbench.cli import main
 from lesionbench.executors.local import execute
+from lesionbench.hookspecs import hookimpl
 from lesionbench.perturbation import WeightPerturbation
 from lesionbench.plan import BN_SUFFIX, calibration_subset, prepare
+from lesionbench.registry import create_registry
 from lesionbench.store import NONFINITE, RunDir, read_results
 from lesionbench.study import parse_study
-from conftest import write_fashion
 
 KEY = ["layer", "perturbation", "level", "draw"]
 
@@ -31,9 +31,17 @@ def data(tmp_path_factory):
 
 
 def study(data, **extra):
-    base = {"name": "s", "models": [{"ref": "fashion_resnet"}], "layers": ["conv1.0", "layer2.0.conv1"],
-            "perturbations": ["synapse_knockout"], "levels": {"synapse_knockout": [0.0, 0.7]}, "draws": 2,
-            "device": "cpu", "batch_size": 16, "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 30}}  # fmt: skip
+    base = {
+        "name": "s",
+        "models": [{"ref": "fashion_resnet"}],
+        "layers": ["conv1.0", "layer2.0.conv1"],
+        "perturbations": ["synapse_knockout"],
+        "levels": {"synapse_knockout": [0.0, 0.7]},
+        "draws": 2,
+        "device": "cpu",
+        "batch_size": 16,
+        "dataset": {"name": "fashion_mnist", "path": str(data), "n_images": 30},
+    }
     return parse_study(base | extra)
 
 
@@ -60,7 +68,10 @@ def test_bn_recalibrate_is_a_condition_of_its_own_and_leaves_the_model_as_it_was
     recal = run(study(data, bn_recalibrate=True, calibration_images=40), tmp_path, "recal")
     damaged = recal[(recal["level"] > 0)]
     assert set(damaged["perturbation"]) == {"synapse_knockout" + BN_SUFFIX}
-    assert (recal.loc[recal["perturbation"] == "clean", "top1"].to_numpy() == plain.loc[plain["perturbation"] == "clean", "top1"].to_numpy()).all()
+    assert (
+        recal.loc[recal["perturbation"] == "clean", "top1"].to_numpy()
+        == plain.loc[plain["perturbation"] == "clean", "top1"].to_numpy()
+    ).all()
     a = plain[plain["level"] > 0]["loss"].to_numpy()
     assert not (abs(a - damaged["loss"].to_numpy()) < 1e-9).all()  # the statistics really were re-estimated
     assert read_results(tmp_path / "recal")["perturbation"].str.endswith(BN_SUFFIX).sum() == len(damaged) + 2
@@ -87,9 +98,25 @@ class Poison(WeightPerturbation):
 
 
 def test_nonfinite_weights_are_counted_per_cell(data, tmp_path):
-    registry = create_registry([("poison", SimpleNamespace(lesionbench_perturbations=hookimpl(lambda: [Poison("poison", "three weights NaN/Inf", (0.0, 1.0), (0.0, 1.0))])))])
-    s = study(data, perturbations=["poison"], levels={"poison": [0.0, 1.0]}, models=[{"ref": "fashion_alexnet"}],
-              layers=["conv2"])  # fmt: skip
+    registry = create_registry(
+        [
+            (
+                "poison",
+                SimpleNamespace(
+                    lesionbench_perturbations=hookimpl(
+                        lambda: [Poison("poison", "three weights NaN/Inf", (0.0, 1.0), (0.0, 1.0))]
+                    )
+                ),
+            )
+        ]
+    )
+    s = study(
+        data,
+        perturbations=["poison"],
+        levels={"poison": [0.0, 1.0]},
+        models=[{"ref": "fashion_alexnet"}],
+        layers=["conv2"],
+    )
     df = run(s, tmp_path, "poison", registry)
     hit = df[df["level"] == 1.0]
     assert (hit["nonfinite_weights"] == 3).all() and (hit["error"] == NONFINITE).all()
@@ -130,8 +157,14 @@ def test_init_checkpoint_gives_reinit_its_initial_weights(data, tmp_path, capsys
     torch.manual_seed(123)
     init = ARCHITECTURES["fashion_alexnet"]().state_dict()
     torch.save(init, tmp_path / "init.pt")
-    s = study(data, models=[{"ref": "fashion_alexnet", "init_checkpoint": str(tmp_path / "init.pt")}],
-              layers=["conv1"], perturbations=["reinit"], levels={"reinit": [0.0, 1.0]}, draws=1)  # fmt: skip
+    s = study(
+        data,
+        models=[{"ref": "fashion_alexnet", "init_checkpoint": str(tmp_path / "init.pt")}],
+        layers=["conv1"],
+        perturbations=["reinit"],
+        levels={"reinit": [0.0, 1.0]},
+        draws=1,
+    )
     plan = prepare(s, create_registry())
     layer = plan.models[0].layers[0]
     assert torch.equal(layer.initial["weight"], init["conv1.weight"])
@@ -139,15 +172,21 @@ def test_init_checkpoint_gives_reinit_its_initial_weights(data, tmp_path, capsys
     assert df.loc[df["level"] == 1.0, "error"].item() == ""
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     bad = tmp_path / "bad.toml"
-    bad.write_text(f'models = [{{ref = "fashion_alexnet", init_checkpoint = "bad.pt"}}]\n'
-                   f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\n')  # fmt: skip
+    bad.write_text(
+        f'models = [{{ref = "fashion_alexnet", init_checkpoint = "bad.pt"}}]\n'
+        f'[dataset]\nname = "fashion_mnist"\npath = "{data}"\n'
+    )
     assert main(["run", str(bad), "--out", str(tmp_path / "bad")]) == 2
     assert "does not fit model" in capsys.readouterr().err
 
 
 def test_block_removal_runs_on_stages_and_both_engines_agree(data, tmp_path):
-    base = dict(models=[{"ref": "fashion_mobilenetv3"}], layers=[], perturbations=["block_removal"],
-                levels={"block_removal": [0.0, 0.5, 1.0]})  # fmt: skip
+    base = dict(
+        models=[{"ref": "fashion_mobilenetv3"}],
+        layers=[],
+        perturbations=["block_removal"],
+        levels={"block_removal": [0.0, 0.5, 1.0]},
+    )
     fast = run(study(data, **base), tmp_path, "fast")
     naive = run(study(data, engine="naive", **base), tmp_path, "naive")
     stages = set(fast.loc[fast["perturbation"] == "block_removal", "layer"])

@@ -21,7 +21,6 @@ from lesionbench.layers import Layer
 from lesionbench.perturbation import generator_for, perturbed
 from lesionbench.registry import create_registry
 
-
 NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -120,7 +119,9 @@ class ConvKinds(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("name, norm", [("plain", "bn0"), ("depthwise", "bn1"), ("grouped", "bn2"), ("pointwise", "bn3")])
+@pytest.mark.parametrize(
+    "name, norm", [("plain", "bn0"), ("depthwise", "bn1"), ("grouped", "bn2"), ("pointwise", "bn3")]
+)
 def test_conv_kinds_silence_whole_channels_through_their_batchnorm(name, norm, knockout):
     model = randomise_norms(ConvKinds())
     x = torch.randn(2, 3, 8, 8)
@@ -321,10 +322,12 @@ def test_timm_vit_attention_layers_in_forward_order_and_fast_equals_naive(tmp_pa
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5).eval()
     x = torch.randn(6, 3, 32, 32)
     names = [l.name for l in ModelGraph.of(model, x[:1]).layers]
-    assert names == ["patch_embed.proj"] + [f"blocks.{i}.{n}" for i in range(2)
-                                            for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")] + ["head"]  # fmt: skip
-    log = fast_and_naive(model, x, torch.arange(6) % 5, tmp_path,
-                         layers=["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.attn.qkv"])  # fmt: skip
+    assert names == ["patch_embed.proj"] + [
+        f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    ] + ["head"]
+    log = fast_and_naive(
+        model, x, torch.arange(6) % 5, tmp_path, layers=["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.attn.qkv"]
+    )
     assert "full passes" not in log
 
 
@@ -379,14 +382,17 @@ def test_a_unit_summed_with_a_shortcut_is_silenced_in_its_own_output_only(knocko
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, options", [
-    ("resnet18d", {}),  # ResNet-D: an avg-pool shortcut starts upstream of the previous cut
-    ("densenet", {}),  # concatenations: every layer's cut carries the block's features so far
-    ("convnext_atto", {}),  # layer scale, channels-last LayerNorm, permutes
-    ("dpn48b", {"k_sec": (1, 2, 1, 1)}),  # tuples of (residual, dense) paths between blocks
-    ("repvgg_a0", {}),  # three parallel branches summed, not re-parameterised
-    ("levit_128s", {"img_size": 32}),  # attention with Linear + BatchNorm1d and attention biases
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("resnet18d", {}),  # ResNet-D: an avg-pool shortcut starts upstream of the previous cut
+        ("densenet", {}),  # concatenations: every layer's cut carries the block's features so far
+        ("convnext_atto", {}),  # layer scale, channels-last LayerNorm, permutes
+        ("dpn48b", {"k_sec": (1, 2, 1, 1)}),  # tuples of (residual, dense) paths between blocks
+        ("repvgg_a0", {}),  # three parallel branches summed, not re-parameterised
+        ("levit_128s", {"img_size": 32}),  # attention with Linear + BatchNorm1d and attention biases
+    ],
+)
 def test_fast_engine_equals_naive_on_the_zoo(name, options, tmp_path):
     """Random weights made non-trivial (no zero-initialised branch, layer scale near 1): the fast
     engine's losses equal the naive loop's for 4 layers spread over the network's depth."""

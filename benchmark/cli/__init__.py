@@ -97,8 +97,12 @@ def cmd_plugins(args) -> int:
     table.add_column("contributes")
     for name in sorted(contributed):
         info = registry.info(name)
-        table.add_row(name, info.module, f"{info.distribution} {info.version}".strip(" -") or "-",
-                      ", ".join(sorted(contributed[name])) or "(nothing)")  # fmt: skip
+        table.add_row(
+            name,
+            info.module,
+            f"{info.distribution} {info.version}".strip(" -") or "-",
+            ", ".join(sorted(contributed[name])) or "(nothing)",
+        )
     for failure in registry.failures:
         table.add_row(failure.plugin, "[red]failed[/red]", "", f"{failure.stage}: {failure.message}")
     print_table(console, table)
@@ -106,8 +110,8 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from lesionbench.train import TrainConfig, train
     from lesionbench.models.fashion import weights_path
+    from lesionbench.train import TrainConfig, train
 
     out = args.out or weights_path(args.model.split(":")[-1])
     config = TrainConfig(
@@ -131,8 +135,16 @@ def cmd_leaderboard(args) -> int:
 
     score = get_score(args.score).name  # an unknown name: one line, nothing written
     out = args.out or Path("leaderboard") / f"LEADERBOARD{reporter(args.format).suffix}"  # unknown format: exit 2
-    out = publish(args.results, out, args.plots, draw=not args.no_plots, title=args.title, metric=args.metric,
-                  format=args.format, score=score)  # fmt: skip
+    out = publish(
+        args.results,
+        out,
+        args.plots,
+        draw=not args.no_plots,
+        title=args.title,
+        metric=args.metric,
+        format=args.format,
+        score=score,
+    )
     console.print(f"wrote {out}")
     return 0
 

@@ -82,33 +82,63 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
     """The study and the flags that override it: shared by ``run`` and ``plan``."""
     from lesionbench.study import DatasetSpec
 
-    parser.add_argument("study", nargs="?",
-                        help="preset name (lesionbench list studies) or path to a study TOML file (default: demo; "
-                             "with --resume: the study recorded in the run directory)")  # fmt: skip
-    parser.add_argument("--models", type=_names, metavar="A,B",
-                        help="comma-separated model references replacing the study's (lesionbench list models); "
-                             "one the study lists keeps its weights, a new one gets its source's default weights "
-                             "(default: the study's models)")  # fmt: skip
-    parser.add_argument("--dataset", metavar="NAME",
-                        help="dataset plugin (lesionbench list datasets); another dataset than the study's drops "
-                             "the study's path and split, so give --data (default: the study's dataset)")  # fmt: skip
+    parser.add_argument(
+        "study",
+        nargs="?",
+        help="preset name (lesionbench list studies) or path to a study TOML file (default: demo; "
+        "with --resume: the study recorded in the run directory)",
+    )
+    parser.add_argument(
+        "--models",
+        type=_names,
+        metavar="A,B",
+        help="comma-separated model references replacing the study's (lesionbench list models); "
+        "one the study lists keeps its weights, a new one gets its source's default weights "
+        "(default: the study's models)",
+    )
+    parser.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="dataset plugin (lesionbench list datasets); another dataset than the study's drops "
+        "the study's path and split, so give --data (default: the study's dataset)",
+    )
     parser.add_argument("--data", metavar="PATH", help="dataset path (default: the study's, else the plugin's own)")
-    parser.add_argument("--n-images", type=int, metavar="N",
-                        help=f"size of the seeded, class-balanced evaluation subset {_default_text(DatasetSpec().n_images)}")
-    parser.add_argument("--layers", type=_names, metavar="A,B",
-                        help="comma-separated layer names or aliases (default: the study's value, else every Conv/Linear layer)")
-    parser.add_argument("--perturbations", type=_names, metavar="A,B",
-                        help="comma-separated perturbation names, see lesionbench list perturbations (default: the study's)")
-    parser.add_argument("--levels", type=_floats, metavar="X,Y",
-                        help="comma-separated levels for every perturbation (default: each perturbation's own)")
+    parser.add_argument(
+        "--n-images",
+        type=int,
+        metavar="N",
+        help=f"size of the seeded, class-balanced evaluation subset {_default_text(DatasetSpec().n_images)}",
+    )
+    parser.add_argument(
+        "--layers",
+        type=_names,
+        metavar="A,B",
+        help="comma-separated layer names or aliases (default: the study's value, else every Conv/Linear layer)",
+    )
+    parser.add_argument(
+        "--perturbations",
+        type=_names,
+        metavar="A,B",
+        help="comma-separated perturbation names, see lesionbench list perturbations (default: the study's)",
+    )
+    parser.add_argument(
+        "--levels",
+        type=_floats,
+        metavar="X,Y",
+        help="comma-separated levels for every perturbation (default: each perturbation's own)",
+    )
     add_study_options(parser)
 
 
 def add_score_option(parser: argparse.ArgumentParser) -> None:
     from lesionbench.layer_score import DEFAULT_SCORE
 
-    parser.add_argument("--score", default=DEFAULT_SCORE, metavar="NAME",
-                        help=f"the layer score, one of lesionbench list scores (default: {DEFAULT_SCORE})")
+    parser.add_argument(
+        "--score",
+        default=DEFAULT_SCORE,
+        metavar="NAME",
+        help=f"the layer score, one of lesionbench list scores (default: {DEFAULT_SCORE})",
+    )
 
 
 def _kind(text: str) -> str:
@@ -118,88 +148,156 @@ def _kind(text: str) -> str:
 
 
 def _sub(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description or help[0].upper() + help[1:] + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lesionbench", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="lesionbench", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     from lesionbench import __version__
 
     parser.add_argument("--version", action="version", version=f"lesionbench {__version__}")
-    parser.add_argument("-p", dest="plugin_switches", action="append", default=[], metavar="no:NAME",
-                        help="switch a plugin off by name, as pytest's -p no:NAME (repeatable; lesionbench plugins "
-                             "lists the names); its models, perturbations, executors… are then unknown (default: "
-                             "every plugin on)")  # fmt: skip
+    parser.add_argument(
+        "-p",
+        dest="plugin_switches",
+        action="append",
+        default=[],
+        metavar="no:NAME",
+        help="switch a plugin off by name, as pytest's -p no:NAME (repeatable; lesionbench plugins "
+        "lists the names); its models, perturbations, executors… are then unknown (default: "
+        "every plugin on)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    run = _sub(sub, "run", "run a study (default: the offline 'demo' preset)",
-               "Run a study: every model × layer × perturbation × level × draw, one row per cell in\n"
-               "DIR/results.csv (appended and fsynced, so an interrupted run resumes with --resume DIR),\n"
-               "then the scores table here and DIR/LEADERBOARD.md with figures in DIR/plots.\n"
-               "Flags override the study; those not given keep the study's values.")  # fmt: skip
+    run = _sub(
+        sub,
+        "run",
+        "run a study (default: the offline 'demo' preset)",
+        "Run a study: every model × layer × perturbation × level × draw, one row per cell in\n"
+        "DIR/results.csv (appended and fsynced, so an interrupted run resumes with --resume DIR),\n"
+        "then the scores table here and DIR/LEADERBOARD.md with figures in DIR/plots.\n"
+        "Flags override the study; those not given keep the study's values.",
+    )
     _add_study_arguments(run)
     run.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/<study name>)")
-    run.add_argument("--resume", type=Path, metavar="DIR",
-                     help="finish the cells missing from the run in DIR; starts the study there if DIR holds no run "
-                          "yet, and says so (exit 0) if the run is complete (default: start a new run in --out)")
-    run.add_argument("--redo", type=_names, metavar="A,B",
-                     help="with --resume: drop every cell of these perturbations and evaluate them again with this "
-                          "lesionbench, keeping the other rows (after a perturbation's definition changed; the "
-                          "manifest records it) (default: none)")  # fmt: skip
-    run.add_argument("--dry-run", action="store_true",
-                     help="print the cells and an estimate of the time, as lesionbench plan does; run nothing (default: off)")
-    run.add_argument("--debug", action="store_true",
-                     help="verify the model checksum after every cell (default: off)")
-    run.add_argument("--no-plots", action="store_true",
-                     help="write DIR/LEADERBOARD.md without figures (default: with figures in DIR/plots)")
-    run.add_argument("--no-publish", action="store_true",
-                     help="neither leaderboard nor figures: publish later with `lesionbench leaderboard DIR "
-                          "--out DIR/LEADERBOARD.md` (default: publish when the run ends)")  # fmt: skip
-    run.add_argument("--executor", default="local", metavar="NAME",
-                     help="where the blocks run, one of lesionbench list executors: local evaluates here, ray runs "
-                          "one task per block on a Ray cluster, pip install 'lesionbench[ray]' (default: local)")  # fmt: skip
-    run.add_argument("--executor-option", dest="executor_options", action="append", default=[], metavar="KEY=VALUE",
-                     help="an option of the chosen executor, repeatable; lesionbench list executors names each "
-                          "executor's options (default: none)")  # fmt: skip
-    run.add_argument("--ray-address", metavar="ADDRESS",
-                     help="Ray cluster for --executor ray: auto (this node's cluster) or ray://host:10001; the same "
-                          "as --executor-option address=ADDRESS (default: start a local one)")  # fmt: skip
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="finish the cells missing from the run in DIR; starts the study there if DIR holds no run "
+        "yet, and says so (exit 0) if the run is complete (default: start a new run in --out)",
+    )
+    run.add_argument(
+        "--redo",
+        type=_names,
+        metavar="A,B",
+        help="with --resume: drop every cell of these perturbations and evaluate them again with this "
+        "lesionbench, keeping the other rows (after a perturbation's definition changed; the "
+        "manifest records it) (default: none)",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cells and an estimate of the time, as lesionbench plan does; run nothing (default: off)",
+    )
+    run.add_argument("--debug", action="store_true", help="verify the model checksum after every cell (default: off)")
+    run.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="write DIR/LEADERBOARD.md without figures (default: with figures in DIR/plots)",
+    )
+    run.add_argument(
+        "--no-publish",
+        action="store_true",
+        help="neither leaderboard nor figures: publish later with `lesionbench leaderboard DIR "
+        "--out DIR/LEADERBOARD.md` (default: publish when the run ends)",
+    )
+    run.add_argument(
+        "--executor",
+        default="local",
+        metavar="NAME",
+        help="where the blocks run, one of lesionbench list executors: local evaluates here, ray runs "
+        "one task per block on a Ray cluster, pip install 'lesionbench[ray]' (default: local)",
+    )
+    run.add_argument(
+        "--executor-option",
+        dest="executor_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the chosen executor, repeatable; lesionbench list executors names each "
+        "executor's options (default: none)",
+    )
+    run.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="Ray cluster for --executor ray: auto (this node's cluster) or ray://host:10001; the same "
+        "as --executor-option address=ADDRESS (default: start a local one)",
+    )
     add_score_option(run)
 
-    plan = _sub(sub, "plan", "the cells of a study and an estimate of its time, before anything runs",
-                "Prepare a study as run does (every check, the models built, the evaluation subset chosen),\n"
-                "then print its cells per model and an estimate of the time: one forward pass of each model\n"
-                "timed on a few images, scaled to the subset, times its cells (an upper bound: the fast engine\n"
-                "evaluates only what follows the damaged layer). Nothing is evaluated or written.")  # fmt: skip
+    plan = _sub(
+        sub,
+        "plan",
+        "the cells of a study and an estimate of its time, before anything runs",
+        "Prepare a study as run does (every check, the models built, the evaluation subset chosen),\n"
+        "then print its cells per model and an estimate of the time: one forward pass of each model\n"
+        "timed on a few images, scaled to the subset, times its cells (an upper bound: the fast engine\n"
+        "evaluates only what follows the damaged layer). Nothing is evaluated or written.",
+    )
     _add_study_arguments(plan)
 
     lst = _sub(sub, "list", "list models, perturbations, datasets or studies")
-    lst.add_argument("kind", type=_kind, choices=sorted(KINDS), metavar="{" + ",".join(sorted(KINDS)) + "}",
-                     help="what to list (the singular works too: list model)")
+    lst.add_argument(
+        "kind",
+        type=_kind,
+        choices=sorted(KINDS),
+        metavar="{" + ",".join(sorted(KINDS)) + "}",
+        help="what to list (the singular works too: list model)",
+    )
 
     _sub(sub, "plugins", "list loaded plugins, their distributions and what each contributes")
 
     board = _sub(sub, "leaderboard", "render the leaderboard (and figures) from result files: Markdown, JSON, HTML")
     board.add_argument("results", nargs="+", type=Path, help="results.csv files or directories holding them")
-    board.add_argument("--out", type=Path, metavar="FILE",
-                       help="the leaderboard's file (default: leaderboard/LEADERBOARD.md, .json, .html: the format's)")
-    board.add_argument("--format", default="md", metavar="NAME",
-                       help="a reporter: md, json, html or a plugin's (lesionbench list reporters; default: md)")
+    board.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="the leaderboard's file (default: leaderboard/LEADERBOARD.md, .json, .html: the format's)",
+    )
+    board.add_argument(
+        "--format",
+        default="md",
+        metavar="NAME",
+        help="a reporter: md, json, html or a plugin's (lesionbench list reporters; default: md)",
+    )
     board.add_argument("--plots", type=Path, metavar="DIR", help="figure directory (default: plots/ beside --out)")
-    board.add_argument("--no-plots", action="store_true", help="only the leaderboard's documents (default: draw the figures)")
-    board.add_argument("--metric", choices=["top1", "top5"],
-                       help="score from this metric (default: the one each run's manifest records)")
-    board.add_argument("--title", default="lesionbench leaderboard",
-                       help="the leaderboard's title (default: lesionbench leaderboard)")
+    board.add_argument(
+        "--no-plots", action="store_true", help="only the leaderboard's documents (default: draw the figures)"
+    )
+    board.add_argument(
+        "--metric",
+        choices=["top1", "top5"],
+        help="score from this metric (default: the one each run's manifest records)",
+    )
+    board.add_argument(
+        "--title", default="lesionbench leaderboard", help="the leaderboard's title (default: lesionbench leaderboard)"
+    )
     add_score_option(board)
 
     cmp = _sub(sub, "compare", "CI gate: exit 1 when a layer score or clean accuracy drops, significantly")
     cmp.add_argument("new", type=Path, help="new results.csv or run directory")
     cmp.add_argument("baseline", type=Path, help="baseline results.csv or run directory")
-    cmp.add_argument("--max-drop", type=float, default=0.05, metavar="D",
-                     help="largest tolerated drop, absolute (default: 0.05)")
+    cmp.add_argument(
+        "--max-drop", type=float, default=0.05, metavar="D", help="largest tolerated drop, absolute (default: 0.05)"
+    )
     cmp.add_argument("--metric", choices=["top1", "top5"], help="default: the new run's study metric")
     cmp.add_argument("--all", action="store_true", help="show unchanged quantities too (default: off)")
     add_score_option(cmp)
@@ -218,5 +316,3 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling (default: 0)")
     train.add_argument("--out", type=Path, metavar="FILE", help="weights file (default: models/weights/<model>.pt)")
     return parser
-
-

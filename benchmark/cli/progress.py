@@ -43,8 +43,9 @@ def rich_progress(console: Console, total: int) -> Iterator[Callable[[str], None
 
 
 @contextmanager
-def plain_progress(console: Console, total: int, interval: float = PLAIN_INTERVAL_S,
-                   clock: Callable[[], float] = time.monotonic) -> Iterator[Callable[[str], None]]:  # fmt: skip
+def plain_progress(
+    console: Console, total: int, interval: float = PLAIN_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+) -> Iterator[Callable[[str], None]]:
     """Yield a ``tick(description)`` that prints ``progress: 120/1225 cells (9.8%), 0:01:10
     elapsed, ETA 0:10:45 · <cell>`` on the first cell, then at most every ``interval`` seconds,
     and on the last cell; each line is flushed at once."""
@@ -61,10 +62,15 @@ def plain_progress(console: Console, total: int, interval: float = PLAIN_INTERVA
             return
         state["last"] = now
         remaining = tracker.tasks[0].time_remaining
-        eta = _clock_text(remaining) if remaining is not None and done < total else ("0:00:00" if done >= total else "?")
+        eta = (
+            _clock_text(remaining) if remaining is not None and done < total else ("0:00:00" if done >= total else "?")
+        )
         percent = 100.0 * done / total if total else 100.0
-        console.out(f"progress: {done}/{total} cells ({percent:.1f}%), {_clock_text(now - start)} elapsed, "
-                    f"ETA {eta} · {description}", highlight=False)  # fmt: skip
+        console.out(
+            f"progress: {done}/{total} cells ({percent:.1f}%), {_clock_text(now - start)} elapsed, "
+            f"ETA {eta} · {description}",
+            highlight=False,
+        )
         console.file.flush()
 
     yield tick

@@ -7,17 +7,17 @@ from rich.console import Console
 from rich.table import Table
 
 from lesionbench.cli.tables import print_table
-from lesionbench.leaderboard import format_critical, with_interval
 from lesionbench.layer_score import DEFAULT_SCORE
+from lesionbench.leaderboard import format_critical, with_interval
 from lesionbench.scores import NOT_SCORED, at_chance, layer_scores
 from lesionbench.study import Study
-
 
 STYLES = {"critical": "red", "robust": "green", "undetermined": "yellow"}
 
 
-def print_summary(df: pd.DataFrame, study: Study, console: Console, scores: pd.DataFrame | None = None,
-                  score=DEFAULT_SCORE) -> bool:  # fmt: skip
+def print_summary(
+    df: pd.DataFrame, study: Study, console: Console, scores: pd.DataFrame | None = None, score=DEFAULT_SCORE
+) -> bool:
     """Print each model's layer scores and most fragile layer; returns True when a model was not
     scored (clean accuracy at chance). ``scores``: :func:`lesionbench.bootstrapping`'s ``layers`` (with
     intervals and interval verdicts), else :func:`layer_scores` (verdicts from the score alone) of
@@ -38,16 +38,22 @@ def print_summary(df: pd.DataFrame, study: Study, console: Console, scores: pd.D
                     continue
                 r = r.iloc[0]
                 style = STYLES.get(r.verdict, "green")
-                cells.append(f"[{style}]{r.score:.2f}[/{style}] / {format_critical(r.critical_level, r.max_level, r.level_axis)}")
+                cells.append(
+                    f"[{style}]{r.score:.2f}[/{style}] / {format_critical(r.critical_level, r.max_level, r.level_axis)}"
+                )
             table.add_row(layer[1], *cells)
         print_table(console, table)
         for p in perts:
             pg = g[g["perturbation"] == p]
             w = pg.loc[pg["score"].idxmin()]
-            score = with_interval(w.score, getattr(w, "score_low", float("nan")), getattr(w, "score_high", float("nan")))
+            score = with_interval(
+                w.score, getattr(w, "score_low", float("nan")), getattr(w, "score_high", float("nan"))
+            )
             console.print(f"most fragile layer under {p}: [bold]{w.layer}[/bold] (score {score}, {w.verdict})")
     unscored = at_chance(df, study.metric)
     for r in unscored.itertuples():
-        console.print(f"{r.model}: [bold]{NOT_SCORED}[/bold] ({study.metric} {r.clean:.3f} on {r.n_images:g} images, "
-                      f"chance {r.chance:g})")  # fmt: skip
+        console.print(
+            f"{r.model}: [bold]{NOT_SCORED}[/bold] ({study.metric} {r.clean:.3f} on {r.n_images:g} images, "
+            f"chance {r.chance:g})"
+        )
     return not unscored.empty

@@ -34,27 +34,34 @@ def cmd_run(args, console, warn) -> int:
     from lesionbench.api import run_study
     from lesionbench.cli.progress import rich_progress
     from lesionbench.cli.report import print_summary
+    from lesionbench.executors import create_executor
+    from lesionbench.layer_score import get_score
     from lesionbench.publish import publish
     from lesionbench.store import RunDir
     from lesionbench.study import load_study, parse_study
-
-    from lesionbench.executors import create_executor
-    from lesionbench.layer_score import get_score
 
     registry = get_registry()
     chosen = create_executor(args.executor, executor_options(args), registry)  # a bad name or option: nothing runs
     score = get_score(args.score, registry)
     presets = {k: c.obj for k, c in registry.contributions("studies").items()}
     resume = args.resume is not None and RunDir.exists(args.resume)
-    if args.resume is not None and not resume and args.resume.exists() and (not args.resume.is_dir()
-                                                                            or any(args.resume.iterdir())):  # fmt: skip
-        raise LesionbenchError(f"{str(args.resume)!r} is not a lesionbench run directory (no manifest.json) and not "
-                               "empty: refusing to start a run in it")  # fmt: skip
+    if (
+        args.resume is not None
+        and not resume
+        and args.resume.exists()
+        and (not args.resume.is_dir() or any(args.resume.iterdir()))
+    ):
+        raise LesionbenchError(
+            f"{str(args.resume)!r} is not a lesionbench run directory (no manifest.json) and not "
+            "empty: refusing to start a run in it"
+        )
     if getattr(args, "redo", None) and not resume:
         raise LesionbenchError("--redo needs --resume DIR naming a run that holds results")
     if args.resume is not None and not resume and args.study is None:  # never a default study in a --resume
-        raise LesionbenchError(f"{str(args.resume)!r} holds no run yet: name the study to start it there "
-                               f"(lesionbench run STUDY --resume {shlex.quote(str(args.resume))})")  # fmt: skip
+        raise LesionbenchError(
+            f"{str(args.resume)!r} holds no run yet: name the study to start it there "
+            f"(lesionbench run STUDY --resume {shlex.quote(str(args.resume))})"
+        )
     if resume:  # the study recorded in the run; a study named as well must be that one (the fingerprint says)
         with RunDir.open_existing(args.resume) as earlier:  # only to read the study; locked again to run
             study = parse_study(earlier.manifest()["study"])
@@ -68,10 +75,17 @@ def cmd_run(args, console, warn) -> int:
     if args.dry_run:
         return _print_plan(study, registry, console)
     args.run_dir = out  # for the interruption message
-    run = run_study(study, registry, out, resume=resume,
-                    progress=lambda total: rich_progress(console, total), debug=args.debug,
-                    executor=chosen.name, executor_options=executor_options(args),
-                    redo=getattr(args, "redo", None) or ())  # fmt: skip
+    run = run_study(
+        study,
+        registry,
+        out,
+        resume=resume,
+        progress=lambda total: rich_progress(console, total),
+        debug=args.debug,
+        executor=chosen.name,
+        executor_options=executor_options(args),
+        redo=getattr(args, "redo", None) or (),
+    )
     board = run.path / "LEADERBOARD.md"  # written last by publish: its presence means the run is finished
     no_publish = getattr(args, "no_publish", False)
     if run.already_complete and (board.is_file() or no_publish):
@@ -79,8 +93,9 @@ def cmd_run(args, console, warn) -> int:
         return 0
     if run.already_complete:
         console.print(f"{out}: every cell was done earlier; publishing its leaderboard (interrupted before)")
-    unscored = print_summary(run.frame(), study, console, _bootstrapped_scores(run.results_path, study.metric, score),
-                             score=score)  # fmt: skip
+    unscored = print_summary(
+        run.frame(), study, console, _bootstrapped_scores(run.results_path, study.metric, score), score=score
+    )
     if no_publish:
         console.print(f"results: {run.results_path}")
         return NOT_SCORED_EXIT if unscored else 0
@@ -88,9 +103,12 @@ def cmd_run(args, console, warn) -> int:
     try:
         board = publish([run.results_path], board, title=f"lesionbench: {study.name}", draw=draw, score=score.name)
     except LesionbenchError as exc:  # a full disk while drawing: the rows are whole, --resume publishes again
-        raise LesionbenchError(f"{exc}; the rows are whole: free space and finish with lesionbench run --resume "
-                               f"{shlex.quote(str(out))}") from None  # fmt: skip
-    console.print(f"results: {run.results_path}\nleaderboard: {board}" + (f"\nplots: {run.path / 'plots'}" if draw else ""))
+        raise LesionbenchError(
+            f"{exc}; the rows are whole: free space and finish with lesionbench run --resume {shlex.quote(str(out))}"
+        ) from None
+    console.print(
+        f"results: {run.results_path}\nleaderboard: {board}" + (f"\nplots: {run.path / 'plots'}" if draw else "")
+    )
     return NOT_SCORED_EXIT if unscored else 0
 
 
@@ -112,9 +130,17 @@ def _with_flags(study, args, warn):
     from lesionbench.study import Study, with_overrides
 
     options = {f.name: getattr(args, f.name) for f in fields(Study) if f.metadata.get("flag")}
-    chosen = with_overrides(study, models=args.models, layers=args.layers, perturbations=args.perturbations,
-                            levels=args.levels, n_images=args.n_images, data=args.data, dataset=args.dataset,
-                            **options)  # fmt: skip
+    chosen = with_overrides(
+        study,
+        models=args.models,
+        layers=args.layers,
+        perturbations=args.perturbations,
+        levels=args.levels,
+        n_images=args.n_images,
+        data=args.data,
+        dataset=args.dataset,
+        **options,
+    )
     for text in weights_warnings(study.models, chosen.models):
         warn(text)
     return chosen
@@ -145,10 +171,14 @@ def _print_plan(study, registry, console) -> int:
     total = sum(r.cells for r in rows)
     seconds = sum(r.seconds for r in rows)
     extra = sum(r.extra_cells for r in rows)
-    console.print(f"{total:,} cells{f' (+ up to {extra:,} adaptive draws)' if extra else ''} on {len(plan.indices):,} "
-                  f"images, {study.draws} draw(s); estimate at most {clock_text(seconds)} on {study.device} "
-                  "(every cell a full pass; the fast engine evaluates only what follows the damaged layer). "
-                  "Nothing was run.", highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"{total:,} cells{f' (+ up to {extra:,} adaptive draws)' if extra else ''} on {len(plan.indices):,} "
+        f"images, {study.draws} draw(s); estimate at most {clock_text(seconds)} on {study.device} "
+        "(every cell a full pass; the fast engine evaluates only what follows the damaged layer). "
+        "Nothing was run.",
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -156,6 +186,7 @@ def weights_warnings(given, chosen) -> list[str]:
     """Warnings for ``--models`` entries that name no weights where the study's own models did:
     their source then picks (timm and torchvision build random weights), and a study would run
     for minutes at chance. ``given``/``chosen``: the ModelSpecs before and after the flags."""
+
     def named(m) -> bool:
         return m.weights not in (None, "none") or bool(m.checkpoint)
 
@@ -163,7 +194,9 @@ def weights_warnings(given, chosen) -> list[str]:
     bare = [m.ref for m in chosen if not named(m) and m not in given]
     if not carried or not bare:
         return []
-    listing = ", ".join(f"{m.ref} ({'weights' if m.weights else 'checkpoint'}={m.weights or m.checkpoint!r})" for m in carried)
+    listing = ", ".join(
+        f"{m.ref} ({'weights' if m.weights else 'checkpoint'}={m.weights or m.checkpoint!r})" for m in carried
+    )
     return [
         f"--models {','.join(bare)}: no weights named, where the study's models named theirs ({listing}); "
         f"the model source decides (timm and torchvision build random weights). To choose, list the model in "

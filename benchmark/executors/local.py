@@ -38,7 +38,9 @@ def evaluate_here(plan: Plan, jobs: Sequence[Job], debug: bool, note: Callable[[
         with _blamed_on(prepared, name, note):  # the model's own code failed in its clean pass
             runner = ModelRunner(plan, prepared, *eval_sets(plan, cache, prepared), debug=debug, note=note)
 
-        def guarded(rows, prepared=prepared, name=name):  # the runner's work, however (and whenever) the driver pulls it
+        def guarded(
+            rows, prepared=prepared, name=name
+        ):  # the runner's work, however (and whenever) the driver pulls it
             with _blamed_on(prepared, name, note):
                 yield from rows
 
@@ -85,4 +87,6 @@ class LocalExecutor:
 
 @hookimpl
 def lesionbench_executors():
-    return [ExecutorPlugin("local", "Evaluate every block in this process, model by model (the default).", LocalExecutor)]
+    return [
+        ExecutorPlugin("local", "Evaluate every block in this process, model by model (the default).", LocalExecutor)
+    ]

@@ -154,8 +154,9 @@ def portable(study: Study) -> Study:
     def absolute(p: str | None) -> str | None:
         return str(Path(p).resolve()) if p and Path(p).exists() else p
 
-    models = tuple(replace(m, checkpoint=absolute(m.checkpoint), init_checkpoint=absolute(m.init_checkpoint))
-                   for m in study.models)  # fmt: skip
+    models = tuple(
+        replace(m, checkpoint=absolute(m.checkpoint), init_checkpoint=absolute(m.init_checkpoint)) for m in study.models
+    )
     return replace(study, models=models, dataset=replace(study.dataset, path=absolute(study.dataset.path)))
 
 
@@ -218,8 +219,9 @@ def ray_backend(cluster: RayCluster, registry: Registry, worker_study: Study) ->
             for name, group in groupby(jobs, key=lambda j: j.model):
                 refs = [ref_of(s) for s in eval_sets(plan, cache, plan.model(name))]
                 for job in group:
-                    ref = task.remote(study_dict, key, plugins, name, job.block, job.done, [refs[0]], [refs[1]],
-                                      threads, debug)  # fmt: skip
+                    ref = task.remote(
+                        study_dict, key, plugins, name, job.block, job.done, [refs[0]], [refs[1]], threads, debug
+                    )
                     pending[ref] = job
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -285,6 +287,11 @@ def _remote(cluster: RayCluster, study: Study, fn):
 
 @hookimpl
 def lesionbench_executors():
-    return [ExecutorPlugin("ray", "One Ray task per block on a Ray cluster (pip install 'lesionbench[ray]').", RayExecutor,
-                           {"address": "the Ray cluster: auto (this node's cluster) or ray://host:10001 (default: start "
-                                       "a local one)"})]  # fmt: skip
+    return [
+        ExecutorPlugin(
+            "ray",
+            "One Ray task per block on a Ray cluster (pip install 'lesionbench[ray]').",
+            RayExecutor,
+            {"address": "the Ray cluster: auto (this node's cluster) or ray://host:10001 (default: start a local one)"},
+        )
+    ]

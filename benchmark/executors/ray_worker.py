@@ -108,8 +108,18 @@ def check_worker(study_dict: dict, key: str, plugins: dict[str, str], threads: i
     return True
 
 
-def run_block(study_dict: dict, key: str, plugins: dict[str, str], model: str, block, done: dict,
-              eval_ref: list, calibration_ref: list, threads: int, debug: bool) -> dict:  # fmt: skip
+def run_block(
+    study_dict: dict,
+    key: str,
+    plugins: dict[str, str],
+    model: str,
+    block,
+    done: dict,
+    eval_ref: list,
+    calibration_ref: list,
+    threads: int,
+    debug: bool,
+) -> dict:
     """A Ray task: the rows of one block not in ``done`` (``block`` None: only the clean row)."""
     torch.set_num_threads(threads)
     WORKER.plan_for(study_dict, key, plugins)

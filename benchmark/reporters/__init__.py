@@ -40,4 +40,8 @@ class Reporter(Protocol):
 def contract_problem(obj: object) -> str:
     """A reporter's rule beyond its fields' types: ``suffix`` is a file suffix such as ``".md"``."""
     suffix = getattr(obj, "suffix", "")
-    return "" if suffix.startswith(".") and len(suffix) > 1 else f"field 'suffix' must be a file suffix such as '.md', got {suffix!r}"
+    return (
+        ""
+        if suffix.startswith(".") and len(suffix) > 1
+        else f"field 'suffix' must be a file suffix such as '.md', got {suffix!r}"
+    )

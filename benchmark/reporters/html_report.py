@@ -14,8 +14,17 @@ from dataclasses import dataclass
 from html import escape
 
 from lesionbench.board import Entry, Leaderboard, ModelPage, Score, Track
-from lesionbench.board_text import (COLUMNS_NOTE, HOW_TO_READ, INTERVALS, NO_INTERVALS, critical_text, fmt, grid_text,
-                                    not_scored, with_interval)  # fmt: skip
+from lesionbench.board_text import (
+    COLUMNS_NOTE,
+    HOW_TO_READ,
+    INTERVALS,
+    NO_INTERVALS,
+    critical_text,
+    fmt,
+    grid_text,
+    not_scored,
+    with_interval,
+)
 from lesionbench.hookspecs import hookimpl
 from lesionbench.reporters import MAIN
 
@@ -101,62 +110,132 @@ def anchor(page: str) -> str:
 def _entry(e: Entry, ranked: list[str]) -> list[str]:
     w = e.weakest
     draws = "–" if e.draws is None else (str(e.draws[0]) if e.draws[0] == e.draws[1] else f"{e.draws[0]}–{e.draws[1]}")
-    return [_td(str(e.rank) if e.rank is not None else "–", e.rank),
-            f'<td><a href="#{anchor(e.page)}">{escape(e.model)}</a></td>',
-            _td(fmt(e.clean_top1, 3), e.clean_top1), _td(fmt(e.clean_top5, 3), e.clean_top5), _score(e.overall),
-            *(_score(e.perturbations[p]) for p in ranked),
-            _td(f"{w.layer} ({fmt(w.score)}, {w.perturbation})" if w else "–"),
-            _td(f"{fmt(e.first_layer)} / {fmt(e.last_layer)}" if w else "–"),
-            _td(f"{e.n_images} × {draws}"), _td(fmt(e.images_per_s, 0), e.images_per_s), _td(e.device),
-            _td(f"{e.study_seconds:,.0f} s", e.study_seconds)]  # fmt: skip
+    return [
+        _td(str(e.rank) if e.rank is not None else "–", e.rank),
+        f'<td><a href="#{anchor(e.page)}">{escape(e.model)}</a></td>',
+        _td(fmt(e.clean_top1, 3), e.clean_top1),
+        _td(fmt(e.clean_top5, 3), e.clean_top5),
+        _score(e.overall),
+        *(_score(e.perturbations[p]) for p in ranked),
+        _td(f"{w.layer} ({fmt(w.score)}, {w.perturbation})" if w else "–"),
+        _td(f"{fmt(e.first_layer)} / {fmt(e.last_layer)}" if w else "–"),
+        _td(f"{e.n_images} × {draws}"),
+        _td(fmt(e.images_per_s, 0), e.images_per_s),
+        _td(e.device),
+        _td(f"{e.study_seconds:,.0f} s", e.study_seconds),
+    ]
 
 
 def _track(t: Track) -> list[str]:
     name = f" (<code>{escape(t.dataset)}</code>)" if t.title != t.dataset else ""
-    out = [f'<section id="track-{escape(t.dataset)}" data-dataset="{escape(t.dataset)}">',
-           f"<h2>Track: {escape(t.title)}{name} — scores from {escape(t.metric)}</h2>"]  # fmt: skip
+    out = [
+        f'<section id="track-{escape(t.dataset)}" data-dataset="{escape(t.dataset)}">',
+        f"<h2>Track: {escape(t.title)}{name} — scores from {escape(t.metric)}</h2>",
+    ]
     if t.ranked:
-        out.append(f"<p>Ranked on {escape(', '.join(t.ranked))}: the perturbations every model of the track was "
-                   "studied under, with the same level grid; every column below uses these only.</p>")  # fmt: skip
+        out.append(
+            f"<p>Ranked on {escape(', '.join(t.ranked))}: the perturbations every model of the track was "
+            "studied under, with the same level grid; every column below uses these only.</p>"
+        )
     else:
         out.append("<p>No perturbation was run on every model with the same level grid: the models are not ranked.</p>")
-    for label, names in (("Not ranked, not run on every model", t.partial), ("Not ranked, run on different level grids",
-                                                                            t.regridded)):  # fmt: skip
+    for label, names in (
+        ("Not ranked, not run on every model", t.partial),
+        ("Not ranked, run on different level grids", t.regridded),
+    ):
         if names:
             out.append(f"<p>{label}: {escape(', '.join(names))}.</p>")
-    head = [("rank", "#"), ("model", "model"), ("clean_top1", "clean top-1"), ("clean_top5", "clean top-5"),
-            ("overall", "overall"), *((f"perturbation:{p}", p) for p in t.ranked), ("weakest", "weakest layer"),
-            ("first_last", "first / last layer"), ("images_draws", "images × draws"), ("images_per_s", "images/s"),
-            ("device", "device"), ("study_seconds", "study time")]  # fmt: skip
+    head = [
+        ("rank", "#"),
+        ("model", "model"),
+        ("clean_top1", "clean top-1"),
+        ("clean_top5", "clean top-5"),
+        ("overall", "overall"),
+        *((f"perturbation:{p}", p) for p in t.ranked),
+        ("weakest", "weakest layer"),
+        ("first_last", "first / last layer"),
+        ("images_draws", "images × draws"),
+        ("images_per_s", "images/s"),
+        ("device", "device"),
+        ("study_seconds", "study time"),
+    ]
     rows = [_entry(e, t.ranked) for e in t.entries]
-    rows += [[_td("–"), f'<td><a href="#{anchor(u.page)}">{escape(u.model)}</a></td>', _td(fmt(u.clean_top1, 3),
-              u.clean_top1), _td(fmt(u.clean_top5, 3), u.clean_top5), _td(not_scored()), *[_td("–")] * (len(head) - 5)]
-             for u in t.unscored]  # fmt: skip
+    rows += [
+        [
+            _td("–"),
+            f'<td><a href="#{anchor(u.page)}">{escape(u.model)}</a></td>',
+            _td(fmt(u.clean_top1, 3), u.clean_top1),
+            _td(fmt(u.clean_top5, 3), u.clean_top5),
+            _td(not_scored()),
+            *[_td("–")] * (len(head) - 5),
+        ]
+        for u in t.unscored
+    ]
     out += [_table(head, rows, "sortable ranked"), f"<p>{_inline(COLUMNS_NOTE)}</p>"]
     if t.headline:
         out.append(_figure(t.headline, f"Layer score against depth, {t.title}"))
-    out.append(f"<h3>Details: {escape(t.title)}</h3><p>Level grids (a score is comparable only with scores on the "
-               "same grid):</p>")  # fmt: skip
-    out.append(_table([("perturbation", "perturbation"), ("models", "models"), ("levels", "levels"), ("unit", "unit")],
-                      [[_td(g.perturbation), _td("all" if g.models is None else ", ".join(g.models)),
-                        _td(grid_text(g.levels)), _td(g.unit or "–")] for g in t.grids]))  # fmt: skip
-    out.append("<p>Where the fragile layers are, per perturbation (mean layer score of the first, middle and last "
-               "third of each network's studied layers, and the single most fragile layer):</p>")  # fmt: skip
-    out.append(_table([("perturbation", "perturbation"), ("models", "models"), ("early", "early"), ("middle", "middle"),
-                       ("late", "late"), ("fragile", "most fragile layer")],
-                      [[_td(d.perturbation), _td(str(d.models), d.models), _td(fmt(d.early), d.early),
-                        _td(fmt(d.middle), d.middle), _td(fmt(d.late), d.late),
-                        _td(f"{d.fragile_model}: {d.fragile_layer} ({fmt(d.fragile_score)})")] for d in t.depth]))  # fmt: skip
+    out.append(
+        f"<h3>Details: {escape(t.title)}</h3><p>Level grids (a score is comparable only with scores on the "
+        "same grid):</p>"
+    )
+    out.append(
+        _table(
+            [("perturbation", "perturbation"), ("models", "models"), ("levels", "levels"), ("unit", "unit")],
+            [
+                [
+                    _td(g.perturbation),
+                    _td("all" if g.models is None else ", ".join(g.models)),
+                    _td(grid_text(g.levels)),
+                    _td(g.unit or "–"),
+                ]
+                for g in t.grids
+            ],
+        )
+    )
+    out.append(
+        "<p>Where the fragile layers are, per perturbation (mean layer score of the first, middle and last "
+        "third of each network's studied layers, and the single most fragile layer):</p>"
+    )
+    out.append(
+        _table(
+            [
+                ("perturbation", "perturbation"),
+                ("models", "models"),
+                ("early", "early"),
+                ("middle", "middle"),
+                ("late", "late"),
+                ("fragile", "most fragile layer"),
+            ],
+            [
+                [
+                    _td(d.perturbation),
+                    _td(str(d.models), d.models),
+                    _td(fmt(d.early), d.early),
+                    _td(fmt(d.middle), d.middle),
+                    _td(fmt(d.late), d.late),
+                    _td(f"{d.fragile_model}: {d.fragile_layer} ({fmt(d.fragile_score)})"),
+                ]
+                for d in t.depth
+            ],
+        )
+    )
     c = t.class_damage
     if c is not None and c.fewest < c.minimum:
-        out.append(f"<p>Classes hurt most: not named — this track has {c.fewest} image(s) of some classes (fewer than "
-                   f"{c.minimum}), too few for a per-class accuracy.</p>")  # fmt: skip
+        out.append(
+            f"<p>Classes hurt most: not named — this track has {c.fewest} image(s) of some classes (fewer than "
+            f"{c.minimum}), too few for a per-class accuracy.</p>"
+        )
     elif c is not None:
-        items = "".join(f"<li><b>{escape(h.model)}</b>, {escape(h.perturbation)} at {escape(h.layer)}: hurt most "
-                        + ", ".join(f"{escape(s.name)} ({s.retention:.2f})" for s in h.most)
-                        + f"; least {escape(h.least.name)} ({h.least.retention:.2f})</li>" for h in c.hurt)  # fmt: skip
-        out.append(f"<p>Classes hurt most at each model's most fragile layer under each ranked perturbation (mean "
-                   f"retention over the levels):</p><ul>{items}</ul>")  # fmt: skip
+        items = "".join(
+            f"<li><b>{escape(h.model)}</b>, {escape(h.perturbation)} at {escape(h.layer)}: hurt most "
+            + ", ".join(f"{escape(s.name)} ({s.retention:.2f})" for s in h.most)
+            + f"; least {escape(h.least.name)} ({h.least.retention:.2f})</li>"
+            for h in c.hurt
+        )
+        out.append(
+            f"<p>Classes hurt most at each model's most fragile layer under each ranked perturbation (mean "
+            f"retention over the levels):</p><ul>{items}</ul>"
+        )
     out += [_model(page, t) for page in t.models]
     out.append("</section>")
     return out
@@ -166,12 +245,15 @@ def _model(page: ModelPage, t: Track) -> str:
     out = [f'<section class="model" id="{anchor(page.page)}"><h4>{escape(page.model)} — {escape(t.title)}</h4>']
     if page.unscored is not None:
         u = page.unscored
-        out.append(f"<p>{not_scored()} ({t.metric} {u.clean:.3f} on {u.n_images:g} images, chance {u.chance:g}): were "
-                   "its weights loaded?</p>")  # fmt: skip
+        out.append(
+            f"<p>{not_scored()} ({t.metric} {u.clean:.3f} on {u.n_images:g} images, chance {u.chance:g}): were "
+            "its weights loaded?</p>"
+        )
     items = []
     for f in page.fragile:
         text = f"Most fragile under {escape(f.perturbation)}: <b>{escape(f.layer)}</b> (score " + escape(
-            f"{with_interval(f.score.value, f.score.low, f.score.high)}, {f.verdict})")
+            f"{with_interval(f.score.value, f.score.low, f.score.high)}, {f.verdict})"
+        )
         if f.apart is False:
             text += f"; the runner-up {escape(f.runner_up)} ({fmt(f.runner_up_score)}) cannot be told apart from it"
         elif f.apart:
@@ -188,9 +270,13 @@ def _model(page: ModelPage, t: Track) -> str:
             cells = [_td(r.layer), _td(fmt(r.depth), r.depth)]
             for p in table.perturbations:
                 c = r.cells[p]
-                cells += [_score(c.score, c.verdict if c.verdict in ("critical", "undetermined") else ""),
-                          _td(critical_text(c.critical.value, c.critical.low, c.critical.high, c.max_level, c.axis),
-                              c.critical.value)]  # fmt: skip
+                cells += [
+                    _score(c.score, c.verdict if c.verdict in ("critical", "undetermined") else ""),
+                    _td(
+                        critical_text(c.critical.value, c.critical.low, c.critical.high, c.max_level, c.axis),
+                        c.critical.value,
+                    ),
+                ]
             rows.append(cells)
         out.append(_table(head, rows))
     out += [_figure(link.path, link.label) for link in page.plots]
@@ -207,18 +293,31 @@ class HtmlReporter:
     def render(self, board: Leaderboard, single: bool = False) -> dict[str, str]:
         b = board.bootstrap
         intervals = INTERVALS.format(method=b.method, replicates=b.replicates, seed=b.seed) if b else NO_INTERVALS
-        body = [f"<h1>{escape(board.title)}</h1>",
-                "<p>Rendered by lesionbench from the result files listed under Sources; do not edit by hand.</p>"]
+        body = [
+            f"<h1>{escape(board.title)}</h1>",
+            "<p>Rendered by lesionbench from the result files listed under Sources; do not edit by hand.</p>",
+        ]
         for track in board.tracks:
             body += _track(track)
         body += ["<h2>How to read these tables</h2>", f"<p>{_inline(HOW_TO_READ)}</p>", f"<p>{_inline(intervals)}</p>"]
         if board.sources:
             body.append("<p>Sources: " + ", ".join(f"<code>{escape(s)}</code>" for s in board.sources) + "</p>")
-        page = ['<!DOCTYPE html>', '<html lang="en">', "<head>", '<meta charset="utf-8">',
-                '<meta name="viewport" content="width=device-width, initial-scale=1">',
-                f'<meta name="generator" content="lesionbench ({board.schema})">',
-                f"<title>{escape(board.title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>", *body,
-                f"<script>{SCRIPT}</script>", "</body>", "</html>"]  # fmt: skip
+        page = [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f'<meta name="generator" content="lesionbench ({board.schema})">',
+            f"<title>{escape(board.title)}</title>",
+            f"<style>{STYLE}</style>",
+            "</head>",
+            "<body>",
+            *body,
+            f"<script>{SCRIPT}</script>",
+            "</body>",
+            "</html>",
+        ]
         return {MAIN: "\n".join(page) + "\n"}
 
 

@@ -14,8 +14,19 @@ import re
 from dataclasses import dataclass
 
 from lesionbench.board import ClassDamage, Entry, Leaderboard, ModelPage, Track
-from lesionbench.board_text import (COLUMNS_NOTE, HOW_TO_READ, INTERVALS, NO_INTERVALS, critical_text, fmt, grid_text,
-                                    md, not_scored, table, with_interval)  # fmt: skip
+from lesionbench.board_text import (
+    COLUMNS_NOTE,
+    HOW_TO_READ,
+    INTERVALS,
+    NO_INTERVALS,
+    critical_text,
+    fmt,
+    grid_text,
+    md,
+    not_scored,
+    table,
+    with_interval,
+)
 from lesionbench.hookspecs import hookimpl
 from lesionbench.reporters import MAIN
 
@@ -41,15 +52,35 @@ class MarkdownReporter:
                 if single:
                     models_md += lines + _plot_lines([(p.label, p.path) for p in page.plots])
                     continue
-                up = [(p.label, p.path if "://" in p.path or p.path.startswith("/") else f"../{p.path}")
-                      for p in page.plots]  # fmt: skip
-                pages[page_path(page.page)] = "\n".join(
-                    [f"# {md(page.model)} — {md(track.title)}", "", f"[← the leaderboard](../{LEADERBOARD_PAGE}) · "
-                     f"scores from {track.metric}; how to read them: the leaderboard's *How to read these tables*.",
-                     "", *lines[4:], *_plot_lines(up)]
-                ).rstrip() + "\n"  # fmt: skip
-        lines = [f"# {board.title}", "", "Rendered by lesionbench from the result files listed under Sources; do not "
-                 "edit by hand.", "", *ranked, "## How to read these tables", "", HOW_TO_READ, ""]  # fmt: skip
+                up = [
+                    (p.label, p.path if "://" in p.path or p.path.startswith("/") else f"../{p.path}")
+                    for p in page.plots
+                ]
+                pages[page_path(page.page)] = (
+                    "\n".join(
+                        [
+                            f"# {md(page.model)} — {md(track.title)}",
+                            "",
+                            f"[← the leaderboard](../{LEADERBOARD_PAGE}) · "
+                            f"scores from {track.metric}; how to read them: the leaderboard's *How to read these tables*.",
+                            "",
+                            *lines[4:],
+                            *_plot_lines(up),
+                        ]
+                    ).rstrip()
+                    + "\n"
+                )
+        lines = [
+            f"# {board.title}",
+            "",
+            "Rendered by lesionbench from the result files listed under Sources; do not edit by hand.",
+            "",
+            *ranked,
+            "## How to read these tables",
+            "",
+            HOW_TO_READ,
+            "",
+        ]
         b = board.bootstrap
         lines += [INTERVALS.format(method=b.method, replicates=b.replicates, seed=b.seed) if b else NO_INTERVALS, ""]
         if board.sources:
@@ -77,12 +108,15 @@ def draws_text(draws: list[int] | None) -> str:
 def _ranked(track: Track, link) -> list[str]:
     shared = track.ranked
     left_out = ([f"not run on every model: {', '.join(map(md, track.partial))}"] if track.partial else []) + (
-        [f"run on different level grids: {', '.join(map(md, track.regridded))}"] if track.regridded else [])  # fmt: skip
+        [f"run on different level grids: {', '.join(map(md, track.regridded))}"] if track.regridded else []
+    )
     name = f" (`{md(track.dataset)}`)" if track.title != track.dataset else ""
     lines = [f"## Track: {md(track.title)}{name} — scores from {track.metric}", ""]
     if shared:
-        lines.append("Ranked on " + ", ".join(md(p) for p in shared) + ": the perturbations every model of the track "
-                     "was studied under, with the same level grid; every column below uses these only.")  # fmt: skip
+        lines.append(
+            "Ranked on " + ", ".join(md(p) for p in shared) + ": the perturbations every model of the track "
+            "was studied under, with the same level grid; every column below uses these only."
+        )
     else:
         lines.append("No perturbation was run on every model with the same level grid: the models are not ranked.")
     if left_out:
@@ -102,8 +136,16 @@ def _ranked(track: Track, link) -> list[str]:
         rows.append(row)
     for u in track.unscored:
         row = dict.fromkeys(rows[0] if rows else (), "–")
-        rows.append({**row, "#": "–", "model": f"[{md(u.model)}]({link(pages[u.model])})",
-                     "clean top-1": fmt(u.clean_top1, 3), "clean top-5": fmt(u.clean_top5, 3), "overall": not_scored()})  # fmt: skip
+        rows.append(
+            {
+                **row,
+                "#": "–",
+                "model": f"[{md(u.model)}]({link(pages[u.model])})",
+                "clean top-1": fmt(u.clean_top1, 3),
+                "clean top-5": fmt(u.clean_top5, 3),
+                "overall": not_scored(),
+            }
+        )
     lines += [table(rows), "", COLUMNS_NOTE, ""]
     if not inline:
         lines += ["Mean layer score per ranked perturbation:", "", table(list(per_pert.values())), ""]
@@ -113,9 +155,13 @@ def _ranked(track: Track, link) -> list[str]:
 
 
 def _entry_row(e: Entry, link: str) -> dict[str, str]:
-    return {"#": str(e.rank) if e.rank is not None else "–", "model": f"[{md(e.model)}]({link})",
-            "clean top-1": fmt(e.clean_top1, 3), "clean top-5": fmt(e.clean_top5, 3),
-            "overall": with_interval(e.overall.value, e.overall.low, e.overall.high)}  # fmt: skip
+    return {
+        "#": str(e.rank) if e.rank is not None else "–",
+        "model": f"[{md(e.model)}]({link})",
+        "clean top-1": fmt(e.clean_top1, 3),
+        "clean top-5": fmt(e.clean_top5, 3),
+        "overall": with_interval(e.overall.value, e.overall.low, e.overall.high),
+    }
 
 
 def _entry_tail(e: Entry) -> dict[str, str]:
@@ -131,30 +177,56 @@ def _entry_tail(e: Entry) -> dict[str, str]:
 
 
 def _details(track: Track) -> list[str]:
-    grids = [{"perturbation": md(g.perturbation), "models": "all" if g.models is None else ", ".join(map(md, g.models)),
-              "levels": grid_text(g.levels), "unit": md(g.unit) or "–"} for g in track.grids]  # fmt: skip
-    depth = [{"perturbation": md(d.perturbation), "models": str(d.models),
-              **{n: fmt(v) for n, v in zip(("early", "middle", "late"), (d.early, d.middle, d.late))},
-              "most fragile layer": f"{md(d.fragile_model)}: {md(d.fragile_layer)} ({fmt(d.fragile_score)})"}
-             for d in track.depth]  # fmt: skip
-    return [f"## Details: {md(track.title)}", "",
-            "Level grids (a score is comparable only with scores on the same grid):", "", table(grids), "",
-            "Where the fragile layers are, per perturbation (mean layer score of the first, middle and last "
-            "third of each network's studied layers, and the single most fragile layer):", "", table(depth), "",
-            *_class_damage(track.class_damage)]  # fmt: skip
+    grids = [
+        {
+            "perturbation": md(g.perturbation),
+            "models": "all" if g.models is None else ", ".join(map(md, g.models)),
+            "levels": grid_text(g.levels),
+            "unit": md(g.unit) or "–",
+        }
+        for g in track.grids
+    ]
+    depth = [
+        {
+            "perturbation": md(d.perturbation),
+            "models": str(d.models),
+            **{n: fmt(v) for n, v in zip(("early", "middle", "late"), (d.early, d.middle, d.late))},
+            "most fragile layer": f"{md(d.fragile_model)}: {md(d.fragile_layer)} ({fmt(d.fragile_score)})",
+        }
+        for d in track.depth
+    ]
+    return [
+        f"## Details: {md(track.title)}",
+        "",
+        "Level grids (a score is comparable only with scores on the same grid):",
+        "",
+        table(grids),
+        "",
+        "Where the fragile layers are, per perturbation (mean layer score of the first, middle and last "
+        "third of each network's studied layers, and the single most fragile layer):",
+        "",
+        table(depth),
+        "",
+        *_class_damage(track.class_damage),
+    ]
 
 
 def _class_damage(c: ClassDamage | None) -> list[str]:
     if c is None:
         return []
     if c.fewest < c.minimum:
-        return [f"Classes hurt most: not named — this track has {c.fewest} image(s) of some classes (fewer than "
-                f"{c.minimum}), too few for a per-class accuracy.", ""]  # fmt: skip
+        return [
+            f"Classes hurt most: not named — this track has {c.fewest} image(s) of some classes (fewer than "
+            f"{c.minimum}), too few for a per-class accuracy.",
+            "",
+        ]
     lines = []
     for h in sorted(c.hurt, key=lambda h: (md(h.model), md(h.perturbation))):
         most = ", ".join(f"{md(s.name)} ({s.retention:.2f})" for s in h.most)
-        lines.append(f"- **{md(h.model)}**, {md(h.perturbation)} at {md(h.layer)}: hurt most {most}; least "
-                     f"{md(h.least.name)} ({h.least.retention:.2f}) — mean retention over levels")  # fmt: skip
+        lines.append(
+            f"- **{md(h.model)}**, {md(h.perturbation)} at {md(h.layer)}: hurt most {most}; least "
+            f"{md(h.least.name)} ({h.least.retention:.2f}) — mean retention over levels"
+        )
     images = c.fewest if c.fewest == c.most else f"{c.fewest}–{c.most}"
     return [
         f"Classes hurt most at each model's most fragile layer under each ranked perturbation (per-class retention "
@@ -174,11 +246,16 @@ def _model_section(page: ModelPage, metric: str) -> list[str]:
     lines = [f'<a id="{anchor(page.model)}"></a>', "", f"### {md(page.model)}", ""]
     if page.unscored is not None:
         u = page.unscored
-        return lines + [f"{not_scored()} ({metric} {u.clean:.3f} on {u.n_images:g} images, chance {u.chance:g}): "
-                        "were its weights loaded?", ""]  # fmt: skip
+        return lines + [
+            f"{not_scored()} ({metric} {u.clean:.3f} on {u.n_images:g} images, chance {u.chance:g}): "
+            "were its weights loaded?",
+            "",
+        ]
     for f in page.fragile:
-        text = (f"- Most fragile under {md(f.perturbation)}: **{md(f.layer)}** (score "
-                f"{with_interval(f.score.value, f.score.low, f.score.high)}, {f.verdict})")  # fmt: skip
+        text = (
+            f"- Most fragile under {md(f.perturbation)}: **{md(f.layer)}** (score "
+            f"{with_interval(f.score.value, f.score.low, f.score.high)}, {f.verdict})"
+        )
         if f.apart is False:
             text += f"; the runner-up {md(f.runner_up)} ({fmt(f.runner_up_score)}) cannot be told apart from it"
         elif f.apart:
@@ -193,7 +270,9 @@ def _model_section(page: ModelPage, metric: str) -> list[str]:
                 c = r.cells[p]
                 mark = {"critical": "**", "undetermined": "_"}.get(c.verdict, "")
                 row[f"{md(p)} score"] = f"{mark}{with_interval(c.score.value, c.score.low, c.score.high)}{mark}"
-                row[f"{md(p)} p½"] = critical_text(c.critical.value, c.critical.low, c.critical.high, c.max_level, c.axis)
+                row[f"{md(p)} p½"] = critical_text(
+                    c.critical.value, c.critical.low, c.critical.high, c.max_level, c.axis
+                )
             rows.append(row)
         lines += [table(rows), ""]
     return lines

@@ -105,7 +105,9 @@ def copy_leaderboard(app) -> None:
     shutil.rmtree(target, ignore_errors=True)
     if not (source / "LEADERBOARD.md").is_file():
         return
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("results", "in-progress", "*.csv", "*.arrow", "*.json"))
+    shutil.copytree(
+        source, target, ignore=shutil.ignore_patterns("results", "in-progress", "*.csv", "*.arrow", "*.json")
+    )
     for page in target.rglob("*.md"):
         if page.name != "LEADERBOARD.md":
             page.write_text("---\norphan: true\n---\n\n" + page.read_text())
