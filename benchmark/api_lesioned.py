@@ -11,12 +11,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lesionbench.applicability import hookable
 from lesionbench.errors import LesionbenchError
 from lesionbench.graph import ModelGraph, check_module
 from lesionbench.kinds import perturbation_kind
 from lesionbench.layers import select_layers
 from lesionbench.perturbation import Perturbation, cell_seed, check_levels, generator_for, perturbed
-from lesionbench.plan import hookable, model_dtype
+from lesionbench.plan import model_dtype
 from lesionbench.registry import Registry, get_registry
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 
 class LesionbenchError(Exception):
@@ -59,3 +60,14 @@ def unknown_name(kind: str, name: str, valid: Iterable[str]) -> LesionbenchError
     hint = f" Did you mean {close[0]!r}?" if close else ""
     listing = ", ".join(valid) if valid else "(none loaded)"
     return LesionbenchError(f"unknown {kind} {name!r}.{hint} Valid: {listing}")
+
+
+@contextmanager
+def blame(plugin: str, what: str) -> Iterator[None]:
+    """Turn an exception from a plugin's own code into one line naming the plugin (traceback kept)."""
+    try:
+        yield
+    except (LesionbenchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plugin's bug, reported as such
+        raise plugin_failure(plugin, what, exc) from None

@@ -114,7 +114,7 @@ class Perturbation:
         perturbation cannot damage for what it computes (a block that changes its input's shape, an
         output whose dtype the damage cannot hold): each raises :class:`LesionbenchError` naming the
         layer and changes nothing. The harness installs them on every layer (target), runs one
-        example through the model and removes them (:func:`lesionbench.plan.check_by_forward`).
+        example through the model and removes them (:func:`lesionbench.applicability.check_by_forward`).
         Return their handles; none by default."""
         return []
 

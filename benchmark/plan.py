@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -19,11 +18,11 @@ import torch
 
 from lesionbench import adaptive
 from lesionbench.adaptive import extra_draws  # noqa: F401 - re-exported (its home before adaptive.py)
+from lesionbench.applicability import check_by_forward, hookable
 from lesionbench.data import RawDataset, stratified_subset
-from lesionbench.errors import LesionbenchError, internal_failure, plugin_failure
+from lesionbench.errors import LesionbenchError, blame, internal_failure
 from lesionbench.evaluate import resolve_device
 from lesionbench.graph import ModelGraph, check_module, run_once
-from lesionbench.hook_routing import HOOKED_OPS, ROUTED_OPS
 from lesionbench.kinds import perturbation_kind
 from lesionbench.layers import Layer, select_layers, spread_layers
 from lesionbench.model_sources import LoadedModel, create_model, resolve_source
@@ -205,17 +204,6 @@ def model_dtype(module: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
-@contextmanager
-def blame(plugin: str, what: str) -> Iterator[None]:
-    """Turn an exception from a plugin's own code into one line naming the plugin (traceback kept)."""
-    try:
-        yield
-    except (LesionbenchError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # noqa: BLE001 - a plugin's bug, reported as such
-        raise plugin_failure(plugin, what, exc) from None
-
-
 def resolve_perturbations(study: Study, registry: Registry) -> dict[str, tuple[Perturbation, tuple[float, ...]]]:
     """Each perturbation the study names with its levels, checked against its range and rules."""
     perturbations = {}
@@ -302,27 +290,6 @@ def prepare_model(
     return PreparedModel(loaded, graph, layers, targets, dtype, notes, plugin)
 
 
-def hookable(layers: list[Layer], perturbation: str, ref: str, named: bool, notes: list[str]) -> list[Layer]:
-    """The layers a hook perturbation can damage: those whose output passes through their module's
-    call, where its forward hook sees it, and those applied by a ``linear``/``convNd`` op outside it
-    (a ``.forward()`` call, ``F.linear`` on its weight: the harness runs the hooks on that op's
-    output), and ``nn.MultiheadAttention``'s out_proj (applied inside ``multi_head_attention_forward``:
-    the harness calls the module there, see ``perturbation.OutProjectionCalled``). A layer whose
-    weight another op applies is refused when the study names it, else left out of this
-    perturbation and named in run.log."""
-    hookable_ops = HOOKED_OPS | ROUTED_OPS
-    for layer in layers:
-        if layer.applied_by and layer.applied_by not in hookable_ops:
-            why = (
-                f"layer {layer.display!r} of model {ref!r}: its weight is applied by {layer.applied_by!r} outside "
-                f"the module's own call, so a forward hook never sees its output and {perturbation!r} cannot damage it"
-            )
-            if named:
-                raise LesionbenchError(f"{why}; weight perturbations can, or leave the layer out of the study")
-            notes.append(f"{why}: left out of {perturbation}")
-    return [layer for layer in layers if not layer.applied_by or layer.applied_by in hookable_ops]
-
-
 def prepare(study: Study, registry: Registry) -> Plan:
     """Resolve and check everything the study names; raises LesionbenchError on the first problem."""
     check_device(study.device)
@@ -364,30 +331,6 @@ def prepare(study: Study, registry: Registry) -> Plan:
         for m in models:
             check_by_forward(m, name, p, registry.owner("perturbations", name))
     return Plan(study, perturbations, raw, indices, models, calibration)
-
-
-def check_by_forward(prepared: PreparedModel, name: str, perturbation: Perturbation, plugin: str) -> None:
-    """Refuse, before anything runs, a target the perturbation cannot damage for what it computes:
-    its :meth:`~lesionbench.perturbation.Perturbation.check_hooks` on every target of the model, one
-    example (zeros, as the model's first check) through the clean model, the hooks removed however
-    it ends. Nothing to do (no forward pass) when the perturbation declares no check hooks.
-
-    Raises:
-        LesionbenchError: one line naming the perturbation, the model and what a hook refused.
-    """
-    handles = []
-    loaded = prepared.loaded
-    try:
-        with blame(plugin, f"checking what {name!r} perturbs in {loaded.name!r} on one input"):
-            for layer in prepared.targets_of(name):
-                handles.extend(perturbation.check_hooks(layer) or [])
-            if handles:
-                run_once(loaded.module, torch.zeros(1, *loaded.input_size, dtype=prepared.dtype))
-    except LesionbenchError as exc:
-        raise LesionbenchError(f"perturbation {name!r} cannot damage model {loaded.name!r}: {exc}") from None
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def calibration_subset(labels: np.ndarray, eval_indices: np.ndarray, study: Study) -> np.ndarray:

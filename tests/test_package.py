@@ -226,6 +226,7 @@ def test_import_graph_has_no_cycles():
         "lesionbench.study",
         "lesionbench.study_schema",
         "lesionbench.plan",
+        "lesionbench.applicability",
         "lesionbench.graph",
         "lesionbench.cells",
         "lesionbench.store",
