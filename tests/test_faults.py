@@ -294,3 +294,21 @@ def test_resume_is_idempotent_for_a_job_script(tmp_path, case):
     )
     assert again.returncode == 0 and f"{run} is complete: nothing to resume" in again.stdout.replace("\n", "")
     assert (run / "results.csv").read_bytes() == table
+
+
+def test_the_resume_hint_imports_no_torch(tmp_path, monkeypatch):
+    """Found by the fault benchmark: SIGTERM at 1.4 CPU s, inside torch's own import, then the hint's
+    import of lesionbench.store imported torch again ("duplicate registrations for aten.linspace"): a
+    traceback and exit 1. The hint must not need torch (here, importing it fails)."""
+    from lesionbench.cli import _resume_hint
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch → ImportError
+    monkeypatch.delitem(sys.modules, "lesionbench.store", raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text("{}")
+    (run / "results.csv").write_text("")
+    assert _resume_hint(run, ["run", "s.toml"]) == f"; finish it with: lesionbench run --resume {run}"
+    assert _resume_hint(tmp_path / "none", ["run", "s.toml", "--out", "x"]).endswith(
+        "nothing was written: start it again with: lesionbench run s.toml --out x"
+    )

@@ -214,11 +214,13 @@ COMMANDS = {
 def _resume_hint(where: Path | None, argv: list[str]) -> str:
     """How an interrupted ``run`` is finished: ``--resume DIR`` where DIR holds a run (the study
     comes from its manifest), else the same command again (nothing was written)."""
-    from lesionbench.store import RunDir
-
     if where is None:
         return ""
-    if RunDir.exists(where):
+    # No torch here (lesionbench.store imports it): a SIGTERM during start-up can interrupt torch's own
+    # import, and importing it again then fails ("duplicate registrations") with a traceback.
+    from lesionbench.columns import MANIFEST, RESULTS
+
+    if (Path(where) / MANIFEST).is_file() and (Path(where) / RESULTS).is_file():  # RunDir.exists
         return f"; finish it with: lesionbench run --resume {shlex.quote(str(where))}"
     return f"; nothing was written: start it again with: lesionbench {shlex.join(argv)}"
 
@@ -249,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         log.addHandler(_WarningsToConsole(logging.WARNING))
 
     def stopped(terminated: bool) -> str:  # the cell in flight is dropped: rows are written whole or not at all
-        hint = _resume_hint(getattr(args, "run_dir", None), argv if argv is not None else sys.argv[1:])
+        try:
+            hint = _resume_hint(getattr(args, "run_dir", None), argv if argv is not None else sys.argv[1:])
+        except Exception:  # noqa: BLE001 - an interrupted import can leave anything half-done: the line without the hint
+            hint = ""
         return f"lesionbench: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}"
 
     try:  # a main thread stuck in native code is not waited for (see lesionbench.cli.interrupts)
