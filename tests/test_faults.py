@@ -312,3 +312,39 @@ def test_the_resume_hint_imports_no_torch(tmp_path, monkeypatch):
     assert _resume_hint(tmp_path / "none", ["run", "s.toml", "--out", "x"]).endswith(
         "nothing was written: start it again with: lesionbench run s.toml --out x"
     )
+
+
+@pytest.mark.parametrize(
+    "signame, code, what", [("SIGTERM", 143, "terminated (SIGTERM)"), ("SIGINT", 130, "interrupted")]
+)
+def test_an_interrupt_while_the_command_line_starts_is_one_line_and_no_traceback(signame, code, what):
+    """Found by the fault benchmark (5 of 69 trials, all in the first 1.5 CPU s): SIGTERM or Ctrl-C
+    while torch was being imported raised inside its import, and the process then printed a traceback
+    (a half-initialised torch imported again) or crashed (SIGSEGV). Until the imports are done, the
+    command line's own process now ends at once with one line; here the signal arrives while a
+    module that sleeps is being imported."""
+    program = (
+        "import os, signal, sys, threading\n"
+        "sys.argv = ['-m', 'run', 'study.toml', '--out', 'runs/x']\n"  # as `python -m lesionbench.cli` sees it
+        "import lesionbench.cli\n"
+        f"threading.Timer(0.2, os.kill, (os.getpid(), signal.{signame})).start()\n"
+        "import time; time.sleep(30)\n"  # still starting: the command has not imported the registry yet
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"lesionbench: {what} while starting; nothing was written: start it again with: "
+        "lesionbench run study.toml --out runs/x"
+    ]
+
+
+def test_a_program_that_imports_the_command_line_keeps_its_own_signal_handlers():
+    program = (
+        "import signal, sys\n"
+        "sys.argv = ['my_program.py']\n"
+        "before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)\n"
+        "import lesionbench.cli\n"
+        "assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -8,6 +8,11 @@ answers at once.
 
 from __future__ import annotations
 
+from lesionbench.cli import interrupts  # os, signal and threading only: first, before anything heavy
+
+if interrupts.is_command_line_process():  # an interrupt while importing ends the process with one line
+    interrupts.guard_start_up()
+
 import logging
 import os
 import shlex
@@ -244,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [p for p in args.plugin_switches if not p.startswith("no:") or not p[3:]]
     if bad:
         parser.error(f"-p takes no:NAME (switch the plugin NAME off), got {bad[0]!r}")
-    from lesionbench.cli.interrupts import exit_promptly
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    guarded = (
+        interrupts.starting()
+    )  # the command line's own process: SIGTERM and Ctrl-C exit until the imports are done
+    previous = signal.SIG_DFL if guarded else signal.signal(signal.SIGTERM, _terminate)
     if not any(isinstance(h, _WarningsToConsole) for h in log.handlers):
         log.addHandler(_WarningsToConsole(logging.WARNING))
 
@@ -258,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         return f"lesionbench: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}"
 
     try:  # a main thread stuck in native code is not waited for (see lesionbench.cli.interrupts)
-        with exit_promptly(lambda signum: stopped(signum == signal.SIGTERM)) as handled:
+        with interrupts.exit_promptly(lambda signum: stopped(signum == signal.SIGTERM)) as handled:
             try:
                 get_registry(disable=disabled)  # the registry every command then uses (-p no:NAME left out)
+                if guarded:  # torch and every plugin imported: from here an interrupt drops the cell in flight
+                    interrupts.started(_terminate)
                 return COMMANDS[args.command](args)
             except LesionbenchError as exc:
                 err_console.print(f"lesionbench: error: {exc}", highlight=False, markup=False, soft_wrap=True)

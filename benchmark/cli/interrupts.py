@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,3 +70,49 @@ def exit_promptly(message: Callable[[int], str]) -> Iterator[threading.Event]:
         done.set()
         signal.set_wakeup_fd(-1)
         os.close(write_end)  # the watcher reads end-of-file and ends
+
+
+_BEFORE: dict[int, object] = {}  # the handlers guard_start_up found
+
+
+def _while_starting(signum: int, frame) -> None:
+    """SIGTERM or Ctrl-C while the command line imports torch and the plugins: nothing is written
+    yet, and raising KeyboardInterrupt inside a C extension's import can leave it half-initialised
+    (a later import then fails, or the process crashes): end the process here, with one line."""
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    again = " ".join(["lesionbench", *sys.argv[1:]])
+    os.write(2, f"lesionbench: {what} while starting; nothing was written: start it again with: {again}\n".encode())
+    os._exit(EXIT_CODES[signum])
+
+
+def is_command_line_process() -> bool:
+    """Whether this process is the ``lesionbench`` command (the console script, or ``python -m
+    lesionbench.cli`` while the package is being imported, when ``sys.argv[0]`` is ``-m``), not a
+    program or test that imports the package."""
+    return bool(sys.argv) and (sys.argv[0] == "-m" or os.path.basename(sys.argv[0]) == "lesionbench")
+
+
+def guard_start_up() -> None:
+    """Until :func:`started`, SIGTERM and SIGINT end the process at once with one line (exit 143, 130)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            _BEFORE[signum] = signal.getsignal(signum)
+            if _BEFORE[signum] is not signal.SIG_IGN:  # an ignored signal (nohup, a background job) stays ignored
+                signal.signal(signum, _while_starting)
+
+
+def starting() -> bool:
+    """Whether :func:`guard_start_up` is in force."""
+    return (
+        signal.SIGTERM in _BEFORE
+        and _BEFORE[signal.SIGTERM] is not signal.SIG_IGN
+        and signal.getsignal(signal.SIGTERM) is _while_starting
+    )
+
+
+def started(on_sigterm: Callable) -> None:
+    """Start-up is over: Ctrl-C raises KeyboardInterrupt again, SIGTERM calls ``on_sigterm``."""
+    if _BEFORE.get(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _BEFORE.get(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, on_sigterm)
