@@ -325,6 +325,7 @@ def test_an_interrupt_while_the_command_line_starts_is_one_line_and_no_traceback
     module that sleeps is being imported."""
     program = (
         "import os, signal, sys, threading\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal (a background job ignores it)
         "sys.argv = ['-m', 'run', 'study.toml', '--out', 'runs/x']\n"  # as `python -m lesionbench.cli` sees it
         "import lesionbench.cli\n"
         f"threading.Timer(0.2, os.kill, (os.getpid(), signal.{signame})).start()\n"
@@ -345,6 +346,20 @@ def test_a_program_that_imports_the_command_line_keeps_its_own_signal_handlers()
         "before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)\n"
         "import lesionbench.cli\n"
         "assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_ignored_ctrl_c_stays_ignored_while_the_command_line_starts():
+    """nohup and background jobs start with SIGINT ignored: the start-up guard leaves it so."""
+    program = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "sys.argv = ['-m', 'run', 'study.toml']\n"
+        "import lesionbench.cli\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+        "assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL\n"  # SIGTERM is guarded
     )
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
