@@ -77,6 +77,15 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 OUTCOME = "outcome"  # the row key carrying a cell's per-image outcomes: (top1 int32 [n], top5 bool [n])
 
+
+def holds_run(path) -> bool:
+    """Whether directory ``path`` holds a run (a manifest and a results file). No torch: the
+    command line asks this while an interrupt may have cut torch's own import short."""
+    from pathlib import Path
+
+    return (Path(path) / MANIFEST).is_file() and (Path(path) / RESULTS).is_file()
+
+
 CellKey = tuple[str, str, str, float, int]
 KEY_COLUMNS = ["model", "layer", "perturbation", "level", "draw"]
 

@@ -55,6 +55,7 @@ from lesionbench.columns import (
     CellKey,
     Subset,
     cell_key,
+    holds_run,
 )
 from lesionbench.errors import LesionbenchError
 from lesionbench.memory_store import MemoryStore, Store
@@ -82,7 +83,7 @@ class RunDir:
     @staticmethod
     def exists(path: Path) -> bool:
         """Whether ``path`` holds a run (a manifest and a results file)."""
-        return (Path(path) / MANIFEST).is_file() and (Path(path) / RESULTS).is_file()
+        return holds_run(path)
 
     @property
     def results_path(self) -> Path:

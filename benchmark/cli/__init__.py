@@ -221,11 +221,11 @@ def _resume_hint(where: Path | None, argv: list[str]) -> str:
     comes from its manifest), else the same command again (nothing was written)."""
     if where is None:
         return ""
-    # No torch here (lesionbench.store imports it): a SIGTERM during start-up can interrupt torch's own
-    # import, and importing it again then fails ("duplicate registrations") with a traceback.
-    from lesionbench.columns import MANIFEST, RESULTS
+    # Not RunDir.exists (lesionbench.store imports torch): a SIGTERM during start-up can interrupt torch's
+    # own import, and importing it again then fails ("duplicate registrations") with a traceback.
+    from lesionbench.columns import holds_run
 
-    if (Path(where) / MANIFEST).is_file() and (Path(where) / RESULTS).is_file():  # RunDir.exists
+    if holds_run(where):
         return f"; finish it with: lesionbench run --resume {shlex.quote(str(where))}"
     return f"; nothing was written: start it again with: lesionbench {shlex.join(argv)}"
 
@@ -250,10 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"-p takes no:NAME (switch the plugin NAME off), got {bad[0]!r}")
 
-    guarded = (
-        interrupts.starting()
-    )  # the command line's own process: SIGTERM and Ctrl-C exit until the imports are done
-    previous = signal.SIG_DFL if guarded else signal.signal(signal.SIGTERM, _terminate)
+    # the command line's own process: SIGTERM and Ctrl-C end it until the imports are done
+    guarded = interrupts.starting()
+    previous = interrupts.handler_before(signal.SIGTERM) if guarded else signal.signal(signal.SIGTERM, _terminate)
     if not any(isinstance(h, _WarningsToConsole) for h in log.handlers):
         log.addHandler(_WarningsToConsole(logging.WARNING))
 

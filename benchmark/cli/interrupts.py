@@ -102,12 +102,13 @@ def guard_start_up() -> None:
 
 
 def starting() -> bool:
-    """Whether :func:`guard_start_up` is in force."""
-    return (
-        signal.SIGTERM in _BEFORE
-        and _BEFORE[signal.SIGTERM] is not signal.SIG_IGN
-        and signal.getsignal(signal.SIGTERM) is _while_starting
-    )
+    """Whether :func:`guard_start_up` is in force (for SIGINT, SIGTERM or both)."""
+    return any(signal.getsignal(signum) is _while_starting for signum in (signal.SIGINT, signal.SIGTERM))
+
+
+def handler_before(signum: int):
+    """The handler :func:`guard_start_up` found for ``signum`` (the default if it ran before none)."""
+    return _BEFORE.get(signum, signal.SIG_DFL)
 
 
 def started(on_sigterm: Callable) -> None:
