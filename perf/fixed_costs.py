@@ -1,10 +1,14 @@
 """Where a demo-sized run's CPU time goes: imports, the study, publishing; and damaging a large layer.
 
-    python perf/fixed_costs.py [--out runs/fixed-costs] [--run-args '--n-images 20 ...'] [--damage-size 37748736]
+    python perf/fixed_costs.py [--out runs/fixed-costs] [--run-args '--n-images 20 ...'] [--repeat 3]
+                               [--damage-size 37748736]
 
 First, in a separate interpreter, ``lesionbench run demo --no-publish`` is run once to learn every
 module a run imports (torch, the plugins, and whatever the model, the data and the summary load
-lazily). Then, in one fresh process, CPU time (``time.process_time``, all threads) of:
+lazily). Then, in each of ``--repeat`` fresh processes, CPU time (``time.process_time``, all
+threads) of the three parts below; the table shows each part's median over the processes (CPU time
+only grows when other jobs compete for the cores, so medians of fresh processes are what a shared
+machine can give):
 
 1. **imports**: every one of those modules, in the order the run imported them; so the study
    that follows imports nothing, and an import made lazily inside the study (scipy for an interval,
@@ -16,8 +20,8 @@ lazily). Then, in one fresh process, CPU time (``time.process_time``, all thread
    figures is timed afterwards, apart (``--no-plots``), and left out of the shares.
 
 The shares are of imports + study + publishing. As a check, the same ``lesionbench run demo``
-(publishing included) is also run end to end in its own interpreter and its CPU time (user + system
-of the child, ``resource.getrusage``) printed beside the sum.
+(publishing included) is also run end to end in its own interpreter, once per repeat, and its CPU
+time (user + system of the child, ``resource.getrusage``) printed beside the sum.
 
 Then the CPU time per cell of damaging a tensor the size of AlexNet's fc6 (37.7M weights) with
 each of the paper's perturbations at level 0.5 — apply and restore, as every cell (and, in a
@@ -31,6 +35,7 @@ import importlib
 import json
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -76,52 +81,89 @@ def import_all(names: list[str]) -> int:
     return done
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/fixed-costs"))
-    parser.add_argument("--run-args", default="", help="further `lesionbench run` flags (smaller runs)")
-    parser.add_argument("--damage-size", type=int, default=4096 * 9216, help="weights of the damaged layer")
-    args = parser.parse_args(argv)
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
-    run_argv = ["run", "demo", "--no-publish", *args.run_args.split()]
-    names = modules_a_run_imports([*run_argv, "--out", str(args.out / "record")], args.out)
+PARTS = ("imports", "study", "publishing")
+LABELS = {
+    "imports": "imports (every module the run loads)",
+    "study": "the study (run --no-publish)",
+    "publishing": "publishing (leaderboard and figures)",
+}
 
+
+def measure_once(names: list[str], run_argv: list[str], out: Path) -> dict:
+    """One fresh process's CPU seconds per part (this is called in a child: imports count once)."""
     spent = {}
     t = time.process_time()
     from lesionbench.cli import main as cli
     from lesionbench.publish import publish
 
-    count = import_all(names)
-    spent["imports (every module the run loads)"] = time.process_time() - t
+    spent["count"] = import_all(names)
+    spent["imports"] = time.process_time() - t
     t = time.process_time()
-    run_dir = args.out / "run"
-    assert cli([*run_argv, "--out", str(run_dir)]) in (0, 3)  # 3: not scored
-    spent["the study (run --no-publish)"] = time.process_time() - t
-    late = [m for m in ("torchvision", "timm", "scipy", "matplotlib") if m in sys.modules and m not in names]
+    assert cli([*run_argv, "--out", str(out)]) in (0, 3)  # 3: not scored
+    spent["study"] = time.process_time() - t
+    spent["late"] = [m for m in HEAVY if m in sys.modules and m not in names]
     t = time.process_time()
-    publish([run_dir / "results.csv"], run_dir / "LEADERBOARD.md", draw=True)
-    spent["publishing (leaderboard and figures)"] = time.process_time() - t
+    publish([out / "results.csv"], out / "LEADERBOARD.md", draw=True)
+    spent["publishing"] = time.process_time() - t
     t = time.process_time()
-    publish([run_dir / "results.csv"], run_dir / "LEADERBOARD-no-plots.md", draw=False)
-    leaderboard_only = time.process_time() - t
+    publish([out / "results.csv"], out / "LEADERBOARD-no-plots.md", draw=False)
+    spent["leaderboard"] = time.process_time() - t
+    return spent
 
-    total = sum(spent.values())
-    heavy = [m for m in ("torchvision", "timm", "scipy", "matplotlib") if m in names]
+
+HEAVY = ("torchvision", "timm", "scipy", "sympy", "matplotlib")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/fixed-costs"))
+    parser.add_argument("--run-args", default="", help="further `lesionbench run` flags (smaller runs)")
+    parser.add_argument("--damage-size", type=int, default=4096 * 9216, help="weights of the damaged layer")
+    parser.add_argument("--repeat", type=int, default=3, help="fresh processes measured; the medians are shown")
+    parser.add_argument("--once", type=Path, help=argparse.SUPPRESS)  # internal: measure in this process
+    args = parser.parse_args(argv)
+    run_argv = ["run", "demo", "--no-publish", *args.run_args.split()]
+    if args.once:
+        names = json.loads((args.out / "modules.json").read_text())["modules"]
+        args.once.write_text(json.dumps(measure_once(names, run_argv, args.out / args.once.stem)))
+        return
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    names = modules_a_run_imports([*run_argv, "--out", str(args.out / "record")], args.out)
+    trials, wholes = [], []
+    for i in range(args.repeat):
+        record = args.out / f"trial{i}.json"
+        subprocess.run(
+            [sys.executable, __file__, "--out", str(args.out), "--run-args", args.run_args, "--once", str(record)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        trials.append(json.loads(record.read_text()))
+        wholes.append(
+            end_to_end_cpu([*[a for a in run_argv if a != "--no-publish"], "--out", str(args.out / f"whole{i}")])
+        )
+    med = {part: statistics.median(t[part] for t in trials) for part in (*PARTS, "leaderboard")}
+    total = sum(med[part] for part in PARTS)
+    heavy = [m for m in HEAVY if m in names]
+    late = sorted({m for t in trials for m in t["late"]})
     print(
-        f"\n{count} modules imported up front; of torchvision, timm, scipy, matplotlib the study loads: "
+        f"\n{args.repeat} fresh processes, medians. Of {', '.join(HEAVY)} the study loads: "
         f"{', '.join(heavy) or 'none'}; imported during the study anyway: {', '.join(late) or 'none'}\n"
     )
     print("| part | CPU seconds | share |\n|---|---|---|")
-    for part, seconds in spent.items():
-        print(f"| {part} | {seconds:.1f} | {seconds / total:.0%} |")
-    fixed = total - spent["the study (run --no-publish)"]
+    for part in PARTS:
+        print(f"| {LABELS[part]} | {med[part]:.1f} | {med[part] / total:.0%} |")
+    fixed = med["imports"] + med["publishing"]
     print(f"| **imports + publishing** | **{fixed:.1f}** | **{fixed / total:.0%}** |")
-    print(f"| (publishing with `--no-plots`: the leaderboard alone, timed apart) | {leaderboard_only:.1f} | |")
-    whole = end_to_end_cpu([*[a for a in run_argv if a != "--no-publish"], "--out", str(args.out / "whole")])
+    print(f"| (publishing with `--no-plots`: the leaderboard alone, timed apart) | {med['leaderboard']:.1f} | |")
     print(
-        f"\nthe same run end to end in its own process (publishing included): {whole:.1f} CPU s "
-        f"(sum of the parts above: {total:.1f})"
+        f"\nthe same run end to end, each in its own process (publishing included): median "
+        f"{statistics.median(wholes):.1f} CPU s (sum of the medians above: {total:.1f}; all: "
+        f"{', '.join(f'{w:.1f}' for w in wholes)})"
+    )
+    print(
+        "per process, imports / study / publishing: "
+        + "; ".join(" / ".join(f"{t[p]:.1f}" for p in PARTS) for t in trials)
     )
 
     from torch import nn
