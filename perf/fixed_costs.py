@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     fixed = med["imports"] + med["publishing"]
     print(f"| **imports + publishing** | **{fixed:.1f}** | **{fixed / total:.0%}** |")
     print(f"| (publishing with `--no-plots`: the leaderboard alone, timed apart) | {med['leaderboard']:.1f} | |")
+    light = med["imports"] + med["leaderboard"]
+    print(
+        f"\nthe same run with `--no-plots`: imports + publishing {light:.1f} CPU s, "
+        f"{light / (light + med['study']):.0%} of its CPU time"
+    )
     print(
         f"\nthe same run end to end, each in its own process (publishing included): median "
         f"{statistics.median(wholes):.1f} CPU s (sum of the medians above: {total:.1f}; all: "
