@@ -293,11 +293,8 @@ def draw_quantile_factor(
     (d_l − 1), and the draw deviations are widened by f with z²·(V_i + f²·V_d) = t(ν)²·(V_i + V_d), so
     the interval's half-width is t(ν) standard errors. Without ``n_images``, V_i = 0 (the most
     conservative). Levels with one draw add nothing; a layer without draw variance gets 1. Returns
-    float64 [len(c)].
+    float64 [len(c)]. scipy (for t) is imported only where a level has two draws or more.
     """
-    from scipy import stats  # here: importing lesionbench does not load scipy
-
-    z = stats.norm.ppf(0.5 + confidence / 2)
     factor = np.ones(len(c))
     n_all = np.full(len(c), np.inf) if n_images is None else np.asarray(n_images, dtype=float)
     for _key, idx in c.groupby(GROUP, sort=False).indices.items():
@@ -325,6 +322,9 @@ def draw_quantile_factor(
         if denom <= 0 or v_draws <= 0:
             continue
         nu = (v_images + v_draws) ** 2 / denom
+        from scipy import stats  # here: importing lesionbench, or a study of single draws, does not load scipy
+
+        z = stats.norm.ppf(0.5 + confidence / 2)
         ratio = (stats.t.ppf(0.5 + confidence / 2, nu) / z) ** 2
         factor[idx] = math.sqrt(max(1.0, (ratio * (v_images + v_draws) - v_images) / v_draws))
     return factor

@@ -9,6 +9,7 @@ engine can cut the network at a layer (:func:`split_at`) and step from one cut t
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,13 @@ from lesionbench.probe import module_tensors, storages
 
 
 def _timm_trace_helpers() -> tuple[tuple[type, ...], tuple]:
-    """timm's public lists of modules to keep whole and functions to leave untraced (TF "SAME" padding…)."""
+    """timm's public lists of modules to keep whole and functions to leave untraced (TF "SAME" padding…).
+
+    Empty while timm is not imported: a model can hold a timm module or call a timm function only
+    once timm is imported, and importing it for nothing costs 1.8 CPU s (it imports torchvision).
+    """
+    if "timm" not in sys.modules:
+        return (), ()
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
     except ImportError:
@@ -127,20 +134,40 @@ def _is_view(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
 
 
+class _TensorNodes(fx.Interpreter):
+    """The nodes of a graph whose value, on one run, is or holds a ``torch.Tensor``.
+
+    What :class:`torch.fx.passes.shape_prop.ShapeProp` records as ``tensor_meta``, without its cost
+    and noise: ShapeProp imports sympy (0.5 CPU s) for symbolic shapes nobody here uses, and prints
+    a traceback to stderr when a node fails, which lesionbench reports in one line instead.
+    """
+
+    def nodes(self, example: torch.Tensor) -> set[fx.Node]:
+        self._holding: set[fx.Node] = set()
+        self.run(example)
+        return self._holding
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        found = []
+        fx.node.map_aggregate(result, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
+        if found:
+            self._holding.add(n)
+        return result
+
+
 def make_inplace_explicit(gm: fx.GraphModule, example: torch.Tensor) -> str:
     """Rewire the graph so that everything reading a tensor after an in-place write reads the write.
 
     ``x.add_(f(x))`` as a statement leaves later nodes reading ``x``'s producer, so the graph would
     say they do not depend on ``f``; an in-place op returns the tensor it wrote, so pointing later
     readers at it changes no value and restores the dependency. Which nodes hold tensors comes from
-    a shape-propagation pass (:class:`torch.fx.passes.shape_prop.ShapeProp`). Returns why the graph
-    cannot be made safe ("" when it can): a write into a *view* changes its base too, which no
-    rewiring of the view's readers covers.
+    running the graph once on ``example`` (:class:`_TensorNodes`). Returns why the graph cannot be
+    made safe ("" when it can): a write into a *view* changes its base too, which no rewiring of the
+    view's readers covers.
     """
-    from torch.fx.passes.shape_prop import ShapeProp
-
     try:
-        ShapeProp(gm).propagate(example)
+        holding = _TensorNodes(gm).nodes(example)
     except Exception as exc:  # noqa: BLE001 - reported as the reason for full passes
         return f"shape propagation failed ({type(exc).__name__})"
     latest: dict[fx.Node, fx.Node] = {}
@@ -151,7 +178,7 @@ def make_inplace_explicit(gm: fx.GraphModule, example: torch.Tensor) -> str:
         if not is_inplace(gm, node):
             continue
         target = _written(node)
-        if target is None or "tensor_meta" not in target.meta:
+        if target is None or target not in holding:
             continue
         if _is_view(target):
             return f"node {node.name!r} writes in place into a view ({target.name})"

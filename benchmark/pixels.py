@@ -4,8 +4,11 @@ A float32 224-px image takes 602 KB; the same image as uint8 takes 150 KB, and n
 batch when it is read costs far less than the network's pass over it. The floats are the same,
 bit for bit: :func:`split_normalisation` cuts a torchvision/timm preprocessing pipeline just
 before its ``ToTensor`` and ``Normalize`` and :class:`Pixels` applies those two steps to each
-batch with the very operations they use (``to(float).div(255)``, then
-``torchvision.transforms.functional.normalize``), which are element-wise. Sets larger than the
+batch with the very operations they use (``to(float).div(255)``, then the ``sub_``/``div_`` of
+``torchvision.transforms.functional.normalize``), which are element-wise. A model whose
+preprocessing is only "PIL steps, to tensor, normalise" can say so with :class:`ToNormalisedTensor`
+and never import torchvision (1.4 CPU s, most of it ``torch._dynamo``, which ``torchvision.ops``
+imports). Sets larger than the
 memory budget live in a file (:class:`DiskStore`) read batch by batch with ordinary reads, so
 they take no resident memory beyond the batch being read.
 """
@@ -13,9 +16,10 @@ they take no resident memory beyond the batch being read.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,59 @@ COMPACT_MODES = ("L", "RGB", "RGBA")  # PIL modes whose ToTensor is uint8 ÷ 255
 
 class NotCompact(Exception):
     """An image that the uint8 path cannot represent exactly (another PIL mode, not a PIL image)."""
+
+
+def _pil_to_uint8(img) -> torch.Tensor:
+    """A PIL image of a mode in ``COMPACT_MODES`` → uint8 [C, H, W], as
+    ``torchvision.transforms.functional.pil_to_tensor`` makes it; :class:`NotCompact` otherwise."""
+    from PIL import Image
+
+    if not isinstance(img, Image.Image) or img.mode not in COMPACT_MODES:
+        raise NotCompact(getattr(img, "mode", type(img).__name__))
+    array = np.array(img, dtype=np.uint8, copy=True)
+    return torch.from_numpy(array).view(img.size[1], img.size[0], -1).permute(2, 0, 1).contiguous()
+
+
+class ToNormalisedTensor:
+    """Preprocessing "``steps`` on a PIL image, then ``ToTensor``, then ``Normalize(mean, std)``"
+    that gives torchvision's floats bit for bit without importing torchvision.
+
+    ``steps``: PIL image → PIL image callables (e.g. ``lambda im: im.convert("L")`` for
+    ``Grayscale(1)``). Called on a PIL image it returns float [C, H, W] (the default dtype);
+    :func:`split_normalisation` recognises it, so evaluation sets keep its images as uint8.
+    Anything else (a tensor, or a PIL mode outside ``COMPACT_MODES`` after the steps) goes to
+    ``fallback()``, the equivalent torchvision pipeline, built on first use; without one it raises
+    :class:`NotCompact`.
+    """
+
+    def __init__(
+        self, steps: Sequence[Callable], mean, std, fallback: Callable[[], Callable[[Any], torch.Tensor]] | None = None
+    ) -> None:
+        self.steps, self.mean, self.std = tuple(steps), tuple(mean), tuple(std)
+        self._fallback, self._built = fallback, None
+
+    def to_uint8(self, img) -> torch.Tensor:
+        """The image after ``steps``, as uint8 [C, H, W]; :class:`NotCompact` where that is not exact."""
+        from PIL import Image
+
+        if not isinstance(img, Image.Image):
+            raise NotCompact(type(img).__name__)
+        for step in self.steps:
+            img = step(img)
+        return _pil_to_uint8(img)
+
+    def __call__(self, img) -> torch.Tensor:
+        try:
+            return normalise(self.to_uint8(img), self.mean, self.std)
+        except NotCompact:
+            if self._fallback is None:
+                raise
+            if self._built is None:
+                self._built = self._fallback()
+            return self._built(img)
+
+    def __repr__(self) -> str:
+        return f"ToNormalisedTensor(steps={len(self.steps)}, mean={self.mean}, std={self.std})"
 
 
 def _flatten(transform) -> list | None:
@@ -52,8 +109,14 @@ def split_normalisation(transform: Callable) -> tuple[Callable[[Any], torch.Tens
     (or a subclass such as timm's ``MaybeToTensor``) and ``Normalize``, and torchvision's weights
     preset ``ImageClassification`` (resize, centre crop, to tensor, normalise) as its last step.
     ``to_uint8`` raises :class:`NotCompact` for an image that is not a PIL image of a mode in
-    ``COMPACT_MODES`` once the earlier steps have run.
+    ``COMPACT_MODES`` once the earlier steps have run. A :class:`ToNormalisedTensor` is split into its
+    own steps; torchvision is consulted only when it is already imported (a torchvision transform
+    cannot exist before), so recognising one costs no import.
     """
+    if isinstance(transform, ToNormalisedTensor):
+        return transform.to_uint8, transform.mean, transform.std
+    if "torchvision" not in sys.modules:
+        return None
     from torchvision import transforms
     from torchvision.transforms import functional as F
     from torchvision.transforms._presets import ImageClassification
@@ -78,20 +141,26 @@ def split_normalisation(transform: Callable) -> tuple[Callable[[Any], torch.Tens
     def to_uint8(img) -> torch.Tensor:
         for step in front:
             img = step(img)
-        from PIL import Image
-
-        if not isinstance(img, Image.Image) or img.mode not in COMPACT_MODES:
-            raise NotCompact(getattr(img, "mode", type(img).__name__))
-        return F.pil_to_tensor(img)
+        return _pil_to_uint8(img)
 
     return to_uint8, mean, std
 
 
 def normalise(batch: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 [..., C, H, W] → float (the default dtype): ``ToTensor``'s ÷255 then ``Normalize``."""
-    from torchvision.transforms import functional as F
-
-    return F.normalize(batch.to(torch.get_default_dtype()).div(255), mean, std, inplace=True)
+    """uint8 [..., C, H, W] → float (the default dtype): ``ToTensor``'s ÷255 then ``Normalize``, with
+    the operations of ``torchvision.transforms.functional.normalize`` (``sub_(mean)``, ``div_(std)``,
+    mean and std as [C, 1, 1] tensors of the batch's dtype), so the floats are the same bit for bit.
+    Raises ValueError for a zero in ``std``, as torchvision does."""
+    x = batch.to(torch.get_default_dtype()).div(255)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    if (std == 0).any():
+        raise ValueError(f"std evaluated to zero after conversion to {x.dtype}, leading to division by zero.")
+    if mean.ndim == 1:
+        mean = mean.view(-1, 1, 1)
+    if std.ndim == 1:
+        std = std.view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 class DiskStore:

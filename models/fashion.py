@@ -24,6 +24,7 @@ from torch import nn
 from lesionbench.errors import LesionbenchError
 from lesionbench.hookspecs import hookimpl
 from lesionbench.model_sources import LoadedModel, ModelSpec, load_checkpoint_into
+from lesionbench.pixels import ToNormalisedTensor
 
 if TYPE_CHECKING:  # torchvision is imported where it is used: `lesionbench list` stays light
     from torchvision import transforms
@@ -61,8 +62,18 @@ class FashionAlexNet(nn.Module):
         return self.fc8(x)
 
 
-def grey_28_preprocess() -> transforms.Compose:
-    """PIL image -> 1×28×28 tensor normalised with Fashion-MNIST's mean and std."""
+def _grey(img):
+    return img.convert("L")  # torchvision's Grayscale(1) on a PIL image
+
+
+def _to_28(img):
+    from PIL import Image
+
+    # torchvision's Resize((28, 28)) on a PIL image: unchanged at 28×28, else a bilinear resize
+    return img if img.size == (28, 28) else img.resize((28, 28), Image.BILINEAR)
+
+
+def _grey_28_torchvision() -> transforms.Compose:
     from torchvision import transforms
 
     return transforms.Compose(
@@ -73,6 +84,13 @@ def grey_28_preprocess() -> transforms.Compose:
             transforms.Normalize((FASHION_MEAN,), (FASHION_STD,)),
         ]
     )
+
+
+def grey_28_preprocess() -> ToNormalisedTensor:
+    """PIL image -> float 1×28×28 normalised with Fashion-MNIST's mean and std: torchvision's
+    ``Compose([Grayscale(1), Resize((28, 28)), ToTensor(), Normalize(mean, std)])`` bit for bit, without
+    importing torchvision (that pipeline is the fallback for inputs that are not PIL images)."""
+    return ToNormalisedTensor([_grey, _to_28], (FASHION_MEAN,), (FASHION_STD,), fallback=_grey_28_torchvision)
 
 
 class FashionVGG(nn.Module):

@@ -59,6 +59,8 @@ def _args(name: str, tmp: Path, fashion: Path, imagenet: Path) -> list[str]:
         ],
         "fast_vs_naive.py": ["--only", "fashion_alexnet", "--images", "4"],
         "fixed_costs.py": [
+            "--repeat",
+            "1",
             "--out",
             str(tmp / "fixed"),
             "--damage-size",
