@@ -154,7 +154,7 @@ def collect(
         bands = pd.concat([b.curves for b in boots.values()], ignore_index=True) if boots else None
         drawn = write_all(df, metrics, plots_dir, bands=bands, score=score)
     else:
-        from lesionbench.plots import planned_paths
+        from lesionbench.plot_paths import planned_paths
 
         drawn = planned_paths(df, plots_dir)
     for dataset, pc in per_class.items():
@@ -168,7 +168,7 @@ def collect(
             units = cells.groupby("perturbation")["level_unit"].first().to_dict()
             paths = class_retention_heatmaps(pc, plots_dir, names.get(dataset), fragile, units)
         else:
-            from lesionbench.class_plots import planned_class_paths
+            from lesionbench.plot_paths import planned_class_paths
 
             paths = planned_class_paths(pc, plots_dir)
         for model, path in zip(sorted(pc["model"].unique()), paths):
@@ -200,11 +200,11 @@ def _headline_figures(
 ) -> dict[str, Path]:
     """dataset → its headline figure, layer score against relative depth of every model of the track
     under (at most four of) the ranked perturbations; drawn when ``draw``, else only its path."""
-    from lesionbench.plots import safe_name
+    from lesionbench.plot_paths import headline_path
 
     out = {}
     for dataset, dg in df[df["perturbation"] != CLEAN].groupby("dataset", sort=True):
-        path = plots_dir / f"{safe_name(dataset)}__headline.png"
+        path = headline_path(plots_dir, dataset)
         if draw:
             from lesionbench.plots import score_vs_depth
             from lesionbench.scores import layer_scores
