@@ -3,11 +3,18 @@ matplotlib, yet links the very figures a publish with figures draws."""
 
 from __future__ import annotations
 
+import gc
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+import lesionbench.plots as plots
+import lesionbench.publish as publishing
 from lesionbench.publish import publish
 from test_class_damage import _one_weak_unit
 from test_leaderboard import results, write
@@ -66,3 +73,64 @@ def test_a_leaderboard_without_figures_imports_no_matplotlib_and_links_the_figur
     kinds = {re.sub(r".*__", "", p.stem) for p in written}  # the last part of each name: what it shows
     assert {"filter_prune", "weight_noise", "heatmap", "classes", "headline", "p", "score_vs_depth"} <= kinds
     assert _figure_links(bare) == links
+
+
+def _count_depth_figures(monkeypatch) -> list:
+    drawn = []
+    real = plots.score_vs_depth_figure
+
+    def counted(df, metrics, perts=None, score="area"):
+        drawn.append((sorted(df["dataset"].unique()), list(perts)))
+        return real(df, metrics, perts, score)
+
+    monkeypatch.setattr(plots, "score_vs_depth_figure", counted)
+    return drawn
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_a_single_tracks_headline_is_its_score_vs_depth_page_drawn_once(tmp_path, monkeypatch):
+    """One track, every perturbation ranked: the headline shows what the page of every model shows, and
+    is not drawn a second time; where the ranked perturbations differ (q run on one model only) or a
+    second track shares the page, each headline is drawn from its own rows and perturbations."""
+    two = results("m", perts=("p", "q")), results("n", layers={"conv1": [0.9, 0.5, 0.1], "fc8": [0.9, 0.2, 0.1]})
+    cases = {
+        "same": ([two[0], results("n", perts=("p", "q"))], [(["d"], ["p", "q"])]),
+        "fewer ranked": ([two[0], two[1]], [(["d"], ["p", "q"]), (["d"], ["p"])]),
+        "two tracks": (
+            [two[0], results("o", dataset="e")],
+            [(["d", "e"], ["p", "q"]), (["d"], ["p", "q"]), (["e"], ["p"])],
+        ),
+    }
+    for name, (tables, expected) in cases.items():
+        drawn = _count_depth_figures(monkeypatch)
+        src = write(pd.concat(tables, ignore_index=True), tmp_path / name / "results.csv")
+        publish([src], tmp_path / name / "board" / "LEADERBOARD.md")
+        assert drawn == expected, name
+        out = tmp_path / name / "board" / "plots"
+        page, headline = _pixels(out / "score_vs_depth.png"), _pixels(out / "d__headline.png")
+        same = page.shape == headline.shape and (page == headline).all()
+        assert same == (name == "same"), name
+        monkeypatch.undo()
+
+
+def test_publishing_leaves_the_collectors_freeze_as_it_found_it(tmp_path, monkeypatch):
+    """While the figures are drawn the objects alive before are frozen out of full collections
+    (gc.freeze); afterwards nothing is frozen, and a program's own freeze is left alone."""
+    src = write(results("m"), tmp_path / "run" / "results.csv")
+    seen = []
+    real = publishing.collect
+    monkeypatch.setattr(publishing, "collect", lambda *a, **k: seen.append(gc.get_freeze_count()) or real(*a, **k))
+    assert gc.get_freeze_count() == 0
+    publish([src], tmp_path / "a" / "LEADERBOARD.md", draw=False)
+    assert seen[-1] > 1000 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        publish([src], tmp_path / "b" / "LEADERBOARD.md", draw=False)
+        # not frozen again (no more objects) and not unfrozen (a few frozen objects may have been freed)
+        assert mine // 2 < seen[-1] <= mine and mine // 2 < gc.get_freeze_count() <= mine
+    finally:
+        gc.unfreeze()
