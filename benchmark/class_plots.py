@@ -22,7 +22,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from lesionbench.class_damage import class_label, fragile_layers, retention_grid  # noqa: E402
-from lesionbench.plots import safe_name  # noqa: E402
+from lesionbench.plot_paths import class_path  # noqa: E402
+from lesionbench.plot_paths import planned_class_paths as planned_class_paths  # noqa: E402
 
 MAX_COLUMNS = 4
 
@@ -83,14 +84,3 @@ def class_retention_heatmaps(
         plt.close(fig)
         written.append(path)
     return written
-
-
-def class_path(out_dir: Path, dataset: str, model: str) -> Path:
-    """Where :func:`class_retention_heatmaps` writes ``model``'s heatmap on ``dataset``."""
-    return Path(out_dir) / f"{safe_name(dataset)}__{safe_name(model)}__classes.png"
-
-
-def planned_class_paths(per_class: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """The paths :func:`class_retention_heatmaps` would write, in the same order, drawing nothing."""
-    keys = per_class[["model", "dataset"]].drop_duplicates().sort_values(["model", "dataset"])
-    return [class_path(out_dir, d, m) for m, d in keys.itertuples(index=False)]

@@ -7,7 +7,6 @@ interval bands, saving.
 from __future__ import annotations
 
 import math
-import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,11 +20,13 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from lesionbench.kinds import axis_scale, format_level  # noqa: E402
+from lesionbench.plot_paths import MAX_COLUMNS as MAX_COLUMNS  # noqa: E402
+from lesionbench.plot_paths import MAX_PAGE_HEIGHT_IN as MAX_PAGE_HEIGHT_IN  # noqa: E402
+from lesionbench.plot_paths import pages as pages  # noqa: E402
+from lesionbench.plot_paths import safe_name as safe_name  # noqa: E402
 
 DPI = 110
 MAX_WIDTH_IN = 11.0  # × DPI ≈ 1,210 px: readable at a page width of 1,200 px
-MAX_PAGE_HEIGHT_IN = 13.0  # a taller grid is split over several files
-MAX_COLUMNS = 4
 MAX_COLOURED_LAYERS = 10  # beyond this, grey context and a few highlighted layers
 FALLBACK_UNIT = "level p"  # result files written before level_unit was recorded
 STYLE = {
@@ -37,12 +38,6 @@ STYLE = {
     "ytick.labelsize": 8,
 }
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
-
-
-def safe_name(text: str) -> str:
-    """A file-name-safe version of a model or plugin name: no separators, no traversal."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._")
-    return cleaned or "unnamed"
 
 
 # ------------------------------------------------------------------------------ shared pieces
@@ -80,13 +75,6 @@ def panel_grid(n: int, panel_w: float, panel_h: float, extra_h: float = 0.9, **k
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, axes
-
-
-def pages(items: Sequence, row_height_in: float) -> list[list]:
-    """``items`` in chunks, each a grid of at most MAX_COLUMNS columns no taller than a page."""
-    rows_per_page = max(1, int(MAX_PAGE_HEIGHT_IN // max(row_height_in, 0.1)))
-    per_page = rows_per_page * MAX_COLUMNS
-    return [list(items[i : i + per_page]) for i in range(0, len(items), per_page)] or [[]]
 
 
 def damage_positions(levels: np.ndarray, axis: str) -> tuple[np.ndarray, float | None]:

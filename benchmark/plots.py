@@ -50,7 +50,6 @@ from lesionbench.plot_base import (
     fmt_level,
     level_unit,
     model_styles,
-    pages,
     palette,
     panel_grid,
     plot_facts,
@@ -59,6 +58,9 @@ from lesionbench.plot_base import (
     suptitle,
     with_band,
 )
+from lesionbench.plot_paths import figure_layout, heatmap_row_height, heatmap_rows, planned_paths  # noqa: E402
+from lesionbench.plot_paths import heatmap_groups as heatmap_groups  # noqa: E402
+from lesionbench.plot_paths import pages as pages  # noqa: E402
 from lesionbench.scores import curves, layer_scores, to_axis  # noqa: E402
 
 
@@ -158,28 +160,6 @@ def accuracy_curves(
 
 
 # ------------------------------------------------------------------------------ heatmap
-
-
-def heatmap_rows(df: pd.DataFrame) -> list[tuple[int, str]]:
-    """(layer_index, layer) of every layer any perturbation in ``df`` studied, input to output:
-    the rows every panel of one heatmap shares."""
-    cells = df[df["perturbation"] != "clean"]
-    rows = cells[["layer_index", "layer"]].drop_duplicates()
-    return [(int(i), str(n)) for i, n in sorted(zip(rows["layer_index"], rows["layer"]))]
-
-
-def heatmap_groups(df: pd.DataFrame) -> list[list[str]]:
-    """A model's perturbations grouped by the layers they were studied on (block_removal's stages,
-    a run over every layer beside one over a few): each group is drawn with rows of its own."""
-    cells = df[df["perturbation"] != "clean"]
-    groups: dict[frozenset, list[str]] = {}
-    for p, g in cells.groupby("perturbation", sort=True):
-        groups.setdefault(frozenset(g["layer"]), []).append(p)
-    return sorted(groups.values(), key=lambda perts: perts[0])
-
-
-def heatmap_row_height(n_rows: int) -> float:
-    return 0.16 * n_rows + 0.75
 
 
 def retention_heatmap_figure(
@@ -307,47 +287,6 @@ def score_vs_depth(
 # ------------------------------------------------------------------------------ all figures
 
 
-def _paged(stem: str, chunks: list[list[str]], out_dir: Path, label: str) -> list[tuple[str, Path, list[str]]]:
-    if len(chunks) == 1:
-        return [(label, out_dir / f"{stem}.png", chunks[0])]
-    return [(f"{label} {i}/{len(chunks)}", out_dir / f"{stem}_{i}.png", chunk) for i, chunk in enumerate(chunks, 1)]
-
-
-def _layout(df: pd.DataFrame, out_dir: Path) -> dict:
-    """Every figure write_all draws: model → [(label, path, kind, perturbations)], and the
-    score-vs-depth pages under the key None."""
-    out: dict = {}
-    cells = df[df["perturbation"] != "clean"]
-    for (model, dataset), g in cells.groupby(["model", "dataset"], sort=True):
-        stem = f"{safe_name(dataset)}__{safe_name(model)}"
-        perts = sorted(g["perturbation"].unique())
-        mine = out.setdefault(model, [])
-        mine += [(p, out_dir / f"{stem}__{safe_name(p)}.png", "curves", [p]) for p in perts]
-        chunks = [
-            chunk
-            for group in heatmap_groups(g)
-            for chunk in pages(group, heatmap_row_height(len(heatmap_rows(g[g["perturbation"].isin(group)]))))
-        ]
-        mine += [
-            (label, path, "heatmap", chunk)
-            for label, path, chunk in _paged(f"{stem}__heatmap", chunks, out_dir, "heatmap")
-        ]
-    if out:
-        perts = sorted(cells["perturbation"].unique())
-        out[None] = [
-            (label, path, "depth", chunk)
-            for label, path, chunk in _paged("score_vs_depth", pages(perts, 2.3), out_dir, "score vs depth, all models")
-        ]
-    return out
-
-
-def planned_paths(df: pd.DataFrame, out_dir: Path) -> dict[str, list[tuple[str, Path]]]:
-    """model → [(label, path)] of every figure :func:`write_all` draws for ``df``."""
-    layout = _layout(df, out_dir)
-    shared = [(label, path) for label, path, _kind, _perts in layout.pop(None, [])]
-    return {model: [(label, path) for label, path, _k, _p in items] + shared for model, items in layout.items()}
-
-
 def write_all(
     df: pd.DataFrame,
     metrics: Mapping[str, str],
@@ -359,7 +298,7 @@ def write_all(
 
     ``metrics`` maps dataset → the metric scores come from (default top1); ``bands``: bootstrap
     bands for the accuracy curves (see :func:`with_band`); ``score``: the layer score's registered name."""
-    layout = _layout(df, out_dir)
+    layout = figure_layout(df, out_dir)
     for (model, dataset), _g in df[df["perturbation"] != "clean"].groupby(["model", "dataset"], sort=True):
         metric = metrics.get(dataset, "top1")
         track = df[df["dataset"] == dataset]

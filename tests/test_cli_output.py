@@ -237,6 +237,7 @@ def test_help_and_listings_import_no_heavy_library():
     for argv, allowed in (
         (["--help"], []),
         (["run", "--help"], []),
+        (["leaderboard", "--help"], []),
         (["list", "models"], ["torch"]),
         (["list", "studies"], ["torch"]),
         (["plugins"], ["torch"]),

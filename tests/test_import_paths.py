@@ -36,6 +36,18 @@ MOVED = {  # old module -> {new module: names}
         "lesionbench.suffix_engine": ["SuffixEngine", "DEFAULT_BUDGET_BYTES", "_INPUT"],
         "lesionbench.spill": ["SpilledBatches"],
     },
+    "lesionbench.plot_base": {"lesionbench.plot_paths": ["MAX_COLUMNS", "MAX_PAGE_HEIGHT_IN", "pages", "safe_name"]},
+    "lesionbench.plots": {
+        "lesionbench.plot_paths": [
+            "safe_name",
+            "pages",
+            "heatmap_rows",
+            "heatmap_groups",
+            "heatmap_row_height",
+            "planned_paths",
+        ]
+    },
+    "lesionbench.class_plots": {"lesionbench.plot_paths": ["class_path", "planned_class_paths"]},
     "lesionbench.cells": {
         "lesionbench.rows": ["chance_warning", "unigram_chance"],
         "lesionbench.recalibration": ["recalibrate"],
