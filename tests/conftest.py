@@ -52,6 +52,25 @@ def write_fashion(root: Path, n: int = 60, labels: np.ndarray | None = None) -> 
     return root
 
 
+def run_flags(
+    data: Path,
+    layers: str = "fc8",
+    levels: str = "0,1",
+    draws: int = 1,
+    perturbations: str | None = None,
+    models: str = "fashion_alexnet",
+    n_images: int = 20,
+) -> list[str]:
+    """The command line's options of a small CPU run on the Fashion-MNIST split at ``data`` (made by
+    :func:`write_fashion`): ``--models … --layers … [--perturbations …] --levels … --draws …
+    --n-images … --data … --device cpu``, comma-separated lists as the command line takes them."""
+    chosen = ["--perturbations", perturbations] if perturbations else []
+    return [
+        *("--models", models, "--layers", layers, *chosen, "--levels", levels, "--draws", str(draws)),
+        *("--n-images", str(n_images), "--data", str(data), "--device", "cpu"),
+    ]
+
+
 # ------------------------------------------------------------------------------------ golden data
 
 
