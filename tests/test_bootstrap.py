@@ -19,6 +19,7 @@ from lesionbench.per_image import per_class_accuracy
 from lesionbench.registry import get_registry
 from lesionbench.scores import layer_scores
 from lesionbench.store import Outcomes, Subset
+from tables import with_outcomes
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -75,11 +76,7 @@ def simulate(
                 for draw in range(1 if level == 0 else draws):
                     eps = 0.0 if level == 0 else rng.normal(0, sigma)
                     cell(layer, index, level, draw, 0.1 + 0.8 * k * level * (1 + eps))
-    df = pd.DataFrame(rows)
-    keys = df[["model", "dataset", "layer", "perturbation", "level", "draw"]]
-    subset = Subset(dataset, "test", np.arange(n_images), labels)
-    t1 = np.stack(top1)
-    return df, Outcomes.from_runs([(keys, t1, t1 == labels, subset)])
+    return with_outcomes(rows, top1, labels, dataset)
 
 
 def true_score(k: float) -> float:
