@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 from torch import nn
-from torchvision import transforms
 
 from conftest import needs_fashion_mnist, write_fashion
 from lesionbench.api import run
@@ -26,6 +25,7 @@ from lesionbench.errors import LesionbenchError
 from lesionbench.graph import ModelGraph, discover_layers
 from lesionbench.hookspecs import hookimpl
 from lesionbench.model_sources import LoadedModel
+from lesionbench.models.fashion import grey_28_preprocess
 from lesionbench.perturbation import binomial_count, generator_for
 from lesionbench.registry import create_registry
 
@@ -191,14 +191,7 @@ class Source:
         dtype = opts.pop("dtype", None)
         torch.manual_seed(0)
         module = ARCHS[spec.arch](**opts).eval()
-        pre = transforms.Compose(
-            [
-                transforms.Grayscale(1),
-                transforms.Resize((28, 28)),
-                transforms.ToTensor(),
-                transforms.Normalize((0.286,), (0.353,)),
-            ]
-        )
+        pre = grey_28_preprocess()  # grey, 28×28, Fashion-MNIST's mean and std
         if dtype:
             module = module.to(getattr(torch, dtype))
         return LoadedModel(
