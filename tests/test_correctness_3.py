@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
-from torchvision import transforms
 
 from conftest import write_fashion
 from lesionbench.api import run
@@ -26,6 +25,7 @@ from lesionbench.errors import LesionbenchError
 from lesionbench.graph import ModelGraph
 from lesionbench.hookspecs import hookimpl
 from lesionbench.model_sources import LoadedModel
+from lesionbench.models.fashion import grey_28_preprocess
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 
@@ -43,19 +43,27 @@ def _nontrivial(norm, seed=1):
 # ------------------------------------------------------------------------------------ the cases
 
 
-class HFConv1D(nn.Module):
-    """transformers' Conv1D (GPT-2, ImageGPT): a linear layer whose weight is stored [in, out]."""
+class _ConvFcHead(nn.Module):
+    """conv ``c1`` (1 -> 8, stride 2), ReLU, flatten, the case's ``fc`` (8·14·14 -> 64 units), tanh, linear
+    ``head`` (64 -> 10); ``make_fc`` builds the fc layer between the conv and the head (the seeded order)."""
 
-    def __init__(self):
+    def __init__(self, make_fc):
         super().__init__()
-        from transformers.pytorch_utils import Conv1D
-
         self.c1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
-        self.fc = Conv1D(64, 8 * 14 * 14)
+        self.fc = make_fc()
         self.head = nn.Linear(64, 10)
 
     def forward(self, x):
         return self.head(torch.tanh(self.fc(F.relu(self.c1(x)).flatten(1))))
+
+
+class HFConv1D(_ConvFcHead):
+    """transformers' Conv1D (GPT-2, ImageGPT): a linear layer whose weight is stored [in, out]."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__(lambda: Conv1D(64, 8 * 14 * 14))
 
 
 class CatEmpty(nn.Module):
@@ -256,15 +264,9 @@ class LoraLinear(nn.Module):
         return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * self.scaling
 
 
-class LoRA(nn.Module):
+class LoRA(_ConvFcHead):
     def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
-        self.fc = LoraLinear(nn.Linear(8 * 14 * 14, 64))
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc(F.relu(self.c1(x)).flatten(1))))
+        super().__init__(lambda: LoraLinear(nn.Linear(8 * 14 * 14, 64)))
 
 
 class _Plain(nn.Module):
@@ -341,14 +343,7 @@ class Source:
         silenced = list(opts.pop("silence", []))
         torch.manual_seed(0)
         module = silence(ARCHS[spec.arch](**opts).eval(), silenced)
-        pre = transforms.Compose(
-            [
-                transforms.Grayscale(1),
-                transforms.Resize((28, 28)),
-                transforms.ToTensor(),
-                transforms.Normalize((0.286,), (0.353,)),
-            ]
-        )
+        pre = grey_28_preprocess()  # grey, 28×28, Fashion-MNIST's mean and std
         return LoadedModel(
             name=spec.ref,
             module=module,
