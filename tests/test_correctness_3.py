@@ -546,7 +546,19 @@ def test_qat_observers_do_not_move_and_the_model_comes_back_bit_identical(study,
 # ------------------------------------------------------------------------------------ hook perturbations
 
 
-HOOKS = ["activation_knockout", "activation_noise", "activation_bit_flip"]
+HOOK_LEVELS = {"activation_knockout": [0.0, 1.0], "activation_noise": [0.0, 2.0], "activation_bit_flip": [0.0, 0.1]}
+HOOKS = list(HOOK_LEVELS)
+
+
+def hooks_damage_alike_on_both_engines(spec: dict, registry) -> pd.DataFrame:
+    """The fast engine's results of ``spec``, after checking that its losses equal the naive engine's and
+    that each hook perturbation at its highest level of ``HOOK_LEVELS`` changes every cell's loss."""
+    fast, naive = fast_and_naive(spec, registry)
+    np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
+    clean = float(fast.loc[fast["perturbation"] == "clean", "loss"].iloc[0])
+    for perturbation, levels in HOOK_LEVELS.items():
+        assert (loss_at(fast, perturbation, levels[-1]) != clean).all(), perturbation
+    return fast
 
 
 def test_hook_perturbations_refuse_by_name_a_layer_their_hook_cannot_see(study, data, registry):
@@ -562,16 +574,8 @@ def test_hook_perturbations_refuse_by_name_a_layer_their_hook_cannot_see(study, 
 def test_hook_perturbations_damage_multihead_attention_out_proj(study, data, registry):
     """``out_proj`` is applied inside ``F.multi_head_attention_forward``; the harness calls it there."""
     spec = study("case3:MHAAct", ["attn.out_proj"], HOOKS, [0.0], data)
-    spec["levels"] = {
-        "activation_knockout": [0.0, 1.0],
-        "activation_noise": [0.0, 2.0],
-        "activation_bit_flip": [0.0, 0.1],
-    }
-    fast, naive = fast_and_naive(spec, registry)
-    np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
-    clean = float(fast.loc[fast["perturbation"] == "clean", "loss"].iloc[0])
-    for perturbation, level in [("activation_knockout", 1.0), ("activation_noise", 2.0), ("activation_bit_flip", 0.1)]:
-        assert (loss_at(fast, perturbation, level) != clean).all(), perturbation
+    spec["levels"] = dict(HOOK_LEVELS)
+    fast = hooks_damage_alike_on_both_engines(spec, registry)
     oracle = clean_loss(study, "MHAAct", data, registry, out_proj_silenced=True)
     np.testing.assert_allclose(loss_at(fast, "activation_knockout", 1.0), oracle, rtol=1e-6)
 
@@ -580,17 +584,8 @@ def test_hook_perturbations_damage_a_layer_called_as_forward_or_through_f_linear
     graph = ModelGraph.of(ForwardCall().eval(), torch.zeros(1, 1, 28, 28))
     assert {l.name: l.applied_by for l in graph.layers} == {"c1": "", "fc": "linear", "head": "linear"}
     spec = study("case3:ForwardCall", ["fc", "head"], HOOKS + ["synapse_knockout"], [0.0, 1.0], data)
-    spec["levels"] = {
-        "activation_knockout": [0.0, 1.0],
-        "activation_noise": [0.0, 2.0],
-        "activation_bit_flip": [0.0, 0.1],
-        "synapse_knockout": [0.0, 1.0],
-    }
-    fast, naive = fast_and_naive(spec, registry)
-    np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
-    clean = float(fast.loc[fast["perturbation"] == "clean", "loss"].iloc[0])
-    for perturbation, level in [("activation_knockout", 1.0), ("activation_noise", 2.0), ("activation_bit_flip", 0.1)]:
-        assert (loss_at(fast, perturbation, level) != clean).all(), perturbation
+    spec["levels"] = HOOK_LEVELS | {"synapse_knockout": [0.0, 1.0]}
+    fast = hooks_damage_alike_on_both_engines(spec, registry)
     # oracles: all of head's units zeroed -> logits 0 -> loss ln 10; fc's -> tanh(0) = 0 -> logits = head's bias
     np.testing.assert_allclose(loss_at(fast, "activation_knockout", 1.0, "head"), np.log(10), rtol=1e-6)
     torch.manual_seed(0)
