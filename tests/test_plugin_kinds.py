@@ -255,42 +255,19 @@ def test_disabling_a_builtin_perturbation_makes_it_unknown_and_leaves_the_others
         registry.get("perturbations", "synapse_knockout")
     data = write_fashion(tmp_path / "fashion", n=20)
     study = ["demo", *run_flags(data), "--no-publish"]
+
+    def run_without_synapse_knockout(perturbation: str, out: str) -> int:
+        flags = ["--perturbations", perturbation, "--out", str(tmp_path / out)]
+        return main(["-p", "no:synapse_knockout", "run", *study, *flags])
+
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "-p",
-                "no:synapse_knockout",
-                "run",
-                *study,
-                "--perturbations",
-                "synapse_knockout",
-                "--out",
-                str(tmp_path / "off"),
-            ]
-        )
-        == 2
-    )
+    assert run_without_synapse_knockout("synapse_knockout", "off") == 2
     err = capsys.readouterr().err.strip()
     assert (
         err.startswith("lesionbench: error:") and "unknown perturbation 'synapse_knockout'" in err and "\n" not in err
     )
     assert not (tmp_path / "off").exists()
-    assert (
-        main(
-            [
-                "-p",
-                "no:synapse_knockout",
-                "run",
-                *study,
-                "--perturbations",
-                "node_knockout",
-                "--out",
-                str(tmp_path / "on"),
-            ]
-        )
-        in FINISHED
-    )
+    assert run_without_synapse_knockout("node_knockout", "on") in FINISHED
     assert set(read_results(tmp_path / "on")["perturbation"]) == {"clean", "node_knockout"}
     assert main(["list", "perturbations"]) == 0  # without -p the next command has every built-in again
     assert "synapse_knockout" in get_registry().contributions("perturbations")
