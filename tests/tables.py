@@ -2,8 +2,8 @@
 
 * :func:`table`: the columns the point scores read, a clean row and each layer's curve (per level,
   an accuracy per draw);
-* :func:`with_outcomes`: rows that carry per-image outcomes (an ``outcome`` column) and the
-  :class:`~lesionbench.store.Outcomes` holding those images' predictions.
+* :func:`add_cell` and :func:`with_outcomes`: rows that carry per-image outcomes (an ``outcome``
+  column) and the :class:`~lesionbench.store.Outcomes` holding those images' predictions.
 """
 
 from __future__ import annotations
@@ -60,6 +60,40 @@ def table(
                     )
                 )
     return pd.DataFrame(rows)
+
+
+def add_cell(
+    rows: list[dict],
+    predictions: list[np.ndarray],
+    labels: np.ndarray,
+    classes: int,
+    correct: np.ndarray,
+    level_unit: str = "",
+    images_per_s: float = 1.0,
+    **keys,
+) -> None:
+    """Append a cell that classifies image i right where ``correct[i]`` (bool) and else as the next
+    class: its top-1 predictions (int32) to ``predictions``, and to ``rows`` its row: ``keys`` (model,
+    dataset, layer, layer_index, relative_depth, perturbation, level, draw), top-1 the fraction
+    correct, top-5 1, ``num_classes`` ``classes``, no error, a linear level axis, ``n_images`` the
+    number of labels, 0.1 s, ``outcome`` its index in ``rows``."""
+    predictions.append(np.where(correct, labels, (labels + 1) % classes).astype(np.int32))
+    rows.append(
+        dict(
+            **keys,
+            top1=correct.mean(),
+            top5=1.0,
+            num_classes=classes,
+            error="",
+            level_axis="linear",
+            level_unit=level_unit,
+            n_images=len(labels),
+            seconds=0.1,
+            images_per_s=images_per_s,
+            device="cpu",
+            outcome=len(rows),
+        )
+    )
 
 
 def with_outcomes(

@@ -10,7 +10,7 @@ import pytest
 
 from lesionbench.bootstrapping import bootstrap
 from lesionbench.scores import area_score, layer_scores
-from tables import table, with_outcomes
+from tables import add_cell, table, with_outcomes
 
 GRIDS = [
     (0.0, 1.0),
@@ -72,29 +72,20 @@ def test_the_bootstrap_interval_of_a_harmful_block_removal_lies_below_the_line()
         ("b1", 1, 0.0, clean),
         ("b1", 1, 1.0, kept),
     ]:
-        preds.append(np.where(correct, labels, (labels + 1) % classes).astype(np.int32))
-        rows.append(
-            dict(
-                model="m",
-                dataset="d",
-                layer=layer,
-                layer_index=index,
-                relative_depth=float(max(index, 0)),
-                perturbation="block_drop" if layer else "clean",
-                level=level,
-                draw=0,
-                top1=correct.mean(),
-                top5=1.0,
-                num_classes=classes,
-                error="",
-                level_axis="linear",
-                level_unit="",
-                n_images=n,
-                seconds=0.1,
-                images_per_s=1.0,
-                device="cpu",
-                outcome=len(rows),
-            )
+        add_cell(
+            rows,
+            preds,
+            labels,
+            classes,
+            correct,
+            model="m",
+            dataset="d",
+            layer=layer,
+            layer_index=index,
+            relative_depth=float(max(index, 0)),
+            perturbation="block_drop" if layer else "clean",
+            level=level,
+            draw=0,
         )
     df, outcomes = with_outcomes(rows, preds, labels, "d")
     b = bootstrap(df, outcomes, replicates=200, seed=1).layers.set_index("layer")
