@@ -19,13 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
+from case_models import CaseSource, case_plugins
 from conftest import write_fashion
 from lesionbench.api import run
 from lesionbench.errors import LesionbenchError
 from lesionbench.graph import ModelGraph
-from lesionbench.hookspecs import hookimpl
-from lesionbench.model_sources import LoadedModel
-from lesionbench.models.fashion import grey_28_preprocess
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 
@@ -327,40 +325,17 @@ def silence(model: nn.Module, names: list[str]) -> nn.Module:
     return model
 
 
-class Source:
+class Source(CaseSource):
     """The cases as model plugin ``case3:NAME``; option ``silence`` applies the oracle above."""
 
-    name, description = "case3", "correctness cases, third round"
-
-    def claims(self, arch):
-        return False
-
-    def examples(self):
-        return sorted(ARCHS)
-
-    def build(self, spec):
-        opts = dict(spec.options)
-        silenced = list(opts.pop("silence", []))
-        torch.manual_seed(0)
-        module = silence(ARCHS[spec.arch](**opts).eval(), silenced)
-        pre = grey_28_preprocess()  # grey, 28×28, Fashion-MNIST's mean and std
-        return LoadedModel(
-            name=spec.ref,
-            module=module,
-            num_classes=10,
-            input_size=(1, 28, 28),
-            preprocess=pre,
-            preprocess_key="repro3-grey28",
-        )
+    def own_options(self, options):
+        silenced = list(options.pop("silence", []))
+        return lambda module: silence(module, silenced)
 
 
-class Plugin:
-    @hookimpl
-    def lesionbench_models(self):
-        return [Source()]
-
-
-PLUGINS = [("case3", Plugin())]  # beside the built-ins in conftest's registry fixture
+PLUGINS = case_plugins(
+    Source("case3", "correctness cases, third round", ARCHS, "repro3-grey28", num_classes=10)
+)  # beside the built-ins in conftest's registry fixture
 STUDY_DEFAULTS = {"name": "case3"}  # conftest's study fixture: draws 1, 40 images
 
 
