@@ -3,7 +3,8 @@
 * ``registry`` (the built-in plugins, plus a module's own ``PLUGINS``) and ``perts`` (its
   perturbations by name);
 * ``fashion``: a small Fashion-MNIST ``test`` split of random images the suite makes itself
-  (:func:`write_fashion` for other sizes);
+  (:func:`write_fashion` for other sizes), and :func:`run_flags`, the command line's options of a
+  small CPU run on such a split;
 * ``study``: a factory of study dicts for :func:`lesionbench.run` / ``parse_study``, and
   ``study_file``: the same studies written as TOML study files for the CLI (both take the test
   module's ``STUDY_DEFAULTS``);
