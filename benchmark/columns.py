@@ -50,25 +50,8 @@ OPTIONAL = {
     "chance_top1": float("nan"),
     "chance_top5": float("nan"),
 }
-NUMERIC = [
-    "layer_index",
-    "relative_depth",
-    "level",
-    "draw",
-    "seed",
-    "top1",
-    "top5",
-    "loss",
-    "n_images",
-    "seconds",
-    "images_per_s",
-    "num_classes",
-    "nonfinite_weights",
-    "nonfinite_outputs",
-    "flip_rate",
-    "chance_top1",
-    "chance_top5",
-]
+TEXT = ["model", "dataset", "layer", "perturbation", "device", "error", "level_axis", "level_unit"]
+NUMERIC = [c for c in COLUMNS if c not in TEXT]  # every other column is a number (in COLUMNS' order)
 CLEAN = "clean"  # the perturbation name of the one unperturbed evaluation per model
 NONFINITE = "non-finite logits"  # the error of a cell whose damaged network emitted NaN/Inf
 RESULTS = "results.csv"

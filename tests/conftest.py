@@ -3,7 +3,8 @@
 * ``registry`` (the built-in plugins, plus a module's own ``PLUGINS``) and ``perts`` (its
   perturbations by name);
 * ``fashion``: a small Fashion-MNIST ``test`` split of random images the suite makes itself
-  (:func:`write_fashion` for other sizes);
+  (:func:`write_fashion` for other sizes), and :func:`run_flags`, the command line's options of a
+  small CPU run on such a split;
 * ``study``: a factory of study dicts for :func:`lesionbench.run` / ``parse_study``, and
   ``study_file``: the same studies written as TOML study files for the CLI (both take the test
   module's ``STUDY_DEFAULTS``);
@@ -50,6 +51,25 @@ def write_fashion(root: Path, n: int = 60, labels: np.ndarray | None = None) -> 
     with gzip.open(root / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write(bytes([0, 0, 8, 1]) + struct.pack(">i", n) + labels.tobytes())
     return root
+
+
+def run_flags(
+    data: Path,
+    layers: str = "fc8",
+    levels: str = "0,1",
+    draws: int = 1,
+    perturbations: str | None = None,
+    models: str = "fashion_alexnet",
+    n_images: int = 20,
+) -> list[str]:
+    """The command line's options of a small CPU run on the Fashion-MNIST split at ``data`` (made by
+    :func:`write_fashion`): ``--models … --layers … [--perturbations …] --levels … --draws …
+    --n-images … --data … --device cpu``, comma-separated lists as the command line takes them."""
+    chosen = ["--perturbations", perturbations] if perturbations else []
+    return [
+        *("--models", models, "--layers", layers, *chosen, "--levels", levels, "--draws", str(draws)),
+        *("--n-images", str(n_images), "--data", str(data), "--device", "cpu"),
+    ]
 
 
 # ------------------------------------------------------------------------------------ golden data

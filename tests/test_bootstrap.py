@@ -19,6 +19,7 @@ from lesionbench.per_image import per_class_accuracy
 from lesionbench.registry import get_registry
 from lesionbench.scores import layer_scores
 from lesionbench.store import Outcomes, Subset
+from tables import add_cell, with_outcomes
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -41,31 +42,22 @@ def simulate(
         u = u_shared if shared_images else rng.random(n_images)
 
         def cell(layer, index, level, draw, threshold, u=u, model=model, layers=layers):  # this model's
-            correct = u > threshold
-            pred = np.where(correct, labels, (labels + 1) % classes).astype(np.int32)
-            top1.append(pred)
-            rows.append(
-                dict(
-                    model=model,
-                    dataset=dataset,
-                    layer=layer,
-                    layer_index=index,
-                    relative_depth=index / max(1, len(layers) - 1),
-                    perturbation="p",
-                    level=level,
-                    draw=draw,
-                    top1=correct.mean(),
-                    top5=1.0,
-                    num_classes=classes,
-                    error="",
-                    level_axis="linear",
-                    level_unit="fraction p",
-                    n_images=n_images,
-                    seconds=0.1,
-                    images_per_s=n_images / 0.1,
-                    device="cpu",
-                    outcome=len(rows),
-                )
+            add_cell(
+                rows,
+                top1,
+                labels,
+                classes,
+                u > threshold,
+                level_unit="fraction p",
+                images_per_s=n_images / 0.1,
+                model=model,
+                dataset=dataset,
+                layer=layer,
+                layer_index=index,
+                relative_depth=index / max(1, len(layers) - 1),
+                perturbation="p",
+                level=level,
+                draw=draw,
             )
 
         cell("", -1, 0.0, 0, 0.1)
@@ -75,11 +67,7 @@ def simulate(
                 for draw in range(1 if level == 0 else draws):
                     eps = 0.0 if level == 0 else rng.normal(0, sigma)
                     cell(layer, index, level, draw, 0.1 + 0.8 * k * level * (1 + eps))
-    df = pd.DataFrame(rows)
-    keys = df[["model", "dataset", "layer", "perturbation", "level", "draw"]]
-    subset = Subset(dataset, "test", np.arange(n_images), labels)
-    t1 = np.stack(top1)
-    return df, Outcomes.from_runs([(keys, t1, t1 == labels, subset)])
+    return with_outcomes(rows, top1, labels, dataset)
 
 
 def true_score(k: float) -> float:

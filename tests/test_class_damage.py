@@ -134,13 +134,13 @@ def _one_weak_unit(per_class: int) -> tuple:
     return net, x, y
 
 
-def test_a_published_leaderboard_names_the_class_the_fragile_layer_hurts(tmp_path):
-    """End to end: run → outcomes → publish: the class-damage line names class 1 (the silenced unit's
-    class) as hurt most, and the per-class heatmap is drawn and linked."""
+def _run_and_publish(tmp_path, per_class: int) -> str:
+    """The leaderboard page (``LB.md`` in ``tmp_path``) published from a run (``tmp_path/run``) of
+    :func:`_one_weak_unit` on ``per_class`` images a class, filter pruning at 0 and one unit of 3."""
     import lesionbench
     from lesionbench.publish import publish
 
-    net, x, y = _one_weak_unit(per_class=20)
+    net, x, y = _one_weak_unit(per_class=per_class)
     lesionbench.run(
         model=net,
         data=(x, y),
@@ -151,7 +151,13 @@ def test_a_published_leaderboard_names_the_class_the_fragile_layer_hurts(tmp_pat
         seed=0,
         device="cpu",
     )
-    text = publish([tmp_path / "run"], tmp_path / "LB.md").read_text()
+    return publish([tmp_path / "run"], tmp_path / "LB.md").read_text()
+
+
+def test_a_published_leaderboard_names_the_class_the_fragile_layer_hurts(tmp_path):
+    """End to end: run → outcomes → publish: the class-damage line names class 1 (the silenced unit's
+    class) as hurt most, and the per-class heatmap is drawn and linked."""
+    text = _run_and_publish(tmp_path, per_class=20)
     line = next(ln for ln in text.splitlines() if ln.startswith(r"- **model**, filter\_prune at 1:"))
     assert "hurt most class 1 (0.50)" in line  # retention 1 at level 0, 0 at one unit pruned
     assert "20 images per class" in text
@@ -161,21 +167,7 @@ def test_a_published_leaderboard_names_the_class_the_fragile_layer_hurts(tmp_pat
 
 
 def test_too_few_images_per_class_are_not_read_as_class_damage(tmp_path):
-    import lesionbench
-    from lesionbench.publish import publish
-
-    net, x, y = _one_weak_unit(per_class=4)
-    lesionbench.run(
-        model=net,
-        data=(x, y),
-        out=tmp_path / "run",
-        perturbations=["filter_prune"],
-        levels=[0.0, 1 / 3],
-        layers=["1"],
-        seed=0,
-        device="cpu",
-    )
-    text = publish([tmp_path / "run"], tmp_path / "LB.md").read_text()
+    text = _run_and_publish(tmp_path, per_class=4)
     assert "Classes hurt most: not named — this track has 4 image(s) of some classes" in text
     assert not list((tmp_path / "plots").glob("*__classes.png"))
 

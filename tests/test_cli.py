@@ -243,6 +243,13 @@ def expect_bad(args: list[str], out: Path, capsys, *needles: str) -> str:
     return err
 
 
+def expect_bad_study(text: str, tmp_path: Path, capsys, *needles: str) -> str:
+    """:func:`expect_bad` for ``run`` of the study file ``tmp_path/s.toml`` holding ``text``."""
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    return expect_bad(["run", str(path)], tmp_path / "o", capsys, *needles)
+
+
 def test_unknown_model(study, tmp_path, capsys):
     err = expect_bad(
         ["run", str(study), "--models", "fashion_alexnett"],
@@ -288,11 +295,9 @@ def test_unknown_perturbation(study, tmp_path, capsys):
 
 
 def test_unknown_dataset(fashion, tmp_path, capsys):
-    path = tmp_path / "s.toml"
-    path.write_text(study_text(fashion).replace('name = "fashion_mnist"', 'name = "fashion_mnst"'))
-    expect_bad(
-        ["run", str(path)],
-        tmp_path / "o",
+    expect_bad_study(
+        study_text(fashion).replace('name = "fashion_mnist"', 'name = "fashion_mnst"'),
+        tmp_path,
         capsys,
         "unknown dataset 'fashion_mnst'",
         "Did you mean 'fashion_mnist'?",
@@ -326,27 +331,19 @@ def test_missing_study_file(tmp_path, capsys):
 
 
 def test_study_with_unknown_key(fashion, tmp_path, capsys):
-    path = tmp_path / "s.toml"
-    path.write_text(study_text(fashion, drawz="3"))
-    expect_bad(["run", str(path)], tmp_path / "o", capsys, "unknown key 'drawz'")
+    expect_bad_study(study_text(fashion, drawz="3"), tmp_path, capsys, "unknown key 'drawz'")
 
 
 def test_study_with_unknown_dataset_key(fashion, tmp_path, capsys):
-    path = tmp_path / "s.toml"
-    path.write_text(study_text(fashion) + "n_imgs = 3\n")
-    expect_bad(["run", str(path)], tmp_path / "o", capsys, "unknown key dataset.'n_imgs'")
+    expect_bad_study(study_text(fashion) + "n_imgs = 3\n", tmp_path, capsys, "unknown key dataset.'n_imgs'")
 
 
 def test_study_with_wrong_type(fashion, tmp_path, capsys):
-    path = tmp_path / "s.toml"
-    path.write_text(study_text(fashion, draws='"five"'))
-    expect_bad(["run", str(path)], tmp_path / "o", capsys, "'draws'", "int", "five")
+    expect_bad_study(study_text(fashion, draws='"five"'), tmp_path, capsys, "'draws'", "int", "five")
 
 
 def test_study_with_invalid_toml(tmp_path, capsys):
-    path = tmp_path / "s.toml"
-    path.write_text("models = [\n")
-    expect_bad(["run", str(path)], tmp_path / "o", capsys, "not valid TOML")
+    expect_bad_study("models = [\n", tmp_path, capsys, "not valid TOML")
 
 
 def test_labels_beyond_the_model_classes(tmp_path, capsys):
@@ -383,17 +380,26 @@ def test_labels_beyond_the_model_classes(tmp_path, capsys):
 def test_checkpoint_carrying_a_pickled_object(tmp_path, fashion, capsys):
     ckpt = tmp_path / "evil.pt"
     torch.save({"conv1.weight": torch.zeros(1), "extra": argparse.Namespace(x=1)}, ckpt)
-    path = tmp_path / "s.toml"
-    path.write_text(study_text(fashion, model='{ref = "fashion_alexnet", checkpoint = "evil.pt"}'))
-    expect_bad(["run", str(path)], tmp_path / "o", capsys, "evil.pt", "weights_only")
+    expect_bad_study(
+        study_text(fashion, model='{ref = "fashion_alexnet", checkpoint = "evil.pt"}'),
+        tmp_path,
+        capsys,
+        "evil.pt",
+        "weights_only",
+    )
 
 
 def test_checkpoint_of_another_model(tmp_path, fashion, capsys):
     ckpt = tmp_path / "other.pt"
     torch.save({"conv1.weight": torch.zeros(32, 1, 3, 3)}, ckpt)
-    path = tmp_path / "s.toml"
-    path.write_text(study_text(fashion, model='{ref = "fashion_alexnet", checkpoint = "other.pt"}'))
-    expect_bad(["run", str(path)], tmp_path / "o", capsys, "other.pt", "does not fit", "missing")
+    expect_bad_study(
+        study_text(fashion, model='{ref = "fashion_alexnet", checkpoint = "other.pt"}'),
+        tmp_path,
+        capsys,
+        "other.pt",
+        "does not fit",
+        "missing",
+    )
 
 
 # ---------------------------------------------------------------- listings
@@ -467,9 +473,12 @@ def test_cuda_without_a_gpu_is_refused(study, tmp_path, capsys):
 
 
 def test_model_options_the_builder_rejects(fashion, tmp_path, capsys):
-    path = tmp_path / "s.toml"
-    path.write_text(study_text(fashion, model='{ref = "fashion_alexnet", weights = "none", options = {bogus = 1}}'))
-    expect_bad(["run", str(path)], tmp_path / "o", capsys, "could not be built with options")
+    expect_bad_study(
+        study_text(fashion, model='{ref = "fashion_alexnet", weights = "none", options = {bogus = 1}}'),
+        tmp_path,
+        capsys,
+        "could not be built with options",
+    )
 
 
 def test_out_that_is_a_file_and_a_damaged_manifest(study, tmp_path, capsys):

@@ -18,14 +18,12 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 from torch import nn
-from torchvision import transforms
 
+from case_models import CaseSource, case_plugins
 from conftest import needs_fashion_mnist, write_fashion
 from lesionbench.api import run
 from lesionbench.errors import LesionbenchError
 from lesionbench.graph import ModelGraph, discover_layers
-from lesionbench.hookspecs import hookimpl
-from lesionbench.model_sources import LoadedModel
 from lesionbench.perturbation import binomial_count, generator_for
 from lesionbench.registry import create_registry
 
@@ -175,44 +173,16 @@ ARCHS = {
 }
 
 
-class Source:
-    """The cases as model plugin ``repro:NAME``, as the correctness cases build them (seed 0)."""
+class Source(CaseSource):
+    """The cases as model plugin ``repro:NAME``, as the correctness cases build them (seed 0); option
+    ``dtype`` (a torch dtype's name) converts the built model."""
 
-    name, description = "repro", "minimal reproductions of silent errors"
-
-    def claims(self, arch):
-        return False
-
-    def examples(self):
-        return sorted(ARCHS)
-
-    def build(self, spec):
-        opts = dict(spec.options)
-        dtype = opts.pop("dtype", None)
-        torch.manual_seed(0)
-        module = ARCHS[spec.arch](**opts).eval()
-        pre = transforms.Compose(
-            [
-                transforms.Grayscale(1),
-                transforms.Resize((28, 28)),
-                transforms.ToTensor(),
-                transforms.Normalize((0.286,), (0.353,)),
-            ]
-        )
-        if dtype:
-            module = module.to(getattr(torch, dtype))
-        return LoadedModel(
-            name=spec.ref, module=module, input_size=(1, 28, 28), preprocess=pre, preprocess_key="grey28"
-        )
+    def own_options(self, options):
+        dtype = options.pop("dtype", None)
+        return (lambda module: module.to(getattr(torch, dtype))) if dtype else (lambda module: module)
 
 
-class Plugin:
-    @hookimpl
-    def lesionbench_models(self):
-        return [Source()]
-
-
-PLUGINS = [("repro", Plugin())]  # beside the built-ins in conftest's registry fixture
+PLUGINS = case_plugins(Source("repro", "minimal reproductions of silent errors", ARCHS, "grey28"))
 STUDY_DEFAULTS = {"name": "case", "draws": 2, "n_images": 64}  # conftest's study fixture
 
 

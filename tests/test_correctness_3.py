@@ -18,14 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
-from torchvision import transforms
 
+from case_models import CaseSource, case_plugins
 from conftest import write_fashion
 from lesionbench.api import run
 from lesionbench.errors import LesionbenchError
 from lesionbench.graph import ModelGraph
-from lesionbench.hookspecs import hookimpl
-from lesionbench.model_sources import LoadedModel
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 
@@ -43,19 +41,27 @@ def _nontrivial(norm, seed=1):
 # ------------------------------------------------------------------------------------ the cases
 
 
-class HFConv1D(nn.Module):
-    """transformers' Conv1D (GPT-2, ImageGPT): a linear layer whose weight is stored [in, out]."""
+class _ConvFcHead(nn.Module):
+    """conv ``c1`` (1 -> 8, stride 2), ReLU, flatten, the case's ``fc`` (8·14·14 -> 64 units), tanh, linear
+    ``head`` (64 -> 10); ``make_fc`` builds the fc layer between the conv and the head (the seeded order)."""
 
-    def __init__(self):
+    def __init__(self, make_fc):
         super().__init__()
-        from transformers.pytorch_utils import Conv1D
-
         self.c1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
-        self.fc = Conv1D(64, 8 * 14 * 14)
+        self.fc = make_fc()
         self.head = nn.Linear(64, 10)
 
     def forward(self, x):
         return self.head(torch.tanh(self.fc(F.relu(self.c1(x)).flatten(1))))
+
+
+class HFConv1D(_ConvFcHead):
+    """transformers' Conv1D (GPT-2, ImageGPT): a linear layer whose weight is stored [in, out]."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__(lambda: Conv1D(64, 8 * 14 * 14))
 
 
 class CatEmpty(nn.Module):
@@ -256,15 +262,9 @@ class LoraLinear(nn.Module):
         return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * self.scaling
 
 
-class LoRA(nn.Module):
+class LoRA(_ConvFcHead):
     def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
-        self.fc = LoraLinear(nn.Linear(8 * 14 * 14, 64))
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc(F.relu(self.c1(x)).flatten(1))))
+        super().__init__(lambda: LoraLinear(nn.Linear(8 * 14 * 14, 64)))
 
 
 class _Plain(nn.Module):
@@ -325,47 +325,17 @@ def silence(model: nn.Module, names: list[str]) -> nn.Module:
     return model
 
 
-class Source:
+class Source(CaseSource):
     """The cases as model plugin ``case3:NAME``; option ``silence`` applies the oracle above."""
 
-    name, description = "case3", "correctness cases, third round"
-
-    def claims(self, arch):
-        return False
-
-    def examples(self):
-        return sorted(ARCHS)
-
-    def build(self, spec):
-        opts = dict(spec.options)
-        silenced = list(opts.pop("silence", []))
-        torch.manual_seed(0)
-        module = silence(ARCHS[spec.arch](**opts).eval(), silenced)
-        pre = transforms.Compose(
-            [
-                transforms.Grayscale(1),
-                transforms.Resize((28, 28)),
-                transforms.ToTensor(),
-                transforms.Normalize((0.286,), (0.353,)),
-            ]
-        )
-        return LoadedModel(
-            name=spec.ref,
-            module=module,
-            num_classes=10,
-            input_size=(1, 28, 28),
-            preprocess=pre,
-            preprocess_key="repro3-grey28",
-        )
+    def own_options(self, options):
+        silenced = list(options.pop("silence", []))
+        return lambda module: silence(module, silenced)
 
 
-class Plugin:
-    @hookimpl
-    def lesionbench_models(self):
-        return [Source()]
-
-
-PLUGINS = [("case3", Plugin())]  # beside the built-ins in conftest's registry fixture
+PLUGINS = case_plugins(
+    Source("case3", "correctness cases, third round", ARCHS, "repro3-grey28", num_classes=10)
+)  # beside the built-ins in conftest's registry fixture
 STUDY_DEFAULTS = {"name": "case3"}  # conftest's study fixture: draws 1, 40 images
 
 
@@ -551,7 +521,19 @@ def test_qat_observers_do_not_move_and_the_model_comes_back_bit_identical(study,
 # ------------------------------------------------------------------------------------ hook perturbations
 
 
-HOOKS = ["activation_knockout", "activation_noise", "activation_bit_flip"]
+HOOK_LEVELS = {"activation_knockout": [0.0, 1.0], "activation_noise": [0.0, 2.0], "activation_bit_flip": [0.0, 0.1]}
+HOOKS = list(HOOK_LEVELS)
+
+
+def hooks_damage_alike_on_both_engines(spec: dict, registry) -> pd.DataFrame:
+    """The fast engine's results of ``spec``, after checking that its losses equal the naive engine's and
+    that each hook perturbation at its highest level of ``HOOK_LEVELS`` changes every cell's loss."""
+    fast, naive = fast_and_naive(spec, registry)
+    np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
+    clean = float(fast.loc[fast["perturbation"] == "clean", "loss"].iloc[0])
+    for perturbation, levels in HOOK_LEVELS.items():
+        assert (loss_at(fast, perturbation, levels[-1]) != clean).all(), perturbation
+    return fast
 
 
 def test_hook_perturbations_refuse_by_name_a_layer_their_hook_cannot_see(study, data, registry):
@@ -567,16 +549,8 @@ def test_hook_perturbations_refuse_by_name_a_layer_their_hook_cannot_see(study, 
 def test_hook_perturbations_damage_multihead_attention_out_proj(study, data, registry):
     """``out_proj`` is applied inside ``F.multi_head_attention_forward``; the harness calls it there."""
     spec = study("case3:MHAAct", ["attn.out_proj"], HOOKS, [0.0], data)
-    spec["levels"] = {
-        "activation_knockout": [0.0, 1.0],
-        "activation_noise": [0.0, 2.0],
-        "activation_bit_flip": [0.0, 0.1],
-    }
-    fast, naive = fast_and_naive(spec, registry)
-    np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
-    clean = float(fast.loc[fast["perturbation"] == "clean", "loss"].iloc[0])
-    for perturbation, level in [("activation_knockout", 1.0), ("activation_noise", 2.0), ("activation_bit_flip", 0.1)]:
-        assert (loss_at(fast, perturbation, level) != clean).all(), perturbation
+    spec["levels"] = dict(HOOK_LEVELS)
+    fast = hooks_damage_alike_on_both_engines(spec, registry)
     oracle = clean_loss(study, "MHAAct", data, registry, out_proj_silenced=True)
     np.testing.assert_allclose(loss_at(fast, "activation_knockout", 1.0), oracle, rtol=1e-6)
 
@@ -585,17 +559,8 @@ def test_hook_perturbations_damage_a_layer_called_as_forward_or_through_f_linear
     graph = ModelGraph.of(ForwardCall().eval(), torch.zeros(1, 1, 28, 28))
     assert {l.name: l.applied_by for l in graph.layers} == {"c1": "", "fc": "linear", "head": "linear"}
     spec = study("case3:ForwardCall", ["fc", "head"], HOOKS + ["synapse_knockout"], [0.0, 1.0], data)
-    spec["levels"] = {
-        "activation_knockout": [0.0, 1.0],
-        "activation_noise": [0.0, 2.0],
-        "activation_bit_flip": [0.0, 0.1],
-        "synapse_knockout": [0.0, 1.0],
-    }
-    fast, naive = fast_and_naive(spec, registry)
-    np.testing.assert_allclose(fast["loss"], naive["loss"], rtol=1e-6)
-    clean = float(fast.loc[fast["perturbation"] == "clean", "loss"].iloc[0])
-    for perturbation, level in [("activation_knockout", 1.0), ("activation_noise", 2.0), ("activation_bit_flip", 0.1)]:
-        assert (loss_at(fast, perturbation, level) != clean).all(), perturbation
+    spec["levels"] = HOOK_LEVELS | {"synapse_knockout": [0.0, 1.0]}
+    fast = hooks_damage_alike_on_both_engines(spec, registry)
     # oracles: all of head's units zeroed -> logits 0 -> loss ln 10; fc's -> tanh(0) = 0 -> logits = head's bias
     np.testing.assert_allclose(loss_at(fast, "activation_knockout", 1.0, "head"), np.log(10), rtol=1e-6)
     torch.manual_seed(0)

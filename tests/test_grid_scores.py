@@ -10,7 +10,7 @@ import pytest
 
 from lesionbench.bootstrapping import bootstrap
 from lesionbench.scores import area_score, layer_scores
-from lesionbench.store import Outcomes, Subset
+from tables import add_cell, table, with_outcomes
 
 GRIDS = [
     (0.0, 1.0),
@@ -40,41 +40,9 @@ def test_the_clean_level_counts_for_nothing_and_later_levels_keep_their_trapezoi
 
 
 def _table(levels_by_layer: dict[str, dict[float, float]], clean=0.9, classes=10) -> pd.DataFrame:
-    rows = [
-        dict(
-            model="m",
-            dataset="d",
-            layer="",
-            layer_index=-1,
-            relative_depth=np.nan,
-            perturbation="clean",
-            level=0.0,
-            draw=0,
-            top1=clean,
-            top5=clean,
-            num_classes=classes,
-            error="",
-        )
-    ]
-    for i, (layer, accs) in enumerate(levels_by_layer.items()):
-        for level, acc in accs.items():
-            rows.append(
-                dict(
-                    model="m",
-                    dataset="d",
-                    layer=layer,
-                    layer_index=i,
-                    relative_depth=i / 2,
-                    perturbation="block_drop",
-                    level=level,
-                    draw=0,
-                    top1=acc,
-                    top5=acc,
-                    num_classes=classes,
-                    error="",
-                )
-            )
-    return pd.DataFrame(rows)
+    """One draw of ``block_drop`` per level (:func:`tables.table`)."""
+    curves = {layer: [(level, [acc]) for level, acc in accs.items()] for layer, accs in levels_by_layer.items()}
+    return table(curves, clean=clean, classes=classes, perturbation="block_drop")
 
 
 def test_removing_a_block_that_leaves_chance_is_critical_on_the_two_level_grid():
@@ -104,34 +72,22 @@ def test_the_bootstrap_interval_of_a_harmful_block_removal_lies_below_the_line()
         ("b1", 1, 0.0, clean),
         ("b1", 1, 1.0, kept),
     ]:
-        preds.append(np.where(correct, labels, (labels + 1) % classes).astype(np.int32))
-        rows.append(
-            dict(
-                model="m",
-                dataset="d",
-                layer=layer,
-                layer_index=index,
-                relative_depth=float(max(index, 0)),
-                perturbation="block_drop" if layer else "clean",
-                level=level,
-                draw=0,
-                top1=correct.mean(),
-                top5=1.0,
-                num_classes=classes,
-                error="",
-                level_axis="linear",
-                level_unit="",
-                n_images=n,
-                seconds=0.1,
-                images_per_s=1.0,
-                device="cpu",
-                outcome=len(rows),
-            )
+        add_cell(
+            rows,
+            preds,
+            labels,
+            classes,
+            correct,
+            model="m",
+            dataset="d",
+            layer=layer,
+            layer_index=index,
+            relative_depth=float(max(index, 0)),
+            perturbation="block_drop" if layer else "clean",
+            level=level,
+            draw=0,
         )
-    df = pd.DataFrame(rows)
-    keys = df[["model", "dataset", "layer", "perturbation", "level", "draw"]]
-    top1 = np.stack(preds)
-    outcomes = Outcomes.from_runs([(keys, top1, top1 == labels, Subset("d", "test", np.arange(n), labels))])
+    df, outcomes = with_outcomes(rows, preds, labels, "d")
     b = bootstrap(df, outcomes, replicates=200, seed=1).layers.set_index("layer")
     assert b.loc["b0", "score_high"] < 0.5 and b.loc["b0", "verdict"] == "critical"
     assert b.loc["b1", "score_low"] >= 0.5 and b.loc["b1", "verdict"] == "robust"

@@ -23,8 +23,10 @@ import tomllib
 
 from conftest import (
     FINISHED,  # noqa: E402
+    run_flags,
     write_fashion,
 )
+from toy_plugins import install_plugin
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"benchmark": "lesionbench", "plugins": "lesionbench.plugins", "models": "lesionbench.models"}
@@ -120,27 +122,7 @@ def test_the_wheel_works_installed_in_a_fresh_environment(wheel, tmp_path):
     assert helped.returncode == 0 and "run" in helped.stdout, helped.stderr
     data = write_fashion(tmp_path / "fashion", n=20)
     cli = subprocess.run(
-        [
-            str(script),
-            "run",
-            "demo",
-            "--models",
-            "fashion_alexnet",
-            "--layers",
-            "fc8",
-            "--levels",
-            "0,1",
-            "--draws",
-            "1",
-            "--n-images",
-            "20",
-            "--data",
-            str(data),
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "out"),
-        ],
+        [str(script), "run", "demo", *run_flags(data), "--out", str(tmp_path / "out")],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -284,31 +266,7 @@ def test_a_project_with_its_own_models_plugins_and_benchmark_is_not_disturbed(tm
         assert name in listing.stdout, name
     assert "warning" not in listing.stderr
 
-    run = _run_cli(
-        [
-            "run",
-            "demo",
-            "--models",
-            "fashion_alexnet",
-            "--layers",
-            "fc8",
-            "--levels",
-            "0,1",
-            "--draws",
-            "1",
-            "--n-images",
-            "20",
-            "--data",
-            str(data),
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "out"),
-            "--no-plots",
-        ],
-        project,
-        [project],
-    )
+    run = _run_cli(["run", "demo", *run_flags(data), "--out", str(tmp_path / "out"), "--no-plots"], project, [project])
     assert run.returncode in FINISHED, run.stderr
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1 + 3 * 2
@@ -331,16 +289,15 @@ def test_the_readme_plugin_example_installs_and_runs(tmp_path):
     entry points of its own pyproject.toml) and used through the command line."""
     example = REPO / "examples" / "lesionbench-signflip"
     meta = tomllib.loads((example / "pyproject.toml").read_text())["project"]
-    site = tmp_path / "site"
-    (site / "lesionbench_signflip").mkdir(parents=True)
     source = (example / "lesionbench_signflip" / "__init__.py").read_text()
     assert re.findall(r"^from (\S+) import", source, re.M) == ["__future__", "lesionbench"]  # public surface only
-    (site / "lesionbench_signflip" / "__init__.py").write_text(source)
-    info = site / f"{meta['name'].replace('-', '_')}-{meta['version']}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {meta['name']}\nVersion: {meta['version']}\n")
-    eps = "".join(f"{k} = {v}\n" for k, v in meta["entry-points"]["lesionbench"].items())
-    (info / "entry_points.txt").write_text(f"[lesionbench]\n{eps}")
+    site = install_plugin(
+        tmp_path / "site",
+        meta["name"],
+        meta["entry-points"]["lesionbench"],
+        {"lesionbench_signflip/__init__": source},
+        version=meta["version"],
+    )
 
     plugins = _run_cli(["plugins"], tmp_path, [site])
     line = next(l for l in plugins.stdout.splitlines() if l.strip("│ ").startswith("sign_flip"))

@@ -9,7 +9,6 @@ until the ``reporters`` kind is merged.
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,12 @@ from torch import nn
 import lesionbench
 import lesionbench.cli as cli
 import lesionbench.registry as registry_mod
-from conftest import FINISHED, write_fashion
+from conftest import FINISHED, run_flags, write_fashion
 from lesionbench.cli import main
 from lesionbench.errors import LesionbenchError
 from lesionbench.registry import create_registry, get_registry
 from lesionbench.store import read_results
+from toy_plugins import install_plugin
 
 TOY_EXECUTOR = '''
 """A toy executor: the local backend with the blocks in reverse order, each job logged to a file."""
@@ -79,13 +79,7 @@ def lesionbench_scores():
 
 def install(root: Path, modules: dict[str, str]) -> None:
     """Lay the modules out as pip would, with a ``toy-0.1.dist-info`` naming one entry point each."""
-    for name, source in modules.items():
-        (root / f"{name}.py").write_text(textwrap.dedent(source))
-    info = root / "toy-0.1.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy\nVersion: 0.1\n")
-    points = "".join(f"{name} = {name}\n" for name in modules)
-    (info / "entry_points.txt").write_text(f"[lesionbench]\n{points}")
+    install_plugin(root, "toy", {name: name for name in modules}, modules)
 
 
 @pytest.fixture
@@ -114,22 +108,7 @@ def test_a_toy_executor_from_a_plugin_runs_from_the_cli_and_writes_the_local_row
     data = write_fashion(tmp_path / "fashion", n=20)
     common = [
         "demo",
-        "--models",
-        "fashion_alexnet",
-        "--layers",
-        "conv1,fc8",
-        "--perturbations",
-        "synapse_knockout,weight_noise",
-        "--levels",
-        "0,1",
-        "--draws",
-        "1",
-        "--n-images",
-        "20",
-        "--data",
-        str(data),
-        "--device",
-        "cpu",
+        *run_flags(data, layers="conv1,fc8", perturbations="synapse_knockout,weight_noise"),
         "--no-publish",
     ]
     assert main(["run", *common, "--out", str(tmp_path / "local")]) in FINISHED
@@ -275,60 +254,20 @@ def test_disabling_a_builtin_perturbation_makes_it_unknown_and_leaves_the_others
     with pytest.raises(LesionbenchError, match="unknown perturbation 'synapse_knockout'"):
         registry.get("perturbations", "synapse_knockout")
     data = write_fashion(tmp_path / "fashion", n=20)
-    study = [
-        "demo",
-        "--models",
-        "fashion_alexnet",
-        "--layers",
-        "fc8",
-        "--levels",
-        "0,1",
-        "--draws",
-        "1",
-        "--n-images",
-        "20",
-        "--data",
-        str(data),
-        "--device",
-        "cpu",
-        "--no-publish",
-    ]
+    study = ["demo", *run_flags(data), "--no-publish"]
+
+    def run_without_synapse_knockout(perturbation: str, out: str) -> int:
+        flags = ["--perturbations", perturbation, "--out", str(tmp_path / out)]
+        return main(["-p", "no:synapse_knockout", "run", *study, *flags])
+
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "-p",
-                "no:synapse_knockout",
-                "run",
-                *study,
-                "--perturbations",
-                "synapse_knockout",
-                "--out",
-                str(tmp_path / "off"),
-            ]
-        )
-        == 2
-    )
+    assert run_without_synapse_knockout("synapse_knockout", "off") == 2
     err = capsys.readouterr().err.strip()
     assert (
         err.startswith("lesionbench: error:") and "unknown perturbation 'synapse_knockout'" in err and "\n" not in err
     )
     assert not (tmp_path / "off").exists()
-    assert (
-        main(
-            [
-                "-p",
-                "no:synapse_knockout",
-                "run",
-                *study,
-                "--perturbations",
-                "node_knockout",
-                "--out",
-                str(tmp_path / "on"),
-            ]
-        )
-        in FINISHED
-    )
+    assert run_without_synapse_knockout("node_knockout", "on") in FINISHED
     assert set(read_results(tmp_path / "on")["perturbation"]) == {"clean", "node_knockout"}
     assert main(["list", "perturbations"]) == 0  # without -p the next command has every built-in again
     assert "synapse_knockout" in get_registry().contributions("perturbations")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lesionbench
-from conftest import write_fashion
+from conftest import run_flags, write_fashion
 from lesionbench.cli import main
 from lesionbench.errors import LesionbenchError
 
@@ -70,24 +70,7 @@ def test_the_dry_run_counts_the_cells_estimates_and_writes_nothing(tmp_path, mon
     work.mkdir()
     monkeypatch.chdir(work)
     monkeypatch.setenv("COLUMNS", "200")
-    flags = [
-        "--models",
-        "fashion_alexnet",
-        "--layers",
-        "conv1,fc8",
-        "--perturbations",
-        "synapse_knockout",
-        "--levels",
-        "0,0.5,1",
-        "--draws",
-        "2",
-        "--n-images",
-        "20",
-        "--data",
-        str(data),
-        "--device",
-        "cpu",
-    ]
+    flags = run_flags(data, layers="conv1,fc8", levels="0,0.5,1", draws=2, perturbations="synapse_knockout")
     assert main([*command, *flags]) == 0
     out = capsys.readouterr().out
     row = next(ln for ln in out.splitlines() if "fashion_alexnet" in ln)

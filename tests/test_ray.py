@@ -29,6 +29,7 @@ from lesionbench.cli import main
 from lesionbench.registry import get_registry
 from lesionbench.store import read_results, read_results_with_outcomes
 from lesionbench.study import load_study
+from toy_plugins import install_plugin
 
 KEY = ["model", "layer", "perturbation", "level", "draw"]
 EXACT = [
@@ -101,12 +102,7 @@ def lesionbench_perturbations():
 
 def install(root: Path, module: str, source: str) -> Path:
     """A distribution with one ``lesionbench`` entry point, importable once ``root`` is on the path."""
-    info = root / f"{module}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[lesionbench]\n{module} = {module}\n")
-    (root / f"{module}.py").write_text(source)
-    return root
+    return install_plugin(root, module, {module: module}, {module: source})
 
 
 def fresh_registry(monkeypatch=None) -> None:

@@ -23,6 +23,7 @@ from conftest import FINISHED
 from lesionbench.cli import main
 from lesionbench.errors import LesionbenchError, PluginError
 from lesionbench.registry import create_registry
+from toy_plugins import install_plugin
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,17 +67,6 @@ def lesionbench_perturbations():
         )
     ]
 """
-
-
-def install_plugin(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
-    """Lay out a plugin as pip would: its modules plus ``DIST-0.1.dist-info`` naming its entry points."""
-    for name, source in modules.items():
-        (root / f"{name}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    lines = "".join(f"{ep} = {target}\n" for ep, target in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[lesionbench]\n{lines}")
 
 
 @pytest.fixture

@@ -78,6 +78,23 @@ def assert_same_predictions(track: str, got: pd.DataFrame, outcomes) -> None:
         assert row["top1"] == pytest.approx((theirs.top1[before["outcome"], mine] == outcomes.images["label"]).mean())
 
 
+def imagenet_slice(model: str, layers: list[str], perturbations: list[str], level: float):
+    """The ``imagenet-track`` study of ``model`` on the CPU, on the first ``IMAGENET_SLICE`` of its images:
+    ``layers`` under ``perturbations`` at ``level``, first draw; the results frame and its outcomes."""
+    return run(
+        "imagenet-track",
+        models=[model],
+        layers=layers,
+        perturbations=perturbations,
+        levels=[level],
+        draws=1,
+        device="cpu",
+        data=str(IMAGENET),
+        n_images=IMAGENET_SLICE,
+        with_outcomes=True,
+    )
+
+
 @needs_fashion_mnist()
 def test_fashion_track_slice_reproduces_bit_for_bit():
     """fashion_resnet: its stem, a downsampling block's main-path conv and the classifier, the
@@ -115,18 +132,7 @@ def test_beyond_paper_slice_reproduces_bit_for_bit():
 def test_imagenet_track_slice_reproduces_bit_for_bit():
     """EfficientNet-Lite0's stem under synapse and node knockout at 0.4, first draw, on the first 100
     of the track's images (channels_last, as the preset runs). (Not weight_noise: its std is now ddof 0.)"""
-    got, outcomes = run(
-        "imagenet-track",
-        models=["efficientnet_lite0"],
-        layers=["conv_stem"],
-        perturbations=["synapse_knockout", "node_knockout"],
-        levels=[0.4],
-        draws=1,
-        device="cpu",
-        data=str(IMAGENET),
-        n_images=IMAGENET_SLICE,
-        with_outcomes=True,
-    )
+    got, outcomes = imagenet_slice("efficientnet_lite0", ["conv_stem"], ["synapse_knockout", "node_knockout"], 0.4)
     assert len(got) == 1 + 2
     assert_same_predictions("imagenet", got, outcomes)
 
@@ -136,17 +142,6 @@ def test_imagenet_track_lite2_slice_reproduces_bit_for_bit():
     """EfficientNet-Lite2, the track's last model, whose cells were made by several processes (the
     run was stopped and resumed): node knockout at 0.6, first draw, of ``blocks.1.1.conv_pw`` (made
     by an earlier process) and of the classifier (by the last), on the first 100 of its images."""
-    got, outcomes = run(
-        "imagenet-track",
-        models=["efficientnet_lite2"],
-        layers=["blocks.1.1.conv_pw", "classifier"],
-        perturbations=["node_knockout"],
-        levels=[0.6],
-        draws=1,
-        device="cpu",
-        data=str(IMAGENET),
-        n_images=IMAGENET_SLICE,
-        with_outcomes=True,
-    )
+    got, outcomes = imagenet_slice("efficientnet_lite2", ["blocks.1.1.conv_pw", "classifier"], ["node_knockout"], 0.6)
     assert len(got) == 1 + 2
     assert_same_predictions("imagenet", got, outcomes)

@@ -4,51 +4,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from lesionbench.scores import area_score, chance_level, critical_level, curves, layer_scores, model_summary, retention
-
-
-def table(curves_by_layer: dict[str, list[tuple[float, list[float]]]], clean=0.9, classes=10, metric="top1"):
-    """A results table: clean row + per layer (level, [acc per draw])."""
-    rows = [
-        dict(
-            model="m",
-            dataset="d",
-            layer="",
-            layer_index=-1,
-            relative_depth=np.nan,
-            perturbation="clean",
-            level=0.0,
-            draw=0,
-            top1=clean,
-            top5=clean,
-            num_classes=classes,
-            error="",
-        )
-    ]
-    for i, (layer, points) in enumerate(curves_by_layer.items()):
-        for level, accs in points:
-            for d, a in enumerate(accs):
-                rows.append(
-                    dict(
-                        model="m",
-                        dataset="d",
-                        layer=layer,
-                        layer_index=i,
-                        relative_depth=i / max(1, len(curves_by_layer) - 1),
-                        perturbation="p",
-                        level=level,
-                        draw=d,
-                        top1=a,
-                        top5=a,
-                        num_classes=classes,
-                        error="",
-                    )
-                )
-    return pd.DataFrame(rows)
+from tables import table
 
 
 def test_chance_is_k_over_classes():
