@@ -278,6 +278,16 @@ def _resample_draws(
     return out
 
 
+def _t_over_z(nu: float, confidence: float) -> float:
+    """Student's t quantile with ``nu`` degrees of freedom over the normal quantile, at the two-sided
+    ``confidence``. scipy is imported here: importing lesionbench, or a study of single draws, does
+    not load it."""
+    from scipy import stats
+
+    q = 0.5 + confidence / 2
+    return float(stats.t.ppf(q, nu) / stats.norm.ppf(q))
+
+
 def draw_quantile_factor(
     c: pd.DataFrame, n_images: np.ndarray | None = None, confidence: float = CONFIDENCE
 ) -> np.ndarray:
@@ -322,10 +332,7 @@ def draw_quantile_factor(
         if denom <= 0 or v_draws <= 0:
             continue
         nu = (v_images + v_draws) ** 2 / denom
-        from scipy import stats  # here: importing lesionbench, or a study of single draws, does not load scipy
-
-        z = stats.norm.ppf(0.5 + confidence / 2)
-        ratio = (stats.t.ppf(0.5 + confidence / 2, nu) / z) ** 2
+        ratio = _t_over_z(nu, confidence) ** 2
         factor[idx] = math.sqrt(max(1.0, (ratio * (v_images + v_draws) - v_images) / v_draws))
     return factor
 

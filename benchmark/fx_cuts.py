@@ -34,7 +34,7 @@ def _timm_trace_helpers() -> tuple[tuple[type, ...], tuple]:
     except ImportError:
         try:  # timm releases before the lists were exported from timm.layers
             from timm.models import get_notrace_functions, get_notrace_modules
-        except ImportError:  # timm absent: plain tracing only
+        except ImportError:  # a timm that exports neither list: plain tracing only
             return (), ()
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 

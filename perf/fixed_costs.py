@@ -67,20 +67,18 @@ def end_to_end_cpu(run_argv: list[str]) -> float:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def import_all(names: list[str]) -> int:
-    """Import each not-yet-imported module of ``names`` in order; the count that imported."""
-    done = 0
+def import_all(names: list[str]) -> None:
+    """Import each not-yet-imported module of ``names`` in order."""
     for name in names:
         if name in sys.modules or name == "__main__":
             continue
         try:
             importlib.import_module(name)
-            done += 1
         except Exception:  # a module only its parent may import (a platform shim, a lazy alias): skip
             pass
-    return done
 
 
+HEAVY = ("torchvision", "timm", "scipy", "sympy", "matplotlib")
 PARTS = ("imports", "study", "publishing")
 LABELS = {
     "imports": "imports (every module the run loads)",
@@ -96,7 +94,7 @@ def measure_once(names: list[str], run_argv: list[str], out: Path) -> dict:
     from lesionbench.cli import main as cli
     from lesionbench.publish import publish
 
-    spent["count"] = import_all(names)
+    import_all(names)
     spent["imports"] = time.process_time() - t
     t = time.process_time()
     assert cli([*run_argv, "--out", str(out)]) in (0, 3)  # 3: not scored
@@ -109,9 +107,6 @@ def measure_once(names: list[str], run_argv: list[str], out: Path) -> dict:
     publish([out / "results.csv"], out / "LEADERBOARD-no-plots.md", draw=False)
     spent["leaderboard"] = time.process_time() - t
     return spent
-
-
-HEAVY = ("torchvision", "timm", "scipy", "sympy", "matplotlib")
 
 
 def main(argv: list[str] | None = None) -> None:
